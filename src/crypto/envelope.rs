@@ -1,0 +1,460 @@
+//! Envelope format v1: header, associated data, seal and open, text form.
+//!
+//! Layout (all integers big-endian), specified in `docs/FORMAT.md`:
+//!
+//! ```text
+//! offset len  field
+//! 0      2    magic "fk" (0x66 0x6B)
+//! 2      1    format version = 0x01
+//! 3      1    suite = 0x01 (XAES-256-GCM over an HKDF-SHA256 field key)
+//! 4      1    scope: 0x00 tenant, 0x01 subject
+//! 5      4    tenant key version (u32, >= 1)
+//! 9      24   nonce (random, 192 bits)
+//! 33     n    ciphertext
+//! 33+n   16   GCM tag
+//! ```
+//!
+//! Nonce safety does not rest on counting messages: each message draws a fresh random
+//! 192-bit nonce, and XAES-256-GCM derives a fresh AES-256-GCM key from its first 96 bits
+//! (the bound and its arithmetic are in `docs/FORMAT.md` §5).
+
+use std::borrow::Cow;
+use std::fmt;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use rand::Rng as _;
+use xaes_256_gcm::{
+    Xaes256Gcm,
+    aead::{AeadInOut, KeyInit},
+};
+use zeroize::Zeroizing;
+
+use super::ids::{MAX_CONTEXT_LEN, validate_id};
+use super::kdf::{derive_field_key_bytes, len16};
+use super::{CryptoError, SecretKey};
+
+/// Magic bytes that open every binary envelope.
+pub const MAGIC: [u8; 2] = *b"fk";
+/// Format version implemented here.
+pub const FORMAT_V1: u8 = 0x01;
+/// Suite 1: XAES-256-GCM keyed by an HKDF-SHA256 per-field key.
+pub const SUITE_XAES_256_GCM: u8 = 0x01;
+/// Nonce length (XAES-256-GCM).
+pub const NONCE_LEN: usize = 24;
+/// GCM tag length.
+pub const TAG_LEN: usize = 16;
+/// Header length.
+pub const HEADER_LEN: usize = 2 + 1 + 1 + 1 + 4 + NONCE_LEN;
+/// Bytes an envelope adds to the plaintext.
+pub const OVERHEAD: usize = HEADER_LEN + TAG_LEN;
+/// Prefix of the text form.
+pub const TEXT_PREFIX: &str = "fk1:";
+/// Largest plaintext one envelope may carry (64 MiB), far below GCM's 2^36-32 byte limit.
+pub const MAX_PLAINTEXT_LEN: usize = 64 << 20;
+
+/// Whose key encrypts: the tenant's, or one subject's (user's) within the tenant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Scope {
+    /// Tenant-scoped: data key derived from the tenant key version alone.
+    Tenant,
+    /// Subject-scoped: data key derived from the tenant key version and the subject's
+    /// key material; destroying the subject key shreds the data.
+    Subject,
+}
+
+impl Scope {
+    fn byte(self) -> u8 {
+        match self {
+            Scope::Tenant => 0x00,
+            Scope::Subject => 0x01,
+        }
+    }
+}
+
+impl fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Scope::Tenant => "tenant",
+            Scope::Subject => "subject",
+        })
+    }
+}
+
+/// The associated-data parts bound to a ciphertext besides its header.
+#[derive(Debug, Clone, Copy)]
+pub struct Aad<'a> {
+    /// Tenant id.
+    pub tenant: &'a str,
+    /// Subject (user) id; `None` for tenant-scoped data.
+    pub subject: Option<&'a str>,
+    /// Field name (column, attribute).
+    pub field: &'a str,
+    /// Caller's record context (e.g. a row id); may be empty.
+    pub context: &'a [u8],
+}
+
+impl Aad<'_> {
+    /// Validates ids and context length.
+    ///
+    /// # Errors
+    /// [`CryptoError::InvalidArgument`] naming the bad part.
+    pub fn validate(&self) -> Result<(), CryptoError> {
+        validate_id("tenant_id", self.tenant)?;
+        if let Some(s) = self.subject {
+            validate_id("subject_id", s)?;
+        }
+        validate_id("field", self.field)?;
+        if self.context.len() > MAX_CONTEXT_LEN {
+            return Err(CryptoError::InvalidArgument(format!(
+                "context is {} bytes; the limit is {MAX_CONTEXT_LEN}",
+                self.context.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Scope implied by the presence of a subject.
+    pub fn scope(&self) -> Scope {
+        if self.subject.is_some() {
+            Scope::Subject
+        } else {
+            Scope::Tenant
+        }
+    }
+
+    /// The full GCM associated data: header || lp16(tenant) || lp16(subject) ||
+    /// lp16(field) || lp32(context).
+    fn encode(&self, header: &[u8]) -> Vec<u8> {
+        let t = self.tenant.as_bytes();
+        let s = self.subject.unwrap_or("").as_bytes();
+        let f = self.field.as_bytes();
+        let mut ad =
+            Vec::with_capacity(header.len() + 10 + t.len() + s.len() + f.len() + self.context.len());
+        ad.extend_from_slice(header);
+        ad.extend_from_slice(&len16(t));
+        ad.extend_from_slice(t);
+        ad.extend_from_slice(&len16(s));
+        ad.extend_from_slice(s);
+        ad.extend_from_slice(&len16(f));
+        ad.extend_from_slice(f);
+        let clen = u32::try_from(self.context.len()).unwrap_or(u32::MAX);
+        ad.extend_from_slice(&clen.to_be_bytes());
+        ad.extend_from_slice(self.context);
+        ad
+    }
+}
+
+/// A prepared per-field cipher: XAES-256-GCM keyed by the HKDF-derived field key.
+///
+/// Building one costs an HKDF and an AES key schedule; the keyring caches them. The
+/// key schedule is zeroized on drop (xaes-256-gcm's `zeroize` feature).
+pub struct FieldCipher {
+    aead: Xaes256Gcm,
+}
+
+impl FieldCipher {
+    /// Derives the cipher for `field` of `tenant` under one tenant key version.
+    pub fn for_tenant(tenant_key: &SecretKey, tenant: &str, field: &str) -> Self {
+        let k = derive_field_key_bytes(tenant_key, None, tenant, field);
+        Self { aead: Xaes256Gcm::new(&(*k).into()) }
+    }
+
+    /// Derives the cipher for `field` of `subject` in `tenant` under one tenant key
+    /// version and the subject's key material.
+    pub fn for_subject(
+        tenant_key: &SecretKey,
+        subject_key: &SecretKey,
+        tenant: &str,
+        subject: &str,
+        field: &str,
+    ) -> Self {
+        let k = derive_field_key_bytes(tenant_key, Some((subject, subject_key)), tenant, field);
+        Self { aead: Xaes256Gcm::new(&(*k).into()) }
+    }
+
+    /// Builds a cipher straight from field-key bytes (test vectors only).
+    #[cfg(test)]
+    pub(crate) fn from_field_key(k: &[u8; 32]) -> Self {
+        Self { aead: Xaes256Gcm::new(&(*k).into()) }
+    }
+}
+
+impl fmt::Debug for FieldCipher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("FieldCipher([REDACTED])")
+    }
+}
+
+fn write_header(out: &mut Vec<u8>, scope: Scope, key_version: u32, nonce: &[u8; NONCE_LEN]) {
+    out.extend_from_slice(&MAGIC);
+    out.push(FORMAT_V1);
+    out.push(SUITE_XAES_256_GCM);
+    out.push(scope.byte());
+    out.extend_from_slice(&key_version.to_be_bytes());
+    out.extend_from_slice(nonce);
+}
+
+/// Encrypts `plaintext` into a binary v1 envelope under a fresh random nonce.
+///
+/// # Errors
+/// [`CryptoError::InvalidArgument`] for bad ids, an oversized context or plaintext, or
+/// key version 0.
+pub fn seal(
+    cipher: &FieldCipher,
+    key_version: u32,
+    aad: &Aad<'_>,
+    plaintext: &[u8],
+) -> Result<Vec<u8>, CryptoError> {
+    // ThreadRng is a ChaCha12 CSPRNG seeded and periodically reseeded from the OS; a
+    // syscall per message would cost more than the encryption itself.
+    let mut nonce = [0u8; NONCE_LEN];
+    rand::rng().fill_bytes(&mut nonce);
+    seal_with_nonce(cipher, key_version, aad, plaintext, &nonce)
+}
+
+/// [`seal`] with a caller-chosen nonce. Crate-private: only test vectors may fix a nonce.
+pub(crate) fn seal_with_nonce(
+    cipher: &FieldCipher,
+    key_version: u32,
+    aad: &Aad<'_>,
+    plaintext: &[u8],
+    nonce: &[u8; NONCE_LEN],
+) -> Result<Vec<u8>, CryptoError> {
+    aad.validate()?;
+    if key_version == 0 {
+        return Err(CryptoError::InvalidArgument("key version must be >= 1".into()));
+    }
+    if plaintext.len() > MAX_PLAINTEXT_LEN {
+        return Err(CryptoError::InvalidArgument(format!(
+            "plaintext is {} bytes; the limit is {MAX_PLAINTEXT_LEN}",
+            plaintext.len()
+        )));
+    }
+    let mut out = Vec::with_capacity(OVERHEAD + plaintext.len());
+    write_header(&mut out, aad.scope(), key_version, nonce);
+    let ad = aad.encode(&out);
+    out.extend_from_slice(plaintext);
+    let body = out
+        .get_mut(HEADER_LEN..)
+        .ok_or(CryptoError::Malformed("header"))?;
+    let tag = cipher
+        .aead
+        .encrypt_inout_detached(&(*nonce).into(), &ad, body.into())
+        .map_err(|_| CryptoError::InvalidArgument("plaintext too long for AES-GCM".into()))?;
+    out.extend_from_slice(&tag);
+    Ok(out)
+}
+
+/// A parsed (not yet authenticated) binary envelope.
+#[derive(Debug, Clone, Copy)]
+pub struct Envelope<'a> {
+    scope: Scope,
+    key_version: u32,
+    header: &'a [u8],
+    nonce: [u8; NONCE_LEN],
+    ciphertext: &'a [u8],
+    tag: [u8; TAG_LEN],
+}
+
+impl<'a> Envelope<'a> {
+    /// Parses a binary envelope. Checks shape only: nothing is authenticated until
+    /// [`open`].
+    ///
+    /// # Errors
+    /// [`CryptoError::Malformed`], [`CryptoError::UnsupportedVersion`] or
+    /// [`CryptoError::UnsupportedSuite`].
+    pub fn parse(bytes: &'a [u8]) -> Result<Self, CryptoError> {
+        if bytes.len() < 3 {
+            return Err(CryptoError::Malformed("too short"));
+        }
+        let (magic, rest) = bytes.split_at(2);
+        if magic != MAGIC {
+            return Err(CryptoError::Malformed("not a fieldkey envelope (bad magic)"));
+        }
+        let (&version, _) = rest.split_first().ok_or(CryptoError::Malformed("too short"))?;
+        if version != FORMAT_V1 {
+            return Err(CryptoError::UnsupportedVersion(version));
+        }
+        if bytes.len() < OVERHEAD {
+            return Err(CryptoError::Malformed("too short"));
+        }
+        let (header, rest) = bytes.split_at(HEADER_LEN);
+        let (ciphertext, tag) = rest.split_at(rest.len() - TAG_LEN);
+        let suite = header.get(3).copied().ok_or(CryptoError::Malformed("header"))?;
+        if suite != SUITE_XAES_256_GCM {
+            return Err(CryptoError::UnsupportedSuite(suite));
+        }
+        let scope = match header.get(4) {
+            Some(0x00) => Scope::Tenant,
+            Some(0x01) => Scope::Subject,
+            _ => return Err(CryptoError::Malformed("unknown scope")),
+        };
+        let kv: [u8; 4] = header
+            .get(5..9)
+            .and_then(|s| s.try_into().ok())
+            .ok_or(CryptoError::Malformed("header"))?;
+        let key_version = u32::from_be_bytes(kv);
+        if key_version == 0 {
+            return Err(CryptoError::Malformed("key version 0"));
+        }
+        let nonce: [u8; NONCE_LEN] = header
+            .get(9..HEADER_LEN)
+            .and_then(|s| s.try_into().ok())
+            .ok_or(CryptoError::Malformed("header"))?;
+        let tag: [u8; TAG_LEN] = tag.try_into().map_err(|_| CryptoError::Malformed("tag"))?;
+        Ok(Self { scope, key_version, header, nonce, ciphertext, tag })
+    }
+
+    /// Scope recorded in the header.
+    pub fn scope(&self) -> Scope {
+        self.scope
+    }
+
+    /// Tenant key version recorded in the header.
+    pub fn key_version(&self) -> u32 {
+        self.key_version
+    }
+
+    /// Length of the plaintext this envelope decrypts to.
+    pub fn plaintext_len(&self) -> usize {
+        self.ciphertext.len()
+    }
+}
+
+/// Authenticates and decrypts a parsed envelope.
+///
+/// # Errors
+/// [`CryptoError::ScopeMismatch`] when the request's scope differs from the header's;
+/// [`CryptoError::AuthenticationFailed`] for any wrong key, tenant, subject, field,
+/// context or altered byte; [`CryptoError::InvalidArgument`] for invalid ids.
+pub fn open(
+    cipher: &FieldCipher,
+    envelope: &Envelope<'_>,
+    aad: &Aad<'_>,
+) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+    aad.validate()?;
+    if aad.scope() != envelope.scope {
+        return Err(CryptoError::ScopeMismatch { envelope: envelope.scope, request: aad.scope() });
+    }
+    let ad = aad.encode(envelope.header);
+    let mut buf = Zeroizing::new(envelope.ciphertext.to_vec());
+    cipher
+        .aead
+        .decrypt_inout_detached(
+            &envelope.nonce.into(),
+            &ad,
+            buf.as_mut_slice().into(),
+            &envelope.tag.into(),
+        )
+        .map_err(|_| CryptoError::AuthenticationFailed)?;
+    Ok(buf)
+}
+
+/// Text form of a binary envelope: `fk1:` + base64url without padding.
+pub fn to_text(envelope: &[u8]) -> String {
+    let mut s = String::with_capacity(TEXT_PREFIX.len() + envelope.len().div_ceil(3) * 4);
+    s.push_str(TEXT_PREFIX);
+    URL_SAFE_NO_PAD.encode_string(envelope, &mut s);
+    s
+}
+
+/// Accepts either form: text (`fk1:...`) is decoded, binary is borrowed as is.
+///
+/// # Errors
+/// [`CryptoError::Malformed`] for invalid or non-canonical base64url in the text form.
+pub fn decode_any(input: &[u8]) -> Result<Cow<'_, [u8]>, CryptoError> {
+    match input.strip_prefix(TEXT_PREFIX.as_bytes()) {
+        Some(b64) => URL_SAFE_NO_PAD
+            .decode(b64)
+            .map(Cow::Owned)
+            .map_err(|_| CryptoError::Malformed("text form is not canonical base64url")),
+        None => Ok(Cow::Borrowed(input)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::KEY_LEN;
+
+    fn cipher() -> FieldCipher {
+        FieldCipher::for_tenant(&SecretKey::from_bytes(&mut [5u8; KEY_LEN]), "t1", "email")
+    }
+
+    fn aad<'a>(context: &'a [u8]) -> Aad<'a> {
+        Aad { tenant: "t1", subject: None, field: "email", context }
+    }
+
+    #[test]
+    fn round_trip_binary_and_text() -> Result<(), CryptoError> {
+        let c = cipher();
+        let env = seal(&c, 3, &aad(b"row-1"), b"alice@example.com")?;
+        assert_eq!(env.len(), OVERHEAD + 17);
+        let parsed = Envelope::parse(&env)?;
+        assert_eq!(parsed.key_version(), 3);
+        assert_eq!(parsed.scope(), Scope::Tenant);
+        assert_eq!(&**open(&c, &parsed, &aad(b"row-1"))?, b"alice@example.com");
+        let text = to_text(&env);
+        assert!(text.starts_with("fk1:"));
+        assert_eq!(decode_any(text.as_bytes())?.as_ref(), env.as_slice());
+        Ok(())
+    }
+
+    #[test]
+    fn same_plaintext_twice_gives_different_envelopes() -> Result<(), CryptoError> {
+        let c = cipher();
+        assert_ne!(seal(&c, 1, &aad(b""), b"x")?, seal(&c, 1, &aad(b""), b"x")?);
+        Ok(())
+    }
+
+    #[test]
+    fn empty_plaintext_is_allowed() -> Result<(), CryptoError> {
+        let c = cipher();
+        let env = seal(&c, 1, &aad(b""), b"")?;
+        assert!(open(&c, &Envelope::parse(&env)?, &aad(b""))?.is_empty());
+        Ok(())
+    }
+
+    #[test]
+    fn every_single_bit_flip_fails_cleanly() -> Result<(), CryptoError> {
+        let c = cipher();
+        let env = seal(&c, 1, &aad(b"ctx"), b"hello")?;
+        for i in 0..env.len() * 8 {
+            let mut bad = env.clone();
+            if let Some(b) = bad.get_mut(i / 8) {
+                *b ^= 1 << (i % 8);
+            }
+            let r = Envelope::parse(&bad).and_then(|e| open(&c, &e, &aad(b"ctx")));
+            assert!(r.is_err(), "bit {i} flip accepted");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn scope_mismatch_is_reported() -> Result<(), CryptoError> {
+        let c = cipher();
+        let env = seal(&c, 1, &aad(b""), b"x")?;
+        let a = Aad { subject: Some("u1"), ..aad(b"") };
+        assert!(matches!(
+            open(&c, &Envelope::parse(&env)?, &a),
+            Err(CryptoError::ScopeMismatch { .. })
+        ));
+        Ok(())
+    }
+
+    #[test]
+    fn non_canonical_text_is_malformed() {
+        assert!(decode_any(b"fk1:@@@").is_err());
+        assert!(decode_any(b"fk1:QQ==").is_err(), "padding is not accepted");
+    }
+
+    #[test]
+    fn oversized_context_is_refused() {
+        let big = vec![0u8; MAX_CONTEXT_LEN + 1];
+        assert!(matches!(
+            seal(&cipher(), 1, &aad(&big), b"x"),
+            Err(CryptoError::InvalidArgument(_))
+        ));
+    }
+}

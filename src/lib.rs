@@ -1,0 +1,13 @@
+//! fieldkey: field-level encryption and key management for multi-tenant applications.
+//!
+//! The crate is a library with a thin binary on top. Data flows one way:
+//! `service -> keyring -> (crypto, cache, kms, store)`; see `docs/ARCHITECTURE.md`.
+//!
+//! - [`crypto`]: the v1 envelope, XAES-256-GCM, HKDF derivations (pure, no I/O).
+//! - [`kms`]: wrapping and unwrapping of tenant keys (local dev KMS, AWS KMS).
+//! - [`store`]: durable wrapped key material and key states (SQLite, PostgreSQL).
+//! - [`cache`]: the hot-key cache of unwrapped keys.
+//! - [`keyring`]: the one place that decides which key encrypts and which may decrypt.
+#![forbid(unsafe_code)]
+
+pub mod crypto;
