@@ -11,3 +11,5 @@
 #![forbid(unsafe_code)]
 
 pub mod crypto;
+pub mod kms;
+pub mod store;

@@ -1,0 +1,186 @@
+//! Key Management Service backends: wrap and unwrap 256-bit keys.
+//!
+//! Owns: the [`Kms`] trait and its two implementations, [`local::LocalKms`] (a root key
+//! in a passphrase-protected file, for development) and [`aws::AwsKms`] (AWS KMS through
+//! aws-sdk-kms). Must not: store anything, cache anything (the keyring's cache does), or
+//! log key material. Every call binds an [`EncryptionContext`] so a wrapped key cannot
+//! be unwrapped as another tenant's or another version's key.
+
+pub mod aws;
+pub mod local;
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use async_trait::async_trait;
+
+use crate::crypto::{Fingerprint, SecretKey};
+
+/// A key encrypted ("wrapped") by a KMS key. Opaque ciphertext; safe to store and log
+/// by fingerprint.
+#[derive(Clone, PartialEq, Eq)]
+pub struct WrappedKey(Vec<u8>);
+
+impl WrappedKey {
+    /// Wraps stored bytes.
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Self(bytes)
+    }
+
+    /// The wrapped bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// SHA-256 fingerprint of the wrapped bytes.
+    pub fn fingerprint(&self) -> Fingerprint {
+        Fingerprint::of_wrapped(&self.0)
+    }
+}
+
+impl fmt::Debug for WrappedKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "WrappedKey({})", self.fingerprint())
+    }
+}
+
+/// A freshly generated key: the secret and its wrapped form.
+#[derive(Debug)]
+pub struct DataKey {
+    /// The plaintext key, zeroized on drop.
+    pub secret: SecretKey,
+    /// The key wrapped by the KMS; this is what gets stored.
+    pub wrapped: WrappedKey,
+}
+
+/// Non-secret key/value pairs bound to a wrapped key (AWS KMS "encryption context").
+/// Decryption succeeds only with exactly the same pairs.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct EncryptionContext(BTreeMap<String, String>);
+
+impl EncryptionContext {
+    /// Context of tenant key `version` of `tenant`.
+    pub fn tenant_key(tenant: &str, version: u32) -> Self {
+        let mut m = BTreeMap::new();
+        m.insert("fieldkey:purpose".to_owned(), "tenant-key".to_owned());
+        m.insert("fieldkey:tenant".to_owned(), tenant.to_owned());
+        m.insert("fieldkey:version".to_owned(), version.to_string());
+        Self(m)
+    }
+
+    /// Adds or replaces one pair.
+    pub fn with(mut self, k: &str, v: &str) -> Self {
+        self.0.insert(k.to_owned(), v.to_owned());
+        self
+    }
+
+    /// The pairs, sorted by key.
+    pub fn pairs(&self) -> &BTreeMap<String, String> {
+        &self.0
+    }
+
+    /// Canonical, unambiguous byte encoding (sorted; each key and value u16
+    /// length-prefixed), used as associated data by the local KMS.
+    pub fn canonical_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (k, v) in &self.0 {
+            for part in [k.as_bytes(), v.as_bytes()] {
+                out.extend_from_slice(&u16::try_from(part.len()).unwrap_or(u16::MAX).to_be_bytes());
+                out.extend_from_slice(part);
+            }
+        }
+        out
+    }
+}
+
+/// Boxed error source kept for logs (never shown to callers verbatim).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Why a KMS call failed. Each variant is a distinct operational situation.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KmsError {
+    /// The KMS could not be reached or answered with a server-side failure.
+    #[error("KMS unavailable")]
+    Unavailable(#[source] BoxError),
+    /// The KMS did not answer within the configured deadline.
+    #[error("KMS call timed out")]
+    Timeout,
+    /// The KMS kept throttling the call after the configured retries with backoff.
+    #[error("KMS throttled the request (retries exhausted)")]
+    Throttled,
+    /// The KMS key is disabled.
+    #[error("KMS key {key_id} is disabled")]
+    KeyDisabled {
+        /// KMS key id or ARN.
+        key_id: String,
+    },
+    /// The KMS key is in a state that forbids the operation (for AWS: pending deletion,
+    /// pending import, unavailable).
+    #[error("KMS key {key_id} is in an invalid state (e.g. pending deletion)")]
+    KeyInvalidState {
+        /// KMS key id or ARN.
+        key_id: String,
+    },
+    /// The KMS key does not exist.
+    #[error("KMS key {key_id} not found")]
+    KeyNotFound {
+        /// KMS key id or ARN.
+        key_id: String,
+    },
+    /// This identity may not use the KMS key.
+    #[error("access to KMS key {key_id} denied")]
+    AccessDenied {
+        /// KMS key id or ARN.
+        key_id: String,
+    },
+    /// The wrapped key does not decrypt under this KMS key and encryption context
+    /// (wrong tenant/version context, wrong key, or altered bytes).
+    #[error("wrapped key does not match the KMS key or encryption context")]
+    InvalidCiphertext,
+    /// The KMS rejected the request for another reason (code from the service).
+    #[error("KMS rejected the request: {code}")]
+    Rejected {
+        /// The service's error code.
+        code: String,
+    },
+    /// The KMS backend is misconfigured (file missing, wrong passphrase, bad settings).
+    #[error("KMS misconfigured: {0}")]
+    Misconfigured(String),
+}
+
+/// A key management service that wraps and unwraps 256-bit keys.
+#[async_trait]
+pub trait Kms: Send + Sync + 'static {
+    /// Short provider name for logs and metrics (`local`, `aws`).
+    fn provider(&self) -> &'static str;
+
+    /// KMS key used when a tenant does not bring its own.
+    fn default_key_id(&self) -> &str;
+
+    /// Generates a new 256-bit key and its wrapped form under `key_id`, bound to `ctx`.
+    async fn generate_data_key(
+        &self,
+        key_id: &str,
+        ctx: &EncryptionContext,
+    ) -> Result<DataKey, KmsError>;
+
+    /// Wraps an existing key under `key_id` (used to move keys to a new KMS key).
+    async fn wrap(
+        &self,
+        key_id: &str,
+        key: &SecretKey,
+        ctx: &EncryptionContext,
+    ) -> Result<WrappedKey, KmsError>;
+
+    /// Unwraps `wrapped`, which must have been produced under `key_id` with exactly `ctx`.
+    async fn unwrap(
+        &self,
+        key_id: &str,
+        wrapped: &WrappedKey,
+        ctx: &EncryptionContext,
+    ) -> Result<SecretKey, KmsError>;
+
+    /// Cheap reachability check of the default key (for readiness).
+    async fn check(&self) -> Result<(), KmsError>;
+}

@@ -1,0 +1,282 @@
+//! Durable key store: wrapped key material, key versions and their states.
+//!
+//! Owns: the [`KeyStore`] trait and its two backends, SQLite ([`SqlStore::open_sqlite`],
+//! the embedded default, one file) and PostgreSQL ([`SqlStore::connect_postgres`],
+//! shared by replicas), each with its own schema migrations (`src/store/migrations/`).
+//! Both run the same SQL through sqlx's `Any` driver, so they cannot drift apart; one
+//! conformance suite (`tests/store_conformance.rs`) runs against both.
+//!
+//! Must not: see unwrapped keys, call the KMS, or decide state transitions (the keyring
+//! decides; the store applies them atomically with compare-and-set).
+
+mod postgres;
+mod sql;
+mod sqlite;
+
+use std::fmt;
+use std::str::FromStr;
+
+use async_trait::async_trait;
+
+pub use sql::SqlStore;
+
+use crate::crypto::Fingerprint;
+use crate::kms::WrappedKey;
+
+/// Lifecycle state of a key version or subject key (NIST SP 800-57 inspired).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KeyState {
+    /// Encrypts new data and decrypts.
+    Active,
+    /// Decrypts only (a newer version is active).
+    DecryptOnly,
+    /// Restricted (GDPR Art. 18): neither encrypts nor decrypts; reversible.
+    Suspended,
+    /// Shredded: material gone, tombstone kept; irreversible.
+    Destroyed,
+}
+
+impl KeyState {
+    /// Stable text form used in storage and APIs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyState::Active => "active",
+            KeyState::DecryptOnly => "decrypt-only",
+            KeyState::Suspended => "suspended",
+            KeyState::Destroyed => "destroyed",
+        }
+    }
+}
+
+impl fmt::Display for KeyState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for KeyState {
+    type Err = StoreError;
+    fn from_str(s: &str) -> Result<Self, StoreError> {
+        Ok(match s {
+            "active" => KeyState::Active,
+            "decrypt-only" => KeyState::DecryptOnly,
+            "suspended" => KeyState::Suspended,
+            "destroyed" => KeyState::Destroyed,
+            _ => return Err(StoreError::Corrupt(format!("unknown key state {s:?}"))),
+        })
+    }
+}
+
+/// One version of a tenant key as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyVersionRecord {
+    /// Version number, from 1.
+    pub version: u32,
+    /// Current state.
+    pub state: KeyState,
+    /// State to restore on resume, while suspended.
+    pub resume_state: Option<KeyState>,
+    /// KMS key that wraps this version.
+    pub kms_key_id: String,
+    /// Wrapped material; `None` once destroyed.
+    pub wrapped: Option<WrappedKey>,
+    /// Fingerprint of the wrapped material (kept after destruction).
+    pub fingerprint: Fingerprint,
+    /// Creation time, Unix ms.
+    pub created_at: i64,
+    /// Last state change, Unix ms.
+    pub updated_at: i64,
+}
+
+/// A tenant and all its key versions (ascending).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantRecord {
+    /// Tenant id.
+    pub tenant_id: String,
+    /// KMS key for new versions (the tenant's own, or the default at creation).
+    pub kms_key_id: String,
+    /// Creation time, Unix ms.
+    pub created_at: i64,
+    /// Key versions, ascending by version.
+    pub versions: Vec<KeyVersionRecord>,
+}
+
+impl TenantRecord {
+    /// The version in state `active`, if any.
+    pub fn active(&self) -> Option<&KeyVersionRecord> {
+        self.versions.iter().find(|v| v.state == KeyState::Active)
+    }
+
+    /// A version by number.
+    pub fn version(&self, version: u32) -> Option<&KeyVersionRecord> {
+        self.versions.iter().find(|v| v.version == version)
+    }
+
+    /// Highest version number.
+    pub fn latest_version(&self) -> u32 {
+        self.versions.iter().map(|v| v.version).max().unwrap_or(0)
+    }
+}
+
+/// A subject's (user's) key material as stored: wrapped under a tenant key version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubjectRecord {
+    /// Tenant id.
+    pub tenant_id: String,
+    /// Subject id.
+    pub subject_id: String,
+    /// `Active`, `Suspended` or `Destroyed`.
+    pub state: KeyState,
+    /// Tenant key version that wraps the material.
+    pub wrap_version: u32,
+    /// Wrapped material; `None` once destroyed.
+    pub wrapped: Option<Vec<u8>>,
+    /// Fingerprint of the wrapped material (kept after destruction).
+    pub fingerprint: Fingerprint,
+    /// Creation time, Unix ms.
+    pub created_at: i64,
+    /// Last state change, Unix ms.
+    pub updated_at: i64,
+}
+
+/// A key version to insert.
+#[derive(Debug, Clone)]
+pub struct NewKeyVersion {
+    /// Version number.
+    pub version: u32,
+    /// KMS key that wrapped it.
+    pub kms_key_id: String,
+    /// Wrapped material.
+    pub wrapped: WrappedKey,
+}
+
+/// A subject key to insert.
+#[derive(Debug, Clone)]
+pub struct NewSubject {
+    /// Tenant id.
+    pub tenant_id: String,
+    /// Subject id.
+    pub subject_id: String,
+    /// Tenant key version that wraps it.
+    pub wrap_version: u32,
+    /// Wrapped material.
+    pub wrapped: Vec<u8>,
+}
+
+/// Result of an insert-if-absent: whether this call created the row, and the row that
+/// is now stored (the caller's, or the one that won a race).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Created<T> {
+    /// This call inserted it.
+    Created(T),
+    /// It already existed (possibly inserted concurrently); the stored value.
+    Existing(T),
+}
+
+impl<T> Created<T> {
+    /// The stored value either way.
+    pub fn into_inner(self) -> T {
+        match self {
+            Created::Created(t) | Created::Existing(t) => t,
+        }
+    }
+
+    /// Whether this call inserted it.
+    pub fn was_created(&self) -> bool {
+        matches!(self, Created::Created(_))
+    }
+}
+
+/// Why a key-store operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The database could not be reached, timed out, or is busy/locked.
+    #[error("key store unavailable")]
+    Unavailable(#[source] sqlx::Error),
+    /// A query failed for a reason other than availability.
+    #[error("key store query failed")]
+    Database(#[source] sqlx::Error),
+    /// A stored row does not decode (unknown state, bad length, ...).
+    #[error("key store data is corrupt: {0}")]
+    Corrupt(String),
+    /// Schema migration failed.
+    #[error("key store migration failed")]
+    Migration(#[source] sqlx::migrate::MigrateError),
+    /// Bad store configuration (path, DSN).
+    #[error("key store misconfigured: {0}")]
+    Misconfigured(String),
+}
+
+/// Durable storage of wrapped keys and their states.
+///
+/// Every mutating method is atomic. Insert-if-absent methods are safe under
+/// concurrency across tasks and processes: exactly one caller creates, everyone gets
+/// the stored row.
+#[async_trait]
+pub trait KeyStore: Send + Sync + 'static {
+    /// Backend name (`sqlite`, `postgres`).
+    fn backend(&self) -> &'static str;
+
+    /// Cheap reachability check (for readiness).
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Creates `tenant_id` with its first key version unless it exists.
+    async fn create_tenant(
+        &self,
+        tenant_id: &str,
+        kms_key_id: &str,
+        first: NewKeyVersion,
+    ) -> Result<Created<TenantRecord>, StoreError>;
+
+    /// A tenant with all its versions, or `None`.
+    async fn get_tenant(&self, tenant_id: &str) -> Result<Option<TenantRecord>, StoreError>;
+
+    /// All tenant ids, ascending.
+    async fn list_tenants(&self) -> Result<Vec<String>, StoreError>;
+
+    /// Adds `new` as the active version; the previously active version becomes
+    /// decrypt-only in the same transaction. Returns `false` (and changes nothing) if
+    /// that version number already exists (a concurrent rotation won).
+    async fn add_key_version(&self, tenant_id: &str, new: NewKeyVersion)
+    -> Result<bool, StoreError>;
+
+    /// Compare-and-set of a version's state: changes it to `new` (recording
+    /// `resume_state`) only if it is currently `expected`. Returns whether it changed.
+    /// Destruction goes through [`KeyStore::destroy_key_version`] instead.
+    async fn update_key_state(
+        &self,
+        tenant_id: &str,
+        version: u32,
+        expected: KeyState,
+        new: KeyState,
+        resume_state: Option<KeyState>,
+    ) -> Result<bool, StoreError>;
+
+    /// Erases a version's wrapped material and marks it destroyed (tombstone kept).
+    /// Idempotent: returns whether this call destroyed it.
+    async fn destroy_key_version(&self, tenant_id: &str, version: u32) -> Result<bool, StoreError>;
+
+    /// Creates a subject key unless one exists (in any state, including destroyed).
+    async fn create_subject(&self, new: NewSubject) -> Result<Created<SubjectRecord>, StoreError>;
+
+    /// A subject record, or `None`.
+    async fn get_subject(
+        &self,
+        tenant_id: &str,
+        subject_id: &str,
+    ) -> Result<Option<SubjectRecord>, StoreError>;
+
+    /// Compare-and-set of a subject's state (not for destruction).
+    async fn update_subject_state(
+        &self,
+        tenant_id: &str,
+        subject_id: &str,
+        expected: KeyState,
+        new: KeyState,
+    ) -> Result<bool, StoreError>;
+
+    /// Erases a subject's wrapped material and marks it destroyed (tombstone kept).
+    /// Idempotent: returns whether this call destroyed it.
+    async fn destroy_subject(&self, tenant_id: &str, subject_id: &str) -> Result<bool, StoreError>;
+}

@@ -1,0 +1,381 @@
+//! The SQL both backends share, run through sqlx's `Any` driver with `$N` placeholders
+//! (understood by SQLite and PostgreSQL alike). Dialect differences live only in the
+//! migrations and in connection set-up (`sqlite.rs`, `postgres.rs`).
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use sqlx::any::AnyRow;
+use sqlx::{AnyPool, Row};
+
+use super::{
+    Created, KeyState, KeyStore, KeyVersionRecord, NewKeyVersion, NewSubject, StoreError,
+    SubjectRecord, TenantRecord,
+};
+use crate::crypto::Fingerprint;
+use crate::kms::WrappedKey;
+
+/// A key store over a SQL database (SQLite or PostgreSQL).
+#[derive(Debug, Clone)]
+pub struct SqlStore {
+    pub(super) pool: AnyPool,
+    pub(super) backend: &'static str,
+}
+
+pub(super) fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Sorts sqlx errors into "the database is not there / busy" and "the query failed".
+pub(super) fn classify(e: sqlx::Error) -> StoreError {
+    match &e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e),
+        sqlx::Error::Database(db) => {
+            let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
+            // SQLite: 5 BUSY, 6 LOCKED, 10 IOERR, 14 CANTOPEN (and their extended codes).
+            // PostgreSQL: class 08 connection exception, 53 insufficient resources,
+            // 57P01-57P03 shutdown / cannot connect now.
+            let sqlite_busy = code
+                .parse::<i64>()
+                .map(|c| matches!(c & 0xff, 5 | 6 | 10 | 14))
+                .unwrap_or(false);
+            if sqlite_busy
+                || code.starts_with("08")
+                || code.starts_with("53")
+                || code.starts_with("57P")
+            {
+                StoreError::Unavailable(e)
+            } else {
+                StoreError::Database(e)
+            }
+        }
+        _ => StoreError::Database(e),
+    }
+}
+
+fn u32_col(row: &AnyRow, col: &str) -> Result<u32, StoreError> {
+    let v: i64 = row.try_get(col).map_err(classify)?;
+    u32::try_from(v).map_err(|_| StoreError::Corrupt(format!("{col} out of range: {v}")))
+}
+
+fn fingerprint_col(row: &AnyRow) -> Result<Fingerprint, StoreError> {
+    let v: Vec<u8> = row.try_get("fingerprint").map_err(classify)?;
+    let arr: [u8; 32] =
+        v.try_into().map_err(|_| StoreError::Corrupt("fingerprint is not 32 bytes".into()))?;
+    Ok(Fingerprint::from_bytes(arr))
+}
+
+fn state_col(row: &AnyRow, col: &str) -> Result<Option<KeyState>, StoreError> {
+    let v: Option<String> = row.try_get(col).map_err(classify)?;
+    v.map(|s| s.parse()).transpose()
+}
+
+fn version_from_row(row: &AnyRow) -> Result<KeyVersionRecord, StoreError> {
+    Ok(KeyVersionRecord {
+        version: u32_col(row, "version")?,
+        state: state_col(row, "state")?.ok_or_else(|| StoreError::Corrupt("null state".into()))?,
+        resume_state: state_col(row, "resume_state")?,
+        kms_key_id: row.try_get("kms_key_id").map_err(classify)?,
+        wrapped: row
+            .try_get::<Option<Vec<u8>>, _>("wrapped")
+            .map_err(classify)?
+            .map(WrappedKey::new),
+        fingerprint: fingerprint_col(row)?,
+        created_at: row.try_get("created_at").map_err(classify)?,
+        updated_at: row.try_get("updated_at").map_err(classify)?,
+    })
+}
+
+fn subject_from_row(row: &AnyRow) -> Result<SubjectRecord, StoreError> {
+    Ok(SubjectRecord {
+        tenant_id: row.try_get("tenant_id").map_err(classify)?,
+        subject_id: row.try_get("subject_id").map_err(classify)?,
+        state: state_col(row, "state")?.ok_or_else(|| StoreError::Corrupt("null state".into()))?,
+        wrap_version: u32_col(row, "wrap_version")?,
+        wrapped: row.try_get("wrapped").map_err(classify)?,
+        fingerprint: fingerprint_col(row)?,
+        created_at: row.try_get("created_at").map_err(classify)?,
+        updated_at: row.try_get("updated_at").map_err(classify)?,
+    })
+}
+
+const INSERT_VERSION: &str = "INSERT INTO fk_tenant_keys \
+    (tenant_id, version, state, resume_state, kms_key_id, wrapped, fingerprint, created_at, updated_at) \
+    VALUES ($1, $2, 'active', NULL, $3, $4, $5, $6, $6) \
+    ON CONFLICT (tenant_id, version) DO NOTHING";
+
+
+#[async_trait]
+impl KeyStore for SqlStore {
+    fn backend(&self) -> &'static str {
+        self.backend
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(classify)?;
+        Ok(())
+    }
+
+    async fn create_tenant(
+        &self,
+        tenant_id: &str,
+        kms_key_id: &str,
+        first: NewKeyVersion,
+    ) -> Result<Created<TenantRecord>, StoreError> {
+        let now = now_ms();
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        let inserted = sqlx::query(
+            "INSERT INTO fk_tenants (tenant_id, kms_key_id, created_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (tenant_id) DO NOTHING",
+        )
+        .bind(tenant_id)
+        .bind(kms_key_id)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?
+        .rows_affected();
+        if inserted == 1 {
+            sqlx::query(INSERT_VERSION)
+                .bind(tenant_id)
+                .bind(i64::from(first.version))
+                .bind(&first.kms_key_id)
+                .bind(first.wrapped.as_bytes().to_vec())
+                .bind(first.wrapped.fingerprint().as_bytes().to_vec())
+                .bind(now)
+                .execute(&mut *tx)
+                .await
+                .map_err(classify)?;
+            tx.commit().await.map_err(classify)?;
+        } else {
+            tx.rollback().await.map_err(classify)?;
+        }
+        let record = self
+            .get_tenant(tenant_id)
+            .await?
+            .ok_or_else(|| StoreError::Corrupt("tenant vanished after insert".into()))?;
+        Ok(if inserted == 1 { Created::Created(record) } else { Created::Existing(record) })
+    }
+
+    async fn get_tenant(&self, tenant_id: &str) -> Result<Option<TenantRecord>, StoreError> {
+        let Some(t) = sqlx::query(
+            "SELECT tenant_id, kms_key_id, created_at FROM fk_tenants WHERE tenant_id = $1",
+        )
+        .bind(tenant_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(classify)?
+        else {
+            return Ok(None);
+        };
+        let rows = sqlx::query(
+            "SELECT version, state, resume_state, kms_key_id, wrapped, fingerprint, created_at, updated_at \
+             FROM fk_tenant_keys WHERE tenant_id = $1 ORDER BY version",
+        )
+        .bind(tenant_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?;
+        let versions = rows.iter().map(version_from_row).collect::<Result<Vec<_>, _>>()?;
+        Ok(Some(TenantRecord {
+            tenant_id: t.try_get("tenant_id").map_err(classify)?,
+            kms_key_id: t.try_get("kms_key_id").map_err(classify)?,
+            created_at: t.try_get("created_at").map_err(classify)?,
+            versions,
+        }))
+    }
+
+    async fn list_tenants(&self) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query("SELECT tenant_id FROM fk_tenants ORDER BY tenant_id")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(classify)?;
+        rows.iter().map(|r| r.try_get("tenant_id").map_err(classify)).collect()
+    }
+
+    async fn add_key_version(
+        &self,
+        tenant_id: &str,
+        new: NewKeyVersion,
+    ) -> Result<bool, StoreError> {
+        let now = now_ms();
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        // Demote first: the partial unique index allows one active version per tenant.
+        sqlx::query(
+            "UPDATE fk_tenant_keys SET state = 'decrypt-only', updated_at = $3 \
+             WHERE tenant_id = $1 AND state = 'active' AND version < $2",
+        )
+        .bind(tenant_id)
+        .bind(i64::from(new.version))
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?;
+        sqlx::query(
+            "UPDATE fk_tenant_keys SET resume_state = 'decrypt-only' \
+             WHERE tenant_id = $1 AND resume_state = 'active' AND version < $2",
+        )
+        .bind(tenant_id)
+        .bind(i64::from(new.version))
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?;
+        let inserted = sqlx::query(INSERT_VERSION)
+            .bind(tenant_id)
+            .bind(i64::from(new.version))
+            .bind(&new.kms_key_id)
+            .bind(new.wrapped.as_bytes().to_vec())
+            .bind(new.wrapped.fingerprint().as_bytes().to_vec())
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?
+            .rows_affected();
+        if inserted == 1 {
+            tx.commit().await.map_err(classify)?;
+            Ok(true)
+        } else {
+            tx.rollback().await.map_err(classify)?;
+            Ok(false)
+        }
+    }
+
+    async fn update_key_state(
+        &self,
+        tenant_id: &str,
+        version: u32,
+        expected: KeyState,
+        new: KeyState,
+        resume_state: Option<KeyState>,
+    ) -> Result<bool, StoreError> {
+        if new == KeyState::Destroyed || expected == KeyState::Destroyed {
+            return Err(StoreError::Misconfigured(
+                "destroyed keys cannot change state; use destroy_key_version to destroy".into(),
+            ));
+        }
+        let n = sqlx::query(
+            "UPDATE fk_tenant_keys SET state = $4, resume_state = $5, updated_at = $6 \
+             WHERE tenant_id = $1 AND version = $2 AND state = $3",
+        )
+        .bind(tenant_id)
+        .bind(i64::from(version))
+        .bind(expected.as_str())
+        .bind(new.as_str())
+        .bind(resume_state.map(KeyState::as_str))
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?
+        .rows_affected();
+        Ok(n == 1)
+    }
+
+    async fn destroy_key_version(&self, tenant_id: &str, version: u32) -> Result<bool, StoreError> {
+        let n = sqlx::query(
+            "UPDATE fk_tenant_keys SET state = 'destroyed', resume_state = NULL, wrapped = NULL, updated_at = $3 \
+             WHERE tenant_id = $1 AND version = $2 AND state <> 'destroyed'",
+        )
+        .bind(tenant_id)
+        .bind(i64::from(version))
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?
+        .rows_affected();
+        Ok(n == 1)
+    }
+
+    async fn create_subject(&self, new: NewSubject) -> Result<Created<SubjectRecord>, StoreError> {
+        let now = now_ms();
+        let fp = Fingerprint::of_wrapped(&new.wrapped);
+        let n = sqlx::query(
+            "INSERT INTO fk_subjects (tenant_id, subject_id, state, wrap_version, wrapped, fingerprint, created_at, updated_at) \
+             VALUES ($1, $2, 'active', $3, $4, $5, $6, $6) ON CONFLICT (tenant_id, subject_id) DO NOTHING",
+        )
+        .bind(&new.tenant_id)
+        .bind(&new.subject_id)
+        .bind(i64::from(new.wrap_version))
+        .bind(new.wrapped.clone())
+        .bind(fp.as_bytes().to_vec())
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?
+        .rows_affected();
+        let record = self
+            .get_subject(&new.tenant_id, &new.subject_id)
+            .await?
+            .ok_or_else(|| StoreError::Corrupt("subject vanished after insert".into()))?;
+        Ok(if n == 1 { Created::Created(record) } else { Created::Existing(record) })
+    }
+
+    async fn get_subject(
+        &self,
+        tenant_id: &str,
+        subject_id: &str,
+    ) -> Result<Option<SubjectRecord>, StoreError> {
+        sqlx::query(
+            "SELECT tenant_id, subject_id, state, wrap_version, wrapped, fingerprint, created_at, updated_at \
+             FROM fk_subjects WHERE tenant_id = $1 AND subject_id = $2",
+        )
+            .bind(tenant_id)
+            .bind(subject_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(classify)?
+            .as_ref()
+            .map(subject_from_row)
+            .transpose()
+    }
+
+    async fn update_subject_state(
+        &self,
+        tenant_id: &str,
+        subject_id: &str,
+        expected: KeyState,
+        new: KeyState,
+    ) -> Result<bool, StoreError> {
+        if new == KeyState::Destroyed || expected == KeyState::Destroyed {
+            return Err(StoreError::Misconfigured(
+                "destroyed subject keys cannot change state; use destroy_subject to destroy".into(),
+            ));
+        }
+        let n = sqlx::query(
+            "UPDATE fk_subjects SET state = $4, updated_at = $5 \
+             WHERE tenant_id = $1 AND subject_id = $2 AND state = $3",
+        )
+        .bind(tenant_id)
+        .bind(subject_id)
+        .bind(expected.as_str())
+        .bind(new.as_str())
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?
+        .rows_affected();
+        Ok(n == 1)
+    }
+
+    async fn destroy_subject(&self, tenant_id: &str, subject_id: &str) -> Result<bool, StoreError> {
+        let n = sqlx::query(
+            "UPDATE fk_subjects SET state = 'destroyed', wrapped = NULL, updated_at = $3 \
+             WHERE tenant_id = $1 AND subject_id = $2 AND state <> 'destroyed'",
+        )
+        .bind(tenant_id)
+        .bind(subject_id)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?
+        .rows_affected();
+        Ok(n == 1)
+    }
+}
