@@ -8,8 +8,15 @@
 //! - [`store`]: durable wrapped key material and key states (SQLite, PostgreSQL).
 //! - [`cache`]: the hot-key cache of unwrapped keys.
 //! - [`keyring`]: the one place that decides which key encrypts and which may decrypt.
+//! - [`error`]: the keyring's error enum.
 #![forbid(unsafe_code)]
 
+pub mod cache;
 pub mod crypto;
+pub mod error;
+pub mod keyring;
 pub mod kms;
 pub mod store;
+
+pub use error::{Error, Result};
+pub use keyring::{Keyring, KeyringConfig};

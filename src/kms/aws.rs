@@ -160,9 +160,9 @@ where
             | Some("DependencyTimeoutException")
             | Some("KeyUnavailableException")
             | Some("InternalFailure")
-            | Some("ServiceUnavailable") => KmsError::Unavailable(Box::new(err)),
+            | Some("ServiceUnavailable") => KmsError::Unavailable(std::sync::Arc::new(err)),
             Some(code) => KmsError::Rejected { code: code.to_owned() },
-            None => KmsError::Unavailable(Box::new(err)),
+            None => KmsError::Unavailable(std::sync::Arc::new(err)),
         },
         SdkError::TimeoutError(_) => KmsError::Timeout,
         SdkError::DispatchFailure(df) if df.is_timeout() => KmsError::Timeout,
@@ -170,7 +170,7 @@ where
             "cannot build KMS request: {}",
             aws_sdk_kms::error::DisplayErrorContext(&err)
         )),
-        _ => KmsError::Unavailable(Box::new(err)),
+        _ => KmsError::Unavailable(std::sync::Arc::new(err)),
     }
 }
 

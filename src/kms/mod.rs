@@ -93,11 +93,12 @@ impl EncryptionContext {
     }
 }
 
-/// Boxed error source kept for logs (never shown to callers verbatim).
-pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+/// Shared error source kept for logs (never shown to callers verbatim). `Arc` so that
+/// one failure can be handed to every caller waiting on the same cache load.
+pub type BoxError = std::sync::Arc<dyn std::error::Error + Send + Sync + 'static>;
 
 /// Why a KMS call failed. Each variant is a distinct operational situation.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum KmsError {
     /// The KMS could not be reached or answered with a server-side failure.

@@ -188,21 +188,21 @@ impl<T> Created<T> {
 }
 
 /// Why a key-store operation failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
     /// The database could not be reached, timed out, or is busy/locked.
     #[error("key store unavailable")]
-    Unavailable(#[source] sqlx::Error),
+    Unavailable(#[source] std::sync::Arc<sqlx::Error>),
     /// A query failed for a reason other than availability.
     #[error("key store query failed")]
-    Database(#[source] sqlx::Error),
+    Database(#[source] std::sync::Arc<sqlx::Error>),
     /// A stored row does not decode (unknown state, bad length, ...).
     #[error("key store data is corrupt: {0}")]
     Corrupt(String),
     /// Schema migration failed.
     #[error("key store migration failed")]
-    Migration(#[source] sqlx::migrate::MigrateError),
+    Migration(#[source] std::sync::Arc<sqlx::migrate::MigrateError>),
     /// Bad store configuration (path, DSN).
     #[error("key store misconfigured: {0}")]
     Misconfigured(String),

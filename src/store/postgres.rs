@@ -35,7 +35,10 @@ impl SqlStore {
             .connect(dsn)
             .await
             .map_err(classify)?;
-        MIGRATOR.run(&pool).await.map_err(StoreError::Migration)?;
+        MIGRATOR
+            .run(&pool)
+            .await
+            .map_err(|e| StoreError::Migration(std::sync::Arc::new(e)))?;
         Ok(Self { pool, backend: "postgres" })
     }
 }

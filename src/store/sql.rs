@@ -37,7 +37,7 @@ pub(super) fn classify(e: sqlx::Error) -> StoreError {
         | sqlx::Error::Protocol(_)
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e),
+        | sqlx::Error::WorkerCrashed => StoreError::Unavailable(std::sync::Arc::new(e)),
         sqlx::Error::Database(db) => {
             let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
             // SQLite: 5 BUSY, 6 LOCKED, 10 IOERR, 14 CANTOPEN (and their extended codes).
@@ -52,12 +52,12 @@ pub(super) fn classify(e: sqlx::Error) -> StoreError {
                 || code.starts_with("53")
                 || code.starts_with("57P")
             {
-                StoreError::Unavailable(e)
+                StoreError::Unavailable(std::sync::Arc::new(e))
             } else {
-                StoreError::Database(e)
+                StoreError::Database(std::sync::Arc::new(e))
             }
         }
-        _ => StoreError::Database(e),
+        _ => StoreError::Database(std::sync::Arc::new(e)),
     }
 }
 

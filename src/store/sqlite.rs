@@ -61,7 +61,7 @@ impl SqlStore {
                     attempt += 1;
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
-                Err(e) => return Err(StoreError::Migration(e)),
+                Err(e) => return Err(StoreError::Migration(std::sync::Arc::new(e))),
             }
         }
         Ok(Self { pool, backend: "sqlite" })

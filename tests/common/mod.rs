@@ -80,3 +80,113 @@ pub fn moto_url() -> String {
         "FIELDKEY_TEST_MOTO_URL is not set: run the tests through scripts/test.sh, which starts moto_server",
     )
 }
+
+/// A decorator that counts calls to a real KMS (used to prove single-flight unwraps).
+pub struct CountingKms {
+    pub inner: Arc<dyn fieldkey::kms::Kms>,
+    pub unwraps: std::sync::atomic::AtomicUsize,
+    pub generates: std::sync::atomic::AtomicUsize,
+}
+
+impl CountingKms {
+    pub fn new(inner: Arc<dyn fieldkey::kms::Kms>) -> Arc<Self> {
+        Arc::new(Self { inner, unwraps: Default::default(), generates: Default::default() })
+    }
+    pub fn unwrap_calls(&self) -> usize {
+        self.unwraps.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[async_trait::async_trait]
+impl fieldkey::kms::Kms for CountingKms {
+    fn provider(&self) -> &'static str {
+        self.inner.provider()
+    }
+    fn default_key_id(&self) -> &str {
+        self.inner.default_key_id()
+    }
+    async fn generate_data_key(
+        &self,
+        key_id: &str,
+        ctx: &fieldkey::kms::EncryptionContext,
+    ) -> Result<fieldkey::kms::DataKey, fieldkey::kms::KmsError> {
+        self.generates.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.generate_data_key(key_id, ctx).await
+    }
+    async fn wrap(
+        &self,
+        key_id: &str,
+        key: &fieldkey::crypto::SecretKey,
+        ctx: &fieldkey::kms::EncryptionContext,
+    ) -> Result<fieldkey::kms::WrappedKey, fieldkey::kms::KmsError> {
+        self.inner.wrap(key_id, key, ctx).await
+    }
+    async fn unwrap(
+        &self,
+        key_id: &str,
+        wrapped: &fieldkey::kms::WrappedKey,
+        ctx: &fieldkey::kms::EncryptionContext,
+    ) -> Result<fieldkey::crypto::SecretKey, fieldkey::kms::KmsError> {
+        self.unwraps.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        // widen the window in which concurrent misses overlap
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        self.inner.unwrap(key_id, wrapped, ctx).await
+    }
+    async fn check(&self) -> Result<(), fieldkey::kms::KmsError> {
+        self.inner.check().await
+    }
+}
+
+/// A TCP proxy on 127.0.0.1 in front of a real server (PostgreSQL, moto_server) that a
+/// test can stop, to produce a real outage: refused connections, dropped sockets.
+pub struct TcpProxy {
+    pub port: u16,
+    stop: Arc<tokio::sync::Notify>,
+    task: tokio::task::JoinHandle<()>,
+    conns: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl TcpProxy {
+    pub async fn start(upstream: std::net::SocketAddr) -> Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let conns: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> = Default::default();
+        let (stop2, conns2) = (stop.clone(), conns.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop2.notified() => break,
+                    acc = listener.accept() => {
+                        let Ok((mut inbound, _)) = acc else { continue };
+                        let h = tokio::spawn(async move {
+                            if let Ok(mut out) = tokio::net::TcpStream::connect(upstream).await {
+                                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                            }
+                        });
+                        conns2.lock().unwrap().push(h.abort_handle());
+                    }
+                }
+            }
+        });
+        Ok(Self { port, stop, task, conns })
+    }
+
+    /// Stops listening and cuts every open connection.
+    pub async fn stop(self) {
+        self.stop.notify_one();
+        let _ = self.task.await;
+        for c in self.conns.lock().unwrap().drain(..) {
+            c.abort();
+        }
+    }
+}
+
+/// host:port of a DSN or URL such as postgres://u@127.0.0.1:5432/db or http://127.0.0.1:5000
+pub fn socket_addr_of(url: &str) -> Result<std::net::SocketAddr> {
+    let after_scheme = url.split("://").nth(1).context("no scheme")?;
+    let host_port = after_scheme.split('/').next().context("no host")?;
+    let host_port = host_port.rsplit('@').next().context("no host")?;
+    use std::net::ToSocketAddrs;
+    host_port.to_socket_addrs()?.next().context("unresolvable")
+}

@@ -1,0 +1,263 @@
+//! The hot-key cache: unwrapped keys and derived field ciphers, in memory only.
+//!
+//! Owns: bounded (entry count) and expiring (TTL) moka caches of per-tenant and
+//! per-subject entries. An entry holds a snapshot of the stored metadata (states,
+//! wrapped keys), the unwrapped key (filled at most once: concurrent misses share one
+//! KMS call through `tokio::sync::OnceCell`), and the derived per-field ciphers.
+//!
+//! Zeroization: unwrapped keys are [`SecretKey`] (zeroized on drop) and field ciphers
+//! hold xaes-256-gcm key schedules (zeroized on drop). When moka evicts or invalidates
+//! an entry it drops its `Arc`; the key bytes are wiped as soon as the last in-flight
+//! request holding that `Arc` finishes.
+//!
+//! Must not: talk to the KMS or the store (the keyring passes loaders in), or decide
+//! whether a key may be used (the keyring checks states).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use moka::future::Cache;
+use tokio::sync::{Mutex, OnceCell};
+
+use crate::crypto::{FieldCipher, SecretKey};
+use crate::store::{SubjectRecord, TenantRecord};
+
+/// Bounds of the cache.
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    /// How long an unwrapped key stays in memory before it is dropped (and zeroized)
+    /// and must be unwrapped by the KMS again. Cached keys keep serving through a KMS
+    /// outage for at most this long.
+    pub key_ttl: Duration,
+    /// Maximum number of tenants with cached keys.
+    pub max_tenants: u64,
+    /// Maximum number of subjects with cached keys.
+    pub max_subjects: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self { key_ttl: Duration::from_secs(15 * 60), max_tenants: 10_000, max_subjects: 100_000 }
+    }
+}
+
+/// A metadata snapshot and when it was read from the store.
+#[derive(Debug)]
+pub struct Snapshot<T> {
+    /// The stored record.
+    pub record: T,
+    /// When it was read.
+    pub fetched: Instant,
+    /// When a refresh last failed because the store was unavailable (serve-stale mode).
+    pub failed_refresh: Option<Instant>,
+}
+
+/// Unwrapped key and derived ciphers of one tenant key version.
+#[derive(Default)]
+pub struct VersionEntry {
+    /// The unwrapped tenant key version, filled by one KMS call.
+    pub key: OnceCell<SecretKey>,
+    fields: RwLock<HashMap<Box<str>, Arc<FieldCipher>>>,
+}
+
+impl VersionEntry {
+    /// The cached cipher for `field`, or one built by `make` and cached.
+    pub fn field_cipher(&self, field: &str, make: impl FnOnce() -> FieldCipher) -> Arc<FieldCipher> {
+        if let Some(c) = self.fields.read().unwrap_or_else(|p| p.into_inner()).get(field) {
+            return c.clone();
+        }
+        let mut w = self.fields.write().unwrap_or_else(|p| p.into_inner());
+        w.entry(field.into()).or_insert_with(|| Arc::new(make())).clone()
+    }
+}
+
+/// Everything cached about one tenant.
+pub struct TenantEntry {
+    /// Stored metadata (versions, states, wrapped keys).
+    pub meta: ArcSwap<Snapshot<TenantRecord>>,
+    /// Single-flight guard for metadata refreshes.
+    pub refresh: Mutex<()>,
+    versions: RwLock<HashMap<u32, Arc<VersionEntry>>>,
+}
+
+impl TenantEntry {
+    /// A new entry around freshly read metadata.
+    pub fn new(record: TenantRecord) -> Self {
+        Self {
+            meta: ArcSwap::from_pointee(Snapshot { record, fetched: Instant::now(), failed_refresh: None }),
+            refresh: Mutex::new(()),
+            versions: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// The entry for one key version (created empty on first use).
+    pub fn version(&self, version: u32) -> Arc<VersionEntry> {
+        if let Some(v) = self.versions.read().unwrap_or_else(|p| p.into_inner()).get(&version) {
+            return v.clone();
+        }
+        let mut w = self.versions.write().unwrap_or_else(|p| p.into_inner());
+        w.entry(version).or_default().clone()
+    }
+
+    /// Drops (and so zeroizes, once unused) the cached key of `version`.
+    pub fn forget_version(&self, version: u32) {
+        self.versions.write().unwrap_or_else(|p| p.into_inner()).remove(&version);
+    }
+}
+
+/// Everything cached about one subject.
+pub struct SubjectEntry {
+    /// Stored subject record.
+    pub meta: ArcSwap<Snapshot<SubjectRecord>>,
+    /// Single-flight guard for metadata refreshes.
+    pub refresh: Mutex<()>,
+    /// The unwrapped subject key material.
+    pub key: OnceCell<SecretKey>,
+    fields: RwLock<HashMap<u32, HashMap<Box<str>, Arc<FieldCipher>>>>,
+}
+
+impl SubjectEntry {
+    /// A new entry around a freshly read record.
+    pub fn new(record: SubjectRecord) -> Self {
+        Self {
+            meta: ArcSwap::from_pointee(Snapshot { record, fetched: Instant::now(), failed_refresh: None }),
+            refresh: Mutex::new(()),
+            key: OnceCell::new(),
+            fields: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// The cached cipher for (`version`, `field`), or one built by `make` and cached.
+    pub fn field_cipher(
+        &self,
+        version: u32,
+        field: &str,
+        make: impl FnOnce() -> FieldCipher,
+    ) -> Arc<FieldCipher> {
+        if let Some(c) = self
+            .fields
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&version)
+            .and_then(|m| m.get(field))
+        {
+            return c.clone();
+        }
+        let mut w = self.fields.write().unwrap_or_else(|p| p.into_inner());
+        w.entry(version).or_default().entry(field.into()).or_insert_with(|| Arc::new(make())).clone()
+    }
+}
+
+/// Counters for observability and tests.
+#[derive(Debug, Default)]
+pub struct CacheStats {
+    /// Tenant entries found in the cache.
+    pub hits: AtomicU64,
+    /// Tenant entries loaded from the store.
+    pub misses: AtomicU64,
+    /// Entries evicted or invalidated.
+    pub evictions: AtomicU64,
+}
+
+/// The hot-key cache.
+pub struct KeyCache {
+    tenants: Cache<String, Arc<TenantEntry>>,
+    subjects: Cache<(String, String), Arc<SubjectEntry>>,
+    stats: Arc<CacheStats>,
+}
+
+impl KeyCache {
+    /// A cache with the given bounds.
+    pub fn new(cfg: &CacheConfig) -> Self {
+        let stats = Arc::new(CacheStats::default());
+        let s1 = stats.clone();
+        let s2 = stats.clone();
+        Self {
+            tenants: Cache::builder()
+                .max_capacity(cfg.max_tenants)
+                .time_to_live(cfg.key_ttl)
+                .eviction_listener(move |_k, _v, _cause| {
+                    s1.evictions.fetch_add(1, Ordering::Relaxed);
+                })
+                .build(),
+            subjects: Cache::builder()
+                .max_capacity(cfg.max_subjects)
+                .time_to_live(cfg.key_ttl)
+                .eviction_listener(move |_k, _v, _cause| {
+                    s2.evictions.fetch_add(1, Ordering::Relaxed);
+                })
+                .build(),
+            stats,
+        }
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &CacheStats {
+        &self.stats
+    }
+
+    /// The tenant's entry, loading it with `load` on a miss. Concurrent misses for one
+    /// tenant share a single load.
+    ///
+    /// # Errors
+    /// Whatever `load` returns; nothing is cached on error.
+    pub async fn tenant<E, F>(&self, tenant: &str, load: F) -> Result<Arc<TenantEntry>, Arc<E>>
+    where
+        E: Send + Sync + 'static,
+        F: std::future::Future<Output = Result<TenantEntry, E>>,
+    {
+        if let Some(e) = self.tenants.get(tenant).await {
+            self.stats.hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(e);
+        }
+        self.stats.misses.fetch_add(1, Ordering::Relaxed);
+        self.tenants.try_get_with(tenant.to_owned(), async { load.await.map(Arc::new) }).await
+    }
+
+    /// The subject's entry, loading it with `load` on a miss (single-flight).
+    ///
+    /// # Errors
+    /// Whatever `load` returns; nothing is cached on error.
+    pub async fn subject<E, F>(
+        &self,
+        tenant: &str,
+        subject: &str,
+        load: F,
+    ) -> Result<Arc<SubjectEntry>, Arc<E>>
+    where
+        E: Send + Sync + 'static,
+        F: std::future::Future<Output = Result<SubjectEntry, E>>,
+    {
+        let key = (tenant.to_owned(), subject.to_owned());
+        if let Some(e) = self.subjects.get(&key).await {
+            return Ok(e);
+        }
+        self.subjects.try_get_with(key, async { load.await.map(Arc::new) }).await
+    }
+
+    /// Drops a tenant's entry and all its subjects' entries (keys zeroized once unused).
+    pub async fn invalidate_tenant(&self, tenant: &str) {
+        self.tenants.invalidate(tenant).await;
+        let t = tenant.to_owned();
+        // Subjects of the tenant: moka's invalidate_entries_if needs a closure-enabled
+        // cache; a scan is fine here (administrative path, bounded cache).
+        let keys: Vec<_> =
+            self.subjects.iter().filter(|(k, _)| k.0 == t).map(|(k, _)| (*k).clone()).collect();
+        for k in keys {
+            self.subjects.invalidate(&k).await;
+        }
+    }
+
+    /// Drops one subject's entry.
+    pub async fn invalidate_subject(&self, tenant: &str, subject: &str) {
+        self.subjects.invalidate(&(tenant.to_owned(), subject.to_owned())).await;
+    }
+
+    /// Number of cached tenants and subjects (approximate, for metrics).
+    pub fn sizes(&self) -> (u64, u64) {
+        (self.tenants.entry_count(), self.subjects.entry_count())
+    }
+}

@@ -1,0 +1,111 @@
+//! The keyring's error: what went wrong, phrased for the caller.
+//!
+//! The gRPC layer (a later issue) maps each variant to one status code in a single
+//! function. Messages name tenant ids and key versions (not secret) but never subject
+//! ids (they may be personal data), key bytes or plaintext.
+
+use crate::crypto::{CryptoError, Scope};
+use crate::kms::KmsError;
+use crate::store::StoreError;
+
+/// Result alias for keyring operations.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Why a keyring operation failed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A caller-supplied argument is invalid (id syntax, sizes).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// The ciphertext is not a well-formed fieldkey envelope, or uses a format version
+    /// or suite this build does not implement.
+    #[error("{0}")]
+    MalformedEnvelope(#[source] CryptoError),
+    /// The envelope is subject-scoped and the request is not, or the reverse.
+    #[error("envelope is {envelope}-scoped but the request is {request}-scoped")]
+    ScopeMismatch {
+        /// Scope in the envelope header.
+        envelope: Scope,
+        /// Scope of the request.
+        request: Scope,
+    },
+    /// Authentication failed: wrong tenant, subject, field or context, or altered bytes.
+    #[error("authentication failed: ciphertext does not match this tenant, subject, field and context, or was altered")]
+    AuthenticationFailed,
+    /// The tenant does not exist.
+    #[error("tenant {tenant} not found")]
+    TenantNotFound {
+        /// Tenant id.
+        tenant: String,
+    },
+    /// The subject has no key in this tenant (never encrypted for, or unknown).
+    #[error("subject not found in tenant {tenant}")]
+    SubjectNotFound {
+        /// Tenant id.
+        tenant: String,
+    },
+    /// The envelope names a key version the tenant does not have.
+    #[error("tenant {tenant} has no key version {version}")]
+    UnknownKeyVersion {
+        /// Tenant id.
+        tenant: String,
+        /// Version named by the envelope.
+        version: u32,
+    },
+    /// The key needed was destroyed (crypto-shredded). Irreversible.
+    #[error("key destroyed: {scope} key of tenant {tenant}{}", version.map(|v| format!(" version {v}")).unwrap_or_default())]
+    KeyDestroyed {
+        /// Tenant id.
+        tenant: String,
+        /// Whether the tenant version or the subject's key was destroyed.
+        scope: Scope,
+        /// The tenant key version, when a tenant version was destroyed.
+        version: Option<u32>,
+    },
+    /// The key needed is suspended (processing restricted); reversible by resume.
+    #[error("key suspended: {scope} key of tenant {tenant}{}", version.map(|v| format!(" version {v}")).unwrap_or_default())]
+    KeySuspended {
+        /// Tenant id.
+        tenant: String,
+        /// Whether a tenant version or the subject's key is suspended.
+        scope: Scope,
+        /// The tenant key version, when a tenant version is suspended.
+        version: Option<u32>,
+    },
+    /// The KMS failed (unavailable, timed out, throttled, key disabled, access denied...).
+    #[error("KMS error: {0}")]
+    Kms(#[source] KmsError),
+    /// The key store failed (unavailable, query error, corrupt data).
+    #[error("key store error: {0}")]
+    Store(#[source] StoreError),
+    /// An invariant broke; details are logged server-side only.
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl From<KmsError> for Error {
+    fn from(e: KmsError) -> Self {
+        Error::Kms(e)
+    }
+}
+
+impl From<StoreError> for Error {
+    fn from(e: StoreError) -> Self {
+        Error::Store(e)
+    }
+}
+
+impl From<CryptoError> for Error {
+    fn from(e: CryptoError) -> Self {
+        match e {
+            CryptoError::AuthenticationFailed => Error::AuthenticationFailed,
+            CryptoError::InvalidArgument(m) => Error::InvalidArgument(m),
+            CryptoError::ScopeMismatch { envelope, request } => {
+                Error::ScopeMismatch { envelope, request }
+            }
+            CryptoError::Rng => Error::Internal("random number generator failure".into()),
+            other => Error::MalformedEnvelope(other),
+        }
+    }
+}

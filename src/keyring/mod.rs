@@ -1,0 +1,631 @@
+//! The keyring: the one place that decides which key encrypts and which may decrypt.
+//!
+//! Owns: tenant key versions and subject keys as described in `docs/ARCHITECTURE.md`
+//! (KMS key -> tenant key version -> per-field key; subject key material wrapped under a
+//! tenant key version), their state rules (active / decrypt-only / suspended /
+//! destroyed), and the freshness of cached metadata.
+//!
+//! Must not: know about gRPC (the service maps [`Error`] to statuses), log plaintext or
+//! key material, or encrypt with anything but the tenant's single active version.
+//!
+//! Freshness: cached metadata (versions, states) is re-read from the store when it is
+//! older than [`KeyringConfig::revalidate_after`], so a suspension or destruction made
+//! by another replica is enforced here within that bound. Changes made through this
+//! keyring take effect on it at once. If the store is unreachable, the last snapshot
+//! keeps serving for at most [`KeyringConfig::max_stale`].
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use tokio::sync::Mutex;
+use zeroize::Zeroizing;
+
+use crate::cache::{CacheConfig, KeyCache, Snapshot, SubjectEntry, TenantEntry, VersionEntry};
+use crate::crypto::{
+    self, Aad, Envelope, FieldCipher, Scope, SecretKey, unwrap_subject_key, validate_id,
+    wrap_subject_key,
+};
+use crate::error::{Error, Result};
+use crate::kms::{EncryptionContext, Kms};
+use crate::store::{
+    KeyState, KeyStore, KeyVersionRecord, NewKeyVersion, NewSubject, StoreError, SubjectRecord,
+    TenantRecord,
+};
+
+mod info;
+pub use info::{SubjectInfo, TenantInfo, VersionInfo};
+
+/// Keyring settings.
+#[derive(Debug, Clone)]
+pub struct KeyringConfig {
+    /// Cache bounds and key TTL.
+    pub cache: CacheConfig,
+    /// Cached metadata older than this is re-read before use (the cross-replica
+    /// propagation bound for suspend and shred).
+    pub revalidate_after: Duration,
+    /// While the store is unreachable, metadata up to this old keeps serving.
+    pub max_stale: Duration,
+    /// After a failed refresh, wait this long before trying the store again
+    /// (requests meanwhile use the stale snapshot instead of each waiting on a timeout).
+    pub store_retry_after: Duration,
+}
+
+impl Default for KeyringConfig {
+    fn default() -> Self {
+        Self {
+            cache: CacheConfig::default(),
+            revalidate_after: Duration::from_secs(1),
+            max_stale: Duration::from_secs(300),
+            store_retry_after: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Tenant keys, subject keys and the rules for using them.
+pub struct Keyring {
+    store: Arc<dyn KeyStore>,
+    kms: Arc<dyn Kms>,
+    cache: KeyCache,
+    cfg: KeyringConfig,
+}
+
+impl std::fmt::Debug for Keyring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Keyring")
+            .field("store", &self.store.backend())
+            .field("kms", &self.kms.provider())
+            .finish_non_exhaustive()
+    }
+}
+
+fn unshare(e: Arc<Error>) -> Error {
+    Arc::unwrap_or_clone(e)
+}
+
+enum Fresh<T> {
+    Found(Arc<Snapshot<T>>),
+    Gone,
+}
+
+impl Keyring {
+    /// A keyring over a store and a KMS.
+    pub fn new(store: Arc<dyn KeyStore>, kms: Arc<dyn Kms>, cfg: KeyringConfig) -> Self {
+        let cache = KeyCache::new(&cfg.cache);
+        Self { store, kms, cache, cfg }
+    }
+
+    /// The key store.
+    pub fn store(&self) -> &Arc<dyn KeyStore> {
+        &self.store
+    }
+
+    /// The KMS.
+    pub fn kms(&self) -> &Arc<dyn Kms> {
+        &self.kms
+    }
+
+    /// The hot-key cache (for metrics).
+    pub fn cache(&self) -> &KeyCache {
+        &self.cache
+    }
+
+    // ---------------------------------------------------------------- administration
+
+    /// Creates a tenant with key version 1, wrapped by `kms_key_id` (bring-your-own-key)
+    /// or the KMS's default key. Idempotent: an existing tenant is returned unchanged,
+    /// and concurrent creations (tasks or processes) store exactly one key.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a bad id; [`Error::Kms`]; [`Error::Store`].
+    pub async fn create_tenant(&self, tenant: &str, kms_key_id: Option<&str>) -> Result<TenantInfo> {
+        validate_id("tenant_id", tenant)?;
+        if let Some(k) = kms_key_id {
+            if k.is_empty() || k.len() > 2048 {
+                return Err(Error::InvalidArgument("kms_key_id must be 1..=2048 bytes".into()));
+            }
+        }
+        if let Some(existing) = self.store.get_tenant(tenant).await? {
+            return Ok(TenantInfo::from(&existing));
+        }
+        let key_id = kms_key_id.unwrap_or_else(|| self.kms.default_key_id()).to_owned();
+        let dk = self.kms.generate_data_key(&key_id, &EncryptionContext::tenant_key(tenant, 1)).await?;
+        let created = self
+            .store
+            .create_tenant(
+                tenant,
+                &key_id,
+                NewKeyVersion { version: 1, kms_key_id: key_id.clone(), wrapped: dk.wrapped },
+            )
+            .await?;
+        if created.was_created() {
+            tracing::info!(tenant, kms_key_id = %key_id, "tenant created");
+        }
+        Ok(TenantInfo::from(&created.into_inner()))
+    }
+
+    /// A tenant's key versions and their states, read from the store.
+    ///
+    /// # Errors
+    /// [`Error::TenantNotFound`]; [`Error::Store`].
+    pub async fn tenant(&self, tenant: &str) -> Result<TenantInfo> {
+        validate_id("tenant_id", tenant)?;
+        self.store
+            .get_tenant(tenant)
+            .await?
+            .map(|r| TenantInfo::from(&r))
+            .ok_or_else(|| Error::TenantNotFound { tenant: tenant.to_owned() })
+    }
+
+    /// Rotates: a new version becomes active (new writes use it at once on this
+    /// replica, within `revalidate_after` on others); the previous one becomes
+    /// decrypt-only. If another rotation wins a race, its version is the result.
+    ///
+    /// # Errors
+    /// [`Error::KeySuspended`] while the tenant is suspended; [`Error::TenantNotFound`];
+    /// [`Error::Kms`]; [`Error::Store`].
+    pub async fn rotate_tenant(&self, tenant: &str) -> Result<TenantInfo> {
+        validate_id("tenant_id", tenant)?;
+        let rec = self.load_tenant_record(tenant).await?;
+        if let Some(v) = rec.versions.iter().find(|v| v.state == KeyState::Suspended) {
+            return Err(Error::KeySuspended {
+                tenant: tenant.to_owned(),
+                scope: Scope::Tenant,
+                version: Some(v.version),
+            });
+        }
+        let next = rec
+            .latest_version()
+            .checked_add(1)
+            .ok_or_else(|| Error::Internal("key version space exhausted".into()))?;
+        let dk = self
+            .kms
+            .generate_data_key(&rec.kms_key_id, &EncryptionContext::tenant_key(tenant, next))
+            .await?;
+        let added = self
+            .store
+            .add_key_version(
+                tenant,
+                NewKeyVersion { version: next, kms_key_id: rec.kms_key_id.clone(), wrapped: dk.wrapped },
+            )
+            .await?;
+        if added {
+            tracing::info!(tenant, version = next, "tenant key rotated");
+        }
+        self.cache.invalidate_tenant(tenant).await;
+        self.tenant(tenant).await
+    }
+
+    /// Suspends every usable version of a tenant (GDPR Art. 18 restriction): nothing of
+    /// the tenant encrypts or decrypts until [`Keyring::resume_tenant`]. Idempotent.
+    ///
+    /// # Errors
+    /// [`Error::TenantNotFound`]; [`Error::Store`].
+    pub async fn suspend_tenant(&self, tenant: &str) -> Result<TenantInfo> {
+        validate_id("tenant_id", tenant)?;
+        let rec = self.load_tenant_record(tenant).await?;
+        for v in &rec.versions {
+            if matches!(v.state, KeyState::Active | KeyState::DecryptOnly) {
+                self.store
+                    .update_key_state(tenant, v.version, v.state, KeyState::Suspended, Some(v.state))
+                    .await?;
+            }
+        }
+        self.cache.invalidate_tenant(tenant).await;
+        self.tenant(tenant).await
+    }
+
+    /// Lifts a tenant suspension, restoring each version's previous state. Idempotent.
+    ///
+    /// # Errors
+    /// [`Error::TenantNotFound`]; [`Error::Store`].
+    pub async fn resume_tenant(&self, tenant: &str) -> Result<TenantInfo> {
+        validate_id("tenant_id", tenant)?;
+        let rec = self.load_tenant_record(tenant).await?;
+        for v in &rec.versions {
+            if v.state == KeyState::Suspended {
+                let back = v.resume_state.unwrap_or(KeyState::DecryptOnly);
+                self.store.update_key_state(tenant, v.version, KeyState::Suspended, back, None).await?;
+            }
+        }
+        self.cache.invalidate_tenant(tenant).await;
+        self.tenant(tenant).await
+    }
+
+    /// Destroys one tenant key version: its wrapped material is erased from the store
+    /// (a tombstone with its fingerprint stays) and cached copies are dropped and
+    /// zeroized. Irreversible and idempotent. Returns whether this call destroyed it.
+    ///
+    /// # Errors
+    /// [`Error::UnknownKeyVersion`]; [`Error::TenantNotFound`]; [`Error::Store`].
+    pub async fn destroy_key_version(&self, tenant: &str, version: u32) -> Result<bool> {
+        validate_id("tenant_id", tenant)?;
+        let rec = self.load_tenant_record(tenant).await?;
+        if rec.version(version).is_none() {
+            return Err(Error::UnknownKeyVersion { tenant: tenant.to_owned(), version });
+        }
+        let destroyed = self.store.destroy_key_version(tenant, version).await?;
+        self.cache.invalidate_tenant(tenant).await;
+        if destroyed {
+            tracing::info!(tenant, version, "tenant key version destroyed");
+        }
+        Ok(destroyed)
+    }
+
+    /// A subject's key state, read from the store.
+    ///
+    /// # Errors
+    /// [`Error::SubjectNotFound`]; [`Error::Store`].
+    pub async fn subject(&self, tenant: &str, subject: &str) -> Result<SubjectInfo> {
+        validate_id("tenant_id", tenant)?;
+        validate_id("subject_id", subject)?;
+        self.store
+            .get_subject(tenant, subject)
+            .await?
+            .map(|r| SubjectInfo::from(&r))
+            .ok_or_else(|| Error::SubjectNotFound { tenant: tenant.to_owned() })
+    }
+
+    /// Suspends a subject's key (restriction of processing). Idempotent.
+    ///
+    /// # Errors
+    /// [`Error::KeyDestroyed`] for a shredded subject; [`Error::SubjectNotFound`];
+    /// [`Error::Store`].
+    pub async fn suspend_subject(&self, tenant: &str, subject: &str) -> Result<SubjectInfo> {
+        self.set_subject_state(tenant, subject, KeyState::Active, KeyState::Suspended).await
+    }
+
+    /// Lifts a subject's suspension. Idempotent.
+    ///
+    /// # Errors
+    /// As [`Keyring::suspend_subject`].
+    pub async fn resume_subject(&self, tenant: &str, subject: &str) -> Result<SubjectInfo> {
+        self.set_subject_state(tenant, subject, KeyState::Suspended, KeyState::Active).await
+    }
+
+    async fn set_subject_state(
+        &self,
+        tenant: &str,
+        subject: &str,
+        from: KeyState,
+        to: KeyState,
+    ) -> Result<SubjectInfo> {
+        let current = self.subject(tenant, subject).await?;
+        if current.state == KeyState::Destroyed {
+            return Err(Error::KeyDestroyed { tenant: tenant.to_owned(), scope: Scope::Subject, version: None });
+        }
+        if current.state == from {
+            self.store.update_subject_state(tenant, subject, from, to).await?;
+        }
+        self.cache.invalidate_subject(tenant, subject).await;
+        self.subject(tenant, subject).await
+    }
+
+    /// Destroys (crypto-shreds) a subject's key material: erased from the store
+    /// (tombstone kept, so it is never silently re-created) and dropped from the cache.
+    /// Irreversible and idempotent. Returns whether this call destroyed it.
+    ///
+    /// # Errors
+    /// [`Error::SubjectNotFound`]; [`Error::Store`].
+    pub async fn destroy_subject(&self, tenant: &str, subject: &str) -> Result<bool> {
+        self.subject(tenant, subject).await?;
+        let destroyed = self.store.destroy_subject(tenant, subject).await?;
+        self.cache.invalidate_subject(tenant, subject).await;
+        if destroyed {
+            tracing::info!(tenant, "subject key destroyed");
+        }
+        Ok(destroyed)
+    }
+
+    // ---------------------------------------------------------------- data path
+
+    /// Encrypts one field value under the tenant's active key version (and the
+    /// subject's key, when `aad.subject` is set; a subject's key is created on first
+    /// use). Returns a binary v1 envelope (see [`crypto::to_text`] for the text form).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`]; [`Error::TenantNotFound`]; [`Error::KeySuspended`] /
+    /// [`Error::KeyDestroyed`] for the tenant's current version or the subject;
+    /// [`Error::Kms`] / [`Error::Store`] on a cache miss during an outage.
+    pub async fn encrypt(&self, aad: &Aad<'_>, plaintext: &[u8]) -> Result<Vec<u8>> {
+        aad.validate()?;
+        let tentry = self.tenant_entry(aad.tenant).await?;
+        let tsnap = self.tenant_snapshot(&tentry, aad.tenant, false).await?;
+        let active = active_version(aad.tenant, &tsnap.record)?;
+        let cipher = self.cipher(&tentry, &tsnap, active, aad, true).await?;
+        Ok(crypto::seal(&cipher, active.version, aad, plaintext)?)
+    }
+
+    /// Decrypts an envelope (binary or `fk1:` text form) for the same tenant, subject,
+    /// field and context it was encrypted with.
+    ///
+    /// # Errors
+    /// [`Error::MalformedEnvelope`]; [`Error::ScopeMismatch`];
+    /// [`Error::AuthenticationFailed`] for a wrong tenant/subject/field/context or any
+    /// altered byte; [`Error::UnknownKeyVersion`]; [`Error::KeyDestroyed`];
+    /// [`Error::KeySuspended`]; [`Error::TenantNotFound`]; [`Error::SubjectNotFound`];
+    /// [`Error::Kms`] / [`Error::Store`] on a cache miss during an outage.
+    pub async fn decrypt(&self, aad: &Aad<'_>, envelope: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
+        let bytes = crypto::decode_any(envelope)?;
+        let env = Envelope::parse(&bytes)?;
+        aad.validate()?;
+        if env.scope() != aad.scope() {
+            return Err(Error::ScopeMismatch { envelope: env.scope(), request: aad.scope() });
+        }
+        let tentry = self.tenant_entry(aad.tenant).await?;
+        let mut tsnap = self.tenant_snapshot(&tentry, aad.tenant, false).await?;
+        if tsnap.record.version(env.key_version()).is_none()
+            && env.key_version() > tsnap.record.latest_version()
+        {
+            // Possibly rotated on another replica since our snapshot: look again.
+            tsnap = self.tenant_snapshot(&tentry, aad.tenant, true).await?;
+        }
+        let version = tsnap.record.version(env.key_version()).ok_or_else(|| {
+            Error::UnknownKeyVersion { tenant: aad.tenant.to_owned(), version: env.key_version() }
+        })?;
+        usable_for_decrypt(aad.tenant, version)?;
+        let cipher = self.cipher(&tentry, &tsnap, version, aad, false).await?;
+        Ok(crypto::open(&cipher, &env, aad)?)
+    }
+
+    // ---------------------------------------------------------------- internals
+
+    async fn load_tenant_record(&self, tenant: &str) -> Result<TenantRecord> {
+        self.store
+            .get_tenant(tenant)
+            .await?
+            .ok_or_else(|| Error::TenantNotFound { tenant: tenant.to_owned() })
+    }
+
+    async fn tenant_entry(&self, tenant: &str) -> Result<Arc<TenantEntry>> {
+        self.cache
+            .tenant(tenant, async {
+                match self.store.get_tenant(tenant).await {
+                    Ok(Some(r)) => Ok(TenantEntry::new(r)),
+                    Ok(None) => Err(Error::TenantNotFound { tenant: tenant.to_owned() }),
+                    Err(e) => Err(Error::Store(e)),
+                }
+            })
+            .await
+            .map_err(unshare)
+    }
+
+    /// Re-reads a snapshot when older than `revalidate_after` (single-flight); serves a
+    /// stale one while the store is unavailable, up to `max_stale`.
+    async fn fresh<T, F, Fut>(
+        &self,
+        meta: &ArcSwap<Snapshot<T>>,
+        lock: &Mutex<()>,
+        force: bool,
+        fetch: F,
+    ) -> Result<Fresh<T>>
+    where
+        T: Clone,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = std::result::Result<Option<T>, StoreError>>,
+    {
+        let snap = meta.load_full();
+        if !force && snap.fetched.elapsed() < self.cfg.revalidate_after {
+            return Ok(Fresh::Found(snap));
+        }
+        let started = Instant::now();
+        let _guard = lock.lock().await;
+        let snap = meta.load_full();
+        let refreshed_meanwhile = snap.fetched >= started;
+        if refreshed_meanwhile || (!force && snap.fetched.elapsed() < self.cfg.revalidate_after) {
+            return Ok(Fresh::Found(snap));
+        }
+        let stale_ok = snap.fetched.elapsed() < self.cfg.max_stale;
+        if let Some(failed) = snap.failed_refresh {
+            if stale_ok && failed.elapsed() < self.cfg.store_retry_after {
+                return Ok(Fresh::Found(snap));
+            }
+        }
+        match fetch().await {
+            Ok(Some(record)) => {
+                let new = Arc::new(Snapshot { record, fetched: Instant::now(), failed_refresh: None });
+                meta.store(new.clone());
+                Ok(Fresh::Found(new))
+            }
+            Ok(None) => Ok(Fresh::Gone),
+            Err(StoreError::Unavailable(e)) if stale_ok => {
+                tracing::warn!(error = %e, age_ms = snap.fetched.elapsed().as_millis() as u64,
+                    "key store unavailable; serving cached key metadata");
+                let stale = Arc::new(Snapshot {
+                    record: snap.record.clone(),
+                    fetched: snap.fetched,
+                    failed_refresh: Some(Instant::now()),
+                });
+                meta.store(stale.clone());
+                Ok(Fresh::Found(stale))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn tenant_snapshot(
+        &self,
+        entry: &TenantEntry,
+        tenant: &str,
+        force: bool,
+    ) -> Result<Arc<Snapshot<TenantRecord>>> {
+        match self.fresh(&entry.meta, &entry.refresh, force, || self.store.get_tenant(tenant)).await? {
+            Fresh::Found(snap) => {
+                for v in &snap.record.versions {
+                    if v.state == KeyState::Destroyed {
+                        entry.forget_version(v.version);
+                    }
+                }
+                Ok(snap)
+            }
+            Fresh::Gone => {
+                self.cache.invalidate_tenant(tenant).await;
+                Err(Error::TenantNotFound { tenant: tenant.to_owned() })
+            }
+        }
+    }
+
+    async fn subject_snapshot(
+        &self,
+        entry: &SubjectEntry,
+        tenant: &str,
+        subject: &str,
+    ) -> Result<Arc<Snapshot<SubjectRecord>>> {
+        match self
+            .fresh(&entry.meta, &entry.refresh, false, || self.store.get_subject(tenant, subject))
+            .await?
+        {
+            Fresh::Found(snap) => Ok(snap),
+            Fresh::Gone => {
+                self.cache.invalidate_subject(tenant, subject).await;
+                Err(Error::SubjectNotFound { tenant: tenant.to_owned() })
+            }
+        }
+    }
+
+    /// The unwrapped tenant key of `version`: one KMS call per cache entry, shared by
+    /// concurrent callers.
+    async fn version_key<'a>(
+        &self,
+        tenant: &str,
+        ventry: &'a VersionEntry,
+        version: &KeyVersionRecord,
+    ) -> Result<&'a SecretKey> {
+        ventry
+            .key
+            .get_or_try_init(|| async {
+                let wrapped = version.wrapped.as_ref().ok_or_else(|| Error::KeyDestroyed {
+                    tenant: tenant.to_owned(),
+                    scope: Scope::Tenant,
+                    version: Some(version.version),
+                })?;
+                let ctx = EncryptionContext::tenant_key(tenant, version.version);
+                Ok(self.kms.unwrap(&version.kms_key_id, wrapped, &ctx).await?)
+            })
+            .await
+    }
+
+    async fn subject_entry(
+        &self,
+        tentry: &TenantEntry,
+        tsnap: &Snapshot<TenantRecord>,
+        tenant: &str,
+        subject: &str,
+        create: bool,
+    ) -> Result<Arc<SubjectEntry>> {
+        self.cache
+            .subject(tenant, subject, async {
+                if let Some(r) = self.store.get_subject(tenant, subject).await? {
+                    return Ok(SubjectEntry::new(r));
+                }
+                if !create {
+                    return Err(Error::SubjectNotFound { tenant: tenant.to_owned() });
+                }
+                let active = active_version(tenant, &tsnap.record)?;
+                let ventry = tentry.version(active.version);
+                let tkey = self.version_key(tenant, &ventry, active).await?;
+                let skey = SecretKey::generate()
+                    .map_err(|_| Error::Internal("random number generator failure".into()))?;
+                let wrapped = wrap_subject_key(tkey, tenant, subject, active.version, &skey)?;
+                let created = self
+                    .store
+                    .create_subject(NewSubject {
+                        tenant_id: tenant.to_owned(),
+                        subject_id: subject.to_owned(),
+                        wrap_version: active.version,
+                        wrapped,
+                    })
+                    .await?;
+                Ok(SubjectEntry::new(created.into_inner()))
+            })
+            .await
+            .map_err(unshare)
+    }
+
+    async fn cipher(
+        &self,
+        tentry: &TenantEntry,
+        tsnap: &Snapshot<TenantRecord>,
+        version: &KeyVersionRecord,
+        aad: &Aad<'_>,
+        create_subject: bool,
+    ) -> Result<Arc<FieldCipher>> {
+        let tenant = aad.tenant;
+        let Some(subject) = aad.subject else {
+            let ventry = tentry.version(version.version);
+            let tkey = self.version_key(tenant, &ventry, version).await?;
+            return Ok(ventry.field_cipher(aad.field, || FieldCipher::for_tenant(tkey, tenant, aad.field)));
+        };
+        let sentry = self.subject_entry(tentry, tsnap, tenant, subject, create_subject).await?;
+        let ssnap = self.subject_snapshot(&sentry, tenant, subject).await?;
+        let srec = &ssnap.record;
+        match srec.state {
+            KeyState::Active => {}
+            KeyState::Suspended => {
+                return Err(Error::KeySuspended { tenant: tenant.to_owned(), scope: Scope::Subject, version: None });
+            }
+            _ => {
+                return Err(Error::KeyDestroyed { tenant: tenant.to_owned(), scope: Scope::Subject, version: None });
+            }
+        }
+        let ventry = tentry.version(version.version);
+        let tkey = self.version_key(tenant, &ventry, version).await?;
+        let skey = sentry
+            .key
+            .get_or_try_init(|| async {
+                let wrapped = srec.wrapped.as_ref().ok_or_else(|| Error::KeyDestroyed {
+                    tenant: tenant.to_owned(),
+                    scope: Scope::Subject,
+                    version: None,
+                })?;
+                let wv = tsnap.record.version(srec.wrap_version).ok_or_else(|| {
+                    Error::Internal(format!("subject key wrapped under missing version {}", srec.wrap_version))
+                })?;
+                let wentry = tentry.version(wv.version);
+                let wkey = self.version_key(tenant, &wentry, wv).await?;
+                unwrap_subject_key(wkey, tenant, subject, wv.version, wrapped)
+                    .map_err(|_| Error::Internal("stored subject key does not unwrap".into()))
+            })
+            .await?;
+        Ok(sentry.field_cipher(version.version, aad.field, || {
+            FieldCipher::for_subject(tkey, skey, tenant, subject, aad.field)
+        }))
+    }
+}
+
+fn active_version<'a>(tenant: &str, rec: &'a TenantRecord) -> Result<&'a KeyVersionRecord> {
+    if let Some(v) = rec.active() {
+        return Ok(v);
+    }
+    // No active version: report what the newest version is.
+    match rec.versions.last() {
+        Some(v) if v.state == KeyState::Suspended => Err(Error::KeySuspended {
+            tenant: tenant.to_owned(),
+            scope: Scope::Tenant,
+            version: Some(v.version),
+        }),
+        Some(v) => Err(Error::KeyDestroyed {
+            tenant: tenant.to_owned(),
+            scope: Scope::Tenant,
+            version: Some(v.version),
+        }),
+        None => Err(Error::Internal(format!("tenant {tenant} has no key versions"))),
+    }
+}
+
+fn usable_for_decrypt(tenant: &str, v: &KeyVersionRecord) -> Result<()> {
+    match v.state {
+        KeyState::Active | KeyState::DecryptOnly => Ok(()),
+        KeyState::Suspended => Err(Error::KeySuspended {
+            tenant: tenant.to_owned(),
+            scope: Scope::Tenant,
+            version: Some(v.version),
+        }),
+        KeyState::Destroyed => Err(Error::KeyDestroyed {
+            tenant: tenant.to_owned(),
+            scope: Scope::Tenant,
+            version: Some(v.version),
+        }),
+    }
+}
