@@ -40,7 +40,11 @@ pub struct CacheConfig {
 
 impl Default for CacheConfig {
     fn default() -> Self {
-        Self { key_ttl: Duration::from_secs(15 * 60), max_tenants: 10_000, max_subjects: 100_000 }
+        Self {
+            key_ttl: Duration::from_secs(15 * 60),
+            max_tenants: 10_000,
+            max_subjects: 100_000,
+        }
     }
 }
 
@@ -55,22 +59,36 @@ pub struct Snapshot<T> {
     pub failed_refresh: Option<Instant>,
 }
 
+/// Derived ciphers by field name.
+type FieldCiphers = HashMap<Box<str>, Arc<FieldCipher>>;
+
 /// Unwrapped key and derived ciphers of one tenant key version.
 #[derive(Default)]
 pub struct VersionEntry {
     /// The unwrapped tenant key version, filled by one KMS call.
     pub key: OnceCell<SecretKey>,
-    fields: RwLock<HashMap<Box<str>, Arc<FieldCipher>>>,
+    fields: RwLock<FieldCiphers>,
 }
 
 impl VersionEntry {
     /// The cached cipher for `field`, or one built by `make` and cached.
-    pub fn field_cipher(&self, field: &str, make: impl FnOnce() -> FieldCipher) -> Arc<FieldCipher> {
-        if let Some(c) = self.fields.read().unwrap_or_else(|p| p.into_inner()).get(field) {
+    pub fn field_cipher(
+        &self,
+        field: &str,
+        make: impl FnOnce() -> FieldCipher,
+    ) -> Arc<FieldCipher> {
+        if let Some(c) = self
+            .fields
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(field)
+        {
             return c.clone();
         }
         let mut w = self.fields.write().unwrap_or_else(|p| p.into_inner());
-        w.entry(field.into()).or_insert_with(|| Arc::new(make())).clone()
+        w.entry(field.into())
+            .or_insert_with(|| Arc::new(make()))
+            .clone()
     }
 }
 
@@ -87,7 +105,11 @@ impl TenantEntry {
     /// A new entry around freshly read metadata.
     pub fn new(record: TenantRecord) -> Self {
         Self {
-            meta: ArcSwap::from_pointee(Snapshot { record, fetched: Instant::now(), failed_refresh: None }),
+            meta: ArcSwap::from_pointee(Snapshot {
+                record,
+                fetched: Instant::now(),
+                failed_refresh: None,
+            }),
             refresh: Mutex::new(()),
             versions: RwLock::new(HashMap::new()),
         }
@@ -95,7 +117,12 @@ impl TenantEntry {
 
     /// The entry for one key version (created empty on first use).
     pub fn version(&self, version: u32) -> Arc<VersionEntry> {
-        if let Some(v) = self.versions.read().unwrap_or_else(|p| p.into_inner()).get(&version) {
+        if let Some(v) = self
+            .versions
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&version)
+        {
             return v.clone();
         }
         let mut w = self.versions.write().unwrap_or_else(|p| p.into_inner());
@@ -104,7 +131,10 @@ impl TenantEntry {
 
     /// Drops (and so zeroizes, once unused) the cached key of `version`.
     pub fn forget_version(&self, version: u32) {
-        self.versions.write().unwrap_or_else(|p| p.into_inner()).remove(&version);
+        self.versions
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&version);
     }
 }
 
@@ -116,14 +146,18 @@ pub struct SubjectEntry {
     pub refresh: Mutex<()>,
     /// The unwrapped subject key material.
     pub key: OnceCell<SecretKey>,
-    fields: RwLock<HashMap<u32, HashMap<Box<str>, Arc<FieldCipher>>>>,
+    fields: RwLock<HashMap<u32, FieldCiphers>>,
 }
 
 impl SubjectEntry {
     /// A new entry around a freshly read record.
     pub fn new(record: SubjectRecord) -> Self {
         Self {
-            meta: ArcSwap::from_pointee(Snapshot { record, fetched: Instant::now(), failed_refresh: None }),
+            meta: ArcSwap::from_pointee(Snapshot {
+                record,
+                fetched: Instant::now(),
+                failed_refresh: None,
+            }),
             refresh: Mutex::new(()),
             key: OnceCell::new(),
             fields: RwLock::new(HashMap::new()),
@@ -147,7 +181,11 @@ impl SubjectEntry {
             return c.clone();
         }
         let mut w = self.fields.write().unwrap_or_else(|p| p.into_inner());
-        w.entry(version).or_default().entry(field.into()).or_insert_with(|| Arc::new(make())).clone()
+        w.entry(version)
+            .or_default()
+            .entry(field.into())
+            .or_insert_with(|| Arc::new(make()))
+            .clone()
     }
 }
 
@@ -214,7 +252,9 @@ impl KeyCache {
             return Ok(e);
         }
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
-        self.tenants.try_get_with(tenant.to_owned(), async { load.await.map(Arc::new) }).await
+        self.tenants
+            .try_get_with(tenant.to_owned(), async { load.await.map(Arc::new) })
+            .await
     }
 
     /// The subject's entry, loading it with `load` on a miss (single-flight).
@@ -235,7 +275,9 @@ impl KeyCache {
         if let Some(e) = self.subjects.get(&key).await {
             return Ok(e);
         }
-        self.subjects.try_get_with(key, async { load.await.map(Arc::new) }).await
+        self.subjects
+            .try_get_with(key, async { load.await.map(Arc::new) })
+            .await
     }
 
     /// Drops a tenant's entry and all its subjects' entries (keys zeroized once unused).
@@ -244,8 +286,12 @@ impl KeyCache {
         let t = tenant.to_owned();
         // Subjects of the tenant: moka's invalidate_entries_if needs a closure-enabled
         // cache; a scan is fine here (administrative path, bounded cache).
-        let keys: Vec<_> =
-            self.subjects.iter().filter(|(k, _)| k.0 == t).map(|(k, _)| (*k).clone()).collect();
+        let keys: Vec<_> = self
+            .subjects
+            .iter()
+            .filter(|(k, _)| k.0 == t)
+            .map(|(k, _)| (*k).clone())
+            .collect();
         for k in keys {
             self.subjects.invalidate(&k).await;
         }
@@ -253,7 +299,9 @@ impl KeyCache {
 
     /// Drops one subject's entry.
     pub async fn invalidate_subject(&self, tenant: &str, subject: &str) {
-        self.subjects.invalidate(&(tenant.to_owned(), subject.to_owned())).await;
+        self.subjects
+            .invalidate(&(tenant.to_owned(), subject.to_owned()))
+            .await;
     }
 
     /// Number of cached tenants and subjects (approximate, for metrics).

@@ -31,7 +31,9 @@ pub enum Error {
         request: Scope,
     },
     /// Authentication failed: wrong tenant, subject, field or context, or altered bytes.
-    #[error("authentication failed: ciphertext does not match this tenant, subject, field and context, or was altered")]
+    #[error(
+        "authentication failed: ciphertext does not match this tenant, subject, field and context, or was altered"
+    )]
     AuthenticationFailed,
     /// The tenant does not exist.
     #[error("tenant {tenant} not found")]

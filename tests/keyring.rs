@@ -1,6 +1,11 @@
 //! Keyring behaviour over a real SQLite file (and PostgreSQL where replicas matter) and
 //! the real local KMS.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 mod common;
 
@@ -25,7 +30,12 @@ async fn fixture_with(cfg: KeyringConfig) -> Result<Fixture> {
     let store: Arc<dyn KeyStore> = Arc::new(SqlStore::open_sqlite(&db_path).await?);
     let kms = common::CountingKms::new(common::local_kms(&dir)?);
     let keyring = Keyring::new(store, kms.clone(), cfg);
-    Ok(Fixture { _dir: dir, db_path, kms, keyring })
+    Ok(Fixture {
+        _dir: dir,
+        db_path,
+        kms,
+        keyring,
+    })
 }
 
 async fn fixture() -> Result<Fixture> {
@@ -33,7 +43,12 @@ async fn fixture() -> Result<Fixture> {
 }
 
 fn aad<'a>(tenant: &'a str, subject: Option<&'a str>, field: &'a str, ctx: &'a [u8]) -> Aad<'a> {
-    Aad { tenant, subject, field, context: ctx }
+    Aad {
+        tenant,
+        subject,
+        field,
+        context: ctx,
+    }
 }
 
 #[tokio::test]
@@ -45,7 +60,10 @@ async fn tenant_scoped_round_trip_in_binary_and_text_form() -> Result<()> {
     let env = f.keyring.encrypt(&a, b"alice@example.com").await?;
     assert_eq!(&**f.keyring.decrypt(&a, &env).await?, b"alice@example.com");
     let text = to_text(&env);
-    assert_eq!(&**f.keyring.decrypt(&a, text.as_bytes()).await?, b"alice@example.com");
+    assert_eq!(
+        &**f.keyring.decrypt(&a, text.as_bytes()).await?,
+        b"alice@example.com"
+    );
     Ok(())
 }
 
@@ -55,8 +73,14 @@ async fn create_tenant_is_idempotent_and_validates_ids() -> Result<()> {
     let a = f.keyring.create_tenant("acme", None).await?;
     let b = f.keyring.create_tenant("acme", None).await?;
     assert_eq!(a, b);
-    assert!(matches!(f.keyring.create_tenant("bad id", None).await, Err(Error::InvalidArgument(_))));
-    assert!(matches!(f.keyring.tenant("ghost").await, Err(Error::TenantNotFound { .. })));
+    assert!(matches!(
+        f.keyring.create_tenant("bad id", None).await,
+        Err(Error::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        f.keyring.tenant("ghost").await,
+        Err(Error::TenantNotFound { .. })
+    ));
     Ok(())
 }
 
@@ -66,7 +90,9 @@ async fn concurrent_create_tenant_calls_store_one_key() -> Result<()> {
     let mut tasks = Vec::new();
     for _ in 0..16 {
         let f = f.clone();
-        tasks.push(tokio::spawn(async move { f.keyring.create_tenant("acme", None).await }));
+        tasks.push(tokio::spawn(async move {
+            f.keyring.create_tenant("acme", None).await
+        }));
     }
     let mut infos = Vec::new();
     for t in tasks {
@@ -78,13 +104,22 @@ async fn concurrent_create_tenant_calls_store_one_key() -> Result<()> {
 }
 
 #[tokio::test]
-async fn ciphertext_moved_to_another_tenant_subject_field_or_row_fails_authentication() -> Result<()> {
+async fn ciphertext_moved_to_another_tenant_subject_field_or_row_fails_authentication() -> Result<()>
+{
     let f = fixture().await?;
     f.keyring.create_tenant("acme", None).await?;
     f.keyring.create_tenant("evil", None).await?;
-    let tenant_env = f.keyring.encrypt(&aad("acme", None, "email", b"row:1"), b"x").await?;
-    let subj_env = f.keyring.encrypt(&aad("acme", Some("alice"), "email", b"row:1"), b"x").await?;
-    f.keyring.encrypt(&aad("acme", Some("bob"), "email", b""), b"bob exists").await?;
+    let tenant_env = f
+        .keyring
+        .encrypt(&aad("acme", None, "email", b"row:1"), b"x")
+        .await?;
+    let subj_env = f
+        .keyring
+        .encrypt(&aad("acme", Some("alice"), "email", b"row:1"), b"x")
+        .await?;
+    f.keyring
+        .encrypt(&aad("acme", Some("bob"), "email", b""), b"bob exists")
+        .await?;
     for (a, env) in [
         (aad("evil", None, "email", b"row:1"), &tenant_env),
         (aad("acme", None, "name", b"row:1"), &tenant_env),
@@ -94,11 +129,26 @@ async fn ciphertext_moved_to_another_tenant_subject_field_or_row_fails_authentic
         (aad("acme", Some("alice"), "email", b""), &subj_env),
     ] {
         let r = f.keyring.decrypt(&a, env).await;
-        assert!(matches!(r, Err(Error::AuthenticationFailed)), "{a:?}: {r:?}");
+        assert!(
+            matches!(r, Err(Error::AuthenticationFailed)),
+            "{a:?}: {r:?}"
+        );
     }
     // scope must match
-    let r = f.keyring.decrypt(&aad("acme", None, "email", b"row:1"), &subj_env).await;
-    assert!(matches!(r, Err(Error::ScopeMismatch { envelope: Scope::Subject, .. })), "{r:?}");
+    let r = f
+        .keyring
+        .decrypt(&aad("acme", None, "email", b"row:1"), &subj_env)
+        .await;
+    assert!(
+        matches!(
+            r,
+            Err(Error::ScopeMismatch {
+                envelope: Scope::Subject,
+                ..
+            })
+        ),
+        "{r:?}"
+    );
     Ok(())
 }
 
@@ -115,7 +165,11 @@ async fn rotation_moves_new_writes_and_keeps_old_versions_decryptable() -> Resul
     assert_eq!(info.versions[0].state, KeyState::DecryptOnly);
     let new = f.keyring.encrypt(&a, b"new").await?;
     let new_s = f.keyring.encrypt(&s, b"new-s").await?;
-    assert_eq!(fieldkey::crypto::Envelope::parse(&new)?.key_version(), 2, "new writes use v2 at once");
+    assert_eq!(
+        fieldkey::crypto::Envelope::parse(&new)?.key_version(),
+        2,
+        "new writes use v2 at once"
+    );
     assert_eq!(fieldkey::crypto::Envelope::parse(&new_s)?.key_version(), 2);
     assert_eq!(&**f.keyring.decrypt(&a, &old).await?, b"old");
     assert_eq!(&**f.keyring.decrypt(&a, &new).await?, b"new");
@@ -132,7 +186,10 @@ async fn unknown_key_version_is_reported_as_such() -> Result<()> {
     let mut env = f.keyring.encrypt(&a, b"x").await?;
     env[5..9].copy_from_slice(&77u32.to_be_bytes());
     let r = f.keyring.decrypt(&a, &env).await;
-    assert!(matches!(r, Err(Error::UnknownKeyVersion { version: 77, .. })), "{r:?}");
+    assert!(
+        matches!(r, Err(Error::UnknownKeyVersion { version: 77, .. })),
+        "{r:?}"
+    );
     Ok(())
 }
 
@@ -143,16 +200,32 @@ async fn destroyed_version_gives_key_destroyed_and_refuses_new_writes() -> Resul
     let a = aad("acme", None, "email", b"");
     let env = f.keyring.encrypt(&a, b"x").await?;
     assert!(f.keyring.destroy_key_version("acme", 1).await?);
-    assert!(!f.keyring.destroy_key_version("acme", 1).await?, "idempotent");
+    assert!(
+        !f.keyring.destroy_key_version("acme", 1).await?,
+        "idempotent"
+    );
     let r = f.keyring.decrypt(&a, &env).await;
-    assert!(matches!(r, Err(Error::KeyDestroyed { scope: Scope::Tenant, version: Some(1), .. })), "{r:?}");
+    assert!(
+        matches!(
+            r,
+            Err(Error::KeyDestroyed {
+                scope: Scope::Tenant,
+                version: Some(1),
+                ..
+            })
+        ),
+        "{r:?}"
+    );
     let r = f.keyring.encrypt(&a, b"y").await;
     assert!(matches!(r, Err(Error::KeyDestroyed { .. })), "{r:?}");
     // a rotation gives the tenant a usable key again; the old data stays shredded
     f.keyring.rotate_tenant("acme").await?;
     let env2 = f.keyring.encrypt(&a, b"y").await?;
     assert_eq!(&**f.keyring.decrypt(&a, &env2).await?, b"y");
-    assert!(matches!(f.keyring.decrypt(&a, &env).await, Err(Error::KeyDestroyed { .. })));
+    assert!(matches!(
+        f.keyring.decrypt(&a, &env).await,
+        Err(Error::KeyDestroyed { .. })
+    ));
     Ok(())
 }
 
@@ -165,12 +238,28 @@ async fn suspended_tenant_refuses_both_directions_until_resumed() -> Result<()> 
     let env = f.keyring.encrypt(&a, b"x").await?;
     let info = f.keyring.suspend_tenant("acme").await?;
     assert!(info.versions.iter().all(|v| v.state == KeyState::Suspended));
-    assert!(matches!(f.keyring.decrypt(&a, &env).await, Err(Error::KeySuspended { scope: Scope::Tenant, .. })));
-    assert!(matches!(f.keyring.encrypt(&a, b"y").await, Err(Error::KeySuspended { .. })));
-    assert!(matches!(f.keyring.rotate_tenant("acme").await, Err(Error::KeySuspended { .. })));
+    assert!(matches!(
+        f.keyring.decrypt(&a, &env).await,
+        Err(Error::KeySuspended {
+            scope: Scope::Tenant,
+            ..
+        })
+    ));
+    assert!(matches!(
+        f.keyring.encrypt(&a, b"y").await,
+        Err(Error::KeySuspended { .. })
+    ));
+    assert!(matches!(
+        f.keyring.rotate_tenant("acme").await,
+        Err(Error::KeySuspended { .. })
+    ));
     let info = f.keyring.resume_tenant("acme").await?;
     let states: Vec<_> = info.versions.iter().map(|v| v.state).collect();
-    assert_eq!(states, vec![KeyState::DecryptOnly, KeyState::Active], "previous states restored");
+    assert_eq!(
+        states,
+        vec![KeyState::DecryptOnly, KeyState::Active],
+        "previous states restored"
+    );
     assert_eq!(&**f.keyring.decrypt(&a, &env).await?, b"x");
     Ok(())
 }
@@ -183,13 +272,29 @@ async fn subject_suspend_resume_and_shred() -> Result<()> {
     let bob = aad("acme", Some("bob"), "email", b"");
     let ea = f.keyring.encrypt(&alice, b"alice@x").await?;
     let eb = f.keyring.encrypt(&bob, b"bob@x").await?;
-    assert_eq!(f.keyring.subject("acme", "alice").await?.state, KeyState::Active);
+    assert_eq!(
+        f.keyring.subject("acme", "alice").await?.state,
+        KeyState::Active
+    );
 
     f.keyring.suspend_subject("acme", "alice").await?;
     f.keyring.suspend_subject("acme", "alice").await?; // idempotent
-    assert!(matches!(f.keyring.decrypt(&alice, &ea).await, Err(Error::KeySuspended { scope: Scope::Subject, .. })));
-    assert!(matches!(f.keyring.encrypt(&alice, b"z").await, Err(Error::KeySuspended { .. })));
-    assert_eq!(&**f.keyring.decrypt(&bob, &eb).await?, b"bob@x", "others unaffected");
+    assert!(matches!(
+        f.keyring.decrypt(&alice, &ea).await,
+        Err(Error::KeySuspended {
+            scope: Scope::Subject,
+            ..
+        })
+    ));
+    assert!(matches!(
+        f.keyring.encrypt(&alice, b"z").await,
+        Err(Error::KeySuspended { .. })
+    ));
+    assert_eq!(
+        &**f.keyring.decrypt(&bob, &eb).await?,
+        b"bob@x",
+        "others unaffected"
+    );
     f.keyring.resume_subject("acme", "alice").await?;
     assert_eq!(&**f.keyring.decrypt(&alice, &ea).await?, b"alice@x");
 
@@ -197,16 +302,28 @@ async fn subject_suspend_resume_and_shred() -> Result<()> {
     assert!(!f.keyring.destroy_subject("acme", "alice").await?);
     assert!(matches!(
         f.keyring.decrypt(&alice, &ea).await,
-        Err(Error::KeyDestroyed { scope: Scope::Subject, .. })
+        Err(Error::KeyDestroyed {
+            scope: Scope::Subject,
+            ..
+        })
     ));
-    assert!(matches!(f.keyring.encrypt(&alice, b"again").await, Err(Error::KeyDestroyed { .. })),
-        "a shredded subject is not silently given a new key");
-    assert!(matches!(f.keyring.resume_subject("acme", "alice").await, Err(Error::KeyDestroyed { .. })));
+    assert!(
+        matches!(
+            f.keyring.encrypt(&alice, b"again").await,
+            Err(Error::KeyDestroyed { .. })
+        ),
+        "a shredded subject is not silently given a new key"
+    );
+    assert!(matches!(
+        f.keyring.resume_subject("acme", "alice").await,
+        Err(Error::KeyDestroyed { .. })
+    ));
     assert_eq!(&**f.keyring.decrypt(&bob, &eb).await?, b"bob@x");
 
     // the wrapped material is gone from the database itself
     use sqlx::{Connection, Row};
-    let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", f.db_path.display())).await?;
+    let mut conn =
+        sqlx::SqliteConnection::connect(&format!("sqlite://{}", f.db_path.display())).await?;
     let row = sqlx::query("SELECT state, wrapped FROM fk_subjects WHERE subject_id = 'alice'")
         .fetch_one(&mut conn)
         .await?;
@@ -219,16 +336,26 @@ async fn subject_suspend_resume_and_shred() -> Result<()> {
 async fn decrypt_for_unknown_subject_or_tenant_is_not_found() -> Result<()> {
     let f = fixture().await?;
     f.keyring.create_tenant("acme", None).await?;
-    let env = f.keyring.encrypt(&aad("acme", Some("alice"), "f", b""), b"x").await?;
+    let env = f
+        .keyring
+        .encrypt(&aad("acme", Some("alice"), "f", b""), b"x")
+        .await?;
     assert!(matches!(
-        f.keyring.decrypt(&aad("acme", Some("carol"), "f", b""), &env).await,
+        f.keyring
+            .decrypt(&aad("acme", Some("carol"), "f", b""), &env)
+            .await,
         Err(Error::SubjectNotFound { .. })
     ));
     assert!(matches!(
-        f.keyring.decrypt(&aad("ghost", Some("alice"), "f", b""), &env).await,
+        f.keyring
+            .decrypt(&aad("ghost", Some("alice"), "f", b""), &env)
+            .await,
         Err(Error::TenantNotFound { .. })
     ));
-    assert!(matches!(f.keyring.encrypt(&aad("ghost", None, "f", b""), b"x").await, Err(Error::TenantNotFound { .. })));
+    assert!(matches!(
+        f.keyring.encrypt(&aad("ghost", None, "f", b""), b"x").await,
+        Err(Error::TenantNotFound { .. })
+    ));
     Ok(())
 }
 
@@ -247,12 +374,18 @@ async fn concurrent_cache_misses_make_exactly_one_kms_call() -> Result<()> {
     let mut tasks = Vec::new();
     for _ in 0..64 {
         let (k, e) = (cold.clone(), env.clone());
-        tasks.push(tokio::spawn(async move { k.decrypt(&aad("acme", None, "email", b""), &e).await }));
+        tasks.push(tokio::spawn(async move {
+            k.decrypt(&aad("acme", None, "email", b""), &e).await
+        }));
     }
     for t in tasks {
         assert_eq!(&**t.await??, b"x");
     }
-    assert_eq!(f.kms.unwrap_calls() - before, 1, "64 concurrent misses, one KMS unwrap");
+    assert_eq!(
+        f.kms.unwrap_calls() - before,
+        1,
+        "64 concurrent misses, one KMS unwrap"
+    );
     Ok(())
 }
 
@@ -261,7 +394,10 @@ async fn state_changes_on_another_replica_are_enforced_within_revalidate_after()
     let db = common::PgDb::create().await?;
     let dir = tempfile::tempdir()?;
     let kms = common::local_kms(&dir)?;
-    let cfg = KeyringConfig { revalidate_after: Duration::from_millis(200), ..Default::default() };
+    let cfg = KeyringConfig {
+        revalidate_after: Duration::from_millis(200),
+        ..Default::default()
+    };
     let a_store: Arc<dyn KeyStore> = Arc::new(SqlStore::connect_postgres(&db.dsn).await?);
     let b_store: Arc<dyn KeyStore> = Arc::new(SqlStore::connect_postgres(&db.dsn).await?);
     let a = Keyring::new(a_store, kms.clone(), cfg.clone());
@@ -275,11 +411,20 @@ async fn state_changes_on_another_replica_are_enforced_within_revalidate_after()
     loop {
         match b.decrypt(&s, &env).await {
             Err(Error::KeyDestroyed { .. }) => break,
-            Ok(_) if start.elapsed() < Duration::from_secs(2) => tokio::time::sleep(Duration::from_millis(10)).await,
-            other => panic!("replica b still decrypts after {:?}: {other:?}", start.elapsed()),
+            Ok(_) if start.elapsed() < Duration::from_secs(2) => {
+                tokio::time::sleep(Duration::from_millis(10)).await
+            }
+            other => panic!(
+                "replica b still decrypts after {:?}: {other:?}",
+                start.elapsed()
+            ),
         }
     }
-    assert!(start.elapsed() <= Duration::from_millis(400), "took {:?}", start.elapsed());
+    assert!(
+        start.elapsed() <= Duration::from_millis(400),
+        "took {:?}",
+        start.elapsed()
+    );
     db.drop_db().await
 }
 
@@ -288,23 +433,44 @@ async fn cached_keys_keep_serving_through_a_key_store_outage() -> Result<()> {
     let db = common::PgDb::create().await?;
     let upstream = common::socket_addr_of(&db.dsn)?;
     let proxy = common::TcpProxy::start(upstream).await?;
-    let dsn_via_proxy = db.dsn.replace(&format!("{}", upstream.port()), &proxy.port.to_string());
+    let dsn_via_proxy = db
+        .dsn
+        .replace(&format!("{}", upstream.port()), &proxy.port.to_string());
     let dir = tempfile::tempdir()?;
-    let cfg = KeyringConfig { revalidate_after: Duration::from_millis(50), ..Default::default() };
+    let cfg = KeyringConfig {
+        revalidate_after: Duration::from_millis(50),
+        ..Default::default()
+    };
     let store: Arc<dyn KeyStore> = Arc::new(SqlStore::connect_postgres(&dsn_via_proxy).await?);
     let k = Keyring::new(store.clone(), common::local_kms(&dir)?, cfg);
     k.create_tenant("acme", None).await?;
     let a = aad("acme", None, "email", b"");
     let env = k.encrypt(&a, b"x").await?;
     proxy.stop().await;
-    assert!(matches!(store.ping().await, Err(fieldkey::store::StoreError::Unavailable(_))), "store is down");
+    assert!(
+        matches!(
+            store.ping().await,
+            Err(fieldkey::store::StoreError::Unavailable(_))
+        ),
+        "store is down"
+    );
     tokio::time::sleep(Duration::from_millis(100)).await; // metadata is now past revalidate_after
-    assert_eq!(&**k.decrypt(&a, &env).await?, b"x", "cached tenant keeps decrypting");
+    assert_eq!(
+        &**k.decrypt(&a, &env).await?,
+        b"x",
+        "cached tenant keeps decrypting"
+    );
     let env2 = k.encrypt(&a, b"y").await?;
     assert_eq!(&**k.decrypt(&a, &env2).await?, b"y", "and encrypting");
     // an uncached tenant cannot be served
     let r = k.encrypt(&aad("other", None, "email", b""), b"z").await;
-    assert!(matches!(r, Err(Error::Store(fieldkey::store::StoreError::Unavailable(_)))), "{r:?}");
+    assert!(
+        matches!(
+            r,
+            Err(Error::Store(fieldkey::store::StoreError::Unavailable(_)))
+        ),
+        "{r:?}"
+    );
     db.drop_db().await
 }
 
@@ -312,7 +478,9 @@ async fn cached_keys_keep_serving_through_a_key_store_outage() -> Result<()> {
 /// started by it.
 #[tokio::test]
 async fn child_process_create_tenant() -> Result<()> {
-    let Ok(target) = std::env::var("FIELDKEY_CHILD_STORE") else { return Ok(()) };
+    let Ok(target) = std::env::var("FIELDKEY_CHILD_STORE") else {
+        return Ok(());
+    };
     let start_at: u64 = std::env::var("FIELDKEY_CHILD_START_AT")?.parse()?;
     let kms_path = std::env::var("FIELDKEY_CHILD_KMS")?;
     let store: Arc<dyn KeyStore> = if target.starts_with("postgres") {
@@ -325,7 +493,9 @@ async fn child_process_create_tenant() -> Result<()> {
         &secrecy::SecretString::from("test passphrase 123".to_owned()),
     )?);
     let k = Keyring::new(store, kms, KeyringConfig::default());
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as u64;
     tokio::time::sleep(Duration::from_millis(start_at.saturating_sub(now))).await;
     let info = k.create_tenant("shared", None).await?;
     println!("FINGERPRINT={}", info.versions[0].fingerprint);
@@ -339,10 +509,18 @@ async fn two_processes_creating_one_tenant_store_one_key() -> Result<()> {
     let db = common::PgDb::create().await?;
     let sqlite_path = dir.path().join("shared.db");
     for target in [sqlite_path.display().to_string(), db.dsn.clone()] {
-        let start_at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64 + 1500;
+        let start_at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis() as u64
+            + 1500;
         let spawn = || {
             std::process::Command::new(std::env::current_exe()?)
-                .args(["--exact", "child_process_create_tenant", "--nocapture", "--test-threads=1"])
+                .args([
+                    "--exact",
+                    "child_process_create_tenant",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
                 .env("FIELDKEY_CHILD_STORE", &target)
                 .env("FIELDKEY_CHILD_START_AT", start_at.to_string())
                 .env("FIELDKEY_CHILD_KMS", dir.path().join("local-kms.json"))
@@ -355,8 +533,16 @@ async fn two_processes_creating_one_tenant_store_one_key() -> Result<()> {
         let mut fps = Vec::new();
         for o in &outs {
             let stdout = String::from_utf8_lossy(&o.stdout);
-            assert!(o.status.success(), "child failed: {stdout}\n{}", String::from_utf8_lossy(&o.stderr));
-            let fp = stdout.lines().find_map(|l| l.split("FINGERPRINT=").nth(1)).and_then(|r| r.split_whitespace().next()).unwrap_or_else(|| panic!("no fingerprint line in: {stdout}"));
+            assert!(
+                o.status.success(),
+                "child failed: {stdout}\n{}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            let fp = stdout
+                .lines()
+                .find_map(|l| l.split("FINGERPRINT=").nth(1))
+                .and_then(|r| r.split_whitespace().next())
+                .unwrap_or_else(|| panic!("no fingerprint line in: {stdout}"));
             fps.push(fp.to_owned());
         }
         assert_eq!(fps[0], fps[1], "{target}: both processes see the same key");
@@ -376,10 +562,15 @@ async fn error_messages_never_contain_plaintext_or_subject_ids() -> Result<()> {
     f.keyring.create_tenant("acme", None).await?;
     let a = aad("acme", Some("jane.doe@example.com"), "email", b"");
     let env = f.keyring.encrypt(&a, b"TOP-SECRET-PLAINTEXT").await?;
-    f.keyring.suspend_subject("acme", "jane.doe@example.com").await?;
+    f.keyring
+        .suspend_subject("acme", "jane.doe@example.com")
+        .await?;
     let errs = vec![
         f.keyring.decrypt(&a, &env).await.unwrap_err(),
-        f.keyring.decrypt(&aad("acme", Some("other"), "email", b""), &env).await.unwrap_err(),
+        f.keyring
+            .decrypt(&aad("acme", Some("other"), "email", b""), &env)
+            .await
+            .unwrap_err(),
         f.keyring.decrypt(&a, b"garbage").await.unwrap_err(),
     ];
     for e in errs {

@@ -1,7 +1,12 @@
 //! The AWS KMS backend against moto_server (started by scripts/test.sh), with a
 //! fault-injecting HTTP proxy in front of it for the failures moto cannot produce
 //! (disabled key, pending deletion, access denied, throttling, slow and dead endpoints).
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 mod common;
 
@@ -42,7 +47,12 @@ fn config(endpoint: &str, key_id: &str) -> AwsKmsConfig {
 /// A fresh symmetric key in moto.
 async fn moto_key() -> Result<String> {
     let kms = AwsKms::new(config(&common::moto_url(), "unused")).await?;
-    let out = kms.client().create_key().description("fieldkey test").send().await?;
+    let out = kms
+        .client()
+        .create_key()
+        .description("fieldkey test")
+        .send()
+        .await?;
     Ok(out.key_metadata().unwrap().key_id().to_owned())
 }
 
@@ -53,10 +63,18 @@ async fn generate_and_unwrap_round_trip_with_encryption_context() -> Result<()> 
     kms.check().await?;
     let ctx = EncryptionContext::tenant_key("acme", 1);
     let dk = kms.generate_data_key(&key_id, &ctx).await?;
-    assert!(kms.unwrap(&key_id, &dk.wrapped, &ctx).await?.ct_eq(&dk.secret));
+    assert!(
+        kms.unwrap(&key_id, &dk.wrapped, &ctx)
+            .await?
+            .ct_eq(&dk.secret)
+    );
     // wrap of an existing key (KEK rotation) round-trips too
     let rewrapped = kms.wrap(&key_id, &dk.secret, &ctx).await?;
-    assert!(kms.unwrap(&key_id, &rewrapped, &ctx).await?.ct_eq(&dk.secret));
+    assert!(
+        kms.unwrap(&key_id, &rewrapped, &ctx)
+            .await?
+            .ct_eq(&dk.secret)
+    );
     Ok(())
 }
 
@@ -64,8 +82,13 @@ async fn generate_and_unwrap_round_trip_with_encryption_context() -> Result<()> 
 async fn wrong_encryption_context_fails_to_unwrap() -> Result<()> {
     let key_id = moto_key().await?;
     let kms = AwsKms::new(config(&common::moto_url(), &key_id)).await?;
-    let dk = kms.generate_data_key(&key_id, &EncryptionContext::tenant_key("acme", 1)).await?;
-    for wrong in [EncryptionContext::tenant_key("acme", 2), EncryptionContext::tenant_key("evil", 1)] {
+    let dk = kms
+        .generate_data_key(&key_id, &EncryptionContext::tenant_key("acme", 1))
+        .await?;
+    for wrong in [
+        EncryptionContext::tenant_key("acme", 2),
+        EncryptionContext::tenant_key("evil", 1),
+    ] {
         let r = kms.unwrap(&key_id, &dk.wrapped, &wrong).await;
         assert!(matches!(r, Err(KmsError::InvalidCiphertext)), "{r:?}");
     }
@@ -80,13 +103,24 @@ async fn keyring_over_aws_kms_with_bring_your_own_key_per_tenant() -> Result<()>
     let store: Arc<dyn KeyStore> = Arc::new(SqlStore::open_sqlite(&dir.path().join("k.db")).await?);
     let kms = Arc::new(AwsKms::new(config(&common::moto_url(), &default_key)).await?);
     let k = Keyring::new(store, kms, KeyringConfig::default());
-    assert_eq!(k.create_tenant("plain", None).await?.kms_key_id, default_key);
+    assert_eq!(
+        k.create_tenant("plain", None).await?.kms_key_id,
+        default_key
+    );
     let info = k.create_tenant("byok", Some(&byok)).await?;
     assert_eq!(info.kms_key_id, byok);
     assert_eq!(info.versions[0].kms_key_id, byok);
     let rotated = k.rotate_tenant("byok").await?;
-    assert_eq!(rotated.versions[1].kms_key_id, byok, "rotation stays on the tenant's own key");
-    let a = Aad { tenant: "byok", subject: Some("u1"), field: "email", context: b"" };
+    assert_eq!(
+        rotated.versions[1].kms_key_id, byok,
+        "rotation stays on the tenant's own key"
+    );
+    let a = Aad {
+        tenant: "byok",
+        subject: Some("u1"),
+        field: "email",
+        context: b"",
+    };
     let env = k.encrypt(&a, b"hello").await?;
     assert_eq!(&**k.decrypt(&a, &env).await?, b"hello");
     Ok(())
@@ -118,16 +152,24 @@ impl Drop for FaultProxy {
     }
 }
 
-async fn forward(req: Request<Incoming>, upstream: std::net::SocketAddr) -> Result<Response<Full<Bytes>>> {
+async fn forward(
+    req: Request<Incoming>,
+    upstream: std::net::SocketAddr,
+) -> Result<Response<Full<Bytes>>> {
     let (parts, body) = req.into_parts();
     let body = body.collect().await?.to_bytes();
     let stream = tokio::net::TcpStream::connect(upstream).await?;
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
     tokio::spawn(conn);
-    let resp = sender.send_request(Request::from_parts(parts, Full::new(body))).await?;
+    let resp = sender
+        .send_request(Request::from_parts(parts, Full::new(body)))
+        .await?;
     let (parts, body) = resp.into_parts();
-    Ok(Response::from_parts(parts, Full::new(body.collect().await?.to_bytes())))
+    Ok(Response::from_parts(
+        parts,
+        Full::new(body.collect().await?.to_bytes()),
+    ))
 }
 
 fn aws_error(code: &str) -> Response<Full<Bytes>> {
@@ -148,7 +190,9 @@ async fn fault_proxy(fault: Fault) -> Result<FaultProxy> {
     let counter = requests.clone();
     let task = tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             let counter = counter.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
@@ -157,7 +201,9 @@ async fn fault_proxy(fault: Fault) -> Result<FaultProxy> {
                         let resp = match fault {
                             Fault::Pass => forward(req, upstream).await,
                             Fault::Error(code) => Ok(aws_error(code)),
-                            Fault::ThrottleFirst(k) if n < k => Ok(aws_error("ThrottlingException")),
+                            Fault::ThrottleFirst(k) if n < k => {
+                                Ok(aws_error("ThrottlingException"))
+                            }
                             Fault::ThrottleFirst(_) => forward(req, upstream).await,
                             Fault::Delay(d) => {
                                 tokio::time::sleep(d).await;
@@ -165,7 +211,10 @@ async fn fault_proxy(fault: Fault) -> Result<FaultProxy> {
                             }
                         };
                         Ok::<_, Infallible>(resp.unwrap_or_else(|_| {
-                            Response::builder().status(502).body(Full::new(Bytes::new())).unwrap()
+                            Response::builder()
+                                .status(502)
+                                .body(Full::new(Bytes::new()))
+                                .unwrap()
                         }))
                     }
                 });
@@ -175,7 +224,11 @@ async fn fault_proxy(fault: Fault) -> Result<FaultProxy> {
             });
         }
     });
-    Ok(FaultProxy { url, requests, task })
+    Ok(FaultProxy {
+        url,
+        requests,
+        task,
+    })
 }
 
 async fn kms_through(fault: Fault) -> Result<(AwsKms, String, FaultProxy)> {
@@ -190,7 +243,11 @@ async fn the_proxy_passes_real_traffic_through() -> Result<()> {
     let (kms, key_id, proxy) = kms_through(Fault::Pass).await?;
     let ctx = EncryptionContext::tenant_key("t", 1);
     let dk = kms.generate_data_key(&key_id, &ctx).await?;
-    assert!(kms.unwrap(&key_id, &dk.wrapped, &ctx).await?.ct_eq(&dk.secret));
+    assert!(
+        kms.unwrap(&key_id, &dk.wrapped, &ctx)
+            .await?
+            .ct_eq(&dk.secret)
+    );
     assert_eq!(proxy.requests.load(Ordering::SeqCst), 2);
     Ok(())
 }
@@ -199,12 +256,25 @@ async fn the_proxy_passes_real_traffic_through() -> Result<()> {
 async fn each_kms_fault_becomes_its_own_error() -> Result<()> {
     let ctx = EncryptionContext::tenant_key("t", 1);
     for (code, check) in [
-        ("DisabledException", (|e: &KmsError| matches!(e, KmsError::KeyDisabled { .. })) as fn(&KmsError) -> bool),
-        ("KMSInvalidStateException", |e| matches!(e, KmsError::KeyInvalidState { .. })),
-        ("AccessDeniedException", |e| matches!(e, KmsError::AccessDenied { .. })),
-        ("NotFoundException", |e| matches!(e, KmsError::KeyNotFound { .. })),
-        ("InvalidCiphertextException", |e| matches!(e, KmsError::InvalidCiphertext)),
-        ("KMSInternalException", |e| matches!(e, KmsError::Unavailable(_))),
+        (
+            "DisabledException",
+            (|e: &KmsError| matches!(e, KmsError::KeyDisabled { .. })) as fn(&KmsError) -> bool,
+        ),
+        ("KMSInvalidStateException", |e| {
+            matches!(e, KmsError::KeyInvalidState { .. })
+        }),
+        ("AccessDeniedException", |e| {
+            matches!(e, KmsError::AccessDenied { .. })
+        }),
+        ("NotFoundException", |e| {
+            matches!(e, KmsError::KeyNotFound { .. })
+        }),
+        ("InvalidCiphertextException", |e| {
+            matches!(e, KmsError::InvalidCiphertext)
+        }),
+        ("KMSInternalException", |e| {
+            matches!(e, KmsError::Unavailable(_))
+        }),
     ] {
         let (kms, key_id, _proxy) = kms_through(Fault::Error(code)).await?;
         let err = kms.generate_data_key(&key_id, &ctx).await.unwrap_err();
@@ -218,16 +288,26 @@ async fn each_kms_fault_becomes_its_own_error() -> Result<()> {
 async fn throttling_is_retried_with_backoff_then_succeeds() -> Result<()> {
     let (kms, key_id, proxy) = kms_through(Fault::ThrottleFirst(2)).await?;
     let started = std::time::Instant::now();
-    kms.generate_data_key(&key_id, &EncryptionContext::tenant_key("t", 1)).await?;
-    assert_eq!(proxy.requests.load(Ordering::SeqCst), 3, "two throttled attempts, then success");
-    assert!(started.elapsed() >= Duration::from_millis(10), "backed off between attempts");
+    kms.generate_data_key(&key_id, &EncryptionContext::tenant_key("t", 1))
+        .await?;
+    assert_eq!(
+        proxy.requests.load(Ordering::SeqCst),
+        3,
+        "two throttled attempts, then success"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(10),
+        "backed off between attempts"
+    );
     Ok(())
 }
 
 #[tokio::test]
 async fn persistent_throttling_gives_throttled_after_max_attempts() -> Result<()> {
     let (kms, key_id, proxy) = kms_through(Fault::ThrottleFirst(usize::MAX)).await?;
-    let r = kms.generate_data_key(&key_id, &EncryptionContext::tenant_key("t", 1)).await;
+    let r = kms
+        .generate_data_key(&key_id, &EncryptionContext::tenant_key("t", 1))
+        .await;
     assert!(matches!(r, Err(KmsError::Throttled)), "{r:?}");
     assert_eq!(proxy.requests.load(Ordering::SeqCst), 3, "max_attempts = 3");
     Ok(())
@@ -237,18 +317,29 @@ async fn persistent_throttling_gives_throttled_after_max_attempts() -> Result<()
 async fn slow_endpoint_past_the_deadline_times_out() -> Result<()> {
     let (kms, key_id, _proxy) = kms_through(Fault::Delay(Duration::from_secs(10))).await?;
     let started = std::time::Instant::now();
-    let r = kms.generate_data_key(&key_id, &EncryptionContext::tenant_key("t", 1)).await;
+    let r = kms
+        .generate_data_key(&key_id, &EncryptionContext::tenant_key("t", 1))
+        .await;
     assert!(matches!(r, Err(KmsError::Timeout)), "{r:?}");
-    assert!(started.elapsed() < Duration::from_secs(5), "deadline honoured: {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "deadline honoured: {:?}",
+        started.elapsed()
+    );
     Ok(())
 }
 
 #[tokio::test]
 async fn dead_endpoint_is_unavailable() -> Result<()> {
     // bind then drop a listener: nothing listens on that port any more
-    let port = tokio::net::TcpListener::bind("127.0.0.1:0").await?.local_addr()?.port();
+    let port = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await?
+        .local_addr()?
+        .port();
     let kms = AwsKms::new(config(&format!("http://127.0.0.1:{port}"), "k")).await?;
-    let r = kms.generate_data_key("k", &EncryptionContext::tenant_key("t", 1)).await;
+    let r = kms
+        .generate_data_key("k", &EncryptionContext::tenant_key("t", 1))
+        .await;
     assert!(matches!(r, Err(KmsError::Unavailable(_))), "{r:?}");
     Ok(())
 }
@@ -257,20 +348,39 @@ async fn dead_endpoint_is_unavailable() -> Result<()> {
 async fn cached_keys_keep_serving_while_the_kms_is_down() -> Result<()> {
     let key_id = moto_key().await?;
     let proxy = common::TcpProxy::start(common::socket_addr_of(&common::moto_url())?).await?;
-    let kms = Arc::new(AwsKms::new(config(&format!("http://127.0.0.1:{}", proxy.port), &key_id)).await?);
+    let kms =
+        Arc::new(AwsKms::new(config(&format!("http://127.0.0.1:{}", proxy.port), &key_id)).await?);
     let dir = tempfile::tempdir()?;
     let store: Arc<dyn KeyStore> = Arc::new(SqlStore::open_sqlite(&dir.path().join("k.db")).await?);
     let k = Keyring::new(store, kms, KeyringConfig::default());
     k.create_tenant("acme", None).await?;
     k.create_tenant("cold", None).await?;
-    let a = Aad { tenant: "acme", subject: Some("u1"), field: "email", context: b"" };
+    let a = Aad {
+        tenant: "acme",
+        subject: Some("u1"),
+        field: "email",
+        context: b"",
+    };
     let env = k.encrypt(&a, b"before outage").await?;
     proxy.stop().await; // the KMS endpoint is gone
     assert_eq!(&**k.decrypt(&a, &env).await?, b"before outage");
     let env2 = k.encrypt(&a, b"during outage").await?;
     assert_eq!(&**k.decrypt(&a, &env2).await?, b"during outage");
     // a tenant whose key is not cached cannot be served, with a clear KMS error
-    let r = k.encrypt(&Aad { tenant: "cold", subject: None, field: "f", context: b"" }, b"x").await;
-    assert!(matches!(r, Err(Error::Kms(KmsError::Unavailable(_)))), "{r:?}");
+    let r = k
+        .encrypt(
+            &Aad {
+                tenant: "cold",
+                subject: None,
+                field: "f",
+                context: b"",
+            },
+            b"x",
+        )
+        .await;
+    assert!(
+        matches!(r, Err(Error::Kms(KmsError::Unavailable(_)))),
+        "{r:?}"
+    );
     Ok(())
 }

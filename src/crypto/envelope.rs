@@ -125,12 +125,13 @@ impl Aad<'_> {
 
     /// The full GCM associated data: header || lp16(tenant) || lp16(subject) ||
     /// lp16(field) || lp32(context).
-    fn encode(&self, header: &[u8]) -> Vec<u8> {
+    pub(crate) fn encode(&self, header: &[u8]) -> Vec<u8> {
         let t = self.tenant.as_bytes();
         let s = self.subject.unwrap_or("").as_bytes();
         let f = self.field.as_bytes();
-        let mut ad =
-            Vec::with_capacity(header.len() + 10 + t.len() + s.len() + f.len() + self.context.len());
+        let mut ad = Vec::with_capacity(
+            header.len() + 10 + t.len() + s.len() + f.len() + self.context.len(),
+        );
         ad.extend_from_slice(header);
         ad.extend_from_slice(&len16(t));
         ad.extend_from_slice(t);
@@ -157,7 +158,9 @@ impl FieldCipher {
     /// Derives the cipher for `field` of `tenant` under one tenant key version.
     pub fn for_tenant(tenant_key: &SecretKey, tenant: &str, field: &str) -> Self {
         let k = derive_field_key_bytes(tenant_key, None, tenant, field);
-        Self { aead: Xaes256Gcm::new(&(*k).into()) }
+        Self {
+            aead: Xaes256Gcm::new(&(*k).into()),
+        }
     }
 
     /// Derives the cipher for `field` of `subject` in `tenant` under one tenant key
@@ -170,13 +173,9 @@ impl FieldCipher {
         field: &str,
     ) -> Self {
         let k = derive_field_key_bytes(tenant_key, Some((subject, subject_key)), tenant, field);
-        Self { aead: Xaes256Gcm::new(&(*k).into()) }
-    }
-
-    /// Builds a cipher straight from field-key bytes (test vectors only).
-    #[cfg(test)]
-    pub(crate) fn from_field_key(k: &[u8; 32]) -> Self {
-        Self { aead: Xaes256Gcm::new(&(*k).into()) }
+        Self {
+            aead: Xaes256Gcm::new(&(*k).into()),
+        }
     }
 }
 
@@ -223,7 +222,9 @@ pub(crate) fn seal_with_nonce(
 ) -> Result<Vec<u8>, CryptoError> {
     aad.validate()?;
     if key_version == 0 {
-        return Err(CryptoError::InvalidArgument("key version must be >= 1".into()));
+        return Err(CryptoError::InvalidArgument(
+            "key version must be >= 1".into(),
+        ));
     }
     if plaintext.len() > MAX_PLAINTEXT_LEN {
         return Err(CryptoError::InvalidArgument(format!(
@@ -270,9 +271,13 @@ impl<'a> Envelope<'a> {
         }
         let (magic, rest) = bytes.split_at(2);
         if magic != MAGIC {
-            return Err(CryptoError::Malformed("not a fieldkey envelope (bad magic)"));
+            return Err(CryptoError::Malformed(
+                "not a fieldkey envelope (bad magic)",
+            ));
         }
-        let (&version, _) = rest.split_first().ok_or(CryptoError::Malformed("too short"))?;
+        let (&version, _) = rest
+            .split_first()
+            .ok_or(CryptoError::Malformed("too short"))?;
         if version != FORMAT_V1 {
             return Err(CryptoError::UnsupportedVersion(version));
         }
@@ -281,7 +286,10 @@ impl<'a> Envelope<'a> {
         }
         let (header, rest) = bytes.split_at(HEADER_LEN);
         let (ciphertext, tag) = rest.split_at(rest.len() - TAG_LEN);
-        let suite = header.get(3).copied().ok_or(CryptoError::Malformed("header"))?;
+        let suite = header
+            .get(3)
+            .copied()
+            .ok_or(CryptoError::Malformed("header"))?;
         if suite != SUITE_XAES_256_GCM {
             return Err(CryptoError::UnsupportedSuite(suite));
         }
@@ -303,7 +311,14 @@ impl<'a> Envelope<'a> {
             .and_then(|s| s.try_into().ok())
             .ok_or(CryptoError::Malformed("header"))?;
         let tag: [u8; TAG_LEN] = tag.try_into().map_err(|_| CryptoError::Malformed("tag"))?;
-        Ok(Self { scope, key_version, header, nonce, ciphertext, tag })
+        Ok(Self {
+            scope,
+            key_version,
+            header,
+            nonce,
+            ciphertext,
+            tag,
+        })
     }
 
     /// Scope recorded in the header.
@@ -335,7 +350,10 @@ pub fn open(
 ) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
     aad.validate()?;
     if aad.scope() != envelope.scope {
-        return Err(CryptoError::ScopeMismatch { envelope: envelope.scope, request: aad.scope() });
+        return Err(CryptoError::ScopeMismatch {
+            envelope: envelope.scope,
+            request: aad.scope(),
+        });
     }
     let ad = aad.encode(envelope.header);
     let mut buf = Zeroizing::new(envelope.ciphertext.to_vec());
@@ -374,6 +392,13 @@ pub fn decode_any(input: &[u8]) -> Result<Cow<'_, [u8]>, CryptoError> {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::panic,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    reason = "tests fail by panicking"
+)]
 mod tests {
     use super::*;
     use crate::crypto::KEY_LEN;
@@ -383,7 +408,12 @@ mod tests {
     }
 
     fn aad<'a>(context: &'a [u8]) -> Aad<'a> {
-        Aad { tenant: "t1", subject: None, field: "email", context }
+        Aad {
+            tenant: "t1",
+            subject: None,
+            field: "email",
+            context,
+        }
     }
 
     #[test]
@@ -435,7 +465,10 @@ mod tests {
     fn scope_mismatch_is_reported() -> Result<(), CryptoError> {
         let c = cipher();
         let env = seal(&c, 1, &aad(b""), b"x")?;
-        let a = Aad { subject: Some("u1"), ..aad(b"") };
+        let a = Aad {
+            subject: Some("u1"),
+            ..aad(b"")
+        };
         assert!(matches!(
             open(&c, &Envelope::parse(&env)?, &a),
             Err(CryptoError::ScopeMismatch { .. })

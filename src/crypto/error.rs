@@ -27,7 +27,9 @@ pub enum CryptoError {
     /// AES-GCM authentication failed: wrong tenant, subject, field or context, a
     /// tampered header or body, or the wrong key. Deliberately one variant, so an
     /// attacker learns nothing about which part was wrong.
-    #[error("authentication failed: ciphertext does not match this tenant, subject, field and context, or was altered")]
+    #[error(
+        "authentication failed: ciphertext does not match this tenant, subject, field and context, or was altered"
+    )]
     AuthenticationFailed,
     /// A caller-supplied argument is invalid (empty or over-long id, bad characters,
     /// oversized context or plaintext).

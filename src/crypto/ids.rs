@@ -18,7 +18,9 @@ pub const MAX_CONTEXT_LEN: usize = 1024;
 /// the value, which may be personal data).
 pub fn validate_id(kind: &'static str, id: &str) -> Result<(), CryptoError> {
     if id.is_empty() {
-        return Err(CryptoError::InvalidArgument(format!("{kind} must not be empty")));
+        return Err(CryptoError::InvalidArgument(format!(
+            "{kind} must not be empty"
+        )));
     }
     if id.len() > MAX_ID_LEN {
         return Err(CryptoError::InvalidArgument(format!(
@@ -35,6 +37,13 @@ pub fn validate_id(kind: &'static str, id: &str) -> Result<(), CryptoError> {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::panic,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    reason = "tests fail by panicking"
+)]
 mod tests {
     use super::*;
 

@@ -45,10 +45,8 @@ pub(crate) fn derive_field_key_bytes(
     let t = tenant.as_bytes();
     let f = field.as_bytes();
     let expanded = match subject {
-        None => Hkdf::<Sha256>::new(Some(FIELD_KEY_SALT), tenant_key.expose()).expand_multi_info(
-            &[&[INFO_TENANT], &len16(t), t, &len16(f), f],
-            okm.as_mut(),
-        ),
+        None => Hkdf::<Sha256>::new(Some(FIELD_KEY_SALT), tenant_key.expose())
+            .expand_multi_info(&[&[INFO_TENANT], &len16(t), t, &len16(f), f], okm.as_mut()),
         Some((subject_id, subject_key)) => {
             let mut ikm = Zeroizing::new([0u8; 2 * KEY_LEN]);
             let (a, b) = ikm.split_at_mut(KEY_LEN);
@@ -107,7 +105,9 @@ pub fn wrap_subject_key(
     out.extend_from_slice(&nonce);
     out.extend_from_slice(subject_key.expose());
     let ad = subject_wrap_ad(tenant, subject, wrap_version);
-    let body = out.get_mut(1 + NONCE_LEN..).ok_or(CryptoError::Malformed("wrap"))?;
+    let body = out
+        .get_mut(1 + NONCE_LEN..)
+        .ok_or(CryptoError::Malformed("wrap"))?;
     let tag = cipher
         .encrypt_inout_detached(&nonce.into(), &ad, body.into())
         .map_err(|_| CryptoError::AuthenticationFailed)?;
@@ -129,7 +129,9 @@ pub fn unwrap_subject_key(
     wrapped: &[u8],
 ) -> Result<SecretKey, CryptoError> {
     if wrapped.len() != SUBJECT_WRAPPED_LEN {
-        return Err(CryptoError::Malformed("wrapped subject key has the wrong length"));
+        return Err(CryptoError::Malformed(
+            "wrapped subject key has the wrong length",
+        ));
     }
     let (format, rest) = wrapped
         .split_first()
@@ -154,6 +156,13 @@ pub fn unwrap_subject_key(
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::panic,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    reason = "tests fail by panicking"
+)]
 mod tests {
     use super::*;
 
@@ -168,7 +177,10 @@ mod tests {
         let base = derive_field_key_bytes(&tk, None, "t", "email");
         assert_ne!(*base, *derive_field_key_bytes(&tk, None, "u", "email"));
         assert_ne!(*base, *derive_field_key_bytes(&tk, None, "t", "name"));
-        assert_ne!(*base, *derive_field_key_bytes(&tk, Some(("s", &sk)), "t", "email"));
+        assert_ne!(
+            *base,
+            *derive_field_key_bytes(&tk, Some(("s", &sk)), "t", "email")
+        );
         // length prefixes: ("ab","c") and ("a","bc") differ
         assert_ne!(
             *derive_field_key_bytes(&tk, None, "ab", "c"),

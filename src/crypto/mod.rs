@@ -10,17 +10,14 @@ mod error;
 mod ids;
 mod kdf;
 mod keys;
+#[cfg(test)]
+mod vectors;
 
 pub use envelope::{
-    Aad, Envelope, FieldCipher, HEADER_LEN, MAX_PLAINTEXT_LEN, NONCE_LEN, OVERHEAD, Scope,
-    TAG_LEN, TEXT_PREFIX, decode_any, open, seal, to_text,
+    Aad, Envelope, FieldCipher, HEADER_LEN, MAX_PLAINTEXT_LEN, NONCE_LEN, OVERHEAD, Scope, TAG_LEN,
+    TEXT_PREFIX, decode_any, open, seal, to_text,
 };
 pub use error::CryptoError;
 pub use ids::{MAX_CONTEXT_LEN, MAX_ID_LEN, validate_id};
 pub use kdf::{SUBJECT_WRAPPED_LEN, unwrap_subject_key, wrap_subject_key};
 pub use keys::{Fingerprint, KEY_LEN, SecretKey};
-
-#[cfg(test)]
-pub(crate) use envelope::seal_with_nonce;
-#[cfg(test)]
-pub(crate) use kdf::derive_field_key_bytes;

@@ -36,7 +36,10 @@ pub struct TenantInfo {
 impl TenantInfo {
     /// The active version number, if any.
     pub fn active_version(&self) -> Option<u32> {
-        self.versions.iter().find(|v| v.state == KeyState::Active).map(|v| v.version)
+        self.versions
+            .iter()
+            .find(|v| v.state == KeyState::Active)
+            .map(|v| v.version)
     }
 }
 

@@ -93,7 +93,12 @@ impl Keyring {
     /// A keyring over a store and a KMS.
     pub fn new(store: Arc<dyn KeyStore>, kms: Arc<dyn Kms>, cfg: KeyringConfig) -> Self {
         let cache = KeyCache::new(&cfg.cache);
-        Self { store, kms, cache, cfg }
+        Self {
+            store,
+            kms,
+            cache,
+            cfg,
+        }
     }
 
     /// The key store.
@@ -119,24 +124,39 @@ impl Keyring {
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] for a bad id; [`Error::Kms`]; [`Error::Store`].
-    pub async fn create_tenant(&self, tenant: &str, kms_key_id: Option<&str>) -> Result<TenantInfo> {
+    pub async fn create_tenant(
+        &self,
+        tenant: &str,
+        kms_key_id: Option<&str>,
+    ) -> Result<TenantInfo> {
         validate_id("tenant_id", tenant)?;
         if let Some(k) = kms_key_id {
             if k.is_empty() || k.len() > 2048 {
-                return Err(Error::InvalidArgument("kms_key_id must be 1..=2048 bytes".into()));
+                return Err(Error::InvalidArgument(
+                    "kms_key_id must be 1..=2048 bytes".into(),
+                ));
             }
         }
         if let Some(existing) = self.store.get_tenant(tenant).await? {
             return Ok(TenantInfo::from(&existing));
         }
-        let key_id = kms_key_id.unwrap_or_else(|| self.kms.default_key_id()).to_owned();
-        let dk = self.kms.generate_data_key(&key_id, &EncryptionContext::tenant_key(tenant, 1)).await?;
+        let key_id = kms_key_id
+            .unwrap_or_else(|| self.kms.default_key_id())
+            .to_owned();
+        let dk = self
+            .kms
+            .generate_data_key(&key_id, &EncryptionContext::tenant_key(tenant, 1))
+            .await?;
         let created = self
             .store
             .create_tenant(
                 tenant,
                 &key_id,
-                NewKeyVersion { version: 1, kms_key_id: key_id.clone(), wrapped: dk.wrapped },
+                NewKeyVersion {
+                    version: 1,
+                    kms_key_id: key_id.clone(),
+                    wrapped: dk.wrapped,
+                },
             )
             .await?;
         if created.was_created() {
@@ -155,7 +175,9 @@ impl Keyring {
             .get_tenant(tenant)
             .await?
             .map(|r| TenantInfo::from(&r))
-            .ok_or_else(|| Error::TenantNotFound { tenant: tenant.to_owned() })
+            .ok_or_else(|| Error::TenantNotFound {
+                tenant: tenant.to_owned(),
+            })
     }
 
     /// Rotates: a new version becomes active (new writes use it at once on this
@@ -181,13 +203,20 @@ impl Keyring {
             .ok_or_else(|| Error::Internal("key version space exhausted".into()))?;
         let dk = self
             .kms
-            .generate_data_key(&rec.kms_key_id, &EncryptionContext::tenant_key(tenant, next))
+            .generate_data_key(
+                &rec.kms_key_id,
+                &EncryptionContext::tenant_key(tenant, next),
+            )
             .await?;
         let added = self
             .store
             .add_key_version(
                 tenant,
-                NewKeyVersion { version: next, kms_key_id: rec.kms_key_id.clone(), wrapped: dk.wrapped },
+                NewKeyVersion {
+                    version: next,
+                    kms_key_id: rec.kms_key_id.clone(),
+                    wrapped: dk.wrapped,
+                },
             )
             .await?;
         if added {
@@ -208,7 +237,13 @@ impl Keyring {
         for v in &rec.versions {
             if matches!(v.state, KeyState::Active | KeyState::DecryptOnly) {
                 self.store
-                    .update_key_state(tenant, v.version, v.state, KeyState::Suspended, Some(v.state))
+                    .update_key_state(
+                        tenant,
+                        v.version,
+                        v.state,
+                        KeyState::Suspended,
+                        Some(v.state),
+                    )
                     .await?;
             }
         }
@@ -226,7 +261,9 @@ impl Keyring {
         for v in &rec.versions {
             if v.state == KeyState::Suspended {
                 let back = v.resume_state.unwrap_or(KeyState::DecryptOnly);
-                self.store.update_key_state(tenant, v.version, KeyState::Suspended, back, None).await?;
+                self.store
+                    .update_key_state(tenant, v.version, KeyState::Suspended, back, None)
+                    .await?;
             }
         }
         self.cache.invalidate_tenant(tenant).await;
@@ -243,7 +280,10 @@ impl Keyring {
         validate_id("tenant_id", tenant)?;
         let rec = self.load_tenant_record(tenant).await?;
         if rec.version(version).is_none() {
-            return Err(Error::UnknownKeyVersion { tenant: tenant.to_owned(), version });
+            return Err(Error::UnknownKeyVersion {
+                tenant: tenant.to_owned(),
+                version,
+            });
         }
         let destroyed = self.store.destroy_key_version(tenant, version).await?;
         self.cache.invalidate_tenant(tenant).await;
@@ -264,7 +304,9 @@ impl Keyring {
             .get_subject(tenant, subject)
             .await?
             .map(|r| SubjectInfo::from(&r))
-            .ok_or_else(|| Error::SubjectNotFound { tenant: tenant.to_owned() })
+            .ok_or_else(|| Error::SubjectNotFound {
+                tenant: tenant.to_owned(),
+            })
     }
 
     /// Suspends a subject's key (restriction of processing). Idempotent.
@@ -273,7 +315,8 @@ impl Keyring {
     /// [`Error::KeyDestroyed`] for a shredded subject; [`Error::SubjectNotFound`];
     /// [`Error::Store`].
     pub async fn suspend_subject(&self, tenant: &str, subject: &str) -> Result<SubjectInfo> {
-        self.set_subject_state(tenant, subject, KeyState::Active, KeyState::Suspended).await
+        self.set_subject_state(tenant, subject, KeyState::Active, KeyState::Suspended)
+            .await
     }
 
     /// Lifts a subject's suspension. Idempotent.
@@ -281,7 +324,8 @@ impl Keyring {
     /// # Errors
     /// As [`Keyring::suspend_subject`].
     pub async fn resume_subject(&self, tenant: &str, subject: &str) -> Result<SubjectInfo> {
-        self.set_subject_state(tenant, subject, KeyState::Suspended, KeyState::Active).await
+        self.set_subject_state(tenant, subject, KeyState::Suspended, KeyState::Active)
+            .await
     }
 
     async fn set_subject_state(
@@ -293,10 +337,16 @@ impl Keyring {
     ) -> Result<SubjectInfo> {
         let current = self.subject(tenant, subject).await?;
         if current.state == KeyState::Destroyed {
-            return Err(Error::KeyDestroyed { tenant: tenant.to_owned(), scope: Scope::Subject, version: None });
+            return Err(Error::KeyDestroyed {
+                tenant: tenant.to_owned(),
+                scope: Scope::Subject,
+                version: None,
+            });
         }
         if current.state == from {
-            self.store.update_subject_state(tenant, subject, from, to).await?;
+            self.store
+                .update_subject_state(tenant, subject, from, to)
+                .await?;
         }
         self.cache.invalidate_subject(tenant, subject).await;
         self.subject(tenant, subject).await
@@ -351,7 +401,10 @@ impl Keyring {
         let env = Envelope::parse(&bytes)?;
         aad.validate()?;
         if env.scope() != aad.scope() {
-            return Err(Error::ScopeMismatch { envelope: env.scope(), request: aad.scope() });
+            return Err(Error::ScopeMismatch {
+                envelope: env.scope(),
+                request: aad.scope(),
+            });
         }
         let tentry = self.tenant_entry(aad.tenant).await?;
         let mut tsnap = self.tenant_snapshot(&tentry, aad.tenant, false).await?;
@@ -361,9 +414,14 @@ impl Keyring {
             // Possibly rotated on another replica since our snapshot: look again.
             tsnap = self.tenant_snapshot(&tentry, aad.tenant, true).await?;
         }
-        let version = tsnap.record.version(env.key_version()).ok_or_else(|| {
-            Error::UnknownKeyVersion { tenant: aad.tenant.to_owned(), version: env.key_version() }
-        })?;
+        let version =
+            tsnap
+                .record
+                .version(env.key_version())
+                .ok_or_else(|| Error::UnknownKeyVersion {
+                    tenant: aad.tenant.to_owned(),
+                    version: env.key_version(),
+                })?;
         usable_for_decrypt(aad.tenant, version)?;
         let cipher = self.cipher(&tentry, &tsnap, version, aad, false).await?;
         Ok(crypto::open(&cipher, &env, aad)?)
@@ -375,7 +433,9 @@ impl Keyring {
         self.store
             .get_tenant(tenant)
             .await?
-            .ok_or_else(|| Error::TenantNotFound { tenant: tenant.to_owned() })
+            .ok_or_else(|| Error::TenantNotFound {
+                tenant: tenant.to_owned(),
+            })
     }
 
     async fn tenant_entry(&self, tenant: &str) -> Result<Arc<TenantEntry>> {
@@ -383,7 +443,9 @@ impl Keyring {
             .tenant(tenant, async {
                 match self.store.get_tenant(tenant).await {
                     Ok(Some(r)) => Ok(TenantEntry::new(r)),
-                    Ok(None) => Err(Error::TenantNotFound { tenant: tenant.to_owned() }),
+                    Ok(None) => Err(Error::TenantNotFound {
+                        tenant: tenant.to_owned(),
+                    }),
                     Err(e) => Err(Error::Store(e)),
                 }
             })
@@ -424,7 +486,11 @@ impl Keyring {
         }
         match fetch().await {
             Ok(Some(record)) => {
-                let new = Arc::new(Snapshot { record, fetched: Instant::now(), failed_refresh: None });
+                let new = Arc::new(Snapshot {
+                    record,
+                    fetched: Instant::now(),
+                    failed_refresh: None,
+                });
                 meta.store(new.clone());
                 Ok(Fresh::Found(new))
             }
@@ -450,7 +516,12 @@ impl Keyring {
         tenant: &str,
         force: bool,
     ) -> Result<Arc<Snapshot<TenantRecord>>> {
-        match self.fresh(&entry.meta, &entry.refresh, force, || self.store.get_tenant(tenant)).await? {
+        match self
+            .fresh(&entry.meta, &entry.refresh, force, || {
+                self.store.get_tenant(tenant)
+            })
+            .await?
+        {
             Fresh::Found(snap) => {
                 for v in &snap.record.versions {
                     if v.state == KeyState::Destroyed {
@@ -461,7 +532,9 @@ impl Keyring {
             }
             Fresh::Gone => {
                 self.cache.invalidate_tenant(tenant).await;
-                Err(Error::TenantNotFound { tenant: tenant.to_owned() })
+                Err(Error::TenantNotFound {
+                    tenant: tenant.to_owned(),
+                })
             }
         }
     }
@@ -473,13 +546,17 @@ impl Keyring {
         subject: &str,
     ) -> Result<Arc<Snapshot<SubjectRecord>>> {
         match self
-            .fresh(&entry.meta, &entry.refresh, false, || self.store.get_subject(tenant, subject))
+            .fresh(&entry.meta, &entry.refresh, false, || {
+                self.store.get_subject(tenant, subject)
+            })
             .await?
         {
             Fresh::Found(snap) => Ok(snap),
             Fresh::Gone => {
                 self.cache.invalidate_subject(tenant, subject).await;
-                Err(Error::SubjectNotFound { tenant: tenant.to_owned() })
+                Err(Error::SubjectNotFound {
+                    tenant: tenant.to_owned(),
+                })
             }
         }
     }
@@ -495,11 +572,14 @@ impl Keyring {
         ventry
             .key
             .get_or_try_init(|| async {
-                let wrapped = version.wrapped.as_ref().ok_or_else(|| Error::KeyDestroyed {
-                    tenant: tenant.to_owned(),
-                    scope: Scope::Tenant,
-                    version: Some(version.version),
-                })?;
+                let wrapped = version
+                    .wrapped
+                    .as_ref()
+                    .ok_or_else(|| Error::KeyDestroyed {
+                        tenant: tenant.to_owned(),
+                        scope: Scope::Tenant,
+                        version: Some(version.version),
+                    })?;
                 let ctx = EncryptionContext::tenant_key(tenant, version.version);
                 Ok(self.kms.unwrap(&version.kms_key_id, wrapped, &ctx).await?)
             })
@@ -520,7 +600,9 @@ impl Keyring {
                     return Ok(SubjectEntry::new(r));
                 }
                 if !create {
-                    return Err(Error::SubjectNotFound { tenant: tenant.to_owned() });
+                    return Err(Error::SubjectNotFound {
+                        tenant: tenant.to_owned(),
+                    });
                 }
                 let active = active_version(tenant, &tsnap.record)?;
                 let ventry = tentry.version(active.version);
@@ -555,18 +637,30 @@ impl Keyring {
         let Some(subject) = aad.subject else {
             let ventry = tentry.version(version.version);
             let tkey = self.version_key(tenant, &ventry, version).await?;
-            return Ok(ventry.field_cipher(aad.field, || FieldCipher::for_tenant(tkey, tenant, aad.field)));
+            return Ok(ventry.field_cipher(aad.field, || {
+                FieldCipher::for_tenant(tkey, tenant, aad.field)
+            }));
         };
-        let sentry = self.subject_entry(tentry, tsnap, tenant, subject, create_subject).await?;
+        let sentry = self
+            .subject_entry(tentry, tsnap, tenant, subject, create_subject)
+            .await?;
         let ssnap = self.subject_snapshot(&sentry, tenant, subject).await?;
         let srec = &ssnap.record;
         match srec.state {
             KeyState::Active => {}
             KeyState::Suspended => {
-                return Err(Error::KeySuspended { tenant: tenant.to_owned(), scope: Scope::Subject, version: None });
+                return Err(Error::KeySuspended {
+                    tenant: tenant.to_owned(),
+                    scope: Scope::Subject,
+                    version: None,
+                });
             }
             _ => {
-                return Err(Error::KeyDestroyed { tenant: tenant.to_owned(), scope: Scope::Subject, version: None });
+                return Err(Error::KeyDestroyed {
+                    tenant: tenant.to_owned(),
+                    scope: Scope::Subject,
+                    version: None,
+                });
             }
         }
         let ventry = tentry.version(version.version);
@@ -580,7 +674,10 @@ impl Keyring {
                     version: None,
                 })?;
                 let wv = tsnap.record.version(srec.wrap_version).ok_or_else(|| {
-                    Error::Internal(format!("subject key wrapped under missing version {}", srec.wrap_version))
+                    Error::Internal(format!(
+                        "subject key wrapped under missing version {}",
+                        srec.wrap_version
+                    ))
                 })?;
                 let wentry = tentry.version(wv.version);
                 let wkey = self.version_key(tenant, &wentry, wv).await?;
@@ -610,7 +707,9 @@ fn active_version<'a>(tenant: &str, rec: &'a TenantRecord) -> Result<&'a KeyVers
             scope: Scope::Tenant,
             version: Some(v.version),
         }),
-        None => Err(Error::Internal(format!("tenant {tenant} has no key versions"))),
+        None => Err(Error::Internal(format!(
+            "tenant {tenant} has no key versions"
+        ))),
     }
 }
 

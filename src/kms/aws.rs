@@ -127,7 +127,10 @@ impl AwsKms {
                 "AWS region not set (configure it or set AWS_REGION)".into(),
             ));
         }
-        Ok(Self { client: aws_sdk_kms::Client::new(&sdk), default_key_id: cfg.default_key_id })
+        Ok(Self {
+            client: aws_sdk_kms::Client::new(&sdk),
+            default_key_id: cfg.default_key_id,
+        })
     }
 
     /// The underlying SDK client (for administrative tooling and tests).
@@ -137,7 +140,10 @@ impl AwsKms {
 }
 
 fn ctx_map(ctx: &EncryptionContext) -> HashMap<String, String> {
-    ctx.pairs().iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    ctx.pairs()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }
 
 fn map_sdk_err<E, R>(key_id: &str, err: SdkError<E, R>) -> KmsError
@@ -161,7 +167,9 @@ where
             | Some("KeyUnavailableException")
             | Some("InternalFailure")
             | Some("ServiceUnavailable") => KmsError::Unavailable(std::sync::Arc::new(err)),
-            Some(code) => KmsError::Rejected { code: code.to_owned() },
+            Some(code) => KmsError::Rejected {
+                code: code.to_owned(),
+            },
             None => KmsError::Unavailable(std::sync::Arc::new(err)),
         },
         SdkError::TimeoutError(_) => KmsError::Timeout,
@@ -210,7 +218,9 @@ impl Kms for AwsKms {
             .ciphertext_blob
             .take()
             .map(|b| WrappedKey::new(b.into_inner()))
-            .ok_or(KmsError::Rejected { code: "no CiphertextBlob in response".into() })?;
+            .ok_or(KmsError::Rejected {
+                code: "no CiphertextBlob in response".into(),
+            })?;
         Ok(DataKey { secret, wrapped })
     }
 
@@ -232,7 +242,9 @@ impl Kms for AwsKms {
         out.ciphertext_blob
             .take()
             .map(|b| WrappedKey::new(b.into_inner()))
-            .ok_or(KmsError::Rejected { code: "no CiphertextBlob in response".into() })
+            .ok_or(KmsError::Rejected {
+                code: "no CiphertextBlob in response".into(),
+            })
     }
 
     async fn unwrap(

@@ -52,7 +52,11 @@ pub struct KdfParams {
 impl Default for KdfParams {
     /// 64 MiB, 3 passes, 1 lane: OWASP's recommended Argon2id floor is 19 MiB / 2 passes.
     fn default() -> Self {
-        Self { m_cost_kib: 64 * 1024, t_cost: 3, p_cost: 1 }
+        Self {
+            m_cost_kib: 64 * 1024,
+            t_cost: 3,
+            p_cost: 1,
+        }
     }
 }
 
@@ -156,7 +160,11 @@ impl LocalKms {
             .map_err(|e| KmsError::Misconfigured(format!("cannot encode key file: {e}")))?;
         write_new_private_file(path, &json)?;
         tracing::warn!(path = %path.display(), key_id, "created a LOCAL development KMS root key; do not use in production");
-        Ok(Self { key_id, root: Xaes256Gcm::new(&(*root.expose()).into()), path: path.into() })
+        Ok(Self {
+            key_id,
+            root: Xaes256Gcm::new(&(*root.expose()).into()),
+            path: path.into(),
+        })
     }
 
     /// Opens an existing root key file with its passphrase.
@@ -166,7 +174,10 @@ impl LocalKms {
     /// is wrong.
     pub fn open(path: &Path, passphrase: &SecretString) -> Result<Self, KmsError> {
         let raw = std::fs::read(path).map_err(|e| {
-            KmsError::Misconfigured(format!("cannot read local KMS file {}: {e}", path.display()))
+            KmsError::Misconfigured(format!(
+                "cannot read local KMS file {}: {e}",
+                path.display()
+            ))
         })?;
         let file: RootKeyFile = serde_json::from_slice(&raw)
             .map_err(|e| KmsError::Misconfigured(format!("local KMS file is not valid: {e}")))?;
@@ -177,13 +188,17 @@ impl LocalKms {
             )));
         }
         let bad = |what: &str| KmsError::Misconfigured(format!("local KMS file: bad {what}"));
-        let salt = STANDARD.decode(&file.argon2id.salt).map_err(|_| bad("salt"))?;
+        let salt = STANDARD
+            .decode(&file.argon2id.salt)
+            .map_err(|_| bad("salt"))?;
         let nonce: [u8; NONCE_LEN] = STANDARD
             .decode(&file.nonce)
             .ok()
             .and_then(|n| n.try_into().ok())
             .ok_or_else(|| bad("nonce"))?;
-        let wrapped = STANDARD.decode(&file.wrapped_root_key).map_err(|_| bad("wrapped_root_key"))?;
+        let wrapped = STANDARD
+            .decode(&file.wrapped_root_key)
+            .map_err(|_| bad("wrapped_root_key"))?;
         if wrapped.len() != KEY_LEN + TAG_LEN {
             return Err(bad("wrapped_root_key length"));
         }
@@ -197,12 +212,21 @@ impl LocalKms {
         let mut root = Zeroizing::new([0u8; KEY_LEN]);
         root.copy_from_slice(ct);
         kek(passphrase, &salt, params)?
-            .decrypt_inout_detached(&nonce.into(), &root_ad(&file.key_id), root.as_mut().into(), &tag.into())
+            .decrypt_inout_detached(
+                &nonce.into(),
+                &root_ad(&file.key_id),
+                root.as_mut().into(),
+                &tag.into(),
+            )
             .map_err(|_| {
                 KmsError::Misconfigured("wrong passphrase or corrupted local KMS file".into())
             })?;
         tracing::warn!(path = %path.display(), key_id = %file.key_id, "using the LOCAL development KMS: the root key is protected only by a passphrase; use AWS KMS in production");
-        Ok(Self { key_id: file.key_id, root: Xaes256Gcm::new(&(*root).into()), path: path.into() })
+        Ok(Self {
+            key_id: file.key_id,
+            root: Xaes256Gcm::new(&(*root).into()),
+            path: path.into(),
+        })
     }
 
     /// Opens `path`, creating it first if it does not exist.
@@ -225,13 +249,19 @@ impl LocalKms {
         if key_id == self.key_id {
             Ok(())
         } else {
-            Err(KmsError::KeyNotFound { key_id: key_id.to_owned() })
+            Err(KmsError::KeyNotFound {
+                key_id: key_id.to_owned(),
+            })
         }
     }
 
     fn wrap_ad(&self, ctx: &EncryptionContext) -> Vec<u8> {
         let mut ad = WRAP_AD_LABEL.to_vec();
-        ad.extend_from_slice(&u16::try_from(self.key_id.len()).unwrap_or(u16::MAX).to_be_bytes());
+        ad.extend_from_slice(
+            &u16::try_from(self.key_id.len())
+                .unwrap_or(u16::MAX)
+                .to_be_bytes(),
+        );
         ad.extend_from_slice(self.key_id.as_bytes());
         ad.extend_from_slice(&ctx.canonical_bytes());
         ad
@@ -245,7 +275,9 @@ impl LocalKms {
         out.extend_from_slice(&nonce);
         out.extend_from_slice(key.expose());
         let ad = self.wrap_ad(ctx);
-        let body = out.get_mut(1 + NONCE_LEN..).ok_or(KmsError::InvalidCiphertext)?;
+        let body = out
+            .get_mut(1 + NONCE_LEN..)
+            .ok_or(KmsError::InvalidCiphertext)?;
         let tag = self
             .root
             .encrypt_inout_detached(&nonce.into(), &ad, body.into())
@@ -265,7 +297,10 @@ fn write_new_private_file(path: &Path, contents: &[u8]) -> Result<(), KmsError> 
         opts.mode(0o600);
     }
     let mut f = opts.open(path).map_err(|e| {
-        KmsError::Misconfigured(format!("cannot create local KMS file {}: {e}", path.display()))
+        KmsError::Misconfigured(format!(
+            "cannot create local KMS file {}: {e}",
+            path.display()
+        ))
     })?;
     f.write_all(contents)
         .and_then(|()| f.sync_all())
@@ -323,9 +358,17 @@ impl Kms for LocalKms {
             .and_then(|s| s.try_into().ok())
             .ok_or(KmsError::InvalidCiphertext)?;
         let mut key = Zeroizing::new([0u8; KEY_LEN]);
-        key.copy_from_slice(w.get(1 + NONCE_LEN..1 + NONCE_LEN + KEY_LEN).ok_or(KmsError::InvalidCiphertext)?);
+        key.copy_from_slice(
+            w.get(1 + NONCE_LEN..1 + NONCE_LEN + KEY_LEN)
+                .ok_or(KmsError::InvalidCiphertext)?,
+        );
         self.root
-            .decrypt_inout_detached(&nonce.into(), &self.wrap_ad(ctx), key.as_mut().into(), &tag.into())
+            .decrypt_inout_detached(
+                &nonce.into(),
+                &self.wrap_ad(ctx),
+                key.as_mut().into(),
+                &tag.into(),
+            )
             .map_err(|_| KmsError::InvalidCiphertext)?;
         Ok(SecretKey::from_bytes(&mut key))
     }
@@ -336,11 +379,22 @@ impl Kms for LocalKms {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::panic,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    reason = "tests fail by panicking"
+)]
 mod tests {
     use super::*;
 
     /// Small Argon2id costs so unit tests stay fast; production defaults are larger.
-    const FAST: KdfParams = KdfParams { m_cost_kib: 256, t_cost: 1, p_cost: 1 };
+    const FAST: KdfParams = KdfParams {
+        m_cost_kib: 256,
+        t_cost: 1,
+        p_cost: 1,
+    };
 
     fn pass(s: &str) -> SecretString {
         SecretString::from(s.to_owned())
@@ -358,12 +412,23 @@ mod tests {
         assert!(back.ct_eq(&dk.secret));
         // wrong context
         let other = EncryptionContext::tenant_key("t1", 2);
-        assert!(matches!(kms.unwrap(&id, &dk.wrapped, &other).await, Err(KmsError::InvalidCiphertext)));
+        assert!(matches!(
+            kms.unwrap(&id, &dk.wrapped, &other).await,
+            Err(KmsError::InvalidCiphertext)
+        ));
         // unknown key id
-        assert!(matches!(kms.unwrap("local-nope", &dk.wrapped, &ctx).await, Err(KmsError::KeyNotFound { .. })));
+        assert!(matches!(
+            kms.unwrap("local-nope", &dk.wrapped, &ctx).await,
+            Err(KmsError::KeyNotFound { .. })
+        ));
         // reopen from file with the passphrase: same root key
         let again = LocalKms::open(&path, &pass("correct horse battery"))?;
-        assert!(again.unwrap(&id, &dk.wrapped, &ctx).await?.ct_eq(&dk.secret));
+        assert!(
+            again
+                .unwrap(&id, &dk.wrapped, &ctx)
+                .await?
+                .ct_eq(&dk.secret)
+        );
         Ok(())
     }
 

@@ -238,8 +238,11 @@ pub trait KeyStore: Send + Sync + 'static {
     /// Adds `new` as the active version; the previously active version becomes
     /// decrypt-only in the same transaction. Returns `false` (and changes nothing) if
     /// that version number already exists (a concurrent rotation won).
-    async fn add_key_version(&self, tenant_id: &str, new: NewKeyVersion)
-    -> Result<bool, StoreError>;
+    async fn add_key_version(
+        &self,
+        tenant_id: &str,
+        new: NewKeyVersion,
+    ) -> Result<bool, StoreError>;
 
     /// Compare-and-set of a version's state: changes it to `new` (recording
     /// `resume_state`) only if it is currently `expected`. Returns whether it changed.

@@ -39,6 +39,9 @@ impl SqlStore {
             .run(&pool)
             .await
             .map_err(|e| StoreError::Migration(std::sync::Arc::new(e)))?;
-        Ok(Self { pool, backend: "postgres" })
+        Ok(Self {
+            pool,
+            backend: "postgres",
+        })
     }
 }

@@ -68,8 +68,9 @@ fn u32_col(row: &AnyRow, col: &str) -> Result<u32, StoreError> {
 
 fn fingerprint_col(row: &AnyRow) -> Result<Fingerprint, StoreError> {
     let v: Vec<u8> = row.try_get("fingerprint").map_err(classify)?;
-    let arr: [u8; 32] =
-        v.try_into().map_err(|_| StoreError::Corrupt("fingerprint is not 32 bytes".into()))?;
+    let arr: [u8; 32] = v
+        .try_into()
+        .map_err(|_| StoreError::Corrupt("fingerprint is not 32 bytes".into()))?;
     Ok(Fingerprint::from_bytes(arr))
 }
 
@@ -112,7 +113,6 @@ const INSERT_VERSION: &str = "INSERT INTO fk_tenant_keys \
     VALUES ($1, $2, 'active', NULL, $3, $4, $5, $6, $6) \
     ON CONFLICT (tenant_id, version) DO NOTHING";
 
-
 #[async_trait]
 impl KeyStore for SqlStore {
     fn backend(&self) -> &'static str {
@@ -120,7 +120,10 @@ impl KeyStore for SqlStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(classify)?;
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(classify)?;
         Ok(())
     }
 
@@ -162,7 +165,11 @@ impl KeyStore for SqlStore {
             .get_tenant(tenant_id)
             .await?
             .ok_or_else(|| StoreError::Corrupt("tenant vanished after insert".into()))?;
-        Ok(if inserted == 1 { Created::Created(record) } else { Created::Existing(record) })
+        Ok(if inserted == 1 {
+            Created::Created(record)
+        } else {
+            Created::Existing(record)
+        })
     }
 
     async fn get_tenant(&self, tenant_id: &str) -> Result<Option<TenantRecord>, StoreError> {
@@ -184,7 +191,10 @@ impl KeyStore for SqlStore {
         .fetch_all(&self.pool)
         .await
         .map_err(classify)?;
-        let versions = rows.iter().map(version_from_row).collect::<Result<Vec<_>, _>>()?;
+        let versions = rows
+            .iter()
+            .map(version_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Some(TenantRecord {
             tenant_id: t.try_get("tenant_id").map_err(classify)?,
             kms_key_id: t.try_get("kms_key_id").map_err(classify)?,
@@ -198,7 +208,9 @@ impl KeyStore for SqlStore {
             .fetch_all(&self.pool)
             .await
             .map_err(classify)?;
-        rows.iter().map(|r| r.try_get("tenant_id").map_err(classify)).collect()
+        rows.iter()
+            .map(|r| r.try_get("tenant_id").map_err(classify))
+            .collect()
     }
 
     async fn add_key_version(
@@ -314,7 +326,11 @@ impl KeyStore for SqlStore {
             .get_subject(&new.tenant_id, &new.subject_id)
             .await?
             .ok_or_else(|| StoreError::Corrupt("subject vanished after insert".into()))?;
-        Ok(if n == 1 { Created::Created(record) } else { Created::Existing(record) })
+        Ok(if n == 1 {
+            Created::Created(record)
+        } else {
+            Created::Existing(record)
+        })
     }
 
     async fn get_subject(

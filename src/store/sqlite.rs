@@ -64,6 +64,9 @@ impl SqlStore {
                 Err(e) => return Err(StoreError::Migration(std::sync::Arc::new(e))),
             }
         }
-        Ok(Self { pool, backend: "sqlite" })
+        Ok(Self {
+            pool,
+            backend: "sqlite",
+        })
     }
 }

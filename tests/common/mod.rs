@@ -1,6 +1,13 @@
 //! Shared test fixtures: real SQLite files, real PostgreSQL databases, the local KMS and
 //! moto_server. Nothing here mocks a component that can run for real.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    dead_code,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "test code fails by panicking"
+)]
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -35,7 +42,9 @@ impl PgDb {
             )
         })?;
         let name = format!("fk_test_{}", hex::encode(rand_bytes::<6>()));
-        admin.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).await?;
+        admin
+            .execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .await?;
         let dsn = match base.rfind('/') {
             Some(i) => format!("{}/{name}", &base[..i]),
             None => anyhow::bail!("DSN without database: {base}"),
@@ -46,7 +55,10 @@ impl PgDb {
     pub async fn drop_db(self) -> Result<()> {
         let mut admin = sqlx::PgConnection::connect(&pg_base_dsn()).await?;
         admin
-            .execute(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)))
+            .execute(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            )))
             .await?;
         Ok(())
     }
@@ -59,11 +71,17 @@ pub fn rand_bytes<const N: usize>() -> [u8; N] {
 }
 
 pub async fn sqlite_store(dir: &tempfile::TempDir) -> Result<Arc<dyn KeyStore>> {
-    Ok(Arc::new(SqlStore::open_sqlite(&dir.path().join("keys.db")).await?))
+    Ok(Arc::new(
+        SqlStore::open_sqlite(&dir.path().join("keys.db")).await?,
+    ))
 }
 
 /// Argon2id costs small enough for tests; the production default is 64 MiB / 3 passes.
-pub const FAST_KDF: KdfParams = KdfParams { m_cost_kib: 256, t_cost: 1, p_cost: 1 };
+pub const FAST_KDF: KdfParams = KdfParams {
+    m_cost_kib: 256,
+    t_cost: 1,
+    p_cost: 1,
+};
 
 pub fn local_kms(dir: &tempfile::TempDir) -> Result<Arc<LocalKms>> {
     let path: PathBuf = dir.path().join("local-kms.json");
@@ -90,7 +108,11 @@ pub struct CountingKms {
 
 impl CountingKms {
     pub fn new(inner: Arc<dyn fieldkey::kms::Kms>) -> Arc<Self> {
-        Arc::new(Self { inner, unwraps: Default::default(), generates: Default::default() })
+        Arc::new(Self {
+            inner,
+            unwraps: Default::default(),
+            generates: Default::default(),
+        })
     }
     pub fn unwrap_calls(&self) -> usize {
         self.unwraps.load(std::sync::atomic::Ordering::SeqCst)
@@ -110,7 +132,8 @@ impl fieldkey::kms::Kms for CountingKms {
         key_id: &str,
         ctx: &fieldkey::kms::EncryptionContext,
     ) -> Result<fieldkey::kms::DataKey, fieldkey::kms::KmsError> {
-        self.generates.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.generates
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.inner.generate_data_key(key_id, ctx).await
     }
     async fn wrap(
@@ -127,7 +150,8 @@ impl fieldkey::kms::Kms for CountingKms {
         wrapped: &fieldkey::kms::WrappedKey,
         ctx: &fieldkey::kms::EncryptionContext,
     ) -> Result<fieldkey::crypto::SecretKey, fieldkey::kms::KmsError> {
-        self.unwraps.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.unwraps
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         // widen the window in which concurrent misses overlap
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         self.inner.unwrap(key_id, wrapped, ctx).await
@@ -169,7 +193,12 @@ impl TcpProxy {
                 }
             }
         });
-        Ok(Self { port, stop, task, conns })
+        Ok(Self {
+            port,
+            stop,
+            task,
+            conns,
+        })
     }
 
     /// Stops listening and cuts every open connection.

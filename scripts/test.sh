@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# fieldkey's test command. Sets up what the tests need, then runs `cargo test`:
+#   - moto_server (AWS KMS emulator) from a Python venv, on a free port;
+#   - PostgreSQL: $FIELDKEY_TEST_DATABASE_URL, else the server on 127.0.0.1:5432,
+#     else a throwaway cluster started here with the system's initdb/pg_ctl
+#     (installing Debian's postgresql package when missing).
+# A PostgreSQL test never skips: if no server can be had, this script fails and says why.
+# Extra arguments go to `cargo test` (e.g. scripts/test.sh --test keyring).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CACHE="${FIELDKEY_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/fieldkey}"
+MOTO_VERSION="5.2.5"
+mkdir -p "$CACHE"
+WORK="$(mktemp -d)"
+PIDS=()
+PG_STOP=""
+cleanup() {
+    for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
+    if [ -n "$PG_STOP" ]; then eval "$PG_STOP" >/dev/null 2>&1 || true; fi
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+log() { printf '[test.sh] %s\n' "$*" >&2; }
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+
+wait_port() { # host port seconds
+    python3 - "$1" "$2" "$3" <<'PY'
+import socket, sys, time
+host, port, secs = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+deadline = time.time() + secs
+while time.time() < deadline:
+    try:
+        socket.create_connection((host, port), 0.5).close(); sys.exit(0)
+    except OSError:
+        time.sleep(0.1)
+sys.exit(1)
+PY
+}
+
+# ---------------------------------------------------------------- moto_server
+VENV="$CACHE/venv-moto-$MOTO_VERSION"
+if ! "$VENV/bin/python" -c "import moto, cryptography" >/dev/null 2>&1; then
+    log "creating Python venv with moto[server]==$MOTO_VERSION in $VENV"
+    rm -rf "$VENV"
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check "moto[server]==$MOTO_VERSION"
+fi
+MOTO_PORT="$(free_port)"
+"$VENV/bin/moto_server" -H 127.0.0.1 -p "$MOTO_PORT" >"$WORK/moto.log" 2>&1 &
+PIDS+=("$!")
+if ! wait_port 127.0.0.1 "$MOTO_PORT" 30; then
+    log "moto_server did not start:"; cat "$WORK/moto.log" >&2; exit 1
+fi
+export FIELDKEY_TEST_MOTO_URL="http://127.0.0.1:$MOTO_PORT"
+export FIELDKEY_TEST_PYTHON="$VENV/bin/python"
+log "moto_server on $FIELDKEY_TEST_MOTO_URL"
+
+# ---------------------------------------------------------------- PostgreSQL
+pg_answers() { # dsn
+    if command -v psql >/dev/null 2>&1; then
+        psql "$1" -Atqc 'select 1' >/dev/null 2>&1
+    else
+        local hp; hp="$(python3 -c 'import sys,urllib.parse as u; p=u.urlparse(sys.argv[1]); print(p.hostname or "127.0.0.1", p.port or 5432)' "$1")"
+        # shellcheck disable=SC2086
+        wait_port $hp 2
+    fi
+}
+
+pg_bindir() {
+    local d
+    for d in /usr/lib/postgresql/*/bin; do
+        [ -x "$d/initdb" ] && { echo "$d"; return 0; }
+    done
+    command -v initdb >/dev/null 2>&1 && { dirname "$(command -v initdb)"; return 0; }
+    return 1
+}
+
+start_throwaway_pg() {
+    local bindir
+    if ! bindir="$(pg_bindir)"; then
+        log "no PostgreSQL server binaries; installing Debian's postgresql package"
+        if [ "$(id -u)" = 0 ]; then
+            apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+        else
+            sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+        fi
+        bindir="$(pg_bindir)" || { log "PostgreSQL could not be installed"; return 1; }
+    fi
+    local port data run_as=()
+    port="$(free_port)"
+    data="$WORK/pgdata"
+    mkdir -p "$data"
+    if [ "$(id -u)" = 0 ]; then # initdb refuses to run as root
+        id postgres >/dev/null 2>&1 || useradd --system --no-create-home postgres
+        chown -R postgres "$WORK"; chmod 755 "$WORK"
+        run_as=(runuser -u postgres --)
+    fi
+    "${run_as[@]}" "$bindir/initdb" -D "$data" -A trust -U postgres >"$WORK/initdb.log" 2>&1 \
+        || { cat "$WORK/initdb.log" >&2; return 1; }
+    "${run_as[@]}" "$bindir/pg_ctl" -D "$data" -l "$WORK/pg.log" -w \
+        -o "-p $port -k $data -c listen_addresses=127.0.0.1 -c fsync=off" start >/dev/null \
+        || { cat "$WORK/pg.log" >&2; return 1; }
+    PG_STOP="${run_as[*]} $bindir/pg_ctl -D $data -m immediate stop"
+    export FIELDKEY_TEST_DATABASE_URL="postgres://postgres@127.0.0.1:$port/postgres"
+}
+
+if [ -n "${FIELDKEY_TEST_DATABASE_URL:-}" ]; then
+    pg_answers "$FIELDKEY_TEST_DATABASE_URL" || { log "FIELDKEY_TEST_DATABASE_URL does not answer"; exit 1; }
+elif pg_answers "postgres://postgres@127.0.0.1:5432/test"; then
+    export FIELDKEY_TEST_DATABASE_URL="postgres://postgres@127.0.0.1:5432/test"
+else
+    log "no PostgreSQL on 127.0.0.1:5432; starting a throwaway cluster"
+    start_throwaway_pg || { log "FAIL: no PostgreSQL server could be had; PostgreSQL tests cannot run"; exit 1; }
+fi
+log "PostgreSQL at $FIELDKEY_TEST_DATABASE_URL"
+# databases left behind by interrupted earlier runs
+if command -v psql >/dev/null 2>&1; then
+    psql "$FIELDKEY_TEST_DATABASE_URL" -Atqc "select datname from pg_database where datname like 'fk_test_%'" 2>/dev/null \
+        | while read -r db; do psql "$FIELDKEY_TEST_DATABASE_URL" -qc "drop database if exists $db with (force)" >/dev/null 2>&1 || true; done
+fi
+
+# ---------------------------------------------------------------- tests
+# An independent (Python) implementation checks the envelope test vectors.
+"$VENV/bin/python" tests/vectors/check_vectors.py
+cargo test --locked "$@"
