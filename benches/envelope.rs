@@ -18,8 +18,8 @@
 use std::hint::black_box;
 use std::sync::Arc;
 
-use aes_gcm::aead::{AeadInOut, KeyInit};
-use aes_gcm::{Aes256Gcm, Nonce};
+use aes_gcm::Aes256Gcm;
+use aes_gcm::aead::{AeadInPlace, KeyInit};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use fieldkey::crypto::{Aad, Envelope, FieldCipher, KEY_LEN, SecretKey, open, seal};
 use fieldkey::kms::local::{KdfParams, LocalKms};
@@ -84,7 +84,7 @@ fn bench(c: &mut Criterion) {
                 let mut buf = Vec::with_capacity(size + 16);
                 buf.extend_from_slice(&pt);
                 let tag = raw
-                    .encrypt_inout_detached(&Nonce::from(nonce), b"", buf.as_mut_slice().into())
+                    .encrypt_in_place_detached((&nonce).into(), b"", &mut buf)
                     .unwrap();
                 buf.extend_from_slice(&tag);
                 black_box(buf)
@@ -92,18 +92,13 @@ fn bench(c: &mut Criterion) {
         });
         let mut raw_ct = pt.clone();
         let raw_tag = raw
-            .encrypt_inout_detached(&Nonce::from([1u8; 12]), b"", raw_ct.as_mut_slice().into())
+            .encrypt_in_place_detached((&[1u8; 12]).into(), b"", &mut raw_ct)
             .unwrap();
         g.bench_function(BenchmarkId::new("raw_aes256gcm", "decrypt"), |b| {
             b.iter(|| {
                 let mut buf = raw_ct.clone();
-                raw.decrypt_inout_detached(
-                    &Nonce::from([1u8; 12]),
-                    b"",
-                    buf.as_mut_slice().into(),
-                    &raw_tag,
-                )
-                .unwrap();
+                raw.decrypt_in_place_detached((&[1u8; 12]).into(), b"", &mut buf, &raw_tag)
+                    .unwrap();
                 black_box(buf)
             })
         });

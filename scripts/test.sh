@@ -4,6 +4,7 @@
 #   - PostgreSQL: $FIELDKEY_TEST_DATABASE_URL, else the server on 127.0.0.1:5432,
 #     else a throwaway cluster started here with the system's initdb/pg_ctl
 #     (installing Debian's postgresql package when missing).
+#     (FIELDKEY_TEST_THROWAWAY_PG=1 forces the throwaway cluster.)
 # A PostgreSQL test never skips: if no server can be had, this script fails and says why.
 # Extra arguments go to `cargo test` (e.g. scripts/test.sh --test keyring).
 set -euo pipefail
@@ -111,7 +112,7 @@ start_throwaway_pg() {
 
 if [ -n "${FIELDKEY_TEST_DATABASE_URL:-}" ]; then
     pg_answers "$FIELDKEY_TEST_DATABASE_URL" || { log "FIELDKEY_TEST_DATABASE_URL does not answer"; exit 1; }
-elif pg_answers "postgres://postgres@127.0.0.1:5432/test"; then
+elif [ -z "${FIELDKEY_TEST_THROWAWAY_PG:-}" ] && pg_answers "postgres://postgres@127.0.0.1:5432/test"; then
     export FIELDKEY_TEST_DATABASE_URL="postgres://postgres@127.0.0.1:5432/test"
 else
     log "no PostgreSQL on 127.0.0.1:5432; starting a throwaway cluster"

@@ -6,7 +6,7 @@
 //! KMS call through `tokio::sync::OnceCell`), and the derived per-field ciphers.
 //!
 //! Zeroization: unwrapped keys are [`SecretKey`] (zeroized on drop) and field ciphers
-//! hold xaes-256-gcm key schedules (zeroized on drop). When moka evicts or invalidates
+//! hold XAES-256-GCM key schedules (zeroized on drop). When moka evicts or invalidates
 //! an entry it drops its `Arc`; the key bytes are wiped as soon as the last in-flight
 //! request holding that `Arc` finishes.
 //!
@@ -304,8 +304,27 @@ impl KeyCache {
             .await;
     }
 
+    /// Runs moka's pending maintenance (evictions) now; normally it runs lazily.
+    pub async fn run_pending_tasks(&self) {
+        self.tenants.run_pending_tasks().await;
+        self.subjects.run_pending_tasks().await;
+    }
+
     /// Number of cached tenants and subjects (approximate, for metrics).
     pub fn sizes(&self) -> (u64, u64) {
         (self.tenants.entry_count(), self.subjects.entry_count())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    fn wiped_on_drop<T: zeroize::ZeroizeOnDrop>() {}
+
+    /// What the cache holds wipes itself when moka drops it: the unwrapped key's
+    /// `SecretBox` and the field cipher's AES key schedule.
+    #[test]
+    fn cached_key_material_types_zeroize_on_drop() {
+        wiped_on_drop::<secrecy::SecretBox<[u8; crate::crypto::KEY_LEN]>>();
+        wiped_on_drop::<crate::crypto::Xaes256Gcm>();
     }
 }

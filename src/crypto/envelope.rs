@@ -24,14 +24,11 @@ use std::fmt;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use rand::Rng as _;
-use xaes_256_gcm::{
-    Xaes256Gcm,
-    aead::{AeadInOut, KeyInit},
-};
 use zeroize::Zeroizing;
 
 use super::ids::{MAX_CONTEXT_LEN, validate_id};
 use super::kdf::{derive_field_key_bytes, len16};
+use super::xaes::Xaes256Gcm;
 use super::{CryptoError, SecretKey};
 
 /// Magic bytes that open every binary envelope.
@@ -149,7 +146,7 @@ impl Aad<'_> {
 /// A prepared per-field cipher: XAES-256-GCM keyed by the HKDF-derived field key.
 ///
 /// Building one costs an HKDF and an AES key schedule; the keyring caches them. The
-/// key schedule is zeroized on drop (xaes-256-gcm's `zeroize` feature).
+/// key schedule is zeroized on drop.
 pub struct FieldCipher {
     aead: Xaes256Gcm,
 }
@@ -159,7 +156,7 @@ impl FieldCipher {
     pub fn for_tenant(tenant_key: &SecretKey, tenant: &str, field: &str) -> Self {
         let k = derive_field_key_bytes(tenant_key, None, tenant, field);
         Self {
-            aead: Xaes256Gcm::new(&(*k).into()),
+            aead: Xaes256Gcm::new(&k),
         }
     }
 
@@ -174,7 +171,7 @@ impl FieldCipher {
     ) -> Self {
         let k = derive_field_key_bytes(tenant_key, Some((subject, subject_key)), tenant, field);
         Self {
-            aead: Xaes256Gcm::new(&(*k).into()),
+            aead: Xaes256Gcm::new(&k),
         }
     }
 }
@@ -241,7 +238,7 @@ pub(crate) fn seal_with_nonce(
         .ok_or(CryptoError::Malformed("header"))?;
     let tag = cipher
         .aead
-        .encrypt_inout_detached(&(*nonce).into(), &ad, body.into())
+        .encrypt_in_place_detached(nonce, &ad, body)
         .map_err(|_| CryptoError::InvalidArgument("plaintext too long for AES-GCM".into()))?;
     out.extend_from_slice(&tag);
     Ok(out)
@@ -359,12 +356,7 @@ pub fn open(
     let mut buf = Zeroizing::new(envelope.ciphertext.to_vec());
     cipher
         .aead
-        .decrypt_inout_detached(
-            &envelope.nonce.into(),
-            &ad,
-            buf.as_mut_slice().into(),
-            &envelope.tag.into(),
-        )
+        .decrypt_in_place_detached(&envelope.nonce, &ad, buf.as_mut_slice(), &envelope.tag)
         .map_err(|_| CryptoError::AuthenticationFailed)?;
     Ok(buf)
 }

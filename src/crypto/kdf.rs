@@ -6,12 +6,9 @@
 
 use hkdf::Hkdf;
 use sha2::Sha256;
-use xaes_256_gcm::{
-    Xaes256Gcm,
-    aead::{AeadInOut, KeyInit},
-};
 use zeroize::Zeroizing;
 
+use super::xaes::Xaes256Gcm;
 use super::{CryptoError, KEY_LEN, SecretKey, envelope::NONCE_LEN, envelope::TAG_LEN};
 
 /// HKDF salt for per-field data keys.
@@ -70,7 +67,7 @@ fn subject_wrap_cipher(tenant_key: &SecretKey, tenant: &str) -> Xaes256Gcm {
     let expanded = Hkdf::<Sha256>::new(Some(SUBJECT_WRAP_SALT), tenant_key.expose())
         .expand_multi_info(&[&len16(t), t], okm.as_mut());
     debug_assert!(expanded.is_ok());
-    Xaes256Gcm::new(&(*okm).into())
+    Xaes256Gcm::new(&okm)
 }
 
 fn subject_wrap_ad(tenant: &str, subject: &str, wrap_version: u32) -> Vec<u8> {
@@ -109,7 +106,7 @@ pub fn wrap_subject_key(
         .get_mut(1 + NONCE_LEN..)
         .ok_or(CryptoError::Malformed("wrap"))?;
     let tag = cipher
-        .encrypt_inout_detached(&nonce.into(), &ad, body.into())
+        .encrypt_in_place_detached(&nonce, &ad, body)
         .map_err(|_| CryptoError::AuthenticationFailed)?;
     out.extend_from_slice(&tag);
     Ok(out)
@@ -150,7 +147,7 @@ pub fn unwrap_subject_key(
     let cipher = subject_wrap_cipher(tenant_key, tenant);
     let ad = subject_wrap_ad(tenant, subject, wrap_version);
     cipher
-        .decrypt_inout_detached(&nonce.into(), &ad, key.as_mut().into(), &tag.into())
+        .decrypt_in_place_detached(&nonce, &ad, key.as_mut(), &tag)
         .map_err(|_| CryptoError::AuthenticationFailed)?;
     Ok(SecretKey::from_bytes(&mut key))
 }

@@ -12,6 +12,7 @@ mod kdf;
 mod keys;
 #[cfg(test)]
 mod vectors;
+mod xaes;
 
 pub use envelope::{
     Aad, Envelope, FieldCipher, HEADER_LEN, MAX_PLAINTEXT_LEN, NONCE_LEN, OVERHEAD, Scope, TAG_LEN,
@@ -21,3 +22,4 @@ pub use error::CryptoError;
 pub use ids::{MAX_CONTEXT_LEN, MAX_ID_LEN, validate_id};
 pub use kdf::{SUBJECT_WRAPPED_LEN, unwrap_subject_key, wrap_subject_key};
 pub use keys::{Fingerprint, KEY_LEN, SecretKey};
+pub use xaes::{AeadError, Xaes256Gcm};

@@ -22,14 +22,10 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
-use xaes_256_gcm::{
-    Xaes256Gcm,
-    aead::{AeadInOut, KeyInit},
-};
 use zeroize::Zeroizing;
 
 use super::{DataKey, EncryptionContext, Kms, KmsError, WrappedKey};
-use crate::crypto::{KEY_LEN, SecretKey};
+use crate::crypto::{KEY_LEN, SecretKey, Xaes256Gcm};
 
 const FILE_FORMAT: &str = "fieldkey-local-kms/v1";
 const WRAP_FORMAT: u8 = 0x01;
@@ -100,7 +96,7 @@ fn kek(passphrase: &SecretString, salt: &[u8], p: KdfParams) -> Result<Xaes256Gc
     Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
         .hash_password_into(passphrase.expose_secret().as_bytes(), salt, out.as_mut())
         .map_err(|e| KmsError::Misconfigured(format!("Argon2id failed: {e}")))?;
-    Ok(Xaes256Gcm::new(&(*out).into()))
+    Ok(Xaes256Gcm::new(&out))
 }
 
 fn root_ad(key_id: &str) -> Vec<u8> {
@@ -140,7 +136,7 @@ impl LocalKms {
         let root = SecretKey::generate().map_err(rng_err)?;
         let mut body = Zeroizing::new(root.expose().to_vec());
         let tag = kek(passphrase, &salt, params)?
-            .encrypt_inout_detached(&nonce.into(), &root_ad(&key_id), body.as_mut_slice().into())
+            .encrypt_in_place_detached(&nonce, &root_ad(&key_id), body.as_mut_slice())
             .map_err(|_| KmsError::Misconfigured("cannot seal root key".into()))?;
         let mut wrapped = body.to_vec();
         wrapped.extend_from_slice(&tag);
@@ -162,7 +158,7 @@ impl LocalKms {
         tracing::warn!(path = %path.display(), key_id, "created a LOCAL development KMS root key; do not use in production");
         Ok(Self {
             key_id,
-            root: Xaes256Gcm::new(&(*root.expose()).into()),
+            root: Xaes256Gcm::new(root.expose()),
             path: path.into(),
         })
     }
@@ -212,19 +208,14 @@ impl LocalKms {
         let mut root = Zeroizing::new([0u8; KEY_LEN]);
         root.copy_from_slice(ct);
         kek(passphrase, &salt, params)?
-            .decrypt_inout_detached(
-                &nonce.into(),
-                &root_ad(&file.key_id),
-                root.as_mut().into(),
-                &tag.into(),
-            )
+            .decrypt_in_place_detached(&nonce, &root_ad(&file.key_id), root.as_mut(), &tag)
             .map_err(|_| {
                 KmsError::Misconfigured("wrong passphrase or corrupted local KMS file".into())
             })?;
         tracing::warn!(path = %path.display(), key_id = %file.key_id, "using the LOCAL development KMS: the root key is protected only by a passphrase; use AWS KMS in production");
         Ok(Self {
             key_id: file.key_id,
-            root: Xaes256Gcm::new(&(*root).into()),
+            root: Xaes256Gcm::new(&root),
             path: path.into(),
         })
     }
@@ -280,7 +271,7 @@ impl LocalKms {
             .ok_or(KmsError::InvalidCiphertext)?;
         let tag = self
             .root
-            .encrypt_inout_detached(&nonce.into(), &ad, body.into())
+            .encrypt_in_place_detached(&nonce, &ad, body)
             .map_err(|_| KmsError::InvalidCiphertext)?;
         out.extend_from_slice(&tag);
         Ok(WrappedKey::new(out))
@@ -363,12 +354,7 @@ impl Kms for LocalKms {
                 .ok_or(KmsError::InvalidCiphertext)?,
         );
         self.root
-            .decrypt_inout_detached(
-                &nonce.into(),
-                &self.wrap_ad(ctx),
-                key.as_mut().into(),
-                &tag.into(),
-            )
+            .decrypt_in_place_detached(&nonce, &self.wrap_ad(ctx), key.as_mut(), &tag)
             .map_err(|_| KmsError::InvalidCiphertext)?;
         Ok(SecretKey::from_bytes(&mut key))
     }
