@@ -176,13 +176,13 @@ proptest! {
 fn unmodified_envelopes_decrypt() {
     let w = world();
     assert_eq!(
-        &**w.rt
+        &*w.rt
             .block_on(w.keyring.decrypt(&tenant_aad(), &w.tenant_env))
             .unwrap(),
         b"tenant secret"
     );
     assert_eq!(
-        &**w.rt
+        &*w.rt
             .block_on(w.keyring.decrypt(&subject_aad(), &w.subject_env))
             .unwrap(),
         b"subject secret"

@@ -58,10 +58,10 @@ async fn tenant_scoped_round_trip_in_binary_and_text_form() -> Result<()> {
     assert_eq!(info.active_version(), Some(1));
     let a = aad("acme", None, "email", b"row:42");
     let env = f.keyring.encrypt(&a, b"alice@example.com").await?;
-    assert_eq!(&**f.keyring.decrypt(&a, &env).await?, b"alice@example.com");
+    assert_eq!(&*f.keyring.decrypt(&a, &env).await?, b"alice@example.com");
     let text = to_text(&env);
     assert_eq!(
-        &**f.keyring.decrypt(&a, text.as_bytes()).await?,
+        &*f.keyring.decrypt(&a, text.as_bytes()).await?,
         b"alice@example.com"
     );
     Ok(())
@@ -147,10 +147,10 @@ async fn rotation_moves_new_writes_and_keeps_old_versions_decryptable() -> Resul
         "new writes use v2 at once"
     );
     assert_eq!(fieldkey::crypto::Envelope::parse(&new_s)?.key_version(), 2);
-    assert_eq!(&**f.keyring.decrypt(&a, &old).await?, b"old");
-    assert_eq!(&**f.keyring.decrypt(&a, &new).await?, b"new");
-    assert_eq!(&**f.keyring.decrypt(&s, &old_s).await?, b"old-s");
-    assert_eq!(&**f.keyring.decrypt(&s, &new_s).await?, b"new-s");
+    assert_eq!(&*f.keyring.decrypt(&a, &old).await?, b"old");
+    assert_eq!(&*f.keyring.decrypt(&a, &new).await?, b"new");
+    assert_eq!(&*f.keyring.decrypt(&s, &old_s).await?, b"old-s");
+    assert_eq!(&*f.keyring.decrypt(&s, &new_s).await?, b"new-s");
     Ok(())
 }
 
@@ -197,7 +197,7 @@ async fn destroyed_version_gives_key_destroyed_and_refuses_new_writes() -> Resul
     // a rotation gives the tenant a usable key again; the old data stays shredded
     f.keyring.rotate_tenant("acme").await?;
     let env2 = f.keyring.encrypt(&a, b"y").await?;
-    assert_eq!(&**f.keyring.decrypt(&a, &env2).await?, b"y");
+    assert_eq!(&*f.keyring.decrypt(&a, &env2).await?, b"y");
     assert!(matches!(
         f.keyring.decrypt(&a, &env).await,
         Err(Error::KeyDestroyed { .. })
@@ -236,7 +236,7 @@ async fn suspended_tenant_refuses_both_directions_until_resumed() -> Result<()> 
         vec![KeyState::DecryptOnly, KeyState::Active],
         "previous states restored"
     );
-    assert_eq!(&**f.keyring.decrypt(&a, &env).await?, b"x");
+    assert_eq!(&*f.keyring.decrypt(&a, &env).await?, b"x");
     Ok(())
 }
 
@@ -267,12 +267,12 @@ async fn subject_suspend_resume_and_shred() -> Result<()> {
         Err(Error::KeySuspended { .. })
     ));
     assert_eq!(
-        &**f.keyring.decrypt(&bob, &eb).await?,
+        &*f.keyring.decrypt(&bob, &eb).await?,
         b"bob@x",
         "others unaffected"
     );
     f.keyring.resume_subject("acme", "alice").await?;
-    assert_eq!(&**f.keyring.decrypt(&alice, &ea).await?, b"alice@x");
+    assert_eq!(&*f.keyring.decrypt(&alice, &ea).await?, b"alice@x");
 
     assert!(f.keyring.destroy_subject("acme", "alice").await?);
     assert!(!f.keyring.destroy_subject("acme", "alice").await?);
@@ -294,7 +294,7 @@ async fn subject_suspend_resume_and_shred() -> Result<()> {
         f.keyring.resume_subject("acme", "alice").await,
         Err(Error::KeyDestroyed { .. })
     ));
-    assert_eq!(&**f.keyring.decrypt(&bob, &eb).await?, b"bob@x");
+    assert_eq!(&*f.keyring.decrypt(&bob, &eb).await?, b"bob@x");
 
     // the wrapped material is gone from the database itself
     use sqlx::{Connection, Row};
@@ -355,7 +355,7 @@ async fn concurrent_cache_misses_make_exactly_one_kms_call() -> Result<()> {
         }));
     }
     for t in tasks {
-        assert_eq!(&**t.await??, b"x");
+        assert_eq!(&*t.await??, b"x");
     }
     assert_eq!(
         f.kms.unwrap_calls() - before,
@@ -381,7 +381,7 @@ async fn state_changes_on_another_replica_are_enforced_within_revalidate_after()
     a.create_tenant("acme", None).await?;
     let s = aad("acme", Some("alice"), "email", b"");
     let env = a.encrypt(&s, b"x").await?;
-    assert_eq!(&**b.decrypt(&s, &env).await?, b"x", "b has it cached now");
+    assert_eq!(&*b.decrypt(&s, &env).await?, b"x", "b has it cached now");
     a.destroy_subject("acme", "alice").await?;
     let start = std::time::Instant::now();
     loop {
@@ -432,12 +432,12 @@ async fn cached_keys_keep_serving_through_a_key_store_outage() -> Result<()> {
     );
     tokio::time::sleep(Duration::from_millis(100)).await; // metadata is now past revalidate_after
     assert_eq!(
-        &**k.decrypt(&a, &env).await?,
+        &*k.decrypt(&a, &env).await?,
         b"x",
         "cached tenant keeps decrypting"
     );
     let env2 = k.encrypt(&a, b"y").await?;
-    assert_eq!(&**k.decrypt(&a, &env2).await?, b"y", "and encrypting");
+    assert_eq!(&*k.decrypt(&a, &env2).await?, b"y", "and encrypting");
     // an uncached tenant cannot be served
     let r = k.encrypt(&aad("other", None, "email", b""), b"z").await;
     assert!(

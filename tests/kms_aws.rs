@@ -122,7 +122,7 @@ async fn keyring_over_aws_kms_with_bring_your_own_key_per_tenant() -> Result<()>
         context: b"",
     };
     let env = k.encrypt(&a, b"hello").await?;
-    assert_eq!(&**k.decrypt(&a, &env).await?, b"hello");
+    assert_eq!(&*k.decrypt(&a, &env).await?, b"hello");
     Ok(())
 }
 
@@ -363,9 +363,9 @@ async fn cached_keys_keep_serving_while_the_kms_is_down() -> Result<()> {
     };
     let env = k.encrypt(&a, b"before outage").await?;
     proxy.stop().await; // the KMS endpoint is gone
-    assert_eq!(&**k.decrypt(&a, &env).await?, b"before outage");
+    assert_eq!(&*k.decrypt(&a, &env).await?, b"before outage");
     let env2 = k.encrypt(&a, b"during outage").await?;
-    assert_eq!(&**k.decrypt(&a, &env2).await?, b"during outage");
+    assert_eq!(&*k.decrypt(&a, &env2).await?, b"during outage");
     // a tenant whose key is not cached cannot be served, with a clear KMS error
     let r = k
         .encrypt(

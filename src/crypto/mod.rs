@@ -15,8 +15,8 @@ mod vectors;
 mod xaes;
 
 pub use envelope::{
-    Aad, Envelope, FieldCipher, HEADER_LEN, MAX_PLAINTEXT_LEN, NONCE_LEN, OVERHEAD, Scope, TAG_LEN,
-    TEXT_PREFIX, decode_any, open, seal, to_text,
+    Aad, Envelope, FieldCipher, HEADER_LEN, MAX_PLAINTEXT_LEN, NONCE_LEN, OVERHEAD, Plaintext,
+    Scope, TAG_LEN, TEXT_PREFIX, decode_any, open, seal, to_text,
 };
 pub use error::CryptoError;
 pub use ids::{MAX_CONTEXT_LEN, MAX_ID_LEN, validate_id};

@@ -393,7 +393,7 @@ fn envelope_v1_vectors() {
         assert_eq!(to_text(&env), s(v, "text"), "{name}: text form");
         let from_text = decode_any(s(v, "text").as_bytes()).unwrap();
         let opened = open(&cipher, &Envelope::parse(&from_text).unwrap(), &a).unwrap();
-        assert_eq!(&**opened, pt.as_slice(), "{name}: plaintext");
+        assert_eq!(&*opened, pt.as_slice(), "{name}: plaintext");
     }
     for v in invalid {
         let name = s(v, "name");

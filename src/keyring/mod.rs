@@ -20,11 +20,10 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use tokio::sync::Mutex;
-use zeroize::Zeroizing;
 
 use crate::cache::{CacheConfig, KeyCache, Snapshot, SubjectEntry, TenantEntry, VersionEntry};
 use crate::crypto::{
-    self, Aad, Envelope, FieldCipher, Scope, SecretKey, unwrap_subject_key, validate_id,
+    self, Aad, Envelope, FieldCipher, Plaintext, Scope, SecretKey, unwrap_subject_key, validate_id,
     wrap_subject_key,
 };
 use crate::error::{Error, Result};
@@ -396,7 +395,7 @@ impl Keyring {
     /// altered byte; [`Error::UnknownKeyVersion`]; [`Error::KeyDestroyed`];
     /// [`Error::KeySuspended`]; [`Error::TenantNotFound`]; [`Error::SubjectNotFound`];
     /// [`Error::Kms`] / [`Error::Store`] on a cache miss during an outage.
-    pub async fn decrypt(&self, aad: &Aad<'_>, envelope: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
+    pub async fn decrypt(&self, aad: &Aad<'_>, envelope: &[u8]) -> Result<Plaintext> {
         let bytes = crypto::decode_any(envelope)?;
         let env = Envelope::parse(&bytes)?;
         aad.validate()?;
