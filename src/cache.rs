@@ -129,12 +129,21 @@ impl TenantEntry {
         w.entry(version).or_default().clone()
     }
 
-    /// Drops (and so zeroizes, once unused) the cached key of `version`.
-    pub fn forget_version(&self, version: u32) {
-        self.versions
-            .write()
+    /// Drops (and so zeroizes, once unused) the cached key of `version`. Returns
+    /// whether there was one.
+    pub fn forget_version(&self, version: u32) -> bool {
+        let present = self
+            .versions
+            .read()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(&version);
+            .contains_key(&version);
+        if present {
+            self.versions
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&version);
+        }
+        present
     }
 }
 
@@ -283,6 +292,11 @@ impl KeyCache {
     /// Drops a tenant's entry and all its subjects' entries (keys zeroized once unused).
     pub async fn invalidate_tenant(&self, tenant: &str) {
         self.tenants.invalidate(tenant).await;
+        self.invalidate_subjects_of(tenant).await;
+    }
+
+    /// Drops the entries of every subject of `tenant`.
+    pub async fn invalidate_subjects_of(&self, tenant: &str) {
         let t = tenant.to_owned();
         // Subjects of the tenant: moka's invalidate_entries_if needs a closure-enabled
         // cache; a scan is fine here (administrative path, bounded cache).

@@ -522,10 +522,16 @@ impl Keyring {
             .await?
         {
             Fresh::Found(snap) => {
+                let mut newly_destroyed = false;
                 for v in &snap.record.versions {
                     if v.state == KeyState::Destroyed {
-                        entry.forget_version(v.version);
+                        newly_destroyed |= entry.forget_version(v.version);
                     }
+                }
+                if newly_destroyed {
+                    // Subject entries hold ciphers derived from that version: drop them
+                    // too, so no derived copy of a destroyed key stays in memory.
+                    self.cache.invalidate_subjects_of(tenant).await;
                 }
                 Ok(snap)
             }
@@ -550,6 +556,16 @@ impl Keyring {
             })
             .await?
         {
+            Fresh::Found(snap) if snap.record.state == KeyState::Destroyed => {
+                // Shredded (possibly on another replica): drop the cached entry so its
+                // unwrapped key is wiped, and report the tombstone.
+                self.cache.invalidate_subject(tenant, subject).await;
+                Err(Error::KeyDestroyed {
+                    tenant: tenant.to_owned(),
+                    scope: Scope::Subject,
+                    version: None,
+                })
+            }
             Fresh::Found(snap) => Ok(snap),
             Fresh::Gone => {
                 self.cache.invalidate_subject(tenant, subject).await;
