@@ -115,7 +115,7 @@ if [ -n "${FIELDKEY_TEST_DATABASE_URL:-}" ]; then
 elif [ -z "${FIELDKEY_TEST_THROWAWAY_PG:-}" ] && pg_answers "postgres://postgres@127.0.0.1:5432/test"; then
     export FIELDKEY_TEST_DATABASE_URL="postgres://postgres@127.0.0.1:5432/test"
 else
-    log "no PostgreSQL on 127.0.0.1:5432; starting a throwaway cluster"
+    log "no PostgreSQL on 127.0.0.1:5432 (or FIELDKEY_TEST_THROWAWAY_PG set); starting a throwaway cluster"
     start_throwaway_pg || { log "FAIL: no PostgreSQL server could be had; PostgreSQL tests cannot run"; exit 1; }
 fi
 log "PostgreSQL at $FIELDKEY_TEST_DATABASE_URL"
