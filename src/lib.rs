@@ -16,7 +16,9 @@ pub mod crypto;
 pub mod error;
 pub mod keyring;
 pub mod kms;
+pub mod service;
 pub mod store;
+pub mod transport;
 
 pub use error::{Error, Result};
 pub use keyring::{Keyring, KeyringConfig};

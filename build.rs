@@ -1,0 +1,14 @@
+//! Compiles proto/ with protox (pure Rust: no protoc needed) and generates the tonic
+//! server and client code, plus the descriptor set served by gRPC reflection.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=proto");
+    let fds = protox::compile(["fieldkey/v1/fieldkey.proto"], ["proto"])?;
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(
+        out.join("fieldkey_descriptor.bin"),
+        prost::Message::encode_to_vec(&fds),
+    )?;
+    tonic_prost_build::configure().compile_fds(fds)?;
+    Ok(())
+}

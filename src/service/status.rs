@@ -1,0 +1,187 @@
+//! The one mapping from keyring errors to gRPC statuses.
+//!
+//! Each [`Error`] variant gets a status code and a stable reason string (sent as the
+//! `fieldkey-error` metadata entry, and as `ItemError.reason` in batches). The message is
+//! the error's `Display`, which names the problem and never contains key bytes,
+//! plaintext or subject ids. Unexpected errors become INTERNAL with a generic message
+//! and are logged in full on the server side only.
+
+use tonic::{Code, Status};
+
+use crate::error::Error;
+use crate::kms::KmsError;
+use crate::store::StoreError;
+
+/// Metadata key carrying the machine-readable reason.
+pub const REASON_KEY: &str = "fieldkey-error";
+
+/// Status code and stable reason for an error.
+pub fn classify(e: &Error) -> (Code, &'static str) {
+    match e {
+        Error::InvalidArgument(_) => (Code::InvalidArgument, "INVALID_ARGUMENT"),
+        Error::MalformedEnvelope(_) => (Code::InvalidArgument, "MALFORMED_CIPHERTEXT"),
+        Error::ScopeMismatch { .. } => (Code::InvalidArgument, "SCOPE_MISMATCH"),
+        Error::AuthenticationFailed => (Code::DataLoss, "AUTHENTICATION_FAILED"),
+        Error::TenantNotFound { .. } => (Code::NotFound, "TENANT_NOT_FOUND"),
+        Error::SubjectNotFound { .. } => (Code::NotFound, "SUBJECT_NOT_FOUND"),
+        Error::UnknownKeyVersion { .. } => (Code::NotFound, "UNKNOWN_KEY_VERSION"),
+        Error::KeyDestroyed { .. } => (Code::FailedPrecondition, "KEY_DESTROYED"),
+        Error::KeySuspended { .. } => (Code::FailedPrecondition, "KEY_SUSPENDED"),
+        Error::Kms(k) => match k {
+            KmsError::Unavailable(_) | KmsError::Timeout => (Code::Unavailable, "KMS_UNAVAILABLE"),
+            KmsError::Throttled => (Code::ResourceExhausted, "KMS_THROTTLED"),
+            KmsError::KeyDisabled { .. }
+            | KmsError::KeyInvalidState { .. }
+            | KmsError::KeyNotFound { .. }
+            | KmsError::AccessDenied { .. } => (Code::FailedPrecondition, "KMS_KEY_UNUSABLE"),
+            _ => (Code::Internal, "INTERNAL"),
+        },
+        Error::Store(StoreError::Unavailable(_)) => (Code::Unavailable, "STORE_UNAVAILABLE"),
+        _ => (Code::Internal, "INTERNAL"),
+    }
+}
+
+/// The message a caller sees: the error's own text, or a generic one for INTERNAL
+/// (whose details are logged here).
+pub fn public_message(e: &Error, code: Code) -> String {
+    if code == Code::Internal {
+        tracing::error!(error = ?e, "internal error");
+        "internal error (details are in the fieldkey log)".to_owned()
+    } else {
+        e.to_string()
+    }
+}
+
+/// Maps a keyring error to the status returned to the caller.
+pub fn to_status(e: &Error) -> Status {
+    let (code, reason) = classify(e);
+    let mut status = Status::new(code, public_message(e, code));
+    status.metadata_mut().insert(
+        REASON_KEY,
+        tonic::metadata::MetadataValue::from_static(reason),
+    );
+    status
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests fail by panicking")]
+mod tests {
+    use super::*;
+    use crate::crypto::{CryptoError, Scope};
+
+    /// Pins the mapping: a change here is an API change.
+    #[test]
+    fn every_error_has_a_pinned_status() {
+        let t = || "acme".to_owned();
+        let cases: Vec<(Error, Code, &str)> = vec![
+            (
+                Error::InvalidArgument("x".into()),
+                Code::InvalidArgument,
+                "INVALID_ARGUMENT",
+            ),
+            (
+                Error::MalformedEnvelope(CryptoError::Malformed("m")),
+                Code::InvalidArgument,
+                "MALFORMED_CIPHERTEXT",
+            ),
+            (
+                Error::ScopeMismatch {
+                    envelope: Scope::Subject,
+                    request: Scope::Tenant,
+                },
+                Code::InvalidArgument,
+                "SCOPE_MISMATCH",
+            ),
+            (
+                Error::AuthenticationFailed,
+                Code::DataLoss,
+                "AUTHENTICATION_FAILED",
+            ),
+            (
+                Error::TenantNotFound { tenant: t() },
+                Code::NotFound,
+                "TENANT_NOT_FOUND",
+            ),
+            (
+                Error::SubjectNotFound { tenant: t() },
+                Code::NotFound,
+                "SUBJECT_NOT_FOUND",
+            ),
+            (
+                Error::UnknownKeyVersion {
+                    tenant: t(),
+                    version: 9,
+                },
+                Code::NotFound,
+                "UNKNOWN_KEY_VERSION",
+            ),
+            (
+                Error::KeyDestroyed {
+                    tenant: t(),
+                    scope: Scope::Subject,
+                    version: None,
+                },
+                Code::FailedPrecondition,
+                "KEY_DESTROYED",
+            ),
+            (
+                Error::KeySuspended {
+                    tenant: t(),
+                    scope: Scope::Tenant,
+                    version: Some(1),
+                },
+                Code::FailedPrecondition,
+                "KEY_SUSPENDED",
+            ),
+            (
+                Error::Kms(KmsError::Timeout),
+                Code::Unavailable,
+                "KMS_UNAVAILABLE",
+            ),
+            (
+                Error::Kms(KmsError::Throttled),
+                Code::ResourceExhausted,
+                "KMS_THROTTLED",
+            ),
+            (
+                Error::Kms(KmsError::KeyDisabled { key_id: "k".into() }),
+                Code::FailedPrecondition,
+                "KMS_KEY_UNUSABLE",
+            ),
+            (
+                Error::Kms(KmsError::AccessDenied { key_id: "k".into() }),
+                Code::FailedPrecondition,
+                "KMS_KEY_UNUSABLE",
+            ),
+            (
+                Error::Kms(KmsError::InvalidCiphertext),
+                Code::Internal,
+                "INTERNAL",
+            ),
+            (
+                Error::Store(StoreError::Corrupt("x".into())),
+                Code::Internal,
+                "INTERNAL",
+            ),
+            (
+                Error::Internal("secret detail".into()),
+                Code::Internal,
+                "INTERNAL",
+            ),
+        ];
+        for (e, code, reason) in cases {
+            let s = to_status(&e);
+            assert_eq!(s.code(), code, "{e:?}");
+            assert_eq!(
+                s.metadata().get(REASON_KEY).unwrap().to_str().unwrap(),
+                reason
+            );
+            if code == Code::Internal {
+                assert!(
+                    !s.message().contains("secret"),
+                    "internal details stay in the log"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,95 @@
+//! Listeners: plaintext gRPC on loopback TCP and on a Unix socket, for the application
+//! in the same pod.
+//!
+//! Owns: binding, serving and graceful shutdown (stop accepting, drain in-flight calls).
+//! Must not: interpret requests (the service does).
+
+use std::future::Future;
+use std::path::Path;
+
+use tokio::net::{TcpListener, UnixListener};
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tonic::service::Routes;
+use tonic::transport::Server;
+
+/// Why a listener failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransportError {
+    /// The address or socket path could not be bound.
+    #[error("cannot listen on {what}: {source}")]
+    Bind {
+        /// Address or path.
+        what: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The gRPC server failed.
+    #[error("gRPC server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+fn server() -> Server {
+    Server::builder().tcp_nodelay(true)
+}
+
+/// Binds a TCP listener (use a loopback address for the in-pod API).
+///
+/// # Errors
+/// [`TransportError::Bind`].
+pub async fn bind_tcp(addr: &str) -> Result<TcpListener, TransportError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| TransportError::Bind {
+            what: addr.to_owned(),
+            source,
+        })
+}
+
+/// Binds a Unix socket at `path`, replacing a stale socket file left by a previous run.
+///
+/// # Errors
+/// [`TransportError::Bind`].
+pub fn bind_unix(path: &Path) -> Result<UnixListener, TransportError> {
+    let bind_err = |source| TransportError::Bind {
+        what: path.display().to_string(),
+        source,
+    };
+    if path.exists() {
+        std::fs::remove_file(path).map_err(bind_err)?;
+    }
+    UnixListener::bind(path).map_err(bind_err)
+}
+
+/// Serves `routes` on `listener` until `shutdown` completes, then drains in-flight calls.
+///
+/// # Errors
+/// [`TransportError::Serve`].
+pub async fn serve_tcp(
+    routes: Routes,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), TransportError> {
+    server()
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}
+
+/// Serves `routes` on a Unix socket until `shutdown` completes, then drains.
+///
+/// # Errors
+/// [`TransportError::Serve`].
+pub async fn serve_unix(
+    routes: Routes,
+    listener: UnixListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), TransportError> {
+    server()
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}
