@@ -18,6 +18,9 @@ pub enum Error {
     /// A caller-supplied argument is invalid (id syntax, sizes).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// A value exceeds the configured size limit for one field.
+    #[error("value too large: {0}")]
+    TooLarge(String),
     /// The ciphertext is not a well-formed fieldkey envelope, or uses a format version
     /// or suite this build does not implement.
     #[error("{0}")]

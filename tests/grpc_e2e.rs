@@ -15,6 +15,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Result;
+use fieldkey::config::Limits;
 use fieldkey::kms::Kms;
 use fieldkey::service::pb::crypto_client::CryptoClient;
 use fieldkey::service::pb::keys_client::KeysClient;
@@ -36,8 +37,16 @@ struct Server {
 
 impl Server {
     async fn start(store: Arc<dyn KeyStore>, kms: Arc<dyn Kms>) -> Result<Self> {
+        Self::start_with(store, kms, Limits::default()).await
+    }
+
+    async fn start_with(
+        store: Arc<dyn KeyStore>,
+        kms: Arc<dyn Kms>,
+        limits: Limits,
+    ) -> Result<Self> {
         let keyring = Arc::new(Keyring::new(store, kms, KeyringConfig::default()));
-        let routes = fieldkey::service::routes(keyring).await?;
+        let routes = fieldkey::service::routes(keyring, &limits).await?;
         let listener = fieldkey::transport::bind_tcp("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -412,7 +421,7 @@ async fn unix_socket_round_trip() -> Result<()> {
         KeyringConfig::default(),
     ));
     keyring.create_tenant("acme", None).await?;
-    let routes = fieldkey::service::routes(keyring).await?;
+    let routes = fieldkey::service::routes(keyring, &Limits::default()).await?;
     let path = dir.path().join("fieldkey.sock");
     let listener = fieldkey::transport::bind_unix(&path)?;
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -496,4 +505,176 @@ async fn decrypt_after_restart_with_postgres_store() -> Result<()> {
     let b: Arc<dyn KeyStore> = Arc::new(SqlStore::connect_postgres(&db.dsn).await?);
     restart_round_trip(a, b, &dir).await?;
     db.drop_db().await
+}
+
+// ------------------------------------------------------------------ limits
+
+async fn limited(dir: &tempfile::TempDir, limits: Limits, kms_delay_ms: u64) -> Result<Server> {
+    let store: Arc<dyn KeyStore> =
+        Arc::new(SqlStore::open_sqlite(&dir.path().join("keys.db")).await?);
+    // Create the tenants through a separate keyring so the server starts cold.
+    let setup = Keyring::new(
+        store.clone(),
+        common::local_kms(dir)?,
+        KeyringConfig::default(),
+    );
+    setup.create_tenant("acme", None).await?;
+    let kms = common::CountingKms::with_delay(
+        common::local_kms(dir)?,
+        std::time::Duration::from_millis(kms_delay_ms),
+    );
+    Server::start_with(store, kms, limits).await
+}
+
+#[tokio::test]
+async fn oversized_request_message_is_out_of_range() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = limited(
+        &dir,
+        Limits {
+            max_message_bytes: 64 * 1024,
+            ..Limits::default()
+        },
+        0,
+    )
+    .await?;
+    let mut c = CryptoClient::new(server.channel().await?);
+    let err = c
+        .encrypt(enc("acme", "", "f", b"", &vec![7u8; 100 * 1024]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    server.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn too_many_batch_items_are_refused_whole() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = limited(
+        &dir,
+        Limits {
+            max_batch_items: 3,
+            ..Limits::default()
+        },
+        0,
+    )
+    .await?;
+    let mut c = CryptoClient::new(server.channel().await?);
+    let items = (0..4).map(|_| enc("acme", "", "f", b"", b"x")).collect();
+    let err = c
+        .encrypt_batch(EncryptBatchRequest { items })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::InvalidArgument, "BATCH_TOO_LARGE")
+    );
+    let items = (0..3).map(|_| enc("acme", "", "f", b"", b"x")).collect();
+    assert_eq!(
+        c.encrypt_batch(EncryptBatchRequest { items })
+            .await?
+            .into_inner()
+            .results
+            .len(),
+        3
+    );
+    server.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn oversized_field_value_is_refused_per_item() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = limited(
+        &dir,
+        Limits {
+            max_field_bytes: 16,
+            ..Limits::default()
+        },
+        0,
+    )
+    .await?;
+    let mut c = CryptoClient::new(server.channel().await?);
+    let err = c
+        .encrypt(enc("acme", "", "f", b"", &[1u8; 17]))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::InvalidArgument, "VALUE_TOO_LARGE")
+    );
+    let items = vec![
+        enc("acme", "", "f", b"", &[1u8; 16]),
+        enc("acme", "", "f", b"", &[1u8; 17]),
+    ];
+    let r = c
+        .encrypt_batch(EncryptBatchRequest { items })
+        .await?
+        .into_inner()
+        .results;
+    assert!(matches!(r[0].result, Some(encrypt_result::Result::Ok(_))));
+    assert!(
+        matches!(&r[1].result, Some(encrypt_result::Result::Error(e)) if e.reason == "VALUE_TOO_LARGE")
+    );
+    server.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_call_past_the_server_deadline_is_deadline_exceeded() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    // a cold cache and a KMS that takes 600 ms against a 150 ms deadline
+    let server = limited(
+        &dir,
+        Limits {
+            request_timeout_ms: 150,
+            ..Limits::default()
+        },
+        600,
+    )
+    .await?;
+    let mut c = CryptoClient::new(server.channel().await?);
+    let started = std::time::Instant::now();
+    let err = c
+        .encrypt(enc("acme", "", "f", b"", b"x"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::DeadlineExceeded, "DEADLINE_EXCEEDED")
+    );
+    assert!(started.elapsed() < std::time::Duration::from_millis(550));
+    server.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn calls_beyond_the_concurrency_limit_are_refused_at_once() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = limited(
+        &dir,
+        Limits {
+            max_concurrent_requests: 1,
+            ..Limits::default()
+        },
+        400,
+    )
+    .await?;
+    let ch = server.channel().await?;
+    let mut a = CryptoClient::new(ch.clone());
+    let mut b = CryptoClient::new(ch);
+    let first = tokio::spawn(async move { a.encrypt(enc("acme", "", "f", b"", b"x")).await });
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await; // first is waiting on the KMS
+    let err = b
+        .encrypt(enc("acme", "", "f", b"", b"y"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::ResourceExhausted, "TOO_MANY_REQUESTS")
+    );
+    assert!(first.await?.is_ok(), "the call in flight completes");
+    server.stop().await;
+    Ok(())
 }

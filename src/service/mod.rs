@@ -6,11 +6,14 @@
 
 pub mod status;
 
+use std::future::Future;
 use std::sync::Arc;
 
-use tonic::{Request, Response, Status};
+use tokio::sync::Semaphore;
+use tonic::{Code, Request, Response, Status};
 use zeroize::Zeroize as _;
 
+use crate::config::Limits;
 use crate::crypto::{Aad, Envelope, to_text};
 use crate::error::Error;
 use crate::keyring::{Keyring, TenantInfo};
@@ -55,19 +58,90 @@ fn item_error(e: &Error) -> ItemError {
     }
 }
 
+/// Limits shared by every handler: calls in flight and the per-call deadline.
+#[derive(Debug, Clone)]
+pub struct Guard {
+    limits: Limits,
+    inflight: Arc<Semaphore>,
+}
+
+impl Guard {
+    /// A guard enforcing `limits`.
+    pub fn new(limits: Limits) -> Self {
+        let inflight = Arc::new(Semaphore::new(limits.max_concurrent_requests));
+        Self { limits, inflight }
+    }
+
+    /// Runs a handler under the concurrency limit (refusing at once when full) and the
+    /// deadline.
+    async fn run<T>(&self, fut: impl Future<Output = Result<T, Status>>) -> Result<T, Status> {
+        let _permit = self.inflight.clone().try_acquire_owned().map_err(|_| {
+            status::limit_status(
+                Code::ResourceExhausted,
+                "TOO_MANY_REQUESTS",
+                format!(
+                    "{} calls already in flight; retry later",
+                    self.limits.max_concurrent_requests
+                ),
+            )
+        })?;
+        tokio::time::timeout(self.limits.request_timeout(), fut)
+            .await
+            .map_err(|_| {
+                status::limit_status(
+                    Code::DeadlineExceeded,
+                    "DEADLINE_EXCEEDED",
+                    format!(
+                        "call exceeded the server deadline of {} ms",
+                        self.limits.request_timeout_ms
+                    ),
+                )
+            })?
+    }
+
+    fn check_batch(&self, n: usize) -> Result<(), Status> {
+        if n > self.limits.max_batch_items {
+            return Err(status::limit_status(
+                Code::InvalidArgument,
+                "BATCH_TOO_LARGE",
+                format!(
+                    "batch has {n} items; the limit is {}",
+                    self.limits.max_batch_items
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_field(&self, what: &str, len: usize) -> Result<(), Error> {
+        if len > self.limits.max_field_bytes {
+            return Err(Error::TooLarge(format!(
+                "{what} is {len} bytes; the limit is {}",
+                self.limits.max_field_bytes
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// The `fieldkey.v1.Crypto` service.
 #[derive(Debug, Clone)]
 pub struct CryptoService {
     keyring: Arc<Keyring>,
+    guard: Guard,
 }
 
 impl CryptoService {
-    /// A service over `keyring`.
-    pub fn new(keyring: Arc<Keyring>) -> Self {
-        Self { keyring }
+    /// A service over `keyring`, enforcing `guard`'s limits.
+    pub fn new(keyring: Arc<Keyring>, guard: Guard) -> Self {
+        Self { keyring, guard }
     }
 
     async fn encrypt_one(&self, mut r: EncryptRequest) -> Result<EncryptResponse, Error> {
+        if let Err(e) = self.guard.check_field("plaintext", r.plaintext.len()) {
+            r.plaintext.zeroize();
+            return Err(e);
+        }
         let aad = Aad {
             tenant: &r.tenant_id,
             subject: subject(&r.subject_id),
@@ -90,6 +164,7 @@ impl CryptoService {
     }
 
     async fn decrypt_one(&self, r: DecryptRequest) -> Result<DecryptResponse, Error> {
+        self.guard.check_field("ciphertext", r.ciphertext.len())?;
         let aad = Aad {
             tenant: &r.tenant_id,
             subject: subject(&r.subject_id),
@@ -114,20 +189,24 @@ impl pb::crypto_server::Crypto for CryptoService {
         &self,
         req: Request<EncryptRequest>,
     ) -> Result<Response<EncryptResponse>, Status> {
-        self.encrypt_one(req.into_inner())
-            .await
-            .map(Response::new)
-            .map_err(|e| status::to_status(&e))
+        let fut = async {
+            self.encrypt_one(req.into_inner())
+                .await
+                .map_err(|e| status::to_status(&e))
+        };
+        self.guard.run(fut).await.map(Response::new)
     }
 
     async fn decrypt(
         &self,
         req: Request<DecryptRequest>,
     ) -> Result<Response<DecryptResponse>, Status> {
-        self.decrypt_one(req.into_inner())
-            .await
-            .map(Response::new)
-            .map_err(|e| status::to_status(&e))
+        let fut = async {
+            self.decrypt_one(req.into_inner())
+                .await
+                .map_err(|e| status::to_status(&e))
+        };
+        self.guard.run(fut).await.map(Response::new)
     }
 
     async fn encrypt_batch(
@@ -135,17 +214,21 @@ impl pb::crypto_server::Crypto for CryptoService {
         req: Request<EncryptBatchRequest>,
     ) -> Result<Response<EncryptBatchResponse>, Status> {
         let items = req.into_inner().items;
-        let mut results = Vec::with_capacity(items.len());
-        for item in items {
-            let result = match self.encrypt_one(item).await {
-                Ok(ok) => encrypt_result::Result::Ok(ok),
-                Err(e) => encrypt_result::Result::Error(item_error(&e)),
-            };
-            results.push(EncryptResult {
-                result: Some(result),
-            });
-        }
-        Ok(Response::new(EncryptBatchResponse { results }))
+        self.guard.check_batch(items.len())?;
+        let fut = async {
+            let mut results = Vec::with_capacity(items.len());
+            for item in items {
+                let result = match self.encrypt_one(item).await {
+                    Ok(ok) => encrypt_result::Result::Ok(ok),
+                    Err(e) => encrypt_result::Result::Error(item_error(&e)),
+                };
+                results.push(EncryptResult {
+                    result: Some(result),
+                });
+            }
+            Ok(EncryptBatchResponse { results })
+        };
+        self.guard.run(fut).await.map(Response::new)
     }
 
     async fn decrypt_batch(
@@ -153,17 +236,21 @@ impl pb::crypto_server::Crypto for CryptoService {
         req: Request<DecryptBatchRequest>,
     ) -> Result<Response<DecryptBatchResponse>, Status> {
         let items = req.into_inner().items;
-        let mut results = Vec::with_capacity(items.len());
-        for item in items {
-            let result = match self.decrypt_one(item).await {
-                Ok(ok) => decrypt_result::Result::Ok(ok),
-                Err(e) => decrypt_result::Result::Error(item_error(&e)),
-            };
-            results.push(DecryptResult {
-                result: Some(result),
-            });
-        }
-        Ok(Response::new(DecryptBatchResponse { results }))
+        self.guard.check_batch(items.len())?;
+        let fut = async {
+            let mut results = Vec::with_capacity(items.len());
+            for item in items {
+                let result = match self.decrypt_one(item).await {
+                    Ok(ok) => decrypt_result::Result::Ok(ok),
+                    Err(e) => decrypt_result::Result::Error(item_error(&e)),
+                };
+                results.push(DecryptResult {
+                    result: Some(result),
+                });
+            }
+            Ok(DecryptBatchResponse { results })
+        };
+        self.guard.run(fut).await.map(Response::new)
     }
 }
 
@@ -171,13 +258,18 @@ impl pb::crypto_server::Crypto for CryptoService {
 #[derive(Debug, Clone)]
 pub struct KeysService {
     keyring: Arc<Keyring>,
+    guard: Guard,
 }
 
 impl KeysService {
-    /// A service over `keyring`.
-    pub fn new(keyring: Arc<Keyring>) -> Self {
-        Self { keyring }
+    /// A service over `keyring`, enforcing `guard`'s limits.
+    pub fn new(keyring: Arc<Keyring>, guard: Guard) -> Self {
+        Self { keyring, guard }
     }
+}
+
+fn tenant_reply(r: Result<TenantInfo, Error>) -> Result<pb::Tenant, Status> {
+    r.map(tenant_pb).map_err(|e| status::to_status(&e))
 }
 
 fn key_state(s: KeyState) -> pb::KeyState {
@@ -218,33 +310,30 @@ impl pb::keys_server::Keys for KeysService {
     ) -> Result<Response<pb::Tenant>, Status> {
         let r = req.into_inner();
         let kms_key = (!r.kms_key_id.is_empty()).then_some(r.kms_key_id.as_str());
-        self.keyring
-            .create_tenant(&r.tenant_id, kms_key)
-            .await
-            .map(|t| Response::new(tenant_pb(t)))
-            .map_err(|e| status::to_status(&e))
+        let fut = async { tenant_reply(self.keyring.create_tenant(&r.tenant_id, kms_key).await) };
+        self.guard.run(fut).await.map(Response::new)
     }
 
     async fn get_tenant(
         &self,
         req: Request<GetTenantRequest>,
     ) -> Result<Response<pb::Tenant>, Status> {
-        self.keyring
-            .tenant(&req.into_inner().tenant_id)
-            .await
-            .map(|t| Response::new(tenant_pb(t)))
-            .map_err(|e| status::to_status(&e))
+        let fut = async { tenant_reply(self.keyring.tenant(&req.into_inner().tenant_id).await) };
+        self.guard.run(fut).await.map(Response::new)
     }
 
     async fn rotate_tenant_key(
         &self,
         req: Request<RotateTenantKeyRequest>,
     ) -> Result<Response<pb::Tenant>, Status> {
-        self.keyring
-            .rotate_tenant(&req.into_inner().tenant_id)
-            .await
-            .map(|t| Response::new(tenant_pb(t)))
-            .map_err(|e| status::to_status(&e))
+        let fut = async {
+            tenant_reply(
+                self.keyring
+                    .rotate_tenant(&req.into_inner().tenant_id)
+                    .await,
+            )
+        };
+        self.guard.run(fut).await.map(Response::new)
     }
 }
 
@@ -252,7 +341,11 @@ impl pb::keys_server::Keys for KeysService {
 ///
 /// # Errors
 /// Only if the embedded descriptor set is invalid (a build error).
-pub async fn routes(keyring: Arc<Keyring>) -> Result<tonic::service::Routes, Error> {
+pub async fn routes(
+    keyring: Arc<Keyring>,
+    limits: &Limits,
+) -> Result<tonic::service::Routes, Error> {
+    let guard = Guard::new(limits.clone());
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
         .set_serving::<pb::crypto_server::CryptoServer<CryptoService>>()
@@ -265,12 +358,14 @@ pub async fn routes(keyring: Arc<Keyring>) -> Result<tonic::service::Routes, Err
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| Error::Internal(format!("reflection descriptor: {e}")))?;
-    Ok(
-        tonic::service::Routes::new(pb::crypto_server::CryptoServer::new(CryptoService::new(
-            keyring.clone(),
-        )))
-        .add_service(pb::keys_server::KeysServer::new(KeysService::new(keyring)))
+    let crypto =
+        pb::crypto_server::CryptoServer::new(CryptoService::new(keyring.clone(), guard.clone()))
+            .max_decoding_message_size(limits.max_message_bytes)
+            .max_encoding_message_size(limits.max_message_bytes);
+    let keys = pb::keys_server::KeysServer::new(KeysService::new(keyring, guard))
+        .max_decoding_message_size(limits.max_message_bytes);
+    Ok(tonic::service::Routes::new(crypto)
+        .add_service(keys)
         .add_service(health)
-        .add_service(reflection),
-    )
+        .add_service(reflection))
 }

@@ -19,6 +19,7 @@ pub const REASON_KEY: &str = "fieldkey-error";
 pub fn classify(e: &Error) -> (Code, &'static str) {
     match e {
         Error::InvalidArgument(_) => (Code::InvalidArgument, "INVALID_ARGUMENT"),
+        Error::TooLarge(_) => (Code::InvalidArgument, "VALUE_TOO_LARGE"),
         Error::MalformedEnvelope(_) => (Code::InvalidArgument, "MALFORMED_CIPHERTEXT"),
         Error::ScopeMismatch { .. } => (Code::InvalidArgument, "SCOPE_MISMATCH"),
         Error::AuthenticationFailed => (Code::DataLoss, "AUTHENTICATION_FAILED"),
@@ -50,6 +51,16 @@ pub fn public_message(e: &Error, code: Code) -> String {
     } else {
         e.to_string()
     }
+}
+
+/// A status for a refused request (limits), with its reason.
+pub fn limit_status(code: Code, reason: &'static str, message: String) -> Status {
+    let mut status = Status::new(code, message);
+    status.metadata_mut().insert(
+        REASON_KEY,
+        tonic::metadata::MetadataValue::from_static(reason),
+    );
+    status
 }
 
 /// Maps a keyring error to the status returned to the caller.

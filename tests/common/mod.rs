@@ -100,18 +100,25 @@ pub fn moto_url() -> String {
 }
 
 /// A decorator that counts calls to a real KMS (used to prove single-flight unwraps).
+/// It also adds latency to unwraps (a KMS across a network is not instant), 20 ms by
+/// default, to widen the window in which concurrent misses overlap.
 pub struct CountingKms {
     pub inner: Arc<dyn fieldkey::kms::Kms>,
     pub unwraps: std::sync::atomic::AtomicUsize,
     pub generates: std::sync::atomic::AtomicUsize,
+    pub delay: std::time::Duration,
 }
 
 impl CountingKms {
     pub fn new(inner: Arc<dyn fieldkey::kms::Kms>) -> Arc<Self> {
+        Self::with_delay(inner, std::time::Duration::from_millis(20))
+    }
+    pub fn with_delay(inner: Arc<dyn fieldkey::kms::Kms>, delay: std::time::Duration) -> Arc<Self> {
         Arc::new(Self {
             inner,
             unwraps: Default::default(),
             generates: Default::default(),
+            delay,
         })
     }
     pub fn unwrap_calls(&self) -> usize {
@@ -152,8 +159,7 @@ impl fieldkey::kms::Kms for CountingKms {
     ) -> Result<fieldkey::crypto::SecretKey, fieldkey::kms::KmsError> {
         self.unwraps
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        // widen the window in which concurrent misses overlap
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        tokio::time::sleep(self.delay).await;
         self.inner.unwrap(key_id, wrapped, ctx).await
     }
     async fn check(&self) -> Result<(), fieldkey::kms::KmsError> {

@@ -1,0 +1,247 @@
+//! Configuration: a TOML file, overridden by environment variables and flags (the CLI
+//! maps those), validated once at start.
+//!
+//! With no file at all, the defaults make a working development sidecar: SQLite store
+//! and local KMS under `data_dir`, listening on 127.0.0.1:7450.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Everything `fieldkey serve` needs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Directory for the embedded defaults (SQLite file, local KMS key file).
+    pub data_dir: PathBuf,
+    /// Listeners.
+    pub listen: ListenConfig,
+    /// Key store.
+    pub store: StoreConfig,
+    /// KMS.
+    pub kms: KmsConfig,
+    /// Request limits.
+    pub limits: Limits,
+    /// Cache and freshness.
+    pub cache: CacheSettings,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("fieldkey-data"),
+            listen: ListenConfig::default(),
+            store: StoreConfig::default(),
+            kms: KmsConfig::default(),
+            limits: Limits::default(),
+            cache: CacheSettings::default(),
+        }
+    }
+}
+
+/// Where the sidecar listens.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenConfig {
+    /// Plaintext gRPC on TCP; keep it on loopback (the application in the same pod).
+    pub tcp: Option<String>,
+    /// Plaintext gRPC on a Unix socket.
+    pub unix: Option<PathBuf>,
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        Self {
+            tcp: Some("127.0.0.1:7450".into()),
+            unix: None,
+        }
+    }
+}
+
+/// Which key store.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// PostgreSQL DSN; when set, PostgreSQL is used instead of SQLite.
+    pub postgres_url: Option<String>,
+    /// SQLite file; default `<data_dir>/keys.db`.
+    pub sqlite_path: Option<PathBuf>,
+}
+
+/// Which KMS.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct KmsConfig {
+    /// AWS KMS key id/ARN; when set, AWS KMS is used instead of the local KMS.
+    pub aws_key_id: Option<String>,
+    /// AWS region (else from the environment).
+    pub aws_region: Option<String>,
+    /// AWS endpoint override (VPC endpoint, emulator).
+    pub aws_endpoint_url: Option<String>,
+    /// Local KMS key file; default `<data_dir>/local-kms.json`.
+    pub local_key_file: Option<PathBuf>,
+}
+
+/// Request limits; each violation has its own status (see the proto).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest gRPC request message, bytes.
+    pub max_message_bytes: usize,
+    /// Most items in one batch request.
+    pub max_batch_items: usize,
+    /// Largest plaintext or ciphertext of one field, bytes.
+    pub max_field_bytes: usize,
+    /// Server-side deadline of one call, milliseconds.
+    pub request_timeout_ms: u64,
+    /// Calls in flight across all connections; more are refused at once.
+    pub max_concurrent_requests: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 16 << 20,
+            max_batch_items: 10_000,
+            max_field_bytes: 1 << 20,
+            request_timeout_ms: 10_000,
+            max_concurrent_requests: 4096,
+        }
+    }
+}
+
+impl Limits {
+    /// The deadline as a duration.
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+}
+
+/// Cache bounds and freshness.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheSettings {
+    /// Unwrapped key lifetime in memory, seconds.
+    pub key_ttl_secs: u64,
+    /// Tenants with cached keys.
+    pub max_tenants: u64,
+    /// Subjects with cached keys.
+    pub max_subjects: u64,
+    /// Metadata re-read interval (cross-replica propagation bound), milliseconds.
+    pub revalidate_ms: u64,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        Self {
+            key_ttl_secs: 900,
+            max_tenants: 10_000,
+            max_subjects: 100_000,
+            revalidate_ms: 1000,
+        }
+    }
+}
+
+/// Why the configuration is unusable.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// Path.
+        path: PathBuf,
+        /// OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        /// Path.
+        path: PathBuf,
+        /// Parser error.
+        #[source]
+        source: toml::de::Error,
+    },
+    /// A value is out of range.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Reads a TOML file (missing keys take their defaults).
+    ///
+    /// # Errors
+    /// [`ConfigError::Read`] or [`ConfigError::Parse`].
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.into(),
+            source,
+        })
+    }
+
+    /// Checks ranges and that at least one listener is configured.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the setting.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        if l.max_batch_items == 0 || l.max_field_bytes == 0 || l.max_concurrent_requests == 0 {
+            return Err(ConfigError::Invalid("limits must be positive".into()));
+        }
+        if l.max_message_bytes < 1024 || l.request_timeout_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "limits.max_message_bytes must be >= 1024 and request_timeout_ms > 0".into(),
+            ));
+        }
+        if self.listen.tcp.is_none() && self.listen.unix.is_none() {
+            return Err(ConfigError::Invalid(
+                "configure at least one listener (listen.tcp or listen.unix)".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// SQLite path in effect.
+    pub fn sqlite_path(&self) -> PathBuf {
+        self.store
+            .sqlite_path
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("keys.db"))
+    }
+
+    /// Local KMS key file in effect.
+    pub fn local_key_file(&self) -> PathBuf {
+        self.kms
+            .local_key_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("local-kms.json"))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests fail by panicking")]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_working_defaults() {
+        let c: Config = toml::from_str("").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.listen.tcp.as_deref(), Some("127.0.0.1:7450"));
+        assert_eq!(c.sqlite_path(), PathBuf::from("fieldkey-data/keys.db"));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_limits_are_refused() {
+        assert!(toml::from_str::<Config>("nonsense = 1").is_err());
+        let c: Config = toml::from_str("[limits]\nmax_batch_items = 0").unwrap();
+        assert!(c.validate().is_err());
+    }
+}
