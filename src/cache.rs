@@ -318,6 +318,13 @@ impl KeyCache {
             .await;
     }
 
+    /// Drops every entry (their keys are wiped once in-flight requests release them).
+    pub async fn clear(&self) {
+        self.tenants.invalidate_all();
+        self.subjects.invalidate_all();
+        self.run_pending_tasks().await;
+    }
+
     /// Runs moka's pending maintenance (evictions) now; normally it runs lazily.
     pub async fn run_pending_tasks(&self) {
         self.tenants.run_pending_tasks().await;

@@ -1,0 +1,147 @@
+//! Client commands: call a running sidecar over gRPC.
+
+use std::io::Read as _;
+
+use tonic::transport::Channel;
+
+use super::{DecryptArgs, EncryptArgs, Scope, TenantCommand};
+use crate::service::pb::{
+    self, CiphertextFormat, CreateTenantRequest, DecryptRequest, EncryptRequest, GetTenantRequest,
+    RotateTenantKeyRequest, crypto_client::CryptoClient, keys_client::KeysClient,
+};
+
+/// A client command's failure: a gRPC status (mapped to an exit code) or anything else.
+#[derive(Debug)]
+pub enum CliError {
+    /// The sidecar answered with an error status.
+    Status(tonic::Status),
+    /// Connection, input or other failure.
+    Other(anyhow::Error),
+}
+
+impl From<tonic::Status> for CliError {
+    fn from(s: tonic::Status) -> Self {
+        CliError::Status(s)
+    }
+}
+
+async fn connect(addr: &str) -> Result<Channel, CliError> {
+    let endpoint = Channel::from_shared(addr.to_owned())
+        .map_err(|e| CliError::Other(anyhow::anyhow!("invalid --addr {addr:?}: {e}")))?;
+    endpoint.connect().await.map_err(|e| {
+        CliError::Status(tonic::Status::unavailable(format!(
+            "cannot connect to fieldkey at {addr}: {e} (is `fieldkey serve` running?)"
+        )))
+    })
+}
+
+fn read_stdin() -> Result<Vec<u8>, CliError> {
+    let mut buf = Vec::new();
+    std::io::stdin()
+        .read_to_end(&mut buf)
+        .map_err(|e| CliError::Other(anyhow::anyhow!("cannot read standard input: {e}")))?;
+    Ok(buf)
+}
+
+fn subject(s: &Scope) -> String {
+    s.subject.clone()
+}
+
+pub(super) async fn encrypt(args: EncryptArgs) -> Result<(), CliError> {
+    let value = match args.value {
+        Some(v) => v.into_bytes(),
+        None => read_stdin()?,
+    };
+    let mut c = CryptoClient::new(connect(&args.target.addr).await?);
+    let out = c
+        .encrypt(EncryptRequest {
+            tenant_id: args.scope.tenant.clone(),
+            subject_id: subject(&args.scope),
+            field: args.scope.field.clone(),
+            context: args.scope.context.clone().into_bytes(),
+            plaintext: value,
+            format: CiphertextFormat::Text as i32,
+        })
+        .await?
+        .into_inner();
+    println!("{}", String::from_utf8_lossy(&out.ciphertext));
+    Ok(())
+}
+
+pub(super) async fn decrypt(args: DecryptArgs) -> Result<(), CliError> {
+    let ct = match args.ciphertext {
+        Some(v) => v.into_bytes(),
+        None => read_stdin()?.trim_ascii().to_vec(),
+    };
+    let mut c = CryptoClient::new(connect(&args.target.addr).await?);
+    let out = c
+        .decrypt(DecryptRequest {
+            tenant_id: args.scope.tenant.clone(),
+            subject_id: subject(&args.scope),
+            field: args.scope.field.clone(),
+            context: args.scope.context.clone().into_bytes(),
+            ciphertext: ct,
+        })
+        .await?
+        .into_inner();
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout();
+    stdout
+        .write_all(&out.plaintext)
+        .and_then(|()| stdout.write_all(b"\n"))
+        .map_err(|e| CliError::Other(anyhow::anyhow!("cannot write output: {e}")))?;
+    Ok(())
+}
+
+fn print_tenant(t: &pb::Tenant) {
+    println!(
+        "tenant {}  kms key {}  active version {}",
+        t.tenant_id, t.kms_key_id, t.active_version
+    );
+    println!(
+        "{:>7}  {:<12}  {:<20}  fingerprint",
+        "version", "state", "created (unix ms)"
+    );
+    for v in &t.versions {
+        let state = pb::KeyState::try_from(v.state)
+            .map(|s| {
+                s.as_str_name()
+                    .trim_start_matches("KEY_STATE_")
+                    .to_lowercase()
+            })
+            .unwrap_or_else(|_| "unknown".into());
+        println!(
+            "{:>7}  {:<12}  {:<20}  {}",
+            v.version, state, v.created_at_unix_ms, v.fingerprint
+        );
+    }
+}
+
+pub(super) async fn tenant(cmd: TenantCommand) -> Result<(), CliError> {
+    let t = match cmd {
+        TenantCommand::Create {
+            target,
+            tenant,
+            kms_key_id,
+        } => {
+            KeysClient::new(connect(&target.addr).await?)
+                .create_tenant(CreateTenantRequest {
+                    tenant_id: tenant,
+                    kms_key_id: kms_key_id.unwrap_or_default(),
+                })
+                .await?
+        }
+        TenantCommand::Show { target, tenant } => {
+            KeysClient::new(connect(&target.addr).await?)
+                .get_tenant(GetTenantRequest { tenant_id: tenant })
+                .await?
+        }
+        TenantCommand::Rotate { target, tenant } => {
+            KeysClient::new(connect(&target.addr).await?)
+                .rotate_tenant_key(RotateTenantKeyRequest { tenant_id: tenant })
+                .await?
+        }
+    };
+    print_tenant(&t.into_inner());
+    Ok(())
+}

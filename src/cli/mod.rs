@@ -1,0 +1,256 @@
+//! The `fieldkey` command line: `serve` runs the sidecar; `encrypt`, `decrypt` and
+//! `tenant` call a running one over gRPC; `kms init-local` prepares a development KMS.
+//!
+//! Exit codes (stable, for scripts): 0 success; 1 failure (server, transport, internal);
+//! 2 usage error; 3 not found; 4 refused (invalid argument, malformed or unauthentic
+//! ciphertext, destroyed or suspended key, unusable KMS key); 5 temporarily unavailable
+//! (KMS or store down, deadline, overload: retry later).
+
+mod client;
+mod serve;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Exit code for a gRPC status code.
+pub fn exit_code_for(code: tonic::Code) -> u8 {
+    use tonic::Code::*;
+    match code {
+        Ok => 0,
+        NotFound => 3,
+        InvalidArgument | DataLoss | FailedPrecondition | OutOfRange | AlreadyExists
+        | PermissionDenied | Unauthenticated => 4,
+        Unavailable | DeadlineExceeded | ResourceExhausted | Aborted | Cancelled => 5,
+        _ => 1,
+    }
+}
+
+/// The `fieldkey` command line.
+#[derive(Parser, Debug)]
+#[command(
+    name = "fieldkey",
+    version,
+    about = "Field-level encryption and key-management sidecar",
+    long_about = "Field-level encryption and key-management sidecar.\n\nRun `fieldkey serve` beside your application, then encrypt and decrypt field values over gRPC (or with the client commands below).",
+    after_help = "Exit codes: 0 ok, 1 failure, 2 usage, 3 not found, 4 refused (invalid input, unauthentic ciphertext, destroyed/suspended key), 5 unavailable (retry)."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the sidecar (embedded defaults: SQLite and a local KMS under --data-dir, gRPC on 127.0.0.1:7450).
+    Serve(ServeArgs),
+    /// Encrypt one value with a running sidecar and print the ciphertext (text form).
+    Encrypt(EncryptArgs),
+    /// Decrypt one ciphertext with a running sidecar and print the value.
+    Decrypt(DecryptArgs),
+    /// Create, show or rotate a tenant's keys on a running sidecar.
+    Tenant {
+        #[command(subcommand)]
+        command: TenantCommand,
+    },
+    /// Key management service set-up.
+    Kms {
+        #[command(subcommand)]
+        command: KmsCommand,
+    },
+}
+
+/// Log output format.
+#[derive(ValueEnum, Clone, Copy, Debug, Default)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// TOML configuration file (see README); flags and environment variables override it.
+    #[arg(long, env = "FIELDKEY_CONFIG")]
+    config: Option<PathBuf>,
+    /// Directory for the embedded SQLite store and local KMS key file.
+    #[arg(long, env = "FIELDKEY_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Loopback TCP address to serve gRPC on (port 0 picks a free port).
+    #[arg(long, env = "FIELDKEY_LISTEN")]
+    listen: Option<String>,
+    /// Also serve gRPC on this Unix socket.
+    #[arg(long, env = "FIELDKEY_UNIX_SOCKET")]
+    unix_socket: Option<PathBuf>,
+    /// Use PostgreSQL at this DSN as the key store (replicas share keys).
+    #[arg(long, env = "FIELDKEY_POSTGRES_URL", hide_env_values = true)]
+    postgres_url: Option<String>,
+    /// Use AWS KMS with this key id/ARN (credentials from the environment).
+    #[arg(long, env = "FIELDKEY_AWS_KMS_KEY_ID")]
+    aws_kms_key_id: Option<String>,
+    /// AWS region for the KMS.
+    #[arg(long, env = "FIELDKEY_AWS_REGION")]
+    aws_region: Option<String>,
+    /// AWS KMS endpoint override.
+    #[arg(long, env = "FIELDKEY_AWS_KMS_ENDPOINT")]
+    aws_kms_endpoint: Option<String>,
+    /// Log format.
+    #[arg(long, env = "FIELDKEY_LOG_FORMAT", value_enum, default_value_t)]
+    log_format: LogFormat,
+}
+
+#[derive(Args, Debug)]
+struct Target {
+    /// Address of the sidecar.
+    #[arg(
+        long,
+        env = "FIELDKEY_ADDR",
+        default_value = "http://127.0.0.1:7450",
+        global = true
+    )]
+    addr: String,
+}
+
+#[derive(Args, Debug)]
+struct Scope {
+    /// Tenant id.
+    #[arg(long, short = 't')]
+    tenant: String,
+    /// Subject (user) id; omit for tenant-scoped data.
+    #[arg(long, short = 's', default_value = "")]
+    subject: String,
+    /// Field name.
+    #[arg(long, short = 'f')]
+    field: String,
+    /// Record context bound to the ciphertext (e.g. a row id).
+    #[arg(long, short = 'c', default_value = "")]
+    context: String,
+}
+
+#[derive(Args, Debug)]
+struct EncryptArgs {
+    #[command(flatten)]
+    target: Target,
+    #[command(flatten)]
+    scope: Scope,
+    /// Value to encrypt; read from standard input when omitted.
+    value: Option<String>,
+}
+
+#[derive(Args, Debug)]
+struct DecryptArgs {
+    #[command(flatten)]
+    target: Target,
+    #[command(flatten)]
+    scope: Scope,
+    /// Ciphertext (text form `fk1:...`); read from standard input when omitted.
+    ciphertext: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum TenantCommand {
+    /// Create a tenant (idempotent).
+    Create {
+        #[command(flatten)]
+        target: Target,
+        /// Tenant id.
+        tenant: String,
+        /// The tenant's own KMS key (bring your own key).
+        #[arg(long)]
+        kms_key_id: Option<String>,
+    },
+    /// Show a tenant's key versions and states.
+    Show {
+        #[command(flatten)]
+        target: Target,
+        /// Tenant id.
+        tenant: String,
+    },
+    /// Rotate: a new active key version; the previous becomes decrypt-only.
+    Rotate {
+        #[command(flatten)]
+        target: Target,
+        /// Tenant id.
+        tenant: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum KmsCommand {
+    /// Create a local development KMS root key file (refuses to overwrite one).
+    InitLocal {
+        /// Where to write the root key file.
+        #[arg(long, default_value = "fieldkey-local-kms.json")]
+        path: PathBuf,
+        /// Passphrase protecting the root key (at least 12 characters).
+        #[arg(long, env = "FIELDKEY_LOCAL_KMS_PASSPHRASE", hide_env_values = true)]
+        passphrase: String,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Runs the parsed command line; returns the process exit code.
+pub fn run(cli: Cli) -> ExitCode {
+    let log_format = match &cli.command {
+        Command::Serve(a) => a.log_format,
+        _ => LogFormat::Text,
+    };
+    init_logging(log_format);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = rt.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => serve::run(args).await.map_err(client::CliError::Other),
+            Command::Encrypt(args) => client::encrypt(args).await,
+            Command::Decrypt(args) => client::decrypt(args).await,
+            Command::Tenant { command } => client::tenant(command).await,
+            Command::Kms {
+                command: KmsCommand::InitLocal { path, passphrase },
+            } => serve::init_local_kms(&path, passphrase).map_err(client::CliError::Other),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(client::CliError::Status(s)) => {
+            let reason = s
+                .metadata()
+                .get(crate::service::status::REASON_KEY)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            eprintln!(
+                "error: {} ({:?}{}{})",
+                s.message(),
+                s.code(),
+                if reason.is_empty() { "" } else { ", " },
+                reason
+            );
+            ExitCode::from(exit_code_for(s.code()))
+        }
+        Err(client::CliError::Other(e)) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

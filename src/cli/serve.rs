@@ -1,0 +1,188 @@
+//! `fieldkey serve`: build the keyring from configuration, serve gRPC, stop cleanly.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use secrecy::SecretString;
+
+use super::ServeArgs;
+use crate::cache::CacheConfig;
+use crate::config::Config;
+use crate::keyring::{Keyring, KeyringConfig};
+use crate::kms::Kms;
+use crate::kms::aws::{AwsKms, AwsKmsConfig};
+use crate::kms::local::{KdfParams, LocalKms};
+use crate::store::{KeyStore, SqlStore};
+
+fn config_from(args: &ServeArgs) -> anyhow::Result<Config> {
+    let mut cfg = match &args.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    if let Some(d) = &args.data_dir {
+        cfg.data_dir.clone_from(d);
+    }
+    if let Some(l) = &args.listen {
+        cfg.listen.tcp = Some(l.clone());
+    }
+    if let Some(u) = &args.unix_socket {
+        cfg.listen.unix = Some(u.clone());
+    }
+    if let Some(p) = &args.postgres_url {
+        cfg.store.postgres_url = Some(p.clone());
+    }
+    if let Some(k) = &args.aws_kms_key_id {
+        cfg.kms.aws_key_id = Some(k.clone());
+    }
+    if let Some(r) = &args.aws_region {
+        cfg.kms.aws_region = Some(r.clone());
+    }
+    if let Some(e) = &args.aws_kms_endpoint {
+        cfg.kms.aws_endpoint_url = Some(e.clone());
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// The local KMS passphrase: `FIELDKEY_LOCAL_KMS_PASSPHRASE`, else a random one kept in
+/// `<data_dir>/local-kms.passphrase` (mode 0600) so the embedded defaults work with no
+/// set-up. Both are for development only.
+fn local_passphrase(data_dir: &Path) -> anyhow::Result<SecretString> {
+    if let Ok(p) = std::env::var("FIELDKEY_LOCAL_KMS_PASSPHRASE") {
+        return Ok(SecretString::from(p));
+    }
+    let path = data_dir.join("local-kms.passphrase");
+    if !path.exists() {
+        let mut bytes = [0u8; 24];
+        getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("random source failed: {e}"))?;
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+        use std::io::Write as _;
+        opts.open(&path)
+            .and_then(|mut f| f.write_all(hex::encode(bytes).as_bytes()))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        tracing::warn!(path = %path.display(), "generated a local KMS passphrase file (development only; set FIELDKEY_LOCAL_KMS_PASSPHRASE or use AWS KMS)");
+    }
+    let p = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(SecretString::from(p.trim().to_owned()))
+}
+
+async fn build_keyring(cfg: &Config) -> anyhow::Result<Arc<Keyring>> {
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
+    let store: Arc<dyn KeyStore> = match &cfg.store.postgres_url {
+        Some(dsn) => Arc::new(SqlStore::connect_postgres(dsn).await?),
+        None => Arc::new(SqlStore::open_sqlite(&cfg.sqlite_path()).await?),
+    };
+    let kms: Arc<dyn Kms> = match &cfg.kms.aws_key_id {
+        Some(key_id) => {
+            let mut c = AwsKmsConfig::new(key_id.clone());
+            c.region.clone_from(&cfg.kms.aws_region);
+            c.endpoint_url.clone_from(&cfg.kms.aws_endpoint_url);
+            Arc::new(AwsKms::new(c).await?)
+        }
+        None => Arc::new(LocalKms::open_or_create(
+            &cfg.local_key_file(),
+            &local_passphrase(&cfg.data_dir)?,
+            KdfParams::default(),
+        )?),
+    };
+    tracing::info!(
+        store = store.backend(),
+        kms = kms.provider(),
+        "key store and KMS ready"
+    );
+    let kcfg = KeyringConfig {
+        cache: CacheConfig {
+            key_ttl: Duration::from_secs(cfg.cache.key_ttl_secs),
+            max_tenants: cfg.cache.max_tenants,
+            max_subjects: cfg.cache.max_subjects,
+        },
+        revalidate_after: Duration::from_millis(cfg.cache.revalidate_ms),
+        ..KeyringConfig::default()
+    };
+    Ok(Arc::new(Keyring::new(store, kms, kcfg)))
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("SIGTERM: draining"),
+                    _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: draining"),
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the server");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+pub(super) async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let cfg = config_from(&args)?;
+    let keyring = build_keyring(&cfg).await?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let mut servers = tokio::task::JoinSet::new();
+    if let Some(addr) = &cfg.listen.tcp {
+        let listener = crate::transport::bind_tcp(addr).await?;
+        let local = listener.local_addr()?;
+        let routes = crate::service::routes(keyring.clone(), &cfg.limits).await?;
+        tracing::info!(%local, "serving gRPC on TCP");
+        println!("fieldkey listening on tcp://{local}");
+        servers.spawn(crate::transport::serve_tcp(
+            routes,
+            listener,
+            wait(stop_rx.clone()),
+        ));
+    }
+    if let Some(path) = &cfg.listen.unix {
+        let listener = crate::transport::bind_unix(path)?;
+        let routes = crate::service::routes(keyring.clone(), &cfg.limits).await?;
+        tracing::info!(path = %path.display(), "serving gRPC on a Unix socket");
+        println!("fieldkey listening on unix://{}", path.display());
+        servers.spawn(crate::transport::serve_unix(
+            routes,
+            listener,
+            wait(stop_rx.clone()),
+        ));
+    }
+    tokio::select! {
+        () = shutdown_signal() => {}
+        Some(res) = servers.join_next() => {
+            res.context("server task failed")??;
+            anyhow::bail!("a listener stopped unexpectedly");
+        }
+    }
+    let _ = stop_tx.send(true);
+    while let Some(res) = servers.join_next().await {
+        res.context("server task failed")??;
+    }
+    keyring.cache().clear().await;
+    tracing::info!("stopped; cached keys wiped");
+    Ok(())
+}
+
+pub(super) fn init_local_kms(path: &Path, passphrase: String) -> anyhow::Result<()> {
+    let kms = LocalKms::create(path, &SecretString::from(passphrase), KdfParams::default())?;
+    println!(
+        "created {} (key id {})",
+        path.display(),
+        kms.default_key_id()
+    );
+    Ok(())
+}
