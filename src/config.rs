@@ -48,6 +48,8 @@ pub struct ListenConfig {
     pub tcp: Option<String>,
     /// Plaintext gRPC on a Unix socket.
     pub unix: Option<PathBuf>,
+    /// mTLS gRPC for remote callers (admin, erasure workflow, jobs).
+    pub mtls: Option<crate::transport::mtls::MtlsConfig>,
 }
 
 impl Default for ListenConfig {
@@ -55,6 +57,7 @@ impl Default for ListenConfig {
         Self {
             tcp: Some("127.0.0.1:7450".into()),
             unix: None,
+            mtls: None,
         }
     }
 }
@@ -200,7 +203,7 @@ impl Config {
                 "limits.max_message_bytes must be >= 1024 and request_timeout_ms > 0".into(),
             ));
         }
-        if self.listen.tcp.is_none() && self.listen.unix.is_none() {
+        if self.listen.tcp.is_none() && self.listen.unix.is_none() && self.listen.mtls.is_none() {
             return Err(ConfigError::Invalid(
                 "configure at least one listener (listen.tcp or listen.unix)".into(),
             ));

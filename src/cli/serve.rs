@@ -161,6 +161,20 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<()> {
             wait(stop_rx.clone()),
         ));
     }
+    if let Some(m) = &cfg.listen.mtls {
+        let tls = crate::transport::mtls::server_config(m)?;
+        let listener = crate::transport::bind_tcp(&m.listen).await?;
+        let local = listener.local_addr()?;
+        let routes = crate::service::routes(keyring.clone(), &cfg.limits).await?;
+        tracing::info!(%local, "serving gRPC over mTLS (TLS 1.3, client certificates required)");
+        println!("fieldkey listening on mtls://{local}");
+        servers.spawn(crate::transport::mtls::serve_mtls(
+            routes,
+            listener,
+            tls,
+            wait(stop_rx.clone()),
+        ));
+    }
     tokio::select! {
         () = shutdown_signal() => {}
         Some(res) = servers.join_next() => {

@@ -129,12 +129,12 @@ impl Keyring {
         kms_key_id: Option<&str>,
     ) -> Result<TenantInfo> {
         validate_id("tenant_id", tenant)?;
-        if let Some(k) = kms_key_id {
-            if k.is_empty() || k.len() > 2048 {
-                return Err(Error::InvalidArgument(
-                    "kms_key_id must be 1..=2048 bytes".into(),
-                ));
-            }
+        if let Some(k) = kms_key_id
+            && (k.is_empty() || k.len() > 2048)
+        {
+            return Err(Error::InvalidArgument(
+                "kms_key_id must be 1..=2048 bytes".into(),
+            ));
         }
         if let Some(existing) = self.store.get_tenant(tenant).await? {
             return Ok(TenantInfo::from(&existing));
@@ -478,10 +478,11 @@ impl Keyring {
             return Ok(Fresh::Found(snap));
         }
         let stale_ok = snap.fetched.elapsed() < self.cfg.max_stale;
-        if let Some(failed) = snap.failed_refresh {
-            if stale_ok && failed.elapsed() < self.cfg.store_retry_after {
-                return Ok(Fresh::Found(snap));
-            }
+        if let Some(failed) = snap.failed_refresh
+            && stale_ok
+            && failed.elapsed() < self.cfg.store_retry_after
+        {
+            return Ok(Fresh::Found(snap));
         }
         match fetch().await {
             Ok(Some(record)) => {

@@ -304,6 +304,23 @@ fn tenant_pb(t: TenantInfo) -> pb::Tenant {
 
 #[tonic::async_trait]
 impl pb::keys_server::Keys for KeysService {
+    async fn who_am_i(
+        &self,
+        req: Request<pb::WhoAmIRequest>,
+    ) -> Result<Response<pb::WhoAmIResponse>, Status> {
+        let caller = req.extensions().get::<crate::transport::mtls::CallerInfo>();
+        Ok(Response::new(match caller {
+            Some(c) => pb::WhoAmIResponse {
+                identity: c.identity.clone(),
+                transport: "mtls".into(),
+            },
+            None => pb::WhoAmIResponse {
+                identity: "local".into(),
+                transport: "local".into(),
+            },
+        }))
+    }
+
     async fn create_tenant(
         &self,
         req: Request<CreateTenantRequest>,

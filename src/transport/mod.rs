@@ -1,8 +1,10 @@
 //! Listeners: plaintext gRPC on loopback TCP and on a Unix socket, for the application
-//! in the same pod.
+//! in the same pod; mTLS for remote callers ([`mtls`]).
 //!
 //! Owns: binding, serving and graceful shutdown (stop accepting, drain in-flight calls).
 //! Must not: interpret requests (the service does).
+
+pub mod mtls;
 
 use std::future::Future;
 use std::path::Path;
@@ -25,6 +27,9 @@ pub enum TransportError {
         #[source]
         source: std::io::Error,
     },
+    /// TLS set-up failed (files, keys, CA bundle).
+    #[error("TLS configuration: {0}")]
+    Tls(String),
     /// The gRPC server failed.
     #[error("gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),

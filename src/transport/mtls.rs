@@ -1,0 +1,222 @@
+//! The mTLS listener for remote callers: rustls, TLS 1.3 only, client certificate
+//! required and verified against a configured CA bundle; the caller's identity (the
+//! certificate's first URI SAN such as `spiffe://...`, else its first DNS SAN) is handed
+//! to the handlers as [`CallerInfo`].
+//!
+//! Must not: accept TLS 1.2, anonymous clients, or certificates from another CA.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use rustls::ServerConfig;
+use rustls::server::WebPkiClientVerifier;
+use rustls_pki_types::pem::PemObject as _;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tonic::service::Routes;
+use tonic::transport::server::Connected;
+
+use super::TransportError;
+
+/// Files of the mTLS listener.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MtlsConfig {
+    /// Address to listen on (e.g. `0.0.0.0:7451`).
+    pub listen: String,
+    /// Server certificate chain (PEM).
+    pub cert_file: PathBuf,
+    /// Server private key (PEM).
+    pub key_file: PathBuf,
+    /// CA bundle that client certificates must chain to (PEM).
+    pub client_ca_file: PathBuf,
+}
+
+/// Who called, as established by the transport.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallerInfo {
+    /// The identity from the client certificate (URI SAN, else DNS SAN).
+    pub identity: String,
+    /// The peer's address.
+    pub remote_addr: Option<SocketAddr>,
+}
+
+fn tls_err(what: &str, path: &Path, e: impl std::fmt::Display) -> TransportError {
+    TransportError::Tls(format!("{what} {}: {e}", path.display()))
+}
+
+/// Builds the rustls configuration: TLS 1.3 only (TLS13_AES_256_GCM_SHA384 preferred),
+/// client certificates required and verified against `client_ca_file`, ALPN h2.
+///
+/// # Errors
+/// [`TransportError::Tls`] naming the file or setting that is wrong.
+pub fn server_config(cfg: &MtlsConfig) -> Result<Arc<ServerConfig>, TransportError> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cfg.cert_file)
+        .map_err(|e| tls_err("cannot read certificate", &cfg.cert_file, e))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| tls_err("bad certificate", &cfg.cert_file, e))?;
+    if certs.is_empty() {
+        return Err(tls_err("no certificate in", &cfg.cert_file, "empty"));
+    }
+    let key = PrivateKeyDer::from_pem_file(&cfg.key_file)
+        .map_err(|e| tls_err("cannot read private key", &cfg.key_file, e))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_file_iter(&cfg.client_ca_file)
+        .map_err(|e| tls_err("cannot read client CA bundle", &cfg.client_ca_file, e))?
+    {
+        let ca = ca.map_err(|e| tls_err("bad client CA", &cfg.client_ca_file, e))?;
+        roots
+            .add(ca)
+            .map_err(|e| tls_err("unusable client CA", &cfg.client_ca_file, e))?;
+    }
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    provider
+        .cipher_suites
+        .retain(|s| s.version() == &rustls::version::TLS13);
+    provider
+        .cipher_suites
+        .sort_by_key(|s| u8::from(s.suite() != rustls::CipherSuite::TLS13_AES_256_GCM_SHA384));
+    let provider = Arc::new(provider);
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| tls_err("cannot build client verifier from", &cfg.client_ca_file, e))?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TransportError::Tls(format!("TLS 1.3 configuration: {e}")))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)
+        .map_err(|e| tls_err("certificate and key do not match:", &cfg.cert_file, e))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The identity in a client certificate: first URI SAN, else first DNS SAN.
+pub fn identity_of(cert: &CertificateDer<'_>) -> Option<String> {
+    use x509_parser::prelude::{FromDer as _, GeneralName, X509Certificate};
+    let (_, parsed) = X509Certificate::from_der(cert.as_ref()).ok()?;
+    let san = parsed.subject_alternative_name().ok()??;
+    let names = &san.value.general_names;
+    names
+        .iter()
+        .find_map(|n| match n {
+            GeneralName::URI(u) => Some((*u).to_owned()),
+            _ => None,
+        })
+        .or_else(|| {
+            names.iter().find_map(|n| match n {
+                GeneralName::DNSName(d) => Some((*d).to_owned()),
+                _ => None,
+            })
+        })
+}
+
+/// An accepted, authenticated mTLS connection.
+pub struct MtlsConn {
+    inner: TlsStream<TcpStream>,
+    info: CallerInfo,
+}
+
+impl Connected for MtlsConn {
+    type ConnectInfo = CallerInfo;
+    fn connect_info(&self) -> CallerInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for MtlsConn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for MtlsConn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// Serves `routes` over mTLS on `listener` until `shutdown`, then drains.
+///
+/// Handshakes run concurrently and off the accept loop; a failed handshake (no client
+/// certificate, wrong CA, expired, TLS 1.2) is logged and the connection dropped.
+///
+/// # Errors
+/// [`TransportError::Serve`].
+pub async fn serve_mtls(
+    routes: Routes,
+    listener: TcpListener,
+    config: Arc<ServerConfig>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), TransportError> {
+    let acceptor = TlsAcceptor::from(config);
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<MtlsConn>>(64);
+    let accept_loop = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, remote)) = listener.accept().await else {
+                continue;
+            };
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                let handshake =
+                    tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp))
+                        .await;
+                let tls = match handshake {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        tracing::warn!(%remote, error = %e, "mTLS handshake refused");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::warn!(%remote, "mTLS handshake timed out");
+                        return;
+                    }
+                };
+                let identity = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(identity_of);
+                let Some(identity) = identity else {
+                    tracing::warn!(%remote, "client certificate has no URI or DNS SAN; refused");
+                    return;
+                };
+                tracing::debug!(%remote, identity, "mTLS caller");
+                let conn = MtlsConn {
+                    inner: tls,
+                    info: CallerInfo {
+                        identity,
+                        remote_addr: Some(remote),
+                    },
+                };
+                let _ = tx.send(Ok(conn)).await;
+            });
+        }
+    });
+    let result = tonic::transport::Server::builder()
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::ReceiverStream::new(rx), shutdown)
+        .await;
+    accept_loop.abort();
+    result.map_err(TransportError::from)
+}
