@@ -3,7 +3,10 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
-    let fds = protox::compile(["fieldkey/v1/fieldkey.proto"], ["proto"])?;
+    let fds = protox::compile(
+        ["fieldkey/v1/fieldkey.proto", "fieldkey/bench/v1/echo.proto"],
+        ["proto"],
+    )?;
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(
         out.join("fieldkey_descriptor.bin"),

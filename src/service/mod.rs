@@ -38,6 +38,23 @@ pub mod pb {
         include_bytes!(concat!(env!("OUT_DIR"), "/fieldkey_descriptor.bin"));
 }
 
+/// The bare echo service used as the transport floor by the load generator
+/// (`benches/loadgen.rs`). Not part of the API; never served by `fieldkey serve`.
+#[doc(hidden)]
+#[allow(
+    missing_docs,
+    clippy::all,
+    clippy::pedantic,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "generated code"
+)]
+pub mod echo_pb {
+    tonic::include_proto!("fieldkey.bench.v1");
+}
+
 use pb::{
     CiphertextFormat, CreateTenantRequest, DecryptBatchRequest, DecryptBatchResponse,
     DecryptRequest, DecryptResponse, DecryptResult, EncryptBatchRequest, EncryptBatchResponse,

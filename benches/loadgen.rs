@@ -1,0 +1,323 @@
+//! Load generator: drives Encrypt, Decrypt and EncryptBatch against a `fieldkey serve`
+//! process at a given concurrency, and the same load against a bare tonic echo process
+//! (the transport floor), in one run. Prints ops/s and p50/p99/p999 latency.
+//!
+//! ```sh
+//! cargo bench --bench loadgen -- --concurrency 64 --connections 4 --seconds 10
+//! ```
+//! Options: `--concurrency N` calls in flight (64), `--connections N` HTTP/2 connections
+//! (4), `--seconds N` per scenario (10), `--size N` field bytes (32), `--batch N` fields
+//! per EncryptBatch (100).
+#![allow(
+    missing_docs,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "benchmark driver fails by panicking"
+)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fieldkey::service::echo_pb::EchoMessage;
+use fieldkey::service::echo_pb::echo_client::EchoClient;
+use fieldkey::service::echo_pb::echo_server::{Echo, EchoServer};
+use fieldkey::service::pb::crypto_client::CryptoClient;
+use fieldkey::service::pb::keys_client::KeysClient;
+use fieldkey::service::pb::{
+    CreateTenantRequest, DecryptRequest, EncryptBatchRequest, EncryptRequest,
+};
+use hdrhistogram::Histogram;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+struct Opts {
+    concurrency: usize,
+    connections: usize,
+    seconds: u64,
+    size: usize,
+    batch: usize,
+}
+
+fn opts() -> Opts {
+    let args: Vec<String> = std::env::args().collect();
+    let get = |name: &str, default: usize| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .map(|v| {
+                v.parse()
+                    .unwrap_or_else(|_| panic!("{name} takes a number"))
+            })
+            .unwrap_or(default)
+    };
+    Opts {
+        concurrency: get("--concurrency", 64),
+        connections: get("--connections", 4),
+        seconds: get("--seconds", 10) as u64,
+        size: get("--size", 32),
+        batch: get("--batch", 100),
+    }
+}
+
+struct EchoService;
+
+#[tonic::async_trait]
+impl Echo for EchoService {
+    async fn echo(&self, req: Request<EchoMessage>) -> Result<Response<EchoMessage>, Status> {
+        Ok(Response::new(req.into_inner()))
+    }
+}
+
+fn serve_echo() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        println!("echo listening on {}", listener.local_addr().unwrap());
+        tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(EchoServer::new(EchoService).max_decoding_message_size(64 << 20))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await
+            .unwrap();
+    });
+}
+
+#[allow(
+    clippy::zombie_processes,
+    reason = "the caller kills and reaps the child"
+)]
+fn spawn(mut cmd: Command, prefix: &str) -> (Child, String) {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    loop {
+        let line = lines.next().expect("server printed nothing").unwrap();
+        if let Some(addr) = line.strip_prefix(prefix) {
+            return (child, format!("http://{addr}"));
+        }
+    }
+}
+
+async fn channels(addr: &str, n: usize) -> Vec<Channel> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(
+            Channel::from_shared(addr.to_owned())
+                .unwrap()
+                .tcp_nodelay(true)
+                .connect()
+                .await
+                .unwrap(),
+        );
+    }
+    out
+}
+
+struct Stats {
+    calls: u64,
+    elapsed: Duration,
+    hist: Histogram<u64>,
+}
+
+async fn drive<F, Fut>(chs: &[Channel], o: &Opts, secs: u64, call: F) -> Stats
+where
+    F: Fn(Channel) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let call = Arc::new(call);
+    let start = Instant::now();
+    let end = start + Duration::from_secs(secs);
+    let mut tasks = Vec::new();
+    for i in 0..o.concurrency {
+        let ch = chs[i % chs.len()].clone();
+        let call = call.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+            while Instant::now() < end {
+                let t = Instant::now();
+                call(ch.clone()).await;
+                h.record(t.elapsed().as_micros().max(1) as u64).unwrap();
+            }
+            h
+        }));
+    }
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+    for t in tasks {
+        hist.add(t.await.unwrap()).unwrap();
+    }
+    Stats {
+        calls: hist.len(),
+        elapsed: start.elapsed(),
+        hist,
+    }
+}
+
+fn report(name: &str, items_per_call: u64, s: &Stats) -> f64 {
+    let ops = s.calls as f64 / s.elapsed.as_secs_f64();
+    println!(
+        "| {name:<34} | {:>10.0} | {:>12.0} | {:>7} | {:>7} | {:>7} |",
+        ops,
+        ops * items_per_call as f64,
+        s.hist.value_at_quantile(0.5),
+        s.hist.value_at_quantile(0.99),
+        s.hist.value_at_quantile(0.999)
+    );
+    ops
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--serve-echo") {
+        serve_echo();
+        return;
+    }
+    let o = opts();
+    let data = tempfile::tempdir().unwrap();
+    let (mut echo, echo_addr) = spawn(
+        {
+            let mut c = Command::new(std::env::current_exe().unwrap());
+            c.arg("--serve-echo");
+            c
+        },
+        "echo listening on ",
+    );
+    let (mut fk, fk_addr) = spawn(
+        {
+            let mut c = Command::new(env!("CARGO_BIN_EXE_fieldkey"));
+            c.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+                .arg(data.path())
+                .env("RUST_LOG", "warn");
+            c
+        },
+        "fieldkey listening on tcp://",
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let fk_ch = channels(&fk_addr, o.connections).await;
+        let echo_ch = channels(&echo_addr, o.connections).await;
+        KeysClient::new(fk_ch[0].clone())
+            .create_tenant(CreateTenantRequest { tenant_id: "bench".into(), kms_key_id: String::new() })
+            .await
+            .unwrap();
+        let value = vec![0x5au8; o.size];
+        let enc = {
+            let value = value.clone();
+            move || EncryptRequest {
+                tenant_id: "bench".into(),
+                subject_id: String::new(),
+                field: "email".into(),
+                context: b"row:1".to_vec(),
+                plaintext: value.clone(),
+                format: 0,
+            }
+        };
+        let ct = CryptoClient::new(fk_ch[0].clone()).encrypt(enc()).await.unwrap().into_inner().ciphertext;
+        let batch_payload = {
+            let one = EncryptRequest { ..enc() };
+            prost::Message::encoded_len(&EncryptBatchRequest { items: vec![one; o.batch] })
+        };
+        println!(
+            "\nconcurrency {} over {} connections, {} s per scenario, {} B fields, batches of {}\n",
+            o.concurrency, o.connections, o.seconds, o.size, o.batch
+        );
+        println!("| scenario                           |      ops/s |      items/s | p50 us  | p99 us  | p999 us |");
+        println!("| ---------------------------------- | ---------: | -----------: | ------: | ------: | ------: |");
+
+        // warm-up both servers
+        let v = value.clone();
+        drive(&echo_ch, &o, 1, move |ch| {
+            let v = v.clone();
+            async move {
+                EchoClient::new(ch).echo(EchoMessage { payload: v }).await.unwrap();
+            }
+        })
+        .await;
+        let e = enc.clone();
+        drive(&fk_ch, &o, 1, move |ch| {
+            let r = e();
+            async move {
+                CryptoClient::new(ch).encrypt(r).await.unwrap();
+            }
+        })
+        .await;
+
+        let v = value.clone();
+        let echo_stats = drive(&echo_ch, &o, o.seconds, move |ch| {
+            let v = v.clone();
+            async move {
+                EchoClient::new(ch).echo(EchoMessage { payload: v }).await.unwrap();
+            }
+        })
+        .await;
+        let echo_ops = report(&format!("echo floor, {} B", o.size), 1, &echo_stats);
+
+        let e = enc.clone();
+        let s = drive(&fk_ch, &o, o.seconds, move |ch| {
+            let r = e();
+            async move {
+                CryptoClient::new(ch).encrypt(r).await.unwrap();
+            }
+        })
+        .await;
+        let enc_ops = report(&format!("Encrypt, {} B", o.size), 1, &s);
+
+        let s = drive(&fk_ch, &o, o.seconds, move |ch| {
+            let r = DecryptRequest {
+                tenant_id: "bench".into(),
+                subject_id: String::new(),
+                field: "email".into(),
+                context: b"row:1".to_vec(),
+                ciphertext: ct.clone(),
+            };
+            async move {
+                CryptoClient::new(ch).decrypt(r).await.unwrap();
+            }
+        })
+        .await;
+        report(&format!("Decrypt, {} B", o.size), 1, &s);
+
+        let big = vec![0x5au8; batch_payload];
+        let s = drive(&echo_ch, &o, o.seconds, move |ch| {
+            let p = big.clone();
+            async move {
+                EchoClient::new(ch).echo(EchoMessage { payload: p }).await.unwrap();
+            }
+        })
+        .await;
+        report(&format!("echo floor, {batch_payload} B (batch size)"), o.batch as u64, &s);
+
+        let e = enc.clone();
+        let n = o.batch;
+        let s = drive(&fk_ch, &o, o.seconds, move |ch| {
+            let items = (0..n).map(|_| e()).collect();
+            async move {
+                let r = CryptoClient::new(ch).encrypt_batch(EncryptBatchRequest { items }).await.unwrap();
+                assert_eq!(r.into_inner().results.len(), n);
+            }
+        })
+        .await;
+        let fields = report(&format!("EncryptBatch, {} x {} B", o.batch, o.size), o.batch as u64, &s) * o.batch as f64;
+
+        println!(
+            "\nEncrypt / echo floor: {:.0}% (target >= 80%); EncryptBatch: {:.0} fields/s (target >= 1,000,000)",
+            100.0 * enc_ops / echo_ops,
+            fields
+        );
+    });
+    for child in [&mut fk, &mut echo] {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
