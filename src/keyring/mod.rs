@@ -378,12 +378,41 @@ impl Keyring {
     /// [`Error::KeyDestroyed`] for the tenant's current version or the subject;
     /// [`Error::Kms`] / [`Error::Store`] on a cache miss during an outage.
     pub async fn encrypt(&self, aad: &Aad<'_>, plaintext: &[u8]) -> Result<Vec<u8>> {
-        aad.validate()?;
-        let tentry = self.tenant_entry(aad.tenant).await?;
-        let tsnap = self.tenant_snapshot(&tentry, aad.tenant, false).await?;
-        let active = active_version(aad.tenant, &tsnap.record)?;
-        let cipher = self.cipher(&tentry, &tsnap, active, aad, true).await?;
-        Ok(crypto::seal(&cipher, active.version, aad, plaintext)?)
+        self.encryptor(aad.tenant, aad.subject, aad.field)
+            .await?
+            .seal(aad.context, plaintext)
+    }
+
+    /// Resolves, once, everything needed to encrypt many values of one (tenant,
+    /// subject, field): the active key version and its field cipher. For batches; the
+    /// result reflects key states at the time of the call and should not be kept.
+    ///
+    /// # Errors
+    /// As [`Keyring::encrypt`].
+    pub async fn encryptor<'a>(
+        &self,
+        tenant: &'a str,
+        subject: Option<&'a str>,
+        field: &'a str,
+    ) -> Result<Encryptor<'a>> {
+        let probe = Aad {
+            tenant,
+            subject,
+            field,
+            context: &[],
+        };
+        probe.validate()?;
+        let tentry = self.tenant_entry(tenant).await?;
+        let tsnap = self.tenant_snapshot(&tentry, tenant, false).await?;
+        let active = active_version(tenant, &tsnap.record)?;
+        let cipher = self.cipher(&tentry, &tsnap, active, &probe, true).await?;
+        Ok(Encryptor {
+            cipher,
+            version: active.version,
+            tenant,
+            subject,
+            field,
+        })
     }
 
     /// Decrypts an envelope (binary or `fk1:` text form) for the same tenant, subject,
@@ -704,6 +733,37 @@ impl Keyring {
         Ok(sentry.field_cipher(version.version, aad.field, || {
             FieldCipher::for_subject(tkey, skey, tenant, subject, aad.field)
         }))
+    }
+}
+
+/// A resolved (tenant, subject, field) encryption key: see [`Keyring::encryptor`].
+#[derive(Debug, Clone)]
+pub struct Encryptor<'a> {
+    cipher: Arc<FieldCipher>,
+    version: u32,
+    tenant: &'a str,
+    subject: Option<&'a str>,
+    field: &'a str,
+}
+
+impl Encryptor<'_> {
+    /// The tenant key version new envelopes carry.
+    pub fn key_version(&self) -> u32 {
+        self.version
+    }
+
+    /// Encrypts one value with this record `context`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for an oversized context or value.
+    pub fn seal(&self, context: &[u8], plaintext: &[u8]) -> Result<Vec<u8>> {
+        let aad = Aad {
+            tenant: self.tenant,
+            subject: self.subject,
+            field: self.field,
+            context,
+        };
+        Ok(crypto::seal(&self.cipher, self.version, &aad, plaintext)?)
     }
 }
 

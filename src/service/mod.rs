@@ -16,7 +16,7 @@ use zeroize::Zeroize as _;
 use crate::config::Limits;
 use crate::crypto::{Aad, Envelope, to_text};
 use crate::error::Error;
-use crate::keyring::{Keyring, TenantInfo};
+use crate::keyring::{Encryptor, Keyring, TenantInfo};
 use crate::store::KeyState;
 
 /// Generated protobuf and gRPC code for `fieldkey.v1`.
@@ -61,6 +61,13 @@ use pb::{
     EncryptRequest, EncryptResponse, EncryptResult, GetTenantRequest, ItemError,
     RotateTenantKeyRequest, decrypt_result, encrypt_result,
 };
+
+/// (tenant, subject, field) of a batch item.
+type BatchKey<'a> = (&'a str, &'a str, &'a str);
+
+/// Distinct (tenant, subject, field) keys remembered per batch; beyond, items resolve
+/// their key individually.
+const MAX_RESOLVED_PER_BATCH: usize = 16;
 
 fn subject(s: &str) -> Option<&str> {
     (!s.is_empty()).then_some(s)
@@ -180,6 +187,39 @@ impl CryptoService {
         })
     }
 
+    async fn encrypt_batch_item<'a>(
+        &self,
+        r: &'a EncryptRequest,
+        resolved: &mut Vec<(BatchKey<'a>, Result<Encryptor<'a>, Error>)>,
+    ) -> Result<EncryptResponse, Error> {
+        self.guard.check_field("plaintext", r.plaintext.len())?;
+        let key = (
+            r.tenant_id.as_str(),
+            r.subject_id.as_str(),
+            r.field.as_str(),
+        );
+        let enc = match resolved.iter().find(|(k, _)| *k == key) {
+            Some((_, found)) => found.clone()?,
+            None => {
+                let fresh = self.keyring.encryptor(key.0, subject(key.1), key.2).await;
+                if resolved.len() < MAX_RESOLVED_PER_BATCH {
+                    resolved.push((key, fresh.clone()));
+                }
+                fresh?
+            }
+        };
+        let env = enc.seal(&r.context, &r.plaintext)?;
+        let ciphertext = if r.format == CiphertextFormat::Text as i32 {
+            to_text(&env).into_bytes()
+        } else {
+            env
+        };
+        Ok(EncryptResponse {
+            ciphertext,
+            key_version: enc.key_version(),
+        })
+    }
+
     async fn decrypt_one(&self, r: DecryptRequest) -> Result<DecryptResponse, Error> {
         self.guard.check_field("ciphertext", r.ciphertext.len())?;
         let aad = Aad {
@@ -230,18 +270,26 @@ impl pb::crypto_server::Crypto for CryptoService {
         &self,
         req: Request<EncryptBatchRequest>,
     ) -> Result<Response<EncryptBatchResponse>, Status> {
-        let items = req.into_inner().items;
+        let mut items = req.into_inner().items;
         self.guard.check_batch(items.len())?;
         let fut = async {
             let mut results = Vec::with_capacity(items.len());
-            for item in items {
-                let result = match self.encrypt_one(item).await {
-                    Ok(ok) => encrypt_result::Result::Ok(ok),
-                    Err(e) => encrypt_result::Result::Error(item_error(&e)),
-                };
-                results.push(EncryptResult {
-                    result: Some(result),
-                });
+            {
+                // Items of one batch usually share (tenant, subject, field): resolve
+                // each distinct key once (a few per batch), not once per item.
+                let mut resolved: Vec<(BatchKey<'_>, Result<Encryptor<'_>, Error>)> = Vec::new();
+                for item in &items {
+                    let result = match self.encrypt_batch_item(item, &mut resolved).await {
+                        Ok(ok) => encrypt_result::Result::Ok(ok),
+                        Err(e) => encrypt_result::Result::Error(item_error(&e)),
+                    };
+                    results.push(EncryptResult {
+                        result: Some(result),
+                    });
+                }
+            }
+            for item in &mut items {
+                item.plaintext.zeroize();
             }
             Ok(EncryptBatchResponse { results })
         };
