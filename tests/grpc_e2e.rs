@@ -678,3 +678,25 @@ async fn calls_beyond_the_concurrency_limit_are_refused_at_once() -> Result<()> 
     server.stop().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn shutdown_drains_calls_in_flight() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    // cold cache + a KMS taking 500 ms: the call is in flight when shutdown starts
+    let server = limited(&dir, Limits::default(), 500).await?;
+    let mut c = CryptoClient::new(server.channel().await?);
+    let call = tokio::spawn(async move { c.encrypt(enc("acme", "", "f", b"", b"x")).await });
+    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    let addr = server.addr;
+    server.stop().await; // returns only after in-flight calls finished
+    let out = call.await?;
+    assert!(
+        out.is_ok(),
+        "in-flight call completed during drain: {out:?}"
+    );
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "no longer accepting after shutdown"
+    );
+    Ok(())
+}
