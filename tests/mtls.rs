@@ -18,7 +18,7 @@ use fieldkey::config::Limits;
 use fieldkey::service::pb::keys_client::KeysClient;
 use fieldkey::service::pb::{CreateTenantRequest, WhoAmIRequest};
 use fieldkey::store::{KeyStore, SqlStore};
-use fieldkey::transport::mtls::{MtlsConfig, serve_mtls, server_config};
+use fieldkey::transport::mtls::{MtlsConfig, ReloadingConfig, serve_mtls};
 use fieldkey::{Keyring, KeyringConfig};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
 use rustls_pki_types::pem::PemObject as _;
@@ -61,6 +61,7 @@ fn uri(s: &str) -> SanType {
 struct Fixture {
     addr: SocketAddr,
     ca: Ca,
+    cfg: MtlsConfig,
     _dir: tempfile::TempDir,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
@@ -89,7 +90,7 @@ async fn start() -> Result<Fixture> {
     let routes = fieldkey::service::routes(keyring, &Limits::default()).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let tls = server_config(&cfg)?;
+    let tls = ReloadingConfig::watch(cfg.clone(), std::time::Duration::from_millis(50))?;
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(serve_mtls(routes, listener, tls, async {
         let _ = rx.await;
@@ -97,6 +98,7 @@ async fn start() -> Result<Fixture> {
     Ok(Fixture {
         addr,
         ca,
+        cfg,
         _dir: dir,
         stop: Some(tx),
     })
@@ -267,6 +269,61 @@ async fn the_server_prefers_aes_256_gcm_sha384() -> Result<()> {
     assert_eq!(
         conn.negotiated_cipher_suite().map(|s| s.suite()),
         Some(rustls::CipherSuite::TLS13_AES_256_GCM_SHA384)
+    );
+    Ok(())
+}
+
+/// The server certificate the client sees, as DER.
+async fn served_cert(f: &Fixture) -> Result<Vec<u8>> {
+    let (cert, key) = leaf(&f.ca, vec![uri("spiffe://x/y")], false);
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config(
+        &f.ca.pem,
+        Some((&cert, &key)),
+        TLS13,
+    )));
+    let tcp = tokio::net::TcpStream::connect(f.addr).await?;
+    let tls = connector
+        .connect(ServerName::try_from("localhost")?, tcp)
+        .await?;
+    Ok(tls.get_ref().1.peer_certificates().unwrap()[0]
+        .as_ref()
+        .to_vec())
+}
+
+#[tokio::test]
+async fn rotated_certificate_files_are_picked_up_and_bad_ones_ignored() -> Result<()> {
+    let f = start().await?;
+    let before = served_cert(&f).await?;
+    // a renewed server certificate from the same CA
+    let (cert, key) = leaf(
+        &f.ca,
+        vec![SanType::DnsName("localhost".try_into()?)],
+        false,
+    );
+    std::fs::write(&f.cfg.key_file, &key)?;
+    std::fs::write(&f.cfg.cert_file, &cert)?;
+    let renewed = CertificateDer::from_pem_slice(cert.as_bytes())?
+        .as_ref()
+        .to_vec();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while served_cert(&f).await? != renewed {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "new certificate not served"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_ne!(before, renewed);
+    // a broken file keeps the last good configuration
+    std::fs::write(
+        &f.cfg.cert_file,
+        "-----BEGIN CERTIFICATE-----\ngarbage\n-----END CERTIFICATE-----\n",
+    )?;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(
+        served_cert(&f).await?,
+        renewed,
+        "still serving the last good certificate"
     );
     Ok(())
 }

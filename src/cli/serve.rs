@@ -162,7 +162,8 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         ));
     }
     if let Some(m) = &cfg.listen.mtls {
-        let tls = crate::transport::mtls::server_config(m)?;
+        let tls =
+            crate::transport::mtls::ReloadingConfig::watch(m.clone(), Duration::from_secs(5))?;
         let listener = crate::transport::bind_tcp(&m.listen).await?;
         let local = listener.local_addr()?;
         let routes = crate::service::routes(keyring.clone(), &cfg.limits).await?;

@@ -155,6 +155,78 @@ impl AsyncWrite for MtlsConn {
     }
 }
 
+/// A server configuration that follows its files: certificates rotate (an internal CA
+/// renews them; mesh identities live a day), so the certificate, key and client CA
+/// bundle are re-read when their files change, without a restart. A change that does
+/// not load (half-written file, key not matching) keeps the last good configuration
+/// and logs a warning; new connections use the new configuration, open ones keep theirs.
+#[derive(Clone)]
+pub struct ReloadingConfig {
+    current: Arc<arc_swap::ArcSwap<ServerConfig>>,
+}
+
+impl std::fmt::Debug for ReloadingConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReloadingConfig")
+    }
+}
+
+fn fingerprint_files(cfg: &MtlsConfig) -> Vec<Option<(std::time::SystemTime, u64)>> {
+    [&cfg.cert_file, &cfg.key_file, &cfg.client_ca_file]
+        .iter()
+        .map(|p| {
+            std::fs::metadata(p)
+                .ok()
+                .and_then(|m| Some((m.modified().ok()?, m.len())))
+        })
+        .collect()
+}
+
+impl ReloadingConfig {
+    /// Loads the files now (failing if they do not load) and re-checks them every
+    /// `interval` in a background task.
+    ///
+    /// # Errors
+    /// As [`server_config`].
+    pub fn watch(cfg: MtlsConfig, interval: std::time::Duration) -> Result<Self, TransportError> {
+        let current = Arc::new(arc_swap::ArcSwap::new(server_config(&cfg)?));
+        let this = Self {
+            current: current.clone(),
+        };
+        let weak = Arc::downgrade(&current);
+        tokio::spawn(async move {
+            let mut seen = fingerprint_files(&cfg);
+            loop {
+                tokio::time::sleep(interval).await;
+                let Some(current) = weak.upgrade() else {
+                    return;
+                };
+                let now = fingerprint_files(&cfg);
+                if now == seen {
+                    continue;
+                }
+                match server_config(&cfg) {
+                    Ok(new) => {
+                        current.store(new);
+                        seen = now;
+                        tracing::info!(cert = %cfg.cert_file.display(), "mTLS certificate, key and CA bundle reloaded");
+                    }
+                    Err(e) => {
+                        // keep `seen` unchanged so the next tick tries again
+                        tracing::warn!(error = %e, "mTLS files changed but do not load; keeping the last good configuration");
+                    }
+                }
+            }
+        });
+        Ok(this)
+    }
+
+    /// The configuration new connections get.
+    pub fn current(&self) -> Arc<ServerConfig> {
+        self.current.load_full()
+    }
+}
+
 /// Serves `routes` over mTLS on `listener` until `shutdown`, then drains.
 ///
 /// Handshakes run concurrently and off the accept loop; a failed handshake (no client
@@ -165,17 +237,16 @@ impl AsyncWrite for MtlsConn {
 pub async fn serve_mtls(
     routes: Routes,
     listener: TcpListener,
-    config: Arc<ServerConfig>,
+    config: ReloadingConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), TransportError> {
-    let acceptor = TlsAcceptor::from(config);
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<MtlsConn>>(64);
     let accept_loop = tokio::spawn(async move {
         loop {
             let Ok((tcp, remote)) = listener.accept().await else {
                 continue;
             };
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            let (acceptor, tx) = (TlsAcceptor::from(config.current()), tx.clone());
             tokio::spawn(async move {
                 let handshake =
                     tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp))
