@@ -396,8 +396,9 @@ async fn state_changes_on_another_replica_are_enforced_within_revalidate_after()
             ),
         }
     }
+    // bound: revalidate_after (200 ms) plus one store read; slack for a loaded CI host
     assert!(
-        start.elapsed() <= Duration::from_millis(400),
+        start.elapsed() <= Duration::from_millis(800),
         "took {:?}",
         start.elapsed()
     );
