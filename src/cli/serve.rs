@@ -137,26 +137,27 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
+    // One set of services for every listener: the in-flight limit and the health
+    // status are the sidecar's, not a listener's.
+    let routes = crate::service::routes(keyring.clone(), &cfg.limits).await?;
     let mut servers = tokio::task::JoinSet::new();
     if let Some(addr) = &cfg.listen.tcp {
         let listener = crate::transport::bind_tcp(addr).await?;
         let local = listener.local_addr()?;
-        let routes = crate::service::routes(keyring.clone(), &cfg.limits).await?;
         tracing::info!(%local, "serving gRPC on TCP");
         println!("fieldkey listening on tcp://{local}");
         servers.spawn(crate::transport::serve_tcp(
-            routes,
+            routes.clone(),
             listener,
             wait(stop_rx.clone()),
         ));
     }
     if let Some(path) = &cfg.listen.unix {
         let listener = crate::transport::bind_unix(path)?;
-        let routes = crate::service::routes(keyring.clone(), &cfg.limits).await?;
         tracing::info!(path = %path.display(), "serving gRPC on a Unix socket");
         println!("fieldkey listening on unix://{}", path.display());
         servers.spawn(crate::transport::serve_unix(
-            routes,
+            routes.clone(),
             listener,
             wait(stop_rx.clone()),
         ));
@@ -166,11 +167,10 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<()> {
             crate::transport::mtls::ReloadingConfig::watch(m.clone(), Duration::from_secs(5))?;
         let listener = crate::transport::bind_tcp(&m.listen).await?;
         let local = listener.local_addr()?;
-        let routes = crate::service::routes(keyring.clone(), &cfg.limits).await?;
         tracing::info!(%local, "serving gRPC over mTLS (TLS 1.3, client certificates required)");
         println!("fieldkey listening on mtls://{local}");
         servers.spawn(crate::transport::mtls::serve_mtls(
-            routes,
+            routes.clone(),
             listener,
             tls,
             wait(stop_rx.clone()),
