@@ -132,18 +132,11 @@ impl TenantEntry {
     /// Drops (and so zeroizes, once unused) the cached key of `version`. Returns
     /// whether there was one.
     pub fn forget_version(&self, version: u32) -> bool {
-        let present = self
-            .versions
-            .read()
+        self.versions
+            .write()
             .unwrap_or_else(|p| p.into_inner())
-            .contains_key(&version);
-        if present {
-            self.versions
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&version);
-        }
-        present
+            .remove(&version)
+            .is_some()
     }
 }
 

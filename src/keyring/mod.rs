@@ -84,7 +84,12 @@ fn unshare(e: Arc<Error>) -> Error {
 }
 
 enum Fresh<T> {
+    /// The snapshot in hand (still fresh, refreshed by another task, or stale during a
+    /// store outage).
     Found(Arc<Snapshot<T>>),
+    /// A snapshot this call just re-read from the store.
+    Refreshed(Arc<Snapshot<T>>),
+    /// The record no longer exists.
     Gone,
 }
 
@@ -170,13 +175,7 @@ impl Keyring {
     /// [`Error::TenantNotFound`]; [`Error::Store`].
     pub async fn tenant(&self, tenant: &str) -> Result<TenantInfo> {
         validate_id("tenant_id", tenant)?;
-        self.store
-            .get_tenant(tenant)
-            .await?
-            .map(|r| TenantInfo::from(&r))
-            .ok_or_else(|| Error::TenantNotFound {
-                tenant: tenant.to_owned(),
-            })
+        Ok(TenantInfo::from(&self.load_tenant_record(tenant).await?))
     }
 
     /// Rotates: a new version becomes active (new writes use it at once on this
@@ -469,13 +468,7 @@ impl Keyring {
     async fn tenant_entry(&self, tenant: &str) -> Result<Arc<TenantEntry>> {
         self.cache
             .tenant(tenant, async {
-                match self.store.get_tenant(tenant).await {
-                    Ok(Some(r)) => Ok(TenantEntry::new(r)),
-                    Ok(None) => Err(Error::TenantNotFound {
-                        tenant: tenant.to_owned(),
-                    }),
-                    Err(e) => Err(Error::Store(e)),
-                }
+                self.load_tenant_record(tenant).await.map(TenantEntry::new)
             })
             .await
             .map_err(unshare)
@@ -521,7 +514,7 @@ impl Keyring {
                     failed_refresh: None,
                 });
                 meta.store(new.clone());
-                Ok(Fresh::Found(new))
+                Ok(Fresh::Refreshed(new))
             }
             Ok(None) => Ok(Fresh::Gone),
             Err(StoreError::Unavailable(e)) if stale_ok => {
@@ -551,7 +544,10 @@ impl Keyring {
             })
             .await?
         {
-            Fresh::Found(snap) => {
+            Fresh::Found(snap) => Ok(snap),
+            Fresh::Refreshed(snap) => {
+                // Only a re-read can reveal a version destroyed elsewhere (local
+                // destruction drops the whole entry), so this stays off the hot path.
                 let mut newly_destroyed = false;
                 for v in &snap.record.versions {
                     if v.state == KeyState::Destroyed {
@@ -586,7 +582,9 @@ impl Keyring {
             })
             .await?
         {
-            Fresh::Found(snap) if snap.record.state == KeyState::Destroyed => {
+            Fresh::Found(snap) | Fresh::Refreshed(snap)
+                if snap.record.state == KeyState::Destroyed =>
+            {
                 // Shredded (possibly on another replica): drop the cached entry so its
                 // unwrapped key is wiped, and report the tombstone.
                 self.cache.invalidate_subject(tenant, subject).await;
@@ -596,7 +594,7 @@ impl Keyring {
                     version: None,
                 })
             }
-            Fresh::Found(snap) => Ok(snap),
+            Fresh::Found(snap) | Fresh::Refreshed(snap) => Ok(snap),
             Fresh::Gone => {
                 self.cache.invalidate_subject(tenant, subject).await;
                 Err(Error::SubjectNotFound {
