@@ -424,6 +424,21 @@ impl Keyring {
     /// [`Error::KeySuspended`]; [`Error::TenantNotFound`]; [`Error::SubjectNotFound`];
     /// [`Error::Kms`] / [`Error::Store`] on a cache miss during an outage.
     pub async fn decrypt(&self, aad: &Aad<'_>, envelope: &[u8]) -> Result<Plaintext> {
+        self.decrypt_versioned(aad, envelope)
+            .await
+            .map(|(pt, _)| pt)
+    }
+
+    /// [`Keyring::decrypt`], also returning the tenant key version that had encrypted
+    /// the value (below the active version: due for re-encryption).
+    ///
+    /// # Errors
+    /// As [`Keyring::decrypt`].
+    pub async fn decrypt_versioned(
+        &self,
+        aad: &Aad<'_>,
+        envelope: &[u8],
+    ) -> Result<(Plaintext, u32)> {
         let bytes = crypto::decode_any(envelope)?;
         let env = Envelope::parse(&bytes)?;
         aad.validate()?;
@@ -451,7 +466,7 @@ impl Keyring {
                 })?;
         usable_for_decrypt(aad.tenant, version)?;
         let cipher = self.cipher(&tentry, &tsnap, version, aad, false).await?;
-        Ok(crypto::open(&cipher, &env, aad)?)
+        Ok((crypto::open(&cipher, &env, aad)?, env.key_version()))
     }
 
     // ---------------------------------------------------------------- internals

@@ -14,7 +14,7 @@ use tonic::{Code, Request, Response, Status};
 use zeroize::Zeroize as _;
 
 use crate::config::Limits;
-use crate::crypto::{Aad, Envelope, to_text};
+use crate::crypto::{Aad, to_text};
 use crate::error::Error;
 use crate::keyring::{Encryptor, Keyring, TenantInfo};
 use crate::store::KeyState;
@@ -71,6 +71,20 @@ const MAX_RESOLVED_PER_BATCH: usize = 16;
 
 fn subject(s: &str) -> Option<&str> {
     (!s.is_empty()).then_some(s)
+}
+
+/// Encrypts one request's value with a resolved key, in the requested form.
+fn seal_response(enc: &Encryptor<'_>, r: &EncryptRequest) -> Result<EncryptResponse, Error> {
+    let env = enc.seal(&r.context, &r.plaintext)?;
+    let ciphertext = if r.format == CiphertextFormat::Text as i32 {
+        to_text(&env).into_bytes()
+    } else {
+        env
+    };
+    Ok(EncryptResponse {
+        ciphertext,
+        key_version: enc.key_version(),
+    })
 }
 
 fn item_error(e: &Error) -> ItemError {
@@ -162,29 +176,17 @@ impl CryptoService {
     }
 
     async fn encrypt_one(&self, mut r: EncryptRequest) -> Result<EncryptResponse, Error> {
-        if let Err(e) = self.guard.check_field("plaintext", r.plaintext.len()) {
-            r.plaintext.zeroize();
-            return Err(e);
+        let result = async {
+            self.guard.check_field("plaintext", r.plaintext.len())?;
+            let enc = self
+                .keyring
+                .encryptor(&r.tenant_id, subject(&r.subject_id), &r.field)
+                .await?;
+            seal_response(&enc, &r)
         }
-        let aad = Aad {
-            tenant: &r.tenant_id,
-            subject: subject(&r.subject_id),
-            field: &r.field,
-            context: &r.context,
-        };
-        let result = self.keyring.encrypt(&aad, &r.plaintext).await;
+        .await;
         r.plaintext.zeroize();
-        let env = result?;
-        let key_version = Envelope::parse(&env)?.key_version();
-        let ciphertext = if r.format == CiphertextFormat::Text as i32 {
-            to_text(&env).into_bytes()
-        } else {
-            env
-        };
-        Ok(EncryptResponse {
-            ciphertext,
-            key_version,
-        })
+        result
     }
 
     async fn encrypt_batch_item<'a>(
@@ -208,16 +210,7 @@ impl CryptoService {
                 fresh?
             }
         };
-        let env = enc.seal(&r.context, &r.plaintext)?;
-        let ciphertext = if r.format == CiphertextFormat::Text as i32 {
-            to_text(&env).into_bytes()
-        } else {
-            env
-        };
-        Ok(EncryptResponse {
-            ciphertext,
-            key_version: enc.key_version(),
-        })
+        seal_response(&enc, r)
     }
 
     async fn decrypt_one(&self, r: DecryptRequest) -> Result<DecryptResponse, Error> {
@@ -228,11 +221,7 @@ impl CryptoService {
             field: &r.field,
             context: &r.context,
         };
-        let pt = self.keyring.decrypt(&aad, &r.ciphertext).await?;
-        let key_version = crate::crypto::decode_any(&r.ciphertext)
-            .ok()
-            .and_then(|b| Envelope::parse(&b).ok().map(|e| e.key_version()))
-            .unwrap_or(0);
+        let (pt, key_version) = self.keyring.decrypt_versioned(&aad, &r.ciphertext).await?;
         Ok(DecryptResponse {
             plaintext: pt.to_vec(),
             key_version,
