@@ -35,10 +35,6 @@ pub enum TransportError {
     Serve(#[from] tonic::transport::Error),
 }
 
-fn server() -> Server {
-    Server::builder().tcp_nodelay(true)
-}
-
 /// Binds a TCP listener (use a loopback address for the in-pod API).
 ///
 /// # Errors
@@ -76,11 +72,7 @@ pub async fn serve_tcp(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), TransportError> {
-    server()
-        .add_routes(routes)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await?;
-    Ok(())
+    serve_incoming(routes, TcpListenerStream::new(listener), shutdown).await
 }
 
 /// Serves `routes` on a Unix socket until `shutdown` completes, then drains.
@@ -92,9 +84,30 @@ pub async fn serve_unix(
     listener: UnixListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), TransportError> {
-    server()
+    serve_incoming(routes, UnixListenerStream::new(listener), shutdown).await
+}
+
+/// The one serving loop behind every listener: gRPC over already-accepted connections
+/// until `shutdown`, then drain in-flight calls.
+async fn serve_incoming<I, IO, IE>(
+    routes: Routes,
+    incoming: I,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), TransportError>
+where
+    I: tokio_stream::Stream<Item = Result<IO, IE>>,
+    IO: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    Server::builder()
+        .tcp_nodelay(true)
         .add_routes(routes)
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     Ok(())
 }

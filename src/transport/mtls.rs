@@ -284,10 +284,12 @@ pub async fn serve_mtls(
             });
         }
     });
-    let result = tonic::transport::Server::builder()
-        .add_routes(routes)
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::ReceiverStream::new(rx), shutdown)
-        .await;
+    let result = super::serve_incoming(
+        routes,
+        tokio_stream::wrappers::ReceiverStream::new(rx),
+        shutdown,
+    )
+    .await;
     accept_loop.abort();
-    result.map_err(TransportError::from)
+    result
 }
