@@ -17,9 +17,10 @@ pub(crate) const FIELD_KEY_SALT: &[u8] = b"fieldkey/v1 field-key";
 pub(crate) const SUBJECT_WRAP_SALT: &[u8] = b"fieldkey/v1 subject-wrap";
 /// Associated-data label for wrapped subject keys.
 const SUBJECT_WRAP_AD_LABEL: &[u8] = b"fieldkey/v1 subject-key";
-/// Format byte of a wrapped subject key.
-const SUBJECT_WRAP_FORMAT: u8 = 0x01;
-/// Length of a wrapped subject key: format byte, nonce, key, tag.
+/// Format byte of a wrapped key ([`seal_key`]).
+const KEY_WRAP_FORMAT: u8 = 0x01;
+/// Length of a wrapped key ([`seal_key`], subject keys and local-KMS keys alike):
+/// format byte, nonce, key, tag.
 pub const SUBJECT_WRAPPED_LEN: usize = 1 + NONCE_LEN + KEY_LEN + TAG_LEN;
 
 /// Info-string scope tags.
@@ -94,22 +95,8 @@ pub fn wrap_subject_key(
     wrap_version: u32,
     subject_key: &SecretKey,
 ) -> Result<Vec<u8>, CryptoError> {
-    let mut nonce = [0u8; NONCE_LEN];
-    getrandom::fill(&mut nonce).map_err(|_| CryptoError::Rng)?;
-    let cipher = subject_wrap_cipher(tenant_key, tenant);
-    let mut out = Vec::with_capacity(SUBJECT_WRAPPED_LEN);
-    out.push(SUBJECT_WRAP_FORMAT);
-    out.extend_from_slice(&nonce);
-    out.extend_from_slice(subject_key.expose());
     let ad = subject_wrap_ad(tenant, subject, wrap_version);
-    let body = out
-        .get_mut(1 + NONCE_LEN..)
-        .ok_or(CryptoError::Malformed("wrap"))?;
-    let tag = cipher
-        .encrypt_in_place_detached(&nonce, &ad, body)
-        .map_err(|_| CryptoError::AuthenticationFailed)?;
-    out.extend_from_slice(&tag);
-    Ok(out)
+    seal_key(&subject_wrap_cipher(tenant_key, tenant), &ad, subject_key)
 }
 
 /// Unwraps subject key material produced by [`wrap_subject_key`].
@@ -125,15 +112,47 @@ pub fn unwrap_subject_key(
     wrap_version: u32,
     wrapped: &[u8],
 ) -> Result<SecretKey, CryptoError> {
+    let ad = subject_wrap_ad(tenant, subject, wrap_version);
+    open_key(&subject_wrap_cipher(tenant_key, tenant), &ad, wrapped)
+}
+
+/// Seals a 256-bit key under `aead` in the key-wrap format shared by subject keys and
+/// the local KMS: `0x01 || nonce(24, random) || ciphertext(32) || tag(16)`.
+///
+/// # Errors
+/// [`CryptoError::Rng`] if the random source fails.
+pub fn seal_key(aead: &Xaes256Gcm, ad: &[u8], key: &SecretKey) -> Result<Vec<u8>, CryptoError> {
+    let mut nonce = [0u8; NONCE_LEN];
+    getrandom::fill(&mut nonce).map_err(|_| CryptoError::Rng)?;
+    let mut out = Vec::with_capacity(SUBJECT_WRAPPED_LEN);
+    out.push(KEY_WRAP_FORMAT);
+    out.extend_from_slice(&nonce);
+    out.extend_from_slice(key.expose());
+    let body = out
+        .get_mut(1 + NONCE_LEN..)
+        .ok_or(CryptoError::Malformed("wrap"))?;
+    let tag = aead
+        .encrypt_in_place_detached(&nonce, ad, body)
+        .map_err(|_| CryptoError::AuthenticationFailed)?;
+    out.extend_from_slice(&tag);
+    Ok(out)
+}
+
+/// Opens a blob made by [`seal_key`].
+///
+/// # Errors
+/// [`CryptoError::Malformed`] for a blob of the wrong length,
+/// [`CryptoError::UnsupportedVersion`] for an unknown format byte,
+/// [`CryptoError::AuthenticationFailed`] for the wrong key or associated data, or a
+/// tampered blob.
+pub fn open_key(aead: &Xaes256Gcm, ad: &[u8], wrapped: &[u8]) -> Result<SecretKey, CryptoError> {
     if wrapped.len() != SUBJECT_WRAPPED_LEN {
-        return Err(CryptoError::Malformed(
-            "wrapped subject key has the wrong length",
-        ));
+        return Err(CryptoError::Malformed("wrapped key has the wrong length"));
     }
     let (format, rest) = wrapped
         .split_first()
-        .ok_or(CryptoError::Malformed("empty wrapped subject key"))?;
-    if *format != SUBJECT_WRAP_FORMAT {
+        .ok_or(CryptoError::Malformed("empty wrapped key"))?;
+    if *format != KEY_WRAP_FORMAT {
         return Err(CryptoError::UnsupportedVersion(*format));
     }
     let (nonce, rest) = rest.split_at(NONCE_LEN);
@@ -144,10 +163,7 @@ pub fn unwrap_subject_key(
     let tag: [u8; TAG_LEN] = tag.try_into().map_err(|_| CryptoError::Malformed("tag"))?;
     let mut key = Zeroizing::new([0u8; KEY_LEN]);
     key.copy_from_slice(ct);
-    let cipher = subject_wrap_cipher(tenant_key, tenant);
-    let ad = subject_wrap_ad(tenant, subject, wrap_version);
-    cipher
-        .decrypt_in_place_detached(&nonce, &ad, key.as_mut(), &tag)
+    aead.decrypt_in_place_detached(&nonce, ad, key.as_mut(), &tag)
         .map_err(|_| CryptoError::AuthenticationFailed)?;
     Ok(SecretKey::from_bytes(&mut key))
 }

@@ -25,13 +25,11 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use super::{DataKey, EncryptionContext, Kms, KmsError, WrappedKey};
-use crate::crypto::{KEY_LEN, SecretKey, Xaes256Gcm};
+use crate::crypto::{
+    CryptoError, KEY_LEN, NONCE_LEN, SecretKey, TAG_LEN, Xaes256Gcm, open_key, seal_key,
+};
 
 const FILE_FORMAT: &str = "fieldkey-local-kms/v1";
-const WRAP_FORMAT: u8 = 0x01;
-const NONCE_LEN: usize = 24;
-const TAG_LEN: usize = 16;
-const WRAPPED_LEN: usize = 1 + NONCE_LEN + KEY_LEN + TAG_LEN;
 const WRAP_AD_LABEL: &[u8] = b"fieldkey/v1 local-kms";
 
 /// Argon2id cost parameters for the passphrase.
@@ -106,8 +104,12 @@ fn root_ad(key_id: &str) -> Vec<u8> {
     ad
 }
 
-fn rng_err(_: getrandom::Error) -> KmsError {
+fn rng_err_msg() -> KmsError {
     KmsError::Misconfigured("system random number generator failed".into())
+}
+
+fn rng_err(_: getrandom::Error) -> KmsError {
+    rng_err_msg()
 }
 
 impl LocalKms {
@@ -259,22 +261,12 @@ impl LocalKms {
     }
 
     fn wrap_now(&self, key: &SecretKey, ctx: &EncryptionContext) -> Result<WrappedKey, KmsError> {
-        let mut nonce = [0u8; NONCE_LEN];
-        getrandom::fill(&mut nonce).map_err(rng_err)?;
-        let mut out = Vec::with_capacity(WRAPPED_LEN);
-        out.push(WRAP_FORMAT);
-        out.extend_from_slice(&nonce);
-        out.extend_from_slice(key.expose());
-        let ad = self.wrap_ad(ctx);
-        let body = out
-            .get_mut(1 + NONCE_LEN..)
-            .ok_or(KmsError::InvalidCiphertext)?;
-        let tag = self
-            .root
-            .encrypt_in_place_detached(&nonce, &ad, body)
-            .map_err(|_| KmsError::InvalidCiphertext)?;
-        out.extend_from_slice(&tag);
-        Ok(WrappedKey::new(out))
+        seal_key(&self.root, &self.wrap_ad(ctx), key)
+            .map(WrappedKey::new)
+            .map_err(|e| match e {
+                CryptoError::Rng => rng_err_msg(),
+                _ => KmsError::InvalidCiphertext,
+            })
     }
 }
 
@@ -336,27 +328,8 @@ impl Kms for LocalKms {
         ctx: &EncryptionContext,
     ) -> Result<SecretKey, KmsError> {
         self.check_key(key_id)?;
-        let w = wrapped.as_bytes();
-        if w.len() != WRAPPED_LEN || w.first() != Some(&WRAP_FORMAT) {
-            return Err(KmsError::InvalidCiphertext);
-        }
-        let nonce: [u8; NONCE_LEN] = w
-            .get(1..1 + NONCE_LEN)
-            .and_then(|s| s.try_into().ok())
-            .ok_or(KmsError::InvalidCiphertext)?;
-        let tag: [u8; TAG_LEN] = w
-            .get(1 + NONCE_LEN + KEY_LEN..)
-            .and_then(|s| s.try_into().ok())
-            .ok_or(KmsError::InvalidCiphertext)?;
-        let mut key = Zeroizing::new([0u8; KEY_LEN]);
-        key.copy_from_slice(
-            w.get(1 + NONCE_LEN..1 + NONCE_LEN + KEY_LEN)
-                .ok_or(KmsError::InvalidCiphertext)?,
-        );
-        self.root
-            .decrypt_in_place_detached(&nonce, &self.wrap_ad(ctx), key.as_mut(), &tag)
-            .map_err(|_| KmsError::InvalidCiphertext)?;
-        Ok(SecretKey::from_bytes(&mut key))
+        open_key(&self.root, &self.wrap_ad(ctx), wrapped.as_bytes())
+            .map_err(|_| KmsError::InvalidCiphertext)
     }
 
     async fn check(&self) -> Result<(), KmsError> {
