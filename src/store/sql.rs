@@ -113,6 +113,27 @@ const INSERT_VERSION: &str = "INSERT INTO fk_tenant_keys \
     VALUES ($1, $2, 'active', NULL, $3, $4, $5, $6, $6) \
     ON CONFLICT (tenant_id, version) DO NOTHING";
 
+/// Inserts `new` as the active version unless that version number exists; returns the
+/// number of rows inserted (0 or 1).
+async fn insert_version(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    tenant_id: &str,
+    new: &NewKeyVersion,
+    now: i64,
+) -> Result<u64, StoreError> {
+    Ok(sqlx::query(INSERT_VERSION)
+        .bind(tenant_id)
+        .bind(i64::from(new.version))
+        .bind(&new.kms_key_id)
+        .bind(new.wrapped.as_bytes().to_vec())
+        .bind(new.wrapped.fingerprint().as_bytes().to_vec())
+        .bind(now)
+        .execute(&mut **tx)
+        .await
+        .map_err(classify)?
+        .rows_affected())
+}
+
 #[async_trait]
 impl KeyStore for SqlStore {
     fn backend(&self) -> &'static str {
@@ -147,16 +168,7 @@ impl KeyStore for SqlStore {
         .map_err(classify)?
         .rows_affected();
         if inserted == 1 {
-            sqlx::query(INSERT_VERSION)
-                .bind(tenant_id)
-                .bind(i64::from(first.version))
-                .bind(&first.kms_key_id)
-                .bind(first.wrapped.as_bytes().to_vec())
-                .bind(first.wrapped.fingerprint().as_bytes().to_vec())
-                .bind(now)
-                .execute(&mut *tx)
-                .await
-                .map_err(classify)?;
+            insert_version(&mut tx, tenant_id, &first, now).await?;
             tx.commit().await.map_err(classify)?;
         } else {
             tx.rollback().await.map_err(classify)?;
@@ -240,17 +252,7 @@ impl KeyStore for SqlStore {
         .execute(&mut *tx)
         .await
         .map_err(classify)?;
-        let inserted = sqlx::query(INSERT_VERSION)
-            .bind(tenant_id)
-            .bind(i64::from(new.version))
-            .bind(&new.kms_key_id)
-            .bind(new.wrapped.as_bytes().to_vec())
-            .bind(new.wrapped.fingerprint().as_bytes().to_vec())
-            .bind(now)
-            .execute(&mut *tx)
-            .await
-            .map_err(classify)?
-            .rows_affected();
+        let inserted = insert_version(&mut tx, tenant_id, &new, now).await?;
         if inserted == 1 {
             tx.commit().await.map_err(classify)?;
             Ok(true)
