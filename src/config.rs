@@ -25,6 +25,17 @@ pub struct Config {
     pub limits: Limits,
     /// Cache and freshness.
     pub cache: CacheSettings,
+    /// Policy files.
+    pub policy: PolicyConfig,
+}
+
+/// Policy files (see `policies/`).
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// Rotation policy file (`policies/rotation.toml`); without one, keys are due after
+    /// 365 days with a 30-day warning.
+    pub rotation: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -36,6 +47,7 @@ impl Default for Config {
             kms: KmsConfig::default(),
             limits: Limits::default(),
             cache: CacheSettings::default(),
+            policy: PolicyConfig::default(),
         }
     }
 }

@@ -78,6 +78,43 @@ pub enum Error {
         /// The tenant key version, when a tenant version is suspended.
         version: Option<u32>,
     },
+    /// The key version was retired after re-encryption moved its data to a newer
+    /// version; a ciphertext still on it was missed by re-encryption. Irreversible.
+    #[error(
+        "key version {version} of tenant {tenant} was retired after re-encryption; this ciphertext was not re-encrypted"
+    )]
+    KeyRetired {
+        /// Tenant id.
+        tenant: String,
+        /// The retired version.
+        version: u32,
+    },
+    /// A key version cannot be retired yet (still active, still wrapping subject keys,
+    /// or re-encryption has not been shown to have moved every ciphertext off it).
+    #[error("cannot retire key version {version} of tenant {tenant}: {reason}")]
+    RetirementBlocked {
+        /// Tenant id.
+        tenant: String,
+        /// The version.
+        version: u32,
+        /// Why, for the operator.
+        reason: String,
+    },
+    /// No re-encryption job with this id.
+    #[error("re-encryption job {job} not found")]
+    JobNotFound {
+        /// Job id.
+        job: String,
+    },
+    /// The request conflicts with the job's current state (e.g. a different spec under
+    /// an existing id, or resuming a finished job).
+    #[error("re-encryption job {job}: {reason}")]
+    JobConflict {
+        /// Job id.
+        job: String,
+        /// What conflicts.
+        reason: String,
+    },
     /// The KMS failed (unavailable, timed out, throttled, key disabled, access denied...).
     #[error("KMS error: {0}")]
     Kms(#[source] KmsError),

@@ -25,7 +25,7 @@ impl From<tonic::Status> for CliError {
     }
 }
 
-async fn connect(addr: &str) -> Result<Channel, CliError> {
+pub(super) async fn connect(addr: &str) -> Result<Channel, CliError> {
     let endpoint = Channel::from_shared(addr.to_owned())
         .map_err(|e| CliError::Other(anyhow::anyhow!("invalid --addr {addr:?}: {e}")))?;
     endpoint.connect().await.map_err(|e| {
@@ -117,8 +117,117 @@ fn print_tenant(t: &pb::Tenant) {
     }
 }
 
+fn rotation_status_name(s: i32) -> String {
+    pb::RotationStatus::try_from(s)
+        .map(|s| {
+            s.as_str_name()
+                .trim_start_matches("ROTATION_STATUS_")
+                .to_lowercase()
+                .replace('_', "-")
+        })
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+async fn rotate_due(addr: &str, dry_run: bool) -> Result<(), CliError> {
+    let out = KeysClient::new(connect(addr).await?)
+        .check_rotation(pb::CheckRotationRequest { dry_run })
+        .await?
+        .into_inner();
+    println!(
+        "policy: rotate after {} days, warn {} days before{}",
+        out.max_key_age_days,
+        out.warn_days,
+        if dry_run {
+            " (dry run: nothing rotated)"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "{:<24}  {:>7}  {:>9}  {:<13}  action",
+        "tenant", "version", "age days", "status"
+    );
+    let mut failed = 0;
+    for t in &out.tenants {
+        let action = if !t.error.is_empty() {
+            failed += 1;
+            format!("rotation FAILED: {}", t.error)
+        } else if t.rotated_to != 0 {
+            format!("rotated to v{}", t.rotated_to)
+        } else {
+            "-".to_owned()
+        };
+        println!(
+            "{:<24}  {:>7}  {:>9.1}  {:<13}  {}",
+            t.tenant_id,
+            t.active_version,
+            t.age_ms as f64 / 86_400_000.0,
+            rotation_status_name(t.status),
+            action
+        );
+    }
+    if failed > 0 {
+        return Err(CliError::Other(anyhow::anyhow!(
+            "{failed} tenant(s) could not be rotated"
+        )));
+    }
+    Ok(())
+}
+
+async fn rewrap_kms_key(
+    addr: &str,
+    kms_key_id: String,
+    tenant: Option<String>,
+) -> Result<(), CliError> {
+    let mut c = KeysClient::new(connect(addr).await?);
+    let tenants = match tenant {
+        Some(t) => vec![t],
+        None => {
+            c.list_tenants(pb::ListTenantsRequest {})
+                .await?
+                .into_inner()
+                .tenant_ids
+        }
+    };
+    for t in tenants {
+        let out = c
+            .rewrap_kms_key(pb::RewrapKmsKeyRequest {
+                tenant_id: t,
+                kms_key_id: kms_key_id.clone(),
+            })
+            .await?
+            .into_inner();
+        println!(
+            "{}: {} version(s) rewrapped, {} already under {}, {} without material",
+            out.tenant_id, out.rewrapped, out.already, out.kms_key_id, out.without_material
+        );
+    }
+    Ok(())
+}
+
 pub(super) async fn tenant(cmd: TenantCommand) -> Result<(), CliError> {
     let t = match cmd {
+        TenantCommand::RotateDue { target, dry_run } => {
+            return rotate_due(&target.addr, dry_run).await;
+        }
+        TenantCommand::RewrapKmsKey {
+            target,
+            kms_key_id,
+            tenant,
+            all: _,
+        } => return rewrap_kms_key(&target.addr, kms_key_id, tenant).await,
+        TenantCommand::Retire {
+            target,
+            tenant,
+            version,
+        } => {
+            KeysClient::new(connect(&target.addr).await?)
+                .retire_key_version(pb::RetireKeyVersionRequest {
+                    tenant_id: tenant,
+                    version,
+                })
+                .await?
+        }
         TenantCommand::Create {
             target,
             tenant,

@@ -7,6 +7,7 @@
 //! (KMS or store down, deadline, overload: retry later).
 
 mod client;
+mod jobs;
 mod serve;
 
 use std::path::PathBuf;
@@ -54,6 +55,11 @@ enum Command {
         #[command(subcommand)]
         command: TenantCommand,
     },
+    /// Re-encryption jobs: run one (`run`), or show and steer them on a sidecar.
+    Jobs {
+        #[command(subcommand)]
+        command: JobsCommand,
+    },
     /// Key management service set-up.
     Kms {
         #[command(subcommand)]
@@ -73,18 +79,32 @@ pub enum LogFormat {
 
 #[derive(Args, Debug)]
 struct ServeArgs {
-    /// TOML configuration file (see README); flags and environment variables override it.
-    #[arg(long, env = "FIELDKEY_CONFIG")]
-    config: Option<PathBuf>,
-    /// Directory for the embedded SQLite store and local KMS key file.
-    #[arg(long, env = "FIELDKEY_DATA_DIR")]
-    data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    keys: KeyArgs,
     /// Loopback TCP address to serve gRPC on (port 0 picks a free port).
     #[arg(long, env = "FIELDKEY_LISTEN")]
     listen: Option<String>,
     /// Also serve gRPC on this Unix socket.
     #[arg(long, env = "FIELDKEY_UNIX_SOCKET")]
     unix_socket: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, env = "FIELDKEY_LOG_FORMAT", value_enum, default_value_t)]
+    log_format: LogFormat,
+}
+
+/// Where the keys are: configuration, key store and KMS (shared by `serve` and
+/// `jobs run`).
+#[derive(Args, Debug)]
+struct KeyArgs {
+    /// TOML configuration file (see README); flags and environment variables override it.
+    #[arg(long, env = "FIELDKEY_CONFIG")]
+    config: Option<PathBuf>,
+    /// Directory for the embedded SQLite store and local KMS key file.
+    #[arg(long, env = "FIELDKEY_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Rotation policy file (default: 365 days, 30-day warning).
+    #[arg(long, env = "FIELDKEY_ROTATION_POLICY")]
+    rotation_policy: Option<PathBuf>,
     /// Use PostgreSQL at this DSN as the key store (replicas share keys).
     #[arg(long, env = "FIELDKEY_POSTGRES_URL", hide_env_values = true)]
     postgres_url: Option<String>,
@@ -97,9 +117,6 @@ struct ServeArgs {
     /// AWS KMS endpoint override.
     #[arg(long, env = "FIELDKEY_AWS_KMS_ENDPOINT")]
     aws_kms_endpoint: Option<String>,
-    /// Log format.
-    #[arg(long, env = "FIELDKEY_LOG_FORMAT", value_enum, default_value_t)]
-    log_format: LogFormat,
 }
 
 #[derive(Args, Debug)]
@@ -176,6 +193,100 @@ enum TenantCommand {
         /// Tenant id.
         tenant: String,
     },
+    /// Check every tenant's key age against the rotation policy and rotate the overdue
+    /// ones (a CronJob's command). Exits 1 if any rotation failed.
+    RotateDue {
+        #[command(flatten)]
+        target: Target,
+        /// Only report the key ages; rotate nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// KEK rotation: rewrap the stored key material of one tenant (or all) under another
+    /// KMS key. Touches no application data; run again to resume after an interruption.
+    RewrapKmsKey {
+        #[command(flatten)]
+        target: Target,
+        /// The new KMS key id/ARN.
+        #[arg(long)]
+        kms_key_id: String,
+        /// Tenant id (or --all).
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        tenant: Option<String>,
+        /// Every tenant.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Retire a decrypt-only key version after re-encryption jobs moved every
+    /// ciphertext off it. Its material is erased for good.
+    Retire {
+        #[command(flatten)]
+        target: Target,
+        /// Tenant id.
+        tenant: String,
+        /// Version to retire.
+        version: u32,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum JobsCommand {
+    /// Run (or resume) the re-encryption job a spec file describes, in this process,
+    /// against the configured key store and KMS; shows a progress bar. Running the same
+    /// spec again resumes from the last checkpoint; a second runner stands by.
+    Run {
+        #[command(flatten)]
+        keys: KeyArgs,
+        /// Job spec (TOML; see docs/ROTATION.md).
+        spec: PathBuf,
+        /// Lease length in seconds: another runner takes over after this long without
+        /// a checkpoint from this one.
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        lease_seconds: u64,
+        /// No progress bar (progress is logged every few seconds instead).
+        #[arg(long)]
+        no_progress: bool,
+    },
+    /// List jobs (on a sidecar sharing the key store).
+    List {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Show one job.
+    Status {
+        #[command(flatten)]
+        target: Target,
+        /// Job id.
+        job: String,
+    },
+    /// Follow a job's progress until it finishes.
+    Watch {
+        #[command(flatten)]
+        target: Target,
+        /// Job id.
+        job: String,
+    },
+    /// Pause a job after its current batch.
+    Pause {
+        #[command(flatten)]
+        target: Target,
+        /// Job id.
+        job: String,
+    },
+    /// Resume a paused job.
+    Resume {
+        #[command(flatten)]
+        target: Target,
+        /// Job id.
+        job: String,
+    },
+    /// Cancel a job after its current batch (rewrapped rows stay rewrapped).
+    Cancel {
+        #[command(flatten)]
+        target: Target,
+        /// Job id.
+        job: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -227,6 +338,7 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Encrypt(args) => client::encrypt(args).await,
             Command::Decrypt(args) => client::decrypt(args).await,
             Command::Tenant { command } => client::tenant(command).await,
+            Command::Jobs { command } => jobs::jobs(command).await,
             Command::Kms {
                 command: KmsCommand::InitLocal { path, passphrase },
             } => serve::init_local_kms(&path, passphrase).map_err(client::CliError::Other),

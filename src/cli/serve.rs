@@ -7,28 +7,36 @@ use std::time::Duration;
 use anyhow::Context as _;
 use secrecy::SecretString;
 
-use super::ServeArgs;
+use super::{KeyArgs, ServeArgs};
 use crate::cache::CacheConfig;
 use crate::config::Config;
 use crate::keyring::{Keyring, KeyringConfig};
 use crate::kms::Kms;
 use crate::kms::aws::{AwsKms, AwsKmsConfig};
 use crate::kms::local::{KdfParams, LocalKms};
+use crate::policy::RotationPolicy;
 use crate::store::{KeyStore, SqlStore};
 
-fn config_from(args: &ServeArgs) -> anyhow::Result<Config> {
+fn config_from(serve: &ServeArgs) -> anyhow::Result<Config> {
+    let mut cfg = key_config(&serve.keys)?;
+    if let Some(l) = &serve.listen {
+        cfg.listen.tcp = Some(l.clone());
+    }
+    if let Some(u) = &serve.unix_socket {
+        cfg.listen.unix = Some(u.clone());
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// Configuration from a file and the key-store/KMS flags.
+pub(super) fn key_config(args: &KeyArgs) -> anyhow::Result<Config> {
     let mut cfg = match &args.config {
         Some(path) => Config::from_file(path)?,
         None => Config::default(),
     };
     if let Some(d) = &args.data_dir {
         cfg.data_dir.clone_from(d);
-    }
-    if let Some(l) = &args.listen {
-        cfg.listen.tcp = Some(l.clone());
-    }
-    if let Some(u) = &args.unix_socket {
-        cfg.listen.unix = Some(u.clone());
     }
     if let Some(p) = &args.postgres_url {
         cfg.store.postgres_url = Some(p.clone());
@@ -42,8 +50,30 @@ fn config_from(args: &ServeArgs) -> anyhow::Result<Config> {
     if let Some(e) = &args.aws_kms_endpoint {
         cfg.kms.aws_endpoint_url = Some(e.clone());
     }
+    if let Some(p) = &args.rotation_policy {
+        cfg.policy.rotation = Some(p.clone());
+    }
     cfg.validate()?;
     Ok(cfg)
+}
+
+fn rotation_policy(cfg: &Config) -> anyhow::Result<RotationPolicy> {
+    Ok(match &cfg.policy.rotation {
+        Some(path) => {
+            let p = RotationPolicy::load(path)?;
+            tracing::info!(path = %path.display(), max_key_age_days = p.max_key_age_days, warn_days = p.warn_days, "rotation policy loaded");
+            p
+        }
+        None => {
+            let p = RotationPolicy::default();
+            tracing::info!(
+                max_key_age_days = p.max_key_age_days,
+                warn_days = p.warn_days,
+                "no rotation policy file; using the default"
+            );
+            p
+        }
+    })
 }
 
 /// The local KMS passphrase: `FIELDKEY_LOCAL_KMS_PASSPHRASE`, else a random one kept in
@@ -72,7 +102,7 @@ fn local_passphrase(data_dir: &Path) -> anyhow::Result<SecretString> {
     Ok(SecretString::from(p.trim().to_owned()))
 }
 
-async fn build_keyring(cfg: &Config) -> anyhow::Result<Arc<Keyring>> {
+pub(super) async fn build_keyring(cfg: &Config) -> anyhow::Result<Arc<Keyring>> {
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
     let store: Arc<dyn KeyStore> = match &cfg.store.postgres_url {
@@ -132,6 +162,7 @@ async fn shutdown_signal() {
 
 pub(super) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let cfg = config_from(&args)?;
+    let rotation = rotation_policy(&cfg)?;
     let keyring = build_keyring(&cfg).await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -139,7 +170,7 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     // One set of services for every listener: the in-flight limit and the health
     // status are the sidecar's, not a listener's.
-    let routes = crate::service::routes(keyring.clone(), &cfg.limits).await?;
+    let routes = crate::service::routes(keyring.clone(), &cfg.limits, rotation).await?;
     let mut servers = tokio::task::JoinSet::new();
     if let Some(addr) = &cfg.listen.tcp {
         let listener = crate::transport::bind_tcp(addr).await?;

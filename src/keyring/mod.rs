@@ -34,7 +34,9 @@ use crate::store::{
 };
 
 mod info;
+mod rotation;
 pub use info::{SubjectInfo, TenantInfo, VersionInfo};
+pub use rotation::{KekRewrap, Rewrapped};
 
 /// Keyring settings.
 #[derive(Debug, Clone)]
@@ -565,7 +567,7 @@ impl Keyring {
                 // destruction drops the whole entry), so this stays off the hot path.
                 let mut newly_destroyed = false;
                 for v in &snap.record.versions {
-                    if v.state == KeyState::Destroyed {
+                    if matches!(v.state, KeyState::Destroyed | KeyState::Retired) {
                         newly_destroyed |= entry.forget_version(v.version);
                     }
                 }
@@ -814,6 +816,10 @@ fn usable_for_decrypt(tenant: &str, v: &KeyVersionRecord) -> Result<()> {
             tenant: tenant.to_owned(),
             scope: Scope::Tenant,
             version: Some(v.version),
+        }),
+        KeyState::Retired => Err(Error::KeyRetired {
+            tenant: tenant.to_owned(),
+            version: v.version,
         }),
     }
 }

@@ -4,6 +4,7 @@
 //! health and reflection services, and the single error mapping ([`status`]). Must not:
 //! hold keys, decide key use (the keyring does), or log plaintext.
 
+mod jobs;
 pub mod status;
 
 use std::future::Future;
@@ -16,7 +17,8 @@ use zeroize::Zeroize as _;
 use crate::config::Limits;
 use crate::crypto::{Aad, to_text};
 use crate::error::Error;
-use crate::keyring::{Encryptor, Keyring, TenantInfo};
+use crate::keyring::{Encryptor, Keyring, Rewrapped, TenantInfo};
+use crate::policy::{RotationPolicy, RotationStatus};
 use crate::store::KeyState;
 
 /// Generated protobuf and gRPC code for `fieldkey.v1`.
@@ -59,7 +61,8 @@ use pb::{
     CiphertextFormat, CreateTenantRequest, DecryptBatchRequest, DecryptBatchResponse,
     DecryptRequest, DecryptResponse, DecryptResult, EncryptBatchRequest, EncryptBatchResponse,
     EncryptRequest, EncryptResponse, EncryptResult, GetTenantRequest, ItemError,
-    RotateTenantKeyRequest, decrypt_result, encrypt_result,
+    RewrapBatchRequest, RewrapBatchResponse, RewrapRequest, RewrapResponse, RewrapResult,
+    RotateTenantKeyRequest, decrypt_result, encrypt_result, rewrap_result,
 };
 
 /// (tenant, subject, field) of a batch item.
@@ -213,6 +216,23 @@ impl CryptoService {
         seal_response(&enc, r)
     }
 
+    async fn rewrap_one(&self, r: &RewrapRequest) -> Result<RewrapResponse, Error> {
+        self.guard.check_field("ciphertext", r.ciphertext.len())?;
+        let aad = Aad {
+            tenant: &r.tenant_id,
+            subject: subject(&r.subject_id),
+            field: &r.field,
+            context: &r.context,
+        };
+        let rw: Rewrapped = self.keyring.rewrap(&aad, &r.ciphertext).await?;
+        Ok(RewrapResponse {
+            changed: rw.changed(),
+            key_version: rw.to_version,
+            previous_key_version: rw.from_version,
+            ciphertext: rw.ciphertext,
+        })
+    }
+
     async fn decrypt_one(&self, r: DecryptRequest) -> Result<DecryptResponse, Error> {
         self.guard.check_field("ciphertext", r.ciphertext.len())?;
         let aad = Aad {
@@ -285,6 +305,40 @@ impl pb::crypto_server::Crypto for CryptoService {
         self.guard.run(fut).await.map(Response::new)
     }
 
+    async fn rewrap(
+        &self,
+        req: Request<RewrapRequest>,
+    ) -> Result<Response<RewrapResponse>, Status> {
+        let fut = async {
+            self.rewrap_one(&req.into_inner())
+                .await
+                .map_err(|e| status::to_status(&e))
+        };
+        self.guard.run(fut).await.map(Response::new)
+    }
+
+    async fn rewrap_batch(
+        &self,
+        req: Request<RewrapBatchRequest>,
+    ) -> Result<Response<RewrapBatchResponse>, Status> {
+        let items = req.into_inner().items;
+        self.guard.check_batch(items.len())?;
+        let fut = async {
+            let mut results = Vec::with_capacity(items.len());
+            for item in &items {
+                let result = match self.rewrap_one(item).await {
+                    Ok(ok) => rewrap_result::Result::Ok(ok),
+                    Err(e) => rewrap_result::Result::Error(item_error(&e)),
+                };
+                results.push(RewrapResult {
+                    result: Some(result),
+                });
+            }
+            Ok(RewrapBatchResponse { results })
+        };
+        self.guard.run(fut).await.map(Response::new)
+    }
+
     async fn decrypt_batch(
         &self,
         req: Request<DecryptBatchRequest>,
@@ -313,13 +367,35 @@ impl pb::crypto_server::Crypto for CryptoService {
 pub struct KeysService {
     keyring: Arc<Keyring>,
     guard: Guard,
+    rotation: RotationPolicy,
 }
 
 impl KeysService {
-    /// A service over `keyring`, enforcing `guard`'s limits.
-    pub fn new(keyring: Arc<Keyring>, guard: Guard) -> Self {
-        Self { keyring, guard }
+    /// A service over `keyring`, enforcing `guard`'s limits and judging key ages by
+    /// `rotation`.
+    pub fn new(keyring: Arc<Keyring>, guard: Guard, rotation: RotationPolicy) -> Self {
+        Self {
+            keyring,
+            guard,
+            rotation,
+        }
     }
+}
+
+fn rotation_status(s: RotationStatus) -> pb::RotationStatus {
+    match s {
+        RotationStatus::Ok => pb::RotationStatus::Ok,
+        RotationStatus::DueSoon => pb::RotationStatus::DueSoon,
+        RotationStatus::Overdue => pb::RotationStatus::Overdue,
+        RotationStatus::NoActiveKey => pb::RotationStatus::NoActiveKey,
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
 }
 
 fn tenant_reply(r: Result<TenantInfo, Error>) -> Result<pb::Tenant, Status> {
@@ -332,6 +408,7 @@ fn key_state(s: KeyState) -> pb::KeyState {
         KeyState::DecryptOnly => pb::KeyState::DecryptOnly,
         KeyState::Suspended => pb::KeyState::Suspended,
         KeyState::Destroyed => pb::KeyState::Destroyed,
+        KeyState::Retired => pb::KeyState::Retired,
     }
 }
 
@@ -393,6 +470,82 @@ impl pb::keys_server::Keys for KeysService {
         self.guard.run(fut).await.map(Response::new)
     }
 
+    async fn list_tenants(
+        &self,
+        _req: Request<pb::ListTenantsRequest>,
+    ) -> Result<Response<pb::ListTenantsResponse>, Status> {
+        let fut = async {
+            self.keyring
+                .list_tenants()
+                .await
+                .map(|tenant_ids| pb::ListTenantsResponse { tenant_ids })
+                .map_err(|e| status::to_status(&e))
+        };
+        self.guard.run(fut).await.map(Response::new)
+    }
+
+    async fn check_rotation(
+        &self,
+        req: Request<pb::CheckRotationRequest>,
+    ) -> Result<Response<pb::CheckRotationResponse>, Status> {
+        let dry_run = req.into_inner().dry_run;
+        // Rotating many tenants can outlast the per-call deadline; it is not run under
+        // the guard's timeout (each rotation is short and idempotent).
+        let checks = self
+            .keyring
+            .rotate_due(&self.rotation, now_ms(), dry_run)
+            .await
+            .map_err(|e| status::to_status(&e))?;
+        Ok(Response::new(pb::CheckRotationResponse {
+            max_key_age_days: self.rotation.max_key_age_days,
+            warn_days: self.rotation.warn_days,
+            tenants: checks
+                .into_iter()
+                .map(|c| pb::TenantKeyAge {
+                    tenant_id: c.age.tenant_id,
+                    active_version: c.age.active_version.unwrap_or(0),
+                    active_since_unix_ms: c.age.active_since,
+                    age_ms: c.age.age_ms,
+                    status: rotation_status(c.age.status) as i32,
+                    rotated_to: c.rotated_to.unwrap_or(0),
+                    error: c.error.unwrap_or_default(),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn rewrap_kms_key(
+        &self,
+        req: Request<pb::RewrapKmsKeyRequest>,
+    ) -> Result<Response<pb::RewrapKmsKeyResponse>, Status> {
+        let r = req.into_inner();
+        let out = self
+            .keyring
+            .rewrap_kms_key(&r.tenant_id, &r.kms_key_id)
+            .await
+            .map_err(|e| status::to_status(&e))?;
+        Ok(Response::new(pb::RewrapKmsKeyResponse {
+            tenant_id: out.tenant_id,
+            kms_key_id: out.kms_key_id,
+            rewrapped: out.rewrapped,
+            already: out.already,
+            without_material: out.without_material,
+        }))
+    }
+
+    async fn retire_key_version(
+        &self,
+        req: Request<pb::RetireKeyVersionRequest>,
+    ) -> Result<Response<pb::Tenant>, Status> {
+        let r = req.into_inner();
+        tenant_reply(
+            self.keyring
+                .retire_key_version(&r.tenant_id, r.version)
+                .await,
+        )
+        .map(Response::new)
+    }
+
     async fn rotate_tenant_key(
         &self,
         req: Request<RotateTenantKeyRequest>,
@@ -408,13 +561,14 @@ impl pb::keys_server::Keys for KeysService {
     }
 }
 
-/// The full set of gRPC services: Crypto, Keys, standard health and reflection.
+/// The full set of gRPC services: Crypto, Keys, Jobs, standard health and reflection.
 ///
 /// # Errors
 /// Only if the embedded descriptor set is invalid (a build error).
 pub async fn routes(
     keyring: Arc<Keyring>,
     limits: &Limits,
+    rotation: RotationPolicy,
 ) -> Result<tonic::service::Routes, Error> {
     let guard = Guard::new(limits.clone());
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -433,10 +587,15 @@ pub async fn routes(
         pb::crypto_server::CryptoServer::new(CryptoService::new(keyring.clone(), guard.clone()))
             .max_decoding_message_size(limits.max_message_bytes)
             .max_encoding_message_size(limits.max_message_bytes);
-    let keys = pb::keys_server::KeysServer::new(KeysService::new(keyring, guard))
+    let keys = pb::keys_server::KeysServer::new(KeysService::new(keyring.clone(), guard, rotation))
         .max_decoding_message_size(limits.max_message_bytes);
+    let jobs = pb::jobs_server::JobsServer::new(jobs::JobsService::new(keyring));
+    reporter
+        .set_serving::<pb::jobs_server::JobsServer<jobs::JobsService>>()
+        .await;
     Ok(tonic::service::Routes::new(crypto)
         .add_service(keys)
+        .add_service(jobs)
         .add_service(health)
         .add_service(reflection))
 }

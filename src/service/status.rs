@@ -28,6 +28,10 @@ pub fn classify(e: &Error) -> (Code, &'static str) {
         Error::UnknownKeyVersion { .. } => (Code::NotFound, "UNKNOWN_KEY_VERSION"),
         Error::KeyDestroyed { .. } => (Code::FailedPrecondition, "KEY_DESTROYED"),
         Error::KeySuspended { .. } => (Code::FailedPrecondition, "KEY_SUSPENDED"),
+        Error::KeyRetired { .. } => (Code::FailedPrecondition, "KEY_RETIRED"),
+        Error::RetirementBlocked { .. } => (Code::FailedPrecondition, "RETIREMENT_BLOCKED"),
+        Error::JobNotFound { .. } => (Code::NotFound, "JOB_NOT_FOUND"),
+        Error::JobConflict { .. } => (Code::FailedPrecondition, "JOB_CONFLICT"),
         Error::Kms(k) => match k {
             KmsError::Unavailable(_) | KmsError::Timeout => (Code::Unavailable, "KMS_UNAVAILABLE"),
             KmsError::Throttled => (Code::ResourceExhausted, "KMS_THROTTLED"),

@@ -9,6 +9,7 @@
 //! Must not: see unwrapped keys, call the KMS, or decide state transitions (the keyring
 //! decides; the store applies them atomically with compare-and-set).
 
+mod jobs;
 mod postgres;
 mod sql;
 mod sqlite;
@@ -18,6 +19,7 @@ use std::str::FromStr;
 
 use async_trait::async_trait;
 
+pub use jobs::{JobControl, JobProgress, JobRecord, JobState, JobUpdate, NewJob};
 pub use sql::SqlStore;
 
 use crate::crypto::Fingerprint;
@@ -34,6 +36,9 @@ pub enum KeyState {
     Suspended,
     /// Shredded: material gone, tombstone kept; irreversible.
     Destroyed,
+    /// Retired after re-encryption moved every ciphertext off it: material gone,
+    /// tombstone kept; irreversible. Tenant key versions only.
+    Retired,
 }
 
 impl KeyState {
@@ -44,6 +49,7 @@ impl KeyState {
             KeyState::DecryptOnly => "decrypt-only",
             KeyState::Suspended => "suspended",
             KeyState::Destroyed => "destroyed",
+            KeyState::Retired => "retired",
         }
     }
 }
@@ -62,6 +68,7 @@ impl FromStr for KeyState {
             "decrypt-only" => KeyState::DecryptOnly,
             "suspended" => KeyState::Suspended,
             "destroyed" => KeyState::Destroyed,
+            "retired" => KeyState::Retired,
             _ => return Err(StoreError::Corrupt(format!("unknown key state {s:?}"))),
         })
     }
@@ -282,4 +289,84 @@ pub trait KeyStore: Send + Sync + 'static {
     /// Erases a subject's wrapped material and marks it destroyed (tombstone kept).
     /// Idempotent: returns whether this call destroyed it.
     async fn destroy_subject(&self, tenant_id: &str, subject_id: &str) -> Result<bool, StoreError>;
+
+    // ------------------------------------------------------------ rotation
+
+    /// Replaces a version's wrapped material with the same key wrapped under another KMS
+    /// key (KEK rotation), only if it is still wrapped by `expected_kms_key_id` and not
+    /// destroyed or retired. The fingerprint (the version's identity) is kept. Returns
+    /// whether it changed.
+    async fn rewrap_key_version(
+        &self,
+        tenant_id: &str,
+        version: u32,
+        expected_kms_key_id: &str,
+        new_kms_key_id: &str,
+        wrapped: &WrappedKey,
+    ) -> Result<bool, StoreError>;
+
+    /// Sets the KMS key that wraps a tenant's future versions.
+    async fn set_tenant_kms_key(&self, tenant_id: &str, kms_key_id: &str)
+    -> Result<(), StoreError>;
+
+    /// Up to `limit` subjects of a tenant whose (non-destroyed) key material is wrapped
+    /// under tenant key `version`.
+    async fn subjects_wrapped_under(
+        &self,
+        tenant_id: &str,
+        version: u32,
+        limit: u32,
+    ) -> Result<Vec<SubjectRecord>, StoreError>;
+
+    /// Replaces a subject's wrapped material with the same key wrapped under another
+    /// tenant key version, only if it is still wrapped under `expected_version` and not
+    /// destroyed. The fingerprint is kept. Returns whether it changed.
+    async fn rewrap_subject(
+        &self,
+        tenant_id: &str,
+        subject_id: &str,
+        expected_version: u32,
+        new_version: u32,
+        wrapped: &[u8],
+    ) -> Result<bool, StoreError>;
+
+    /// Retires a decrypt-only version: erases its material and marks it retired, only
+    /// if it is decrypt-only and no live subject key is wrapped under it. Returns
+    /// whether it changed.
+    async fn retire_key_version(&self, tenant_id: &str, version: u32) -> Result<bool, StoreError>;
+
+    // ------------------------------------------------------------ jobs
+
+    /// Creates a job unless one with that id exists; returns the stored job.
+    async fn create_job(&self, job: NewJob) -> Result<Created<JobRecord>, StoreError>;
+
+    /// A job, or `None`.
+    async fn get_job(&self, job_id: &str) -> Result<Option<JobRecord>, StoreError>;
+
+    /// All jobs, newest first.
+    async fn list_jobs(&self) -> Result<Vec<JobRecord>, StoreError>;
+
+    /// Takes (or renews) the lease of an unfinished job for `owner` until
+    /// `lease_until` (Unix ms): only if it is unowned, already `owner`'s, or its lease
+    /// ran out before `now`. Returns the job if this owner now holds it.
+    async fn claim_job(
+        &self,
+        job_id: &str,
+        owner: &str,
+        now: i64,
+        lease_until: i64,
+    ) -> Result<Option<JobRecord>, StoreError>;
+
+    /// Records progress (and renews the lease) only while `owner` holds the job.
+    /// Returns whether it was recorded; `false` means the lease was lost.
+    async fn update_job(
+        &self,
+        job_id: &str,
+        owner: &str,
+        update: JobUpdate,
+    ) -> Result<bool, StoreError>;
+
+    /// Sets what operators want of an unfinished job (run, pause, cancel). Returns
+    /// whether the job exists and is unfinished.
+    async fn set_job_control(&self, job_id: &str, control: JobControl) -> Result<bool, StoreError>;
 }

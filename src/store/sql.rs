@@ -9,8 +9,8 @@ use sqlx::any::AnyRow;
 use sqlx::{AnyPool, Row};
 
 use super::{
-    Created, KeyState, KeyStore, KeyVersionRecord, NewKeyVersion, NewSubject, StoreError,
-    SubjectRecord, TenantRecord,
+    Created, JobControl, JobRecord, JobUpdate, KeyState, KeyStore, KeyVersionRecord, NewJob,
+    NewKeyVersion, NewSubject, StoreError, SubjectRecord, TenantRecord,
 };
 use crate::crypto::Fingerprint;
 use crate::kms::WrappedKey;
@@ -105,6 +105,35 @@ fn subject_from_row(row: &AnyRow) -> Result<SubjectRecord, StoreError> {
         fingerprint: fingerprint_col(row)?,
         created_at: row.try_get("created_at").map_err(classify)?,
         updated_at: row.try_get("updated_at").map_err(classify)?,
+    })
+}
+
+macro_rules! job_columns {
+    () => {
+        "job_id, target, tenant_id, spec, state, control, owner, lease_until, \
+         checkpoint, progress, error, created_at, started_at, updated_at, finished_at"
+    };
+}
+
+fn job_from_row(row: &AnyRow) -> Result<JobRecord, StoreError> {
+    let state: String = row.try_get("state").map_err(classify)?;
+    let control: String = row.try_get("control").map_err(classify)?;
+    Ok(JobRecord {
+        job_id: row.try_get("job_id").map_err(classify)?,
+        target: row.try_get("target").map_err(classify)?,
+        tenant_id: row.try_get("tenant_id").map_err(classify)?,
+        spec: row.try_get("spec").map_err(classify)?,
+        state: state.parse()?,
+        control: control.parse()?,
+        owner: row.try_get("owner").map_err(classify)?,
+        lease_until: row.try_get("lease_until").map_err(classify)?,
+        checkpoint: row.try_get("checkpoint").map_err(classify)?,
+        progress: row.try_get("progress").map_err(classify)?,
+        error: row.try_get("error").map_err(classify)?,
+        created_at: row.try_get("created_at").map_err(classify)?,
+        started_at: row.try_get("started_at").map_err(classify)?,
+        updated_at: row.try_get("updated_at").map_err(classify)?,
+        finished_at: row.try_get("finished_at").map_err(classify)?,
     })
 }
 
@@ -270,9 +299,12 @@ impl KeyStore for SqlStore {
         new: KeyState,
         resume_state: Option<KeyState>,
     ) -> Result<bool, StoreError> {
-        if new == KeyState::Destroyed || expected == KeyState::Destroyed {
+        let terminal = |s: KeyState| matches!(s, KeyState::Destroyed | KeyState::Retired);
+        if terminal(new) || terminal(expected) {
             return Err(StoreError::Misconfigured(
-                "destroyed keys cannot change state; use destroy_key_version to destroy".into(),
+                "destroyed and retired keys cannot change state; use destroy_key_version or \
+                 retire_key_version"
+                    .into(),
             ));
         }
         let n = sqlx::query(
@@ -295,7 +327,7 @@ impl KeyStore for SqlStore {
     async fn destroy_key_version(&self, tenant_id: &str, version: u32) -> Result<bool, StoreError> {
         let n = sqlx::query(
             "UPDATE fk_tenant_keys SET state = 'destroyed', resume_state = NULL, wrapped = NULL, updated_at = $3 \
-             WHERE tenant_id = $1 AND version = $2 AND state <> 'destroyed'",
+             WHERE tenant_id = $1 AND version = $2 AND state NOT IN ('destroyed', 'retired')",
         )
         .bind(tenant_id)
         .bind(i64::from(version))
@@ -389,6 +421,236 @@ impl KeyStore for SqlStore {
         )
         .bind(tenant_id)
         .bind(subject_id)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?
+        .rows_affected();
+        Ok(n == 1)
+    }
+
+    async fn rewrap_key_version(
+        &self,
+        tenant_id: &str,
+        version: u32,
+        expected_kms_key_id: &str,
+        new_kms_key_id: &str,
+        wrapped: &WrappedKey,
+    ) -> Result<bool, StoreError> {
+        let n = sqlx::query(
+            "UPDATE fk_tenant_keys SET kms_key_id = $4, wrapped = $5 \
+             WHERE tenant_id = $1 AND version = $2 AND kms_key_id = $3 \
+             AND state NOT IN ('destroyed', 'retired')",
+        )
+        .bind(tenant_id)
+        .bind(i64::from(version))
+        .bind(expected_kms_key_id)
+        .bind(new_kms_key_id)
+        .bind(wrapped.as_bytes().to_vec())
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?
+        .rows_affected();
+        Ok(n == 1)
+    }
+
+    async fn set_tenant_kms_key(
+        &self,
+        tenant_id: &str,
+        kms_key_id: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query("UPDATE fk_tenants SET kms_key_id = $2 WHERE tenant_id = $1")
+            .bind(tenant_id)
+            .bind(kms_key_id)
+            .execute(&self.pool)
+            .await
+            .map_err(classify)?;
+        Ok(())
+    }
+
+    async fn subjects_wrapped_under(
+        &self,
+        tenant_id: &str,
+        version: u32,
+        limit: u32,
+    ) -> Result<Vec<SubjectRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT tenant_id, subject_id, state, wrap_version, wrapped, fingerprint, created_at, updated_at \
+             FROM fk_subjects WHERE tenant_id = $1 AND wrap_version = $2 AND state <> 'destroyed' \
+             ORDER BY subject_id LIMIT $3",
+        )
+        .bind(tenant_id)
+        .bind(i64::from(version))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?;
+        rows.iter().map(subject_from_row).collect()
+    }
+
+    async fn rewrap_subject(
+        &self,
+        tenant_id: &str,
+        subject_id: &str,
+        expected_version: u32,
+        new_version: u32,
+        wrapped: &[u8],
+    ) -> Result<bool, StoreError> {
+        let n = sqlx::query(
+            "UPDATE fk_subjects SET wrap_version = $4, wrapped = $5 \
+             WHERE tenant_id = $1 AND subject_id = $2 AND wrap_version = $3 AND state <> 'destroyed'",
+        )
+        .bind(tenant_id)
+        .bind(subject_id)
+        .bind(i64::from(expected_version))
+        .bind(i64::from(new_version))
+        .bind(wrapped.to_vec())
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?
+        .rows_affected();
+        Ok(n == 1)
+    }
+
+    async fn retire_key_version(&self, tenant_id: &str, version: u32) -> Result<bool, StoreError> {
+        let n = sqlx::query(
+            "UPDATE fk_tenant_keys SET state = 'retired', resume_state = NULL, wrapped = NULL, updated_at = $3 \
+             WHERE tenant_id = $1 AND version = $2 AND state = 'decrypt-only' \
+             AND NOT EXISTS (SELECT 1 FROM fk_subjects s WHERE s.tenant_id = $1 \
+                             AND s.wrap_version = $2 AND s.state <> 'destroyed')",
+        )
+        .bind(tenant_id)
+        .bind(i64::from(version))
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?
+        .rows_affected();
+        Ok(n == 1)
+    }
+
+    async fn create_job(&self, job: NewJob) -> Result<Created<JobRecord>, StoreError> {
+        let now = now_ms();
+        let n = sqlx::query(
+            "INSERT INTO fk_jobs (job_id, target, tenant_id, spec, state, control, progress, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, 'pending', 'run', $5, $6, $6) ON CONFLICT (job_id) DO NOTHING",
+        )
+        .bind(&job.job_id)
+        .bind(&job.target)
+        .bind(job.tenant_id.as_deref())
+        .bind(&job.spec)
+        .bind(&job.progress)
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?
+        .rows_affected();
+        let record = self
+            .get_job(&job.job_id)
+            .await?
+            .ok_or_else(|| StoreError::Corrupt("job vanished after insert".into()))?;
+        Ok(if n == 1 {
+            Created::Created(record)
+        } else {
+            Created::Existing(record)
+        })
+    }
+
+    async fn get_job(&self, job_id: &str) -> Result<Option<JobRecord>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            job_columns!(),
+            " FROM fk_jobs WHERE job_id = $1"
+        ))
+        .bind(job_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(classify)?
+        .as_ref()
+        .map(job_from_row)
+        .transpose()
+    }
+
+    async fn list_jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            job_columns!(),
+            " FROM fk_jobs ORDER BY created_at DESC, job_id"
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?;
+        rows.iter().map(job_from_row).collect()
+    }
+
+    async fn claim_job(
+        &self,
+        job_id: &str,
+        owner: &str,
+        now: i64,
+        lease_until: i64,
+    ) -> Result<Option<JobRecord>, StoreError> {
+        let n = sqlx::query(
+            "UPDATE fk_jobs SET owner = $2, lease_until = $4, updated_at = $3, \
+                 started_at = COALESCE(started_at, $3), \
+                 state = CASE WHEN state = 'pending' THEN 'running' ELSE state END \
+             WHERE job_id = $1 AND state IN ('pending', 'running', 'paused') \
+             AND (owner IS NULL OR owner = $2 OR lease_until IS NULL OR lease_until < $3)",
+        )
+        .bind(job_id)
+        .bind(owner)
+        .bind(now)
+        .bind(lease_until)
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?
+        .rows_affected();
+        if n == 1 {
+            self.get_job(job_id).await
+        } else {
+            Ok(None)
+        }
+    }
+
+    async fn update_job(
+        &self,
+        job_id: &str,
+        owner: &str,
+        update: JobUpdate,
+    ) -> Result<bool, StoreError> {
+        let now = now_ms();
+        let finished = update.state.is_finished();
+        let n = sqlx::query(
+            "UPDATE fk_jobs SET state = $3, checkpoint = COALESCE($4, checkpoint), progress = $5, \
+                 error = $6, updated_at = $7, \
+                 lease_until = CASE WHEN $9 = 1 THEN NULL ELSE $8 END, \
+                 owner = CASE WHEN $9 = 1 THEN NULL ELSE owner END, \
+                 finished_at = CASE WHEN $9 = 1 THEN $7 ELSE NULL END \
+             WHERE job_id = $1 AND owner = $2 AND state IN ('pending', 'running', 'paused')",
+        )
+        .bind(job_id)
+        .bind(owner)
+        .bind(update.state.as_str())
+        .bind(update.checkpoint.as_deref())
+        .bind(&update.progress)
+        .bind(update.error.as_deref())
+        .bind(now)
+        .bind(update.lease_until)
+        .bind(i64::from(finished))
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?
+        .rows_affected();
+        Ok(n == 1)
+    }
+
+    async fn set_job_control(&self, job_id: &str, control: JobControl) -> Result<bool, StoreError> {
+        let n = sqlx::query(
+            "UPDATE fk_jobs SET control = $2, updated_at = $3 \
+             WHERE job_id = $1 AND state IN ('pending', 'running', 'paused')",
+        )
+        .bind(job_id)
+        .bind(control.as_str())
         .bind(now_ms())
         .execute(&self.pool)
         .await

@@ -1,0 +1,812 @@
+//! The re-encryption runner: walks a PostgreSQL table in primary-key order and moves
+//! every ciphertext on an old key version to the tenant's active version.
+//!
+//! Safety rules, in the order they matter:
+//! - a row is written only if every encrypted column still holds exactly what was read
+//!   (compare-and-set in one `UPDATE ... FROM unnest(...)` per batch); a row the
+//!   application changed meanwhile is read again and retried, never overwritten;
+//! - only the lease holder advances a job; the lease is renewed at every checkpoint
+//!   and a runner that lost it stops at once;
+//! - the checkpoint (last primary key fully processed) is written after the batch's
+//!   rows, so a crash re-reads at most one batch, whose values are then current and
+//!   skipped.
+
+use std::collections::{HashMap, HashSet};
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use sqlx::postgres::{PgPool, PgRow};
+use sqlx::{AssertSqlSafe, Row};
+use tokio::sync::watch;
+
+use super::spec::{JobSpec, quote};
+use crate::crypto::{self, Aad, Envelope};
+use crate::error::{Error, Result};
+use crate::keyring::Keyring;
+use crate::kms::KmsError;
+use crate::store::{
+    JobControl, JobProgress, JobRecord, JobState, JobUpdate, KeyStore, NewJob, StoreError,
+};
+
+/// Conflict rounds per batch before the remaining rows are reported as leftovers.
+const MAX_CONFLICT_ROUNDS: usize = 8;
+
+/// Runner settings.
+#[derive(Debug, Clone)]
+pub struct RunnerConfig {
+    /// This runner's name in the lease.
+    pub owner: String,
+    /// Lease length; another runner takes over a job whose lease ran out.
+    pub lease: Duration,
+    /// How often to look again while paused, waiting for a lease, or after a
+    /// transient failure (doubled up to 30 s while failures last).
+    pub poll: Duration,
+}
+
+impl RunnerConfig {
+    /// An owner name from the host name, process id and a random suffix.
+    pub fn new(lease: Duration) -> Self {
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "runner".to_owned());
+        let mut r = [0u8; 4];
+        let _ = getrandom::fill(&mut r);
+        Self {
+            owner: format!("{host}/{}/{}", std::process::id(), hex::encode(r)),
+            lease,
+            poll: Duration::from_millis(500),
+        }
+    }
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// Final (or, if another runner holds it, current) state.
+    pub state: JobState,
+    /// Counters.
+    pub progress: JobProgress,
+}
+
+enum ColKind {
+    Bytes,
+    Text,
+}
+
+enum Value {
+    Bytes(Vec<u8>),
+    Text(String),
+}
+
+impl Value {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Value::Bytes(b) => b,
+            Value::Text(s) => s.as_bytes(),
+        }
+    }
+}
+
+struct DbRow {
+    pk: String,
+    tenant: String,
+    subject: Option<String>,
+    context: Vec<u8>,
+    values: Vec<Option<Value>>,
+}
+
+/// Why a batch stopped.
+enum BatchError {
+    /// Retry later (KMS, key store or database unavailable).
+    Transient(String),
+    /// Needs an operator.
+    Fatal(String),
+}
+
+fn db_error(e: sqlx::Error) -> BatchError {
+    match &e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => BatchError::Transient(format!("database: {e}")),
+        sqlx::Error::Database(db)
+            if db.code().is_some_and(|c| {
+                c.starts_with("08")
+                    || c.starts_with("53")
+                    || c.starts_with("57P")
+                    || c == "40001"
+                    || c == "40P01"
+            }) =>
+        {
+            BatchError::Transient(format!("database: {e}"))
+        }
+        _ => BatchError::Fatal(format!("database: {e}")),
+    }
+}
+
+fn is_transient(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::Kms(KmsError::Unavailable(_) | KmsError::Timeout | KmsError::Throttled)
+            | Error::Store(StoreError::Unavailable(_))
+    )
+}
+
+/// Per-row tallies, added to the job's counters once the row is settled.
+#[derive(Default)]
+struct RowTally {
+    rewrapped: u64,
+    current: u64,
+    shredded: u64,
+    failed: Vec<(Option<u32>, String)>,
+}
+
+/// The SQL of one job, built once from its spec and the table's column types.
+struct Sql {
+    first: String,
+    after: String,
+    by_pk: String,
+    update: String,
+    count: String,
+    kinds: Vec<ColKind>,
+}
+
+async fn column_type(
+    db: &PgPool,
+    table: &str,
+    col: &str,
+) -> std::result::Result<String, BatchError> {
+    let row = sqlx::query(
+        "SELECT format_type(a.atttypid, a.atttypmod) AS t FROM pg_attribute a \
+         WHERE a.attrelid = $1::regclass AND a.attname = $2 AND a.attnum > 0 AND NOT a.attisdropped",
+    )
+    .bind(table)
+    .bind(col)
+    .fetch_optional(db)
+    .await
+    .map_err(db_error)?;
+    match row {
+        Some(r) => r.try_get("t").map_err(db_error),
+        None => Err(BatchError::Fatal(format!(
+            "table {table} has no column {col}"
+        ))),
+    }
+}
+
+impl Sql {
+    async fn build(spec: &JobSpec, db: &PgPool) -> std::result::Result<Self, BatchError> {
+        let table = spec.quoted_table();
+        let pk = quote(&spec.primary_key);
+        let pk_type = column_type(db, &table, &spec.primary_key).await?;
+        let unique: Option<i32> = sqlx::query_scalar(
+            "SELECT 1 FROM pg_index i JOIN pg_attribute a \
+               ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0] \
+             WHERE i.indrelid = $1::regclass AND i.indisunique AND i.indnkeyatts = 1 \
+               AND a.attname = $2 LIMIT 1",
+        )
+        .bind(&table)
+        .bind(&spec.primary_key)
+        .fetch_optional(db)
+        .await
+        .map_err(db_error)?;
+        if unique.is_none() {
+            return Err(BatchError::Fatal(format!(
+                "{} is not a single-column unique key of {}",
+                spec.primary_key, spec.table
+            )));
+        }
+        let mut kinds = Vec::new();
+        for c in &spec.columns {
+            let t = column_type(db, &table, &c.name).await?;
+            kinds.push(match t.as_str() {
+                "bytea" => ColKind::Bytes,
+                t if t == "text" || t.starts_with("character varying") => ColKind::Text,
+                other => {
+                    return Err(BatchError::Fatal(format!(
+                        "column {} is {other}; encrypted columns must be bytea or text",
+                        c.name
+                    )));
+                }
+            });
+        }
+        let tenant_expr = match &spec.tenant_column {
+            Some(c) => format!("{}::text", quote(c)),
+            None => "$t$$t$".to_owned(),
+        };
+        let tenant_filter = match (&spec.tenant_column, &spec.tenant) {
+            (Some(c), Some(_)) => format!(" AND {} = $2", quote(c)),
+            _ => String::new(),
+        };
+        let subject_expr = spec
+            .subject_column
+            .as_ref()
+            .map_or("NULL::text".to_owned(), |c| format!("{}::text", quote(c)));
+        let context_expr = spec
+            .context_column
+            .as_ref()
+            .map_or("NULL::text".to_owned(), |c| format!("{}::text", quote(c)));
+        let cols: Vec<String> = spec.columns.iter().map(|c| quote(&c.name)).collect();
+        let select = format!(
+            "SELECT {pk}::text AS fk_pk, {tenant_expr} AS fk_tenant, {subject_expr} AS fk_subject, \
+             {context_expr} AS fk_context, {} FROM {table}",
+            cols.join(", ")
+        );
+        let limit = spec.batch_size;
+        // $1 is the checkpoint (unused by `first`, which still binds it so that the
+        // tenant filter is always $2).
+        let first = format!(
+            "{select} WHERE ($1::text IS NULL OR TRUE){tenant_filter} ORDER BY {pk} LIMIT {limit}"
+        );
+        let after = format!(
+            "{select} WHERE {pk} > $1::text::{pk_type}{tenant_filter} ORDER BY {pk} LIMIT {limit}"
+        );
+        let by_pk = format!("{select} WHERE {pk} = ANY($1::text[]::{pk_type}[])");
+        let count = match (&spec.tenant_column, &spec.tenant) {
+            (Some(c), Some(_)) => format!("SELECT count(*) FROM {table} WHERE {} = $1", quote(c)),
+            _ => format!("SELECT count(*) FROM {table} WHERE $1::text IS NULL OR TRUE"),
+        };
+        // UPDATE ... FROM unnest(pks, old1, new1, old2, new2, ...): one statement per
+        // batch, each row guarded by "unchanged since read".
+        let mut arrays = vec!["$1::text[]".to_owned()];
+        let mut names = vec!["pk".to_owned()];
+        let mut sets = Vec::new();
+        let mut guards = Vec::new();
+        for (i, (c, k)) in cols.iter().zip(&kinds).enumerate() {
+            let ty = match k {
+                ColKind::Bytes => "bytea[]",
+                ColKind::Text => "text[]",
+            };
+            arrays.push(format!("${}::{ty}", 2 * i + 2));
+            arrays.push(format!("${}::{ty}", 2 * i + 3));
+            names.push(format!("o{i}"));
+            names.push(format!("n{i}"));
+            sets.push(format!("{c} = v.n{i}"));
+            guards.push(format!("t.{c} IS NOT DISTINCT FROM v.o{i}"));
+        }
+        let update = format!(
+            "UPDATE {table} AS t SET {} FROM unnest({}) AS v({}) \
+             WHERE t.{pk} = v.pk::{pk_type} AND {} RETURNING v.pk",
+            sets.join(", "),
+            arrays.join(", "),
+            names.join(", "),
+            guards.join(" AND ")
+        );
+        Ok(Self {
+            first,
+            after,
+            by_pk,
+            update,
+            count,
+            kinds,
+        })
+    }
+}
+
+fn decode_row(
+    row: &PgRow,
+    kinds: &[ColKind],
+    fixed_tenant: Option<&str>,
+) -> std::result::Result<DbRow, BatchError> {
+    let get_err = |e: sqlx::Error| BatchError::Fatal(format!("reading a row: {e}"));
+    let pk: String = row.try_get("fk_pk").map_err(get_err)?;
+    let tenant: Option<String> = row.try_get("fk_tenant").map_err(get_err)?;
+    let tenant = match (fixed_tenant, tenant) {
+        (_, Some(t)) if !t.is_empty() => t,
+        (Some(t), _) => t.to_owned(),
+        _ => String::new(),
+    };
+    let subject: Option<String> = row.try_get("fk_subject").map_err(get_err)?;
+    let context: Option<String> = row.try_get("fk_context").map_err(get_err)?;
+    let mut values = Vec::with_capacity(kinds.len());
+    for (i, k) in kinds.iter().enumerate() {
+        let idx = 4 + i;
+        values.push(match k {
+            ColKind::Bytes => row
+                .try_get::<Option<Vec<u8>>, _>(idx)
+                .map_err(get_err)?
+                .map(Value::Bytes),
+            ColKind::Text => row
+                .try_get::<Option<String>, _>(idx)
+                .map_err(get_err)?
+                .map(Value::Text),
+        });
+    }
+    Ok(DbRow {
+        pk,
+        tenant,
+        subject: subject.filter(|s| !s.is_empty()),
+        context: context.map(String::into_bytes).unwrap_or_default(),
+        values,
+    })
+}
+
+/// Creates the job for `spec` unless it exists (then the stored spec must be the same).
+///
+/// # Errors
+/// [`Error::JobConflict`] if the id is taken by another spec; [`Error::Store`].
+pub async fn create(store: &dyn KeyStore, spec: &JobSpec) -> Result<JobRecord> {
+    let created = store
+        .create_job(NewJob {
+            job_id: spec.name.clone(),
+            target: spec.target(),
+            tenant_id: spec.tenant_scope().map(str::to_owned),
+            spec: spec.to_json(),
+            progress: JobProgress::default().to_json(),
+        })
+        .await?;
+    let rec = created.into_inner();
+    if JobSpec::from_json(&rec.spec)? != *spec {
+        return Err(Error::JobConflict {
+            job: spec.name.clone(),
+            reason:
+                "a job with this name exists with a different spec; give the new one another name"
+                    .into(),
+        });
+    }
+    Ok(rec)
+}
+
+/// A re-encryption run of one job.
+pub struct Runner {
+    keyring: Arc<Keyring>,
+    db: PgPool,
+    spec: JobSpec,
+    cfg: RunnerConfig,
+    progress_tx: watch::Sender<JobProgress>,
+}
+
+impl Runner {
+    /// A runner for `spec` over the application database `db`. Progress is published
+    /// on the returned receiver after every batch.
+    pub fn new(
+        keyring: Arc<Keyring>,
+        db: PgPool,
+        spec: JobSpec,
+        cfg: RunnerConfig,
+    ) -> (Self, watch::Receiver<JobProgress>) {
+        let (progress_tx, rx) = watch::channel(JobProgress::default());
+        (
+            Self {
+                keyring,
+                db,
+                spec,
+                cfg,
+                progress_tx,
+            },
+            rx,
+        )
+    }
+
+    fn store(&self) -> &dyn KeyStore {
+        self.keyring.store().as_ref()
+    }
+
+    fn lease_until(&self) -> i64 {
+        now_ms().saturating_add(i64::try_from(self.cfg.lease.as_millis()).unwrap_or(i64::MAX))
+    }
+
+    /// Runs the job until it completes, is cancelled or fails; waits while it is
+    /// paused or another runner holds it (and takes over if that runner's lease runs
+    /// out). Creates the job on first use.
+    ///
+    /// # Errors
+    /// [`Error::JobConflict`] for a spec that differs from the stored one or a lost
+    /// lease; [`Error::Store`] if the key store fails outside a batch.
+    pub async fn run(&self) -> Result<Outcome> {
+        create(self.store(), &self.spec).await?;
+        let job = loop {
+            match self
+                .store()
+                .claim_job(
+                    &self.spec.name,
+                    &self.cfg.owner,
+                    now_ms(),
+                    self.lease_until(),
+                )
+                .await?
+            {
+                Some(job) => break job,
+                None => {
+                    let job = self
+                        .store()
+                        .get_job(&self.spec.name)
+                        .await?
+                        .ok_or_else(|| Error::JobNotFound {
+                            job: self.spec.name.clone(),
+                        })?;
+                    if job.state.is_finished() {
+                        return Ok(Outcome {
+                            state: job.state,
+                            progress: JobProgress::parse(&job.progress)?,
+                        });
+                    }
+                    tracing::info!(job = %job.job_id, owner = ?job.owner, "job is held by another runner; standing by");
+                    tokio::time::sleep(self.cfg.poll).await;
+                }
+            }
+        };
+        let mut progress = JobProgress::parse(&job.progress)?;
+        progress.runs += 1;
+        let mut checkpoint = job.checkpoint.clone();
+        tracing::info!(job = %job.job_id, owner = %self.cfg.owner, checkpoint = ?checkpoint.is_some(), run = progress.runs, "job started");
+        let sql = loop {
+            match Sql::build(&self.spec, &self.db).await {
+                Ok(s) => break s,
+                Err(BatchError::Fatal(msg)) => {
+                    return self.finish(JobState::Failed, progress, Some(msg)).await;
+                }
+                Err(BatchError::Transient(msg)) => {
+                    tracing::warn!(error = %msg, "cannot inspect the table yet; retrying");
+                    self.renew(JobState::Running, None, &progress, Some(msg))
+                        .await?;
+                    tokio::time::sleep(self.cfg.poll).await;
+                }
+            }
+        };
+        if progress.total_rows == 0 {
+            match self.count(&sql).await {
+                Ok(n) => progress.total_rows = n,
+                Err(BatchError::Fatal(msg)) => {
+                    return self.finish(JobState::Failed, progress, Some(msg)).await;
+                }
+                Err(BatchError::Transient(_)) => {}
+            }
+        }
+        self.renew(JobState::Running, None, &progress, None).await?;
+        let limiter = self.limiter();
+        let mut backoff = self.cfg.poll;
+        let mut state = JobState::Running;
+        loop {
+            let job = self
+                .store()
+                .get_job(&self.spec.name)
+                .await?
+                .ok_or_else(|| Error::JobNotFound {
+                    job: self.spec.name.clone(),
+                })?;
+            if job.owner.as_deref() != Some(self.cfg.owner.as_str()) {
+                return Err(Error::JobConflict {
+                    job: job.job_id,
+                    reason: "this runner lost its lease to another one; stopping".into(),
+                });
+            }
+            match job.control {
+                JobControl::Cancel => {
+                    return self.finish(JobState::Cancelled, progress, None).await;
+                }
+                JobControl::Pause => {
+                    if state != JobState::Paused {
+                        tracing::info!(job = %job.job_id, "job paused");
+                        state = JobState::Paused;
+                    }
+                    self.renew(state, None, &progress, None).await?;
+                    tokio::time::sleep(self.cfg.poll).await;
+                    continue;
+                }
+                JobControl::Run => {
+                    if state == JobState::Paused {
+                        tracing::info!(job = %job.job_id, "job resumed");
+                    }
+                    state = JobState::Running;
+                }
+            }
+            match self
+                .batch(&sql, checkpoint.as_deref(), &mut progress, limiter.as_ref())
+                .await
+            {
+                Ok(None) => return self.finish(JobState::Completed, progress, None).await,
+                Ok(Some(last)) => {
+                    checkpoint = Some(last);
+                    progress.last_error = None;
+                    backoff = self.cfg.poll;
+                    self.renew(JobState::Running, checkpoint.clone(), &progress, None)
+                        .await?;
+                }
+                Err(BatchError::Fatal(msg)) => {
+                    tracing::error!(error = %msg, "job failed");
+                    return self.finish(JobState::Failed, progress, Some(msg)).await;
+                }
+                Err(BatchError::Transient(msg)) => {
+                    tracing::warn!(error = %msg, retry_in_ms = backoff.as_millis() as u64, "batch failed; retrying from the checkpoint");
+                    progress.last_error = Some(msg);
+                    self.renew(JobState::Running, None, &progress, None).await?;
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            }
+            self.progress_tx.send_replace(progress.clone());
+        }
+    }
+
+    fn limiter(&self) -> Option<DefaultDirectRateLimiter> {
+        let rate = NonZeroU32::new(self.spec.rate_limit_rows_per_sec)?;
+        let burst = NonZeroU32::new(self.spec.batch_size.max(rate.get())).unwrap_or(rate);
+        Some(RateLimiter::direct(
+            Quota::per_second(rate).allow_burst(burst),
+        ))
+    }
+
+    async fn count(&self, sql: &Sql) -> std::result::Result<u64, BatchError> {
+        let n: i64 = sqlx::query_scalar(AssertSqlSafe(sql.count.clone()))
+            .bind(self.spec.tenant.as_deref())
+            .fetch_one(&self.db)
+            .await
+            .map_err(db_error)?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    async fn renew(
+        &self,
+        state: JobState,
+        checkpoint: Option<String>,
+        progress: &JobProgress,
+        error: Option<String>,
+    ) -> Result<()> {
+        let ok = self
+            .store()
+            .update_job(
+                &self.spec.name,
+                &self.cfg.owner,
+                JobUpdate {
+                    state,
+                    checkpoint,
+                    progress: progress.to_json(),
+                    error,
+                    lease_until: self.lease_until(),
+                },
+            )
+            .await?;
+        if ok {
+            Ok(())
+        } else {
+            Err(Error::JobConflict {
+                job: self.spec.name.clone(),
+                reason: "this runner lost its lease to another one; stopping".into(),
+            })
+        }
+    }
+
+    async fn finish(
+        &self,
+        state: JobState,
+        progress: JobProgress,
+        error: Option<String>,
+    ) -> Result<Outcome> {
+        self.renew(state, None, &progress, error).await?;
+        self.progress_tx.send_replace(progress.clone());
+        tracing::info!(job = %self.spec.name, state = %state, rewrapped = progress.values_rewrapped, "job finished");
+        Ok(Outcome { state, progress })
+    }
+
+    /// One batch after `checkpoint`. Returns the new checkpoint, or `None` at the end.
+    async fn batch(
+        &self,
+        sql: &Sql,
+        checkpoint: Option<&str>,
+        progress: &mut JobProgress,
+        limiter: Option<&DefaultDirectRateLimiter>,
+    ) -> std::result::Result<Option<String>, BatchError> {
+        let q = if checkpoint.is_some() {
+            &sql.after
+        } else {
+            &sql.first
+        };
+        let rows = sqlx::query(AssertSqlSafe(q.clone()))
+            .bind(checkpoint)
+            .bind(self.spec.tenant.as_deref())
+            .fetch_all(&self.db)
+            .await
+            .map_err(db_error)?;
+        let Some(last) = rows.last() else {
+            return Ok(None);
+        };
+        let last: String = last
+            .try_get("fk_pk")
+            .map_err(|e| BatchError::Fatal(format!("reading a row: {e}")))?;
+        if let Some(l) = limiter
+            && let Some(n) = u32::try_from(rows.len()).ok().and_then(NonZeroU32::new)
+        {
+            // n <= batch_size <= burst, so this cannot be refused.
+            let _ = l.until_n_ready(n).await;
+        }
+        let mut pending = rows
+            .iter()
+            .map(|r| decode_row(r, &sql.kinds, self.spec.tenant.as_deref()))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        progress.rows_scanned += pending.len() as u64;
+        for round in 0.. {
+            let mut updates: Vec<(DbRow, Vec<Option<Value>>, RowTally)> = Vec::new();
+            for row in pending.drain(..) {
+                let (new_values, tally) = self.rewrap_row(&row).await?;
+                match new_values {
+                    Some(nv) => updates.push((row, nv, tally)),
+                    None => settle(progress, &row, tally),
+                }
+            }
+            if updates.is_empty() {
+                break;
+            }
+            let written = self.write(sql, &updates).await?;
+            let mut retry = Vec::new();
+            for (row, _, tally) in updates {
+                if written.contains(&row.pk) {
+                    progress.rows_updated += 1;
+                    settle(progress, &row, tally);
+                } else {
+                    progress.conflicts += 1;
+                    retry.push(row.pk);
+                }
+            }
+            if retry.is_empty() {
+                break;
+            }
+            pending = self.reread(sql, &retry).await?;
+            if round + 1 >= MAX_CONFLICT_ROUNDS {
+                for row in &pending {
+                    let mut tally = RowTally::default();
+                    for v in row.values.iter().flatten() {
+                        tally.failed.push((
+                            version_of(v.bytes()),
+                            "row kept changing under the job".into(),
+                        ));
+                    }
+                    settle(progress, row, tally);
+                }
+                break;
+            }
+        }
+        Ok(Some(last))
+    }
+
+    /// New values for a row's columns (`None` if nothing changes), and its tallies.
+    async fn rewrap_row(
+        &self,
+        row: &DbRow,
+    ) -> std::result::Result<(Option<Vec<Option<Value>>>, RowTally), BatchError> {
+        let mut tally = RowTally::default();
+        let mut out: Vec<Option<Value>> = Vec::with_capacity(row.values.len());
+        let mut changed = false;
+        for (col, v) in self.spec.columns.iter().zip(&row.values) {
+            let Some(v) = v else {
+                out.push(None);
+                continue;
+            };
+            let aad = Aad {
+                tenant: &row.tenant,
+                subject: row.subject.as_deref(),
+                field: &col.field,
+                context: &row.context,
+            };
+            let same = |v: &Value| match v {
+                Value::Bytes(b) => Value::Bytes(b.clone()),
+                Value::Text(s) => Value::Text(s.clone()),
+            };
+            match self.keyring.rewrap(&aad, v.bytes()).await {
+                Ok(r) if r.changed() => {
+                    tally.rewrapped += 1;
+                    changed = true;
+                    out.push(Some(match v {
+                        Value::Bytes(_) => Value::Bytes(r.ciphertext),
+                        Value::Text(_) => {
+                            Value::Text(String::from_utf8(r.ciphertext).map_err(|_| {
+                                BatchError::Fatal("text envelope is not UTF-8".into())
+                            })?)
+                        }
+                    }));
+                }
+                Ok(_) => {
+                    tally.current += 1;
+                    out.push(Some(same(v)));
+                }
+                Err(e) if is_transient(&e) => return Err(BatchError::Transient(e.to_string())),
+                Err(Error::KeyDestroyed { .. }) => {
+                    tally.shredded += 1;
+                    out.push(Some(same(v)));
+                }
+                Err(e) => {
+                    tally.failed.push((version_of(v.bytes()), e.to_string()));
+                    out.push(Some(same(v)));
+                }
+            }
+        }
+        Ok((changed.then_some(out), tally))
+    }
+
+    async fn write(
+        &self,
+        sql: &Sql,
+        updates: &[(DbRow, Vec<Option<Value>>, RowTally)],
+    ) -> std::result::Result<HashSet<String>, BatchError> {
+        let mut q = sqlx::query(AssertSqlSafe(sql.update.clone())).bind(
+            updates
+                .iter()
+                .map(|(r, _, _)| r.pk.clone())
+                .collect::<Vec<_>>(),
+        );
+        for (i, kind) in sql.kinds.iter().enumerate() {
+            let old = updates
+                .iter()
+                .map(|(r, _, _)| r.values.get(i).and_then(Option::as_ref));
+            let new = updates
+                .iter()
+                .map(|(_, n, _)| n.get(i).and_then(Option::as_ref));
+            q = match kind {
+                ColKind::Bytes => q
+                    .bind(
+                        old.map(|v| v.map(|v| v.bytes().to_vec()))
+                            .collect::<Vec<_>>(),
+                    )
+                    .bind(
+                        new.map(|v| v.map(|v| v.bytes().to_vec()))
+                            .collect::<Vec<_>>(),
+                    ),
+                ColKind::Text => q
+                    .bind(old.map(|v| v.map(text_of)).collect::<Vec<_>>())
+                    .bind(new.map(|v| v.map(text_of)).collect::<Vec<_>>()),
+            };
+        }
+        let rows = q.fetch_all(&self.db).await.map_err(db_error)?;
+        rows.iter()
+            .map(|r| r.try_get::<String, _>(0).map_err(db_error))
+            .collect()
+    }
+
+    async fn reread(
+        &self,
+        sql: &Sql,
+        pks: &[String],
+    ) -> std::result::Result<Vec<DbRow>, BatchError> {
+        let rows = sqlx::query(AssertSqlSafe(sql.by_pk.clone()))
+            .bind(pks)
+            .fetch_all(&self.db)
+            .await
+            .map_err(db_error)?;
+        let mut by_pk: HashMap<String, DbRow> = HashMap::new();
+        for r in &rows {
+            let row = decode_row(r, &sql.kinds, self.spec.tenant.as_deref())?;
+            by_pk.insert(row.pk.clone(), row);
+        }
+        // Rows deleted meanwhile are simply gone.
+        Ok(pks.iter().filter_map(|pk| by_pk.remove(pk)).collect())
+    }
+}
+
+fn text_of(v: &Value) -> String {
+    match v {
+        Value::Text(s) => s.clone(),
+        Value::Bytes(b) => String::from_utf8_lossy(b).into_owned(),
+    }
+}
+
+/// The key version an envelope names, if it parses.
+fn version_of(v: &[u8]) -> Option<u32> {
+    let bytes = crypto::decode_any(v).ok()?;
+    Envelope::parse(&bytes).ok().map(|e| e.key_version())
+}
+
+fn settle(progress: &mut JobProgress, row: &DbRow, tally: RowTally) {
+    progress.values_rewrapped += tally.rewrapped;
+    progress.values_current += tally.current;
+    progress.values_shredded += tally.shredded;
+    for (version, err) in tally.failed {
+        progress.values_failed += 1;
+        if let Some(v) = version {
+            *progress
+                .leftovers
+                .entry(row.tenant.clone())
+                .or_default()
+                .entry(v)
+                .or_default() += 1;
+        }
+        progress.last_error = Some(err);
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
