@@ -14,7 +14,10 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use fieldkey::kms::WrappedKey;
-use fieldkey::store::{KeyState, KeyStore, NewKeyVersion, NewSubject, SqlStore, StoreError};
+use fieldkey::store::{
+    JobControl, JobProgress, JobState, JobUpdate, KeyState, KeyStore, NewJob, NewKeyVersion,
+    NewSubject, SqlStore, StoreError,
+};
 
 fn wrapped(tag: u8) -> WrappedKey {
     let mut v = common::rand_bytes::<40>().to_vec();
@@ -233,6 +236,138 @@ mod suite {
         Ok(())
     }
 
+    pub async fn kek_rewrap_is_compare_and_set_and_keeps_the_fingerprint(
+        s: Arc<dyn KeyStore>,
+    ) -> Result<()> {
+        let first = nv(1, 1);
+        s.create_tenant("t", "kms-1", first.clone()).await?;
+        let new = wrapped(9);
+        assert!(
+            !s.rewrap_key_version("t", 1, "kms-other", "kms-2", &new).await?,
+            "wrong expected KMS key: nothing changes"
+        );
+        assert!(s.rewrap_key_version("t", 1, "kms-1", "kms-2", &new).await?);
+        assert!(
+            !s.rewrap_key_version("t", 1, "kms-1", "kms-2", &new).await?,
+            "second run is a no-op"
+        );
+        s.set_tenant_kms_key("t", "kms-2").await?;
+        let rec = s.get_tenant("t").await?.unwrap();
+        assert_eq!(rec.kms_key_id, "kms-2");
+        let v = &rec.versions[0];
+        assert_eq!(v.kms_key_id, "kms-2");
+        assert_eq!(v.wrapped.as_ref(), Some(&new));
+        assert_eq!(
+            v.fingerprint,
+            first.wrapped.fingerprint(),
+            "the fingerprint names the version"
+        );
+        s.destroy_key_version("t", 1).await?;
+        assert!(
+            !s.rewrap_key_version("t", 1, "kms-2", "kms-3", &wrapped(3)).await?,
+            "destroyed material is never written back"
+        );
+        assert!(s.get_tenant("t").await?.unwrap().versions[0].wrapped.is_none());
+        Ok(())
+    }
+
+    pub async fn retirement_needs_decrypt_only_and_no_subject_keys(
+        s: Arc<dyn KeyStore>,
+    ) -> Result<()> {
+        s.create_tenant("t", "kms-1", nv(1, 1)).await?;
+        assert!(
+            !s.retire_key_version("t", 1).await?,
+            "the active version cannot retire"
+        );
+        s.create_subject(NewSubject {
+            tenant_id: "t".into(),
+            subject_id: "alice".into(),
+            wrap_version: 1,
+            wrapped: vec![1; 73],
+        })
+        .await?;
+        s.add_key_version("t", nv(2, 2)).await?;
+        assert_eq!(s.subjects_wrapped_under("t", 1, 10).await?.len(), 1);
+        assert!(
+            !s.retire_key_version("t", 1).await?,
+            "a subject key is still wrapped under v1"
+        );
+        assert!(!s.rewrap_subject("t", "alice", 2, 2, &[2; 73]).await?, "CAS on version");
+        assert!(s.rewrap_subject("t", "alice", 1, 2, &[2; 73]).await?);
+        let alice = s.get_subject("t", "alice").await?.unwrap();
+        assert_eq!((alice.wrap_version, alice.wrapped), (2, Some(vec![2; 73])));
+        assert!(s.subjects_wrapped_under("t", 1, 10).await?.is_empty());
+        assert!(s.retire_key_version("t", 1).await?);
+        assert!(!s.retire_key_version("t", 1).await?, "idempotent");
+        let v1 = s.get_tenant("t").await?.unwrap().versions[0].clone();
+        assert_eq!((v1.state, v1.wrapped), (KeyState::Retired, None));
+        assert!(
+            s.update_key_state("t", 1, KeyState::Retired, KeyState::Active, None)
+                .await
+                .is_err(),
+            "retired is terminal"
+        );
+        assert!(!s.destroy_key_version("t", 1).await?, "retired stays retired");
+        Ok(())
+    }
+
+    pub async fn job_leases_are_exclusive_and_progress_needs_the_lease(
+        s: Arc<dyn KeyStore>,
+    ) -> Result<()> {
+        let job = NewJob {
+            job_id: "j1".into(),
+            target: "public.users".into(),
+            tenant_id: None,
+            spec: "{}".into(),
+            progress: JobProgress::default().to_json(),
+        };
+        assert!(s.create_job(job.clone()).await?.was_created());
+        assert!(!s.create_job(job).await?.was_created());
+        let a = s.claim_job("j1", "a", 1_000, 2_000).await?.unwrap();
+        assert_eq!((a.state, a.owner.as_deref()), (JobState::Running, Some("a")));
+        assert!(
+            s.claim_job("j1", "b", 1_500, 2_500).await?.is_none(),
+            "a's lease is still good"
+        );
+        let upd = |state, cp: &str| JobUpdate {
+            state,
+            checkpoint: Some(cp.into()),
+            progress: JobProgress {
+                rows_scanned: 10,
+                ..JobProgress::default()
+            }
+            .to_json(),
+            error: None,
+            lease_until: i64::MAX,
+        };
+        assert!(!s.update_job("j1", "b", upd(JobState::Running, "x")).await?);
+        assert!(s.update_job("j1", "a", upd(JobState::Running, "10")).await?);
+        // a's renewed lease holds
+        assert!(s.claim_job("j1", "b", 3_000, 4_000).await?.is_none());
+        // once a's lease has run out, b takes over; a can no longer write
+        let a_short = JobUpdate {
+            lease_until: 5_000,
+            ..upd(JobState::Running, "20")
+        };
+        assert!(s.update_job("j1", "a", a_short).await?);
+        let b = s.claim_job("j1", "b", 6_000, 7_000).await?.unwrap();
+        assert_eq!(b.checkpoint.as_deref(), Some("20"));
+        assert_eq!(JobProgress::parse(&b.progress)?.rows_scanned, 10);
+        assert!(!s.update_job("j1", "a", upd(JobState::Running, "30")).await?);
+        assert!(s.set_job_control("j1", JobControl::Pause).await?);
+        assert_eq!(s.get_job("j1").await?.unwrap().control, JobControl::Pause);
+        assert!(s.update_job("j1", "b", upd(JobState::Completed, "40")).await?);
+        let done = s.get_job("j1").await?.unwrap();
+        assert_eq!(done.state, JobState::Completed);
+        assert!(done.owner.is_none() && done.finished_at.is_some());
+        assert!(s.claim_job("j1", "c", 9_000, 10_000).await?.is_none(), "finished");
+        assert!(!s.set_job_control("j1", JobControl::Run).await?);
+        assert!(!s.update_job("j1", "b", upd(JobState::Running, "50")).await?);
+        assert_eq!(s.list_jobs().await?.len(), 1);
+        assert!(s.get_job("nope").await?.is_none());
+        Ok(())
+    }
+
     pub async fn tenants_are_listed(s: Arc<dyn KeyStore>) -> Result<()> {
         for t in ["b", "a", "c"] {
             s.create_tenant(t, "kms-1", nv(1, 1)).await?;
@@ -280,29 +415,75 @@ conformance!(
     destroyed_versions_keep_a_tombstone_and_never_come_back,
     subjects_insert_if_absent_change_state_and_shred,
     tenants_are_listed,
+    kek_rewrap_is_compare_and_set_and_keeps_the_fingerprint,
+    retirement_needs_decrypt_only_and_no_subject_keys,
+    job_leases_are_exclusive_and_progress_needs_the_lease,
 );
 
+/// A key store written by the previous schema (0001 only) keeps every key, state and
+/// tombstone through migration 0002, which rebuilds `fk_tenant_keys` on SQLite.
 #[tokio::test]
-async fn unreachable_postgres_is_reported_as_unavailable() {
-    let r = SqlStore::connect_postgres("postgres://postgres@127.0.0.1:1/none").await;
-    assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
-}
-
-#[tokio::test]
-async fn unopenable_sqlite_file_is_reported_as_unavailable() {
-    let r = SqlStore::open_sqlite(std::path::Path::new("/nonexistent-dir/x/keys.db")).await;
-    assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
-}
-
-#[tokio::test]
-async fn migrations_are_idempotent_on_reopen() -> Result<()> {
+async fn sqlite_upgrade_from_schema_1_keeps_every_key() -> Result<()> {
+    use sqlx::Executor as _;
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("keys.db");
-    SqlStore::open_sqlite(&path)
-        .await?
-        .create_tenant("t", "k", nv(1, 1))
+    // A store as the previous release left it: only migration 0001 applied.
+    let v1_dir = dir.path().join("v1");
+    std::fs::create_dir(&v1_dir)?;
+    std::fs::write(
+        v1_dir.join("0001_keys.sql"),
+        include_str!("../src/store/migrations/sqlite/0001_keys.sql"),
+    )?;
+    {
+        let pool =
+            sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=rwc", path.display())).await?;
+        sqlx::migrate::Migrator::new(v1_dir.as_path())
+            .await?
+            .run(&pool)
+            .await?;
+        pool.execute(
+            "INSERT INTO fk_tenants VALUES ('t', 'kms-1', 1); \
+             INSERT INTO fk_tenant_keys VALUES ('t', 1, 'destroyed', NULL, 'kms-1', NULL, zeroblob(32), 1, 2); \
+             INSERT INTO fk_tenant_keys VALUES ('t', 2, 'suspended', 'decrypt-only', 'kms-1', x'0203', zeroblob(32), 3, 4); \
+             INSERT INTO fk_tenant_keys VALUES ('t', 3, 'active', NULL, 'kms-1', x'0405', zeroblob(32), 5, 6);",
+        )
         .await?;
-    let again = SqlStore::open_sqlite(&path).await?;
-    assert!(again.get_tenant("t").await?.is_some());
+        pool.close().await;
+    }
+    let s = SqlStore::open_sqlite(&path).await?;
+    let rec = s.get_tenant("t").await?.unwrap();
+    let got: Vec<_> = rec
+        .versions
+        .iter()
+        .map(|v| (v.version, v.state, v.resume_state, v.wrapped.clone()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (1, KeyState::Destroyed, None, None),
+            (
+                2,
+                KeyState::Suspended,
+                Some(KeyState::DecryptOnly),
+                Some(WrappedKey::new(vec![2, 3]))
+            ),
+            (3, KeyState::Active, None, Some(WrappedKey::new(vec![4, 5]))),
+        ]
+    );
+    // the rebuilt table keeps its rules: one active version, retirement only from
+    // decrypt-only, and the new job table exists
+    assert!(s.add_key_version("t", nv(3, 9)).await.is_ok_and(|added| !added));
+    assert!(!s.retire_key_version("t", 2).await?);
+    s.update_key_state("t", 2, KeyState::Suspended, KeyState::DecryptOnly, None)
+        .await?;
+    assert!(s.retire_key_version("t", 2).await?);
+    s.create_job(NewJob {
+        job_id: "j".into(),
+        target: "x".into(),
+        tenant_id: None,
+        spec: "{}".into(),
+        progress: "{}".into(),
+    })
+    .await?;
     Ok(())
 }
