@@ -126,6 +126,85 @@ async fn keyring_over_aws_kms_with_bring_your_own_key_per_tenant() -> Result<()>
     Ok(())
 }
 
+/// KEK rotation: every stored version moves to a new KMS key without touching data; an
+/// interrupted run resumes; after it the old KMS key can be disabled.
+#[tokio::test]
+async fn kms_key_rotation_rewraps_every_version_and_frees_the_old_key() -> Result<()> {
+    let old_key = moto_key().await?;
+    let new_key = moto_key().await?;
+    let dir = tempfile::tempdir()?;
+    let store: Arc<dyn KeyStore> = Arc::new(SqlStore::open_sqlite(&dir.path().join("k.db")).await?);
+    let kms = Arc::new(AwsKms::new(config(&common::moto_url(), &old_key)).await?);
+    let k = Keyring::new(store.clone(), kms.clone(), KeyringConfig::default());
+    k.create_tenant("acme", None).await?;
+    let a = Aad {
+        tenant: "acme",
+        subject: Some("u1"),
+        field: "email",
+        context: b"row-1",
+    };
+    let v1 = k.encrypt(&a, b"one").await?;
+    k.rotate_tenant("acme").await?;
+    let v2 = k.encrypt(&a, b"two").await?;
+    k.rotate_tenant("acme").await?;
+    k.destroy_key_version("acme", 3).await?;
+    let before = k.tenant("acme").await?;
+
+    // an earlier run was interrupted after moving version 1 only
+    let rec = store.get_tenant("acme").await?.unwrap();
+    let ctx = EncryptionContext::tenant_key("acme", 1);
+    let key = kms
+        .unwrap(&old_key, rec.versions[0].wrapped.as_ref().unwrap(), &ctx)
+        .await?;
+    let moved = kms.wrap(&new_key, &key, &ctx).await?;
+    assert!(
+        store
+            .rewrap_key_version("acme", 1, &old_key, &new_key, &moved)
+            .await?
+    );
+
+    let out = k.rewrap_kms_key("acme", &new_key).await?;
+    assert_eq!(
+        (out.rewrapped, out.already, out.without_material),
+        (1, 1, 1)
+    );
+    let again = k.rewrap_kms_key("acme", &new_key).await?;
+    assert_eq!((again.rewrapped, again.already), (0, 2), "idempotent");
+    let after = k.tenant("acme").await?;
+    assert_eq!(after.kms_key_id, new_key);
+    for (b, a) in before.versions.iter().zip(&after.versions) {
+        assert_eq!(b.fingerprint, a.fingerprint, "versions keep their identity");
+        assert_eq!(b.state, a.state);
+        if a.state != fieldkey::store::KeyState::Destroyed {
+            assert_eq!(a.kms_key_id, new_key);
+        }
+    }
+
+    // the old KMS key is no longer needed: disable it, drop every cached key
+    kms.client().disable_key().key_id(&old_key).send().await?;
+    let fresh = Keyring::new(store, kms, KeyringConfig::default());
+    assert_eq!(&*fresh.decrypt(&a, &v1).await?, b"one");
+    assert_eq!(&*fresh.decrypt(&a, &v2).await?, b"two");
+    let rotated = fresh.rotate_tenant("acme").await?;
+    assert_eq!(
+        rotated.versions[3].kms_key_id, new_key,
+        "new versions use the new key"
+    );
+    // a KMS key the sidecar cannot use is refused before anything is replaced
+    let r = fresh.rewrap_kms_key("acme", &old_key).await;
+    assert!(matches!(r, Err(Error::Kms(_))), "{r:?}");
+    assert!(
+        fresh
+            .tenant("acme")
+            .await?
+            .versions
+            .iter()
+            .all(|v| v.kms_key_id == new_key || v.state == fieldkey::store::KeyState::Destroyed),
+        "a failed rewrap leaves every version where it was"
+    );
+    Ok(())
+}
+
 // ------------------------------------------------------------------ fault proxy
 
 #[derive(Clone, Copy, Debug)]

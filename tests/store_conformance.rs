@@ -243,7 +243,8 @@ mod suite {
         s.create_tenant("t", "kms-1", first.clone()).await?;
         let new = wrapped(9);
         assert!(
-            !s.rewrap_key_version("t", 1, "kms-other", "kms-2", &new).await?,
+            !s.rewrap_key_version("t", 1, "kms-other", "kms-2", &new)
+                .await?,
             "wrong expected KMS key: nothing changes"
         );
         assert!(s.rewrap_key_version("t", 1, "kms-1", "kms-2", &new).await?);
@@ -264,10 +265,15 @@ mod suite {
         );
         s.destroy_key_version("t", 1).await?;
         assert!(
-            !s.rewrap_key_version("t", 1, "kms-2", "kms-3", &wrapped(3)).await?,
+            !s.rewrap_key_version("t", 1, "kms-2", "kms-3", &wrapped(3))
+                .await?,
             "destroyed material is never written back"
         );
-        assert!(s.get_tenant("t").await?.unwrap().versions[0].wrapped.is_none());
+        assert!(
+            s.get_tenant("t").await?.unwrap().versions[0]
+                .wrapped
+                .is_none()
+        );
         Ok(())
     }
 
@@ -292,7 +298,10 @@ mod suite {
             !s.retire_key_version("t", 1).await?,
             "a subject key is still wrapped under v1"
         );
-        assert!(!s.rewrap_subject("t", "alice", 2, 2, &[2; 73]).await?, "CAS on version");
+        assert!(
+            !s.rewrap_subject("t", "alice", 2, 2, &[2; 73]).await?,
+            "CAS on version"
+        );
         assert!(s.rewrap_subject("t", "alice", 1, 2, &[2; 73]).await?);
         let alice = s.get_subject("t", "alice").await?.unwrap();
         assert_eq!((alice.wrap_version, alice.wrapped), (2, Some(vec![2; 73])));
@@ -307,7 +316,10 @@ mod suite {
                 .is_err(),
             "retired is terminal"
         );
-        assert!(!s.destroy_key_version("t", 1).await?, "retired stays retired");
+        assert!(
+            !s.destroy_key_version("t", 1).await?,
+            "retired stays retired"
+        );
         Ok(())
     }
 
@@ -324,7 +336,10 @@ mod suite {
         assert!(s.create_job(job.clone()).await?.was_created());
         assert!(!s.create_job(job).await?.was_created());
         let a = s.claim_job("j1", "a", 1_000, 2_000).await?.unwrap();
-        assert_eq!((a.state, a.owner.as_deref()), (JobState::Running, Some("a")));
+        assert_eq!(
+            (a.state, a.owner.as_deref()),
+            (JobState::Running, Some("a"))
+        );
         assert!(
             s.claim_job("j1", "b", 1_500, 2_500).await?.is_none(),
             "a's lease is still good"
@@ -341,7 +356,10 @@ mod suite {
             lease_until: i64::MAX,
         };
         assert!(!s.update_job("j1", "b", upd(JobState::Running, "x")).await?);
-        assert!(s.update_job("j1", "a", upd(JobState::Running, "10")).await?);
+        assert!(
+            s.update_job("j1", "a", upd(JobState::Running, "10"))
+                .await?
+        );
         // a's renewed lease holds
         assert!(s.claim_job("j1", "b", 3_000, 4_000).await?.is_none());
         // once a's lease has run out, b takes over; a can no longer write
@@ -353,16 +371,28 @@ mod suite {
         let b = s.claim_job("j1", "b", 6_000, 7_000).await?.unwrap();
         assert_eq!(b.checkpoint.as_deref(), Some("20"));
         assert_eq!(JobProgress::parse(&b.progress)?.rows_scanned, 10);
-        assert!(!s.update_job("j1", "a", upd(JobState::Running, "30")).await?);
+        assert!(
+            !s.update_job("j1", "a", upd(JobState::Running, "30"))
+                .await?
+        );
         assert!(s.set_job_control("j1", JobControl::Pause).await?);
         assert_eq!(s.get_job("j1").await?.unwrap().control, JobControl::Pause);
-        assert!(s.update_job("j1", "b", upd(JobState::Completed, "40")).await?);
+        assert!(
+            s.update_job("j1", "b", upd(JobState::Completed, "40"))
+                .await?
+        );
         let done = s.get_job("j1").await?.unwrap();
         assert_eq!(done.state, JobState::Completed);
         assert!(done.owner.is_none() && done.finished_at.is_some());
-        assert!(s.claim_job("j1", "c", 9_000, 10_000).await?.is_none(), "finished");
+        assert!(
+            s.claim_job("j1", "c", 9_000, 10_000).await?.is_none(),
+            "finished"
+        );
         assert!(!s.set_job_control("j1", JobControl::Run).await?);
-        assert!(!s.update_job("j1", "b", upd(JobState::Running, "50")).await?);
+        assert!(
+            !s.update_job("j1", "b", upd(JobState::Running, "50"))
+                .await?
+        );
         assert_eq!(s.list_jobs().await?.len(), 1);
         assert!(s.get_job("nope").await?.is_none());
         Ok(())
@@ -472,7 +502,11 @@ async fn sqlite_upgrade_from_schema_1_keeps_every_key() -> Result<()> {
     );
     // the rebuilt table keeps its rules: one active version, retirement only from
     // decrypt-only, and the new job table exists
-    assert!(s.add_key_version("t", nv(3, 9)).await.is_ok_and(|added| !added));
+    assert!(
+        s.add_key_version("t", nv(3, 9))
+            .await
+            .is_ok_and(|added| !added)
+    );
     assert!(!s.retire_key_version("t", 2).await?);
     s.update_key_state("t", 2, KeyState::Suspended, KeyState::DecryptOnly, None)
         .await?;
