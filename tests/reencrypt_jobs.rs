@@ -6,6 +6,7 @@
     clippy::expect_used,
     clippy::panic,
     clippy::indexing_slicing,
+    clippy::zombie_processes,
     reason = "test code fails by panicking"
 )]
 

@@ -128,7 +128,7 @@ async fn rotate_due_rotates_only_tenants_past_the_maximum_age() -> Result<()> {
     }
     k.suspend_tenant("stopped").await?;
     let policy = RotationPolicy::default();
-    let now = k.tenant("fresh").await?.versions[0].created_at;
+    let now = k.tenant("fresh").await?.versions[0].created_at + 60_000;
     // the clock moves instead of the keys: judge "old" at +340 days, "older" at +400
     let shift = |t: &str, days: i64| {
         let path = dir.path().join("keys.db");
