@@ -22,7 +22,7 @@ use anyhow::Result;
 use fieldkey::crypto::{Aad, to_text};
 use fieldkey::error::Error;
 use fieldkey::keyring::{Keyring, KeyringConfig};
-use fieldkey::store::{JobProgress, JobState, KeyStore, SqlStore};
+use fieldkey::store::{JobControl, JobProgress, JobState, KeyStore, SqlStore};
 use sqlx::Executor as _;
 use sqlx::postgres::PgPool;
 
@@ -427,5 +427,136 @@ async fn job_survives_sigkill_and_concurrent_runners_without_losing_a_write() ->
     assert!(matches!(e, Error::KeyRetired { version: 1, .. }), "{e:?}");
     // subject keys that were wrapped under v1 moved to v2 and still decrypt
     f.verify_all(2, &overrides).await?;
+    f.drop_dbs().await
+}
+
+/// Pause, resume and cancel through the job record; values that cannot be moved are
+/// counted and block retirement; shredded values are left alone; a bad spec fails the
+/// job with a clear error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn jobs_pause_resume_cancel_and_report_what_they_could_not_move() -> Result<()> {
+    use fieldkey::jobs::{JobSpec, Runner, RunnerConfig};
+    const ROWS: i64 = 2_000;
+    let f = Fixture::new().await?;
+    f.populate(ROWS).await?;
+    for t in TENANTS {
+        f.keyring.rotate_tenant(t).await?;
+    }
+    // row 5's email belongs to another row (moved ciphertext): it cannot authenticate
+    sqlx::query("UPDATE users SET email = (SELECT email FROM users WHERE id = 9) WHERE id = 5")
+        .execute(&f.app)
+        .await?;
+    // user-1's key is shredded: rows 1 and 1001 hold data nobody can read any more
+    f.keyring.destroy_subject(tenant_of(1), "user-1").await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let db = PgPool::connect(&f.app_db.dsn).await?;
+    let spec =
+        JobSpec::from_toml(&f.spec("small", "batch_size = 100\nrate_limit_rows_per_sec = 2000"))?;
+    let mut cfg = RunnerConfig::new(Duration::from_secs(5));
+    cfg.poll = Duration::from_millis(50);
+    let (runner, mut rx) = Runner::new(f.keyring.clone(), db.clone(), spec.clone(), cfg.clone());
+    let run = tokio::spawn(async move { runner.run().await });
+    // pause once it has started; it must stop advancing
+    rx.wait_for(|p| p.rows_scanned >= 300).await?;
+    fieldkey::jobs::control(f.keyring.store().as_ref(), "small", JobControl::Pause).await?;
+    let mut paused_at = None;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (state, p, _) = f.progress("small").await;
+        if state == JobState::Paused {
+            paused_at = Some(p.rows_scanned);
+            break;
+        }
+    }
+    let paused_at = paused_at.expect("runner never reported paused");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (state, p, _) = f.progress("small").await;
+    assert_eq!(
+        (state, p.rows_scanned),
+        (JobState::Paused, paused_at),
+        "paused jobs stand still"
+    );
+    // a second runner on a paused job stands by instead of taking it over
+    let (second, _) = Runner::new(
+        f.keyring.clone(),
+        db.clone(),
+        spec.clone(),
+        RunnerConfig::new(Duration::from_secs(5)),
+    );
+    let standby = tokio::spawn(async move { second.run().await });
+    fieldkey::jobs::control(f.keyring.store().as_ref(), "small", JobControl::Run).await?;
+    let outcome = run.await??;
+    assert_eq!(outcome.state, JobState::Completed);
+    let after = standby.await??;
+    assert_eq!(
+        after.state,
+        JobState::Completed,
+        "the standby sees the job done"
+    );
+    let p = outcome.progress;
+    eprintln!("{p:?}");
+    assert_eq!(p.runs, 1);
+    assert_eq!(p.values_failed, 1, "the moved ciphertext");
+    assert_eq!(p.values_shredded, 4, "email and name of rows 1 and 1001");
+    assert_eq!(
+        p.leftovers.get(tenant_of(5)).and_then(|m| m.get(&1)),
+        Some(&1)
+    );
+    assert!(
+        p.last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("authentication failed")
+    );
+    // the leftover blocks retirement of v1 for that tenant only
+    let e = f
+        .keyring
+        .retire_key_version(tenant_of(5), 1)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::RetirementBlocked { .. }), "{e:?}");
+    assert_ne!(tenant_of(4), tenant_of(5));
+    f.keyring.retire_key_version(tenant_of(4), 1).await?;
+    // finished jobs cannot be steered; a different spec under the same name is refused
+    let e = fieldkey::jobs::control(f.keyring.store().as_ref(), "small", JobControl::Cancel)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::JobConflict { .. }), "{e:?}");
+    let mut other = spec.clone();
+    other.batch_size = 7;
+    let (r, _) = Runner::new(f.keyring.clone(), db.clone(), other, cfg.clone());
+    assert!(matches!(r.run().await, Err(Error::JobConflict { .. })));
+
+    // cancel: stops after the current batch, rows done stay done
+    for t in TENANTS {
+        f.keyring.rotate_tenant(t).await?;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let spec3 =
+        JobSpec::from_toml(&f.spec("to-v3", "batch_size = 100\nrate_limit_rows_per_sec = 1000"))?;
+    let (runner, mut rx) = Runner::new(f.keyring.clone(), db.clone(), spec3, cfg.clone());
+    let run = tokio::spawn(async move { runner.run().await });
+    rx.wait_for(|p| p.rows_scanned >= 200).await?;
+    fieldkey::jobs::control(f.keyring.store().as_ref(), "to-v3", JobControl::Cancel).await?;
+    let outcome = run.await??;
+    assert_eq!(outcome.state, JobState::Cancelled);
+    assert!(outcome.progress.rows_scanned < ROWS as u64);
+    let v = f.versions().await;
+    assert!(
+        v.get(&3).copied().unwrap_or(0) > 0 && v.get(&2).copied().unwrap_or(0) > 0,
+        "{v:?}"
+    );
+
+    // a spec naming a column the table does not have fails the job, with the reason
+    let bad = JobSpec::from_toml(
+        &f.spec("bad", "")
+            .replace("name = \"email\"", "name = \"mail\""),
+    )?;
+    let (runner, _) = Runner::new(f.keyring.clone(), db.clone(), bad, cfg);
+    let outcome = runner.run().await?;
+    assert_eq!(outcome.state, JobState::Failed);
+    let rec = f.keyring.store().get_job("bad").await?.unwrap();
+    assert!(rec.error.unwrap_or_default().contains("no column mail"));
+    db.close().await;
     f.drop_dbs().await
 }

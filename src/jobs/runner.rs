@@ -499,7 +499,6 @@ impl Runner {
                 Ok(None) => return self.finish(JobState::Completed, progress, None).await,
                 Ok(Some(last)) => {
                     checkpoint = Some(last);
-                    progress.last_error = None;
                     backoff = self.cfg.poll;
                     self.renew(JobState::Running, checkpoint.clone(), &progress, None)
                         .await?;
@@ -510,8 +509,9 @@ impl Runner {
                 }
                 Err(BatchError::Transient(msg)) => {
                     tracing::warn!(error = %msg, retry_in_ms = backoff.as_millis() as u64, "batch failed; retrying from the checkpoint");
-                    progress.last_error = Some(msg);
-                    self.renew(JobState::Running, None, &progress, None).await?;
+                    // Shown as the job's error until a batch succeeds again.
+                    self.renew(JobState::Running, None, &progress, Some(msg))
+                        .await?;
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(30));
                 }
