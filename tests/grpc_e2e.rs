@@ -700,3 +700,155 @@ async fn shutdown_drains_calls_in_flight() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn rewrap_rotation_retirement_and_jobs_over_grpc() -> Result<()> {
+    use fieldkey::service::pb::jobs_client::JobsClient;
+    let dir = tempfile::tempdir()?;
+    let server = sqlite_server(&dir).await?;
+    let ch = server.channel().await?;
+    let mut keys = KeysClient::new(ch.clone());
+    let mut crypto = CryptoClient::new(ch.clone());
+    keys.create_tenant(CreateTenantRequest {
+        tenant_id: "acme".into(),
+        kms_key_id: String::new(),
+    })
+    .await?;
+    let mut text_req = enc("acme", "u1", "email", b"r1", b"hello");
+    text_req.format = CiphertextFormat::Text as i32;
+    let text = crypto.encrypt(text_req).await?.into_inner().ciphertext;
+    let bin = crypto
+        .encrypt(enc("acme", "", "name", b"r1", b"Ada"))
+        .await?
+        .into_inner()
+        .ciphertext;
+    let rw = |subject: &str, field: &str, ct: &[u8]| pb::RewrapRequest {
+        tenant_id: "acme".into(),
+        subject_id: subject.into(),
+        field: field.into(),
+        context: b"r1".to_vec(),
+        ciphertext: ct.to_vec(),
+    };
+    let same = crypto.rewrap(rw("u1", "email", &text)).await?.into_inner();
+    assert!(!same.changed && same.ciphertext == text && same.key_version == 1);
+    keys.rotate_tenant_key(RotateTenantKeyRequest {
+        tenant_id: "acme".into(),
+    })
+    .await?;
+    let moved = crypto.rewrap(rw("u1", "email", &text)).await?.into_inner();
+    assert!(moved.changed);
+    assert_eq!((moved.previous_key_version, moved.key_version), (1, 2));
+    assert!(moved.ciphertext.starts_with(b"fk1:"), "text stays text");
+    let back = crypto
+        .decrypt(dec("acme", "u1", "email", b"r1", &moved.ciphertext))
+        .await?
+        .into_inner();
+    assert_eq!(
+        (back.plaintext.as_slice(), back.key_version),
+        (&b"hello"[..], 2)
+    );
+    let batch = crypto
+        .rewrap_batch(pb::RewrapBatchRequest {
+            items: vec![
+                rw("", "name", &bin),
+                rw("", "name", b"garbage"),
+                rw("u2", "email", &text),
+            ],
+        })
+        .await?
+        .into_inner()
+        .results;
+    match &batch[0].result {
+        Some(pb::rewrap_result::Result::Ok(ok)) => assert!(ok.changed && ok.key_version == 2),
+        other => panic!("{other:?}"),
+    }
+    for (i, want) in [(1, "MALFORMED_CIPHERTEXT"), (2, "AUTHENTICATION_FAILED")] {
+        match &batch[i].result {
+            Some(pb::rewrap_result::Result::Error(e)) => assert_eq!(e.reason, want),
+            other => panic!("{other:?}"),
+        }
+    }
+    let tenants = keys
+        .list_tenants(pb::ListTenantsRequest {})
+        .await?
+        .into_inner();
+    assert_eq!(tenants.tenant_ids, vec!["acme"]);
+    let check = keys
+        .check_rotation(pb::CheckRotationRequest { dry_run: true })
+        .await?
+        .into_inner();
+    assert_eq!((check.max_key_age_days, check.warn_days), (365, 30));
+    assert_eq!(check.tenants[0].status, pb::RotationStatus::Ok as i32);
+    assert_eq!(check.tenants[0].active_version, 2);
+    let e = keys
+        .retire_key_version(pb::RetireKeyVersionRequest {
+            tenant_id: "acme".into(),
+            version: 1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.code(), reason(&e).as_str()),
+        (Code::FailedPrecondition, "RETIREMENT_BLOCKED")
+    );
+    assert!(
+        e.message().contains("no re-encryption job"),
+        "{}",
+        e.message()
+    );
+    let e = keys
+        .rewrap_kms_key(pb::RewrapKmsKeyRequest {
+            tenant_id: "acme".into(),
+            kms_key_id: "some-other-key".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.code(), reason(&e).as_str()),
+        (Code::FailedPrecondition, "KMS_KEY_UNUSABLE")
+    );
+
+    let mut jobs = JobsClient::new(ch);
+    assert!(
+        jobs.list_jobs(pb::ListJobsRequest {})
+            .await?
+            .into_inner()
+            .jobs
+            .is_empty()
+    );
+    for e in [
+        jobs.get_job(pb::JobRequest {
+            job_id: "nope".into(),
+        })
+        .await
+        .unwrap_err(),
+        jobs.pause_job(pb::JobRequest {
+            job_id: "nope".into(),
+        })
+        .await
+        .unwrap_err(),
+        jobs.watch_job(pb::WatchJobRequest {
+            job_id: "nope".into(),
+            interval_ms: 0,
+        })
+        .await
+        .map(|_| ())
+        .unwrap_err(),
+    ] {
+        assert_eq!(
+            (e.code(), reason(&e).as_str()),
+            (Code::NotFound, "JOB_NOT_FOUND")
+        );
+    }
+    let e = jobs
+        .watch_job(pb::WatchJobRequest {
+            job_id: "x".into(),
+            interval_ms: 5,
+        })
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    server.stop().await;
+    Ok(())
+}

@@ -149,6 +149,36 @@ mod tests {
                 "KEY_SUSPENDED",
             ),
             (
+                Error::KeyRetired {
+                    tenant: t(),
+                    version: 1,
+                },
+                Code::FailedPrecondition,
+                "KEY_RETIRED",
+            ),
+            (
+                Error::RetirementBlocked {
+                    tenant: t(),
+                    version: 1,
+                    reason: "r".into(),
+                },
+                Code::FailedPrecondition,
+                "RETIREMENT_BLOCKED",
+            ),
+            (
+                Error::JobNotFound { job: "j".into() },
+                Code::NotFound,
+                "JOB_NOT_FOUND",
+            ),
+            (
+                Error::JobConflict {
+                    job: "j".into(),
+                    reason: "r".into(),
+                },
+                Code::FailedPrecondition,
+                "JOB_CONFLICT",
+            ),
+            (
                 Error::Kms(KmsError::Timeout),
                 Code::Unavailable,
                 "KMS_UNAVAILABLE",
