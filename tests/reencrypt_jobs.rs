@@ -456,6 +456,33 @@ async fn jobs_pause_resume_cancel_and_report_what_they_could_not_move() -> Resul
     cfg.poll = Duration::from_millis(50);
     let (runner, mut rx) = Runner::new(f.keyring.clone(), db.clone(), spec.clone(), cfg.clone());
     let run = tokio::spawn(async move { runner.run().await });
+    // operators follow it through a sidecar on the same key store (WatchJob stream)
+    let watched = {
+        use fieldkey::service::pb;
+        let routes =
+            fieldkey::service::routes(f.keyring.clone(), &Default::default(), Default::default())
+                .await?;
+        let listener = fieldkey::transport::bind_tcp("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        tokio::spawn(fieldkey::transport::serve_tcp(routes, listener, std::future::pending()));
+        rx.wait_for(|p| p.rows_scanned > 0).await?;
+        let mut c = pb::jobs_client::JobsClient::connect(format!("http://{addr}")).await?;
+        let mut stream = c
+            .watch_job(pb::WatchJobRequest {
+                job_id: "small".into(),
+                interval_ms: 100,
+            })
+            .await?
+            .into_inner();
+        tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while let Some(j) = tokio_stream::StreamExt::next(&mut stream).await {
+                let j = j.unwrap();
+                seen.push((j.state, j.rows_scanned));
+            }
+            seen
+        })
+    };
     // pause once it has started; it must stop advancing
     rx.wait_for(|p| p.rows_scanned >= 300).await?;
     fieldkey::jobs::control(f.keyring.store().as_ref(), "small", JobControl::Pause).await?;
@@ -487,6 +514,11 @@ async fn jobs_pause_resume_cancel_and_report_what_they_could_not_move() -> Resul
     fieldkey::jobs::control(f.keyring.store().as_ref(), "small", JobControl::Run).await?;
     let outcome = run.await??;
     assert_eq!(outcome.state, JobState::Completed);
+    let seen = watched.await?;
+    eprintln!("watched: {} updates, last {:?}", seen.len(), seen.last());
+    assert!(seen.iter().any(|(s, _)| s == "paused"), "{seen:?}");
+    assert_eq!(seen.last(), Some(&("completed".to_owned(), ROWS as u64)));
+    assert!(seen.windows(2).all(|w| w[0].1 <= w[1].1), "progress only grows");
     let after = standby.await??;
     assert_eq!(
         after.state,
