@@ -1,0 +1,220 @@
+//! Re-encryption job throughput against the real PostgreSQL, beside the floor: a plain
+//! UPDATE that rewrites the same two columns of the same rows, in the same run.
+//!
+//! ```sh
+//! cargo bench --bench reencrypt -- --rows 100000 --batch 1000
+//! ```
+//! Options: `--rows N` (100000), `--batch N` job batch size (1000). PostgreSQL from
+//! `FIELDKEY_BENCH_DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/test`);
+//! two throwaway databases are created and dropped.
+#![allow(
+    missing_docs,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "benchmark driver fails by panicking"
+)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fieldkey::crypto::{Aad, to_text};
+use fieldkey::jobs::{JobSpec, Runner, RunnerConfig};
+use fieldkey::kms::local::{KdfParams, LocalKms};
+use fieldkey::store::{JobState, KeyStore, SqlStore};
+use fieldkey::{Keyring, KeyringConfig};
+use secrecy::SecretString;
+use sqlx::{Connection as _, Executor as _, PgPool};
+
+fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(|v| v.parse().unwrap())
+        .unwrap_or(default)
+}
+
+async fn create_db(base: &str, name: &str) -> String {
+    let mut admin = sqlx::PgConnection::connect(base).await.unwrap();
+    admin
+        .execute(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
+        .await
+        .unwrap();
+    admin
+        .execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .await
+        .unwrap();
+    format!("{}/{name}", &base[..base.rfind('/').unwrap()])
+}
+
+async fn drop_db(base: &str, name: &str) {
+    let mut admin = sqlx::PgConnection::connect(base).await.unwrap();
+    let _ = admin
+        .execute(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
+        .await;
+}
+
+const TENANTS: [&str; 2] = ["acme", "globex"];
+
+async fn populate(k: &Keyring, app: &PgPool, table: &str, rows: i64) {
+    app.execute(sqlx::AssertSqlSafe(format!(
+        "CREATE TABLE {table} (id BIGINT PRIMARY KEY, tenant_id TEXT NOT NULL, user_id TEXT, \
+         email BYTEA, name TEXT)"
+    )))
+    .await
+    .unwrap();
+    let mut id = 1;
+    while id <= rows {
+        let end = (id + 4999).min(rows);
+        let (mut ids, mut ts, mut ss, mut es, mut ns) = (vec![], vec![], vec![], vec![], vec![]);
+        for i in id..=end {
+            let tenant = TENANTS[(i % 2) as usize];
+            let subject = (i % 4 < 2).then(|| format!("user-{}", i % 1000));
+            let ctx = i.to_string();
+            let aad = |field| Aad {
+                tenant,
+                subject: subject.as_deref(),
+                field,
+                context: ctx.as_bytes(),
+            };
+            es.push(k.encrypt(&aad("email"), format!("user{i}@example.com").as_bytes()).await.unwrap());
+            ns.push(to_text(&k.encrypt(&aad("name"), format!("Name Number {i}").as_bytes()).await.unwrap()));
+            ids.push(i);
+            ts.push(tenant.to_owned());
+            ss.push(subject);
+        }
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO {table} SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bytea[], $5::text[])"
+        )))
+        .bind(ids)
+        .bind(ts)
+        .bind(ss)
+        .bind(es)
+        .bind(ns)
+        .execute(app)
+        .await
+        .unwrap();
+        id = end + 1;
+    }
+    app.execute(sqlx::AssertSqlSafe(format!("VACUUM ANALYZE {table}")))
+        .await
+        .unwrap();
+}
+
+#[tokio::main]
+async fn main() {
+    let rows = arg("--rows", 100_000) as i64;
+    let batch = arg("--batch", 1000) as u32;
+    let base = std::env::var("FIELDKEY_BENCH_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+    let keys_dsn = create_db(&base, "fk_bench_keys").await;
+    let app_dsn = create_db(&base, "fk_bench_app").await;
+    let dir = tempfile::tempdir().unwrap();
+    let kms = Arc::new(
+        LocalKms::open_or_create(
+            &dir.path().join("kms.json"),
+            &SecretString::from("bench passphrase 123".to_owned()),
+            KdfParams {
+                m_cost_kib: 256,
+                t_cost: 1,
+                p_cost: 1,
+            },
+        )
+        .unwrap(),
+    );
+    let store: Arc<dyn KeyStore> = Arc::new(SqlStore::connect_postgres(&keys_dsn).await.unwrap());
+    let keyring = Arc::new(Keyring::new(store, kms, KeyringConfig::default()));
+    for t in TENANTS {
+        keyring.create_tenant(t, None).await.unwrap();
+    }
+    let app = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect(&app_dsn)
+        .await
+        .unwrap();
+    let t = Instant::now();
+    populate(&keyring, &app, "users_plain", rows).await;
+    populate(&keyring, &app, "users", rows).await;
+    eprintln!("populated 2 x {rows} rows in {:.1?}", t.elapsed());
+    for t in TENANTS {
+        keyring.rotate_tenant(t).await.unwrap();
+    }
+
+    // Floor 1: one statement rewriting both columns of every row.
+    let t = Instant::now();
+    let n = sqlx::query("UPDATE users_plain SET email = email, name = name")
+        .execute(&app)
+        .await
+        .unwrap()
+        .rows_affected();
+    let plain = t.elapsed();
+    assert_eq!(n as i64, rows);
+    app.execute("VACUUM ANALYZE users_plain").await.unwrap();
+    // Floor 2: the same, in primary-key batches of the job's size (one statement each).
+    let t = Instant::now();
+    let mut lo = 0i64;
+    while lo < rows {
+        sqlx::query("UPDATE users_plain SET email = email, name = name WHERE id > $1 AND id <= $2")
+            .bind(lo)
+            .bind(lo + i64::from(batch))
+            .execute(&app)
+            .await
+            .unwrap();
+        lo += i64::from(batch);
+    }
+    let plain_batched = t.elapsed();
+
+    // The job: read, rewrap 2 values per row (decrypt + encrypt), compare-and-set write,
+    // checkpoint in the key store, per batch.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let spec = JobSpec::from_toml(&format!(
+        r#"name = "bench"
+table = "users"
+primary_key = "id"
+tenant_column = "tenant_id"
+subject_column = "user_id"
+context_column = "id"
+batch_size = {batch}
+[[columns]]
+name = "email"
+field = "email"
+[[columns]]
+name = "name"
+field = "name"
+"#
+    ))
+    .unwrap();
+    let (runner, _) = Runner::new(
+        keyring.clone(),
+        app.clone(),
+        spec,
+        RunnerConfig::new(Duration::from_secs(30)),
+    );
+    let t = Instant::now();
+    let out = runner.run().await.unwrap();
+    let job = t.elapsed();
+    assert_eq!(out.state, JobState::Completed);
+    assert_eq!(out.progress.rows_updated as i64, rows);
+
+    let rate = |d: Duration| rows as f64 / d.as_secs_f64();
+    println!("re-encryption of {rows} rows x 2 encrypted columns (PostgreSQL, same run)");
+    println!("{:<44} {:>10} {:>12}", "scenario", "seconds", "rows/s");
+    for (name, d) in [
+        ("plain UPDATE, one statement (floor)", plain),
+        (&*format!("plain UPDATE, batches of {batch}"), plain_batched),
+        (&*format!("re-encryption job, batches of {batch}"), job),
+    ] {
+        println!("{name:<44} {:>10.2} {:>12.0}", d.as_secs_f64(), rate(d));
+    }
+    println!(
+        "job / plain UPDATE: {:.2} (target >= 0.5); values rewrapped {}",
+        rate(job) / rate(plain),
+        out.progress.values_rewrapped
+    );
+    app.close().await;
+    drop(runner);
+    drop_db(&base, "fk_bench_app").await;
+    drop_db(&base, "fk_bench_keys").await;
+}
