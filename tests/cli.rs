@@ -137,6 +137,22 @@ fn serve_on_embedded_defaults_then_round_trip_rotate_restart_and_sigterm() {
         shown.contains("active version 2") && shown.contains("decrypt_only"),
         "{shown}"
     );
+    let due = stdout(&s.cli(&["tenant", "rotate-due", "--dry-run"]));
+    assert!(
+        due.contains("rotate after 365 days") && due.contains("dry run") && due.contains("acme"),
+        "{due}"
+    );
+    assert!(
+        due.lines()
+            .any(|l| l.starts_with("acme") && l.contains(" ok ")),
+        "{due}"
+    );
+    let retire = s.cli(&["tenant", "retire", "acme", "1"]);
+    assert_eq!(retire.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&retire.stderr).contains("RETIREMENT_BLOCKED"));
+    let job = s.cli(&["jobs", "status", "nope"]);
+    assert_eq!(job.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&job.stderr).contains("JOB_NOT_FOUND"));
 
     let (status, log) = s.terminate();
     assert!(status.success(), "SIGTERM exits 0: {status:?}\n{log}");
@@ -183,11 +199,29 @@ fn help_is_available_everywhere_and_usage_errors_exit_2() {
         &["serve", "--help"],
         &["encrypt", "--help"],
         &["tenant", "rotate", "--help"],
+        &["tenant", "rotate-due", "--help"],
+        &["tenant", "rewrap-kms-key", "--help"],
+        &["jobs", "run", "--help"],
+        &["jobs", "watch", "--help"],
     ] {
         let o = Command::new(BIN).args(args).output().unwrap();
         assert!(o.status.success(), "{args:?}");
         assert!(!o.stdout.is_empty());
     }
-    let o = Command::new(BIN).args(["encrypt"]).output().unwrap();
-    assert_eq!(o.status.code(), Some(2));
+    for args in [
+        &["encrypt"][..],
+        &["tenant", "rewrap-kms-key", "--kms-key-id", "k"],
+        &[
+            "tenant",
+            "rewrap-kms-key",
+            "--kms-key-id",
+            "k",
+            "acme",
+            "--all",
+        ],
+        &["jobs", "run", "spec.toml", "--lease-seconds", "0"],
+    ] {
+        let o = Command::new(BIN).args(args).output().unwrap();
+        assert_eq!(o.status.code(), Some(2), "{args:?}");
+    }
 }

@@ -464,7 +464,11 @@ async fn jobs_pause_resume_cancel_and_report_what_they_could_not_move() -> Resul
                 .await?;
         let listener = fieldkey::transport::bind_tcp("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        tokio::spawn(fieldkey::transport::serve_tcp(routes, listener, std::future::pending()));
+        tokio::spawn(fieldkey::transport::serve_tcp(
+            routes,
+            listener,
+            std::future::pending(),
+        ));
         rx.wait_for(|p| p.rows_scanned > 0).await?;
         let mut c = pb::jobs_client::JobsClient::connect(format!("http://{addr}")).await?;
         let mut stream = c
@@ -518,7 +522,10 @@ async fn jobs_pause_resume_cancel_and_report_what_they_could_not_move() -> Resul
     eprintln!("watched: {} updates, last {:?}", seen.len(), seen.last());
     assert!(seen.iter().any(|(s, _)| s == "paused"), "{seen:?}");
     assert_eq!(seen.last(), Some(&("completed".to_owned(), ROWS as u64)));
-    assert!(seen.windows(2).all(|w| w[0].1 <= w[1].1), "progress only grows");
+    assert!(
+        seen.windows(2).all(|w| w[0].1 <= w[1].1),
+        "progress only grows"
+    );
     let after = standby.await??;
     assert_eq!(
         after.state,

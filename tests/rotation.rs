@@ -220,6 +220,7 @@ async fn completed_job(
                 },
             )
             .await?
+            .is_some()
     );
     Ok(())
 }

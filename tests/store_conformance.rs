@@ -355,10 +355,15 @@ mod suite {
             error: None,
             lease_until: i64::MAX,
         };
-        assert!(!s.update_job("j1", "b", upd(JobState::Running, "x")).await?);
-        assert!(
+        assert_eq!(
+            s.update_job("j1", "b", upd(JobState::Running, "x")).await?,
+            None
+        );
+        assert_eq!(
             s.update_job("j1", "a", upd(JobState::Running, "10"))
-                .await?
+                .await?,
+            Some(JobControl::Run),
+            "the holder learns what operators want"
         );
         // a's renewed lease holds
         assert!(s.claim_job("j1", "b", 3_000, 4_000).await?.is_none());
@@ -367,19 +372,25 @@ mod suite {
             lease_until: 5_000,
             ..upd(JobState::Running, "20")
         };
-        assert!(s.update_job("j1", "a", a_short).await?);
+        assert!(s.update_job("j1", "a", a_short).await?.is_some());
         let b = s.claim_job("j1", "b", 6_000, 7_000).await?.unwrap();
         assert_eq!(b.checkpoint.as_deref(), Some("20"));
         assert_eq!(JobProgress::parse(&b.progress)?.rows_scanned, 10);
-        assert!(
-            !s.update_job("j1", "a", upd(JobState::Running, "30"))
-                .await?
+        assert_eq!(
+            s.update_job("j1", "a", upd(JobState::Running, "30"))
+                .await?,
+            None
         );
         assert!(s.set_job_control("j1", JobControl::Pause).await?);
         assert_eq!(s.get_job("j1").await?.unwrap().control, JobControl::Pause);
+        assert_eq!(
+            s.update_job("j1", "b", upd(JobState::Paused, "35")).await?,
+            Some(JobControl::Pause)
+        );
         assert!(
             s.update_job("j1", "b", upd(JobState::Completed, "40"))
                 .await?
+                .is_some()
         );
         let done = s.get_job("j1").await?.unwrap();
         assert_eq!(done.state, JobState::Completed);
@@ -389,9 +400,10 @@ mod suite {
             "finished"
         );
         assert!(!s.set_job_control("j1", JobControl::Run).await?);
-        assert!(
-            !s.update_job("j1", "b", upd(JobState::Running, "50"))
-                .await?
+        assert_eq!(
+            s.update_job("j1", "b", upd(JobState::Running, "50"))
+                .await?,
+            None
         );
         assert_eq!(s.list_jobs().await?.len(), 1);
         assert!(s.get_job("nope").await?.is_none());

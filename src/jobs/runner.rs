@@ -68,6 +68,7 @@ pub struct Outcome {
     pub progress: JobProgress,
 }
 
+#[derive(Clone, Copy)]
 enum ColKind {
     Bytes,
     Text,
@@ -89,6 +90,8 @@ impl Value {
 
 struct DbRow {
     pk: String,
+    /// The row version (`xmin`) read: the write's compare-and-set token.
+    xmin: String,
     tenant: String,
     subject: Option<String>,
     context: Vec<u8>,
@@ -101,6 +104,52 @@ enum BatchError {
     Transient(String),
     /// Needs an operator.
     Fatal(String),
+}
+
+type BatchResult<T> = std::result::Result<T, BatchError>;
+
+/// A row to write: the row as read, its new column values, its tallies.
+type Update = (DbRow, Vec<Option<Value>>, RowTally);
+
+/// A batch whose write runs in its own task.
+struct InFlight {
+    /// The batch's last key.
+    last: String,
+    task: tokio::task::JoinHandle<(Vec<Update>, BatchResult<HashSet<String>>)>,
+}
+
+/// What reading a batch needs, owned, so the next batch can be read in a task of its
+/// own while this one is processed.
+struct Reader {
+    db: PgPool,
+    first: String,
+    after: String,
+    kinds: Vec<ColKind>,
+    tenant: Option<String>,
+}
+
+/// The batch after `checkpoint` (the first batch without one).
+async fn fetch(r: Reader, checkpoint: Option<String>) -> BatchResult<Vec<DbRow>> {
+    let q = if checkpoint.is_some() {
+        r.after
+    } else {
+        r.first
+    };
+    let rows = sqlx::query(AssertSqlSafe(q))
+        .bind(checkpoint)
+        .bind(r.tenant.as_deref())
+        .fetch_all(&r.db)
+        .await
+        .map_err(db_error)?;
+    rows.iter()
+        .map(|row| decode_row(row, &r.kinds, r.tenant.as_deref()))
+        .collect()
+}
+
+fn abort<T>(h: &mut Option<tokio::task::JoinHandle<T>>) {
+    if let Some(h) = h.take() {
+        h.abort();
+    }
 }
 
 fn db_error(e: sqlx::Error) -> BatchError {
@@ -229,7 +278,7 @@ impl Sql {
             .map_or("NULL::text".to_owned(), |c| format!("{}::text", quote(c)));
         let cols: Vec<String> = spec.columns.iter().map(|c| quote(&c.name)).collect();
         let select = format!(
-            "SELECT {pk}::text AS fk_pk, {tenant_expr} AS fk_tenant, {subject_expr} AS fk_subject, \
+            "SELECT {pk}::text AS fk_pk, xmin::text AS fk_xmin, {tenant_expr} AS fk_tenant, {subject_expr} AS fk_subject, \
              {context_expr} AS fk_context, {} FROM {table}",
             cols.join(", ")
         );
@@ -247,31 +296,28 @@ impl Sql {
             (Some(c), Some(_)) => format!("SELECT count(*) FROM {table} WHERE {} = $1", quote(c)),
             _ => format!("SELECT count(*) FROM {table} WHERE $1::text IS NULL OR TRUE"),
         };
-        // UPDATE ... FROM unnest(pks, old1, new1, old2, new2, ...): one statement per
-        // batch, each row guarded by "unchanged since read".
-        let mut arrays = vec!["$1::text[]".to_owned()];
-        let mut names = vec!["pk".to_owned()];
+        // UPDATE ... FROM unnest(pks, row versions, new1, new2, ...): one statement per
+        // batch. Each row is guarded by its version (`xmin`) as read: any change since
+        // the read, committed or in flight, makes the guard fail (PostgreSQL re-checks
+        // it on the newest row version after waiting for a concurrent writer).
+        let mut arrays = vec!["$1::text[]".to_owned(), "$2::text[]".to_owned()];
+        let mut names = vec!["pk".to_owned(), "xm".to_owned()];
         let mut sets = Vec::new();
-        let mut guards = Vec::new();
         for (i, (c, k)) in cols.iter().zip(&kinds).enumerate() {
             let ty = match k {
                 ColKind::Bytes => "bytea[]",
                 ColKind::Text => "text[]",
             };
-            arrays.push(format!("${}::{ty}", 2 * i + 2));
-            arrays.push(format!("${}::{ty}", 2 * i + 3));
-            names.push(format!("o{i}"));
+            arrays.push(format!("${}::{ty}", i + 3));
             names.push(format!("n{i}"));
             sets.push(format!("{c} = v.n{i}"));
-            guards.push(format!("t.{c} IS NOT DISTINCT FROM v.o{i}"));
         }
         let update = format!(
             "UPDATE {table} AS t SET {} FROM unnest({}) AS v({}) \
-             WHERE t.{pk} = v.pk::{pk_type} AND {} RETURNING v.pk",
+             WHERE t.{pk} = v.pk::{pk_type} AND t.xmin = v.xm::xid RETURNING v.pk",
             sets.join(", "),
             arrays.join(", "),
             names.join(", "),
-            guards.join(" AND ")
         );
         Ok(Self {
             first,
@@ -291,6 +337,7 @@ fn decode_row(
 ) -> std::result::Result<DbRow, BatchError> {
     let get_err = |e: sqlx::Error| BatchError::Fatal(format!("reading a row: {e}"));
     let pk: String = row.try_get("fk_pk").map_err(get_err)?;
+    let xmin: String = row.try_get("fk_xmin").map_err(get_err)?;
     let tenant: Option<String> = row.try_get("fk_tenant").map_err(get_err)?;
     let tenant = match (fixed_tenant, tenant) {
         (_, Some(t)) if !t.is_empty() => t,
@@ -301,7 +348,7 @@ fn decode_row(
     let context: Option<String> = row.try_get("fk_context").map_err(get_err)?;
     let mut values = Vec::with_capacity(kinds.len());
     for (i, k) in kinds.iter().enumerate() {
-        let idx = 4 + i;
+        let idx = 5 + i;
         values.push(match k {
             ColKind::Bytes => row
                 .try_get::<Option<Vec<u8>>, _>(idx)
@@ -315,6 +362,7 @@ fn decode_row(
     }
     Ok(DbRow {
         pk,
+        xmin,
         tenant,
         subject: subject.filter(|s| !s.is_empty()),
         context: context.map(String::into_bytes).unwrap_or_default(),
@@ -454,69 +502,126 @@ impl Runner {
                 Err(BatchError::Transient(_)) => {}
             }
         }
-        self.renew(JobState::Running, None, &progress, None).await?;
+        let mut control = self.renew(JobState::Running, None, &progress, None).await?;
         let limiter = self.limiter();
         let mut backoff = self.cfg.poll;
         let mut state = JobState::Running;
+        // The next batch is read while this one is rewrapped and written (its rows are
+        // past this batch's, so the two never overlap; the compare-and-set covers rows
+        // that change in between).
+        let mut prefetch: Option<tokio::task::JoinHandle<BatchResult<Vec<DbRow>>>> = None;
+        // This batch's write runs while the next batch is rewrapped; the checkpoint
+        // only ever names a batch whose write (and conflict retries) completed.
+        let mut inflight: Option<InFlight> = None;
+        let mut cursor = checkpoint.clone();
         loop {
-            let job = self
-                .store()
-                .get_job(&self.spec.name)
-                .await?
-                .ok_or_else(|| Error::JobNotFound {
-                    job: self.spec.name.clone(),
-                })?;
-            if job.owner.as_deref() != Some(self.cfg.owner.as_str()) {
-                return Err(Error::JobConflict {
-                    job: job.job_id,
-                    reason: "this runner lost its lease to another one; stopping".into(),
-                });
+            if control != JobControl::Run && inflight.is_some() {
+                // Finish what is in flight before pausing or cancelling.
+                abort(&mut prefetch);
+                match self.complete(&sql, inflight.take(), &mut progress).await {
+                    Ok(done) => checkpoint = done.or(checkpoint),
+                    Err(BatchError::Fatal(msg)) => {
+                        return self.finish(JobState::Failed, progress, Some(msg)).await;
+                    }
+                    Err(BatchError::Transient(msg)) => {
+                        tracing::warn!(error = %msg, "write failed; the batch will be read again")
+                    }
+                }
+                cursor = checkpoint.clone();
+                control = self
+                    .renew(JobState::Running, checkpoint.clone(), &progress, None)
+                    .await?;
+                continue;
             }
-            match job.control {
+            match control {
                 JobControl::Cancel => {
                     return self.finish(JobState::Cancelled, progress, None).await;
                 }
                 JobControl::Pause => {
                     if state != JobState::Paused {
-                        tracing::info!(job = %job.job_id, "job paused");
+                        tracing::info!(job = %self.spec.name, "job paused");
                         state = JobState::Paused;
                     }
-                    self.renew(state, None, &progress, None).await?;
+                    control = self.renew(state, None, &progress, None).await?;
                     tokio::time::sleep(self.cfg.poll).await;
                     continue;
                 }
                 JobControl::Run => {
                     if state == JobState::Paused {
-                        tracing::info!(job = %job.job_id, "job resumed");
+                        tracing::info!(job = %self.spec.name, "job resumed");
                     }
                     state = JobState::Running;
                 }
             }
-            match self
-                .batch(&sql, checkpoint.as_deref(), &mut progress, limiter.as_ref())
-                .await
-            {
-                Ok(None) => return self.finish(JobState::Completed, progress, None).await,
-                Ok(Some(last)) => {
-                    checkpoint = Some(last);
+            let rows = match prefetch.take() {
+                Some(h) => h
+                    .await
+                    .unwrap_or_else(|e| Err(BatchError::Fatal(format!("reader task: {e}")))),
+                None => fetch(self.reader(&sql), cursor.clone()).await,
+            };
+            let result = match rows {
+                Ok(rows) => match rows.last().map(|r| r.pk.clone()) {
+                    None => match self.complete(&sql, inflight.take(), &mut progress).await {
+                        Ok(_) => return self.finish(JobState::Completed, progress, None).await,
+                        Err(e) => Err(e),
+                    },
+                    Some(last) => {
+                        prefetch = Some(tokio::spawn(fetch(self.reader(&sql), Some(last.clone()))));
+                        cursor = Some(last);
+                        self.step(&sql, rows, &mut inflight, &mut progress, limiter.as_ref())
+                            .await
+                    }
+                },
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(done) => {
                     backoff = self.cfg.poll;
-                    self.renew(JobState::Running, checkpoint.clone(), &progress, None)
+                    if done.is_some() {
+                        checkpoint = done;
+                    }
+                    control = self
+                        .renew(JobState::Running, checkpoint.clone(), &progress, None)
                         .await?;
                 }
-                Err(BatchError::Fatal(msg)) => {
-                    tracing::error!(error = %msg, "job failed");
-                    return self.finish(JobState::Failed, progress, Some(msg)).await;
-                }
-                Err(BatchError::Transient(msg)) => {
-                    tracing::warn!(error = %msg, retry_in_ms = backoff.as_millis() as u64, "batch failed; retrying from the checkpoint");
-                    // Shown as the job's error until a batch succeeds again.
-                    self.renew(JobState::Running, None, &progress, Some(msg))
-                        .await?;
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                Err(e) => {
+                    abort(&mut prefetch);
+                    // Let the write in flight land (it is complete or it is not; either
+                    // way its rows are read again if the checkpoint does not cover them).
+                    if let Ok(Some(done)) =
+                        self.complete(&sql, inflight.take(), &mut progress).await
+                    {
+                        checkpoint = Some(done);
+                    }
+                    cursor = checkpoint.clone();
+                    match e {
+                        BatchError::Fatal(msg) => {
+                            tracing::error!(error = %msg, "job failed");
+                            return self.finish(JobState::Failed, progress, Some(msg)).await;
+                        }
+                        BatchError::Transient(msg) => {
+                            tracing::warn!(error = %msg, retry_in_ms = backoff.as_millis() as u64, "batch failed; retrying from the checkpoint");
+                            // Shown as the job's error until a batch succeeds again.
+                            control = self
+                                .renew(JobState::Running, checkpoint.clone(), &progress, Some(msg))
+                                .await?;
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(30));
+                        }
+                    }
                 }
             }
             self.progress_tx.send_replace(progress.clone());
+        }
+    }
+
+    fn reader(&self, sql: &Sql) -> Reader {
+        Reader {
+            db: self.db.clone(),
+            first: sql.first.clone(),
+            after: sql.after.clone(),
+            kinds: sql.kinds.clone(),
+            tenant: self.spec.tenant.clone(),
         }
     }
 
@@ -537,14 +642,15 @@ impl Runner {
         Ok(u64::try_from(n).unwrap_or(0))
     }
 
+    /// Records progress and renews the lease; returns what operators want next.
     async fn renew(
         &self,
         state: JobState,
         checkpoint: Option<String>,
         progress: &JobProgress,
         error: Option<String>,
-    ) -> Result<()> {
-        let ok = self
+    ) -> Result<JobControl> {
+        let control = self
             .store()
             .update_job(
                 &self.spec.name,
@@ -558,13 +664,12 @@ impl Runner {
                 },
             )
             .await?;
-        if ok {
-            Ok(())
-        } else {
-            Err(Error::JobConflict {
+        match control {
+            Some(c) => Ok(c),
+            None => Err(Error::JobConflict {
                 job: self.spec.name.clone(),
                 reason: "this runner lost its lease to another one; stopping".into(),
-            })
+            }),
         }
     }
 
@@ -581,54 +686,35 @@ impl Runner {
     }
 
     /// One batch after `checkpoint`. Returns the new checkpoint, or `None` at the end.
-    async fn batch(
+    /// Reads nothing, writes nothing: rewraps `rows`, settles those that need no
+    /// write, and returns the others with their new values.
+    async fn prepare(
+        &self,
+        rows: Vec<DbRow>,
+        progress: &mut JobProgress,
+    ) -> BatchResult<Vec<Update>> {
+        let mut updates = Vec::new();
+        for row in rows {
+            let (new_values, tally) = self.rewrap_row(&row).await?;
+            match new_values {
+                Some(nv) => updates.push((row, nv, tally)),
+                None => settle(progress, &row, tally),
+            }
+        }
+        Ok(updates)
+    }
+
+    /// Settles the rows a write changed; rows it did not change (the application wrote
+    /// them meanwhile) are read again, rewrapped and written again, for at most
+    /// [`MAX_CONFLICT_ROUNDS`] rounds; what still fails is reported as leftovers.
+    async fn settle_writes(
         &self,
         sql: &Sql,
-        checkpoint: Option<&str>,
+        mut updates: Vec<Update>,
+        mut written: HashSet<String>,
         progress: &mut JobProgress,
-        limiter: Option<&DefaultDirectRateLimiter>,
-    ) -> std::result::Result<Option<String>, BatchError> {
-        let q = if checkpoint.is_some() {
-            &sql.after
-        } else {
-            &sql.first
-        };
-        let rows = sqlx::query(AssertSqlSafe(q.clone()))
-            .bind(checkpoint)
-            .bind(self.spec.tenant.as_deref())
-            .fetch_all(&self.db)
-            .await
-            .map_err(db_error)?;
-        let Some(last) = rows.last() else {
-            return Ok(None);
-        };
-        let last: String = last
-            .try_get("fk_pk")
-            .map_err(|e| BatchError::Fatal(format!("reading a row: {e}")))?;
-        if let Some(l) = limiter
-            && let Some(n) = u32::try_from(rows.len()).ok().and_then(NonZeroU32::new)
-        {
-            // n <= batch_size <= burst, so this cannot be refused.
-            let _ = l.until_n_ready(n).await;
-        }
-        let mut pending = rows
-            .iter()
-            .map(|r| decode_row(r, &sql.kinds, self.spec.tenant.as_deref()))
-            .collect::<std::result::Result<Vec<_>, _>>()?;
-        progress.rows_scanned += pending.len() as u64;
+    ) -> BatchResult<()> {
         for round in 0.. {
-            let mut updates: Vec<(DbRow, Vec<Option<Value>>, RowTally)> = Vec::new();
-            for row in pending.drain(..) {
-                let (new_values, tally) = self.rewrap_row(&row).await?;
-                match new_values {
-                    Some(nv) => updates.push((row, nv, tally)),
-                    None => settle(progress, &row, tally),
-                }
-            }
-            if updates.is_empty() {
-                break;
-            }
-            let written = self.write(sql, &updates).await?;
             let mut retry = Vec::new();
             for (row, _, tally) in updates {
                 if written.contains(&row.pk) {
@@ -640,9 +726,9 @@ impl Runner {
                 }
             }
             if retry.is_empty() {
-                break;
+                return Ok(());
             }
-            pending = self.reread(sql, &retry).await?;
+            let pending = self.reread(sql, &retry).await?;
             if round + 1 >= MAX_CONFLICT_ROUNDS {
                 for row in &pending {
                     let mut tally = RowTally::default();
@@ -654,10 +740,66 @@ impl Runner {
                     }
                     settle(progress, row, tally);
                 }
-                break;
+                return Ok(());
             }
+            updates = self.prepare(pending, progress).await?;
+            if updates.is_empty() {
+                return Ok(());
+            }
+            written = write_rows(&self.db, &sql.update, &sql.kinds, &updates).await?;
         }
-        Ok(Some(last))
+        Ok(())
+    }
+
+    /// One pipeline step: rewraps `rows` (non-empty) while the previous batch's write
+    /// is in flight, then completes that write and starts this batch's. Returns the
+    /// last key of the batch now complete (the new checkpoint), if any.
+    async fn step(
+        &self,
+        sql: &Sql,
+        rows: Vec<DbRow>,
+        inflight: &mut Option<InFlight>,
+        progress: &mut JobProgress,
+        limiter: Option<&DefaultDirectRateLimiter>,
+    ) -> BatchResult<Option<String>> {
+        if let Some(l) = limiter
+            && let Some(n) = u32::try_from(rows.len()).ok().and_then(NonZeroU32::new)
+        {
+            // n <= batch_size <= burst, so this cannot be refused.
+            let _ = l.until_n_ready(n).await;
+        }
+        progress.rows_scanned += rows.len() as u64;
+        let last = rows.last().map(|r| r.pk.clone()).unwrap_or_default();
+        let updates = self.prepare(rows, progress).await?;
+        let done = self.complete(sql, inflight.take(), progress).await?;
+        let (db, q, kinds) = (self.db.clone(), sql.update.clone(), sql.kinds.clone());
+        *inflight = Some(InFlight {
+            last,
+            task: tokio::spawn(async move {
+                let w = write_rows(&db, &q, &kinds, &updates).await;
+                (updates, w)
+            }),
+        });
+        Ok(done)
+    }
+
+    /// Waits for a batch's write and settles it (conflicts included). Returns its last
+    /// key: everything up to it is done.
+    async fn complete(
+        &self,
+        sql: &Sql,
+        inflight: Option<InFlight>,
+        progress: &mut JobProgress,
+    ) -> BatchResult<Option<String>> {
+        let Some(f) = inflight else {
+            return Ok(None);
+        };
+        let (updates, written) = f
+            .task
+            .await
+            .map_err(|e| BatchError::Fatal(format!("writer task: {e}")))?;
+        self.settle_writes(sql, updates, written?, progress).await?;
+        Ok(Some(f.last))
     }
 
     /// New values for a row's columns (`None` if nothing changes), and its tallies.
@@ -714,45 +856,6 @@ impl Runner {
         Ok((changed.then_some(out), tally))
     }
 
-    async fn write(
-        &self,
-        sql: &Sql,
-        updates: &[(DbRow, Vec<Option<Value>>, RowTally)],
-    ) -> std::result::Result<HashSet<String>, BatchError> {
-        let mut q = sqlx::query(AssertSqlSafe(sql.update.clone())).bind(
-            updates
-                .iter()
-                .map(|(r, _, _)| r.pk.clone())
-                .collect::<Vec<_>>(),
-        );
-        for (i, kind) in sql.kinds.iter().enumerate() {
-            let old = updates
-                .iter()
-                .map(|(r, _, _)| r.values.get(i).and_then(Option::as_ref));
-            let new = updates
-                .iter()
-                .map(|(_, n, _)| n.get(i).and_then(Option::as_ref));
-            q = match kind {
-                ColKind::Bytes => q
-                    .bind(
-                        old.map(|v| v.map(|v| v.bytes().to_vec()))
-                            .collect::<Vec<_>>(),
-                    )
-                    .bind(
-                        new.map(|v| v.map(|v| v.bytes().to_vec()))
-                            .collect::<Vec<_>>(),
-                    ),
-                ColKind::Text => q
-                    .bind(old.map(|v| v.map(text_of)).collect::<Vec<_>>())
-                    .bind(new.map(|v| v.map(text_of)).collect::<Vec<_>>()),
-            };
-        }
-        let rows = q.fetch_all(&self.db).await.map_err(db_error)?;
-        rows.iter()
-            .map(|r| r.try_get::<String, _>(0).map_err(db_error))
-            .collect()
-    }
-
     async fn reread(
         &self,
         sql: &Sql,
@@ -771,6 +874,45 @@ impl Runner {
         // Rows deleted meanwhile are simply gone.
         Ok(pks.iter().filter_map(|pk| by_pk.remove(pk)).collect())
     }
+}
+
+/// Writes a batch's new values, each row guarded by its version; returns the keys of
+/// the rows written.
+async fn write_rows(
+    db: &PgPool,
+    update: &str,
+    kinds: &[ColKind],
+    updates: &[Update],
+) -> BatchResult<HashSet<String>> {
+    let mut q = sqlx::query(AssertSqlSafe(update.to_owned()))
+        .bind(
+            updates
+                .iter()
+                .map(|(r, _, _)| r.pk.clone())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            updates
+                .iter()
+                .map(|(r, _, _)| r.xmin.clone())
+                .collect::<Vec<_>>(),
+        );
+    for (i, kind) in kinds.iter().enumerate() {
+        let new = updates
+            .iter()
+            .map(|(_, n, _)| n.get(i).and_then(Option::as_ref));
+        q = match kind {
+            ColKind::Bytes => q.bind(
+                new.map(|v| v.map(|v| v.bytes().to_vec()))
+                    .collect::<Vec<_>>(),
+            ),
+            ColKind::Text => q.bind(new.map(|v| v.map(text_of)).collect::<Vec<_>>()),
+        };
+    }
+    let rows = q.fetch_all(db).await.map_err(db_error)?;
+    rows.iter()
+        .map(|r| r.try_get::<String, _>(0).map_err(db_error))
+        .collect()
 }
 
 fn text_of(v: &Value) -> String {

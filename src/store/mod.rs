@@ -358,13 +358,14 @@ pub trait KeyStore: Send + Sync + 'static {
     ) -> Result<Option<JobRecord>, StoreError>;
 
     /// Records progress (and renews the lease) only while `owner` holds the job.
-    /// Returns whether it was recorded; `false` means the lease was lost.
+    /// Returns what operators want of the job now, or `None` if nothing was recorded
+    /// because the lease was lost (or the job is finished).
     async fn update_job(
         &self,
         job_id: &str,
         owner: &str,
         update: JobUpdate,
-    ) -> Result<bool, StoreError>;
+    ) -> Result<Option<JobControl>, StoreError>;
 
     /// Sets what operators want of an unfinished job (run, pause, cancel). Returns
     /// whether the job exists and is unfinished.

@@ -617,16 +617,17 @@ impl KeyStore for SqlStore {
         job_id: &str,
         owner: &str,
         update: JobUpdate,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Option<JobControl>, StoreError> {
         let now = now_ms();
         let finished = update.state.is_finished();
-        let n = sqlx::query(
+        let row = sqlx::query(
             "UPDATE fk_jobs SET state = $3, checkpoint = COALESCE($4, checkpoint), progress = $5, \
                  error = $6, updated_at = $7, \
                  lease_until = CASE WHEN $9 = 1 THEN NULL ELSE $8 END, \
                  owner = CASE WHEN $9 = 1 THEN NULL ELSE owner END, \
                  finished_at = CASE WHEN $9 = 1 THEN $7 ELSE NULL END \
-             WHERE job_id = $1 AND owner = $2 AND state IN ('pending', 'running', 'paused')",
+             WHERE job_id = $1 AND owner = $2 AND state IN ('pending', 'running', 'paused') \
+             RETURNING control",
         )
         .bind(job_id)
         .bind(owner)
@@ -637,11 +638,11 @@ impl KeyStore for SqlStore {
         .bind(now)
         .bind(update.lease_until)
         .bind(i64::from(finished))
-        .execute(&self.pool)
+        .fetch_optional(&self.pool)
         .await
-        .map_err(classify)?
-        .rows_affected();
-        Ok(n == 1)
+        .map_err(classify)?;
+        row.map(|r| r.try_get::<String, _>("control").map_err(classify)?.parse())
+            .transpose()
     }
 
     async fn set_job_control(&self, job_id: &str, control: JobControl) -> Result<bool, StoreError> {
