@@ -186,12 +186,23 @@ async fn completed_job(
     tenant: Option<&str>,
     leftovers: &[(&str, u32)],
 ) -> Result<()> {
+    completed_job_over(store, id, target, tenant, leftovers, "{}").await
+}
+
+async fn completed_job_over(
+    store: &dyn KeyStore,
+    id: &str,
+    target: &str,
+    tenant: Option<&str>,
+    leftovers: &[(&str, u32)],
+    spec: &str,
+) -> Result<()> {
     store
         .create_job(NewJob {
             job_id: id.into(),
             target: target.into(),
             tenant_id: tenant.map(str::to_owned),
-            spec: "{}".into(),
+            spec: spec.into(),
             progress: "{}".into(),
         })
         .await?;
@@ -314,5 +325,72 @@ async fn retirement_requires_a_clean_completed_job_for_every_table() -> Result<(
         .await
         .and(k.retire_key_version("acme", 2).await);
     assert!(matches!(e, Err(Error::KeySuspended { .. })), "{e:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn retirement_needs_a_clean_job_for_every_column_ever_covered() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let k = sqlite_keyring(&dir).await?;
+    let store = k.store().clone();
+    k.create_tenant("acme", None).await?;
+    let cols = |names: &[&str]| {
+        let c: Vec<String> = names
+            .iter()
+            .map(|n| format!(r#"{{"name":"{n}","field":"{n}"}}"#))
+            .collect();
+        format!(r#"{{"columns":[{}]}}"#, c.join(","))
+    };
+    // an earlier job walked email and phone of DB:users
+    completed_job_over(
+        store.as_ref(),
+        "old",
+        "DB:users",
+        None,
+        &[],
+        &cols(&["email", "phone"]),
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    k.rotate_tenant("acme").await?;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // re-encrypting email alone does not prove phone moved
+    completed_job_over(
+        store.as_ref(),
+        "email",
+        "DB:users",
+        None,
+        &[],
+        &cols(&["email"]),
+    )
+    .await?;
+    blocked(
+        k.retire_key_version("acme", 1).await,
+        "column phone of DB:users",
+    );
+    // the same table name in another database is another target
+    completed_job_over(
+        store.as_ref(),
+        "phone-other-db",
+        "OTHER:users",
+        None,
+        &[],
+        &cols(&["phone"]),
+    )
+    .await?;
+    blocked(
+        k.retire_key_version("acme", 1).await,
+        "column phone of DB:users",
+    );
+    completed_job_over(
+        store.as_ref(),
+        "phone",
+        "DB:users",
+        Some("acme"),
+        &[],
+        &cols(&["phone"]),
+    )
+    .await?;
+    k.retire_key_version("acme", 1).await?;
     Ok(())
 }

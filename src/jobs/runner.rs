@@ -111,11 +111,27 @@ type BatchResult<T> = std::result::Result<T, BatchError>;
 /// A row to write: the row as read, its new column values, its tallies.
 type Update = (DbRow, Vec<Option<Value>>, RowTally);
 
-/// A batch whose write runs in its own task.
+/// A batch whose write runs in its own task (aborted if dropped unawaited, so no
+/// write outlives its runner).
 struct InFlight {
     /// The batch's last key.
     last: String,
     task: tokio::task::JoinHandle<(Vec<Update>, BatchResult<HashSet<String>>)>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The next batch, read in its own task (aborted if dropped).
+struct Prefetch(tokio::task::JoinHandle<BatchResult<Vec<DbRow>>>);
+
+impl Drop for Prefetch {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// What reading a batch needs, owned, so the next batch can be read in a task of its
@@ -146,10 +162,9 @@ async fn fetch(r: Reader, checkpoint: Option<String>) -> BatchResult<Vec<DbRow>>
         .collect()
 }
 
-fn abort<T>(h: &mut Option<tokio::task::JoinHandle<T>>) {
-    if let Some(h) = h.take() {
-        h.abort();
-    }
+fn abort<T>(h: &mut Option<T>) {
+    // Dropping the guard aborts its task.
+    h.take();
 }
 
 fn db_error(e: sqlx::Error) -> BatchError {
@@ -233,7 +248,7 @@ impl Sql {
             "SELECT 1 FROM pg_index i JOIN pg_attribute a \
                ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0] \
              WHERE i.indrelid = $1::regclass AND i.indisunique AND i.indnkeyatts = 1 \
-               AND a.attname = $2 LIMIT 1",
+               AND i.indpred IS NULL AND a.attnotnull AND a.attname = $2 LIMIT 1",
         )
         .bind(&table)
         .bind(&spec.primary_key)
@@ -242,7 +257,7 @@ impl Sql {
         .map_err(db_error)?;
         if unique.is_none() {
             return Err(BatchError::Fatal(format!(
-                "{} is not a single-column unique key of {}",
+                "{} is not a NOT NULL single-column unique key of {} (a partial index does not count)",
                 spec.primary_key, spec.table
             )));
         }
@@ -265,7 +280,7 @@ impl Sql {
             None => "$t$$t$".to_owned(),
         };
         let tenant_filter = match (&spec.tenant_column, &spec.tenant) {
-            (Some(c), Some(_)) => format!(" AND {} = $2", quote(c)),
+            (Some(c), Some(_)) => format!(" AND {}::text = $2", quote(c)),
             _ => String::new(),
         };
         let subject_expr = spec
@@ -293,7 +308,9 @@ impl Sql {
         );
         let by_pk = format!("{select} WHERE {pk} = ANY($1::text[]::{pk_type}[])");
         let count = match (&spec.tenant_column, &spec.tenant) {
-            (Some(c), Some(_)) => format!("SELECT count(*) FROM {table} WHERE {} = $1", quote(c)),
+            (Some(c), Some(_)) => {
+                format!("SELECT count(*) FROM {table} WHERE {}::text = $1", quote(c))
+            }
             _ => format!("SELECT count(*) FROM {table} WHERE $1::text IS NULL OR TRUE"),
         };
         // UPDATE ... FROM unnest(pks, row versions, new1, new2, ...): one statement per
@@ -509,7 +526,7 @@ impl Runner {
         // The next batch is read while this one is rewrapped and written (its rows are
         // past this batch's, so the two never overlap; the compare-and-set covers rows
         // that change in between).
-        let mut prefetch: Option<tokio::task::JoinHandle<BatchResult<Vec<DbRow>>>> = None;
+        let mut prefetch: Option<Prefetch> = None;
         // This batch's write runs while the next batch is rewrapped; the checkpoint
         // only ever names a batch whose write (and conflict retries) completed.
         let mut inflight: Option<InFlight> = None;
@@ -554,7 +571,7 @@ impl Runner {
                 }
             }
             let rows = match prefetch.take() {
-                Some(h) => h
+                Some(mut h) => (&mut h.0)
                     .await
                     .unwrap_or_else(|e| Err(BatchError::Fatal(format!("reader task: {e}")))),
                 None => fetch(self.reader(&sql), cursor.clone()).await,
@@ -566,7 +583,10 @@ impl Runner {
                         Err(e) => Err(e),
                     },
                     Some(last) => {
-                        prefetch = Some(tokio::spawn(fetch(self.reader(&sql), Some(last.clone()))));
+                        prefetch = Some(Prefetch(tokio::spawn(fetch(
+                            self.reader(&sql),
+                            Some(last.clone()),
+                        ))));
                         cursor = Some(last);
                         self.step(&sql, rows, &mut inflight, &mut progress, limiter.as_ref())
                             .await
@@ -791,15 +811,14 @@ impl Runner {
         inflight: Option<InFlight>,
         progress: &mut JobProgress,
     ) -> BatchResult<Option<String>> {
-        let Some(f) = inflight else {
+        let Some(mut f) = inflight else {
             return Ok(None);
         };
-        let (updates, written) = f
-            .task
+        let (updates, written) = (&mut f.task)
             .await
             .map_err(|e| BatchError::Fatal(format!("writer task: {e}")))?;
         self.settle_writes(sql, updates, written?, progress).await?;
-        Ok(Some(f.last))
+        Ok(Some(std::mem::take(&mut f.last)))
     }
 
     /// New values for a row's columns (`None` if nothing changes), and its tallies.

@@ -184,9 +184,11 @@ impl JobSpec {
             .join(".")
     }
 
-    /// What the job covers, for retirement bookkeeping: the table.
+    /// What the job covers, for retirement bookkeeping: the database (named by its
+    /// URL's environment variable) and the table, as `ENV:table`. The columns are in
+    /// the stored spec.
     pub fn target(&self) -> String {
-        self.table.clone()
+        format!("{}:{}", self.database_url_env, self.table)
     }
 
     /// The one tenant the job covers, if restricted to one.

@@ -77,9 +77,13 @@ impl Keyring {
             let bytes = crypto::decode_any(envelope)?;
             Envelope::parse(&bytes)?.key_version()
         };
-        let enc = self.encryptor(aad.tenant, aad.subject, aad.field).await?;
-        let to = enc.key_version();
-        if from >= to {
+        aad.validate()?;
+        let active = {
+            let tentry = self.tenant_entry(aad.tenant).await?;
+            let tsnap = self.tenant_snapshot(&tentry, aad.tenant, false).await?;
+            active_version(aad.tenant, &tsnap.record)?.version
+        };
+        if from >= active {
             // Current (or newer than our snapshot, which only a rotation elsewhere in
             // the last revalidation interval can cause): never move a value backwards.
             return Ok(Rewrapped {
@@ -88,7 +92,11 @@ impl Keyring {
                 to_version: from,
             });
         }
+        // Decrypt first: a ciphertext that does not belong here fails before anything
+        // (such as a subject key) is created for it.
         let (plaintext, _) = self.decrypt_versioned(aad, envelope).await?;
+        let enc = self.encryptor(aad.tenant, aad.subject, aad.field).await?;
+        let to = enc.key_version();
         let sealed = enc.seal(aad.context, &plaintext)?;
         let ciphertext = if envelope.starts_with(TEXT_PREFIX.as_bytes()) {
             crypto::to_text(&sealed).into_bytes()
@@ -315,18 +323,44 @@ impl Keyring {
         }
         let grace = i64::try_from(self.cfg.revalidate_after.as_millis()).unwrap_or(i64::MAX);
         let since = v.updated_at.saturating_add(grace);
-        let targets: BTreeSet<&str> = covering.iter().map(|j| j.target.as_str()).collect();
-        for target in targets {
+        // Every (table, column) any job has covered for this tenant needs a clean,
+        // completed job over that column; a spec without readable columns stands for
+        // its whole table ("*").
+        let columns = |spec: &str| -> BTreeSet<String> {
+            let cols: BTreeSet<String> = serde_json::from_str::<serde_json::Value>(spec)
+                .ok()
+                .and_then(|v| v.get("columns").and_then(|c| c.as_array()).cloned())
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|c| c.get("name").and_then(|n| n.as_str()).map(str::to_owned))
+                .collect();
+            if cols.is_empty() {
+                BTreeSet::from(["*".to_owned()])
+            } else {
+                cols
+            }
+        };
+        let needed: BTreeSet<(&str, String)> = covering
+            .iter()
+            .flat_map(|j| columns(&j.spec).into_iter().map(|c| (j.target.as_str(), c)))
+            .collect();
+        for (target, column) in needed {
             let proven = covering.iter().any(|j| {
                 j.target == target
                     && j.state == JobState::Completed
                     && j.started_at.is_some_and(|s| s >= since)
+                    && columns(&j.spec).contains(&column)
                     && JobProgress::parse(&j.progress)
                         .is_ok_and(|p| p.left_at_or_below(tenant, v.version) == 0)
             });
             if !proven {
+                let what = if column == "*" {
+                    format!("table {target}")
+                } else {
+                    format!("column {column} of {target}")
+                };
                 return Err(format!(
-                    "table {target} has no completed re-encryption job that started after \
+                    "{what} has no completed re-encryption job that started after \
                      version {} stopped encrypting and left no ciphertext on it",
                     v.version
                 ));
