@@ -591,11 +591,31 @@ async fn jobs_pause_resume_cancel_and_report_what_they_could_not_move() -> Resul
         &f.spec("bad", "")
             .replace("name = \"email\"", "name = \"mail\""),
     )?;
-    let (runner, _) = Runner::new(f.keyring.clone(), db.clone(), bad, cfg);
+    let (runner, _) = Runner::new(f.keyring.clone(), db.clone(), bad.clone(), cfg.clone());
     let outcome = runner.run().await?;
     assert_eq!(outcome.state, JobState::Failed);
     let rec = f.keyring.store().get_job("bad").await?.unwrap();
     assert!(rec.error.unwrap_or_default().contains("no column mail"));
+    // the operator fixes the cause and resumes the failed job; the next run finishes it
+    sqlx::query("ALTER TABLE users RENAME COLUMN email TO mail")
+        .execute(&f.app)
+        .await?;
+    let reopened =
+        fieldkey::jobs::control(f.keyring.store().as_ref(), "bad", JobControl::Run).await?;
+    assert_eq!(reopened.record.state, JobState::Pending);
+    assert!(reopened.record.error.is_none());
+    let (runner, _) = Runner::new(f.keyring.clone(), db.clone(), bad.clone(), cfg.clone());
+    assert_eq!(runner.run().await?.state, JobState::Completed);
+    // a rate limit whose per-batch wait could outlast the lease is refused up front
+    let slow =
+        JobSpec::from_toml(&f.spec("slow", "batch_size = 1000\nrate_limit_rows_per_sec = 10"))?;
+    let (runner, _) = Runner::new(f.keyring.clone(), db.clone(), slow, cfg);
+    let e = runner.run().await.unwrap_err();
+    assert!(matches!(e, Error::InvalidArgument(_)), "{e:?}");
+    assert!(
+        f.keyring.store().get_job("slow").await?.is_none(),
+        "nothing was created"
+    );
     db.close().await;
     f.drop_dbs().await
 }

@@ -273,7 +273,7 @@ enum JobsCommand {
         /// Job id.
         job: String,
     },
-    /// Resume a paused job.
+    /// Resume a paused job, or re-open a failed one (then run it again).
     Resume {
         #[command(flatten)]
         target: Target,

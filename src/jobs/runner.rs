@@ -457,9 +457,25 @@ impl Runner {
     /// out). Creates the job on first use.
     ///
     /// # Errors
+    /// [`Error::InvalidArgument`] if the rate limit could outlast the lease;
     /// [`Error::JobConflict`] for a spec that differs from the stored one or a lost
     /// lease; [`Error::Store`] if the key store fails outside a batch.
     pub async fn run(&self) -> Result<Outcome> {
+        // The rate limit waits up to batch_size / rate per batch without renewing the
+        // lease: refuse settings where that could let another runner take over.
+        if self.spec.rate_limit_rows_per_sec > 0 {
+            let wait = Duration::from_secs_f64(
+                f64::from(self.spec.batch_size) / f64::from(self.spec.rate_limit_rows_per_sec),
+            );
+            if wait > self.max_wait() {
+                let msg = format!(
+                    "batch_size / rate_limit_rows_per_sec is {wait:.1?} per batch, longer than \
+                     a third of the lease ({:.1?}): lower batch_size or lengthen the lease",
+                    self.max_wait()
+                );
+                return Err(Error::InvalidArgument(msg));
+            }
+        }
         create(self.store(), &self.spec).await?;
         let job = loop {
             match self
@@ -626,7 +642,7 @@ impl Runner {
                                 .renew(JobState::Running, checkpoint.clone(), &progress, Some(msg))
                                 .await?;
                             tokio::time::sleep(backoff).await;
-                            backoff = (backoff * 2).min(Duration::from_secs(30));
+                            backoff = (backoff * 2).min(self.max_wait());
                         }
                     }
                 }
@@ -643,6 +659,12 @@ impl Runner {
             kinds: sql.kinds.clone(),
             tenant: self.spec.tenant.clone(),
         }
+    }
+
+    /// The longest this runner waits between lease renewals: a third of the lease
+    /// (at most 30 s), so a slow key store cannot let the lease run out.
+    fn max_wait(&self) -> Duration {
+        (self.cfg.lease / 3).clamp(Duration::from_millis(100), Duration::from_secs(30))
     }
 
     fn limiter(&self) -> Option<DefaultDirectRateLimiter> {

@@ -367,7 +367,8 @@ pub trait KeyStore: Send + Sync + 'static {
         update: JobUpdate,
     ) -> Result<Option<JobControl>, StoreError>;
 
-    /// Sets what operators want of an unfinished job (run, pause, cancel). Returns
-    /// whether the job exists and is unfinished.
+    /// Sets what operators want of an unfinished job (run, pause, cancel); `Run` on a
+    /// failed job also makes it pending again (after the operator fixed the cause), so
+    /// the next runner resumes it from its checkpoint. Returns whether it applied.
     async fn set_job_control(&self, job_id: &str, control: JobControl) -> Result<bool, StoreError>;
 }

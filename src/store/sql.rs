@@ -647,8 +647,12 @@ impl KeyStore for SqlStore {
 
     async fn set_job_control(&self, job_id: &str, control: JobControl) -> Result<bool, StoreError> {
         let n = sqlx::query(
-            "UPDATE fk_jobs SET control = $2, updated_at = $3 \
-             WHERE job_id = $1 AND state IN ('pending', 'running', 'paused')",
+            "UPDATE fk_jobs SET control = $2, updated_at = $3, \
+                 state = CASE WHEN state = 'failed' THEN 'pending' ELSE state END, \
+                 error = CASE WHEN state = 'failed' THEN NULL ELSE error END, \
+                 finished_at = CASE WHEN state = 'failed' THEN NULL ELSE finished_at END \
+             WHERE job_id = $1 AND (state IN ('pending', 'running', 'paused') \
+                 OR (state = 'failed' AND $2 = 'run'))",
         )
         .bind(job_id)
         .bind(control.as_str())
