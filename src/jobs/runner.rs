@@ -21,7 +21,7 @@ use sqlx::postgres::{PgPool, PgRow};
 use sqlx::{AssertSqlSafe, Row};
 use tokio::sync::watch;
 
-use super::spec::{JobSpec, quote};
+use super::spec::{ColumnSpec, JobSpec, quote};
 use crate::crypto::{self, Aad, Envelope};
 use crate::error::{Error, Result};
 use crate::keyring::Keyring;
@@ -107,6 +107,10 @@ enum BatchError {
 }
 
 type BatchResult<T> = std::result::Result<T, BatchError>;
+
+/// A row after rewrapping: the row as read, its new column values (`None`: nothing
+/// to write), its tallies.
+type Rewrapped = (DbRow, Option<Vec<Option<Value>>>, RowTally);
 
 /// A row to write: the row as read, its new column values, its tallies.
 type Update = (DbRow, Vec<Option<Value>>, RowTally);
@@ -418,6 +422,7 @@ pub struct Runner {
     keyring: Arc<Keyring>,
     db: PgPool,
     spec: JobSpec,
+    columns: Arc<[ColumnSpec]>,
     cfg: RunnerConfig,
     progress_tx: watch::Sender<JobProgress>,
 }
@@ -436,6 +441,7 @@ impl Runner {
             Self {
                 keyring,
                 db,
+                columns: spec.columns.clone().into(),
                 spec,
                 cfg,
                 progress_tx,
@@ -732,12 +738,29 @@ impl Runner {
     /// write, and returns the others with their new values.
     async fn prepare(
         &self,
-        rows: Vec<DbRow>,
+        mut rows: Vec<DbRow>,
         progress: &mut JobProgress,
     ) -> BatchResult<Vec<Update>> {
+        // Rewrapping is CPU work: the second half of a batch goes to another worker
+        // thread, so both cores are used while the database is busy with the write.
+        let second = if rows.len() >= PARALLEL_MIN_ROWS {
+            let tail = rows.split_off(rows.len() / 2);
+            let (k, cols) = (self.keyring.clone(), self.columns.clone());
+            Some(Half(tokio::spawn(async move {
+                rewrap_rows(&k, &cols, tail).await
+            })))
+        } else {
+            None
+        };
+        let mut done = rewrap_rows(&self.keyring, &self.columns, rows).await?;
+        if let Some(mut h) = second {
+            let more = (&mut h.0)
+                .await
+                .map_err(|e| BatchError::Fatal(format!("rewrap task: {e}")))??;
+            done.extend(more);
+        }
         let mut updates = Vec::new();
-        for row in rows {
-            let (new_values, tally) = self.rewrap_row(&row).await?;
+        for (row, new_values, tally) in done {
             match new_values {
                 Some(nv) => updates.push((row, nv, tally)),
                 None => settle(progress, &row, tally),
@@ -843,60 +866,6 @@ impl Runner {
         Ok(Some(std::mem::take(&mut f.last)))
     }
 
-    /// New values for a row's columns (`None` if nothing changes), and its tallies.
-    async fn rewrap_row(
-        &self,
-        row: &DbRow,
-    ) -> std::result::Result<(Option<Vec<Option<Value>>>, RowTally), BatchError> {
-        let mut tally = RowTally::default();
-        let mut out: Vec<Option<Value>> = Vec::with_capacity(row.values.len());
-        let mut changed = false;
-        for (col, v) in self.spec.columns.iter().zip(&row.values) {
-            let Some(v) = v else {
-                out.push(None);
-                continue;
-            };
-            let aad = Aad {
-                tenant: &row.tenant,
-                subject: row.subject.as_deref(),
-                field: &col.field,
-                context: &row.context,
-            };
-            let same = |v: &Value| match v {
-                Value::Bytes(b) => Value::Bytes(b.clone()),
-                Value::Text(s) => Value::Text(s.clone()),
-            };
-            match self.keyring.rewrap(&aad, v.bytes()).await {
-                Ok(r) if r.changed() => {
-                    tally.rewrapped += 1;
-                    changed = true;
-                    out.push(Some(match v {
-                        Value::Bytes(_) => Value::Bytes(r.ciphertext),
-                        Value::Text(_) => {
-                            Value::Text(String::from_utf8(r.ciphertext).map_err(|_| {
-                                BatchError::Fatal("text envelope is not UTF-8".into())
-                            })?)
-                        }
-                    }));
-                }
-                Ok(_) => {
-                    tally.current += 1;
-                    out.push(Some(same(v)));
-                }
-                Err(e) if is_transient(&e) => return Err(BatchError::Transient(e.to_string())),
-                Err(Error::KeyDestroyed { .. }) => {
-                    tally.shredded += 1;
-                    out.push(Some(same(v)));
-                }
-                Err(e) => {
-                    tally.failed.push((version_of(v.bytes()), e.to_string()));
-                    out.push(Some(same(v)));
-                }
-            }
-        }
-        Ok((changed.then_some(out), tally))
-    }
-
     async fn reread(
         &self,
         sql: &Sql,
@@ -954,6 +923,86 @@ async fn write_rows(
     rows.iter()
         .map(|r| r.try_get::<String, _>(0).map_err(db_error))
         .collect()
+}
+
+/// New values for a row's columns (`None` if nothing changes), and its tallies.
+async fn rewrap_row(
+    keyring: &Keyring,
+    columns: &[ColumnSpec],
+    row: &DbRow,
+) -> std::result::Result<(Option<Vec<Option<Value>>>, RowTally), BatchError> {
+    let mut tally = RowTally::default();
+    let mut out: Vec<Option<Value>> = Vec::with_capacity(row.values.len());
+    let mut changed = false;
+    for (col, v) in columns.iter().zip(&row.values) {
+        let Some(v) = v else {
+            out.push(None);
+            continue;
+        };
+        let aad = Aad {
+            tenant: &row.tenant,
+            subject: row.subject.as_deref(),
+            field: &col.field,
+            context: &row.context,
+        };
+        let same = |v: &Value| match v {
+            Value::Bytes(b) => Value::Bytes(b.clone()),
+            Value::Text(s) => Value::Text(s.clone()),
+        };
+        match keyring.rewrap(&aad, v.bytes()).await {
+            Ok(r) if r.changed() => {
+                tally.rewrapped += 1;
+                changed = true;
+                out.push(Some(match v {
+                    Value::Bytes(_) => Value::Bytes(r.ciphertext),
+                    Value::Text(_) => Value::Text(
+                        String::from_utf8(r.ciphertext)
+                            .map_err(|_| BatchError::Fatal("text envelope is not UTF-8".into()))?,
+                    ),
+                }));
+            }
+            Ok(_) => {
+                tally.current += 1;
+                out.push(Some(same(v)));
+            }
+            Err(e) if is_transient(&e) => return Err(BatchError::Transient(e.to_string())),
+            Err(Error::KeyDestroyed { .. }) => {
+                tally.shredded += 1;
+                out.push(Some(same(v)));
+            }
+            Err(e) => {
+                tally.failed.push((version_of(v.bytes()), e.to_string()));
+                out.push(Some(same(v)));
+            }
+        }
+    }
+    Ok((changed.then_some(out), tally))
+}
+
+/// Rewraps rows in order; see [`rewrap_row`].
+async fn rewrap_rows(
+    keyring: &Keyring,
+    columns: &[ColumnSpec],
+    rows: Vec<DbRow>,
+) -> BatchResult<Vec<Rewrapped>> {
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        let (nv, tally) = rewrap_row(keyring, columns, &row).await?;
+        out.push((row, nv, tally));
+    }
+    Ok(out)
+}
+
+/// Rows per batch below which rewrapping stays on one task.
+const PARALLEL_MIN_ROWS: usize = 64;
+
+/// A spawned half of a batch's rewrapping (aborted if dropped).
+struct Half(tokio::task::JoinHandle<BatchResult<Vec<Rewrapped>>>);
+
+impl Drop for Half {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 fn text_of(v: &Value) -> String {
