@@ -2,14 +2,18 @@
 //! every ciphertext on an old key version to the tenant's active version.
 //!
 //! Safety rules, in the order they matter:
-//! - a row is written only if every encrypted column still holds exactly what was read
-//!   (compare-and-set in one `UPDATE ... FROM unnest(...)` per batch); a row the
-//!   application changed meanwhile is read again and retried, never overwritten;
+//! - a row is written only if it is still the version that was read (its `xmin`,
+//!   compared in one `UPDATE ... FROM unnest(...)` per batch); a row the application
+//!   changed meanwhile is read again and retried, never overwritten;
 //! - only the lease holder advances a job; the lease is renewed at every checkpoint
-//!   and a runner that lost it stops at once;
-//! - the checkpoint (last primary key fully processed) is written after the batch's
-//!   rows, so a crash re-reads at most one batch, whose values are then current and
-//!   skipped.
+//!   (and never waited on for more than a third of its length) and a runner that lost
+//!   it stops at its next renewal;
+//! - the checkpoint (last primary key fully processed) names only batches whose write
+//!   and conflict retries completed, so a crash re-reads at most the batches after
+//!   it, whose values are then current and skipped.
+//!
+//! Pipeline: batch N+1 is read (in its own task) and rewrapped while batch N's write
+//! runs (in its own task); a batch's rewrapping is split over two worker threads.
 
 use std::collections::{HashMap, HashSet};
 use std::num::NonZeroU32;
