@@ -197,6 +197,18 @@ async fn completed_job_over(
     leftovers: &[(&str, u32)],
     spec: &str,
 ) -> Result<()> {
+    completed_job_full(store, id, target, tenant, leftovers, spec, 0).await
+}
+
+async fn completed_job_full(
+    store: &dyn KeyStore,
+    id: &str,
+    target: &str,
+    tenant: Option<&str>,
+    leftovers: &[(&str, u32)],
+    spec: &str,
+    runner_revalidate_ms: u64,
+) -> Result<()> {
     store
         .create_job(NewJob {
             job_id: id.into(),
@@ -210,7 +222,10 @@ async fn completed_job_over(
         .duration_since(std::time::UNIX_EPOCH)?
         .as_millis() as i64;
     store.claim_job(id, "t", now, now + 10_000).await?.unwrap();
-    let mut p = JobProgress::default();
+    let mut p = JobProgress {
+        revalidate_ms: runner_revalidate_ms,
+        ..JobProgress::default()
+    };
     for (t, v) in leftovers {
         p.leftovers
             .entry((*t).to_owned())
@@ -391,6 +406,22 @@ async fn retirement_needs_a_clean_job_for_every_column_ever_covered() -> Result<
         &cols(&["phone"]),
     )
     .await?;
+    k.retire_key_version("acme", 1).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn retirement_waits_out_the_runners_own_staleness_bound() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let k = sqlite_keyring(&dir).await?;
+    let store = k.store().clone();
+    k.create_tenant("acme", None).await?;
+    k.rotate_tenant("acme").await?;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // a runner that revalidates only every 60 s may have missed the rotation
+    completed_job_full(store.as_ref(), "lazy", "DB:t", None, &[], "{}", 60_000).await?;
+    blocked(k.retire_key_version("acme", 1).await, "table DB:t");
+    completed_job_full(store.as_ref(), "eager", "DB:t", None, &[], "{}", 1_000).await?;
     k.retire_key_version("acme", 1).await?;
     Ok(())
 }

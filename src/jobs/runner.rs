@@ -520,6 +520,8 @@ impl Runner {
         };
         let mut progress = JobProgress::parse(&job.progress)?;
         progress.runs += 1;
+        let reval = u64::try_from(self.keyring.revalidate_after().as_millis()).unwrap_or(u64::MAX);
+        progress.revalidate_ms = progress.revalidate_ms.max(reval);
         let mut checkpoint = job.checkpoint.clone();
         tracing::info!(job = %job.job_id, owner = %self.cfg.owner, checkpoint = ?checkpoint.is_some(), run = progress.runs, "job started");
         let sql = loop {

@@ -122,6 +122,12 @@ impl Keyring {
         &self.cache
     }
 
+    /// How stale this keyring's view of key versions may be (its
+    /// [`KeyringConfig::revalidate_after`]).
+    pub fn revalidate_after(&self) -> Duration {
+        self.cfg.revalidate_after
+    }
+
     // ---------------------------------------------------------------- administration
 
     /// Creates a tenant with key version 1, wrapped by `kms_key_id` (bring-your-own-key)

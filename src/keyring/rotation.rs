@@ -348,10 +348,15 @@ impl Keyring {
             let proven = covering.iter().any(|j| {
                 j.target == target
                     && j.state == JobState::Completed
-                    && j.started_at.is_some_and(|s| s >= since)
                     && columns(&j.spec).contains(&column)
-                    && JobProgress::parse(&j.progress)
-                        .is_ok_and(|p| p.left_at_or_below(tenant, v.version) == 0)
+                    && JobProgress::parse(&j.progress).is_ok_and(|p| {
+                        // The runner's own staleness bound counts too: until it ran
+                        // out, the runner may have taken old values for current.
+                        let runner_grace = i64::try_from(p.revalidate_ms).unwrap_or(i64::MAX);
+                        let since = since.max(v.updated_at.saturating_add(runner_grace));
+                        j.started_at.is_some_and(|s| s >= since)
+                            && p.left_at_or_below(tenant, v.version) == 0
+                    })
             });
             if !proven {
                 let what = if column == "*" {

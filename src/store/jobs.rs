@@ -197,6 +197,10 @@ pub struct JobProgress {
     pub leftovers: BTreeMap<String, BTreeMap<u32, u64>>,
     /// How many times a runner started or resumed the job.
     pub runs: u32,
+    /// The largest metadata revalidation interval (ms) of the runners that worked on
+    /// it: how long after a rotation a runner may still have treated the old version
+    /// as current. Retirement waits at least this long after the rotation.
+    pub revalidate_ms: u64,
     /// The last per-value error (no plaintext, no subject ids).
     pub last_error: Option<String>,
 }
