@@ -330,7 +330,9 @@ async fn job_survives_sigkill_and_concurrent_runners_without_losing_a_write() ->
         .fetch_one(&f.app)
         .await?;
     // a row the application writes during the job is never overwritten by the job
-    tokio::time::sleep(Duration::from_millis(300)).await; // past revalidate_after
+    // past every replica's revalidation interval (the runner binary's is 1 s), as
+    // retirement requires of the job that proves it
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = start_app_writer(&f, "users-v2", stop.clone());
 

@@ -616,8 +616,16 @@ impl Runner {
                             Some(last.clone()),
                         ))));
                         cursor = Some(last);
-                        self.step(&sql, rows, &mut inflight, &mut progress, limiter.as_ref())
-                            .await
+                        // A step that fails leaves no counts behind: its rows are read,
+                        // and counted, again.
+                        let mut trial = progress.clone();
+                        let r = self
+                            .step(&sql, rows, &mut inflight, &mut trial, limiter.as_ref())
+                            .await;
+                        if r.is_ok() {
+                            progress = trial;
+                        }
+                        r
                     }
                 },
                 Err(e) => Err(e),
