@@ -621,3 +621,50 @@ async fn jobs_pause_resume_cancel_and_report_what_they_could_not_move() -> Resul
     db.close().await;
     f.drop_dbs().await
 }
+
+/// A batch that takes longer than the lease (a slow KMS) keeps its lease through the
+/// heartbeat: a second runner stands by instead of taking the job over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_batch_keeps_its_lease() -> Result<()> {
+    use fieldkey::jobs::{JobSpec, Runner, RunnerConfig};
+    let f = Fixture::new().await?;
+    f.populate(200).await?;
+    for t in TENANTS {
+        f.keyring.rotate_tenant(t).await?;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // a fresh keyring whose every KMS unwrap takes 1.5 s: the first batch needs four
+    let slow_kms =
+        common::CountingKms::with_delay(f.keyring.kms().clone(), Duration::from_millis(1500));
+    let slow = Arc::new(Keyring::new(
+        f.keyring.store().clone(),
+        slow_kms,
+        KeyringConfig::default(),
+    ));
+    let db = PgPool::connect(&f.app_db.dsn).await?;
+    let spec = JobSpec::from_toml(&f.spec("slow-kms", "batch_size = 100"))?;
+    let mut cfg = RunnerConfig::new(Duration::from_secs(1));
+    cfg.poll = Duration::from_millis(50);
+    let (a, _) = Runner::new(slow, db.clone(), spec.clone(), cfg.clone());
+    let t0 = Instant::now();
+    let first = tokio::spawn(async move { a.run().await });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut cfg_b = RunnerConfig::new(Duration::from_secs(1));
+    cfg_b.poll = Duration::from_millis(50);
+    let (b, _) = Runner::new(f.keyring.clone(), db.clone(), spec, cfg_b);
+    let second = tokio::spawn(async move { b.run().await });
+    let oa = first.await??;
+    let ob = second.await??;
+    eprintln!("slow runner finished in {:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() > Duration::from_secs(2),
+        "the batch really outlasted the lease"
+    );
+    assert_eq!(oa.state, JobState::Completed);
+    assert_eq!(ob.state, JobState::Completed, "the standby saw it done");
+    assert_eq!(oa.progress.runs, 1, "the standby never took the job over");
+    assert_eq!(oa.progress.rows_scanned, 200);
+    f.verify_all(2, &HashMap::new()).await?;
+    db.close().await;
+    f.drop_dbs().await
+}

@@ -344,6 +344,11 @@ mod suite {
             s.claim_job("j1", "b", 1_500, 2_500).await?.is_none(),
             "a's lease is still good"
         );
+        assert!(
+            !s.renew_job_lease("j1", "b", 9_999).await?,
+            "only the holder renews"
+        );
+        assert!(s.renew_job_lease("j1", "a", 2_000).await?);
         let upd = |state, cp: &str| JobUpdate {
             state,
             checkpoint: Some(cp.into()),

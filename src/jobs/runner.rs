@@ -6,8 +6,8 @@
 //!   compared in one `UPDATE ... FROM unnest(...)` per batch); a row the application
 //!   changed meanwhile is read again and retried, never overwritten;
 //! - only the lease holder advances a job; the lease is renewed at every checkpoint
-//!   (and never waited on for more than a third of its length) and a runner that lost
-//!   it stops at its next renewal;
+//!   and by a heartbeat every third of its length (so a slow batch keeps it), and a
+//!   runner that lost it stops at its next checkpoint;
 //! - the checkpoint (last primary key fully processed) names only batches whose write
 //!   and conflict retries completed, so a crash re-reads at most the batches after
 //!   it, whose values are then current and skipped.
@@ -130,6 +130,15 @@ struct InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// The lease heartbeat task (stopped when dropped).
+struct Heartbeat(tokio::task::JoinHandle<()>);
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -518,6 +527,9 @@ impl Runner {
                 }
             }
         };
+        // Keep the lease alive while a batch takes long (a slow KMS or database):
+        // renewed every third of its length until this run returns.
+        let _heartbeat = self.heartbeat();
         let mut progress = JobProgress::parse(&job.progress)?;
         progress.runs += 1;
         let reval = u64::try_from(self.keyring.revalidate_after().as_millis()).unwrap_or(u64::MAX);
@@ -679,6 +691,25 @@ impl Runner {
             kinds: sql.kinds.clone(),
             tenant: self.spec.tenant.clone(),
         }
+    }
+
+    fn heartbeat(&self) -> Heartbeat {
+        let store = self.keyring.store().clone();
+        let (job, owner) = (self.spec.name.clone(), self.cfg.owner.clone());
+        let (every, lease) = (self.max_wait(), self.cfg.lease);
+        Heartbeat(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let until =
+                    now_ms().saturating_add(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX));
+                match store.renew_job_lease(&job, &owner, until).await {
+                    Ok(true) => {}
+                    // Lost or finished: the run notices at its next checkpoint.
+                    Ok(false) => return,
+                    Err(e) => tracing::warn!(error = %e, "cannot renew the job lease; retrying"),
+                }
+            }
+        }))
     }
 
     /// The longest this runner waits between lease renewals: a third of the lease

@@ -367,6 +367,15 @@ pub trait KeyStore: Send + Sync + 'static {
         update: JobUpdate,
     ) -> Result<Option<JobControl>, StoreError>;
 
+    /// Extends `owner`'s lease on an unfinished job to `lease_until` (a heartbeat while
+    /// a batch takes long). Returns whether `owner` still holds it.
+    async fn renew_job_lease(
+        &self,
+        job_id: &str,
+        owner: &str,
+        lease_until: i64,
+    ) -> Result<bool, StoreError>;
+
     /// Sets what operators want of an unfinished job (run, pause, cancel); `Run` on a
     /// failed job also makes it pending again (after the operator fixed the cause), so
     /// the next runner resumes it from its checkpoint. Returns whether it applied.

@@ -645,6 +645,26 @@ impl KeyStore for SqlStore {
             .transpose()
     }
 
+    async fn renew_job_lease(
+        &self,
+        job_id: &str,
+        owner: &str,
+        lease_until: i64,
+    ) -> Result<bool, StoreError> {
+        let n = sqlx::query(
+            "UPDATE fk_jobs SET lease_until = $3 \
+             WHERE job_id = $1 AND owner = $2 AND state IN ('pending', 'running', 'paused')",
+        )
+        .bind(job_id)
+        .bind(owner)
+        .bind(lease_until)
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?
+        .rows_affected();
+        Ok(n == 1)
+    }
+
     async fn set_job_control(&self, job_id: &str, control: JobControl) -> Result<bool, StoreError> {
         let n = sqlx::query(
             "UPDATE fk_jobs SET control = $2, updated_at = $3, \
