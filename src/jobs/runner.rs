@@ -32,6 +32,7 @@ use crate::keyring::Keyring;
 use crate::kms::KmsError;
 use crate::store::{
     JobControl, JobProgress, JobRecord, JobState, JobUpdate, KeyStore, NewJob, StoreError,
+    is_unavailable, now_ms,
 };
 
 /// Conflict rounds per batch before the remaining rows are reported as leftovers.
@@ -119,36 +120,34 @@ type Rewrapped = (DbRow, Option<Vec<Option<Value>>>, RowTally);
 /// A row to write: the row as read, its new column values, its tallies.
 type Update = (DbRow, Vec<Option<Value>>, RowTally);
 
-/// A batch whose write runs in its own task (aborted if dropped unawaited, so no
-/// write outlives its runner).
+/// A task of this runner: aborted when dropped unawaited, so no read, write or
+/// heartbeat outlives the run that started it.
+struct Task<T>(tokio::task::JoinHandle<T>);
+
+impl<T: Send + 'static> Task<T> {
+    fn spawn(fut: impl std::future::Future<Output = T> + Send + 'static) -> Self {
+        Self(tokio::spawn(fut))
+    }
+
+    /// Waits for the task; a panicked or aborted task is a fatal batch error.
+    async fn join(&mut self, what: &str) -> BatchResult<T> {
+        (&mut self.0)
+            .await
+            .map_err(|e| BatchError::Fatal(format!("{what} task: {e}")))
+    }
+}
+
+impl<T> Drop for Task<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A batch whose write runs in its own task.
 struct InFlight {
     /// The batch's last key.
     last: String,
-    task: tokio::task::JoinHandle<(Vec<Update>, BatchResult<HashSet<String>>)>,
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// The lease heartbeat task (stopped when dropped).
-struct Heartbeat(tokio::task::JoinHandle<()>);
-
-impl Drop for Heartbeat {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// The next batch, read in its own task (aborted if dropped).
-struct Prefetch(tokio::task::JoinHandle<BatchResult<Vec<DbRow>>>);
-
-impl Drop for Prefetch {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
+    task: Task<(Vec<Update>, BatchResult<HashSet<String>>)>,
 }
 
 /// What reading a batch needs, owned, so the next batch can be read in a task of its
@@ -185,25 +184,14 @@ fn abort<T>(h: &mut Option<T>) {
 }
 
 fn db_error(e: sqlx::Error) -> BatchError {
-    match &e {
-        sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::Protocol(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed => BatchError::Transient(format!("database: {e}")),
-        sqlx::Error::Database(db)
-            if db.code().is_some_and(|c| {
-                c.starts_with("08")
-                    || c.starts_with("53")
-                    || c.starts_with("57P")
-                    || c == "40001"
-                    || c == "40P01"
-            }) =>
-        {
-            BatchError::Transient(format!("database: {e}"))
-        }
-        _ => BatchError::Fatal(format!("database: {e}")),
+    // Beyond an unavailable database, serialization failures and deadlocks (a
+    // concurrent application transaction) are worth a retry too.
+    let conflict = matches!(&e, sqlx::Error::Database(db)
+        if db.code().is_some_and(|c| c == "40001" || c == "40P01"));
+    if is_unavailable(&e) || conflict {
+        BatchError::Transient(format!("database: {e}"))
+    } else {
+        BatchError::Fatal(format!("database: {e}"))
     }
 }
 
@@ -468,7 +456,7 @@ impl Runner {
     }
 
     fn lease_until(&self) -> i64 {
-        now_ms().saturating_add(i64::try_from(self.cfg.lease.as_millis()).unwrap_or(i64::MAX))
+        lease_end(self.cfg.lease)
     }
 
     /// Runs the job until it completes, is cancelled or fails; waits while it is
@@ -566,7 +554,7 @@ impl Runner {
         // The next batch is read while this one is rewrapped and written (its rows are
         // past this batch's, so the two never overlap; the compare-and-set covers rows
         // that change in between).
-        let mut prefetch: Option<Prefetch> = None;
+        let mut prefetch: Option<Task<BatchResult<Vec<DbRow>>>> = None;
         // This batch's write runs while the next batch is rewrapped; the checkpoint
         // only ever names a batch whose write (and conflict retries) completed.
         let mut inflight: Option<InFlight> = None;
@@ -611,9 +599,7 @@ impl Runner {
                 }
             }
             let rows = match prefetch.take() {
-                Some(mut h) => (&mut h.0)
-                    .await
-                    .unwrap_or_else(|e| Err(BatchError::Fatal(format!("reader task: {e}")))),
+                Some(mut h) => h.join("reader").await.and_then(|rows| rows),
                 None => fetch(self.reader(&sql), cursor.clone()).await,
             };
             let result = match rows {
@@ -623,10 +609,7 @@ impl Runner {
                         Err(e) => Err(e),
                     },
                     Some(last) => {
-                        prefetch = Some(Prefetch(tokio::spawn(fetch(
-                            self.reader(&sql),
-                            Some(last.clone()),
-                        ))));
+                        prefetch = Some(Task::spawn(fetch(self.reader(&sql), Some(last.clone()))));
                         cursor = Some(last);
                         // A step that fails leaves no counts behind: its rows are read,
                         // and counted, again.
@@ -693,23 +676,21 @@ impl Runner {
         }
     }
 
-    fn heartbeat(&self) -> Heartbeat {
+    fn heartbeat(&self) -> Task<()> {
         let store = self.keyring.store().clone();
         let (job, owner) = (self.spec.name.clone(), self.cfg.owner.clone());
         let (every, lease) = (self.max_wait(), self.cfg.lease);
-        Heartbeat(tokio::spawn(async move {
+        Task::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
-                let until =
-                    now_ms().saturating_add(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX));
-                match store.renew_job_lease(&job, &owner, until).await {
+                match store.renew_job_lease(&job, &owner, lease_end(lease)).await {
                     Ok(true) => {}
                     // Lost or finished: the run notices at its next checkpoint.
                     Ok(false) => return,
                     Err(e) => tracing::warn!(error = %e, "cannot renew the job lease; retrying"),
                 }
             }
-        }))
+        })
     }
 
     /// The longest this runner waits between lease renewals: a third of the lease
@@ -791,17 +772,15 @@ impl Runner {
         let second = if rows.len() >= PARALLEL_MIN_ROWS {
             let tail = rows.split_off(rows.len() / 2);
             let (k, cols) = (self.keyring.clone(), self.columns.clone());
-            Some(Half(tokio::spawn(async move {
-                rewrap_rows(&k, &cols, tail).await
-            })))
+            Some(Task::spawn(
+                async move { rewrap_rows(&k, &cols, tail).await },
+            ))
         } else {
             None
         };
         let mut done = rewrap_rows(&self.keyring, &self.columns, rows).await?;
         if let Some(mut h) = second {
-            let more = (&mut h.0)
-                .await
-                .map_err(|e| BatchError::Fatal(format!("rewrap task: {e}")))??;
+            let more = h.join("rewrap").await??;
             done.extend(more);
         }
         let mut updates = Vec::new();
@@ -885,7 +864,7 @@ impl Runner {
         let (db, q, kinds) = (self.db.clone(), sql.update.clone(), sql.kinds.clone());
         *inflight = Some(InFlight {
             last,
-            task: tokio::spawn(async move {
+            task: Task::spawn(async move {
                 let w = write_rows(&db, &q, &kinds, &updates).await;
                 (updates, w)
             }),
@@ -904,9 +883,7 @@ impl Runner {
         let Some(mut f) = inflight else {
             return Ok(None);
         };
-        let (updates, written) = (&mut f.task)
-            .await
-            .map_err(|e| BatchError::Fatal(format!("writer task: {e}")))?;
+        let (updates, written) = f.task.join("writer").await?;
         self.settle_writes(sql, updates, written?, progress).await?;
         Ok(Some(std::mem::take(&mut f.last)))
     }
@@ -1041,15 +1018,6 @@ async fn rewrap_rows(
 /// Rows per batch below which rewrapping stays on one task.
 const PARALLEL_MIN_ROWS: usize = 64;
 
-/// A spawned half of a batch's rewrapping (aborted if dropped).
-struct Half(tokio::task::JoinHandle<BatchResult<Vec<Rewrapped>>>);
-
-impl Drop for Half {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 fn text_of(v: &Value) -> String {
     match v {
         Value::Text(s) => s.clone(),
@@ -1081,9 +1049,7 @@ fn settle(progress: &mut JobProgress, row: &DbRow, tally: RowTally) {
     }
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
+/// When a lease of length `lease` taken now ends, Unix ms.
+fn lease_end(lease: Duration) -> i64 {
+    now_ms().saturating_add(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX))
 }

@@ -19,7 +19,7 @@ use crate::crypto::{Aad, to_text};
 use crate::error::Error;
 use crate::keyring::{Encryptor, Keyring, Rewrapped, TenantInfo};
 use crate::policy::{RotationPolicy, RotationStatus};
-use crate::store::KeyState;
+use crate::store::{KeyState, now_ms};
 
 /// Generated protobuf and gRPC code for `fieldkey.v1`.
 #[allow(
@@ -389,13 +389,6 @@ fn rotation_status(s: RotationStatus) -> pb::RotationStatus {
         RotationStatus::Overdue => pb::RotationStatus::Overdue,
         RotationStatus::NoActiveKey => pb::RotationStatus::NoActiveKey,
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 fn tenant_reply(r: Result<TenantInfo, Error>) -> Result<pb::Tenant, Status> {

@@ -21,9 +21,19 @@ use async_trait::async_trait;
 
 pub use jobs::{JobControl, JobProgress, JobRecord, JobState, JobUpdate, NewJob};
 pub use sql::SqlStore;
+pub(crate) use sql::is_unavailable;
 
 use crate::crypto::Fingerprint;
 use crate::kms::WrappedKey;
+
+/// The store's clock: now, in Unix milliseconds (every timestamp it keeps, and the
+/// lease times of jobs, use it).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
 
 /// Lifecycle state of a key version or subject key (NIST SP 800-57 inspired).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

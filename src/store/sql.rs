@@ -2,15 +2,13 @@
 //! (understood by SQLite and PostgreSQL alike). Dialect differences live only in the
 //! migrations and in connection set-up (`sqlite.rs`, `postgres.rs`).
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use async_trait::async_trait;
 use sqlx::any::AnyRow;
 use sqlx::{AnyPool, Row};
 
 use super::{
     Created, JobControl, JobRecord, JobUpdate, KeyState, KeyStore, KeyVersionRecord, NewJob,
-    NewKeyVersion, NewSubject, StoreError, SubjectRecord, TenantRecord,
+    NewKeyVersion, NewSubject, StoreError, SubjectRecord, TenantRecord, now_ms,
 };
 use crate::crypto::Fingerprint;
 use crate::kms::WrappedKey;
@@ -22,42 +20,37 @@ pub struct SqlStore {
     pub(super) backend: &'static str,
 }
 
-pub(super) fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
-
-/// Sorts sqlx errors into "the database is not there / busy" and "the query failed".
-pub(super) fn classify(e: sqlx::Error) -> StoreError {
-    match &e {
+/// Whether a sqlx error means "the database is not there, or busy: retry" rather than
+/// "this statement failed". Shared by the key store and the re-encryption runner.
+pub(crate) fn is_unavailable(e: &sqlx::Error) -> bool {
+    match e {
         sqlx::Error::Io(_)
         | sqlx::Error::Tls(_)
         | sqlx::Error::Protocol(_)
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed => StoreError::Unavailable(std::sync::Arc::new(e)),
+        | sqlx::Error::WorkerCrashed => true,
         sqlx::Error::Database(db) => {
-            let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
+            let code = db.code().unwrap_or_default();
             // SQLite: 5 BUSY, 6 LOCKED, 10 IOERR, 14 CANTOPEN (and their extended codes).
             // PostgreSQL: class 08 connection exception, 53 insufficient resources,
             // 57P01-57P03 shutdown / cannot connect now.
-            let sqlite_busy = code
-                .parse::<i64>()
-                .map(|c| matches!(c & 0xff, 5 | 6 | 10 | 14))
-                .unwrap_or(false);
-            if sqlite_busy
+            code.parse::<i64>()
+                .is_ok_and(|c| matches!(c & 0xff, 5 | 6 | 10 | 14))
                 || code.starts_with("08")
                 || code.starts_with("53")
                 || code.starts_with("57P")
-            {
-                StoreError::Unavailable(std::sync::Arc::new(e))
-            } else {
-                StoreError::Database(std::sync::Arc::new(e))
-            }
         }
-        _ => StoreError::Database(std::sync::Arc::new(e)),
+        _ => false,
+    }
+}
+
+/// Sorts sqlx errors into "the database is not there / busy" and "the query failed".
+pub(super) fn classify(e: sqlx::Error) -> StoreError {
+    if is_unavailable(&e) {
+        StoreError::Unavailable(std::sync::Arc::new(e))
+    } else {
+        StoreError::Database(std::sync::Arc::new(e))
     }
 }
 
