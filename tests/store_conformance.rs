@@ -538,3 +538,37 @@ async fn sqlite_upgrade_from_schema_1_keeps_every_key() -> Result<()> {
     .await?;
     Ok(())
 }
+
+/// A statement PostgreSQL refuses (insufficient privilege, SQLSTATE 42501) is a query
+/// failure, not an outage to retry: SQLite's numeric busy codes are not read into
+/// PostgreSQL's SQLSTATEs.
+#[tokio::test]
+async fn a_postgres_permission_error_is_a_query_failure_not_an_outage() -> Result<()> {
+    use sqlx::{Connection as _, Executor as _};
+    let db = common::PgDb::create().await?;
+    SqlStore::connect_postgres(&db.dsn).await?; // schema created by the owner
+    let role = format!("fk_noperm_{}", hex::encode(common::rand_bytes::<4>()));
+    {
+        let mut admin = sqlx::PgConnection::connect(&db.dsn).await?;
+        admin
+            .execute(sqlx::AssertSqlSafe(format!("CREATE ROLE {role} LOGIN")))
+            .await?;
+        admin
+            .execute(sqlx::AssertSqlSafe(format!(
+                "GRANT USAGE, CREATE ON SCHEMA public TO {role}; \
+                 GRANT SELECT ON _sqlx_migrations TO {role}"
+            )))
+            .await?;
+    }
+    let (scheme, rest) = db.dsn.split_once("://").unwrap();
+    let host = rest.split_once('@').map_or(rest, |(_, h)| h);
+    let limited = SqlStore::connect_postgres(&format!("{scheme}://{role}@{host}")).await?;
+    let r = limited.get_tenant("t").await;
+    assert!(matches!(r, Err(StoreError::Database(_))), "{r:?}");
+    drop(limited);
+    db.drop_db().await?;
+    let mut base = sqlx::PgConnection::connect(&common::pg_base_dsn()).await?;
+    base.execute(sqlx::AssertSqlSafe(format!("DROP ROLE {role}")))
+        .await?;
+    Ok(())
+}

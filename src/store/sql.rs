@@ -32,14 +32,17 @@ pub(crate) fn is_unavailable(e: &sqlx::Error) -> bool {
         | sqlx::Error::WorkerCrashed => true,
         sqlx::Error::Database(db) => {
             let code = db.code().unwrap_or_default();
-            // SQLite: 5 BUSY, 6 LOCKED, 10 IOERR, 14 CANTOPEN (and their extended codes).
-            // PostgreSQL: class 08 connection exception, 53 insufficient resources,
-            // 57P01-57P03 shutdown / cannot connect now.
-            code.parse::<i64>()
-                .is_ok_and(|c| matches!(c & 0xff, 5 | 6 | 10 | 14))
-                || code.starts_with("08")
-                || code.starts_with("53")
-                || code.starts_with("57P")
+            if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+                // SQLite: 5 BUSY, 6 LOCKED, 10 IOERR, 14 CANTOPEN (and their extended
+                // codes). Only for SQLite: PostgreSQL's numeric SQLSTATEs can share the
+                // low byte (42501, insufficient privilege, ends in 5).
+                code.parse::<i64>()
+                    .is_ok_and(|c| matches!(c & 0xff, 5 | 6 | 10 | 14))
+            } else {
+                // PostgreSQL: class 08 connection exception, 53 insufficient resources,
+                // 57P01-57P03 shutdown / cannot connect now.
+                code.starts_with("08") || code.starts_with("53") || code.starts_with("57P")
+            }
         }
         _ => false,
     }
