@@ -340,15 +340,11 @@ impl Keyring {
                 cols
             }
         };
-        let needed: BTreeSet<(&str, String)> = covering
+        // Each job read once: what it covers, and whether it proves anything.
+        let covered: Vec<(&str, BTreeSet<String>, bool)> = covering
             .iter()
-            .flat_map(|j| columns(&j.spec).into_iter().map(|c| (j.target.as_str(), c)))
-            .collect();
-        for (target, column) in needed {
-            let proven = covering.iter().any(|j| {
-                j.target == target
-                    && j.state == JobState::Completed
-                    && columns(&j.spec).contains(&column)
+            .map(|j| {
+                let proves = j.state == JobState::Completed
                     && JobProgress::parse(&j.progress).is_ok_and(|p| {
                         // The runner's own staleness bound counts too: until it ran
                         // out, the runner may have taken old values for current.
@@ -356,8 +352,18 @@ impl Keyring {
                         let since = since.max(v.updated_at.saturating_add(runner_grace));
                         j.started_at.is_some_and(|s| s >= since)
                             && p.left_at_or_below(tenant, v.version) == 0
-                    })
-            });
+                    });
+                (j.target.as_str(), columns(&j.spec), proves)
+            })
+            .collect();
+        let needed: BTreeSet<(&str, &String)> = covered
+            .iter()
+            .flat_map(|(target, cols, _)| cols.iter().map(|c| (*target, c)))
+            .collect();
+        for (target, column) in needed {
+            let proven = covered
+                .iter()
+                .any(|(t, cols, proves)| *proves && *t == target && cols.contains(column));
             if !proven {
                 let what = if column == "*" {
                     format!("table {target}")
@@ -383,8 +389,7 @@ impl Keyring {
     ) -> Result<()> {
         let tentry = self.tenant_entry(tenant).await?;
         let fentry = tentry.version(from.version);
-        let tentry2 = tentry.clone();
-        let toentry = tentry2.version(to.version);
+        let toentry = tentry.version(to.version);
         let from_key = self.version_key(tenant, &fentry, from).await?;
         let to_key = self.version_key(tenant, &toentry, to).await?;
         loop {

@@ -104,6 +104,13 @@ fn subject_from_row(row: &AnyRow) -> Result<SubjectRecord, StoreError> {
     })
 }
 
+/// The columns `subject_from_row` reads (a macro, so queries stay `&'static str`).
+macro_rules! subject_columns {
+    () => {
+        "tenant_id, subject_id, state, wrap_version, wrapped, fingerprint, created_at, updated_at"
+    };
+}
+
 macro_rules! job_columns {
     () => {
         "job_id, target, tenant_id, spec, state, control, owner, lease_until, \
@@ -368,18 +375,19 @@ impl KeyStore for SqlStore {
         tenant_id: &str,
         subject_id: &str,
     ) -> Result<Option<SubjectRecord>, StoreError> {
-        sqlx::query(
-            "SELECT tenant_id, subject_id, state, wrap_version, wrapped, fingerprint, created_at, updated_at \
-             FROM fk_subjects WHERE tenant_id = $1 AND subject_id = $2",
-        )
-            .bind(tenant_id)
-            .bind(subject_id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(classify)?
-            .as_ref()
-            .map(subject_from_row)
-            .transpose()
+        sqlx::query(concat!(
+            "SELECT ",
+            subject_columns!(),
+            " FROM fk_subjects WHERE tenant_id = $1 AND subject_id = $2"
+        ))
+        .bind(tenant_id)
+        .bind(subject_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(classify)?
+        .as_ref()
+        .map(subject_from_row)
+        .transpose()
     }
 
     async fn update_subject_state(
@@ -470,11 +478,12 @@ impl KeyStore for SqlStore {
         version: u32,
         limit: u32,
     ) -> Result<Vec<SubjectRecord>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT tenant_id, subject_id, state, wrap_version, wrapped, fingerprint, created_at, updated_at \
-             FROM fk_subjects WHERE tenant_id = $1 AND wrap_version = $2 AND state <> 'destroyed' \
-             ORDER BY subject_id LIMIT $3",
-        )
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            subject_columns!(),
+            " FROM fk_subjects WHERE tenant_id = $1 AND wrap_version = $2 \
+             AND state <> 'destroyed' ORDER BY subject_id LIMIT $3"
+        ))
         .bind(tenant_id)
         .bind(i64::from(version))
         .bind(i64::from(limit))
