@@ -115,6 +115,20 @@ pub enum Error {
         /// What conflicts.
         reason: String,
     },
+    /// No erasure request with this id.
+    #[error("erasure request {erasure} not found")]
+    ErasureNotFound {
+        /// Request id.
+        erasure: String,
+    },
+    /// The erasure request cannot be cancelled: execution has started or finished.
+    #[error("erasure request {erasure} is {state} and can no longer be cancelled")]
+    ErasureNotCancellable {
+        /// Request id.
+        erasure: String,
+        /// Its state.
+        state: String,
+    },
     /// The KMS failed (unavailable, timed out, throttled, key disabled, access denied...).
     #[error("KMS error: {0}")]
     Kms(#[source] KmsError),

@@ -11,10 +11,12 @@
 //! - [`error`]: the keyring's error enum.
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod crypto;
+pub mod erasure;
 pub mod error;
 pub mod jobs;
 pub mod keyring;

@@ -29,8 +29,8 @@ use crate::crypto::{
 use crate::error::{Error, Result};
 use crate::kms::{EncryptionContext, Kms};
 use crate::store::{
-    KeyState, KeyStore, KeyVersionRecord, NewKeyVersion, NewSubject, StoreError, SubjectRecord,
-    TenantRecord,
+    Change, ErasureLedger, KeyState, KeyStore, KeyVersionRecord, NewKeyVersion, NewSubject,
+    StoreError, SubjectRecord, TenantRecord,
 };
 
 mod info;
@@ -70,6 +70,7 @@ pub struct Keyring {
     kms: Arc<dyn Kms>,
     cache: KeyCache,
     cfg: KeyringConfig,
+    ledger: Option<Arc<ErasureLedger>>,
 }
 
 impl std::fmt::Debug for Keyring {
@@ -104,7 +105,106 @@ impl Keyring {
             kms,
             cache,
             cfg,
+            ledger: None,
         }
+    }
+
+    /// Consults `ledger` whenever key material is loaded: keys it records as erased
+    /// are refused (and destroyed again in the store), even if a restored key-store
+    /// backup brought them back. `fieldkey serve` always sets one.
+    #[must_use]
+    pub fn with_ledger(mut self, ledger: Arc<ErasureLedger>) -> Self {
+        self.ledger = Some(ledger);
+        self
+    }
+
+    /// The erasure ledger, if any.
+    pub fn ledger(&self) -> Option<&Arc<ErasureLedger>> {
+        self.ledger.as_ref()
+    }
+
+    /// Follows key-state changes announced by other processes sharing the store
+    /// (PostgreSQL `LISTEN/NOTIFY`), dropping the affected cache entries (and their
+    /// unwrapped keys) as each arrives, so a shred or suspension elsewhere applies here
+    /// within milliseconds rather than within `revalidate_after`. Returns `None` where
+    /// the store has no notifications (SQLite). The task stops when the keyring is
+    /// dropped.
+    ///
+    /// # Errors
+    /// [`Error::Store`] if the notification connection cannot be opened.
+    pub async fn follow_changes(self: &Arc<Self>) -> Result<Option<tokio::task::JoinHandle<()>>> {
+        let Some(mut rx) = self.store.changes().await? else {
+            return Ok(None);
+        };
+        let weak = Arc::downgrade(self);
+        Ok(Some(tokio::spawn(async move {
+            while let Some(change) = rx.recv().await {
+                let Some(keyring) = weak.upgrade() else { break };
+                match change {
+                    Change::Key {
+                        tenant,
+                        subject: Some(subject),
+                    } => keyring.cache.invalidate_subject(&tenant, &subject).await,
+                    Change::Key {
+                        tenant,
+                        subject: None,
+                    } => {
+                        keyring.cache.invalidate_tenant(&tenant).await;
+                        keyring.cache.invalidate_subjects_of(&tenant).await;
+                    }
+                    // Missed notifications: revalidation (revalidate_after) bounds it.
+                    Change::Lost => {}
+                }
+            }
+        })))
+    }
+
+    /// Announces a change to other processes (best effort: revalidation covers a lost
+    /// announcement).
+    pub async fn announce(&self, tenant: &str, subject: Option<&str>) {
+        if let Err(e) = self.store.announce(tenant, subject).await {
+            tracing::warn!(error = %e, tenant, "could not announce a key change to other replicas");
+        }
+    }
+
+    /// Fails closed if the erasure ledger records `tenant` (or `subject`) as erased;
+    /// then destroys the key material again if a restored store brought it back.
+    async fn check_not_erased(&self, tenant: &str, subject: Option<&str>) -> Result<()> {
+        let Some(ledger) = &self.ledger else {
+            return Ok(());
+        };
+        if !ledger.erased(tenant, subject).await? {
+            return Ok(());
+        }
+        let reapplied = match subject {
+            Some(s) if !ledger.erased(tenant, None).await? => {
+                let tomb = self.store.tombstone_subject(tenant, s).await?;
+                u64::from(tomb) + u64::from(self.store.destroy_subject(tenant, s).await?)
+            }
+            _ => {
+                let (v, s) = self.store.shred_tenant(tenant).await?;
+                v + s
+            }
+        };
+        if reapplied > 0 {
+            tracing::warn!(
+                tenant,
+                keys = reapplied,
+                "erased key material was back in the key store (restored backup?); destroyed it again"
+            );
+            self.cache.invalidate_tenant(tenant).await;
+            self.cache.invalidate_subjects_of(tenant).await;
+            self.announce(tenant, None).await;
+        }
+        Err(Error::KeyDestroyed {
+            tenant: tenant.to_owned(),
+            scope: if subject.is_some() {
+                Scope::Subject
+            } else {
+                Scope::Tenant
+            },
+            version: None,
+        })
     }
 
     /// The key store.
@@ -229,6 +329,7 @@ impl Keyring {
             tracing::info!(tenant, version = next, "tenant key rotated");
         }
         self.cache.invalidate_tenant(tenant).await;
+        self.announce(tenant, None).await;
         self.tenant(tenant).await
     }
 
@@ -254,6 +355,7 @@ impl Keyring {
             }
         }
         self.cache.invalidate_tenant(tenant).await;
+        self.announce(tenant, None).await;
         self.tenant(tenant).await
     }
 
@@ -273,6 +375,7 @@ impl Keyring {
             }
         }
         self.cache.invalidate_tenant(tenant).await;
+        self.announce(tenant, None).await;
         self.tenant(tenant).await
     }
 
@@ -293,6 +396,7 @@ impl Keyring {
         }
         let destroyed = self.store.destroy_key_version(tenant, version).await?;
         self.cache.invalidate_tenant(tenant).await;
+        self.announce(tenant, None).await;
         if destroyed {
             tracing::info!(tenant, version, "tenant key version destroyed");
         }
@@ -355,6 +459,7 @@ impl Keyring {
                 .await?;
         }
         self.cache.invalidate_subject(tenant, subject).await;
+        self.announce(tenant, Some(subject)).await;
         self.subject(tenant, subject).await
     }
 
@@ -368,10 +473,58 @@ impl Keyring {
         self.subject(tenant, subject).await?;
         let destroyed = self.store.destroy_subject(tenant, subject).await?;
         self.cache.invalidate_subject(tenant, subject).await;
+        self.announce(tenant, Some(subject)).await;
         if destroyed {
             tracing::info!(tenant, "subject key destroyed");
         }
         Ok(destroyed)
+    }
+
+    /// Crypto-shreds a subject for an erasure: its key material is erased (a tombstone
+    /// is inserted if it never had a key, so none is ever created for it), cached
+    /// copies are dropped and zeroized, and other replicas are told (when anything
+    /// changed). Idempotent.
+    /// Returns whether this call destroyed anything.
+    ///
+    /// # Errors
+    /// [`Error::Store`].
+    pub async fn shred_subject(&self, tenant: &str, subject: &str) -> Result<bool> {
+        validate_id("tenant_id", tenant)?;
+        validate_id("subject_id", subject)?;
+        let tomb = self.store.tombstone_subject(tenant, subject).await?;
+        let destroyed = self.store.destroy_subject(tenant, subject).await?;
+        self.cache.invalidate_subject(tenant, subject).await;
+        if destroyed || tomb {
+            self.announce(tenant, Some(subject)).await;
+        }
+        if destroyed {
+            tracing::info!(tenant, "subject key shredded");
+        }
+        Ok(destroyed || tomb)
+    }
+
+    /// Crypto-shreds a whole tenant: every key version and every subject key (one
+    /// transaction), cached copies dropped and zeroized, other replicas told (when
+    /// anything changed).
+    /// Idempotent. Returns (versions, subjects) destroyed by this call.
+    ///
+    /// # Errors
+    /// [`Error::Store`].
+    pub async fn shred_tenant(&self, tenant: &str) -> Result<(u64, u64)> {
+        validate_id("tenant_id", tenant)?;
+        let counts = self.store.shred_tenant(tenant).await?;
+        self.cache.invalidate_tenant(tenant).await;
+        self.cache.invalidate_subjects_of(tenant).await;
+        if counts != (0, 0) {
+            self.announce(tenant, None).await;
+            tracing::info!(
+                tenant,
+                versions = counts.0,
+                subjects = counts.1,
+                "tenant keys shredded"
+            );
+        }
+        Ok(counts)
     }
 
     // ---------------------------------------------------------------- data path
@@ -646,6 +799,7 @@ impl Keyring {
                         scope: Scope::Tenant,
                         version: Some(version.version),
                     })?;
+                self.check_not_erased(tenant, None).await?;
                 let ctx = EncryptionContext::tenant_key(tenant, version.version);
                 Ok(self.kms.unwrap(&version.kms_key_id, wrapped, &ctx).await?)
             })
@@ -670,6 +824,9 @@ impl Keyring {
                         tenant: tenant.to_owned(),
                     });
                 }
+                // Never create a key for an erased subject whose tombstone a restored
+                // backup lost.
+                self.check_not_erased(tenant, Some(subject)).await?;
                 let active = active_version(tenant, &tsnap.record)?;
                 let ventry = tentry.version(active.version);
                 let tkey = self.version_key(tenant, &ventry, active).await?;
@@ -745,6 +902,7 @@ impl Keyring {
                         srec.wrap_version
                     ))
                 })?;
+                self.check_not_erased(tenant, Some(subject)).await?;
                 let wentry = tentry.version(wv.version);
                 let wkey = self.version_key(tenant, &wentry, wv).await?;
                 unwrap_subject_key(wkey, tenant, subject, wv.version, wrapped)

@@ -183,6 +183,7 @@ impl Keyring {
             }
         }
         self.cache.invalidate_tenant(tenant).await;
+        self.announce(tenant, None).await;
         tracing::info!(
             tenant,
             kms_key_id = new_kms_key_id,
@@ -295,6 +296,7 @@ impl Keyring {
         }
         self.cache.invalidate_tenant(tenant).await;
         self.cache.invalidate_subjects_of(tenant).await;
+        self.announce(tenant, None).await;
         self.tenant(tenant).await
     }
 

@@ -19,7 +19,7 @@ use aws_sdk_kms::types::DataKeySpec;
 use secrecy::{ExposeSecret, SecretString};
 use zeroize::Zeroizing;
 
-use super::{DataKey, EncryptionContext, Kms, KmsError, WrappedKey};
+use super::{DataKey, EncryptionContext, KeyDeletion, Kms, KmsError, WrappedKey};
 use crate::crypto::SecretKey;
 
 /// Static credentials, for emulators and tests only; production uses the default AWS
@@ -273,5 +273,77 @@ impl Kms for AwsKms {
             .await
             .map(|_| ())
             .map_err(|e| map_sdk_err(&self.default_key_id, e))
+    }
+
+    async fn canonical_key_id(&self, key_id: &str) -> Result<String, KmsError> {
+        self.client
+            .describe_key()
+            .key_id(key_id)
+            .send()
+            .await
+            .map_err(|e| map_sdk_err(key_id, e))?
+            .key_metadata
+            .and_then(|m| m.arn)
+            .ok_or(KmsError::Rejected {
+                code: "DescribeKey returned no ARN".into(),
+            })
+    }
+
+    async fn schedule_key_deletion(
+        &self,
+        key_id: &str,
+        pending_window_days: u32,
+    ) -> Result<KeyDeletion, KmsError> {
+        let days = i32::try_from(pending_window_days)
+            .ok()
+            .filter(|d| (7..=30).contains(d))
+            .ok_or_else(|| {
+                KmsError::Misconfigured("AWS KMS key deletion window must be 7..=30 days".into())
+            })?;
+        match self
+            .client
+            .schedule_key_deletion()
+            .key_id(key_id)
+            .pending_window_in_days(days)
+            .send()
+            .await
+        {
+            Ok(out) => Ok(KeyDeletion::Scheduled {
+                pending_window_days: out
+                    .pending_window_in_days
+                    .and_then(|d| u32::try_from(d).ok())
+                    .unwrap_or(pending_window_days),
+                deletion_date_unix_ms: out.deletion_date.map(|d| d.to_millis().unwrap_or(i64::MAX)),
+            }),
+            Err(e) => match map_sdk_err(key_id, e) {
+                // Already pending deletion (or another non-deletable state): look.
+                KmsError::KeyInvalidState { .. } => {
+                    let meta = self
+                        .client
+                        .describe_key()
+                        .key_id(key_id)
+                        .send()
+                        .await
+                        .map_err(|e| map_sdk_err(key_id, e))?
+                        .key_metadata;
+                    match meta {
+                        Some(m)
+                            if m.key_state
+                                == Some(aws_sdk_kms::types::KeyState::PendingDeletion) =>
+                        {
+                            Ok(KeyDeletion::AlreadyPending {
+                                deletion_date_unix_ms: m
+                                    .deletion_date
+                                    .map(|d| d.to_millis().unwrap_or(i64::MAX)),
+                            })
+                        }
+                        _ => Err(KmsError::KeyInvalidState {
+                            key_id: key_id.to_owned(),
+                        }),
+                    }
+                }
+                other => Err(other),
+            },
+        }
     }
 }

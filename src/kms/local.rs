@@ -24,7 +24,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-use super::{DataKey, EncryptionContext, Kms, KmsError, WrappedKey};
+use super::{DataKey, EncryptionContext, KeyDeletion, Kms, KmsError, WrappedKey};
 use crate::crypto::{
     CryptoError, KEY_LEN, NONCE_LEN, SecretKey, TAG_LEN, Xaes256Gcm, open_key, seal_key,
 };
@@ -334,6 +334,19 @@ impl Kms for LocalKms {
 
     async fn check(&self) -> Result<(), KmsError> {
         Ok(())
+    }
+
+    async fn schedule_key_deletion(
+        &self,
+        key_id: &str,
+        _pending_window_days: u32,
+    ) -> Result<KeyDeletion, KmsError> {
+        // The local KMS has one root key that wraps every tenant: it is never a
+        // tenant's own key, so nothing may delete it.
+        self.check_key(key_id)?;
+        Err(KmsError::Rejected {
+            code: "the local development KMS has no per-tenant keys to delete".into(),
+        })
     }
 }
 

@@ -150,6 +150,23 @@ pub enum KmsError {
     Misconfigured(String),
 }
 
+/// What scheduling a KMS key's deletion did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyDeletion {
+    /// Deletion is now scheduled.
+    Scheduled {
+        /// Waiting period before the KMS deletes the key (during which it is unusable).
+        pending_window_days: u32,
+        /// When the KMS will delete it, Unix ms, if it said.
+        deletion_date_unix_ms: Option<i64>,
+    },
+    /// The key was already pending deletion (an earlier attempt, or an operator).
+    AlreadyPending {
+        /// When the KMS will delete it, Unix ms, if it said.
+        deletion_date_unix_ms: Option<i64>,
+    },
+}
+
 /// A key management service that wraps and unwraps 256-bit keys.
 #[async_trait]
 pub trait Kms: Send + Sync + 'static {
@@ -184,4 +201,19 @@ pub trait Kms: Send + Sync + 'static {
 
     /// Cheap reachability check of the default key (for readiness).
     async fn check(&self) -> Result<(), KmsError>;
+
+    /// The KMS's own name for a key id (AWS: the key ARN behind an alias, id or ARN),
+    /// to tell whether two ids name the same key. Default: the id itself.
+    async fn canonical_key_id(&self, key_id: &str) -> Result<String, KmsError> {
+        Ok(key_id.to_owned())
+    }
+
+    /// Schedules deletion of a KMS key (a tenant's own key, after the tenant was
+    /// erased) with a waiting period of `pending_window_days` (AWS: 7..=30).
+    /// Idempotent: a key already pending deletion is reported as such.
+    async fn schedule_key_deletion(
+        &self,
+        key_id: &str,
+        pending_window_days: u32,
+    ) -> Result<KeyDeletion, KmsError>;
 }

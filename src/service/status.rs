@@ -32,6 +32,10 @@ pub fn classify(e: &Error) -> (Code, &'static str) {
         Error::RetirementBlocked { .. } => (Code::FailedPrecondition, "RETIREMENT_BLOCKED"),
         Error::JobNotFound { .. } => (Code::NotFound, "JOB_NOT_FOUND"),
         Error::JobConflict { .. } => (Code::FailedPrecondition, "JOB_CONFLICT"),
+        Error::ErasureNotFound { .. } => (Code::NotFound, "ERASURE_NOT_FOUND"),
+        Error::ErasureNotCancellable { .. } => {
+            (Code::FailedPrecondition, "ERASURE_NOT_CANCELLABLE")
+        }
         Error::Kms(k) => match k {
             KmsError::Unavailable(_) | KmsError::Timeout => (Code::Unavailable, "KMS_UNAVAILABLE"),
             KmsError::Throttled => (Code::ResourceExhausted, "KMS_THROTTLED"),
@@ -177,6 +181,21 @@ mod tests {
                 },
                 Code::FailedPrecondition,
                 "JOB_CONFLICT",
+            ),
+            (
+                Error::ErasureNotFound {
+                    erasure: "e".into(),
+                },
+                Code::NotFound,
+                "ERASURE_NOT_FOUND",
+            ),
+            (
+                Error::ErasureNotCancellable {
+                    erasure: "e".into(),
+                    state: "completed".into(),
+                },
+                Code::FailedPrecondition,
+                "ERASURE_NOT_CANCELLABLE",
             ),
             (
                 Error::Kms(KmsError::Timeout),

@@ -9,7 +9,9 @@
 //! Must not: see unwrapped keys, call the KMS, or decide state transitions (the keyring
 //! decides; the store applies them atomically with compare-and-set).
 
+mod erasure;
 mod jobs;
+mod ledger;
 mod postgres;
 mod sql;
 mod sqlite;
@@ -19,10 +21,13 @@ use std::str::FromStr;
 
 use async_trait::async_trait;
 
+pub use erasure::{CompleteFn, ErasureRecord, ErasureState, NewErasure, SigningKeyRecord};
 pub use jobs::{JobControl, JobProgress, JobRecord, JobState, JobUpdate, NewJob};
+pub use ledger::{ErasureLedger, LedgerEntry};
 pub use sql::SqlStore;
 pub(crate) use sql::is_unavailable;
 
+use crate::audit::{AuditEvent, AuditRecord};
 use crate::crypto::Fingerprint;
 use crate::kms::WrappedKey;
 
@@ -202,6 +207,24 @@ impl<T> Created<T> {
     pub fn was_created(&self) -> bool {
         matches!(self, Created::Created(_))
     }
+}
+
+/// A change to key states announced by another process sharing the store (PostgreSQL
+/// `LISTEN/NOTIFY`), so that replicas drop cached state at once instead of waiting for
+/// revalidation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// Something about this tenant changed (versions, states); with a subject: only
+    /// that subject's key.
+    Key {
+        /// Tenant.
+        tenant: String,
+        /// Subject, if only a subject's key changed.
+        subject: Option<String>,
+    },
+    /// The notification connection was lost (and is being re-established):
+    /// notifications may have been missed; revalidation bounds the delay.
+    Lost,
 }
 
 /// Why a key-store operation failed.
@@ -390,4 +413,142 @@ pub trait KeyStore: Send + Sync + 'static {
     /// failed job also makes it pending again (after the operator fixed the cause), so
     /// the next runner resumes it from its checkpoint. Returns whether it applied.
     async fn set_job_control(&self, job_id: &str, control: JobControl) -> Result<bool, StoreError>;
+
+    // ------------------------------------------------------------ erasure
+
+    /// Creates an erasure request unless one with its id, or a live (not cancelled)
+    /// one for the same tenant/subject, exists; returns the stored request. `event` is
+    /// appended to the audit chain in the same transaction, only if this call created it.
+    async fn create_erasure(
+        &self,
+        new: NewErasure,
+        event: Option<&AuditEvent>,
+    ) -> Result<Created<ErasureRecord>, StoreError>;
+
+    /// An erasure request, or `None`.
+    async fn get_erasure(&self, erasure_id: &str) -> Result<Option<ErasureRecord>, StoreError>;
+
+    /// The live (not cancelled) erasure of a tenant (`subject` `None`) or subject.
+    async fn live_erasure(
+        &self,
+        tenant_id: &str,
+        subject_id: Option<&str>,
+    ) -> Result<Option<ErasureRecord>, StoreError>;
+
+    /// Up to `limit` requests (of one tenant, or all) with ids after `after`, by id
+    /// (ids sort by creation time).
+    async fn list_erasures(
+        &self,
+        tenant_id: Option<&str>,
+        after: &str,
+        limit: u32,
+    ) -> Result<Vec<ErasureRecord>, StoreError>;
+
+    /// Requests to execute now: scheduled ones whose grace period ended by `now`, and
+    /// executing ones not touched since `stale_before` (a crashed executor).
+    async fn due_erasures(
+        &self,
+        now: i64,
+        stale_before: i64,
+        limit: u32,
+    ) -> Result<Vec<ErasureRecord>, StoreError>;
+
+    /// Marks a request executing (a due scheduled one, or an executing one again);
+    /// returns it, or `None` if it is not executable (not due, finished, cancelled).
+    async fn start_erasure(
+        &self,
+        erasure_id: &str,
+        executed_by: &str,
+        now: i64,
+    ) -> Result<Option<ErasureRecord>, StoreError>;
+
+    /// Makes a scheduled (or executing) request executable at once, regardless of its
+    /// grace period or of a live executor (re-applying an erasure a restored backup had
+    /// rolled back). Returns whether it changed.
+    async fn reopen_erasure(&self, erasure_id: &str) -> Result<bool, StoreError>;
+
+    /// Moves a scheduled request's execution earlier (never later).
+    async fn reschedule_erasure(
+        &self,
+        erasure_id: &str,
+        execute_after: i64,
+    ) -> Result<bool, StoreError>;
+
+    /// Cancels a scheduled request, appending `event` in the same transaction. Returns
+    /// whether it was cancelled (false: not scheduled any more).
+    async fn cancel_erasure(
+        &self,
+        erasure_id: &str,
+        cancelled_by: &str,
+        event: &AuditEvent,
+    ) -> Result<bool, StoreError>;
+
+    /// Records why an execution attempt failed (it is retried).
+    async fn note_erasure_error(&self, erasure_id: &str, error: &str) -> Result<(), StoreError>;
+
+    /// Completes an executing request in one transaction: appends the audit record
+    /// `complete` builds from the chain head, stores the receipt, marks it completed.
+    /// Returns `None` (and appends nothing) if it was not executing (completed by
+    /// another executor).
+    async fn complete_erasure(
+        &self,
+        erasure_id: &str,
+        complete: &CompleteFn<'_>,
+    ) -> Result<Option<ErasureRecord>, StoreError>;
+
+    /// Destroys every key version and every subject key of a tenant (tombstones kept),
+    /// in one transaction. Returns (versions, subjects) destroyed by this call.
+    async fn shred_tenant(&self, tenant_id: &str) -> Result<(u64, u64), StoreError>;
+
+    /// Inserts a destroyed tombstone for a subject that has no key yet, so that none is
+    /// ever created for it. Returns whether it inserted one.
+    async fn tombstone_subject(
+        &self,
+        tenant_id: &str,
+        subject_id: &str,
+    ) -> Result<bool, StoreError>;
+
+    /// Up to `limit` (subject id, fingerprint) of a tenant, ids after `after`, by id.
+    async fn subject_fingerprints(
+        &self,
+        tenant_id: &str,
+        after: &str,
+        limit: u32,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+
+    /// Every KMS key id that still wraps live material (tenant keys, signing keys),
+    /// or is the key of a tenant with live versions.
+    async fn live_kms_key_ids(&self) -> Result<Vec<String>, StoreError>;
+
+    // ------------------------------------------------------------ audit, signing
+
+    /// Appends one record to the audit chain.
+    async fn append_audit(&self, event: &AuditEvent) -> Result<AuditRecord, StoreError>;
+
+    /// Up to `limit` audit records after `after_seq`, in order.
+    async fn audit_records(
+        &self,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<AuditRecord>, StoreError>;
+
+    /// The active signing key for `purpose`, if any.
+    async fn signing_key(&self, purpose: &str) -> Result<Option<SigningKeyRecord>, StoreError>;
+
+    /// Stores `key` as the active signing key for its purpose unless one exists;
+    /// returns the active one (this, or the one that won a race).
+    async fn create_signing_key(
+        &self,
+        key: &SigningKeyRecord,
+    ) -> Result<SigningKeyRecord, StoreError>;
+
+    // ------------------------------------------------------------ propagation
+
+    /// Tells other processes sharing the store that a tenant's (or subject's) keys
+    /// changed. A no-op where there is nobody to tell (SQLite).
+    async fn announce(&self, tenant_id: &str, subject_id: Option<&str>) -> Result<(), StoreError>;
+
+    /// A stream of changes announced by other processes, or `None` if this backend
+    /// has none (SQLite: revalidation alone bounds propagation).
+    async fn changes(&self) -> Result<Option<tokio::sync::mpsc::Receiver<Change>>, StoreError>;
 }

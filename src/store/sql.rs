@@ -7,9 +7,11 @@ use sqlx::any::AnyRow;
 use sqlx::{AnyPool, Row};
 
 use super::{
-    Created, JobControl, JobRecord, JobUpdate, KeyState, KeyStore, KeyVersionRecord, NewJob,
-    NewKeyVersion, NewSubject, StoreError, SubjectRecord, TenantRecord, now_ms,
+    Change, CompleteFn, Created, ErasureRecord, JobControl, JobRecord, JobUpdate, KeyState,
+    KeyStore, KeyVersionRecord, NewErasure, NewJob, NewKeyVersion, NewSubject, SigningKeyRecord,
+    StoreError, SubjectRecord, TenantRecord, now_ms,
 };
+use crate::audit::{AuditEvent, AuditRecord};
 use crate::crypto::Fingerprint;
 use crate::kms::WrappedKey;
 
@@ -18,6 +20,8 @@ use crate::kms::WrappedKey;
 pub struct SqlStore {
     pub(super) pool: AnyPool,
     pub(super) backend: &'static str,
+    /// PostgreSQL DSN for the `LISTEN` connection (`None` for SQLite).
+    pub(super) listen_dsn: Option<std::sync::Arc<secrecy::SecretString>>,
 }
 
 /// Whether a sqlx error means "the database is not there, or busy: retry" rather than
@@ -687,5 +691,162 @@ impl KeyStore for SqlStore {
         .map_err(classify)?
         .rows_affected();
         Ok(n == 1)
+    }
+
+    async fn create_erasure(
+        &self,
+        new: NewErasure,
+        event: Option<&AuditEvent>,
+    ) -> Result<Created<ErasureRecord>, StoreError> {
+        let (created, rec) = self.create_erasure_impl(&new, event).await?;
+        Ok(if created {
+            Created::Created(rec)
+        } else {
+            Created::Existing(rec)
+        })
+    }
+
+    async fn get_erasure(&self, erasure_id: &str) -> Result<Option<ErasureRecord>, StoreError> {
+        self.get_erasure_impl(erasure_id).await
+    }
+
+    async fn live_erasure(
+        &self,
+        tenant_id: &str,
+        subject_id: Option<&str>,
+    ) -> Result<Option<ErasureRecord>, StoreError> {
+        self.live_erasure_impl(tenant_id, subject_id).await
+    }
+
+    async fn list_erasures(
+        &self,
+        tenant_id: Option<&str>,
+        after: &str,
+        limit: u32,
+    ) -> Result<Vec<ErasureRecord>, StoreError> {
+        self.list_erasures_impl(tenant_id, after, limit).await
+    }
+
+    async fn due_erasures(
+        &self,
+        now: i64,
+        stale_before: i64,
+        limit: u32,
+    ) -> Result<Vec<ErasureRecord>, StoreError> {
+        self.due_erasures_impl(now, stale_before, limit).await
+    }
+
+    async fn start_erasure(
+        &self,
+        erasure_id: &str,
+        executed_by: &str,
+        now: i64,
+    ) -> Result<Option<ErasureRecord>, StoreError> {
+        self.start_erasure_impl(erasure_id, executed_by, now).await
+    }
+
+    async fn reopen_erasure(&self, erasure_id: &str) -> Result<bool, StoreError> {
+        self.reopen_erasure_impl(erasure_id).await
+    }
+
+    async fn reschedule_erasure(
+        &self,
+        erasure_id: &str,
+        execute_after: i64,
+    ) -> Result<bool, StoreError> {
+        self.reschedule_erasure_impl(erasure_id, execute_after)
+            .await
+    }
+
+    async fn cancel_erasure(
+        &self,
+        erasure_id: &str,
+        cancelled_by: &str,
+        event: &AuditEvent,
+    ) -> Result<bool, StoreError> {
+        self.cancel_erasure_impl(erasure_id, cancelled_by, event)
+            .await
+    }
+
+    async fn note_erasure_error(&self, erasure_id: &str, error: &str) -> Result<(), StoreError> {
+        self.note_erasure_error_impl(erasure_id, error).await
+    }
+
+    async fn complete_erasure(
+        &self,
+        erasure_id: &str,
+        complete: &CompleteFn<'_>,
+    ) -> Result<Option<ErasureRecord>, StoreError> {
+        self.complete_erasure_impl(erasure_id, complete).await
+    }
+
+    async fn shred_tenant(&self, tenant_id: &str) -> Result<(u64, u64), StoreError> {
+        self.shred_tenant_impl(tenant_id).await
+    }
+
+    async fn tombstone_subject(
+        &self,
+        tenant_id: &str,
+        subject_id: &str,
+    ) -> Result<bool, StoreError> {
+        self.tombstone_subject_impl(tenant_id, subject_id).await
+    }
+
+    async fn subject_fingerprints(
+        &self,
+        tenant_id: &str,
+        after: &str,
+        limit: u32,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.subject_fingerprints_impl(tenant_id, after, limit)
+            .await
+    }
+
+    async fn live_kms_key_ids(&self) -> Result<Vec<String>, StoreError> {
+        self.live_kms_key_ids_impl().await
+    }
+
+    async fn append_audit(&self, event: &AuditEvent) -> Result<AuditRecord, StoreError> {
+        self.append_audit_impl(event).await
+    }
+
+    async fn audit_records(
+        &self,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        self.audit_records_impl(after_seq, limit).await
+    }
+
+    async fn signing_key(&self, purpose: &str) -> Result<Option<SigningKeyRecord>, StoreError> {
+        self.signing_key_impl(purpose).await
+    }
+
+    async fn create_signing_key(
+        &self,
+        key: &SigningKeyRecord,
+    ) -> Result<SigningKeyRecord, StoreError> {
+        self.create_signing_key_impl(key).await
+    }
+
+    async fn announce(&self, tenant_id: &str, subject_id: Option<&str>) -> Result<(), StoreError> {
+        if self.listen_dsn.is_none() {
+            return Ok(());
+        }
+        let payload = format!("{tenant_id}\t{}", subject_id.unwrap_or(""));
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(super::postgres::CHANNEL)
+            .bind(payload)
+            .execute(&self.pool)
+            .await
+            .map_err(classify)?;
+        Ok(())
+    }
+
+    async fn changes(&self) -> Result<Option<tokio::sync::mpsc::Receiver<Change>>, StoreError> {
+        match &self.listen_dsn {
+            None => Ok(None),
+            Some(dsn) => super::postgres::listen(dsn).await.map(Some),
+        }
     }
 }

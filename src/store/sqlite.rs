@@ -67,6 +67,7 @@ impl SqlStore {
         Ok(Self {
             pool,
             backend: "sqlite",
+            listen_dsn: None,
         })
     }
 }

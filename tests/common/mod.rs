@@ -165,6 +165,13 @@ impl fieldkey::kms::Kms for CountingKms {
     async fn check(&self) -> Result<(), fieldkey::kms::KmsError> {
         self.inner.check().await
     }
+    async fn schedule_key_deletion(
+        &self,
+        key_id: &str,
+        days: u32,
+    ) -> Result<fieldkey::kms::KeyDeletion, fieldkey::kms::KmsError> {
+        self.inner.schedule_key_deletion(key_id, days).await
+    }
 }
 
 /// A TCP proxy on 127.0.0.1 in front of a real server (PostgreSQL, moto_server) that a
