@@ -27,6 +27,41 @@ pub struct Config {
     pub cache: CacheSettings,
     /// Policy files.
     pub policy: PolicyConfig,
+    /// Erasure workflow.
+    pub erasure: ErasureSettings,
+}
+
+/// Erasure workflow settings (see docs/ERASURE.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ErasureSettings {
+    /// The erasure ledger, kept apart from the key store so a restored key-store backup
+    /// cannot bring erased keys back: a SQLite file path, or a `postgres://` URL (a
+    /// separate database, ideally on separate storage). Default: with the SQLite key
+    /// store, `<data_dir>/erasure-ledger.db`; with PostgreSQL, a table in the key
+    /// store's own database (a warning is logged: a restore of that database rolls
+    /// both back).
+    pub ledger: Option<String>,
+    /// Waiting period of a tenant's own KMS key deletion, 7..=30 days.
+    pub kms_key_deletion_days: u32,
+    /// An erasure left `executing` this long (its executor crashed) is taken up again.
+    pub retry_after_secs: u64,
+    /// How often due erasures are looked for, in ms.
+    pub poll_ms: u64,
+    /// How often the key store is reconciled with the ledger, in seconds (also at start).
+    pub reconcile_secs: u64,
+}
+
+impl Default for ErasureSettings {
+    fn default() -> Self {
+        Self {
+            ledger: None,
+            kms_key_deletion_days: 7,
+            retry_after_secs: 30,
+            poll_ms: 5000,
+            reconcile_secs: 600,
+        }
+    }
 }
 
 /// Policy files (see `policies/`).
@@ -48,6 +83,7 @@ impl Default for Config {
             limits: Limits::default(),
             cache: CacheSettings::default(),
             policy: PolicyConfig::default(),
+            erasure: ErasureSettings::default(),
         }
     }
 }
@@ -213,6 +249,17 @@ impl Config {
         if l.max_message_bytes < 1024 || l.request_timeout_ms == 0 {
             return Err(ConfigError::Invalid(
                 "limits.max_message_bytes must be >= 1024 and request_timeout_ms > 0".into(),
+            ));
+        }
+        let e = &self.erasure;
+        if !(7..=30).contains(&e.kms_key_deletion_days) {
+            return Err(ConfigError::Invalid(
+                "erasure.kms_key_deletion_days must be 7..=30".into(),
+            ));
+        }
+        if e.poll_ms < 10 || e.retry_after_secs == 0 || e.reconcile_secs == 0 {
+            return Err(ConfigError::Invalid(
+                "erasure.poll_ms must be >= 10; retry_after_secs and reconcile_secs > 0".into(),
             ));
         }
         if self.listen.tcp.is_none() && self.listen.unix.is_none() && self.listen.mtls.is_none() {

@@ -87,7 +87,16 @@ async fn start() -> Result<Fixture> {
         common::local_kms(&dir)?,
         KeyringConfig::default(),
     ));
-    let routes = fieldkey::service::routes(keyring, &Limits::default(), Default::default()).await?;
+    let routes = fieldkey::service::routes(
+        keyring.clone(),
+        &Limits::default(),
+        Default::default(),
+        std::sync::Arc::new(fieldkey::erasure::Erasures::new(
+            keyring.clone(),
+            Default::default(),
+        )),
+    )
+    .await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let tls = ReloadingConfig::watch(cfg.clone(), std::time::Duration::from_millis(50))?;

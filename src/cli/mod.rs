@@ -7,6 +7,7 @@
 //! (KMS or store down, deadline, overload: retry later).
 
 mod client;
+mod erasure;
 mod jobs;
 mod serve;
 
@@ -59,6 +60,11 @@ enum Command {
     Jobs {
         #[command(subcommand)]
         command: JobsCommand,
+    },
+    /// Erasure (crypto-shredding) and restriction: request, cancel, follow, verify receipts.
+    Erasure {
+        #[command(subcommand)]
+        command: erasure::ErasureCommand,
     },
     /// Key management service set-up.
     Kms {
@@ -339,6 +345,7 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Decrypt(args) => client::decrypt(args).await,
             Command::Tenant { command } => client::tenant(command).await,
             Command::Jobs { command } => jobs::jobs(command).await,
+            Command::Erasure { command } => erasure::erasure(command).await,
             Command::Kms {
                 command: KmsCommand::InitLocal { path, passphrase },
             } => serve::init_local_kms(&path, passphrase).map_err(client::CliError::Other),

@@ -10,12 +10,13 @@ use secrecy::SecretString;
 use super::{KeyArgs, ServeArgs};
 use crate::cache::CacheConfig;
 use crate::config::Config;
+use crate::erasure::{ErasureConfig, Erasures};
 use crate::keyring::{Keyring, KeyringConfig};
 use crate::kms::Kms;
 use crate::kms::aws::{AwsKms, AwsKmsConfig};
 use crate::kms::local::{KdfParams, LocalKms};
 use crate::policy::RotationPolicy;
-use crate::store::{KeyStore, SqlStore};
+use crate::store::{ErasureLedger, KeyStore, SqlStore};
 
 fn config_from(serve: &ServeArgs) -> anyhow::Result<Config> {
     let mut cfg = key_config(&serve.keys)?;
@@ -136,7 +137,43 @@ pub(super) async fn build_keyring(cfg: &Config) -> anyhow::Result<Arc<Keyring>> 
         revalidate_after: Duration::from_millis(cfg.cache.revalidate_ms),
         ..KeyringConfig::default()
     };
-    Ok(Arc::new(Keyring::new(store, kms, kcfg)))
+    let ledger = Arc::new(match (&cfg.erasure.ledger, &cfg.store.postgres_url) {
+        (Some(url), _) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            ErasureLedger::connect_postgres(url).await?
+        }
+        (Some(path), _) => ErasureLedger::open_sqlite(Path::new(path)).await?,
+        (None, Some(dsn)) => {
+            tracing::warn!(
+                "erasure.ledger is not set: the erasure ledger shares the key store's PostgreSQL database, so restoring that database also rolls back erasures until they are re-applied by hand; point erasure.ledger at a separate database"
+            );
+            ErasureLedger::connect_postgres(dsn).await?
+        }
+        (None, None) => ErasureLedger::open_sqlite(&cfg.data_dir.join("erasure-ledger.db")).await?,
+    });
+    tracing::info!(backend = ledger.backend(), "erasure ledger ready");
+    Ok(Arc::new(Keyring::new(store, kms, kcfg).with_ledger(ledger)))
+}
+
+/// Erasure settings from the configuration (and the crash-test fault injection
+/// variable, `FIELDKEY_FAULT_ABORT_AFTER_ERASURE_STEP`, never set in production).
+fn erasure_config(cfg: &Config) -> ErasureConfig {
+    let e = &cfg.erasure;
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into());
+    let abort_after = std::env::var("FIELDKEY_FAULT_ABORT_AFTER_ERASURE_STEP").ok();
+    if let Some(step) = &abort_after {
+        tracing::warn!(
+            step,
+            "FAULT INJECTION: this process will abort during an erasure (tests only)"
+        );
+    }
+    ErasureConfig {
+        kms_key_deletion_days: e.kms_key_deletion_days,
+        retry_after: Duration::from_secs(e.retry_after_secs),
+        poll: Duration::from_millis(e.poll_ms),
+        reconcile_every: Duration::from_secs(e.reconcile_secs),
+        executor: format!("fieldkey@{host} pid {}", std::process::id()),
+        abort_after,
+    }
 }
 
 async fn shutdown_signal() {
@@ -170,7 +207,12 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     // One set of services for every listener: the in-flight limit and the health
     // status are the sidecar's, not a listener's.
-    let routes = crate::service::routes(keyring.clone(), &cfg.limits, rotation).await?;
+    // Shreds and suspensions made by other replicas apply here as soon as announced.
+    let _follow = keyring.follow_changes().await?;
+    let erasures = Arc::new(Erasures::new(keyring.clone(), erasure_config(&cfg)));
+    let worker = erasures.clone().spawn_worker();
+    let routes =
+        crate::service::routes(keyring.clone(), &cfg.limits, rotation, erasures.clone()).await?;
     let mut servers = tokio::task::JoinSet::new();
     if let Some(addr) = &cfg.listen.tcp {
         let listener = crate::transport::bind_tcp(addr).await?;
@@ -218,6 +260,7 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     while let Some(res) = servers.join_next().await {
         res.context("server task failed")??;
     }
+    worker.abort();
     keyring.cache().clear().await;
     tracing::info!("stopped; cached keys wiped");
     Ok(())

@@ -4,6 +4,7 @@
 //! health and reflection services, and the single error mapping ([`status`]). Must not:
 //! hold keys, decide key use (the keyring does), or log plaintext.
 
+pub mod erasure;
 mod jobs;
 pub mod status;
 
@@ -554,7 +555,8 @@ impl pb::keys_server::Keys for KeysService {
     }
 }
 
-/// The full set of gRPC services: Crypto, Keys, Jobs, standard health and reflection.
+/// The full set of gRPC services: Crypto, Keys, Jobs, Erasures, standard health and
+/// reflection.
 ///
 /// # Errors
 /// Only if the embedded descriptor set is invalid (a build error).
@@ -562,6 +564,7 @@ pub async fn routes(
     keyring: Arc<Keyring>,
     limits: &Limits,
     rotation: RotationPolicy,
+    erasures: Arc<crate::erasure::Erasures>,
 ) -> Result<tonic::service::Routes, Error> {
     let guard = Guard::new(limits.clone());
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -586,9 +589,15 @@ pub async fn routes(
     reporter
         .set_serving::<pb::jobs_server::JobsServer<jobs::JobsService>>()
         .await;
+    let erasures =
+        pb::erasures_server::ErasuresServer::new(erasure::ErasuresService::new(erasures));
+    reporter
+        .set_serving::<pb::erasures_server::ErasuresServer<erasure::ErasuresService>>()
+        .await;
     Ok(tonic::service::Routes::new(crypto)
         .add_service(keys)
         .add_service(jobs)
+        .add_service(erasures)
         .add_service(health)
         .add_service(reflection))
 }

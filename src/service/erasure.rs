@@ -1,0 +1,240 @@
+//! The `fieldkey.v1.Erasures` service: erasure requests and restriction of processing,
+//! as the erasure workflow and privacy tooling call them. The workflow itself is in
+//! `crate::erasure`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::{Request, Response, Status};
+
+use super::pb;
+use super::status::to_status;
+use crate::audit::mask_ip;
+use crate::erasure::{Actor, Erasures, receipt};
+use crate::error::Error;
+use crate::store::{ErasureRecord, ErasureState, KeyState};
+use crate::transport::mtls::CallerInfo;
+
+/// The Erasures service.
+#[derive(Debug, Clone)]
+pub struct ErasuresService {
+    erasures: Arc<Erasures>,
+}
+
+impl ErasuresService {
+    /// A service over the erasure workflow.
+    pub fn new(erasures: Arc<Erasures>) -> Self {
+        Self { erasures }
+    }
+}
+
+/// The caller as the audit log records it: the mTLS identity (or `local` on the
+/// loopback and Unix-socket listeners) and the masked address.
+pub fn actor_of<T>(req: &Request<T>) -> Actor {
+    match req.extensions().get::<CallerInfo>() {
+        Some(c) => Actor {
+            id: c.identity.clone(),
+            ip: c.remote_addr.map(|a| mask_ip(a.ip())),
+        },
+        None => Actor {
+            id: "local".into(),
+            ip: req.remote_addr().map(|a| mask_ip(a.ip())),
+        },
+    }
+}
+
+fn state_pb(s: ErasureState) -> pb::ErasureState {
+    match s {
+        ErasureState::Scheduled => pb::ErasureState::Scheduled,
+        ErasureState::Executing => pb::ErasureState::Executing,
+        ErasureState::Completed => pb::ErasureState::Completed,
+        ErasureState::Cancelled => pb::ErasureState::Cancelled,
+    }
+}
+
+fn erasure_pb(r: ErasureRecord) -> pb::Erasure {
+    pb::Erasure {
+        erasure_id: r.erasure_id,
+        tenant_id: r.tenant_id,
+        subject_id: r.subject_id.unwrap_or_default(),
+        state: state_pb(r.state) as i32,
+        requested_by: r.requested_by,
+        requested_at_unix_ms: r.requested_at,
+        execute_after_unix_ms: r.execute_after,
+        started_at_unix_ms: r.started_at.unwrap_or(0),
+        completed_at_unix_ms: r.completed_at.unwrap_or(0),
+        cancelled_by: r.cancelled_by.unwrap_or_default(),
+        cancelled_at_unix_ms: r.cancelled_at.unwrap_or(0),
+        attempts: r.attempts,
+        last_error: r.last_error.unwrap_or_default(),
+        receipt: r.receipt.unwrap_or_default(),
+        audit_seq: r.audit_seq.unwrap_or(0),
+    }
+}
+
+fn reply(r: Result<ErasureRecord, Error>) -> Result<Response<pb::Erasure>, Status> {
+    r.map(|r| Response::new(erasure_pb(r)))
+        .map_err(|e| to_status(&e))
+}
+
+impl ErasuresService {
+    /// Runs a shred in its own task, so that a caller who disconnects or times out
+    /// does not interrupt it half-way (it would finish on retry anyway).
+    async fn shred(
+        &self,
+        actor: Actor,
+        tenant: String,
+        subject: Option<String>,
+        grace_seconds: u32,
+    ) -> Result<Response<pb::Erasure>, Status> {
+        let erasures = self.erasures.clone();
+        let task = tokio::spawn(async move {
+            erasures
+                .request(
+                    &actor,
+                    &tenant,
+                    subject.as_deref(),
+                    Duration::from_secs(u64::from(grace_seconds)),
+                )
+                .await
+        });
+        match task.await {
+            Ok(r) => reply(r),
+            Err(e) => Err(to_status(&Error::Internal(format!(
+                "erasure task failed: {e}"
+            )))),
+        }
+    }
+
+    async fn restriction(
+        &self,
+        req: Request<pb::RestrictionRequest>,
+        suspend: bool,
+    ) -> Result<Response<pb::Restriction>, Status> {
+        let actor = actor_of(&req);
+        let r = req.into_inner();
+        let subject = (!r.subject_id.is_empty()).then_some(r.subject_id.as_str());
+        let k = self.erasures.keyring();
+        let result = async {
+            if suspend {
+                self.erasures.suspend(&actor, &r.tenant_id, subject).await?;
+            } else {
+                self.erasures.resume(&actor, &r.tenant_id, subject).await?;
+            }
+            Ok::<_, Error>(match subject {
+                Some(s) => k.subject(&r.tenant_id, s).await?.state,
+                None => {
+                    let t = k.tenant(&r.tenant_id).await?;
+                    if t.versions.iter().any(|v| v.state == KeyState::Suspended) {
+                        KeyState::Suspended
+                    } else {
+                        KeyState::Active
+                    }
+                }
+            })
+        }
+        .await
+        .map_err(|e| to_status(&e))?;
+        Ok(Response::new(pb::Restriction {
+            tenant_id: r.tenant_id.clone(),
+            subject_id: r.subject_id.clone(),
+            state: super::key_state(result) as i32,
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::erasures_server::Erasures for ErasuresService {
+    async fn shred_subject(
+        &self,
+        req: Request<pb::ShredSubjectRequest>,
+    ) -> Result<Response<pb::Erasure>, Status> {
+        let actor = actor_of(&req);
+        let r = req.into_inner();
+        self.shred(actor, r.tenant_id, Some(r.subject_id), r.grace_seconds)
+            .await
+    }
+
+    async fn shred_tenant(
+        &self,
+        req: Request<pb::ShredTenantRequest>,
+    ) -> Result<Response<pb::Erasure>, Status> {
+        let actor = actor_of(&req);
+        let r = req.into_inner();
+        self.shred(actor, r.tenant_id, None, r.grace_seconds).await
+    }
+
+    async fn cancel_erasure(
+        &self,
+        req: Request<pb::ErasureIdRequest>,
+    ) -> Result<Response<pb::Erasure>, Status> {
+        let actor = actor_of(&req);
+        let id = req.into_inner().erasure_id;
+        reply(self.erasures.cancel(&actor, &id).await)
+    }
+
+    async fn get_erasure(
+        &self,
+        req: Request<pb::ErasureIdRequest>,
+    ) -> Result<Response<pb::Erasure>, Status> {
+        reply(self.erasures.get(&req.into_inner().erasure_id).await)
+    }
+
+    async fn list_erasures(
+        &self,
+        req: Request<pb::ListErasuresRequest>,
+    ) -> Result<Response<pb::ListErasuresResponse>, Status> {
+        let r = req.into_inner();
+        let size = match r.page_size {
+            0 => 1000,
+            n => n.min(1000),
+        };
+        let tenant = (!r.tenant_id.is_empty()).then_some(r.tenant_id.as_str());
+        let list = self
+            .erasures
+            .list(tenant, &r.page_token, size)
+            .await
+            .map_err(|e| to_status(&e))?;
+        let full = u32::try_from(list.len()).unwrap_or(u32::MAX) == size;
+        let next_page_token = match (full, list.last()) {
+            (true, Some(last)) => last.erasure_id.clone(),
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::ListErasuresResponse {
+            erasures: list.into_iter().map(erasure_pb).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn suspend_subject(
+        &self,
+        req: Request<pb::RestrictionRequest>,
+    ) -> Result<Response<pb::Restriction>, Status> {
+        self.restriction(req, true).await
+    }
+
+    async fn resume_subject(
+        &self,
+        req: Request<pb::RestrictionRequest>,
+    ) -> Result<Response<pb::Restriction>, Status> {
+        self.restriction(req, false).await
+    }
+
+    async fn get_receipt_key(
+        &self,
+        _req: Request<pb::GetReceiptKeyRequest>,
+    ) -> Result<Response<pb::ReceiptKey>, Status> {
+        let (key_id, vk) = self
+            .erasures
+            .public_key()
+            .await
+            .map_err(|e| to_status(&e))?;
+        let pem =
+            receipt::public_key_pem(&vk).map_err(|e| to_status(&Error::Internal(e.to_string())))?;
+        Ok(Response::new(pb::ReceiptKey {
+            key_id,
+            public_key_pem: pem,
+            public_key: vk.to_bytes().to_vec(),
+        }))
+    }
+}
