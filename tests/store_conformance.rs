@@ -572,3 +572,362 @@ async fn a_postgres_permission_error_is_a_query_failure_not_an_outage() -> Resul
         .await?;
     Ok(())
 }
+
+// ------------------------------------------------------------------ erasure, audit, ledger
+
+/// What the erasure conformance tests need besides the store: a raw connection pool to
+/// the same database (for statements fieldkey never runs) and an erasure ledger of the
+/// same backend.
+struct ErasureCtx {
+    store: Arc<dyn KeyStore>,
+    raw: sqlx::AnyPool,
+    ledger: fieldkey::store::ErasureLedger,
+}
+
+mod erasure_suite {
+    use super::*;
+    use fieldkey::audit::{AuditEvent, GENESIS, verify_chain};
+    use fieldkey::store::{Created, ErasureState, LedgerEntry, NewErasure};
+
+    fn event(action: &str, n: usize) -> AuditEvent {
+        AuditEvent {
+            action: action.into(),
+            resource_type: "subject".into(),
+            resource_id: format!("user-{n}"),
+            actor: "spiffe://example.org/test".into(),
+            tenant_id: Some("t".into()),
+            caller_ip: None,
+            details: serde_json::json!({ "n": n }),
+        }
+    }
+
+    fn new_erasure(id: &str, tenant: &str, subject: Option<&str>) -> NewErasure {
+        NewErasure {
+            erasure_id: id.into(),
+            tenant_id: tenant.into(),
+            subject_id: subject.map(str::to_owned),
+            requested_by: "dpo".into(),
+            requested_at: 1_000,
+            execute_after: 2_000,
+            state: ErasureState::Scheduled,
+        }
+    }
+
+    pub async fn concurrent_audit_appends_form_one_chain_without_gaps(c: ErasureCtx) -> Result<()> {
+        let mut tasks = Vec::new();
+        for t in 0..4usize {
+            let s = c.store.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut seqs = Vec::new();
+                for i in 0..25usize {
+                    let rec = s.append_audit(&event("test.append", t * 100 + i)).await?;
+                    seqs.push(rec.seq);
+                }
+                Ok::<_, StoreError>(seqs)
+            }));
+        }
+        let mut all = Vec::new();
+        for t in tasks {
+            let seqs = t.await??;
+            assert!(
+                seqs.windows(2).all(|w| w[0] < w[1]),
+                "one task's appends are in order"
+            );
+            all.extend(seqs);
+        }
+        all.sort_unstable();
+        assert_eq!(
+            all,
+            (1..=100).collect::<Vec<u64>>(),
+            "seqs 1..=100, no gaps"
+        );
+        let records = c.store.audit_records(0, 1000).await?;
+        assert_eq!(
+            records.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            (1..=100).collect::<Vec<u64>>()
+        );
+        assert_eq!(verify_chain(&records, 0, GENESIS)?.0, 100);
+        // every event made it, once
+        let mut ns: Vec<u64> = records
+            .iter()
+            .map(|r| r.event.details["n"].as_u64().unwrap())
+            .collect();
+        ns.sort_unstable();
+        ns.dedup();
+        assert_eq!(ns.len(), 100);
+        // paging
+        let page = c.store.audit_records(40, 10).await?;
+        assert_eq!(
+            page.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            (41..=50).collect::<Vec<u64>>()
+        );
+        verify_chain(&page, 40, records[39].hash)?;
+        Ok(())
+    }
+
+    pub async fn the_audit_table_refuses_update_and_delete(c: ErasureCtx) -> Result<()> {
+        for i in 0..3 {
+            c.store.append_audit(&event("test.append", i)).await?;
+        }
+        let before = c.store.audit_records(0, 100).await?;
+        for sql in [
+            "UPDATE fk_audit SET actor = 'mallory' WHERE seq = 2",
+            "UPDATE fk_audit SET details = '{}'",
+            "DELETE FROM fk_audit WHERE seq = 3",
+            "DELETE FROM fk_audit",
+        ] {
+            let r = sqlx::query(sql).execute(&c.raw).await;
+            let err = r.expect_err(sql);
+            assert!(
+                err.to_string().contains("append-only"),
+                "{sql}: refused by the trigger, got {err}"
+            );
+        }
+        let after = c.store.audit_records(0, 100).await?;
+        assert_eq!(after, before, "nothing changed");
+        verify_chain(&after, 0, GENESIS)?;
+        // appending still works after the refusals
+        let next = c.store.append_audit(&event("test.append", 9)).await?;
+        assert_eq!(next.seq, 4);
+        assert_eq!(next.prev_hash, before[2].hash);
+        Ok(())
+    }
+
+    pub async fn one_live_erasure_per_target(c: ErasureCtx) -> Result<()> {
+        let s = &c.store;
+        let ev = event("erasure.requested", 0);
+        let first = s
+            .create_erasure(new_erasure("er-1", "t", Some("alice")), Some(&ev))
+            .await?;
+        assert!(first.was_created());
+        let first = first.into_inner();
+        assert_eq!(first.state, ErasureState::Scheduled);
+        let second = s
+            .create_erasure(new_erasure("er-2", "t", Some("alice")), Some(&ev))
+            .await?;
+        assert_eq!(
+            second,
+            Created::Existing(first.clone()),
+            "the first, live request is returned"
+        );
+        assert!(s.get_erasure("er-2").await?.is_none());
+        assert_eq!(
+            s.audit_records(0, 100).await?.len(),
+            1,
+            "the event is appended only by the call that created the request"
+        );
+        // same id again: that request
+        let same = s
+            .create_erasure(new_erasure("er-1", "t", Some("bob")), None)
+            .await?;
+        assert_eq!(same, Created::Existing(first.clone()));
+        // other targets are independent: the tenant itself, another tenant's alice
+        assert!(
+            s.create_erasure(new_erasure("er-3", "t", None), None)
+                .await?
+                .was_created()
+        );
+        assert!(
+            s.create_erasure(new_erasure("er-4", "u", Some("alice")), None)
+                .await?
+                .was_created()
+        );
+        let dup_tenant = s
+            .create_erasure(new_erasure("er-5", "t", None), None)
+            .await?;
+        assert!(!dup_tenant.was_created());
+        assert_eq!(dup_tenant.into_inner().erasure_id, "er-3");
+        assert_eq!(
+            s.live_erasure("t", Some("alice"))
+                .await?
+                .unwrap()
+                .erasure_id,
+            "er-1"
+        );
+        assert_eq!(s.live_erasure("t", None).await?.unwrap().erasure_id, "er-3");
+        // once cancelled, a new request for the target can be made
+        assert!(s.cancel_erasure("er-1", "dpo", &ev).await?);
+        assert!(
+            !s.cancel_erasure("er-1", "dpo", &ev).await?,
+            "already cancelled"
+        );
+        let again = s
+            .create_erasure(new_erasure("er-6", "t", Some("alice")), None)
+            .await?;
+        assert!(again.was_created());
+        assert_eq!(
+            s.live_erasure("t", Some("alice"))
+                .await?
+                .unwrap()
+                .erasure_id,
+            "er-6"
+        );
+        assert_eq!(
+            s.get_erasure("er-1").await?.unwrap().state,
+            ErasureState::Cancelled
+        );
+        let ids: Vec<String> = s
+            .list_erasures(Some("t"), "", 100)
+            .await?
+            .into_iter()
+            .map(|r| r.erasure_id)
+            .collect();
+        assert_eq!(ids, vec!["er-1", "er-3", "er-6"]);
+        Ok(())
+    }
+
+    fn entry(
+        id: &str,
+        tenant: &str,
+        subject: Option<&str>,
+        state: ErasureState,
+        at: i64,
+    ) -> LedgerEntry {
+        LedgerEntry {
+            erasure_id: id.into(),
+            tenant_id: tenant.into(),
+            subject_id: subject.map(str::to_owned),
+            state,
+            requested_by: "dpo".into(),
+            requested_at: 1_000,
+            execute_after: at,
+        }
+    }
+
+    pub async fn the_ledger_never_moves_back_and_knows_what_was_erased(
+        c: ErasureCtx,
+    ) -> Result<()> {
+        use ErasureState::{Cancelled, Completed, Executing, Scheduled};
+        let l = &c.ledger;
+        let state_of = |entries: &[LedgerEntry], id: &str| {
+            entries
+                .iter()
+                .find(|e| e.erasure_id == id)
+                .map(|e| (e.state, e.execute_after))
+        };
+
+        // Completed, then a late Scheduled: still completed.
+        l.record(&entry("er-a", "t", Some("alice"), Completed, 5_000))
+            .await?;
+        l.record(&entry("er-a", "t", Some("alice"), Scheduled, 4_000))
+            .await?;
+        l.record(&entry("er-a", "t", Some("alice"), Executing, 4_000))
+            .await?;
+        // Scheduled: a later time does not replace an earlier one; an earlier one does.
+        l.record(&entry("er-b", "t", Some("bob"), Scheduled, 5_000))
+            .await?;
+        l.record(&entry("er-b", "t", Some("bob"), Scheduled, 9_000))
+            .await?;
+        let e = l.entries("", 100).await?;
+        assert_eq!(state_of(&e, "er-a"), Some((Completed, 5_000)));
+        assert_eq!(state_of(&e, "er-b"), Some((Scheduled, 5_000)));
+        l.record(&entry("er-b", "t", Some("bob"), Scheduled, 3_000))
+            .await?;
+        assert_eq!(
+            state_of(&l.entries("", 100).await?, "er-b"),
+            Some((Scheduled, 3_000))
+        );
+        // Cancelled is final for a request that never ran.
+        l.record(&entry("er-c", "t", Some("carol"), Scheduled, 5_000))
+            .await?;
+        l.record(&entry("er-c", "t", Some("carol"), Cancelled, 5_000))
+            .await?;
+        l.record(&entry("er-c", "t", Some("carol"), Scheduled, 1_000))
+            .await?;
+        assert_eq!(
+            state_of(&l.entries("", 100).await?, "er-c").map(|s| s.0),
+            Some(Cancelled)
+        );
+        l.record(&entry("er-d", "t", Some("dave"), Executing, 5_000))
+            .await?;
+
+        // erased(): executing and completed subject entries only.
+        assert!(l.erased("t", Some("alice")).await?, "completed");
+        assert!(l.erased("t", Some("dave")).await?, "executing");
+        assert!(!l.erased("t", Some("bob")).await?, "scheduled");
+        assert!(!l.erased("t", Some("carol")).await?, "cancelled");
+        assert!(!l.erased("t", Some("erin")).await?, "never requested");
+        assert!(
+            !l.erased("t", None).await?,
+            "subject erasures do not erase the tenant's own keys"
+        );
+        assert!(
+            !l.erased("u", Some("alice")).await?,
+            "another tenant's alice"
+        );
+
+        // A tenant-wide erasure covers every subject of that tenant.
+        l.record(&entry("er-e", "w", None, Scheduled, 5_000))
+            .await?;
+        assert!(!l.erased("w", None).await?, "scheduled");
+        assert!(!l.erased("w", Some("anyone")).await?);
+        l.record(&entry("er-e", "w", None, Completed, 5_000))
+            .await?;
+        assert!(l.erased("w", None).await?);
+        assert!(l.erased("w", Some("anyone")).await?);
+        assert!(l.erased("w", Some("alice")).await?);
+        assert!(!l.erased("t", Some("anyone")).await?, "only that tenant");
+        l.record(&entry("er-f", "x", None, Cancelled, 5_000))
+            .await?;
+        assert!(!l.erased("x", None).await?);
+        assert!(!l.erased("x", Some("anyone")).await?);
+
+        // entries: by id, paged.
+        let all = l.entries("", 100).await?;
+        let ids: Vec<&str> = all.iter().map(|e| e.erasure_id.as_str()).collect();
+        assert_eq!(ids, vec!["er-a", "er-b", "er-c", "er-d", "er-e", "er-f"]);
+        let page = l.entries("er-b", 2).await?;
+        assert_eq!(
+            page.iter()
+                .map(|e| e.erasure_id.as_str())
+                .collect::<Vec<_>>(),
+            vec!["er-c", "er-d"]
+        );
+        assert_eq!(all[4].subject_id, None);
+        assert_eq!(all[0].subject_id.as_deref(), Some("alice"));
+        Ok(())
+    }
+}
+
+macro_rules! erasure_conformance {
+    ($($name:ident),* $(,)?) => {
+        mod erasure_sqlite {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() -> Result<()> {
+                    let dir = tempfile::tempdir()?;
+                    let path = dir.path().join("keys.db");
+                    let store: Arc<dyn KeyStore> = Arc::new(SqlStore::open_sqlite(&path).await?);
+                    let raw = sqlx::AnyPool::connect(&format!("sqlite://{}", path.display())).await?;
+                    let ledger = fieldkey::store::ErasureLedger::open_sqlite(
+                        &dir.path().join("erasure-ledger.db"),
+                    )
+                    .await?;
+                    erasure_suite::$name(ErasureCtx { store, raw, ledger }).await
+                }
+            )*
+        }
+        mod erasure_postgres {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() -> Result<()> {
+                    let db = common::PgDb::create().await?;
+                    let store: Arc<dyn KeyStore> = Arc::new(SqlStore::connect_postgres(&db.dsn).await?);
+                    let raw = sqlx::AnyPool::connect(&db.dsn).await?;
+                    let ledger = fieldkey::store::ErasureLedger::connect_postgres(&db.dsn).await?;
+                    erasure_suite::$name(ErasureCtx { store, raw, ledger }).await?;
+                    db.drop_db().await
+                }
+            )*
+        }
+    };
+}
+
+erasure_conformance!(
+    concurrent_audit_appends_form_one_chain_without_gaps,
+    the_audit_table_refuses_update_and_delete,
+    one_live_erasure_per_target,
+    the_ledger_never_moves_back_and_knows_what_was_erased,
+);
