@@ -463,3 +463,148 @@ async fn cached_keys_keep_serving_while_the_kms_is_down() -> Result<()> {
     );
     Ok(())
 }
+
+/// Erasing a tenant that has its own KMS key schedules that key's deletion (7 days),
+/// once; a key another live tenant still uses (named by id or by ARN) is kept, and the
+/// default key (which also wraps the receipt signing key) is never scheduled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_erasure_schedules_deletion_of_its_own_kms_key_only() -> Result<()> {
+    use aws_sdk_kms::types::KeyState as AwsKeyState;
+    use fieldkey::erasure::receipt::{self, KmsKeyDeletion};
+    use fieldkey::erasure::{Actor, ErasureConfig, Erasures};
+    use fieldkey::store::{ErasureLedger, ErasureState};
+
+    let default_key = moto_key().await?;
+    let own = moto_key().await?;
+    let shared = moto_key().await?;
+    let dir = tempfile::tempdir()?;
+    let store: Arc<dyn KeyStore> = Arc::new(SqlStore::open_sqlite(&dir.path().join("k.db")).await?);
+    let ledger = Arc::new(ErasureLedger::open_sqlite(&dir.path().join("ledger.db")).await?);
+    let kms = Arc::new(AwsKms::new(config(&common::moto_url(), &default_key)).await?);
+    let keyring = Arc::new(
+        Keyring::new(store.clone(), kms.clone(), KeyringConfig::default()).with_ledger(ledger),
+    );
+    let erasures = Erasures::new(
+        keyring.clone(),
+        ErasureConfig {
+            kms_key_deletion_days: 7,
+            executor: "kms-test".into(),
+            ..ErasureConfig::default()
+        },
+    );
+    let actor = Actor {
+        id: "spiffe://example.org/dpo".into(),
+        ip: None,
+    };
+    let describe = |key: String| {
+        let kms = kms.clone();
+        async move {
+            let out = kms.client().describe_key().key_id(key).send().await?;
+            let m = out.key_metadata().unwrap();
+            Ok::<_, anyhow::Error>((m.key_state().cloned().unwrap(), m.arn().unwrap().to_owned()))
+        }
+    };
+    let (_, shared_arn) = describe(shared.clone()).await?;
+    let (_, default_arn) = describe(default_key.clone()).await?;
+    let aad = |tenant| Aad {
+        tenant,
+        subject: Some("u1"),
+        field: "email",
+        context: b"",
+    };
+
+    keyring.create_tenant("byok", Some(&own)).await?;
+    keyring.rotate_tenant("byok").await?;
+    let c_byok = keyring.encrypt(&aad("byok"), b"byok data").await?;
+    // The same key, by ARN and by id. (By ARN only for the tenant whose erasure keeps
+    // it: moto's ScheduleKeyDeletion does not accept an ARN, unlike AWS.)
+    keyring.create_tenant("b", Some(&shared_arn)).await?;
+    keyring.create_tenant("c", Some(&shared)).await?;
+    let c_c = keyring.encrypt(&aad("c"), b"c data").await?;
+    keyring.create_tenant("plain", None).await?;
+    keyring
+        .create_tenant("plain-arn", Some(&default_arn))
+        .await?;
+
+    // The tenant's own key: scheduled for deletion.
+    let started = fieldkey::store::now_ms();
+    let rec = erasures
+        .request(&actor, "byok", None, Duration::ZERO)
+        .await?;
+    assert_eq!(rec.state, ErasureState::Completed);
+    let (_, vk) = erasures.public_key().await?;
+    let r = receipt::verify(rec.receipt.as_deref().unwrap().as_bytes(), &vk)?;
+    assert_eq!(r.destroyed.len(), 2);
+    let del = r.kms_key_deletion.clone().expect("a KMS key deletion");
+    assert_eq!(del.kms_key_id, own);
+    assert_eq!(del.status, receipt::KMS_SCHEDULED);
+    assert_eq!(del.pending_window_days, Some(7));
+    if let Some(when) = del.deletion_date_unix_ms {
+        let week = 7 * 86_400_000;
+        assert!(
+            (started + week - 86_400_000..=fieldkey::store::now_ms() + week + 86_400_000)
+                .contains(&when),
+            "deletion date {when} is about 7 days away"
+        );
+    }
+    assert_eq!(describe(own.clone()).await?.0, AwsKeyState::PendingDeletion);
+    let d = keyring.decrypt(&aad("byok"), &c_byok).await;
+    assert!(matches!(d, Err(Error::KeyDestroyed { .. })), "{d:?}");
+
+    // Executing (or requesting) it again is harmless: same record, same receipt.
+    let again = erasures.execute(&rec.erasure_id).await?;
+    assert_eq!(again.state, ErasureState::Completed);
+    assert_eq!(again.receipt, rec.receipt);
+    assert_eq!(again.attempts, rec.attempts);
+    let again = erasures
+        .request(&actor, "byok", None, Duration::ZERO)
+        .await?;
+    assert_eq!(again.erasure_id, rec.erasure_id);
+    assert_eq!(again.receipt, rec.receipt);
+    assert_eq!(describe(own.clone()).await?.0, AwsKeyState::PendingDeletion);
+
+    // A key another live tenant still uses (there by id, here by ARN): kept.
+    let rb = erasures.request(&actor, "b", None, Duration::ZERO).await?;
+    let r = receipt::verify(rb.receipt.as_deref().unwrap().as_bytes(), &vk)?;
+    assert_eq!(
+        r.kms_key_deletion,
+        Some(KmsKeyDeletion {
+            kms_key_id: shared_arn.clone(),
+            status: receipt::KMS_KEPT_SHARED.into(),
+            pending_window_days: None,
+            deletion_date_unix_ms: None,
+        })
+    );
+    assert_eq!(describe(shared.clone()).await?.0, AwsKeyState::Enabled);
+    assert_eq!(&*keyring.decrypt(&aad("c"), &c_c).await?, b"c data");
+
+    // The default key, by id or by ARN: never scheduled.
+    for tenant in ["plain", "plain-arn"] {
+        let rp = erasures
+            .request(&actor, tenant, None, Duration::ZERO)
+            .await?;
+        assert_eq!(rp.state, ErasureState::Completed);
+        let r = receipt::verify(rp.receipt.as_deref().unwrap().as_bytes(), &vk)?;
+        assert_eq!(r.kms_key_deletion, None, "{tenant}");
+    }
+    assert_eq!(describe(default_key.clone()).await?.0, AwsKeyState::Enabled);
+    // ... and the last tenant on the shared key goes: now it is scheduled.
+    let rc = erasures.request(&actor, "c", None, Duration::ZERO).await?;
+    let r = receipt::verify(rc.receipt.as_deref().unwrap().as_bytes(), &vk)?;
+    let del = r.kms_key_deletion.expect("a KMS key deletion");
+    assert_eq!(
+        (del.kms_key_id.as_str(), del.status.as_str()),
+        (shared.as_str(), receipt::KMS_SCHEDULED)
+    );
+    assert_eq!(describe(shared).await?.0, AwsKeyState::PendingDeletion);
+    // The receipt signing key still unwraps (it is wrapped by the default key): a new
+    // process signs with it.
+    let fresh = Erasures::new(keyring.clone(), ErasureConfig::default());
+    keyring.create_tenant("later", None).await?;
+    let rl = fresh
+        .request(&actor, "later", Some("u1"), Duration::ZERO)
+        .await?;
+    assert_eq!(rl.state, ErasureState::Completed);
+    receipt::verify(rl.receipt.as_deref().unwrap().as_bytes(), &vk)?;
+    Ok(())
+}

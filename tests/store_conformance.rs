@@ -931,3 +931,35 @@ erasure_conformance!(
     one_live_erasure_per_target,
     the_ledger_never_moves_back_and_knows_what_was_erased,
 );
+
+/// `TRUNCATE` removes every row without firing row-level `DELETE` triggers, so the
+/// append-only rule of the PostgreSQL audit table (0003_erasure_audit.sql: a `BEFORE
+/// UPDATE OR DELETE ... FOR EACH ROW` trigger) does not stop it; a `BEFORE TRUNCATE`
+/// statement trigger would. (The chain head keeps its seq, so `verify_chain` over what
+/// is left reports a gap afterwards: detected, but not prevented.)
+#[tokio::test]
+async fn postgres_audit_table_refuses_truncate() -> Result<()> {
+    use fieldkey::audit::AuditEvent;
+    let db = common::PgDb::create().await?;
+    let store = SqlStore::connect_postgres(&db.dsn).await?;
+    store
+        .append_audit(&AuditEvent {
+            action: "test.append".into(),
+            resource_type: "subject".into(),
+            resource_id: "user-1".into(),
+            actor: "test".into(),
+            tenant_id: Some("t".into()),
+            caller_ip: None,
+            details: serde_json::json!({}),
+        })
+        .await?;
+    let raw = sqlx::AnyPool::connect(&db.dsn).await?;
+    let r = sqlx::query("TRUNCATE fk_audit").execute(&raw).await;
+    let left = store.audit_records(0, 10).await?.len();
+    raw.close().await;
+    drop(store);
+    db.drop_db().await?;
+    assert!(r.is_err(), "TRUNCATE fk_audit was allowed");
+    assert_eq!(left, 1, "the audit record was removed");
+    Ok(())
+}

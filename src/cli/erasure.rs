@@ -228,7 +228,7 @@ fn verify(path: &PathBuf, public_key: &str) -> Result<(), CliError> {
             }
             if r.scope == receipt::SCOPE_TENANT {
                 println!(
-                    "  subject keys destroyed with it: {} (digest {})",
+                    "  subject keys of the tenant, all destroyed: {} (digest {})",
                     r.subject_keys_destroyed,
                     r.subject_keys_digest.as_deref().unwrap_or("-")
                 );

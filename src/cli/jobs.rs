@@ -90,7 +90,10 @@ async fn run(
     let cfg = super::serve::key_config(&keys).map_err(other)?;
     let keyring = super::serve::build_keyring(&cfg).await.map_err(other)?;
     // Shreds and suspensions made by sidecars apply to this runner as soon as announced.
-    let _follow = keyring.follow_changes().await.map_err(|e| other(e.into()))?;
+    let _follow = keyring
+        .follow_changes()
+        .await
+        .map_err(|e| other(e.into()))?;
     let db = sqlx::postgres::PgPoolOptions::new()
         .max_connections(4)
         .acquire_timeout(Duration::from_secs(10))

@@ -399,7 +399,22 @@ impl Erasures {
         let k = &self.keyring;
         let before = match subject {
             Some(s) => k.subject(tenant, s).await?.state,
-            None => tenant_state(&k.tenant(tenant).await?),
+            None => {
+                let t = k.tenant(tenant).await?;
+                let live = t
+                    .versions
+                    .iter()
+                    .any(|v| !matches!(v.state, KeyState::Destroyed | KeyState::Retired));
+                if !live {
+                    // Nothing left to restrict: the tenant was erased.
+                    return Err(Error::KeyDestroyed {
+                        tenant: tenant.to_owned(),
+                        scope: Scope::Tenant,
+                        version: None,
+                    });
+                }
+                tenant_state(&t)
+            }
         };
         match (subject, suspend) {
             (Some(s), true) => drop(k.suspend_subject(tenant, s).await?),
@@ -899,12 +914,13 @@ impl Erasures {
                     out.restored += 1;
                     if rank(state) > 0 {
                         // Picked up by the worker at once (idle since "0").
-                        store.reopen_erasure(&l.erasure_id).await?;
+                        store.reopen_erasure(&l.erasure_id, l.execute_after).await?;
                     }
                 }
             }
             (_, Some(s)) if executed && s.state == ErasureState::Scheduled => {
-                out.reopened += u64::from(store.reopen_erasure(&l.erasure_id).await?);
+                out.reopened +=
+                    u64::from(store.reopen_erasure(&l.erasure_id, l.execute_after).await?);
             }
             _ => {}
         }

@@ -149,8 +149,9 @@ pub struct Receipt {
     /// Tenant scope: every tenant key version. Subject scope: the subject key, or empty
     /// if the subject never had a key.
     pub destroyed: Vec<DestroyedKey>,
-    /// Tenant scope: number of subject keys destroyed with the tenant. Subject scope:
-    /// 0 or 1.
+    /// Tenant scope: number of subject keys the tenant had (that ever held material),
+    /// every one destroyed now, including any erased earlier on its own. Subject
+    /// scope: 0 or 1.
     pub subject_keys_destroyed: u64,
     /// Tenant scope: [`subjects_digest`] over the destroyed subject keys.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -300,10 +300,23 @@ impl Kms for AwsKms {
             .ok_or_else(|| {
                 KmsError::Misconfigured("AWS KMS key deletion window must be 7..=30 days".into())
             })?;
+        // ScheduleKeyDeletion takes a key id or ARN, not an alias: resolve it first.
+        let resolved = self
+            .client
+            .describe_key()
+            .key_id(key_id)
+            .send()
+            .await
+            .map_err(|e| map_sdk_err(key_id, e))?
+            .key_metadata
+            .map(|m| m.key_id)
+            .ok_or(KmsError::Rejected {
+                code: "DescribeKey returned no key metadata".into(),
+            })?;
         match self
             .client
             .schedule_key_deletion()
-            .key_id(key_id)
+            .key_id(&resolved)
             .pending_window_in_days(days)
             .send()
             .await
@@ -321,7 +334,7 @@ impl Kms for AwsKms {
                     let meta = self
                         .client
                         .describe_key()
-                        .key_id(key_id)
+                        .key_id(&resolved)
                         .send()
                         .await
                         .map_err(|e| map_sdk_err(key_id, e))?

@@ -358,12 +358,18 @@ impl SqlStore {
         .collect()
     }
 
-    pub(super) async fn reopen_erasure_impl(&self, erasure_id: &str) -> Result<bool, StoreError> {
+    pub(super) async fn reopen_erasure_impl(
+        &self,
+        erasure_id: &str,
+        execute_after: i64,
+    ) -> Result<bool, StoreError> {
         let n = sqlx::query(
-            "UPDATE fk_erasures SET state = 'executing', updated_at = 0 \
+            "UPDATE fk_erasures SET state = 'executing', updated_at = 0, \
+                 execute_after = CASE WHEN $2 < execute_after THEN $2 ELSE execute_after END \
              WHERE erasure_id = $1 AND state IN ('scheduled', 'executing')",
         )
         .bind(erasure_id)
+        .bind(execute_after)
         .execute(&self.pool)
         .await
         .map_err(classify)?

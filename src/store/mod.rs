@@ -464,8 +464,13 @@ pub trait KeyStore: Send + Sync + 'static {
 
     /// Makes a scheduled (or executing) request executable at once, regardless of its
     /// grace period or of a live executor (re-applying an erasure a restored backup had
-    /// rolled back). Returns whether it changed.
-    async fn reopen_erasure(&self, erasure_id: &str) -> Result<bool, StoreError>;
+    /// rolled back), taking `execute_after` if it is earlier (the time the request had
+    /// been brought forward to). Returns whether it changed.
+    async fn reopen_erasure(
+        &self,
+        erasure_id: &str,
+        execute_after: i64,
+    ) -> Result<bool, StoreError>;
 
     /// Moves a scheduled request's execution earlier (never later).
     async fn reschedule_erasure(

@@ -745,8 +745,12 @@ impl KeyStore for SqlStore {
         self.start_erasure_impl(erasure_id, executed_by, now).await
     }
 
-    async fn reopen_erasure(&self, erasure_id: &str) -> Result<bool, StoreError> {
-        self.reopen_erasure_impl(erasure_id).await
+    async fn reopen_erasure(
+        &self,
+        erasure_id: &str,
+        execute_after: i64,
+    ) -> Result<bool, StoreError> {
+        self.reopen_erasure_impl(erasure_id, execute_after).await
     }
 
     async fn reschedule_erasure(

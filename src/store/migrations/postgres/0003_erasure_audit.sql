@@ -43,6 +43,8 @@ CREATE FUNCTION fk_audit_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN RAISE EXCEPTION 'fk_audit is append-only'; END $$;
 CREATE TRIGGER fk_audit_no_change BEFORE UPDATE OR DELETE ON fk_audit
     FOR EACH ROW EXECUTE FUNCTION fk_audit_append_only();
+CREATE TRIGGER fk_audit_no_truncate BEFORE TRUNCATE ON fk_audit
+    FOR EACH STATEMENT EXECUTE FUNCTION fk_audit_append_only();
 -- The head of the chain: its row lock serializes appends.
 CREATE TABLE fk_audit_head (
     id   INTEGER PRIMARY KEY CHECK (id = 1),
