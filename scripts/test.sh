@@ -119,10 +119,18 @@ else
     start_throwaway_pg || { log "FAIL: no PostgreSQL server could be had; PostgreSQL tests cannot run"; exit 1; }
 fi
 log "PostgreSQL at $FIELDKEY_TEST_DATABASE_URL"
-# databases left behind by interrupted earlier runs
+# databases left behind by interrupted earlier runs: only those created more than two
+# hours ago (the name carries its creation time), so a run going on at the same time on
+# this machine keeps its own
 if command -v psql >/dev/null 2>&1; then
-    psql "$FIELDKEY_TEST_DATABASE_URL" -Atqc "select datname from pg_database where datname like 'fk_test_%'" 2>/dev/null \
-        | while read -r db; do psql "$FIELDKEY_TEST_DATABASE_URL" -qc "drop database if exists $db with (force)" >/dev/null 2>&1 || true; done
+    cutoff=$(( $(date +%s) - 7200 ))
+    psql "$FIELDKEY_TEST_DATABASE_URL" -Atqc "select datname from pg_database where datname ~ '^fk_test_[0-9]+_'" 2>/dev/null \
+        | while read -r db; do
+            created=${db#fk_test_}; created=${created%%_*}
+            if [ "$created" -lt "$cutoff" ]; then
+                psql "$FIELDKEY_TEST_DATABASE_URL" -qc "drop database if exists $db with (force)" >/dev/null 2>&1 || true
+            fi
+        done
 fi
 
 # ---------------------------------------------------------------- tests

@@ -181,6 +181,10 @@ pub struct CacheSettings {
     pub max_subjects: u64,
     /// Metadata re-read interval (cross-replica propagation bound), milliseconds.
     pub revalidate_ms: u64,
+    /// While the key store is unreachable, cached key states up to this old keep
+    /// serving (availability through a database outage); also how long a replica cut
+    /// off from the store may miss a shred made elsewhere. 0 = never serve stale.
+    pub max_stale_ms: u64,
 }
 
 impl Default for CacheSettings {
@@ -190,6 +194,7 @@ impl Default for CacheSettings {
             max_tenants: 10_000,
             max_subjects: 100_000,
             revalidate_ms: 1000,
+            max_stale_ms: 300_000,
         }
     }
 }

@@ -307,12 +307,18 @@ async fn subject_shred_now_destroys_the_key_and_issues_a_chained_receipt(b: Back
     assert_eq!(before.state, "active");
     assert!(before.wrapped.is_some());
     let audit_before = all_audit(&*e.store).await?.len();
+    k.cache().run_pending_tasks().await;
+    let cached_subjects = k.cache().sizes().1;
+    assert_eq!(cached_subjects, 2, "s1 and s2 are cached");
 
     let rec = e
         .erasures
         .request(&actor(), T, Some("s1"), Duration::ZERO)
         .await?;
     assert_eq!(rec.state, ErasureState::Completed);
+    // The shredded subject's cache entry (its unwrapped key, zeroized on drop) is gone.
+    k.cache().run_pending_tasks().await;
+    assert_eq!(k.cache().sizes().1, cached_subjects - 1);
     assert_eq!(
         (rec.tenant_id.as_str(), rec.subject_id.as_deref()),
         (T, Some("s1"))
@@ -1402,6 +1408,129 @@ async fn concurrent_executions_issue_exactly_one_receipt(b: Backend) -> Result<(
     e.finish().await
 }
 
+/// An erased tenant never gets live key material again: rotation is refused, a subject
+/// key "created" for it is a tombstone, and the store itself refuses (so a replica
+/// with a stale view cannot race the shred either).
+async fn an_erased_tenant_gets_no_new_keys(b: Backend) -> Result<()> {
+    let e = Env::new(b).await?;
+    let k = &e.keyring;
+    k.create_tenant(T, None).await?;
+    let a1 = aad(T, Some("s1"), b"row-1");
+    k.encrypt(&a1, b"x").await?;
+    e.erasures
+        .request(&actor(), T, None, Duration::ZERO)
+        .await?;
+    assert!(is_destroyed(&k.rotate_tenant(T).await, Scope::Tenant));
+    assert!(is_destroyed(
+        &k.encrypt(&aad(T, Some("new-user"), b"r"), b"x").await,
+        Scope::Tenant
+    ));
+    // The store refuses by itself too.
+    let added = e
+        .store
+        .add_key_version(
+            T,
+            fieldkey::store::NewKeyVersion {
+                version: 99,
+                kms_key_id: "k".into(),
+                wrapped: fieldkey::kms::WrappedKey::new(vec![1; 60]),
+            },
+        )
+        .await?;
+    assert!(
+        !added,
+        "a rotation of an erased tenant must not add a version"
+    );
+    let created = e
+        .store
+        .create_subject(fieldkey::store::NewSubject {
+            tenant_id: T.into(),
+            subject_id: "late".into(),
+            wrap_version: 1,
+            wrapped: vec![7; 60],
+        })
+        .await?
+        .into_inner();
+    assert_eq!(created.state, fieldkey::store::KeyState::Destroyed);
+    assert!(created.wrapped.is_none());
+    for row in raw_subjects(&e.raw, T).await? {
+        assert!(row.wrapped.is_none(), "{row:?}");
+    }
+    assert_eq!(e.store.live_key_count(T, None).await?, 0);
+    e.finish().await
+}
+
+/// Cancelling is possible only inside the grace period: once it is over (even if no
+/// worker has executed the request yet) the request is no longer cancellable.
+async fn cancel_after_the_grace_period_is_refused(b: Backend) -> Result<()> {
+    let e = Env::new(b).await?;
+    e.keyring.create_tenant(T, None).await?;
+    e.keyring.encrypt(&aad(T, Some("s1"), b"r"), b"x").await?;
+    let rec = e
+        .erasures
+        .request(&actor(), T, Some("s1"), Duration::from_millis(300))
+        .await?;
+    assert_eq!(rec.state, ErasureState::Scheduled);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let r = e.erasures.cancel(&actor(), &rec.erasure_id).await;
+    assert!(
+        matches!(&r, Err(Error::ErasureNotCancellable { state, .. }) if state.contains("due")),
+        "{r:?}"
+    );
+    assert_eq!(e.erasures.run_due().await?, 1);
+    assert_eq!(
+        e.erasures.get(&rec.erasure_id).await?.state,
+        ErasureState::Completed
+    );
+    e.finish().await
+}
+
+/// The receipt signing key is wrapped by the default KMS key. When that KMS key is gone
+/// for good (here: the sidecar now runs with another KMS root key, so the old key id
+/// is unknown to it; in production, the old KMS key deleted after a KEK rotation),
+/// erasures keep issuing receipts: the signing key is retired (receipts it signed still
+/// verify with its public key) and a new one is made under the current default key.
+async fn receipts_continue_when_the_signing_keys_kms_key_is_gone(b: Backend) -> Result<()> {
+    let e = Env::new(b).await?;
+    e.keyring.create_tenant(T, None).await?;
+    e.keyring.encrypt(&aad(T, Some("u1"), b"r"), b"one").await?;
+    e.keyring.encrypt(&aad(T, Some("u2"), b"r"), b"two").await?;
+    let first = e
+        .erasures
+        .request(&actor(), T, Some("u1"), Duration::ZERO)
+        .await?;
+    let (old_id, old_pub) = e.erasures.public_key().await?;
+
+    let other_dir = tempfile::tempdir()?;
+    let other_kms = common::local_kms(&other_dir)?;
+    let k2 = Arc::new(
+        Keyring::new(e.store.clone(), other_kms, KeyringConfig::default())
+            .with_ledger(e.ledger.clone()),
+    );
+    let e2 = Erasures::new(k2, erasure_config());
+    let second = e2.request(&actor(), T, Some("u2"), Duration::ZERO).await?;
+    assert_eq!(second.state, ErasureState::Completed, "{second:?}");
+    let (new_id, new_pub) = e2.public_key().await?;
+    assert_ne!(new_id, old_id, "a new signing key");
+    let r2 = receipt::verify(second.receipt.as_deref().unwrap().as_bytes(), &new_pub)?;
+    assert_eq!(r2.signing_key_id, new_id);
+    receipt::verify(first.receipt.as_deref().unwrap().as_bytes(), &old_pub)?;
+    let actions: Vec<String> = all_audit(&*e.store)
+        .await?
+        .into_iter()
+        .map(|r| r.event.action)
+        .collect();
+    assert_eq!(
+        actions
+            .iter()
+            .filter(|a| *a == "signing-key.retired")
+            .count(),
+        1,
+        "{actions:?}"
+    );
+    e.finish().await
+}
+
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -1432,6 +1561,9 @@ on_both_backends!(
     tenant_shred_destroys_every_version_and_subject,
     a_restored_backup_does_not_bring_erased_keys_back,
     concurrent_executions_issue_exactly_one_receipt,
+    an_erased_tenant_gets_no_new_keys,
+    cancel_after_the_grace_period_is_refused,
+    receipts_continue_when_the_signing_keys_kms_key_is_gone,
 );
 
 /// A tenant whose own KMS key is named by an alias (accepted everywhere else:

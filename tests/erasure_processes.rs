@@ -460,11 +460,13 @@ async fn an_edited_receipt_fails_verification() -> Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn shred_and_suspend_reach_the_other_sidecar_within_a_second() -> Result<()> {
     let db = common::PgDb::create().await?;
+    // The erasure ledger in its own database, shared by both sidecars (as deployed).
+    let ledger_db = common::PgDb::create().await?;
     let dir = tempfile::tempdir()?;
     init_kms(dir.path());
     let extra = format!(
-        "[store]\npostgres_url = {:?}\n[cache]\nrevalidate_ms = 60000\n{FAST_WORKER}",
-        db.dsn
+        "[store]\npostgres_url = {:?}\n[cache]\nrevalidate_ms = 60000\n{FAST_WORKER}ledger = {:?}\n",
+        db.dsn, ledger_db.dsn
     );
     let config = write_config(dir.path(), "sidecar", &extra);
     let a = Sidecar::start(&config, &dir.path().join("a.log"), None);
@@ -554,6 +556,7 @@ async fn shred_and_suspend_reach_the_other_sidecar_within_a_second() -> Result<(
     a.stop();
     b.stop();
     db.drop_db().await?;
+    ledger_db.drop_db().await?;
     Ok(())
 }
 

@@ -536,7 +536,8 @@ async fn tenant_erasure_schedules_deletion_of_its_own_kms_key_only() -> Result<(
     let r = receipt::verify(rec.receipt.as_deref().unwrap().as_bytes(), &vk)?;
     assert_eq!(r.destroyed.len(), 2);
     let del = r.kms_key_deletion.clone().expect("a KMS key deletion");
-    assert_eq!(del.kms_key_id, own);
+    // Named by the KMS's canonical name (the ARN), not the alias or id stored.
+    assert!(del.kms_key_id.ends_with(&own), "{}", del.kms_key_id);
     assert_eq!(del.status, receipt::KMS_SCHEDULED);
     assert_eq!(del.pending_window_days, Some(7));
     if let Some(when) = del.deletion_date_unix_ms {
@@ -594,7 +595,7 @@ async fn tenant_erasure_schedules_deletion_of_its_own_kms_key_only() -> Result<(
     let del = r.kms_key_deletion.expect("a KMS key deletion");
     assert_eq!(
         (del.kms_key_id.as_str(), del.status.as_str()),
-        (shared.as_str(), receipt::KMS_SCHEDULED)
+        (shared_arn.as_str(), receipt::KMS_SCHEDULED)
     );
     assert_eq!(describe(shared).await?.0, AwsKeyState::PendingDeletion);
     // The receipt signing key still unwraps (it is wrapped by the default key): a new

@@ -746,9 +746,12 @@ mod erasure_suite {
         );
         assert_eq!(s.live_erasure("t", None).await?.unwrap().erasure_id, "er-3");
         // once cancelled, a new request for the target can be made
-        assert!(s.cancel_erasure("er-1", "dpo", &ev).await?);
+        // its execution time (1970) has passed: no longer cancellable by a caller...
+        assert!(!s.cancel_erasure("er-1", "dpo", &ev, true).await?);
+        // ...but reconciliation with the ledger may still cancel it
+        assert!(s.cancel_erasure("er-1", "dpo", &ev, false).await?);
         assert!(
-            !s.cancel_erasure("er-1", "dpo", &ev).await?,
+            !s.cancel_erasure("er-1", "dpo", &ev, false).await?,
             "already cancelled"
         );
         let again = s

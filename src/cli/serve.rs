@@ -135,13 +135,21 @@ pub(super) async fn build_keyring(cfg: &Config) -> anyhow::Result<Arc<Keyring>> 
             max_subjects: cfg.cache.max_subjects,
         },
         revalidate_after: Duration::from_millis(cfg.cache.revalidate_ms),
+        max_stale: Duration::from_millis(cfg.cache.max_stale_ms),
         ..KeyringConfig::default()
     };
     let ledger = Arc::new(match (&cfg.erasure.ledger, &cfg.store.postgres_url) {
         (Some(url), _) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
             ErasureLedger::connect_postgres(url).await?
         }
-        (Some(path), _) => ErasureLedger::open_sqlite(Path::new(path)).await?,
+        (Some(path), pg) => {
+            if pg.is_some() {
+                tracing::warn!(
+                    "erasure.ledger is a local file but the key store is a shared PostgreSQL database: other replicas cannot see this ledger; use a postgres:// ledger database shared by every replica"
+                );
+            }
+            ErasureLedger::open_sqlite(Path::new(path)).await?
+        }
         (None, Some(dsn)) => {
             tracing::warn!(
                 "erasure.ledger is not set: the erasure ledger shares the key store's PostgreSQL database, so restoring that database also rolls back erasures until they are re-applied by hand; point erasure.ledger at a separate database"

@@ -29,7 +29,7 @@ use crate::audit::AuditEvent;
 use crate::crypto::{Scope, validate_id};
 use crate::error::{Error, Result};
 use crate::keyring::Keyring;
-use crate::kms::{EncryptionContext, KeyDeletion, WrappedKey};
+use crate::kms::{EncryptionContext, KeyDeletion, KmsError, WrappedKey};
 use crate::store::{
     ErasureRecord, ErasureState, KeyState, LedgerEntry, NewErasure, SigningKeyRecord, now_ms,
 };
@@ -320,13 +320,21 @@ impl Erasures {
             details: json!({ "erasure_id": erasure_id }),
         };
         let store = self.keyring.store();
-        if !store.cancel_erasure(erasure_id, &actor.id, &event).await? {
+        if !store
+            .cancel_erasure(erasure_id, &actor.id, &event, true)
+            .await?
+        {
             // Execution started meanwhile (or another cancel won): report what it is.
             let now = self.get(erasure_id).await?;
             if now.state != ErasureState::Cancelled {
+                let state = if now.state == ErasureState::Scheduled {
+                    "due (its grace period is over)".to_owned()
+                } else {
+                    now.state.to_string()
+                };
                 return Err(Error::ErasureNotCancellable {
                     erasure: erasure_id.to_owned(),
-                    state: now.state.to_string(),
+                    state,
                 });
             }
         }
@@ -448,9 +456,19 @@ impl Erasures {
     /// # Errors
     /// Store, ledger or KMS errors; the request stays `executing` and is retried.
     pub async fn execute(&self, erasure_id: &str) -> Result<ErasureRecord> {
+        self.execute_claimed(erasure_id, None).await
+    }
+
+    /// [`Erasures::execute`]; with `idle_since`, an executing request is taken over
+    /// only if untouched since then (the worker's claim).
+    async fn execute_claimed(
+        &self,
+        erasure_id: &str,
+        idle_since: Option<i64>,
+    ) -> Result<ErasureRecord> {
         let store = self.keyring.store();
         let Some(rec) = store
-            .start_erasure(erasure_id, &self.cfg.executor, now_ms())
+            .start_erasure(erasure_id, &self.cfg.executor, now_ms(), idle_since)
             .await?
         else {
             return self.get(erasure_id).await;
@@ -480,6 +498,21 @@ impl Erasures {
         match subject {
             Some(s) => drop(self.keyring.shred_subject(tenant, s).await?),
             None => drop(self.keyring.shred_tenant(tenant).await?),
+        }
+        // Nothing of the target may hold material any more (a rotation or a subject
+        // creation that raced the shred is serialized by the store; check anyway before
+        // a receipt says so).
+        if store.live_key_count(tenant, subject).await? > 0 {
+            match subject {
+                Some(s) => drop(self.keyring.shred_subject(tenant, s).await?),
+                None => drop(self.keyring.shred_tenant(tenant).await?),
+            }
+            let left = store.live_key_count(tenant, subject).await?;
+            if left > 0 {
+                return Err(Error::Internal(format!(
+                    "{left} key(s) still live after shredding; will retry"
+                )));
+            }
         }
         // Tell other replicas even if a crashed attempt already destroyed the keys.
         self.keyring.announce(tenant, subject).await;
@@ -546,18 +579,45 @@ impl Erasures {
         if key == kms.default_key_id() {
             return Ok(None);
         }
-        let mut canon: HashMap<String, String> = HashMap::new();
-        let mine = kms.canonical_key_id(key).await?;
-        let default = kms.canonical_key_id(kms.default_key_id()).await?;
+        let deletion = |status: &str, mine: &str| KmsKeyDeletion {
+            kms_key_id: mine.to_owned(),
+            status: status.into(),
+            pending_window_days: None,
+            deletion_date_unix_ms: None,
+        };
+        let mine = match kms.canonical_key_id(key).await {
+            Ok(c) => c,
+            // Gone from the KMS (an earlier erasure's deletion ran; this one is being
+            // re-applied after a restore): nothing left to delete.
+            Err(KmsError::KeyNotFound { .. }) => {
+                return Ok(Some(deletion(receipt::KMS_ALREADY_DELETED, key)));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        // Never the default key, under any of its names.
+        let default = kms
+            .canonical_key_id(kms.default_key_id())
+            .await
+            .unwrap_or_else(|_| kms.default_key_id().to_owned());
         if mine == default {
             return Ok(None);
         }
         let mut shared = false;
+        let mut canon: HashMap<String, String> = HashMap::new();
         for other in store.live_kms_key_ids().await? {
+            if other == key || other == mine {
+                shared = true;
+                break;
+            }
             let c = match canon.get(&other) {
                 Some(c) => c.clone(),
                 None => {
-                    let c = kms.canonical_key_id(&other).await?;
+                    // A key the KMS cannot describe (deleted elsewhere) is compared by
+                    // its stored name only: it cannot be ours under another name.
+                    let c = kms
+                        .canonical_key_id(&other)
+                        .await
+                        .unwrap_or_else(|_| other.clone());
                     canon.insert(other.clone(), c.clone());
                     c
                 }
@@ -573,16 +633,18 @@ impl Erasures {
                 kms_key_id = key,
                 "tenant KMS key still wraps other live keys; not scheduling its deletion"
             );
-            return Ok(Some(KmsKeyDeletion {
-                kms_key_id: key.to_owned(),
-                status: receipt::KMS_KEPT_SHARED.into(),
-                pending_window_days: None,
-                deletion_date_unix_ms: None,
-            }));
+            return Ok(Some(deletion(receipt::KMS_KEPT_SHARED, &mine)));
         }
-        let out = kms
+        let out = match kms
             .schedule_key_deletion(key, self.cfg.kms_key_deletion_days)
-            .await?;
+            .await
+        {
+            Ok(out) => out,
+            Err(KmsError::KeyNotFound { .. }) => {
+                return Ok(Some(deletion(receipt::KMS_ALREADY_DELETED, &mine)));
+            }
+            Err(e) => return Err(e.into()),
+        };
         tracing::info!(
             tenant,
             kms_key_id = key,
@@ -593,7 +655,7 @@ impl Erasures {
                 pending_window_days,
                 deletion_date_unix_ms,
             } => KmsKeyDeletion {
-                kms_key_id: key.to_owned(),
+                kms_key_id: mine.clone(),
                 status: receipt::KMS_SCHEDULED.into(),
                 pending_window_days: Some(pending_window_days),
                 deletion_date_unix_ms,
@@ -601,7 +663,7 @@ impl Erasures {
             KeyDeletion::AlreadyPending {
                 deletion_date_unix_ms,
             } => KmsKeyDeletion {
-                kms_key_id: key.to_owned(),
+                kms_key_id: mine.clone(),
                 status: receipt::KMS_ALREADY_SCHEDULED.into(),
                 pending_window_days: None,
                 deletion_date_unix_ms,
@@ -621,6 +683,7 @@ impl Erasures {
         let (subject_keys_destroyed, subject_keys_digest) = match rec.subject_id.as_deref() {
             Some(s) => {
                 if let Some(srec) = store.get_subject(tenant, s).await?
+                    && srec.state == KeyState::Destroyed
                     && srec.fingerprint.as_bytes() != &[0u8; 32]
                 {
                     destroyed.push(DestroyedKey {
@@ -634,7 +697,11 @@ impl Erasures {
             }
             None => {
                 if let Some(trec) = store.get_tenant(tenant).await? {
-                    for v in &trec.versions {
+                    for v in trec
+                        .versions
+                        .iter()
+                        .filter(|v| matches!(v.state, KeyState::Destroyed | KeyState::Retired))
+                    {
                         destroyed.push(DestroyedKey {
                             kind: receipt::KIND_TENANT_KEY.into(),
                             version: Some(v.version),
@@ -695,7 +762,40 @@ impl Erasures {
                 let store = self.keyring.store();
                 let kms = self.keyring.kms();
                 if let Some(rec) = store.signing_key(SIGNING_PURPOSE).await? {
-                    return self.unwrap_signer(&rec).await;
+                    match self.unwrap_signer(&rec).await {
+                        // The KMS key that wraps it is gone for good (deleted, pending
+                        // deletion, disabled: e.g. after a KEK rotation): receipts must
+                        // not stop. Retire it (its receipts still verify with its public
+                        // key) and make a new one under the current default KMS key.
+                        Err(Error::Kms(
+                            KmsError::KeyNotFound { .. }
+                            | KmsError::KeyInvalidState { .. }
+                            | KmsError::KeyDisabled { .. },
+                        )) => {
+                            tracing::warn!(key_id = %rec.key_id, kms_key_id = %rec.kms_key_id,
+                                "receipt signing key's KMS key is unusable; rotating the signing key");
+                            store.retire_signing_key(&rec.key_id).await?;
+                            store
+                                .append_audit(&AuditEvent {
+                                    action: "signing-key.retired".into(),
+                                    resource_type: "signing-key".into(),
+                                    resource_id: rec.key_id.clone(),
+                                    actor: self.cfg.executor.clone(),
+                                    tenant_id: None,
+                                    caller_ip: None,
+                                    details: json!({
+                                        "purpose": SIGNING_PURPOSE,
+                                        "reason": "KMS key unusable",
+                                    }),
+                                })
+                                .await?;
+                            if let Some(rec) = store.signing_key(SIGNING_PURPOSE).await? {
+                                // Another replica already made the new one.
+                                return self.unwrap_signer(&rec).await;
+                            }
+                        }
+                        other => return other,
+                    }
                 }
                 let dk = kms
                     .generate_data_key(kms.default_key_id(), &signing_context())
@@ -775,7 +875,7 @@ impl Erasures {
         let due = self.keyring.store().due_erasures(now, stale, 100).await?;
         let mut done = 0;
         for rec in due {
-            match self.execute(&rec.erasure_id).await {
+            match self.execute_claimed(&rec.erasure_id, Some(stale)).await {
                 Ok(r) if r.state == ErasureState::Completed => done += 1,
                 Ok(_) => {}
                 Err(e) => {
@@ -886,7 +986,7 @@ impl Erasures {
         match (l.state, s) {
             (ErasureState::Cancelled, Some(s)) if s.state == ErasureState::Scheduled => {
                 let cancelled = store
-                    .cancel_erasure(&l.erasure_id, &actor.id, &event("erasure.cancelled"))
+                    .cancel_erasure(&l.erasure_id, &actor.id, &event("erasure.cancelled"), false)
                     .await?;
                 out.cancelled += u64::from(cancelled);
             }

@@ -76,6 +76,9 @@ pub const KMS_SCHEDULED: &str = "scheduled";
 pub const KMS_ALREADY_SCHEDULED: &str = "already-scheduled";
 /// [`KmsKeyDeletion::status`]: the KMS key was kept because another tenant still uses it.
 pub const KMS_KEPT_SHARED: &str = "kept-shared";
+/// [`KmsKeyDeletion::status`]: the KMS no longer has the key (deleted after an earlier
+/// erasure's waiting period, or by an operator).
+pub const KMS_ALREADY_DELETED: &str = "already-deleted";
 
 /// Earliest instant RFC 3339 can express: `0000-01-01T00:00:00.000Z`, in Unix ms.
 pub const MIN_UNIX_MS: i64 = -62_167_219_200_000;
@@ -638,7 +641,7 @@ fn check_consistency(r: &Receipt) -> Result<(), ReceiptError> {
 
     if let Some(kms) = &r.kms_key_deletion {
         match kms.status.as_str() {
-            KMS_SCHEDULED | KMS_ALREADY_SCHEDULED | KMS_KEPT_SHARED => {}
+            KMS_SCHEDULED | KMS_ALREADY_SCHEDULED | KMS_KEPT_SHARED | KMS_ALREADY_DELETED => {}
             other => {
                 return Err(inconsistent(format!(
                     "kms_key_deletion.status is {other:?}, expected \"scheduled\", \

@@ -71,6 +71,10 @@ pub struct Keyring {
     cache: KeyCache,
     cfg: KeyringConfig,
     ledger: Option<Arc<ErasureLedger>>,
+    /// When change notifications were last lost (ns after `born`; 0 = never): cached
+    /// snapshots fetched before then are re-read on next use.
+    notifications_lost: std::sync::atomic::AtomicU64,
+    born: Instant,
 }
 
 impl std::fmt::Debug for Keyring {
@@ -106,6 +110,8 @@ impl Keyring {
             cache,
             cfg,
             ledger: None,
+            notifications_lost: std::sync::atomic::AtomicU64::new(0),
+            born: Instant::now(),
         }
     }
 
@@ -152,11 +158,31 @@ impl Keyring {
                         keyring.cache.invalidate_tenant(&tenant).await;
                         keyring.cache.invalidate_subjects_of(&tenant).await;
                     }
-                    // Missed notifications: revalidation (revalidate_after) bounds it.
-                    Change::Lost => {}
+                    // Notifications may have been missed: every cached snapshot is
+                    // re-read on its next use.
+                    Change::Lost => {
+                        let ns = u64::try_from(keyring.born.elapsed().as_nanos())
+                            .unwrap_or(u64::MAX)
+                            .max(1);
+                        keyring
+                            .notifications_lost
+                            .store(ns, std::sync::atomic::Ordering::Release);
+                    }
                 }
             }
         })))
+    }
+
+    /// Whether change notifications were lost after `fetched` (so a snapshot read then
+    /// may have missed a shred or suspension).
+    fn missed_changes_since(&self, fetched: Instant) -> bool {
+        let lost = self
+            .notifications_lost
+            .load(std::sync::atomic::Ordering::Acquire);
+        lost != 0
+            && u64::try_from(fetched.saturating_duration_since(self.born).as_nanos())
+                .unwrap_or(u64::MAX)
+                < lost
     }
 
     /// Announces a change to other processes (best effort: revalidation covers a lost
@@ -296,6 +322,18 @@ impl Keyring {
     pub async fn rotate_tenant(&self, tenant: &str) -> Result<TenantInfo> {
         validate_id("tenant_id", tenant)?;
         let rec = self.load_tenant_record(tenant).await?;
+        if !rec
+            .versions
+            .iter()
+            .any(|v| !matches!(v.state, KeyState::Destroyed | KeyState::Retired))
+        {
+            // Erased: no new key generation, ever.
+            return Err(Error::KeyDestroyed {
+                tenant: tenant.to_owned(),
+                scope: Scope::Tenant,
+                version: None,
+            });
+        }
         if let Some(v) = rec.versions.iter().find(|v| v.state == KeyState::Suspended) {
             return Err(Error::KeySuspended {
                 tenant: tenant.to_owned(),
@@ -665,6 +703,7 @@ impl Keyring {
         Fut: Future<Output = std::result::Result<Option<T>, StoreError>>,
     {
         let snap = meta.load_full();
+        let force = force || self.missed_changes_since(snap.fetched);
         if !force && snap.fetched.elapsed() < self.cfg.revalidate_after {
             return Ok(Fresh::Found(snap));
         }

@@ -113,18 +113,22 @@ impl ErasuresService {
     ) -> Result<Response<pb::Restriction>, Status> {
         let actor = actor_of(&req);
         let r = req.into_inner();
-        let subject = (!r.subject_id.is_empty()).then_some(r.subject_id.as_str());
-        let k = self.erasures.keyring();
-        let result = async {
+        let erasures = self.erasures.clone();
+        let (tenant, subject_id) = (r.tenant_id.clone(), r.subject_id.clone());
+        // In its own task: a caller who disconnects must not cut the state change from
+        // its audit record.
+        let task = tokio::spawn(async move {
+            let subject = (!subject_id.is_empty()).then_some(subject_id.as_str());
             if suspend {
-                self.erasures.suspend(&actor, &r.tenant_id, subject).await?;
+                erasures.suspend(&actor, &tenant, subject).await?;
             } else {
-                self.erasures.resume(&actor, &r.tenant_id, subject).await?;
+                erasures.resume(&actor, &tenant, subject).await?;
             }
+            let k = erasures.keyring();
             Ok::<_, Error>(match subject {
-                Some(s) => k.subject(&r.tenant_id, s).await?.state,
+                Some(s) => k.subject(&tenant, s).await?.state,
                 None => {
-                    let t = k.tenant(&r.tenant_id).await?;
+                    let t = k.tenant(&tenant).await?;
                     if t.versions.iter().any(|v| v.state == KeyState::Suspended) {
                         KeyState::Suspended
                     } else {
@@ -132,9 +136,15 @@ impl ErasuresService {
                     }
                 }
             })
-        }
-        .await
-        .map_err(|e| to_status(&e))?;
+        });
+        let result = match task.await {
+            Ok(r) => r.map_err(|e| to_status(&e))?,
+            Err(e) => {
+                return Err(to_status(&Error::Internal(format!(
+                    "restriction task failed: {e}"
+                ))));
+            }
+        };
         Ok(Response::new(pb::Restriction {
             tenant_id: r.tenant_id.clone(),
             subject_id: r.subject_id.clone(),

@@ -406,15 +406,18 @@ impl SqlStore {
         erasure_id: &str,
         executed_by: &str,
         now: i64,
+        idle_since: Option<i64>,
     ) -> Result<Option<ErasureRecord>, StoreError> {
         let n = sqlx::query(
             "UPDATE fk_erasures SET state = 'executing', started_at = COALESCE(started_at, $3), \
              executed_by = $2, attempts = attempts + 1, updated_at = $3 \
-             WHERE erasure_id = $1 AND (state = 'executing' OR (state = 'scheduled' AND execute_after <= $3))",
+             WHERE erasure_id = $1 AND ((state = 'executing' AND updated_at < $4) \
+                OR (state = 'scheduled' AND execute_after <= $3))",
         )
         .bind(erasure_id)
         .bind(executed_by)
         .bind(now)
+        .bind(idle_since.unwrap_or(i64::MAX))
         .execute(&self.pool)
         .await
         .map_err(classify)?
@@ -449,16 +452,18 @@ impl SqlStore {
         erasure_id: &str,
         cancelled_by: &str,
         event: &AuditEvent,
+        in_grace_only: bool,
     ) -> Result<bool, StoreError> {
         let now = now_ms();
         let mut tx = self.pool.begin().await.map_err(classify)?;
         let n = sqlx::query(
             "UPDATE fk_erasures SET state = 'cancelled', cancelled_by = $2, cancelled_at = $3, updated_at = $3 \
-             WHERE erasure_id = $1 AND state = 'scheduled'",
+             WHERE erasure_id = $1 AND state = 'scheduled' AND ($4 = 0 OR execute_after > $3)",
         )
         .bind(erasure_id)
         .bind(cancelled_by)
         .bind(now)
+        .bind(i64::from(in_grace_only))
         .execute(&mut *tx)
         .await
         .map_err(classify)?
@@ -607,6 +612,17 @@ impl SqlStore {
     ) -> Result<(u64, u64), StoreError> {
         let now = now_ms();
         let mut tx = self.pool.begin().await.map_err(classify)?;
+        // First: mark the tenant erased (and take its row lock, so a rotation or a
+        // subject creation in flight finishes before this transaction reads its rows,
+        // and any later one sees the mark and refuses).
+        sqlx::query(
+            "UPDATE fk_tenants SET erased_at = COALESCE(erased_at, $2) WHERE tenant_id = $1",
+        )
+        .bind(tenant_id)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?;
         let versions = sqlx::query(
             "UPDATE fk_tenant_keys SET state = 'destroyed', resume_state = NULL, wrapped = NULL, updated_at = $2 \
              WHERE tenant_id = $1 AND state NOT IN ('destroyed', 'retired')",
@@ -660,7 +676,7 @@ impl SqlStore {
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         sqlx::query(
             "SELECT subject_id, fingerprint FROM fk_subjects WHERE tenant_id = $1 AND subject_id > $2 \
-             ORDER BY subject_id LIMIT $3",
+             AND state = 'destroyed' ORDER BY subject_id LIMIT $3",
         )
         .bind(tenant_id)
         .bind(after)
@@ -692,5 +708,46 @@ impl SqlStore {
         .iter()
         .map(|row| row.try_get::<String, _>(0).map_err(classify))
         .collect()
+    }
+
+    pub(super) async fn live_key_count_impl(
+        &self,
+        tenant_id: &str,
+        subject_id: Option<&str>,
+    ) -> Result<u64, StoreError> {
+        let n: i64 = match subject_id {
+            Some(s) => sqlx::query_scalar(
+                "SELECT COUNT(*) FROM fk_subjects WHERE tenant_id = $1 AND subject_id = $2 \
+                 AND (wrapped IS NOT NULL OR state <> 'destroyed')",
+            )
+            .bind(tenant_id)
+            .bind(s)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(classify)?,
+            None => sqlx::query_scalar(
+                "SELECT (SELECT COUNT(*) FROM fk_tenant_keys WHERE tenant_id = $1 \
+                   AND (wrapped IS NOT NULL OR state NOT IN ('destroyed', 'retired'))) + \
+                 (SELECT COUNT(*) FROM fk_subjects WHERE tenant_id = $1 \
+                   AND (wrapped IS NOT NULL OR state <> 'destroyed'))",
+            )
+            .bind(tenant_id)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(classify)?,
+        };
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    pub(super) async fn retire_signing_key_impl(&self, key_id: &str) -> Result<bool, StoreError> {
+        let n = sqlx::query(
+            "UPDATE fk_signing_keys SET state = 'retired' WHERE key_id = $1 AND state = 'active'",
+        )
+        .bind(key_id)
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?
+        .rows_affected();
+        Ok(n == 1)
     }
 }

@@ -11,7 +11,7 @@
 //! It holds ids and times only: no key material, no fingerprints needed to be secret.
 //! Default location: a SQLite file beside the embedded key store
 //! (`erasure-ledger.db`); with PostgreSQL, a separate database given by
-//! `erasure.ledger_url` (when unset, a table in the key store's database, with a
+//! `erasure.ledger` (when unset, a table in the key store's database, with a
 //! warning at start, since a restore of that database rolls both back together).
 
 use std::path::Path;

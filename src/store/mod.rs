@@ -453,13 +453,16 @@ pub trait KeyStore: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<ErasureRecord>, StoreError>;
 
-    /// Marks a request executing (a due scheduled one, or an executing one again);
-    /// returns it, or `None` if it is not executable (not due, finished, cancelled).
+    /// Marks a request executing (a due scheduled one, or an executing one again: any,
+    /// or with `idle_since` only one untouched since then, so that workers polling
+    /// together claim each abandoned request once); returns it, or `None` if it is not
+    /// executable (not due, finished, cancelled, or claimed by another worker).
     async fn start_erasure(
         &self,
         erasure_id: &str,
         executed_by: &str,
         now: i64,
+        idle_since: Option<i64>,
     ) -> Result<Option<ErasureRecord>, StoreError>;
 
     /// Makes a scheduled (or executing) request executable at once, regardless of its
@@ -479,13 +482,15 @@ pub trait KeyStore: Send + Sync + 'static {
         execute_after: i64,
     ) -> Result<bool, StoreError>;
 
-    /// Cancels a scheduled request, appending `event` in the same transaction. Returns
-    /// whether it was cancelled (false: not scheduled any more).
+    /// Cancels a scheduled request (with `in_grace_only`, only while its grace period
+    /// runs), appending `event` in the same transaction. Returns whether it was
+    /// cancelled (false: not scheduled any more, or due).
     async fn cancel_erasure(
         &self,
         erasure_id: &str,
         cancelled_by: &str,
         event: &AuditEvent,
+        in_grace_only: bool,
     ) -> Result<bool, StoreError>;
 
     /// Records why an execution attempt failed (it is retried).
@@ -513,7 +518,16 @@ pub trait KeyStore: Send + Sync + 'static {
         subject_id: &str,
     ) -> Result<bool, StoreError>;
 
-    /// Up to `limit` (subject id, fingerprint) of a tenant, ids after `after`, by id.
+    /// Key rows of a tenant (all of them) or of one subject that still hold material or
+    /// a live state: 0 once an erasure's destruction is complete.
+    async fn live_key_count(
+        &self,
+        tenant_id: &str,
+        subject_id: Option<&str>,
+    ) -> Result<u64, StoreError>;
+
+    /// Up to `limit` (subject id, fingerprint) of a tenant's destroyed subject keys, ids
+    /// after `after`, by id.
     async fn subject_fingerprints(
         &self,
         tenant_id: &str,
@@ -539,6 +553,10 @@ pub trait KeyStore: Send + Sync + 'static {
 
     /// The active signing key for `purpose`, if any.
     async fn signing_key(&self, purpose: &str) -> Result<Option<SigningKeyRecord>, StoreError>;
+
+    /// Retires an active signing key (its KMS key became unusable); receipts it signed
+    /// still verify with its public key. Returns whether it changed.
+    async fn retire_signing_key(&self, key_id: &str) -> Result<bool, StoreError>;
 
     /// Stores `key` as the active signing key for its purpose unless one exists;
     /// returns the active one (this, or the one that won a race).

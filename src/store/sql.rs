@@ -170,6 +170,24 @@ async fn insert_version(
         .rows_affected())
 }
 
+/// Takes the tenant row's lock for the rest of `tx` and says whether the tenant is live
+/// (exists and was not erased). Rotation and subject creation call it first, so they
+/// serialize with a tenant shred (which sets `erased_at` in its first statement).
+async fn lock_live_tenant(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    tenant_id: &str,
+) -> Result<bool, StoreError> {
+    let n = sqlx::query(
+        "UPDATE fk_tenants SET erased_at = erased_at WHERE tenant_id = $1 AND erased_at IS NULL",
+    )
+    .bind(tenant_id)
+    .execute(&mut **tx)
+    .await
+    .map_err(classify)?
+    .rows_affected();
+    Ok(n == 1)
+}
+
 #[async_trait]
 impl KeyStore for SqlStore {
     fn backend(&self) -> &'static str {
@@ -268,6 +286,11 @@ impl KeyStore for SqlStore {
     ) -> Result<bool, StoreError> {
         let now = now_ms();
         let mut tx = self.pool.begin().await.map_err(classify)?;
+        // Lock the tenant row (serializing with a tenant shred) and refuse an erased tenant.
+        if !lock_live_tenant(&mut tx, tenant_id).await? {
+            tx.rollback().await.map_err(classify)?;
+            return Ok(false);
+        }
         // Demote first: the partial unique index allows one active version per tenant.
         sqlx::query(
             "UPDATE fk_tenant_keys SET state = 'decrypt-only', updated_at = $3 \
@@ -349,20 +372,31 @@ impl KeyStore for SqlStore {
     async fn create_subject(&self, new: NewSubject) -> Result<Created<SubjectRecord>, StoreError> {
         let now = now_ms();
         let fp = Fingerprint::of_wrapped(&new.wrapped);
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        // An erased tenant gets a tombstone, never live material (the tenant row lock
+        // serializes this with a tenant shred).
+        let live = lock_live_tenant(&mut tx, &new.tenant_id).await?;
+        let (state, wrapped, fp) = if live {
+            ("active", Some(new.wrapped.clone()), fp.as_bytes().to_vec())
+        } else {
+            ("destroyed", None, vec![0u8; 32])
+        };
         let n = sqlx::query(
             "INSERT INTO fk_subjects (tenant_id, subject_id, state, wrap_version, wrapped, fingerprint, created_at, updated_at) \
-             VALUES ($1, $2, 'active', $3, $4, $5, $6, $6) ON CONFLICT (tenant_id, subject_id) DO NOTHING",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $7) ON CONFLICT (tenant_id, subject_id) DO NOTHING",
         )
         .bind(&new.tenant_id)
         .bind(&new.subject_id)
+        .bind(state)
         .bind(i64::from(new.wrap_version))
-        .bind(new.wrapped.clone())
-        .bind(fp.as_bytes().to_vec())
+        .bind(wrapped)
+        .bind(fp)
         .bind(now)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(classify)?
         .rows_affected();
+        tx.commit().await.map_err(classify)?;
         let record = self
             .get_subject(&new.tenant_id, &new.subject_id)
             .await?
@@ -741,8 +775,10 @@ impl KeyStore for SqlStore {
         erasure_id: &str,
         executed_by: &str,
         now: i64,
+        idle_since: Option<i64>,
     ) -> Result<Option<ErasureRecord>, StoreError> {
-        self.start_erasure_impl(erasure_id, executed_by, now).await
+        self.start_erasure_impl(erasure_id, executed_by, now, idle_since)
+            .await
     }
 
     async fn reopen_erasure(
@@ -767,8 +803,9 @@ impl KeyStore for SqlStore {
         erasure_id: &str,
         cancelled_by: &str,
         event: &AuditEvent,
+        in_grace_only: bool,
     ) -> Result<bool, StoreError> {
-        self.cancel_erasure_impl(erasure_id, cancelled_by, event)
+        self.cancel_erasure_impl(erasure_id, cancelled_by, event, in_grace_only)
             .await
     }
 
@@ -806,6 +843,14 @@ impl KeyStore for SqlStore {
             .await
     }
 
+    async fn live_key_count(
+        &self,
+        tenant_id: &str,
+        subject_id: Option<&str>,
+    ) -> Result<u64, StoreError> {
+        self.live_key_count_impl(tenant_id, subject_id).await
+    }
+
     async fn live_kms_key_ids(&self) -> Result<Vec<String>, StoreError> {
         self.live_kms_key_ids_impl().await
     }
@@ -824,6 +869,10 @@ impl KeyStore for SqlStore {
 
     async fn signing_key(&self, purpose: &str) -> Result<Option<SigningKeyRecord>, StoreError> {
         self.signing_key_impl(purpose).await
+    }
+
+    async fn retire_signing_key(&self, key_id: &str) -> Result<bool, StoreError> {
+        self.retire_signing_key_impl(key_id).await
     }
 
     async fn create_signing_key(

@@ -41,7 +41,12 @@ impl PgDb {
                 "cannot reach PostgreSQL at {base} (set FIELDKEY_TEST_DATABASE_URL or run scripts/test.sh)"
             )
         })?;
-        let name = format!("fk_test_{}", hex::encode(rand_bytes::<6>()));
+        // Creation time in the name: scripts/test.sh drops only databases left behind
+        // long ago, never those of a run still going on this machine.
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs();
+        let name = format!("fk_test_{secs}_{}", hex::encode(rand_bytes::<6>()));
         admin
             .execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
             .await?;

@@ -1,6 +1,10 @@
 -- Erasure (issue 6): erasure requests and their receipts, the audit chain the receipts
 -- are chained into, and fieldkey's own signing keys (wrapped by the KMS).
 
+-- Set in the transaction that shreds a tenant; rotation and subject-key creation
+-- lock the tenant row and refuse once it is set, so nothing live appears afterwards.
+ALTER TABLE fk_tenants ADD COLUMN erased_at BIGINT NULL;
+
 CREATE TABLE fk_erasures (
     erasure_id    TEXT PRIMARY KEY,
     tenant_id     TEXT NOT NULL,
