@@ -687,10 +687,14 @@ async fn suspend_and_resume_restrict_processing(b: Backend) -> Result<()> {
     assert!(is_destroyed(&r, Scope::Subject), "{r:?}");
     let r = e.erasures.resume(&who, T, Some("s2")).await;
     assert!(is_destroyed(&r, Scope::Subject), "{r:?}");
-    let r = e.erasures.suspend(&who, T, Some("never-seen")).await;
-    assert!(matches!(r, Err(Error::SubjectNotFound { .. })), "{r:?}");
+    // A subject with no key yet can be restricted before its first write.
+    e.erasures.suspend(&who, T, Some("never-seen")).await?;
     let audit = all_audit(&*e.store).await?;
-    assert_eq!(count("subject.suspended", &audit), 2, "s1 once, s3 once");
+    assert_eq!(
+        count("subject.suspended", &audit),
+        3,
+        "s1 once, s3 once, never-seen once"
+    );
     assert_eq!(count("subject.resumed", &audit), 1);
     verify_chain(&audit, 0, GENESIS)?;
     e.finish().await
@@ -1642,4 +1646,25 @@ async fn tenant_erasure_with_a_kms_key_alias_completes() -> Result<()> {
         .cloned();
     assert_eq!(state, Some(aws_sdk_kms::types::KeyState::PendingDeletion));
     Ok(())
+}
+
+/// Restriction before any data: suspending a subject that has no key yet gives it one,
+/// suspended, so its first write is already refused; resume lifts it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_subject_can_be_restricted_before_any_data_is_written() -> Result<()> {
+    let e = Env::new(Backend::Sqlite).await?;
+    e.keyring.create_tenant(T, None).await?;
+    let a = aad(T, Some("newcomer"), b"r");
+    e.erasures.suspend(&actor(), T, Some("newcomer")).await?;
+    assert!(is_suspended(
+        &e.keyring.encrypt(&a, b"x").await,
+        Scope::Subject
+    ));
+    e.erasures.resume(&actor(), T, Some("newcomer")).await?;
+    let ct = e.keyring.encrypt(&a, b"x").await?;
+    assert_eq!(&*e.keyring.decrypt(&a, &ct).await?, b"x");
+    // Resuming a subject that never had a key is still "not found".
+    let r = e.erasures.resume(&actor(), T, Some("nobody")).await;
+    assert!(matches!(r, Err(Error::SubjectNotFound { .. })), "{r:?}");
+    e.finish().await
 }

@@ -381,7 +381,8 @@ impl Erasures {
 
     /// Suspends (restricts processing of) a subject, or a whole tenant when `subject`
     /// is `None`: its keys neither encrypt nor decrypt until resumed. Audited.
-    /// Idempotent.
+    /// Idempotent. A subject with no key yet gets one, suspended, so that nothing can
+    /// be written for it either.
     ///
     /// # Errors
     /// [`Error::KeyDestroyed`] for a shredded subject; not-found errors; store errors.
@@ -406,6 +407,12 @@ impl Erasures {
     ) -> Result<()> {
         let k = &self.keyring;
         let before = match subject {
+            // Restricting a subject with no data yet: give it a key now, so that its
+            // first write is already restricted.
+            Some(s) if suspend => match k.subject(tenant, s).await {
+                Err(Error::SubjectNotFound { .. }) => k.ensure_subject(tenant, s).await?.state,
+                other => other?.state,
+            },
             Some(s) => k.subject(tenant, s).await?.state,
             None => {
                 let t = k.tenant(tenant).await?;

@@ -457,6 +457,21 @@ impl Keyring {
             })
     }
 
+    /// Makes sure a subject has a key (created under the tenant's active version if it
+    /// has none yet), e.g. to restrict processing before any data was written.
+    ///
+    /// # Errors
+    /// As [`Keyring::encrypt`] for the subject.
+    pub async fn ensure_subject(&self, tenant: &str, subject: &str) -> Result<SubjectInfo> {
+        validate_id("tenant_id", tenant)?;
+        validate_id("subject_id", subject)?;
+        let tentry = self.tenant_entry(tenant).await?;
+        let tsnap = self.tenant_snapshot(&tentry, tenant, false).await?;
+        self.subject_entry(&tentry, &tsnap, tenant, subject, true)
+            .await?;
+        self.subject(tenant, subject).await
+    }
+
     /// Suspends a subject's key (restriction of processing). Idempotent.
     ///
     /// # Errors

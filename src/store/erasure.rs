@@ -388,7 +388,7 @@ impl SqlStore {
             erasure_columns!(),
             " FROM fk_erasures WHERE (state = 'scheduled' AND execute_after <= $1) \
               OR (state = 'executing' AND updated_at < $2) \
-              ORDER BY execute_after, erasure_id LIMIT $3"
+              ORDER BY attempts, execute_after, erasure_id LIMIT $3"
         ))
         .bind(now)
         .bind(stale_before)

@@ -445,7 +445,8 @@ pub trait KeyStore: Send + Sync + 'static {
     ) -> Result<Vec<ErasureRecord>, StoreError>;
 
     /// Requests to execute now: scheduled ones whose grace period ended by `now`, and
-    /// executing ones not touched since `stale_before` (a crashed executor).
+    /// executing ones not touched since `stale_before` (a crashed executor); fewest
+    /// attempts first, so requests that keep failing do not starve new ones.
     async fn due_erasures(
         &self,
         now: i64,
