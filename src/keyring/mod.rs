@@ -322,12 +322,18 @@ impl Keyring {
     pub async fn rotate_tenant(&self, tenant: &str) -> Result<TenantInfo> {
         validate_id("tenant_id", tenant)?;
         let rec = self.load_tenant_record(tenant).await?;
-        if !rec
-            .versions
-            .iter()
-            .any(|v| !matches!(v.state, KeyState::Destroyed | KeyState::Retired))
+        if self
+            .store
+            .live_erasure(tenant, None)
+            .await?
+            .is_some_and(|e| {
+                matches!(
+                    e.state,
+                    crate::store::ErasureState::Executing | crate::store::ErasureState::Completed
+                )
+            })
         {
-            // Erased: no new key generation, ever.
+            // Erased: no new key generation, ever (the store refuses too).
             return Err(Error::KeyDestroyed {
                 tenant: tenant.to_owned(),
                 scope: Scope::Tenant,
