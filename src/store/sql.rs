@@ -173,10 +173,26 @@ async fn insert_version(
 /// Takes the tenant row's lock for the rest of `tx` and says whether the tenant is live
 /// (exists and was not erased). Rotation and subject creation call it first, so they
 /// serialize with a tenant shred (which sets `erased_at` in its first statement).
+///
+/// `shared` (PostgreSQL only): a share lock, so that many subject creations of one tenant
+/// do not queue behind each other, while a shred (an exclusive row lock) still waits
+/// for them and they for it. SQLite serializes writers anyway, and its transaction must
+/// start with a write (a read-then-write transaction can fail to upgrade its lock).
 async fn lock_live_tenant(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     tenant_id: &str,
+    shared_on: Option<&'static str>,
 ) -> Result<bool, StoreError> {
+    if shared_on == Some("postgres") {
+        let row = sqlx::query(
+            "SELECT 1 FROM fk_tenants WHERE tenant_id = $1 AND erased_at IS NULL FOR SHARE",
+        )
+        .bind(tenant_id)
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(classify)?;
+        return Ok(row.is_some());
+    }
     let n = sqlx::query(
         "UPDATE fk_tenants SET erased_at = erased_at WHERE tenant_id = $1 AND erased_at IS NULL",
     )
@@ -287,7 +303,7 @@ impl KeyStore for SqlStore {
         let now = now_ms();
         let mut tx = self.pool.begin().await.map_err(classify)?;
         // Lock the tenant row (serializing with a tenant shred) and refuse an erased tenant.
-        if !lock_live_tenant(&mut tx, tenant_id).await? {
+        if !lock_live_tenant(&mut tx, tenant_id, None).await? {
             tx.rollback().await.map_err(classify)?;
             return Ok(false);
         }
@@ -375,7 +391,7 @@ impl KeyStore for SqlStore {
         let mut tx = self.pool.begin().await.map_err(classify)?;
         // An erased tenant gets a tombstone, never live material (the tenant row lock
         // serializes this with a tenant shred).
-        let live = lock_live_tenant(&mut tx, &new.tenant_id).await?;
+        let live = lock_live_tenant(&mut tx, &new.tenant_id, Some(self.backend)).await?;
         let (state, wrapped, fp) = if live {
             ("active", Some(new.wrapped.clone()), fp.as_bytes().to_vec())
         } else {
