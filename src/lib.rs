@@ -23,6 +23,7 @@ pub mod keyring;
 pub mod kms;
 pub mod policy;
 pub mod service;
+pub mod signing;
 pub mod store;
 pub mod transport;
 

@@ -9,6 +9,12 @@
 //! Must not: hold key material or plaintext. Subject ids appear only as resource ids of
 //! erasure and restriction records (that is what those records are about).
 
+pub mod aggregate;
+mod log;
+pub mod verify;
+
+pub use log::{AuditConfig, AuditLog};
+
 use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};

@@ -6,6 +6,7 @@
 //! ciphertext, destroyed or suspended key, unusable KMS key); 5 temporarily unavailable
 //! (KMS or store down, deadline, overload: retry later).
 
+mod audit;
 mod client;
 mod erasure;
 mod jobs;
@@ -65,6 +66,11 @@ enum Command {
     Erasure {
         #[command(subcommand)]
         command: erasure::ErasureCommand,
+    },
+    /// The audit log: export it, verify a store or an export offline.
+    Audit {
+        #[command(subcommand)]
+        command: audit::AuditCommand,
     },
     /// Key management service set-up.
     Kms {
@@ -346,6 +352,7 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Tenant { command } => client::tenant(command).await,
             Command::Jobs { command } => jobs::jobs(command).await,
             Command::Erasure { command } => erasure::erasure(command).await,
+            Command::Audit { command } => audit::audit(command).await,
             Command::Kms {
                 command: KmsCommand::InitLocal { path, passphrase },
             } => serve::init_local_kms(&path, passphrase).map_err(client::CliError::Other),

@@ -103,13 +103,18 @@ fn local_passphrase(data_dir: &Path) -> anyhow::Result<SecretString> {
     Ok(SecretString::from(p.trim().to_owned()))
 }
 
+/// The configured key store (no KMS needed: offline audit verification uses it too).
+pub(super) async fn open_store(cfg: &Config) -> anyhow::Result<Arc<dyn KeyStore>> {
+    Ok(match &cfg.store.postgres_url {
+        Some(dsn) => Arc::new(SqlStore::connect_postgres(dsn).await?),
+        None => Arc::new(SqlStore::open_sqlite(&cfg.sqlite_path()).await?),
+    })
+}
+
 pub(super) async fn build_keyring(cfg: &Config) -> anyhow::Result<Arc<Keyring>> {
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
-    let store: Arc<dyn KeyStore> = match &cfg.store.postgres_url {
-        Some(dsn) => Arc::new(SqlStore::connect_postgres(dsn).await?),
-        None => Arc::new(SqlStore::open_sqlite(&cfg.sqlite_path()).await?),
-    };
+    let store = open_store(cfg).await?;
     let kms: Arc<dyn Kms> = match &cfg.kms.aws_key_id {
         Some(key_id) => {
             let mut c = AwsKmsConfig::new(key_id.clone());

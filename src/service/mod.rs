@@ -4,6 +4,7 @@
 //! health and reflection services, and the single error mapping ([`status`]). Must not:
 //! hold keys, decide key use (the keyring does), or log plaintext.
 
+pub mod audit;
 pub mod erasure;
 mod jobs;
 pub mod status;

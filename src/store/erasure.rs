@@ -135,6 +135,11 @@ pub struct SigningKeyRecord {
 /// What the closing transaction of an erasure computes from the audit chain's head
 /// (`seq` the new record takes, `prev_hash` of the record before it): the receipt to
 /// store and the audit event recording it.
+/// Builds an audit event from the chain head it will follow (`seq` it takes,
+/// `prev_hash` of the record before it): for records that sign the chain (checkpoints).
+pub type AuditFn<'a> = dyn Fn(u64, &[u8; 32]) -> Result<AuditEvent, String> + Send + Sync + 'a;
+
+/// The closing computation of an erasure: see [`crate::store::KeyStore::complete_erasure`].
 pub type CompleteFn<'a> =
     dyn Fn(u64, &[u8; 32]) -> Result<(String, AuditEvent), String> + Send + Sync + 'a;
 
@@ -538,6 +543,31 @@ impl SqlStore {
         let rec = append_in(&mut tx, |_, _| Ok(event.clone())).await?;
         tx.commit().await.map_err(classify)?;
         Ok(rec)
+    }
+
+    pub(super) async fn append_audit_fn_impl(
+        &self,
+        make: &AuditFn<'_>,
+    ) -> Result<AuditRecord, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        let rec = append_in(&mut tx, |seq, prev| {
+            make(seq, prev).map_err(StoreError::Corrupt)
+        })
+        .await?;
+        tx.commit().await.map_err(classify)?;
+        Ok(rec)
+    }
+
+    pub(super) async fn audit_head_impl(&self) -> Result<(u64, [u8; 32]), StoreError> {
+        let row = sqlx::query("SELECT seq, hash FROM fk_audit_head WHERE id = 1")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(classify)?;
+        let seq: i64 = row.try_get("seq").map_err(classify)?;
+        Ok((
+            u64::try_from(seq).map_err(|_| StoreError::Corrupt("audit head seq".into()))?,
+            hash_col(&row, "hash")?,
+        ))
     }
 
     pub(super) async fn audit_records_impl(

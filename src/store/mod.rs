@@ -21,7 +21,7 @@ use std::str::FromStr;
 
 use async_trait::async_trait;
 
-pub use erasure::{CompleteFn, ErasureRecord, ErasureState, NewErasure, SigningKeyRecord};
+pub use erasure::{AuditFn, CompleteFn, ErasureRecord, ErasureState, NewErasure, SigningKeyRecord};
 pub use jobs::{JobControl, JobProgress, JobRecord, JobState, JobUpdate, NewJob};
 pub use ledger::{ErasureLedger, LedgerEntry};
 pub use sql::SqlStore;
@@ -544,6 +544,13 @@ pub trait KeyStore: Send + Sync + 'static {
 
     /// Appends one record to the audit chain.
     async fn append_audit(&self, event: &AuditEvent) -> Result<AuditRecord, StoreError>;
+
+    /// Appends the record `make` builds from the chain head it follows (checkpoints
+    /// sign the chain up to that head).
+    async fn append_audit_fn(&self, make: &AuditFn<'_>) -> Result<AuditRecord, StoreError>;
+
+    /// The chain head: the last record's seq and hash ((0, zeros) when empty).
+    async fn audit_head(&self) -> Result<(u64, [u8; 32]), StoreError>;
 
     /// Up to `limit` audit records after `after_seq`, in order.
     async fn audit_records(

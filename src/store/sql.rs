@@ -7,7 +7,7 @@ use sqlx::any::AnyRow;
 use sqlx::{AnyPool, Row};
 
 use super::{
-    Change, CompleteFn, Created, ErasureRecord, JobControl, JobRecord, JobUpdate, KeyState,
+    AuditFn, Change, CompleteFn, Created, ErasureRecord, JobControl, JobRecord, JobUpdate, KeyState,
     KeyStore, KeyVersionRecord, NewErasure, NewJob, NewKeyVersion, NewSubject, SigningKeyRecord,
     StoreError, SubjectRecord, TenantRecord, now_ms,
 };
@@ -873,6 +873,14 @@ impl KeyStore for SqlStore {
 
     async fn append_audit(&self, event: &AuditEvent) -> Result<AuditRecord, StoreError> {
         self.append_audit_impl(event).await
+    }
+
+    async fn append_audit_fn(&self, make: &AuditFn<'_>) -> Result<AuditRecord, StoreError> {
+        self.append_audit_fn_impl(make).await
+    }
+
+    async fn audit_head(&self) -> Result<(u64, [u8; 32]), StoreError> {
+        self.audit_head_impl().await
     }
 
     async fn audit_records(

@@ -1,0 +1,277 @@
+//! Offline verification of the audit log: the hash chain, the signed checkpoints in it,
+//! and the signed trailer that ends an export (JSON lines). Used by `fieldkey audit
+//! verify` on a store or an export file, and by the export itself.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use ed25519_dalek::{Signature, Signer as _, SigningKey, VerifyingKey};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::{AuditRecord, GENESIS, record_hash};
+use crate::erasure::receipt::{canonical_json, key_id};
+
+/// Action of a checkpoint record.
+pub const CHECKPOINT_ACTION: &str = "audit.checkpoint";
+const CHECKPOINT_DOMAIN: &[u8] = b"fieldkey-audit-checkpoint/1\n";
+const TRAILER_DOMAIN: &[u8] = b"fieldkey-audit-export/1\n";
+
+/// The bytes a checkpoint signs: the chain up to and including record `covers_seq`,
+/// whose hash is `covers_hash`.
+pub fn checkpoint_message(covers_seq: u64, covers_hash: &[u8; 32]) -> Vec<u8> {
+    let mut m = CHECKPOINT_DOMAIN.to_vec();
+    m.extend_from_slice(&covers_seq.to_be_bytes());
+    m.extend_from_slice(covers_hash);
+    m
+}
+
+/// The details of a checkpoint record signing the chain up to (`seq`, `hash`).
+pub fn checkpoint_details(seq: u64, hash: &[u8; 32], key: &SigningKey) -> serde_json::Value {
+    let sig = key.sign(&checkpoint_message(seq, hash));
+    json!({
+        "covers_seq": seq,
+        "covers_hash": hex::encode(hash),
+        "key_id": key_id(&key.verifying_key()),
+        "signature": STANDARD.encode(sig.to_bytes()),
+    })
+}
+
+/// The last line of an export: what it holds, signed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Trailer {
+    /// First record exported.
+    pub from_seq: u64,
+    /// Last record exported (0 if none).
+    pub last_seq: u64,
+    /// Its hash, hex.
+    pub last_hash: String,
+    /// Number of records.
+    pub records: u64,
+    /// When, Unix ms.
+    pub exported_at_unix_ms: i64,
+    /// Signing key id.
+    pub key_id: String,
+    /// Ed25519 signature (base64) over the trailer without this field.
+    #[serde(default)]
+    pub signature: String,
+}
+
+fn trailer_message(t: &Trailer) -> Vec<u8> {
+    let mut unsigned = t.clone();
+    unsigned.signature = String::new();
+    let v = serde_json::to_value(&unsigned).unwrap_or(serde_json::Value::Null);
+    let mut m = TRAILER_DOMAIN.to_vec();
+    m.extend_from_slice(&canonical_json(&v));
+    m
+}
+
+/// Signs a trailer (fills `key_id` and `signature`).
+pub fn sign_trailer(mut t: Trailer, key: &SigningKey) -> Trailer {
+    t.key_id = key_id(&key.verifying_key());
+    t.signature = String::new();
+    let sig = key.sign(&trailer_message(&t));
+    t.signature = STANDARD.encode(sig.to_bytes());
+    t
+}
+
+/// The trailer as its export line.
+pub fn trailer_line(t: &Trailer) -> String {
+    json!({ "export_end": t }).to_string()
+}
+
+/// Where verification failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}{reason}", .seq.map(|s| format!("audit record {s}: ")).or_else(|| .line.map(|l| format!("line {l}: "))).unwrap_or_default())]
+pub struct VerifyError {
+    /// The first bad record, if it is one.
+    pub seq: Option<u64>,
+    /// The line of an export, if it is a line.
+    pub line: Option<usize>,
+    /// What is wrong.
+    pub reason: String,
+}
+
+/// What a verification found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// First and last record seen.
+    pub first_seq: Option<u64>,
+    /// Last record seen.
+    pub last_seq: u64,
+    /// Its hash.
+    pub last_hash: [u8; 32],
+    /// Records seen.
+    pub records: u64,
+    /// Signed checkpoints seen (all valid).
+    pub checkpoints: u64,
+    /// The last checkpoint: (seq of the checkpoint record, time).
+    pub last_checkpoint: Option<(u64, i64)>,
+}
+
+/// Checks records one by one (in order).
+#[derive(Debug)]
+pub struct Verifier {
+    keys: Vec<VerifyingKey>,
+    summary: Summary,
+}
+
+fn err(seq: u64, reason: impl Into<String>) -> VerifyError {
+    VerifyError {
+        seq: Some(seq),
+        line: None,
+        reason: reason.into(),
+    }
+}
+
+fn verify_sig(keys: &[VerifyingKey], kid: &str, msg: &[u8], sig_b64: &str) -> Result<(), String> {
+    let key = keys
+        .iter()
+        .find(|k| key_id(k) == kid)
+        .ok_or_else(|| format!("signed by key {kid}, which is not among the public keys given"))?;
+    let bytes = STANDARD
+        .decode(sig_b64)
+        .map_err(|_| "signature is not base64".to_owned())?;
+    let sig = Signature::from_slice(&bytes).map_err(|_| "signature is not 64 bytes".to_owned())?;
+    key.verify_strict(msg, &sig)
+        .map_err(|_| "signature does not verify (altered)".to_owned())
+}
+
+impl Verifier {
+    /// A verifier trusting these public keys for checkpoints and trailers.
+    pub fn new(keys: Vec<VerifyingKey>) -> Self {
+        Self {
+            keys,
+            summary: Summary::default(),
+        }
+    }
+
+    /// Checks the next record.
+    ///
+    /// # Errors
+    /// The record, and what is wrong with it.
+    pub fn push(&mut self, r: &AuditRecord) -> Result<(), VerifyError> {
+        let s = &mut self.summary;
+        match s.first_seq {
+            None => {
+                if r.seq == 1 && r.prev_hash != GENESIS {
+                    return Err(err(1, "the first record does not start the chain"));
+                }
+                s.first_seq = Some(r.seq);
+            }
+            Some(_) => {
+                let expected = s.last_seq.saturating_add(1);
+                if r.seq != expected {
+                    return Err(err(
+                        r.seq,
+                        format!(
+                            "expected record {expected} next (a record was deleted, reordered or inserted)"
+                        ),
+                    ));
+                }
+                if r.prev_hash != s.last_hash {
+                    return Err(err(r.seq, "does not chain to the record before it"));
+                }
+            }
+        }
+        if record_hash(r.seq, r.ts, &r.event, &r.prev_hash) != r.hash {
+            return Err(err(r.seq, "content does not match its hash (edited)"));
+        }
+        if r.event.action == CHECKPOINT_ACTION {
+            let d = &r.event.details;
+            let covers_seq = d["covers_seq"].as_u64().unwrap_or(u64::MAX);
+            let covers_hash = d["covers_hash"].as_str().unwrap_or_default();
+            if covers_seq != r.seq.saturating_sub(1) || covers_hash != hex::encode(r.prev_hash) {
+                return Err(err(
+                    r.seq,
+                    "checkpoint does not cover the records before it",
+                ));
+            }
+            verify_sig(
+                &self.keys,
+                d["key_id"].as_str().unwrap_or_default(),
+                &checkpoint_message(covers_seq, &r.prev_hash),
+                d["signature"].as_str().unwrap_or_default(),
+            )
+            .map_err(|e| err(r.seq, format!("checkpoint {e}")))?;
+            s.checkpoints += 1;
+            s.last_checkpoint = Some((r.seq, r.ts));
+        }
+        s.last_seq = r.seq;
+        s.last_hash = r.hash;
+        s.records += 1;
+        Ok(())
+    }
+
+    /// What was seen so far.
+    pub fn summary(&self) -> &Summary {
+        &self.summary
+    }
+
+    /// Ends an export: its trailer must be signed and match what was read.
+    ///
+    /// # Errors
+    /// A missing, altered or mismatching trailer (a truncated or padded export).
+    pub fn finish_export(&self, trailer: Option<&Trailer>) -> Result<(), VerifyError> {
+        let s = &self.summary;
+        let fail = |reason: String| VerifyError {
+            seq: None,
+            line: None,
+            reason,
+        };
+        let Some(t) = trailer else {
+            return Err(fail(format!(
+                "the export has no signed trailer after record {}: it was truncated",
+                s.last_seq
+            )));
+        };
+        verify_sig(&self.keys, &t.key_id, &trailer_message(t), &t.signature)
+            .map_err(|e| fail(format!("export trailer {e}")))?;
+        if t.records != s.records
+            || t.last_seq != s.last_seq
+            || t.last_hash != hex::encode(s.last_hash)
+        {
+            return Err(fail(format!(
+                "the export's trailer says {} records up to {}, but {} records up to {} were read: records are missing (truncated) or were added",
+                t.records, t.last_seq, s.records, s.last_seq
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Verifies an export (JSON lines: records, then the trailer).
+///
+/// # Errors
+/// The first bad line or record.
+pub fn verify_export(text: &str, keys: Vec<VerifyingKey>) -> Result<Summary, VerifyError> {
+    let mut v = Verifier::new(keys);
+    let mut trailer: Option<Trailer> = None;
+    for (i, line) in text.lines().enumerate() {
+        let n = i + 1;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let bad = |reason: String| VerifyError {
+            seq: None,
+            line: Some(n),
+            reason,
+        };
+        if trailer.is_some() {
+            return Err(bad("lines after the export trailer".into()));
+        }
+        let value: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| bad(format!("not JSON: {e}")))?;
+        if let Some(t) = value.get("export_end") {
+            trailer = Some(
+                serde_json::from_value(t.clone()).map_err(|e| bad(format!("bad trailer: {e}")))?,
+            );
+            continue;
+        }
+        let rec: AuditRecord =
+            serde_json::from_value(value).map_err(|e| bad(format!("not an audit record: {e}")))?;
+        v.push(&rec)?;
+    }
+    v.finish_export(trailer.as_ref())?;
+    Ok(v.summary().clone())
+}
