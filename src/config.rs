@@ -29,6 +29,56 @@ pub struct Config {
     pub policy: PolicyConfig,
     /// Erasure workflow.
     pub erasure: ErasureSettings,
+    /// Authorization and caller identities.
+    pub authz: AuthzSettings,
+    /// Audit log.
+    pub audit: AuditSettings,
+}
+
+/// Authorization (docs/AUDIT.md, policies/README.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthzSettings {
+    /// Directory of Cedar policies (`*.cedar`) and `limits.toml`. Unset: authorization
+    /// is OFF and every caller may call every RPC (development only; warned at start).
+    pub policies: Option<PathBuf>,
+    /// How often the directory is checked for changes, in seconds.
+    pub reload_secs: u64,
+    /// Identity of callers on the loopback and Unix-socket listeners (the pod's own).
+    pub local_identity: String,
+    /// Take the caller identity from Linkerd's `l5d-client-id` header on the local
+    /// listeners (only behind a Linkerd proxy).
+    pub trust_linkerd_identity: bool,
+}
+
+impl Default for AuthzSettings {
+    fn default() -> Self {
+        Self {
+            policies: None,
+            reload_secs: 5,
+            local_identity: "local".into(),
+            trust_linkerd_identity: false,
+        }
+    }
+}
+
+/// Audit log settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditSettings {
+    /// Data operations are counted and written once per window, in seconds.
+    pub window_secs: u64,
+    /// A signed checkpoint is appended this often, in seconds.
+    pub checkpoint_secs: u64,
+}
+
+impl Default for AuditSettings {
+    fn default() -> Self {
+        Self {
+            window_secs: 10,
+            checkpoint_secs: 60,
+        }
+    }
 }
 
 /// Erasure workflow settings (see docs/ERASURE.md).
@@ -84,6 +134,8 @@ impl Default for Config {
             cache: CacheSettings::default(),
             policy: PolicyConfig::default(),
             erasure: ErasureSettings::default(),
+            authz: AuthzSettings::default(),
+            audit: AuditSettings::default(),
         }
     }
 }
@@ -254,6 +306,19 @@ impl Config {
         if l.max_message_bytes < 1024 || l.request_timeout_ms == 0 {
             return Err(ConfigError::Invalid(
                 "limits.max_message_bytes must be >= 1024 and request_timeout_ms > 0".into(),
+            ));
+        }
+        if self.authz.reload_secs == 0
+            || self.audit.window_secs == 0
+            || self.audit.checkpoint_secs == 0
+        {
+            return Err(ConfigError::Invalid(
+                "authz.reload_secs, audit.window_secs and audit.checkpoint_secs must be > 0".into(),
+            ));
+        }
+        if self.authz.local_identity.is_empty() {
+            return Err(ConfigError::Invalid(
+                "authz.local_identity must not be empty".into(),
             ));
         }
         let e = &self.erasure;

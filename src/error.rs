@@ -129,6 +129,15 @@ pub enum Error {
         /// Its state.
         state: String,
     },
+    /// The caller's identity may not do this (authorization policies, default deny).
+    #[error("permission denied: {reason}")]
+    PermissionDenied {
+        /// Which rule decided (identities, tenants and fields only).
+        reason: String,
+    },
+    /// The caller's decrypt-rate ceiling is exhausted (policy `limits.toml`).
+    #[error("{0}")]
+    RateLimited(String),
     /// The KMS failed (unavailable, timed out, throttled, key disabled, access denied...).
     #[error("KMS error: {0}")]
     Kms(#[source] KmsError),

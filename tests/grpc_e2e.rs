@@ -47,13 +47,7 @@ impl Server {
     ) -> Result<Self> {
         let keyring = Arc::new(Keyring::new(store, kms, KeyringConfig::default()));
         let routes = fieldkey::service::routes(
-            keyring.clone(),
-            &limits,
-            Default::default(),
-            std::sync::Arc::new(fieldkey::erasure::Erasures::new(
-                keyring.clone(),
-                Default::default(),
-            )),
+            fieldkey::service::Context::new(keyring.clone()).with_limits(limits.clone()),
         )
         .await?;
         let listener = fieldkey::transport::bind_tcp("127.0.0.1:0").await?;
@@ -430,16 +424,8 @@ async fn unix_socket_round_trip() -> Result<()> {
         KeyringConfig::default(),
     ));
     keyring.create_tenant("acme", None).await?;
-    let routes = fieldkey::service::routes(
-        keyring.clone(),
-        &Limits::default(),
-        Default::default(),
-        std::sync::Arc::new(fieldkey::erasure::Erasures::new(
-            keyring.clone(),
-            Default::default(),
-        )),
-    )
-    .await?;
+    let routes =
+        fieldkey::service::routes(fieldkey::service::Context::new(keyring.clone())).await?;
     let path = dir.path().join("fieldkey.sock");
     let listener = fieldkey::transport::bind_unix(&path)?;
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();

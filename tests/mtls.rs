@@ -14,7 +14,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Result;
-use fieldkey::config::Limits;
 use fieldkey::service::pb::keys_client::KeysClient;
 use fieldkey::service::pb::{CreateTenantRequest, WhoAmIRequest};
 use fieldkey::store::{KeyStore, SqlStore};
@@ -87,16 +86,8 @@ async fn start() -> Result<Fixture> {
         common::local_kms(&dir)?,
         KeyringConfig::default(),
     ));
-    let routes = fieldkey::service::routes(
-        keyring.clone(),
-        &Limits::default(),
-        Default::default(),
-        std::sync::Arc::new(fieldkey::erasure::Erasures::new(
-            keyring.clone(),
-            Default::default(),
-        )),
-    )
-    .await?;
+    let routes =
+        fieldkey::service::routes(fieldkey::service::Context::new(keyring.clone())).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let tls = ReloadingConfig::watch(cfg.clone(), std::time::Duration::from_millis(50))?;

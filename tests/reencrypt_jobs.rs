@@ -461,16 +461,8 @@ async fn jobs_pause_resume_cancel_and_report_what_they_could_not_move() -> Resul
     // operators follow it through a sidecar on the same key store (WatchJob stream)
     let watched = {
         use fieldkey::service::pb;
-        let routes = fieldkey::service::routes(
-            f.keyring.clone(),
-            &Default::default(),
-            Default::default(),
-            std::sync::Arc::new(fieldkey::erasure::Erasures::new(
-                f.keyring.clone(),
-                Default::default(),
-            )),
-        )
-        .await?;
+        let routes =
+            fieldkey::service::routes(fieldkey::service::Context::new(f.keyring.clone())).await?;
         let listener = fieldkey::transport::bind_tcp("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         tokio::spawn(fieldkey::transport::serve_tcp(

@@ -93,6 +93,10 @@ pub enum LogFormat {
 struct ServeArgs {
     #[command(flatten)]
     keys: KeyArgs,
+    /// Authorization policy directory (Cedar `*.cedar` + `limits.toml`); unset =
+    /// authorization off (development only).
+    #[arg(long, env = "FIELDKEY_POLICIES")]
+    policies: Option<PathBuf>,
     /// Loopback TCP address to serve gRPC on (port 0 picks a free port).
     #[arg(long, env = "FIELDKEY_LISTEN")]
     listen: Option<String>,

@@ -8,6 +8,7 @@ use anyhow::Context as _;
 use secrecy::SecretString;
 
 use super::{KeyArgs, ServeArgs};
+use crate::audit::{AuditConfig, AuditLog};
 use crate::cache::CacheConfig;
 use crate::config::Config;
 use crate::erasure::{ErasureConfig, Erasures};
@@ -16,6 +17,8 @@ use crate::kms::Kms;
 use crate::kms::aws::{AwsKms, AwsKmsConfig};
 use crate::kms::local::{KdfParams, LocalKms};
 use crate::policy::RotationPolicy;
+use crate::policy::authz::Authorizer;
+use crate::service::gate::{Gate, IdentityConfig};
 use crate::store::{ErasureLedger, KeyStore, SqlStore};
 
 fn config_from(serve: &ServeArgs) -> anyhow::Result<Config> {
@@ -25,6 +28,9 @@ fn config_from(serve: &ServeArgs) -> anyhow::Result<Config> {
     }
     if let Some(u) = &serve.unix_socket {
         cfg.listen.unix = Some(u.clone());
+    }
+    if let Some(p) = &serve.policies {
+        cfg.authz.policies = Some(p.clone());
     }
     cfg.validate()?;
     Ok(cfg)
@@ -224,8 +230,47 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let _follow = keyring.follow_changes().await?;
     let erasures = Arc::new(Erasures::new(keyring.clone(), erasure_config(&cfg)));
     let worker = erasures.clone().spawn_worker();
-    let routes =
-        crate::service::routes(keyring.clone(), &cfg.limits, rotation, erasures.clone()).await?;
+    let audit = Arc::new(AuditLog::new(
+        keyring.clone(),
+        AuditConfig {
+            window: Duration::from_secs(cfg.audit.window_secs),
+            checkpoint_every: Duration::from_secs(cfg.audit.checkpoint_secs),
+            executor: erasure_config(&cfg).executor,
+        },
+    ));
+    let audit_task = audit.clone().spawn();
+    let (authz, _policy_watch) = match &cfg.authz.policies {
+        Some(dir) => {
+            let a = Arc::new(Authorizer::load(dir)?);
+            let st = a.status();
+            tracing::info!(dir = %dir.display(), policies = st.policies, files = ?st.files, "authorization policies loaded (default deny)");
+            let w = a.watch(Duration::from_secs(cfg.authz.reload_secs));
+            (Some(a), Some(w))
+        }
+        None => {
+            tracing::warn!(
+                "AUTHORIZATION IS OFF: no authz.policies directory configured; every caller may call every RPC (development only)"
+            );
+            (None, None)
+        }
+    };
+    let gate = Arc::new(Gate::new(
+        authz,
+        Some(audit.clone()),
+        IdentityConfig {
+            local_identity: Arc::from(cfg.authz.local_identity.as_str()),
+            trust_linkerd: cfg.authz.trust_linkerd_identity,
+        },
+    ));
+    let routes = crate::service::routes(crate::service::Context {
+        keyring: keyring.clone(),
+        limits: cfg.limits.clone(),
+        rotation,
+        erasures: erasures.clone(),
+        audit: audit.clone(),
+        gate,
+    })
+    .await?;
     let mut servers = tokio::task::JoinSet::new();
     if let Some(addr) = &cfg.listen.tcp {
         let listener = crate::transport::bind_tcp(addr).await?;
@@ -274,6 +319,11 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         res.context("server task failed")??;
     }
     worker.abort();
+    audit_task.abort();
+    // The last window's counts.
+    if let Err(e) = audit.flush().await {
+        tracing::error!(error = %e, "could not write the last audit window");
+    }
     keyring.cache().clear().await;
     tracing::info!("stopped; cached keys wiped");
     Ok(())

@@ -4,8 +4,12 @@
 //! too old?). Must not: do I/O beyond reading its files, or act on its decisions (the
 //! keyring and the service act).
 
+pub mod authz;
 mod rotation;
 
+pub use authz::{
+    Action, Authorizer, AuthzRequest, Decision, DecryptGuard, PolicyStatus, RateLimit, RateLimited,
+};
 pub use rotation::{KeyAge, RotationPolicy, RotationStatus};
 
 /// Why a policy file could not be used.

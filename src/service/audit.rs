@@ -14,18 +14,31 @@ use crate::audit::verify::trailer_line;
 use crate::erasure::receipt::public_key_pem;
 use crate::error::Error;
 use crate::keyring::Keyring;
+use crate::policy::authz::Action;
+
+use super::gate::{Caller, Gate};
 
 /// The Audit service.
 #[derive(Debug, Clone)]
 pub struct AuditService {
     keyring: Arc<Keyring>,
     log: Arc<AuditLog>,
+    gate: Arc<Gate>,
 }
 
 impl AuditService {
-    /// A service over the key store's audit chain.
-    pub fn new(keyring: Arc<Keyring>, log: Arc<AuditLog>) -> Self {
-        Self { keyring, log }
+    /// A service over the key store's audit chain, behind `gate`.
+    pub fn new(keyring: Arc<Keyring>, log: Arc<AuditLog>, gate: Arc<Gate>) -> Self {
+        Self { keyring, log, gate }
+    }
+
+    async fn admit<T>(&self, req: &Request<T>, action: Action) -> Result<Caller, Status> {
+        let c = self.gate.caller(req);
+        self.gate
+            .admin(&c, action, None)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(c)
     }
 }
 
@@ -41,7 +54,18 @@ impl pb::audit_server::Audit for AuditService {
         &self,
         req: Request<pb::ExportAuditRequest>,
     ) -> Result<Response<Self::ExportAuditStream>, Status> {
+        let c = self.admit(&req, Action::ExportAudit).await?;
         let from = req.into_inner().from_seq.max(1);
+        self.gate
+            .admin_done(
+                &c,
+                "audit.exported",
+                "audit",
+                "fieldkey",
+                None,
+                serde_json::json!({ "from_seq": from }),
+            )
+            .await;
         let (keyring, log) = (self.keyring.clone(), self.log.clone());
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::AuditLine, Status>>(4);
         tokio::spawn(async move {
@@ -95,8 +119,9 @@ impl pb::audit_server::Audit for AuditService {
 
     async fn get_audit_head(
         &self,
-        _req: Request<pb::GetAuditHeadRequest>,
+        req: Request<pb::GetAuditHeadRequest>,
     ) -> Result<Response<pb::AuditHead>, Status> {
+        self.admit(&req, Action::GetAuditHead).await?;
         let (seq, hash) = self
             .keyring
             .store()

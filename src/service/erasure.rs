@@ -9,37 +9,39 @@ use tonic::{Request, Response, Status};
 
 use super::pb;
 use super::status::to_status;
-use crate::audit::mask_ip;
 use crate::erasure::{Actor, Erasures, receipt};
 use crate::error::Error;
+use crate::policy::authz::Action;
 use crate::store::{ErasureRecord, ErasureState, KeyState};
-use crate::transport::mtls::CallerInfo;
+
+use super::gate::Gate;
 
 /// The Erasures service.
 #[derive(Debug, Clone)]
 pub struct ErasuresService {
     erasures: Arc<Erasures>,
+    gate: Arc<Gate>,
 }
 
 impl ErasuresService {
-    /// A service over the erasure workflow.
-    pub fn new(erasures: Arc<Erasures>) -> Self {
-        Self { erasures }
+    /// A service over the erasure workflow, behind `gate`.
+    pub fn new(erasures: Arc<Erasures>, gate: Arc<Gate>) -> Self {
+        Self { erasures, gate }
     }
-}
 
-/// The caller as the audit log records it: the mTLS identity (or `local` on the
-/// loopback and Unix-socket listeners) and the masked address.
-pub fn actor_of<T>(req: &Request<T>) -> Actor {
-    match req.extensions().get::<CallerInfo>() {
-        Some(c) => Actor {
-            id: c.identity.clone(),
-            ip: c.remote_addr.map(|a| mask_ip(a.ip())),
-        },
-        None => Actor {
-            id: "local".into(),
-            ip: req.remote_addr().map(|a| mask_ip(a.ip())),
-        },
+    /// The caller, once authorized for `action` (on `tenant`).
+    async fn admit<T>(
+        &self,
+        req: &Request<T>,
+        action: Action,
+        tenant: Option<&str>,
+    ) -> Result<Actor, Status> {
+        let c = self.gate.caller(req);
+        self.gate
+            .admin(&c, action, tenant)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(c.actor())
     }
 }
 
@@ -111,7 +113,13 @@ impl ErasuresService {
         req: Request<pb::RestrictionRequest>,
         suspend: bool,
     ) -> Result<Response<pb::Restriction>, Status> {
-        let actor = actor_of(&req);
+        let action = if suspend {
+            Action::SuspendSubject
+        } else {
+            Action::ResumeSubject
+        };
+        let tenant = req.get_ref().tenant_id.clone();
+        let actor = self.admit(&req, action, Some(&tenant)).await?;
         let r = req.into_inner();
         let erasures = self.erasures.clone();
         let (tenant, subject_id) = (r.tenant_id.clone(), r.subject_id.clone());
@@ -159,7 +167,10 @@ impl pb::erasures_server::Erasures for ErasuresService {
         &self,
         req: Request<pb::ShredSubjectRequest>,
     ) -> Result<Response<pb::Erasure>, Status> {
-        let actor = actor_of(&req);
+        let tenant = req.get_ref().tenant_id.clone();
+        let actor = self
+            .admit(&req, Action::ShredSubject, Some(&tenant))
+            .await?;
         let r = req.into_inner();
         self.shred(actor, r.tenant_id, Some(r.subject_id), r.grace_seconds)
             .await
@@ -169,7 +180,8 @@ impl pb::erasures_server::Erasures for ErasuresService {
         &self,
         req: Request<pb::ShredTenantRequest>,
     ) -> Result<Response<pb::Erasure>, Status> {
-        let actor = actor_of(&req);
+        let tenant = req.get_ref().tenant_id.clone();
+        let actor = self.admit(&req, Action::ShredTenant, Some(&tenant)).await?;
         let r = req.into_inner();
         self.shred(actor, r.tenant_id, None, r.grace_seconds).await
     }
@@ -178,7 +190,7 @@ impl pb::erasures_server::Erasures for ErasuresService {
         &self,
         req: Request<pb::ErasureIdRequest>,
     ) -> Result<Response<pb::Erasure>, Status> {
-        let actor = actor_of(&req);
+        let actor = self.admit(&req, Action::CancelErasure, None).await?;
         let id = req.into_inner().erasure_id;
         reply(self.erasures.cancel(&actor, &id).await)
     }
@@ -187,6 +199,7 @@ impl pb::erasures_server::Erasures for ErasuresService {
         &self,
         req: Request<pb::ErasureIdRequest>,
     ) -> Result<Response<pb::Erasure>, Status> {
+        self.admit(&req, Action::GetErasure, None).await?;
         reply(self.erasures.get(&req.into_inner().erasure_id).await)
     }
 
@@ -194,6 +207,13 @@ impl pb::erasures_server::Erasures for ErasuresService {
         &self,
         req: Request<pb::ListErasuresRequest>,
     ) -> Result<Response<pb::ListErasuresResponse>, Status> {
+        let t = req.get_ref().tenant_id.clone();
+        self.admit(
+            &req,
+            Action::ListErasures,
+            (!t.is_empty()).then_some(t.as_str()),
+        )
+        .await?;
         let r = req.into_inner();
         let size = match r.page_size {
             0 => 1000,
@@ -232,8 +252,9 @@ impl pb::erasures_server::Erasures for ErasuresService {
 
     async fn get_receipt_key(
         &self,
-        _req: Request<pb::GetReceiptKeyRequest>,
+        req: Request<pb::GetReceiptKeyRequest>,
     ) -> Result<Response<pb::ReceiptKey>, Status> {
+        self.admit(&req, Action::GetReceiptKey, None).await?;
         let (key_id, vk) = self
             .erasures
             .public_key()

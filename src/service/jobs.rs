@@ -13,18 +13,31 @@ use super::pb;
 use super::status::to_status;
 use crate::jobs::{self, JobView};
 use crate::keyring::Keyring;
+use crate::policy::authz::Action;
 use crate::store::JobControl;
+
+use super::gate::{Caller, Gate};
 
 /// The Jobs service.
 #[derive(Debug, Clone)]
 pub struct JobsService {
     keyring: Arc<Keyring>,
+    gate: Arc<Gate>,
 }
 
 impl JobsService {
-    /// A service over the keyring's store.
-    pub fn new(keyring: Arc<Keyring>) -> Self {
-        Self { keyring }
+    /// A service over the keyring's store, behind `gate`.
+    pub fn new(keyring: Arc<Keyring>, gate: Arc<Gate>) -> Self {
+        Self { keyring, gate }
+    }
+
+    async fn admit<T>(&self, req: &Request<T>, action: Action) -> Result<Caller, Status> {
+        let c = self.gate.caller(req);
+        self.gate
+            .admin(&c, action, None)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(c)
     }
 }
 
@@ -58,11 +71,28 @@ fn job_pb(v: JobView) -> pb::Job {
 type JobStream = Pin<Box<dyn Stream<Item = Result<pb::Job, Status>> + Send>>;
 
 impl JobsService {
-    async fn control(&self, id: &str, c: JobControl) -> Result<Response<pb::Job>, Status> {
-        jobs::control(self.keyring.store().as_ref(), id, c)
+    async fn control(
+        &self,
+        req: Request<pb::JobRequest>,
+        action: Action,
+        c: JobControl,
+    ) -> Result<Response<pb::Job>, Status> {
+        let caller = self.admit(&req, action).await?;
+        let id = req.into_inner().job_id;
+        let v = jobs::control(self.keyring.store().as_ref(), &id, c)
             .await
-            .map(|v| Response::new(job_pb(v)))
-            .map_err(|e| to_status(&e))
+            .map_err(|e| to_status(&e))?;
+        self.gate
+            .admin_done(
+                &caller,
+                &format!("job.{}", c.as_str()),
+                "job",
+                &id,
+                v.record.tenant_id.as_deref(),
+                serde_json::json!({ "target": v.record.target }),
+            )
+            .await;
+        Ok(Response::new(job_pb(v)))
     }
 }
 
@@ -72,8 +102,9 @@ impl pb::jobs_server::Jobs for JobsService {
 
     async fn list_jobs(
         &self,
-        _req: Request<pb::ListJobsRequest>,
+        req: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        self.admit(&req, Action::ListJobs).await?;
         let list = jobs::list(self.keyring.store().as_ref())
             .await
             .map_err(|e| to_status(&e))?;
@@ -83,6 +114,7 @@ impl pb::jobs_server::Jobs for JobsService {
     }
 
     async fn get_job(&self, req: Request<pb::JobRequest>) -> Result<Response<pb::Job>, Status> {
+        self.admit(&req, Action::GetJob).await?;
         jobs::get(self.keyring.store().as_ref(), &req.into_inner().job_id)
             .await
             .map(|v| Response::new(job_pb(v)))
@@ -93,6 +125,7 @@ impl pb::jobs_server::Jobs for JobsService {
         &self,
         req: Request<pb::WatchJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
+        self.admit(&req, Action::WatchJob).await?;
         let r = req.into_inner();
         let interval = match r.interval_ms {
             0 => Duration::from_millis(500),
@@ -141,17 +174,15 @@ impl pb::jobs_server::Jobs for JobsService {
     }
 
     async fn pause_job(&self, req: Request<pb::JobRequest>) -> Result<Response<pb::Job>, Status> {
-        self.control(&req.into_inner().job_id, JobControl::Pause)
-            .await
+        self.control(req, Action::PauseJob, JobControl::Pause).await
     }
 
     async fn resume_job(&self, req: Request<pb::JobRequest>) -> Result<Response<pb::Job>, Status> {
-        self.control(&req.into_inner().job_id, JobControl::Run)
-            .await
+        self.control(req, Action::ResumeJob, JobControl::Run).await
     }
 
     async fn cancel_job(&self, req: Request<pb::JobRequest>) -> Result<Response<pb::Job>, Status> {
-        self.control(&req.into_inner().job_id, JobControl::Cancel)
+        self.control(req, Action::CancelJob, JobControl::Cancel)
             .await
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod audit;
 pub mod erasure;
+pub mod gate;
 mod jobs;
 pub mod status;
 
@@ -20,8 +21,10 @@ use crate::config::Limits;
 use crate::crypto::{Aad, to_text};
 use crate::error::Error;
 use crate::keyring::{Encryptor, Keyring, Rewrapped, TenantInfo};
+use crate::policy::authz::Action;
 use crate::policy::{RotationPolicy, RotationStatus};
 use crate::store::{KeyState, now_ms};
+use gate::{Caller, Gate};
 
 /// Generated protobuf and gRPC code for `fieldkey.v1`.
 #[allow(
@@ -106,13 +109,23 @@ fn item_error(e: &Error) -> ItemError {
 pub struct Guard {
     limits: Limits,
     inflight: Arc<Semaphore>,
+    gate: Arc<Gate>,
 }
 
 impl Guard {
-    /// A guard enforcing `limits`.
+    /// A guard enforcing `limits`, with no authorization and no audit (tests).
     pub fn new(limits: Limits) -> Self {
+        Self::with_gate(limits, Arc::new(Gate::open()))
+    }
+
+    /// A guard enforcing `limits` and `gate` (identity, authorization, audit).
+    pub fn with_gate(limits: Limits, gate: Arc<Gate>) -> Self {
         let inflight = Arc::new(Semaphore::new(limits.max_concurrent_requests));
-        Self { limits, inflight }
+        Self {
+            limits,
+            inflight,
+            gate,
+        }
     }
 
     /// Runs a handler under the concurrency limit (refusing at once when full) and the
@@ -180,8 +193,14 @@ impl CryptoService {
         Self { keyring, guard }
     }
 
-    async fn encrypt_one(&self, mut r: EncryptRequest) -> Result<EncryptResponse, Error> {
+    async fn encrypt_one(
+        &self,
+        c: &Caller,
+        mut r: EncryptRequest,
+    ) -> Result<EncryptResponse, Error> {
+        let gate = &self.guard.gate;
         let result = async {
+            gate.data(c, Action::Encrypt, &r.tenant_id, &r.field)?;
             self.guard.check_field("plaintext", r.plaintext.len())?;
             let enc = self
                 .keyring
@@ -191,14 +210,32 @@ impl CryptoService {
         }
         .await;
         r.plaintext.zeroize();
+        gate.data_done(c, Action::Encrypt, &r.tenant_id, &r.field, &result);
         result
     }
 
     async fn encrypt_batch_item<'a>(
         &self,
+        c: &Caller,
         r: &'a EncryptRequest,
         resolved: &mut Vec<(BatchKey<'a>, Result<Encryptor<'a>, Error>)>,
     ) -> Result<EncryptResponse, Error> {
+        let result = self.encrypt_batch_item_inner(c, r, resolved).await;
+        self.guard
+            .gate
+            .data_done(c, Action::Encrypt, &r.tenant_id, &r.field, &result);
+        result
+    }
+
+    async fn encrypt_batch_item_inner<'a>(
+        &self,
+        c: &Caller,
+        r: &'a EncryptRequest,
+        resolved: &mut Vec<(BatchKey<'a>, Result<Encryptor<'a>, Error>)>,
+    ) -> Result<EncryptResponse, Error> {
+        self.guard
+            .gate
+            .data(c, Action::Encrypt, &r.tenant_id, &r.field)?;
         self.guard.check_field("plaintext", r.plaintext.len())?;
         let key = (
             r.tenant_id.as_str(),
@@ -218,7 +255,18 @@ impl CryptoService {
         seal_response(&enc, r)
     }
 
-    async fn rewrap_one(&self, r: &RewrapRequest) -> Result<RewrapResponse, Error> {
+    async fn rewrap_one(&self, c: &Caller, r: &RewrapRequest) -> Result<RewrapResponse, Error> {
+        let result = self.rewrap_inner(c, r).await;
+        self.guard
+            .gate
+            .data_done(c, Action::Rewrap, &r.tenant_id, &r.field, &result);
+        result
+    }
+
+    async fn rewrap_inner(&self, c: &Caller, r: &RewrapRequest) -> Result<RewrapResponse, Error> {
+        self.guard
+            .gate
+            .data(c, Action::Rewrap, &r.tenant_id, &r.field)?;
         self.guard.check_field("ciphertext", r.ciphertext.len())?;
         let aad = Aad {
             tenant: &r.tenant_id,
@@ -235,7 +283,22 @@ impl CryptoService {
         })
     }
 
-    async fn decrypt_one(&self, r: DecryptRequest) -> Result<DecryptResponse, Error> {
+    async fn decrypt_one(&self, c: &Caller, r: DecryptRequest) -> Result<DecryptResponse, Error> {
+        let result = self.decrypt_inner(c, &r).await;
+        self.guard
+            .gate
+            .data_done(c, Action::Decrypt, &r.tenant_id, &r.field, &result);
+        result
+    }
+
+    async fn decrypt_inner(
+        &self,
+        c: &Caller,
+        r: &DecryptRequest,
+    ) -> Result<DecryptResponse, Error> {
+        let gate = &self.guard.gate;
+        gate.data(c, Action::Decrypt, &r.tenant_id, &r.field)?;
+        gate.decrypt_quota(c, &r.tenant_id, 1).await?;
         self.guard.check_field("ciphertext", r.ciphertext.len())?;
         let aad = Aad {
             tenant: &r.tenant_id,
@@ -257,8 +320,9 @@ impl pb::crypto_server::Crypto for CryptoService {
         &self,
         req: Request<EncryptRequest>,
     ) -> Result<Response<EncryptResponse>, Status> {
+        let c = self.guard.gate.caller(&req);
         let fut = async {
-            self.encrypt_one(req.into_inner())
+            self.encrypt_one(&c, req.into_inner())
                 .await
                 .map_err(|e| status::to_status(&e))
         };
@@ -269,8 +333,9 @@ impl pb::crypto_server::Crypto for CryptoService {
         &self,
         req: Request<DecryptRequest>,
     ) -> Result<Response<DecryptResponse>, Status> {
+        let c = self.guard.gate.caller(&req);
         let fut = async {
-            self.decrypt_one(req.into_inner())
+            self.decrypt_one(&c, req.into_inner())
                 .await
                 .map_err(|e| status::to_status(&e))
         };
@@ -281,6 +346,7 @@ impl pb::crypto_server::Crypto for CryptoService {
         &self,
         req: Request<EncryptBatchRequest>,
     ) -> Result<Response<EncryptBatchResponse>, Status> {
+        let c = self.guard.gate.caller(&req);
         let mut items = req.into_inner().items;
         self.guard.check_batch(items.len())?;
         let fut = async {
@@ -290,7 +356,7 @@ impl pb::crypto_server::Crypto for CryptoService {
                 // each distinct key once (a few per batch), not once per item.
                 let mut resolved: Vec<(BatchKey<'_>, Result<Encryptor<'_>, Error>)> = Vec::new();
                 for item in &items {
-                    let result = match self.encrypt_batch_item(item, &mut resolved).await {
+                    let result = match self.encrypt_batch_item(&c, item, &mut resolved).await {
                         Ok(ok) => encrypt_result::Result::Ok(ok),
                         Err(e) => encrypt_result::Result::Error(item_error(&e)),
                     };
@@ -311,8 +377,9 @@ impl pb::crypto_server::Crypto for CryptoService {
         &self,
         req: Request<RewrapRequest>,
     ) -> Result<Response<RewrapResponse>, Status> {
+        let c = self.guard.gate.caller(&req);
         let fut = async {
-            self.rewrap_one(&req.into_inner())
+            self.rewrap_one(&c, &req.into_inner())
                 .await
                 .map_err(|e| status::to_status(&e))
         };
@@ -323,12 +390,13 @@ impl pb::crypto_server::Crypto for CryptoService {
         &self,
         req: Request<RewrapBatchRequest>,
     ) -> Result<Response<RewrapBatchResponse>, Status> {
+        let c = self.guard.gate.caller(&req);
         let items = req.into_inner().items;
         self.guard.check_batch(items.len())?;
         let fut = async {
             let mut results = Vec::with_capacity(items.len());
             for item in &items {
-                let result = match self.rewrap_one(item).await {
+                let result = match self.rewrap_one(&c, item).await {
                     Ok(ok) => rewrap_result::Result::Ok(ok),
                     Err(e) => rewrap_result::Result::Error(item_error(&e)),
                 };
@@ -345,12 +413,13 @@ impl pb::crypto_server::Crypto for CryptoService {
         &self,
         req: Request<DecryptBatchRequest>,
     ) -> Result<Response<DecryptBatchResponse>, Status> {
+        let c = self.guard.gate.caller(&req);
         let items = req.into_inner().items;
         self.guard.check_batch(items.len())?;
         let fut = async {
             let mut results = Vec::with_capacity(items.len());
             for item in items {
-                let result = match self.decrypt_one(item).await {
+                let result = match self.decrypt_one(&c, item).await {
                     Ok(ok) => decrypt_result::Result::Ok(ok),
                     Err(e) => decrypt_result::Result::Error(item_error(&e)),
                 };
@@ -434,16 +503,15 @@ impl pb::keys_server::Keys for KeysService {
         &self,
         req: Request<pb::WhoAmIRequest>,
     ) -> Result<Response<pb::WhoAmIResponse>, Status> {
-        let caller = req.extensions().get::<crate::transport::mtls::CallerInfo>();
-        Ok(Response::new(match caller {
-            Some(c) => pb::WhoAmIResponse {
-                identity: c.identity.clone(),
-                transport: "mtls".into(),
-            },
-            None => pb::WhoAmIResponse {
-                identity: "local".into(),
-                transport: "local".into(),
-            },
+        let c = self.guard.gate.caller(&req);
+        self.guard
+            .gate
+            .admin(&c, Action::WhoAmI, None)
+            .await
+            .map_err(|e| status::to_status(&e))?;
+        Ok(Response::new(pb::WhoAmIResponse {
+            identity: c.identity.to_string(),
+            transport: c.transport.into(),
         }))
     }
 
@@ -451,24 +519,57 @@ impl pb::keys_server::Keys for KeysService {
         &self,
         req: Request<CreateTenantRequest>,
     ) -> Result<Response<pb::Tenant>, Status> {
+        let c = self.guard.gate.caller(&req);
+        let tenant = Some(req.get_ref().tenant_id.clone());
+        self.guard
+            .gate
+            .admin(&c, Action::CreateTenant, tenant.as_deref())
+            .await
+            .map_err(|e| status::to_status(&e))?;
         let r = req.into_inner();
         let kms_key = (!r.kms_key_id.is_empty()).then_some(r.kms_key_id.as_str());
         let fut = async { tenant_reply(self.keyring.create_tenant(&r.tenant_id, kms_key).await) };
-        self.guard.run(fut).await.map(Response::new)
+        let t = self.guard.run(fut).await?;
+        self.guard
+            .gate
+            .admin_done(
+                &c,
+                "tenant.created",
+                "tenant",
+                &r.tenant_id,
+                Some(&r.tenant_id),
+                serde_json::json!({ "kms_key_id": t.kms_key_id }),
+            )
+            .await;
+        Ok(Response::new(t))
     }
 
     async fn get_tenant(
         &self,
         req: Request<GetTenantRequest>,
     ) -> Result<Response<pb::Tenant>, Status> {
+        let c = self.guard.gate.caller(&req);
+        let tenant = Some(req.get_ref().tenant_id.clone());
+        self.guard
+            .gate
+            .admin(&c, Action::GetTenant, tenant.as_deref())
+            .await
+            .map_err(|e| status::to_status(&e))?;
         let fut = async { tenant_reply(self.keyring.tenant(&req.into_inner().tenant_id).await) };
         self.guard.run(fut).await.map(Response::new)
     }
 
     async fn list_tenants(
         &self,
-        _req: Request<pb::ListTenantsRequest>,
+        req: Request<pb::ListTenantsRequest>,
     ) -> Result<Response<pb::ListTenantsResponse>, Status> {
+        let c = self.guard.gate.caller(&req);
+        let tenant = None::<String>;
+        self.guard
+            .gate
+            .admin(&c, Action::ListTenants, tenant.as_deref())
+            .await
+            .map_err(|e| status::to_status(&e))?;
         let fut = async {
             self.keyring
                 .list_tenants()
@@ -483,6 +584,13 @@ impl pb::keys_server::Keys for KeysService {
         &self,
         req: Request<pb::CheckRotationRequest>,
     ) -> Result<Response<pb::CheckRotationResponse>, Status> {
+        let c = self.guard.gate.caller(&req);
+        let tenant = None::<String>;
+        self.guard
+            .gate
+            .admin(&c, Action::CheckRotation, tenant.as_deref())
+            .await
+            .map_err(|e| status::to_status(&e))?;
         let dry_run = req.into_inner().dry_run;
         // Rotating many tenants can outlast the per-call deadline; it is not run under
         // the guard's timeout (each rotation is short and idempotent).
@@ -491,6 +599,19 @@ impl pb::keys_server::Keys for KeysService {
             .rotate_due(&self.rotation, now_ms(), dry_run)
             .await
             .map_err(|e| status::to_status(&e))?;
+        for ch in checks.iter().filter(|ch| ch.rotated_to.is_some()) {
+            self.guard
+                .gate
+                .admin_done(
+                    &c,
+                    "tenant.rotated",
+                    "tenant",
+                    &ch.age.tenant_id,
+                    Some(&ch.age.tenant_id),
+                    serde_json::json!({ "version": ch.rotated_to, "by": "rotation policy" }),
+                )
+                .await;
+        }
         Ok(Response::new(pb::CheckRotationResponse {
             max_key_age_days: self.rotation.max_key_age_days,
             warn_days: self.rotation.warn_days,
@@ -513,12 +634,30 @@ impl pb::keys_server::Keys for KeysService {
         &self,
         req: Request<pb::RewrapKmsKeyRequest>,
     ) -> Result<Response<pb::RewrapKmsKeyResponse>, Status> {
+        let c = self.guard.gate.caller(&req);
+        let tenant = Some(req.get_ref().tenant_id.clone());
+        self.guard
+            .gate
+            .admin(&c, Action::RewrapKmsKey, tenant.as_deref())
+            .await
+            .map_err(|e| status::to_status(&e))?;
         let r = req.into_inner();
         let out = self
             .keyring
             .rewrap_kms_key(&r.tenant_id, &r.kms_key_id)
             .await
             .map_err(|e| status::to_status(&e))?;
+        self.guard
+            .gate
+            .admin_done(
+                &c,
+                "tenant.kms-key-rewrapped",
+                "tenant",
+                &r.tenant_id,
+                Some(&r.tenant_id),
+                serde_json::json!({ "kms_key_id": out.kms_key_id, "rewrapped": out.rewrapped }),
+            )
+            .await;
         Ok(Response::new(pb::RewrapKmsKeyResponse {
             tenant_id: out.tenant_id,
             kms_key_id: out.kms_key_id,
@@ -532,42 +671,130 @@ impl pb::keys_server::Keys for KeysService {
         &self,
         req: Request<pb::RetireKeyVersionRequest>,
     ) -> Result<Response<pb::Tenant>, Status> {
+        let c = self.guard.gate.caller(&req);
+        let tenant = Some(req.get_ref().tenant_id.clone());
+        self.guard
+            .gate
+            .admin(&c, Action::RetireKeyVersion, tenant.as_deref())
+            .await
+            .map_err(|e| status::to_status(&e))?;
         let r = req.into_inner();
-        tenant_reply(
+        let t = tenant_reply(
             self.keyring
                 .retire_key_version(&r.tenant_id, r.version)
                 .await,
-        )
-        .map(Response::new)
+        )?;
+        self.guard
+            .gate
+            .admin_done(
+                &c,
+                "tenant.version-retired",
+                "tenant",
+                &r.tenant_id,
+                Some(&r.tenant_id),
+                serde_json::json!({ "version": r.version }),
+            )
+            .await;
+        Ok(Response::new(t))
     }
 
     async fn rotate_tenant_key(
         &self,
         req: Request<RotateTenantKeyRequest>,
     ) -> Result<Response<pb::Tenant>, Status> {
-        let fut = async {
-            tenant_reply(
-                self.keyring
-                    .rotate_tenant(&req.into_inner().tenant_id)
-                    .await,
+        let c = self.guard.gate.caller(&req);
+        let tenant = Some(req.get_ref().tenant_id.clone());
+        self.guard
+            .gate
+            .admin(&c, Action::RotateTenantKey, tenant.as_deref())
+            .await
+            .map_err(|e| status::to_status(&e))?;
+        let id = req.into_inner().tenant_id;
+        let fut = async { tenant_reply(self.keyring.rotate_tenant(&id).await) };
+        let t = self.guard.run(fut).await?;
+        self.guard
+            .gate
+            .admin_done(
+                &c,
+                "tenant.rotated",
+                "tenant",
+                &id,
+                Some(&id),
+                serde_json::json!({ "version": t.active_version }),
             )
-        };
-        self.guard.run(fut).await.map(Response::new)
+            .await;
+        Ok(Response::new(t))
     }
 }
 
-/// The full set of gRPC services: Crypto, Keys, Jobs, Erasures, standard health and
-/// reflection.
+/// Everything the services are built from.
+#[derive(Debug, Clone)]
+pub struct Context {
+    /// The keyring.
+    pub keyring: Arc<Keyring>,
+    /// Request limits.
+    pub limits: Limits,
+    /// Rotation policy (for `CheckRotation`).
+    pub rotation: RotationPolicy,
+    /// The erasure workflow.
+    pub erasures: Arc<crate::erasure::Erasures>,
+    /// The audit log (export, head).
+    pub audit: Arc<crate::audit::AuditLog>,
+    /// Identity, authorization, decrypt guard and audit for every handler.
+    pub gate: Arc<Gate>,
+}
+
+impl Context {
+    /// Defaults around `keyring`: default limits and rotation policy, no
+    /// authorization and no audit records (tests, benchmarks' "off" case).
+    pub fn new(keyring: Arc<Keyring>) -> Self {
+        Self {
+            erasures: Arc::new(crate::erasure::Erasures::new(
+                keyring.clone(),
+                Default::default(),
+            )),
+            audit: Arc::new(crate::audit::AuditLog::new(
+                keyring.clone(),
+                Default::default(),
+            )),
+            keyring,
+            limits: Limits::default(),
+            rotation: RotationPolicy::default(),
+            gate: Arc::new(Gate::open()),
+        }
+    }
+
+    /// With these limits.
+    #[must_use]
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// With this gate.
+    #[must_use]
+    pub fn with_gate(mut self, gate: Arc<Gate>) -> Self {
+        self.gate = gate;
+        self
+    }
+}
+
+/// The full set of gRPC services: Crypto, Keys, Jobs, Erasures, Audit, standard
+/// health and reflection.
 ///
 /// # Errors
 /// Only if the embedded descriptor set is invalid (a build error).
-pub async fn routes(
-    keyring: Arc<Keyring>,
-    limits: &Limits,
-    rotation: RotationPolicy,
-    erasures: Arc<crate::erasure::Erasures>,
-) -> Result<tonic::service::Routes, Error> {
-    let guard = Guard::new(limits.clone());
+pub async fn routes(ctx: Context) -> Result<tonic::service::Routes, Error> {
+    let Context {
+        keyring,
+        limits,
+        rotation,
+        erasures,
+        audit,
+        gate,
+    } = ctx;
+    let limits = &limits;
+    let guard = Guard::with_gate(limits.clone(), gate.clone());
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
         .set_serving::<pb::crypto_server::CryptoServer<CryptoService>>()
@@ -586,12 +813,18 @@ pub async fn routes(
             .max_encoding_message_size(limits.max_message_bytes);
     let keys = pb::keys_server::KeysServer::new(KeysService::new(keyring.clone(), guard, rotation))
         .max_decoding_message_size(limits.max_message_bytes);
-    let jobs = pb::jobs_server::JobsServer::new(jobs::JobsService::new(keyring));
+    let jobs =
+        pb::jobs_server::JobsServer::new(jobs::JobsService::new(keyring.clone(), gate.clone()));
+    let audit_svc =
+        pb::audit_server::AuditServer::new(audit::AuditService::new(keyring, audit, gate.clone()));
+    reporter
+        .set_serving::<pb::audit_server::AuditServer<audit::AuditService>>()
+        .await;
     reporter
         .set_serving::<pb::jobs_server::JobsServer<jobs::JobsService>>()
         .await;
     let erasures =
-        pb::erasures_server::ErasuresServer::new(erasure::ErasuresService::new(erasures));
+        pb::erasures_server::ErasuresServer::new(erasure::ErasuresService::new(erasures, gate));
     reporter
         .set_serving::<pb::erasures_server::ErasuresServer<erasure::ErasuresService>>()
         .await;
@@ -599,6 +832,7 @@ pub async fn routes(
         .add_service(keys)
         .add_service(jobs)
         .add_service(erasures)
+        .add_service(audit_svc)
         .add_service(health)
         .add_service(reflection))
 }

@@ -33,6 +33,8 @@ pub fn classify(e: &Error) -> (Code, &'static str) {
         Error::JobNotFound { .. } => (Code::NotFound, "JOB_NOT_FOUND"),
         Error::JobConflict { .. } => (Code::FailedPrecondition, "JOB_CONFLICT"),
         Error::ErasureNotFound { .. } => (Code::NotFound, "ERASURE_NOT_FOUND"),
+        Error::PermissionDenied { .. } => (Code::PermissionDenied, "PERMISSION_DENIED"),
+        Error::RateLimited(_) => (Code::ResourceExhausted, "DECRYPT_RATE_LIMITED"),
         Error::ErasureNotCancellable { .. } => {
             (Code::FailedPrecondition, "ERASURE_NOT_CANCELLABLE")
         }
@@ -181,6 +183,16 @@ mod tests {
                 },
                 Code::FailedPrecondition,
                 "JOB_CONFLICT",
+            ),
+            (
+                Error::PermissionDenied { reason: "r".into() },
+                Code::PermissionDenied,
+                "PERMISSION_DENIED",
+            ),
+            (
+                Error::RateLimited("r".into()),
+                Code::ResourceExhausted,
+                "DECRYPT_RATE_LIMITED",
             ),
             (
                 Error::ErasureNotFound {

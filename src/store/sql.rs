@@ -7,9 +7,9 @@ use sqlx::any::AnyRow;
 use sqlx::{AnyPool, Row};
 
 use super::{
-    AuditFn, Change, CompleteFn, Created, ErasureRecord, JobControl, JobRecord, JobUpdate, KeyState,
-    KeyStore, KeyVersionRecord, NewErasure, NewJob, NewKeyVersion, NewSubject, SigningKeyRecord,
-    StoreError, SubjectRecord, TenantRecord, now_ms,
+    AuditFn, Change, CompleteFn, Created, ErasureRecord, JobControl, JobRecord, JobUpdate,
+    KeyState, KeyStore, KeyVersionRecord, NewErasure, NewJob, NewKeyVersion, NewSubject,
+    SigningKeyRecord, StoreError, SubjectRecord, TenantRecord, now_ms,
 };
 use crate::audit::{AuditEvent, AuditRecord};
 use crate::crypto::Fingerprint;

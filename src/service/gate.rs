@@ -1,0 +1,291 @@
+//! Who is calling, may they, and the audit trail of it: the caller identity (mTLS
+//! SAN; the configured local identity on the loopback and Unix-socket listeners;
+//! Linkerd's `l5d-client-id` only when configured to trust it), the authorization
+//! decision (Cedar policies, default deny), the decrypt-rate guard, and the audit
+//! records (data operations counted per window; administration one record each).
+
+use std::sync::Arc;
+
+use serde_json::json;
+use tonic::Request;
+
+use crate::audit::{AuditEvent, AuditLog, mask_ip};
+use crate::erasure::Actor;
+use crate::error::Error;
+use crate::policy::authz::{
+    Action, Authorizer, AuthzRequest, DecryptGuard, TRANSPORT_LINKERD, TRANSPORT_LOCAL,
+    TRANSPORT_MTLS,
+};
+use crate::transport::mtls::CallerInfo;
+
+/// Where identities come from.
+#[derive(Debug, Clone)]
+pub struct IdentityConfig {
+    /// The identity of callers on the loopback TCP and Unix-socket listeners (the
+    /// pod's own identity: they are in the pod).
+    pub local_identity: Arc<str>,
+    /// Take the identity from Linkerd's `l5d-client-id` header on the local listeners
+    /// (only behind a Linkerd proxy, which sets it and strips it from clients).
+    pub trust_linkerd: bool,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        Self {
+            local_identity: Arc::from("local"),
+            trust_linkerd: false,
+        }
+    }
+}
+
+/// A caller, as the gate sees it.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// Identity.
+    pub identity: Arc<str>,
+    /// `local`, `mtls` or `linkerd`.
+    pub transport: &'static str,
+    /// Masked address.
+    pub ip: Option<String>,
+}
+
+impl Caller {
+    /// The caller as the erasure workflow's actor.
+    pub fn actor(&self) -> Actor {
+        Actor {
+            id: self.identity.to_string(),
+            ip: self.ip.clone(),
+        }
+    }
+}
+
+/// Authorization, rate guard and audit for every handler.
+pub struct Gate {
+    authz: Option<Arc<Authorizer>>,
+    decrypt_guard: Option<DecryptGuard>,
+    audit: Option<Arc<AuditLog>>,
+    ids: IdentityConfig,
+}
+
+impl std::fmt::Debug for Gate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gate")
+            .field("authorization", &self.authz.is_some())
+            .field("audit", &self.audit.is_some())
+            .field("ids", &self.ids)
+            .finish()
+    }
+}
+
+fn outcome<T>(r: &Result<T, Error>) -> &'static str {
+    match r {
+        Ok(_) => "ok",
+        Err(Error::PermissionDenied { .. }) => "denied",
+        Err(Error::RateLimited(_)) => "rate_limited",
+        Err(_) => "failed",
+    }
+}
+
+impl Gate {
+    /// No authorization, no audit: every caller may do everything (development and
+    /// tests; `fieldkey serve` warns loudly when it runs like this).
+    pub fn open() -> Self {
+        Self {
+            authz: None,
+            decrypt_guard: None,
+            audit: None,
+            ids: IdentityConfig::default(),
+        }
+    }
+
+    /// A gate enforcing `authz` (and its decrypt limits) and writing to `audit`.
+    pub fn new(
+        authz: Option<Arc<Authorizer>>,
+        audit: Option<Arc<AuditLog>>,
+        ids: IdentityConfig,
+    ) -> Self {
+        let decrypt_guard = authz.clone().map(DecryptGuard::new);
+        Self {
+            authz,
+            decrypt_guard,
+            audit,
+            ids,
+        }
+    }
+
+    /// The audit log, if any.
+    pub fn audit(&self) -> Option<&Arc<AuditLog>> {
+        self.audit.as_ref()
+    }
+
+    /// Who is calling.
+    pub fn caller<T>(&self, req: &Request<T>) -> Caller {
+        if let Some(c) = req.extensions().get::<CallerInfo>() {
+            return Caller {
+                identity: Arc::from(c.identity.as_str()),
+                transport: TRANSPORT_MTLS,
+                ip: c.remote_addr.map(|a| mask_ip(a.ip())),
+            };
+        }
+        let ip = req.remote_addr().map(|a| mask_ip(a.ip()));
+        if self.ids.trust_linkerd
+            && let Some(id) = req
+                .metadata()
+                .get("l5d-client-id")
+                .and_then(|v| v.to_str().ok())
+                .filter(|v| !v.is_empty())
+        {
+            return Caller {
+                identity: Arc::from(id),
+                transport: TRANSPORT_LINKERD,
+                ip,
+            };
+        }
+        Caller {
+            identity: self.ids.local_identity.clone(),
+            transport: TRANSPORT_LOCAL,
+            ip,
+        }
+    }
+
+    fn decide(
+        &self,
+        c: &Caller,
+        action: Action,
+        tenant: Option<&str>,
+        field: Option<&str>,
+    ) -> Result<(), Error> {
+        let Some(authz) = &self.authz else {
+            return Ok(());
+        };
+        let d = authz.authorize(&AuthzRequest {
+            identity: &c.identity,
+            transport: c.transport,
+            action,
+            tenant,
+            field,
+        });
+        if d.allowed {
+            Ok(())
+        } else {
+            Err(Error::PermissionDenied {
+                reason: d.reason.to_string(),
+            })
+        }
+    }
+
+    /// May `c` do data operation `action` on `tenant`/`field`? (Counted by
+    /// [`Gate::data_done`].)
+    ///
+    /// # Errors
+    /// [`Error::PermissionDenied`].
+    pub fn data(&self, c: &Caller, action: Action, tenant: &str, field: &str) -> Result<(), Error> {
+        self.decide(c, action, Some(tenant), Some(field))
+    }
+
+    /// Takes `n` decrypted values from `c`'s allowance.
+    ///
+    /// # Errors
+    /// [`Error::RateLimited`] (also recorded at once in the audit log).
+    pub async fn decrypt_quota(&self, c: &Caller, tenant: &str, n: u32) -> Result<(), Error> {
+        let Some(g) = &self.decrypt_guard else {
+            return Ok(());
+        };
+        match g.check(&c.identity, n) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                if let Some(a) = &self.audit {
+                    a.event(AuditEvent {
+                        action: "authz.rate_limited".into(),
+                        resource_type: "tenant".into(),
+                        resource_id: tenant.to_owned(),
+                        actor: c.identity.to_string(),
+                        tenant_id: Some(tenant.to_owned()),
+                        caller_ip: c.ip.clone(),
+                        details: json!({ "action": Action::Decrypt.to_string(), "reason": e.to_string() }),
+                    })
+                    .await;
+                }
+                Err(Error::RateLimited(e.to_string()))
+            }
+        }
+    }
+
+    /// Counts a finished data operation in the audit window, by outcome.
+    pub fn data_done<T>(
+        &self,
+        c: &Caller,
+        action: Action,
+        tenant: &str,
+        field: &str,
+        result: &Result<T, Error>,
+    ) {
+        if let Some(a) = &self.audit {
+            a.data(
+                &c.identity,
+                c.ip.as_deref(),
+                tenant,
+                field,
+                action.as_str(),
+                outcome(result),
+                1,
+            );
+        }
+    }
+
+    /// May `c` call administration RPC `action` (on `tenant`, if it names one)? A
+    /// refusal is one audit record.
+    ///
+    /// # Errors
+    /// [`Error::PermissionDenied`].
+    pub async fn admin(
+        &self,
+        c: &Caller,
+        action: Action,
+        tenant: Option<&str>,
+    ) -> Result<(), Error> {
+        let r = self.decide(c, action, tenant, None);
+        if let (Err(Error::PermissionDenied { reason }), Some(a)) = (&r, &self.audit) {
+            a.event(AuditEvent {
+                action: "authz.denied".into(),
+                resource_type: if tenant.is_some() {
+                    "tenant"
+                } else {
+                    "service"
+                }
+                .into(),
+                resource_id: tenant.unwrap_or("fieldkey").to_owned(),
+                actor: c.identity.to_string(),
+                tenant_id: tenant.map(str::to_owned),
+                caller_ip: c.ip.clone(),
+                details: json!({ "action": action.to_string(), "reason": reason }),
+            })
+            .await;
+        }
+        r
+    }
+
+    /// Records a key-management action that succeeded (one record).
+    pub async fn admin_done(
+        &self,
+        c: &Caller,
+        action: &str,
+        resource_type: &str,
+        resource_id: &str,
+        tenant: Option<&str>,
+        details: serde_json::Value,
+    ) {
+        if let Some(a) = &self.audit {
+            a.event(AuditEvent {
+                action: action.into(),
+                resource_type: resource_type.into(),
+                resource_id: resource_id.into(),
+                actor: c.identity.to_string(),
+                tenant_id: tenant.map(str::to_owned),
+                caller_ip: c.ip.clone(),
+                details,
+            })
+            .await;
+        }
+    }
+}
