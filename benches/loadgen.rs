@@ -200,6 +200,29 @@ fn main() {
         },
         "fieldkey listening on tcp://",
     );
+    // The same sidecar with authorization (the example policies) and auditing on.
+    let data_on = tempfile::tempdir().unwrap();
+    let cfg_on = data_on.path().join("fieldkey.toml");
+    std::fs::write(
+        &cfg_on,
+        format!(
+            "[authz]\npolicies = {:?}\nlocal_identity = \"spiffe://example.org/ns/shop/sa/web\"\ntrust_linkerd_identity = true\n",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/policies")
+        ),
+    )
+    .unwrap();
+    let (mut fk_on, fk_on_addr) = spawn(
+        {
+            let mut c = Command::new(env!("CARGO_BIN_EXE_fieldkey"));
+            c.args(["serve", "--listen", "127.0.0.1:0", "--config"])
+                .arg(&cfg_on)
+                .arg("--data-dir")
+                .arg(data_on.path())
+                .env("RUST_LOG", "warn");
+            c
+        },
+        "fieldkey listening on tcp://",
+    );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -224,6 +247,12 @@ fn main() {
             }
         };
         let ct = CryptoClient::new(fk_ch[0].clone()).encrypt(enc()).await.unwrap().into_inner().ciphertext;
+        let on_ch = channels(&fk_on_addr, o.connections).await;
+        let mut create = tonic::Request::new(CreateTenantRequest { tenant_id: "bench".into(), kms_key_id: String::new() });
+        create
+            .metadata_mut()
+            .insert("l5d-client-id", "spiffe://example.org/ns/ops/sa/keyops".parse().unwrap());
+        KeysClient::new(on_ch[0].clone()).create_tenant(create).await.unwrap();
         let batch_payload = {
             let one = EncryptRequest { ..enc() };
             prost::Message::encoded_len(&EncryptBatchRequest { items: vec![one; o.batch] })
@@ -273,6 +302,25 @@ fn main() {
         .await;
         let enc_ops = report(&format!("Encrypt, {} B", o.size), 1, &s);
 
+        // Authorization + audit on versus off: alternate two rounds each, same run.
+        let (mut off_total, mut on_total) = (0.0, 0.0);
+        for round in 1..=2 {
+            for (on, chs) in [(false, &fk_ch), (true, &on_ch)] {
+                let e = enc.clone();
+                let s = drive(chs, &o, o.seconds, move |ch| {
+                    let r = e();
+                    async move {
+                        CryptoClient::new(ch).encrypt(r).await.unwrap();
+                    }
+                })
+                .await;
+                let label = format!("Encrypt, {} B, authz+audit {} (round {round})", o.size, if on { "on" } else { "off" });
+                let ops = report(&label, 1, &s);
+                if on { on_total += ops } else { off_total += ops }
+            }
+        }
+        let authz_ratio = on_total / off_total;
+
         let s = drive(&fk_ch, &o, o.seconds, move |ch| {
             let r = DecryptRequest {
                 tenant_id: "bench".into(),
@@ -315,8 +363,12 @@ fn main() {
             100.0 * enc_ops / echo_ops,
             fields
         );
+        println!(
+            "Encrypt with authorization + audit / without: {:.1}% (target >= 90%)",
+            100.0 * authz_ratio
+        );
     });
-    for child in [&mut fk, &mut echo] {
+    for child in [&mut fk, &mut fk_on, &mut echo] {
         let _ = child.kill();
         let _ = child.wait();
     }
