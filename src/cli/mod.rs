@@ -97,6 +97,10 @@ struct ServeArgs {
     /// authorization off (development only).
     #[arg(long, env = "FIELDKEY_POLICIES")]
     policies: Option<PathBuf>,
+    /// Identity of callers on the loopback and Unix-socket listeners (the pod's own,
+    /// e.g. its SPIFFE id); default `local`.
+    #[arg(long, env = "FIELDKEY_LOCAL_IDENTITY")]
+    local_identity: Option<String>,
     /// Loopback TCP address to serve gRPC on (port 0 picks a free port).
     #[arg(long, env = "FIELDKEY_LISTEN")]
     listen: Option<String>,

@@ -32,6 +32,9 @@ fn config_from(serve: &ServeArgs) -> anyhow::Result<Config> {
     if let Some(p) = &serve.policies {
         cfg.authz.policies = Some(p.clone());
     }
+    if let Some(id) = &serve.local_identity {
+        cfg.authz.local_identity.clone_from(id);
+    }
     cfg.validate()?;
     Ok(cfg)
 }
