@@ -32,10 +32,19 @@ struct Slot {
     count: AtomicU64,
 }
 
+/// Distinct counters per window at most; beyond, operations are counted under tenant
+/// and field `(other)` (a caller sending endless distinct tenant or field names cannot
+/// grow memory without bound; the overflow record says how many were folded).
+pub const MAX_KEYS: usize = 50_000;
+
+/// Tenant and field of the overflow counter.
+pub const OTHER: &str = "(other)";
+
 /// Counters of data operations for the current window.
 #[derive(Default)]
 pub struct Aggregator {
     slots: RwLock<HashMap<u64, Vec<Slot>>>,
+    keys: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for Aggregator {
@@ -86,12 +95,16 @@ impl Aggregator {
                 return;
             }
         }
+        if self.keys.load(Ordering::Relaxed) >= MAX_KEYS && (tenant, field) != (OTHER, OTHER) {
+            return self.record(actor, caller_ip, OTHER, OTHER, action, outcome, n);
+        }
         let mut slots = self.slots.write().unwrap_or_else(|p| p.into_inner());
         let bucket = slots.entry(h).or_default();
         if let Some(slot) = bucket.iter().find(|s| matches(s)) {
             slot.count.fetch_add(n, Ordering::Relaxed);
             return;
         }
+        self.keys.fetch_add(1, Ordering::Relaxed);
         bucket.push(Slot {
             key: DataKey {
                 actor: actor.to_owned(),
@@ -107,7 +120,11 @@ impl Aggregator {
 
     /// Takes the window's counts (non-zero), leaving the aggregator empty.
     pub fn drain(&self) -> Vec<(DataKey, u64)> {
-        let taken = std::mem::take(&mut *self.slots.write().unwrap_or_else(|p| p.into_inner()));
+        let taken = {
+            let mut slots = self.slots.write().unwrap_or_else(|p| p.into_inner());
+            self.keys.store(0, Ordering::Relaxed);
+            std::mem::take(&mut *slots)
+        };
         let mut out: Vec<(DataKey, u64)> = taken
             .into_values()
             .flatten()
@@ -173,5 +190,25 @@ mod tests {
             .unwrap();
         assert_eq!(enc.1, 3);
         assert!(a.drain().is_empty());
+    }
+
+    #[test]
+    fn distinct_keys_are_bounded_and_the_rest_is_folded() {
+        let a = Aggregator::default();
+        for i in 0..MAX_KEYS + 10 {
+            a.record(
+                "x",
+                None,
+                &format!("t{i}"),
+                "f",
+                "Crypto::Encrypt",
+                "denied",
+                1,
+            );
+        }
+        let d = a.drain();
+        assert_eq!(d.len(), MAX_KEYS + 1);
+        let other = d.iter().find(|(k, _)| k.tenant == OTHER).unwrap();
+        assert_eq!(other.1, 10);
     }
 }
