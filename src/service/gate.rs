@@ -155,6 +155,14 @@ impl Gate {
         tenant: Option<&str>,
         field: Option<&str>,
     ) -> Result<(), Error> {
+        // Bounded before anything is cached, counted or written to the audit log.
+        for (what, v) in [("tenant_id", tenant), ("field", field)] {
+            if v.is_some_and(|v| v.len() > 255) {
+                return Err(Error::InvalidArgument(format!(
+                    "{what} must be at most 255 bytes"
+                )));
+            }
+        }
         let Some(authz) = &self.authz else {
             return Ok(());
         };
