@@ -523,6 +523,13 @@ async fn the_audit_export_verifies_and_every_tampering_is_detected() -> Result<(
     let mut cut = lines[..n - 2].to_vec();
     cut.push(lines[n].clone());
     check("truncated (trailer kept)", cut, "truncated");
+    // the beginning cut off (records 1 and 2), trailer kept
+    let headless: Vec<String> = lines[2..].to_vec();
+    check(
+        "beginning deleted",
+        headless,
+        "records at the beginning are missing",
+    );
     // a forged checkpoint signature
     let forged: Vec<String> = lines
         .iter()
@@ -601,6 +608,16 @@ async fn the_audit_export_verifies_and_every_tampering_is_detected() -> Result<(
     assert_eq!(code, Some(4), "{out}");
     assert!(out.contains("truncated"), "{out}");
     eprintln!("store truncated: {}", out.trim());
+    sqlx::query("DELETE FROM fk_audit WHERE seq = 1")
+        .execute(&raw)
+        .await?;
+    let (code, out) = cli();
+    assert_eq!(code, Some(4), "{out}");
+    assert!(
+        out.contains("records at the beginning were deleted"),
+        "{out}"
+    );
+    eprintln!("store beginning deleted: {}", out.trim());
     raw.close().await;
     Ok(())
 }

@@ -227,6 +227,13 @@ impl Verifier {
         };
         verify_sig(&self.keys, &t.key_id, &trailer_message(t), &t.signature)
             .map_err(|e| fail(format!("export trailer {e}")))?;
+        if s.records > 0 && s.first_seq != Some(t.from_seq) {
+            return Err(fail(format!(
+                "the export's trailer says it starts at record {}, but the first record is {}: records at the beginning are missing",
+                t.from_seq,
+                s.first_seq.unwrap_or(0)
+            )));
+        }
         if t.records != s.records
             || t.last_seq != s.last_seq
             || t.last_hash != hex::encode(s.last_hash)

@@ -115,6 +115,16 @@ async fn verify_store(keys: &KeyArgs, vks: Vec<VerifyingKey>) -> Result<(), CliE
         .await
         .map_err(|e| CliError::Other(e.into()))?;
     let s = v.summary();
+    if s.records > 0 && s.first_seq != Some(1) {
+        return Err(invalid(VerifyError {
+            seq: s.first_seq,
+            line: None,
+            reason: format!(
+                "the log starts at record {} instead of 1: records at the beginning were deleted",
+                s.first_seq.unwrap_or(0)
+            ),
+        }));
+    }
     if s.last_seq != head_seq || (head_seq > 0 && s.last_hash != head_hash) {
         return Err(invalid(VerifyError {
             seq: Some(s.last_seq.saturating_add(1)),
