@@ -5,8 +5,9 @@
 //! wrapped keys), the unwrapped key (filled at most once: concurrent misses share one
 //! KMS call through `tokio::sync::OnceCell`), and the derived per-field ciphers.
 //!
-//! Zeroization: unwrapped keys are [`SecretKey`] (zeroized on drop) and field ciphers
-//! hold XAES-256-GCM key schedules (zeroized on drop). When moka evicts or invalidates
+//! Zeroization: unwrapped keys are [`SecretKey`] (zeroized on drop), field ciphers
+//! hold XAES-256-GCM key schedules (zeroized on drop) and blind-index keys hold keyed
+//! HMAC-SHA256 states (sha2's `zeroize` feature wipes them on drop). When moka evicts or invalidates
 //! an entry it drops its `Arc`; the key bytes are wiped as soon as the last in-flight
 //! request holding that `Arc` finishes.
 //!
@@ -22,7 +23,7 @@ use arc_swap::ArcSwap;
 use moka::future::Cache;
 use tokio::sync::{Mutex, OnceCell};
 
-use crate::crypto::{FieldCipher, SecretKey};
+use crate::crypto::{FieldCipher, IndexKey, SecretKey};
 use crate::store::{SubjectRecord, TenantRecord};
 
 /// Bounds of the cache.
@@ -68,9 +69,32 @@ pub struct VersionEntry {
     /// The unwrapped tenant key version, filled by one KMS call.
     pub key: OnceCell<SecretKey>,
     fields: RwLock<FieldCiphers>,
+    indexes: RwLock<HashMap<Box<str>, Arc<IndexKey>>>,
 }
 
 impl VersionEntry {
+    /// The cached blind-index key for `field`, or one built by `make` and cached.
+    ///
+    /// # Errors
+    /// Whatever `make` returns; nothing is cached then.
+    pub fn index_key<E>(
+        &self,
+        field: &str,
+        make: impl FnOnce() -> Result<IndexKey, E>,
+    ) -> Result<Arc<IndexKey>, E> {
+        if let Some(k) = self
+            .indexes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(field)
+        {
+            return Ok(k.clone());
+        }
+        let made = Arc::new(make()?);
+        let mut w = self.indexes.write().unwrap_or_else(|p| p.into_inner());
+        Ok(w.entry(field.into()).or_insert(made).clone())
+    }
+
     /// The cached cipher for `field`, or one built by `make` and cached.
     pub fn field_cipher(
         &self,

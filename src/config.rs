@@ -33,6 +33,144 @@ pub struct Config {
     pub authz: AuthzSettings,
     /// Audit log.
     pub audit: AuditSettings,
+    /// Blind-index profiles per field.
+    pub blind_index: BlindIndexSettings,
+}
+
+/// Blind indexes (docs/BLIND_INDEX.md): one profile per indexed field. A field
+/// without one cannot be indexed (`INDEX_NOT_CONFIGURED`). Every sidecar and job
+/// runner that indexes a field must use the same profile: it is part of the index key.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct BlindIndexSettings {
+    /// Argon2id evaluations running at once (each holds its memory cost); default: the
+    /// number of CPUs.
+    pub argon2_concurrency: Option<usize>,
+    /// Profiles by field name.
+    pub fields: std::collections::BTreeMap<String, FieldIndexSettings>,
+}
+
+/// Which function digests a field's values.
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum IndexAlgorithmName {
+    /// HMAC-SHA256 (fast).
+    #[default]
+    HmacSha256,
+    /// Argon2id keyed with the index key (slow, for low-entropy values).
+    Argon2id,
+}
+
+/// One normalization step (applied in a fixed order whatever the list's order:
+/// Unicode form, case folding, the form again, trimming).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum NormalizeStep {
+    /// Unicode NFC.
+    Nfc,
+    /// Unicode NFKC.
+    Nfkc,
+    /// Unicode full case folding.
+    Casefold,
+    /// Strip leading and trailing white space.
+    Trim,
+}
+
+/// Argon2id cost of a slow index.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Argon2Settings {
+    /// Memory, KiB (default 19456 = 19 MiB).
+    #[serde(default = "default_argon2_memory")]
+    pub memory_kib: u32,
+    /// Passes (default 2).
+    #[serde(default = "default_argon2_iterations")]
+    pub iterations: u32,
+    /// Lanes (default 1).
+    #[serde(default = "default_argon2_parallelism")]
+    pub parallelism: u32,
+}
+
+fn default_argon2_memory() -> u32 {
+    crate::crypto::Argon2Cost::DEFAULT.memory_kib
+}
+fn default_argon2_iterations() -> u32 {
+    crate::crypto::Argon2Cost::DEFAULT.iterations
+}
+fn default_argon2_parallelism() -> u32 {
+    crate::crypto::Argon2Cost::DEFAULT.parallelism
+}
+fn default_index_bits() -> u16 {
+    64
+}
+
+/// The blind-index profile of one field.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FieldIndexSettings {
+    /// `"hmac-sha256"` (default) or `"argon2id"`.
+    #[serde(default)]
+    pub algorithm: IndexAlgorithmName,
+    /// Digest bits kept (multiple of 8, 16..=256; default 64).
+    #[serde(default = "default_index_bits")]
+    pub bits: u16,
+    /// Normalization steps (`nfc` or `nfkc`, `casefold`, `trim`); default none.
+    #[serde(default)]
+    pub normalize: Vec<NormalizeStep>,
+    /// Argon2id cost (only with `algorithm = "argon2id"`; default OWASP's 19 MiB, 2, 1).
+    #[serde(default)]
+    pub argon2: Option<Argon2Settings>,
+}
+
+impl FieldIndexSettings {
+    /// The profile these settings describe.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the field and the problem.
+    pub fn profile(&self, field: &str) -> Result<crate::crypto::IndexProfile, ConfigError> {
+        use crate::crypto::{Argon2Cost, IndexAlgorithm, IndexProfile, Normalization, UnicodeForm};
+        let bad = |m: String| ConfigError::Invalid(format!("blind_index.fields.{field}: {m}"));
+        let mut n = Normalization::default();
+        for step in &self.normalize {
+            match step {
+                NormalizeStep::Nfc | NormalizeStep::Nfkc => {
+                    let form = if *step == NormalizeStep::Nfc {
+                        UnicodeForm::Nfc
+                    } else {
+                        UnicodeForm::Nfkc
+                    };
+                    if n.form.is_some_and(|f| f != form) {
+                        return Err(bad("normalize may name nfc or nfkc, not both".into()));
+                    }
+                    n.form = Some(form);
+                }
+                NormalizeStep::Casefold => n.casefold = true,
+                NormalizeStep::Trim => n.trim = true,
+            }
+        }
+        let algorithm = match (self.algorithm, self.argon2) {
+            (IndexAlgorithmName::HmacSha256, None) => IndexAlgorithm::HmacSha256,
+            (IndexAlgorithmName::HmacSha256, Some(_)) => {
+                return Err(bad("argon2 settings need algorithm = \"argon2id\"".into()));
+            }
+            (IndexAlgorithmName::Argon2id, a) => IndexAlgorithm::Argon2id(a.map_or(
+                Argon2Cost::DEFAULT,
+                |a| Argon2Cost {
+                    memory_kib: a.memory_kib,
+                    iterations: a.iterations,
+                    parallelism: a.parallelism,
+                },
+            )),
+        };
+        let p = IndexProfile {
+            algorithm,
+            bits: self.bits,
+            normalization: n,
+        };
+        crate::crypto::validate_id("field", field).map_err(|e| bad(e.to_string()))?;
+        p.validate().map_err(|e| bad(e.to_string()))?;
+        Ok(p)
+    }
 }
 
 /// Authorization (docs/AUDIT.md, policies/README.md).
@@ -136,6 +274,7 @@ impl Default for Config {
             erasure: ErasureSettings::default(),
             authz: AuthzSettings::default(),
             audit: AuditSettings::default(),
+            blind_index: BlindIndexSettings::default(),
         }
     }
 }
@@ -332,12 +471,33 @@ impl Config {
                 "erasure.poll_ms must be >= 10; retry_after_secs and reconcile_secs > 0".into(),
             ));
         }
+        if self.blind_index.argon2_concurrency == Some(0) {
+            return Err(ConfigError::Invalid(
+                "blind_index.argon2_concurrency must be > 0".into(),
+            ));
+        }
+        self.index_profiles()?;
         if self.listen.tcp.is_none() && self.listen.unix.is_none() && self.listen.mtls.is_none() {
             return Err(ConfigError::Invalid(
                 "configure at least one listener (listen.tcp or listen.unix)".into(),
             ));
         }
         Ok(())
+    }
+
+    /// The blind-index profiles, checked.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the field and the problem.
+    pub fn index_profiles(&self) -> Result<crate::keyring::IndexProfiles, ConfigError> {
+        let mut fields = std::collections::HashMap::new();
+        for (name, f) in &self.blind_index.fields {
+            fields.insert(name.clone(), f.profile(name)?);
+        }
+        let slow = self.blind_index.argon2_concurrency.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        });
+        Ok(crate::keyring::IndexProfiles::new(fields, slow))
     }
 
     /// SQLite path in effect.
@@ -368,6 +528,64 @@ mod tests {
         c.validate().unwrap();
         assert_eq!(c.listen.tcp.as_deref(), Some("127.0.0.1:7450"));
         assert_eq!(c.sqlite_path(), PathBuf::from("fieldkey-data/keys.db"));
+    }
+
+    #[test]
+    fn blind_index_profiles_parse_with_defaults_and_bad_ones_are_refused() {
+        use crate::crypto::{Argon2Cost, IndexAlgorithm, UnicodeForm};
+        let c: Config = toml::from_str(
+            r#"
+            [blind_index]
+            argon2_concurrency = 3
+            [blind_index.fields.email]
+            normalize = ["trim", "casefold", "nfc"]
+            [blind_index.fields.birth_date]
+            algorithm = "argon2id"
+            bits = 32
+            [blind_index.fields.postcode]
+            algorithm = "argon2id"
+            argon2 = { memory_kib = 65536, iterations = 3 }
+            "#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let p = c.index_profiles().unwrap();
+        let email = p.get("email").unwrap();
+        assert_eq!(email.bits, 64);
+        assert_eq!(email.algorithm, IndexAlgorithm::HmacSha256);
+        assert_eq!(email.normalization.form, Some(UnicodeForm::Nfc));
+        assert!(email.normalization.casefold && email.normalization.trim);
+        assert_eq!(
+            p.get("birth_date").unwrap().algorithm,
+            IndexAlgorithm::Argon2id(Argon2Cost::DEFAULT)
+        );
+        assert_eq!(
+            p.get("postcode").unwrap().algorithm,
+            IndexAlgorithm::Argon2id(Argon2Cost {
+                memory_kib: 65536,
+                iterations: 3,
+                parallelism: 1
+            })
+        );
+        assert!(p.get("name").is_err());
+        for bad in [
+            "[blind_index.fields.x]\nbits = 12",
+            "[blind_index.fields.x]\nnormalize = [\"nfc\", \"nfkc\"]",
+            "[blind_index.fields.x]\nargon2 = { memory_kib = 65536 }",
+            "[blind_index.fields.x]\nalgorithm = \"argon2id\"\nargon2 = { memory_kib = 1 }",
+            "[blind_index]\nargon2_concurrency = 0",
+            "[blind_index.fields.\"a b\"]\nbits = 64",
+        ] {
+            let c: Config = toml::from_str(bad).unwrap();
+            assert!(c.validate().is_err(), "{bad}");
+        }
+        for unparsable in [
+            "[blind_index.fields.x]\nalgorithm = \"md5\"",
+            "[blind_index.fields.x]\nnormalize = [\"upper\"]",
+            "[blind_index.fields.x]\nsurprise = 1",
+        ] {
+            assert!(toml::from_str::<Config>(unparsable).is_err(), "{unparsable}");
+        }
     }
 
     #[test]

@@ -129,6 +129,13 @@ pub enum Error {
         /// Its state.
         state: String,
     },
+    /// The field has no blind-index profile in the configuration (`[blind_index]`):
+    /// indexing it with a guessed profile could silently never match.
+    #[error("field {field} has no blind index configured (add [blind_index.fields.{field}] to the configuration)")]
+    IndexNotConfigured {
+        /// Field name.
+        field: String,
+    },
     /// The caller's identity may not do this (authorization policies, default deny).
     #[error("permission denied: {reason}")]
     PermissionDenied {

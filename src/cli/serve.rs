@@ -173,7 +173,11 @@ pub(super) async fn build_keyring(cfg: &Config) -> anyhow::Result<Arc<Keyring>> 
         (None, None) => ErasureLedger::open_sqlite(&cfg.data_dir.join("erasure-ledger.db")).await?,
     });
     tracing::info!(backend = ledger.backend(), "erasure ledger ready");
-    Ok(Arc::new(Keyring::new(store, kms, kcfg).with_ledger(ledger)))
+    Ok(Arc::new(
+        Keyring::new(store, kms, kcfg)
+            .with_ledger(ledger)
+            .with_index_profiles(cfg.index_profiles()?),
+    ))
 }
 
 /// Erasure settings from the configuration (and the crash-test fault injection

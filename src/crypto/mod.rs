@@ -5,6 +5,7 @@
 //! know about gRPC, databases or the KMS, or decide *which* key version to use (that is
 //! the keyring's job).
 
+mod blind;
 mod envelope;
 mod error;
 mod ids;
@@ -14,6 +15,10 @@ mod keys;
 mod vectors;
 mod xaes;
 
+pub use blind::{
+    ARGON2_MAX_MEMORY_KIB, Argon2Cost, BlindIndex, INDEX_TEXT_PREFIX, IndexAlgorithm, IndexKey,
+    IndexProfile, Normalization, PSEUDONYM_LEN, UnicodeForm, pseudonym,
+};
 pub use envelope::{
     Aad, Envelope, FieldCipher, HEADER_LEN, MAX_PLAINTEXT_LEN, NONCE_LEN, OVERHEAD, Plaintext,
     Scope, TAG_LEN, TEXT_PREFIX, decode_any, open, seal, to_text,

@@ -33,8 +33,10 @@ use crate::store::{
     StoreError, SubjectRecord, TenantRecord,
 };
 
+mod index;
 mod info;
 mod rotation;
+pub use index::{IndexProfiles, Indexed, Indexer};
 pub use info::{SubjectInfo, TenantInfo, VersionInfo};
 pub use rotation::{KekRewrap, Rewrapped};
 
@@ -71,6 +73,8 @@ pub struct Keyring {
     cache: KeyCache,
     cfg: KeyringConfig,
     ledger: Option<Arc<ErasureLedger>>,
+    /// Blind-index profiles per field, and the bound on concurrent slow indexes.
+    indexes: IndexProfiles,
     /// When change notifications were last lost (ns after `born`; 0 = never): cached
     /// snapshots fetched before then are re-read on next use.
     notifications_lost: std::sync::atomic::AtomicU64,
@@ -110,6 +114,7 @@ impl Keyring {
             cache,
             cfg,
             ledger: None,
+            indexes: IndexProfiles::default(),
             notifications_lost: std::sync::atomic::AtomicU64::new(0),
             born: Instant::now(),
         }
@@ -928,27 +933,29 @@ impl Keyring {
             .subject_entry(tentry, tsnap, tenant, subject, create_subject)
             .await?;
         let ssnap = self.subject_snapshot(&sentry, tenant, subject).await?;
-        let srec = &ssnap.record;
-        match srec.state {
-            KeyState::Active => {}
-            KeyState::Suspended => {
-                return Err(Error::KeySuspended {
-                    tenant: tenant.to_owned(),
-                    scope: Scope::Subject,
-                    version: None,
-                });
-            }
-            _ => {
-                return Err(Error::KeyDestroyed {
-                    tenant: tenant.to_owned(),
-                    scope: Scope::Subject,
-                    version: None,
-                });
-            }
-        }
+        subject_usable(tenant, &ssnap.record)?;
         let ventry = tentry.version(version.version);
         let tkey = self.version_key(tenant, &ventry, version).await?;
-        let skey = sentry
+        let skey = self
+            .subject_key(tentry, tsnap, &sentry, &ssnap.record, tenant, subject)
+            .await?;
+        Ok(sentry.field_cipher(version.version, aad.field, || {
+            FieldCipher::for_subject(tkey, skey, tenant, subject, aad.field)
+        }))
+    }
+
+    /// The unwrapped key of a usable subject (one KMS call per cache entry at most:
+    /// its wrapping tenant version's key).
+    async fn subject_key<'e>(
+        &self,
+        tentry: &TenantEntry,
+        tsnap: &Snapshot<TenantRecord>,
+        sentry: &'e SubjectEntry,
+        srec: &SubjectRecord,
+        tenant: &str,
+        subject: &str,
+    ) -> Result<&'e SecretKey> {
+        sentry
             .key
             .get_or_try_init(|| async {
                 let wrapped = srec.wrapped.as_ref().ok_or_else(|| Error::KeyDestroyed {
@@ -968,10 +975,24 @@ impl Keyring {
                 unwrap_subject_key(wkey, tenant, subject, wv.version, wrapped)
                     .map_err(|_| Error::Internal("stored subject key does not unwrap".into()))
             })
-            .await?;
-        Ok(sentry.field_cipher(version.version, aad.field, || {
-            FieldCipher::for_subject(tkey, skey, tenant, subject, aad.field)
-        }))
+            .await
+    }
+}
+
+/// Refuses a suspended or destroyed subject.
+fn subject_usable(tenant: &str, srec: &SubjectRecord) -> Result<()> {
+    match srec.state {
+        KeyState::Active => Ok(()),
+        KeyState::Suspended => Err(Error::KeySuspended {
+            tenant: tenant.to_owned(),
+            scope: Scope::Subject,
+            version: None,
+        }),
+        _ => Err(Error::KeyDestroyed {
+            tenant: tenant.to_owned(),
+            scope: Scope::Subject,
+            version: None,
+        }),
     }
 }
 

@@ -7,6 +7,7 @@
 pub mod audit;
 pub mod erasure;
 pub mod gate;
+mod index;
 mod jobs;
 pub mod status;
 
@@ -406,6 +407,54 @@ impl pb::crypto_server::Crypto for CryptoService {
             }
             Ok(RewrapBatchResponse { results })
         };
+        self.guard.run(fut).await.map(Response::new)
+    }
+
+    async fn blind_index(
+        &self,
+        req: Request<pb::BlindIndexRequest>,
+    ) -> Result<Response<pb::BlindIndexResponse>, Status> {
+        let c = self.guard.gate.caller(&req);
+        let fut = async {
+            self.blind_index_one(&c, req.into_inner())
+                .await
+                .map_err(|e| status::to_status(&e))
+        };
+        self.guard.run(fut).await.map(Response::new)
+    }
+
+    async fn blind_index_batch(
+        &self,
+        req: Request<pb::BlindIndexBatchRequest>,
+    ) -> Result<Response<pb::BlindIndexBatchResponse>, Status> {
+        let c = self.guard.gate.caller(&req);
+        let items = req.into_inner().items;
+        self.guard.check_batch(items.len())?;
+        let fut = async { Ok(self.blind_index_batch(&c, items).await) };
+        self.guard.run(fut).await.map(Response::new)
+    }
+
+    async fn pseudonymize(
+        &self,
+        req: Request<pb::PseudonymizeRequest>,
+    ) -> Result<Response<pb::PseudonymizeResponse>, Status> {
+        let c = self.guard.gate.caller(&req);
+        let fut = async {
+            self.pseudonymize_one(&c, req.get_ref())
+                .await
+                .map_err(|e| status::to_status(&e))
+        };
+        self.guard.run(fut).await.map(Response::new)
+    }
+
+    async fn pseudonymize_batch(
+        &self,
+        req: Request<pb::PseudonymizeBatchRequest>,
+    ) -> Result<Response<pb::PseudonymizeBatchResponse>, Status> {
+        let c = self.guard.gate.caller(&req);
+        let items = req.into_inner().items;
+        self.guard.check_batch(items.len())?;
+        let fut = async { Ok(self.pseudonymize_batch(&c, &items).await) };
         self.guard.run(fut).await.map(Response::new)
     }
 

@@ -34,6 +34,7 @@ pub fn classify(e: &Error) -> (Code, &'static str) {
         Error::JobConflict { .. } => (Code::FailedPrecondition, "JOB_CONFLICT"),
         Error::ErasureNotFound { .. } => (Code::NotFound, "ERASURE_NOT_FOUND"),
         Error::PermissionDenied { .. } => (Code::PermissionDenied, "PERMISSION_DENIED"),
+        Error::IndexNotConfigured { .. } => (Code::FailedPrecondition, "INDEX_NOT_CONFIGURED"),
         Error::RateLimited(_) => (Code::ResourceExhausted, "DECRYPT_RATE_LIMITED"),
         Error::ErasureNotCancellable { .. } => {
             (Code::FailedPrecondition, "ERASURE_NOT_CANCELLABLE")
@@ -193,6 +194,13 @@ mod tests {
                 Error::RateLimited("r".into()),
                 Code::ResourceExhausted,
                 "DECRYPT_RATE_LIMITED",
+            ),
+            (
+                Error::IndexNotConfigured {
+                    field: "email".into(),
+                },
+                Code::FailedPrecondition,
+                "INDEX_NOT_CONFIGURED",
             ),
             (
                 Error::ErasureNotFound {

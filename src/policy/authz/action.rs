@@ -81,7 +81,7 @@ actions! {
     Decrypt => "Crypto", "Decrypt", Field, "Decrypt a value (also each item of `DecryptBatch`).";
     Rewrap => "Crypto", "Rewrap", Field, "Re-encrypt a ciphertext under the active key (also each item of `RewrapBatch`).";
     BlindIndex => "Crypto", "BlindIndex", Field, "Compute a blind index (also each item of `BlindIndexBatch`).";
-    Pseudonymize => "Crypto", "Pseudonymize", Field, "Compute a pseudonym.";
+    Pseudonymize => "Crypto", "Pseudonymize", Field, "Compute a pseudonym (also each item of `PseudonymizeBatch`); the resource's field is the purpose.";
     CreateTenant => "Keys", "CreateTenant", Tenant, "Create a tenant and its first key version.";
     GetTenant => "Keys", "GetTenant", Tenant, "Read a tenant's key versions and states.";
     RotateTenantKey => "Keys", "RotateTenantKey", Tenant, "Rotate a tenant's key.";
@@ -123,6 +123,7 @@ impl Action {
             ("Crypto", "DecryptBatch") => "Decrypt",
             ("Crypto", "RewrapBatch") => "Rewrap",
             ("Crypto", "BlindIndexBatch") => "BlindIndex",
+            ("Crypto", "PseudonymizeBatch") => "Pseudonymize",
             _ => method,
         };
         Action::from_single(service, single)
@@ -140,7 +141,11 @@ impl Action {
     pub fn is_batch_rpc(method: &str) -> bool {
         matches!(
             method,
-            "EncryptBatch" | "DecryptBatch" | "RewrapBatch" | "BlindIndexBatch"
+            "EncryptBatch"
+                | "DecryptBatch"
+                | "RewrapBatch"
+                | "BlindIndexBatch"
+                | "PseudonymizeBatch"
         )
     }
 
@@ -196,6 +201,11 @@ mod tests {
             Action::from_rpc("Crypto", "BlindIndexBatch"),
             Some(Action::BlindIndex)
         );
+        assert_eq!(
+            Action::from_rpc("Crypto", "PseudonymizeBatch"),
+            Some(Action::Pseudonymize)
+        );
+        assert!(Action::is_batch_rpc("PseudonymizeBatch"));
         assert!(Action::is_batch_rpc("DecryptBatch"));
         assert!(!Action::is_batch_rpc("Decrypt"));
         assert_eq!(

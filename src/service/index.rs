@@ -1,0 +1,181 @@
+//! The `BlindIndex`, `BlindIndexBatch`, `Pseudonymize` and `PseudonymizeBatch`
+//! handlers of the `Crypto` service (the trait methods in `mod.rs` call these).
+
+use tokio::task::JoinSet;
+use zeroize::Zeroize as _;
+
+use super::pb::{
+    BlindIndexBatchResponse, BlindIndexRequest, BlindIndexResponse, BlindIndexResult,
+    IndexFormat, PseudonymizeBatchResponse, PseudonymizeRequest, PseudonymizeResponse,
+    PseudonymizeResult, blind_index_result, pseudonymize_result,
+};
+use super::{CryptoService, MAX_RESOLVED_PER_BATCH, item_error};
+use crate::crypto::BlindIndex;
+use crate::error::Error;
+use crate::keyring::{Indexed, Indexer};
+use crate::policy::authz::Action;
+
+use super::gate::Caller;
+
+/// (tenant, field, lookup) of a batch item.
+type IndexKeyOf<'a> = (&'a str, &'a str, bool);
+
+fn encode(i: BlindIndex, format: i32) -> Vec<u8> {
+    if format == IndexFormat::Text as i32 {
+        i.to_text().into_bytes()
+    } else {
+        i.into_bytes()
+    }
+}
+
+fn index_response(out: Indexed, format: i32) -> BlindIndexResponse {
+    let key_version = out.index.version();
+    BlindIndexResponse {
+        index: encode(out.index, format),
+        key_version,
+        lookup_indexes: out.lookup.into_iter().map(|i| encode(i, format)).collect(),
+    }
+}
+
+impl CryptoService {
+    /// Authorizes and checks one item and resolves its index keys (once per distinct
+    /// (tenant, field, lookup) in a batch).
+    async fn indexer_for<'a>(
+        &self,
+        c: &Caller,
+        r: &'a BlindIndexRequest,
+        resolved: &mut Vec<(IndexKeyOf<'a>, Result<Indexer, Error>)>,
+    ) -> Result<Indexer, Error> {
+        self.guard
+            .gate
+            .data(c, Action::BlindIndex, &r.tenant_id, &r.field)?;
+        self.guard.check_field("value", r.value.len())?;
+        let key = (r.tenant_id.as_str(), r.field.as_str(), r.lookup);
+        if let Some((_, found)) = resolved.iter().find(|(k, _)| *k == key) {
+            return found.clone();
+        }
+        let fresh = self.keyring.indexer(key.0, key.1, key.2).await;
+        if resolved.len() < MAX_RESOLVED_PER_BATCH {
+            resolved.push((key, fresh.clone()));
+        }
+        fresh
+    }
+
+    pub(super) async fn blind_index_one(
+        &self,
+        c: &Caller,
+        mut r: BlindIndexRequest,
+    ) -> Result<BlindIndexResponse, Error> {
+        let result = async {
+            let idx = self.indexer_for(c, &r, &mut Vec::new()).await?;
+            let out = idx.compute(&r.value, r.lookup).await?;
+            Ok(index_response(out, r.format))
+        }
+        .await;
+        r.value.zeroize();
+        self.guard
+            .gate
+            .data_done(c, Action::BlindIndex, &r.tenant_id, &r.field, &result);
+        result
+    }
+
+    /// A batch: fast (HMAC) items are computed in order on this task; slow (Argon2id)
+    /// items run concurrently, bounded by the keyring's slow-index limit.
+    pub(super) async fn blind_index_batch(
+        &self,
+        c: &Caller,
+        mut items: Vec<BlindIndexRequest>,
+    ) -> BlindIndexBatchResponse {
+        let mut results: Vec<Option<Result<BlindIndexResponse, Error>>> =
+            Vec::with_capacity(items.len());
+        let mut slow = JoinSet::new();
+        {
+            let mut resolved = Vec::new();
+            for (i, r) in items.iter().enumerate() {
+                match self.indexer_for(c, r, &mut resolved).await {
+                    Ok(idx) if idx.is_slow() => {
+                        let (value, lookup, format) = (r.value.clone(), r.lookup, r.format);
+                        slow.spawn(async move {
+                            let mut value = value;
+                            let out = idx.compute(&value, lookup).await;
+                            value.zeroize();
+                            (i, out.map(|o| index_response(o, format)))
+                        });
+                        results.push(None);
+                    }
+                    Ok(idx) => {
+                        let out = idx
+                            .compute(&r.value, r.lookup)
+                            .await
+                            .map(|o| index_response(o, r.format));
+                        results.push(Some(out));
+                    }
+                    Err(e) => results.push(Some(Err(e))),
+                }
+            }
+        }
+        while let Some(joined) = slow.join_next().await {
+            match joined {
+                Ok((i, out)) => {
+                    if let Some(slot) = results.get_mut(i) {
+                        *slot = Some(out);
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "blind index task failed"),
+            }
+        }
+        let gate = &self.guard.gate;
+        let mut out = Vec::with_capacity(results.len());
+        for (r, result) in items.iter_mut().zip(results) {
+            let result =
+                result.unwrap_or_else(|| Err(Error::Internal("blind index task lost".into())));
+            r.value.zeroize();
+            gate.data_done(c, Action::BlindIndex, &r.tenant_id, &r.field, &result);
+            out.push(BlindIndexResult {
+                result: Some(match result {
+                    Ok(ok) => blind_index_result::Result::Ok(ok),
+                    Err(e) => blind_index_result::Result::Error(item_error(&e)),
+                }),
+            });
+        }
+        BlindIndexBatchResponse { results: out }
+    }
+
+    pub(super) async fn pseudonymize_one(
+        &self,
+        c: &Caller,
+        r: &PseudonymizeRequest,
+    ) -> Result<PseudonymizeResponse, Error> {
+        let gate = &self.guard.gate;
+        let result = async {
+            gate.data(c, Action::Pseudonymize, &r.tenant_id, &r.purpose)?;
+            let p = self
+                .keyring
+                .pseudonymize(&r.tenant_id, &r.subject_id, &r.purpose)
+                .await?;
+            Ok(PseudonymizeResponse {
+                pseudonym: hex::encode(p),
+            })
+        }
+        .await;
+        gate.data_done(c, Action::Pseudonymize, &r.tenant_id, &r.purpose, &result);
+        result
+    }
+
+    pub(super) async fn pseudonymize_batch(
+        &self,
+        c: &Caller,
+        items: &[PseudonymizeRequest],
+    ) -> PseudonymizeBatchResponse {
+        let mut results = Vec::with_capacity(items.len());
+        for r in items {
+            results.push(PseudonymizeResult {
+                result: Some(match self.pseudonymize_one(c, r).await {
+                    Ok(ok) => pseudonymize_result::Result::Ok(ok),
+                    Err(e) => pseudonymize_result::Result::Error(item_error(&e)),
+                }),
+            });
+        }
+        PseudonymizeBatchResponse { results }
+    }
+}
