@@ -4,7 +4,7 @@ use std::io::Read as _;
 
 use tonic::transport::Channel;
 
-use super::{DecryptArgs, EncryptArgs, Scope, TenantCommand};
+use super::{BlindIndexArgs, DecryptArgs, EncryptArgs, PseudonymizeArgs, Scope, TenantCommand};
 use crate::service::pb::{
     self, CiphertextFormat, CreateTenantRequest, DecryptRequest, EncryptRequest, GetTenantRequest,
     RotateTenantKeyRequest, crypto_client::CryptoClient, keys_client::KeysClient,
@@ -90,6 +90,55 @@ pub(super) async fn decrypt(args: DecryptArgs) -> Result<(), CliError> {
         .write_all(&out.plaintext)
         .and_then(|()| stdout.write_all(b"\n"))
         .map_err(|e| CliError::Other(anyhow::anyhow!("cannot write output: {e}")))?;
+    Ok(())
+}
+
+pub(super) async fn blind_index(args: BlindIndexArgs) -> Result<(), CliError> {
+    let value = match args.value {
+        Some(v) => v.into_bytes(),
+        None => {
+            let mut v = read_stdin()?;
+            if v.last() == Some(&b'\n') {
+                v.pop();
+                if v.last() == Some(&b'\r') {
+                    v.pop();
+                }
+            }
+            v
+        }
+    };
+    let mut c = CryptoClient::new(connect(&args.target.addr).await?);
+    let out = c
+        .blind_index(pb::BlindIndexRequest {
+            tenant_id: args.tenant,
+            field: args.field,
+            value,
+            format: pb::IndexFormat::Text as i32,
+            lookup: args.lookup,
+        })
+        .await?
+        .into_inner();
+    if args.lookup {
+        for i in &out.lookup_indexes {
+            println!("{}", String::from_utf8_lossy(i));
+        }
+    } else {
+        println!("{}", String::from_utf8_lossy(&out.index));
+    }
+    Ok(())
+}
+
+pub(super) async fn pseudonymize(args: PseudonymizeArgs) -> Result<(), CliError> {
+    let mut c = CryptoClient::new(connect(&args.target.addr).await?);
+    let out = c
+        .pseudonymize(pb::PseudonymizeRequest {
+            tenant_id: args.tenant,
+            subject_id: args.subject,
+            purpose: args.purpose,
+        })
+        .await?
+        .into_inner();
+    println!("{}", out.pseudonym);
     Ok(())
 }
 

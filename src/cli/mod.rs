@@ -52,6 +52,11 @@ enum Command {
     Encrypt(EncryptArgs),
     /// Decrypt one ciphertext with a running sidecar and print the value.
     Decrypt(DecryptArgs),
+    /// Print a value's blind index (text form) from a running sidecar; with --lookup,
+    /// every index a stored row may hold (one per line).
+    BlindIndex(BlindIndexArgs),
+    /// Print a subject's pseudonym for a purpose (e.g. analytics) from a running sidecar.
+    Pseudonymize(PseudonymizeArgs),
     /// Create, show or rotate a tenant's keys on a running sidecar.
     Tenant {
         #[command(subcommand)]
@@ -185,6 +190,38 @@ struct DecryptArgs {
     scope: Scope,
     /// Ciphertext (text form `fk1:...`); read from standard input when omitted.
     ciphertext: Option<String>,
+}
+
+#[derive(Args, Debug)]
+struct BlindIndexArgs {
+    #[command(flatten)]
+    target: Target,
+    /// Tenant id.
+    #[arg(long, short = 't')]
+    tenant: String,
+    /// Field name (needs a [blind_index.fields.NAME] profile in the sidecar's configuration).
+    #[arg(long, short = 'f')]
+    field: String,
+    /// Print the index under every usable key version (to match rows not yet re-indexed).
+    #[arg(long)]
+    lookup: bool,
+    /// Value to index; read from standard input when omitted (one trailing newline removed).
+    value: Option<String>,
+}
+
+#[derive(Args, Debug)]
+struct PseudonymizeArgs {
+    #[command(flatten)]
+    target: Target,
+    /// Tenant id.
+    #[arg(long, short = 't')]
+    tenant: String,
+    /// Subject (user) id.
+    #[arg(long, short = 's')]
+    subject: String,
+    /// Purpose (e.g. analytics): pseudonyms of different purposes cannot be linked.
+    #[arg(long, short = 'p')]
+    purpose: String,
 }
 
 #[derive(Subcommand, Debug)]
@@ -357,6 +394,8 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Serve(args) => serve::run(args).await.map_err(client::CliError::Other),
             Command::Encrypt(args) => client::encrypt(args).await,
             Command::Decrypt(args) => client::decrypt(args).await,
+            Command::BlindIndex(args) => client::blind_index(args).await,
+            Command::Pseudonymize(args) => client::pseudonymize(args).await,
             Command::Tenant { command } => client::tenant(command).await,
             Command::Jobs { command } => jobs::jobs(command).await,
             Command::Erasure { command } => erasure::erasure(command).await,

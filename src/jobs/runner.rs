@@ -82,6 +82,8 @@ enum ColKind {
 enum Value {
     Bytes(Vec<u8>),
     Text(String),
+    /// A recomputed blind index: written in its column's form (binary or `fkb1:`).
+    Index(crypto::BlindIndex),
 }
 
 impl Value {
@@ -89,6 +91,7 @@ impl Value {
         match self {
             Value::Bytes(b) => b,
             Value::Text(s) => s.as_bytes(),
+            Value::Index(i) => i.as_bytes(),
         }
     }
 }
@@ -209,6 +212,9 @@ struct RowTally {
     rewrapped: u64,
     current: u64,
     shredded: u64,
+    indexes_recomputed: u64,
+    indexes_current: u64,
+    indexes_cleared: u64,
     failed: Vec<(Option<u32>, String)>,
 }
 
@@ -267,15 +273,16 @@ impl Sql {
             )));
         }
         let mut kinds = Vec::new();
-        for c in &spec.columns {
-            let t = column_type(db, &table, &c.name).await?;
+        // The encrypted columns, then their blind-index columns (in the same order).
+        let value_cols = value_columns(&spec.columns);
+        for name in &value_cols {
+            let t = column_type(db, &table, name).await?;
             kinds.push(match t.as_str() {
                 "bytea" => ColKind::Bytes,
                 t if t == "text" || t.starts_with("character varying") => ColKind::Text,
                 other => {
                     return Err(BatchError::Fatal(format!(
-                        "column {} is {other}; encrypted columns must be bytea or text",
-                        c.name
+                        "column {name} is {other}; encrypted and blind-index columns must be bytea or text"
                     )));
                 }
             });
@@ -296,7 +303,7 @@ impl Sql {
             .context_column
             .as_ref()
             .map_or("NULL::text".to_owned(), |c| format!("{}::text", quote(c)));
-        let cols: Vec<String> = spec.columns.iter().map(|c| quote(&c.name)).collect();
+        let cols: Vec<String> = value_cols.iter().map(|c| quote(c)).collect();
         let select = format!(
             "SELECT {pk}::text AS fk_pk, xmin::text AS fk_xmin, {tenant_expr} AS fk_tenant, {subject_expr} AS fk_subject, \
              {context_expr} AS fk_context, {} FROM {table}",
@@ -482,6 +489,11 @@ impl Runner {
                 );
                 return Err(Error::InvalidArgument(msg));
             }
+        }
+        for c in self.spec.columns.iter().filter(|c| c.blind_index.is_some()) {
+            // Checked before the job is even created: a runner without the field's
+            // profile would compute index values nobody can match.
+            self.keyring.index_profile(&c.field)?;
         }
         create(self.store(), &self.spec).await?;
         let job = loop {
@@ -947,7 +959,47 @@ async fn write_rows(
         .collect()
 }
 
+/// The columns a job reads and writes: the encrypted ones, then their blind-index
+/// columns in the same order.
+fn value_columns(columns: &[ColumnSpec]) -> Vec<&str> {
+    columns
+        .iter()
+        .map(|c| c.name.as_str())
+        .chain(columns.iter().filter_map(|c| c.blind_index.as_deref()))
+        .collect()
+}
+
+fn same(v: &Value) -> Value {
+    match v {
+        Value::Bytes(b) => Value::Bytes(b.clone()),
+        Value::Text(s) => Value::Text(s.clone()),
+        Value::Index(i) => Value::Index(i.clone()),
+    }
+}
+
+/// A rewrapped envelope in the form of `like` (binary, or text for a text column).
+fn in_form_of(like: &Value, bytes: Vec<u8>) -> std::result::Result<Value, BatchError> {
+    Ok(match like {
+        Value::Bytes(_) | Value::Index(_) => Value::Bytes(bytes),
+        Value::Text(_) => Value::Text(
+            String::from_utf8(bytes)
+                .map_err(|_| BatchError::Fatal("text envelope is not UTF-8".into()))?,
+        ),
+    })
+}
+
+/// What became of one value's blind index.
+enum IndexOutcome {
+    /// Recomputed under the active version: write this (in the column's form).
+    Set(crypto::BlindIndex),
+    /// The value's key is shredded: clear the index.
+    Clear,
+    /// Could not be recomputed: leave it.
+    Keep,
+}
+
 /// New values for a row's columns (`None` if nothing changes), and its tallies.
+/// `row.values` holds the encrypted columns, then the blind-index columns.
 async fn rewrap_row(
     keyring: &Keyring,
     columns: &[ColumnSpec],
@@ -955,10 +1007,20 @@ async fn rewrap_row(
 ) -> std::result::Result<(Option<Vec<Option<Value>>>, RowTally), BatchError> {
     let mut tally = RowTally::default();
     let mut out: Vec<Option<Value>> = Vec::with_capacity(row.values.len());
+    let mut index_out: Vec<Option<Value>> = Vec::new();
     let mut changed = false;
+    let mut index_values = row.values.iter().skip(columns.len());
     for (col, v) in columns.iter().zip(&row.values) {
+        let stored_index = if col.blind_index.is_some() {
+            Some(index_values.next().and_then(Option::as_ref))
+        } else {
+            None
+        };
         let Some(v) = v else {
             out.push(None);
+            if let Some(ix) = stored_index {
+                index_out.push(ix.map(same));
+            }
             continue;
         };
         let aad = Aad {
@@ -967,21 +1029,19 @@ async fn rewrap_row(
             field: &col.field,
             context: &row.context,
         };
-        let same = |v: &Value| match v {
-            Value::Bytes(b) => Value::Bytes(b.clone()),
-            Value::Text(s) => Value::Text(s.clone()),
+        let (rewrapped, index) = match stored_index {
+            None => (keyring.rewrap(&aad, v.bytes()).await, IndexOutcome::Keep),
+            Some(_) => match keyring.rewrap_and_index(&aad, v.bytes()).await {
+                Ok((r, ix)) => (Ok(r), IndexOutcome::Set(ix)),
+                Err(e @ Error::KeyDestroyed { .. }) => (Err(e), IndexOutcome::Clear),
+                Err(e) => (Err(e), IndexOutcome::Keep),
+            },
         };
-        match keyring.rewrap(&aad, v.bytes()).await {
+        match rewrapped {
             Ok(r) if r.changed() => {
                 tally.rewrapped += 1;
                 changed = true;
-                out.push(Some(match v {
-                    Value::Bytes(_) => Value::Bytes(r.ciphertext),
-                    Value::Text(_) => Value::Text(
-                        String::from_utf8(r.ciphertext)
-                            .map_err(|_| BatchError::Fatal("text envelope is not UTF-8".into()))?,
-                    ),
-                }));
+                out.push(Some(in_form_of(v, r.ciphertext)?));
             }
             Ok(_) => {
                 tally.current += 1;
@@ -997,7 +1057,43 @@ async fn rewrap_row(
                 out.push(Some(same(v)));
             }
         }
+        let Some(stored) = stored_index else { continue };
+        match index {
+            IndexOutcome::Set(ix) => {
+                let is_current = stored.is_some_and(|s| {
+                    crypto::BlindIndex::parse(s.bytes()).is_ok_and(|p| p == ix)
+                });
+                if is_current {
+                    tally.indexes_current += 1;
+                    index_out.push(stored.map(same));
+                } else {
+                    tally.indexes_recomputed += 1;
+                    changed = true;
+                    index_out.push(Some(Value::Index(ix)));
+                }
+            }
+            IndexOutcome::Clear => {
+                if stored.is_some() {
+                    tally.indexes_cleared += 1;
+                    changed = true;
+                }
+                index_out.push(None);
+            }
+            IndexOutcome::Keep => {
+                // Not recomputed: an index still on an old version blocks that
+                // version's retirement like a ciphertext would.
+                if let Some(ix) = stored.and_then(|s| crypto::BlindIndex::parse(s.bytes()).ok())
+                {
+                    tally.failed.push((
+                        Some(ix.version()),
+                        "blind index not recomputed (its value could not be decrypted)".into(),
+                    ));
+                }
+                index_out.push(stored.map(same));
+            }
+        }
     }
+    out.extend(index_out);
     Ok((changed.then_some(out), tally))
 }
 
@@ -1021,6 +1117,7 @@ const PARALLEL_MIN_ROWS: usize = 64;
 fn text_of(v: &Value) -> String {
     match v {
         Value::Text(s) => s.clone(),
+        Value::Index(i) => i.to_text(),
         Value::Bytes(b) => String::from_utf8_lossy(b).into_owned(),
     }
 }
@@ -1035,6 +1132,9 @@ fn settle(progress: &mut JobProgress, row: &DbRow, tally: RowTally) {
     progress.values_rewrapped += tally.rewrapped;
     progress.values_current += tally.current;
     progress.values_shredded += tally.shredded;
+    progress.indexes_recomputed += tally.indexes_recomputed;
+    progress.indexes_current += tally.indexes_current;
+    progress.indexes_cleared += tally.indexes_cleared;
     for (version, err) in tally.failed {
         progress.values_failed += 1;
         if let Some(v) = version {

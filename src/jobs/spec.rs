@@ -23,6 +23,12 @@ pub struct ColumnSpec {
     pub name: String,
     /// The field name the application encrypted it with.
     pub field: String,
+    /// A blind-index column of this column's values (docs/BLIND_INDEX.md §5): the job
+    /// recomputes it from each decrypted value under the active key version (with the
+    /// field's profile from the configuration), and clears it (NULL) where the value's
+    /// key was shredded. `bytea` (binary form) or `text` (`fkb1:` form).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blind_index: Option<String>,
 }
 
 /// A re-encryption job.
@@ -171,6 +177,22 @@ impl JobSpec {
                     "the primary key cannot be an encrypted column".into(),
                 ));
             }
+            if let Some(ix) = &c.blind_index {
+                check_ident("blind_index", ix)?;
+                let taken = ix == &self.primary_key
+                    || self.columns.iter().enumerate().any(|(j, d)| {
+                        d.name == *ix || (j != i && d.blind_index.as_deref() == Some(ix))
+                    })
+                    || [&self.tenant_column, &self.subject_column, &self.context_column]
+                        .into_iter()
+                        .flatten()
+                        .any(|k| k == ix);
+                if taken {
+                    return Err(Error::InvalidArgument(format!(
+                        "blind_index column {ix} is also used for something else"
+                    )));
+                }
+            }
         }
         Ok(())
     }
@@ -237,6 +259,27 @@ mod tests {
         }
         let t = OK.replace("\"email\"\n        field", "\"em'ail\"\n        field");
         assert!(JobSpec::from_toml(&t).is_err());
+    }
+
+    #[test]
+    fn blind_index_columns_parse_and_must_not_collide() {
+        let with = OK.replace(
+            "field = \"email\"",
+            "field = \"email\"\n        blind_index = \"email_bidx\"",
+        );
+        let s = JobSpec::from_toml(&with).unwrap();
+        assert_eq!(s.columns[0].blind_index.as_deref(), Some("email_bidx"));
+        assert_eq!(JobSpec::from_json(&s.to_json()).unwrap(), s);
+        // an old stored spec (no blind_index key) still reads back equal
+        let plain = JobSpec::from_toml(OK).unwrap();
+        assert!(!plain.to_json().contains("blind_index"));
+        for bad in ["email", "id", "user_id", "tenant_id", "em;ail"] {
+            let t = OK.replace(
+                "field = \"email\"",
+                &format!("field = \"email\"\n        blind_index = \"{bad}\""),
+            );
+            assert!(JobSpec::from_toml(&t).is_err(), "{bad} accepted");
+        }
     }
 
     #[test]

@@ -95,9 +95,48 @@ impl Keyring {
         // Decrypt first: a ciphertext that does not belong here fails before anything
         // (such as a subject key) is created for it.
         let (plaintext, _) = self.decrypt_versioned(aad, envelope).await?;
+        self.reseal(aad, envelope, from, &plaintext).await
+    }
+
+    /// For re-encryption jobs with a blind-index column: [`Keyring::rewrap`], and the
+    /// blind index of the value under the active version (docs/BLIND_INDEX.md §5),
+    /// the plaintext never leaving this process. Unlike `rewrap`, a current ciphertext
+    /// is decrypted too (its index may be stale or missing).
+    ///
+    /// # Errors
+    /// As [`Keyring::rewrap`] and [`Keyring::indexer`].
+    pub async fn rewrap_and_index(
+        &self,
+        aad: &Aad<'_>,
+        envelope: &[u8],
+    ) -> Result<(Rewrapped, crypto::BlindIndex)> {
+        let indexer = self.indexer(aad.tenant, aad.field, false).await?;
+        let (plaintext, from) = self.decrypt_versioned(aad, envelope).await?;
+        let index = indexer.compute(&plaintext, false).await?.index;
+        let rewrapped = if from >= indexer.key_version() {
+            Rewrapped {
+                ciphertext: envelope.to_vec(),
+                from_version: from,
+                to_version: from,
+            }
+        } else {
+            self.reseal(aad, envelope, from, &plaintext).await?
+        };
+        Ok((rewrapped, index))
+    }
+
+    /// Encrypts `plaintext` (which `envelope`, on version `from`, held) under the
+    /// active version, in the envelope's form.
+    async fn reseal(
+        &self,
+        aad: &Aad<'_>,
+        envelope: &[u8],
+        from: u32,
+        plaintext: &[u8],
+    ) -> Result<Rewrapped> {
         let enc = self.encryptor(aad.tenant, aad.subject, aad.field).await?;
         let to = enc.key_version();
-        let sealed = enc.seal(aad.context, &plaintext)?;
+        let sealed = enc.seal(aad.context, plaintext)?;
         let ciphertext = if envelope.starts_with(TEXT_PREFIX.as_bytes()) {
             crypto::to_text(&sealed).into_bytes()
         } else {
@@ -334,7 +373,12 @@ impl Keyring {
                 .and_then(|v| v.get("columns").and_then(|c| c.as_array()).cloned())
                 .unwrap_or_default()
                 .iter()
-                .filter_map(|c| c.get("name").and_then(|n| n.as_str()).map(str::to_owned))
+                .flat_map(|c| {
+                    // a column and its blind-index column (docs/BLIND_INDEX.md §5)
+                    ["name", "blind_index"]
+                        .into_iter()
+                        .filter_map(|k| c.get(k).and_then(|n| n.as_str()).map(str::to_owned))
+                })
                 .collect();
             if cols.is_empty() {
                 BTreeSet::from(["*".to_owned()])

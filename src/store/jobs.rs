@@ -192,6 +192,13 @@ pub struct JobProgress {
     pub values_shredded: u64,
     /// Values that could not be rewrapped for another reason (see `leftovers`).
     pub values_failed: u64,
+    /// Blind-index values (re)computed under the active version (missing, stale, or
+    /// made by another profile).
+    pub indexes_recomputed: u64,
+    /// Blind-index values already current.
+    pub indexes_current: u64,
+    /// Blind-index values cleared (NULL) because their value's key was shredded.
+    pub indexes_cleared: u64,
     /// Values left on an old key version, per tenant and version. Any entry at or
     /// below a version blocks that version's retirement.
     pub leftovers: BTreeMap<String, BTreeMap<u32, u64>>,
