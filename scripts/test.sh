@@ -134,6 +134,8 @@ if command -v psql >/dev/null 2>&1; then
 fi
 
 # ---------------------------------------------------------------- tests
-# An independent (Python) implementation checks the envelope test vectors.
+# Independent (Python) implementations check the envelope, blind-index and pseudonym
+# test vectors.
 "$VENV/bin/python" tests/vectors/check_vectors.py
+"$VENV/bin/python" tests/vectors/check_blind_vectors.py
 cargo test --locked "$@"

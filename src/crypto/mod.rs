@@ -6,6 +6,8 @@
 //! the keyring's job).
 
 mod blind;
+#[cfg(test)]
+mod blind_vectors;
 mod envelope;
 mod error;
 mod ids;
