@@ -1,13 +1,15 @@
-//! Load generator: drives Encrypt, Decrypt and EncryptBatch against a `fieldkey serve`
-//! process at a given concurrency, and the same load against a bare tonic echo process
-//! (the transport floor), in one run. Prints ops/s and p50/p99/p999 latency.
+//! Load generator: drives Encrypt, Decrypt, EncryptBatch and BlindIndexBatch against a
+//! `fieldkey serve` process at a given concurrency, and the same load against a bare
+//! tonic echo process (the transport floor), in one run; also raw HMAC-SHA256 in this
+//! process (the blind index's crypto floor). Prints ops/s and p50/p99/p999 latency.
 //!
 //! ```sh
 //! cargo bench --bench loadgen -- --concurrency 64 --connections 4 --seconds 10
 //! ```
 //! Options: `--concurrency N` calls in flight (64), `--connections N` HTTP/2 connections
 //! (4), `--seconds N` per scenario (10), `--size N` field bytes (32), `--batch N` fields
-//! per EncryptBatch (100).
+//! per EncryptBatch / BlindIndexBatch (100), `--only blind` just the blind-index
+//! scenarios (with their floors).
 #![allow(
     missing_docs,
     clippy::unwrap_used,
@@ -40,6 +42,7 @@ struct Opts {
     seconds: u64,
     size: usize,
     batch: usize,
+    only_blind: bool,
 }
 
 fn opts() -> Opts {
@@ -60,6 +63,11 @@ fn opts() -> Opts {
         seconds: get("--seconds", 10) as u64,
         size: get("--size", 32),
         batch: get("--batch", 100),
+        only_blind: args
+            .iter()
+            .position(|a| a == "--only")
+            .and_then(|i| args.get(i + 1))
+            .is_some_and(|v| v == "blind"),
     }
 }
 
@@ -175,6 +183,83 @@ fn report(name: &str, items_per_call: u64, s: &Stats) -> f64 {
     ops
 }
 
+/// Raw HMAC-SHA256 of `size`-byte values on one thread in this process (keyed state
+/// cloned per value, as the sidecar does): values/s.
+fn raw_hmac_rate(size: usize, secs: f64) -> f64 {
+    use hmac::{Hmac, KeyInit, Mac};
+    let mac = <Hmac<sha2::Sha256> as KeyInit>::new_from_slice(&[9u8; 32]).unwrap();
+    let v = vec![0x5au8; size];
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed().as_secs_f64() < secs {
+        for _ in 0..10_000 {
+            let mut m = mac.clone();
+            m.update(std::hint::black_box(&v));
+            std::hint::black_box(m.finalize().into_bytes());
+        }
+        n += 10_000;
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+/// BlindIndexBatch of `--batch` values of `--size` bytes, beside the echo floor for the
+/// same request size and raw HMAC-SHA256.
+async fn blind_scenarios(o: &Opts, fk_ch: &[Channel], echo_ch: &[Channel]) {
+    use fieldkey::service::pb::{BlindIndexBatchRequest, BlindIndexRequest};
+    let item = |i: usize| BlindIndexRequest {
+        tenant_id: "bench".into(),
+        field: "email".into(),
+        // distinct values of exactly `size` bytes
+        value: format!("{i:0>width$}", width = o.size).into_bytes(),
+        format: 0,
+        lookup: false,
+    };
+    let n = o.batch;
+    let items: Arc<Vec<BlindIndexRequest>> = Arc::new((0..n).map(item).collect());
+    let payload = prost::Message::encoded_len(&BlindIndexBatchRequest { items: items.to_vec() });
+    let hmac = raw_hmac_rate(o.size, 2.0);
+    println!(
+        "| {:<34} | {:>10} | {:>12.0} | {:>7} | {:>7} | {:>7} |",
+        format!("raw HMAC-SHA256, {} B, 1 thread", o.size),
+        "-",
+        hmac,
+        "-",
+        "-",
+        "-"
+    );
+    let big = vec![0x5au8; payload];
+    let s = drive(echo_ch, o, o.seconds, move |ch| {
+        let p = big.clone();
+        async move {
+            EchoClient::new(ch).echo(EchoMessage { payload: p }).await.unwrap();
+        }
+    })
+    .await;
+    report(&format!("echo floor, {payload} B (index batch)"), n as u64, &s);
+    // warm-up (derives and caches the index key)
+    let it = items.clone();
+    drive(fk_ch, o, 1, move |ch| {
+        let items = it.to_vec();
+        async move {
+            CryptoClient::new(ch).blind_index_batch(BlindIndexBatchRequest { items }).await.unwrap();
+        }
+    })
+    .await;
+    let it = items.clone();
+    let s = drive(fk_ch, o, o.seconds, move |ch| {
+        let items = it.to_vec();
+        async move {
+            let r = CryptoClient::new(ch).blind_index_batch(BlindIndexBatchRequest { items }).await.unwrap();
+            assert_eq!(r.into_inner().results.len(), n);
+        }
+    })
+    .await;
+    let values = report(&format!("BlindIndexBatch, {n} x {} B", o.size), n as u64, &s) * n as f64;
+    println!(
+        "\nBlindIndexBatch: {values:.0} values/s (target >= 1,000,000); raw HMAC-SHA256 on one thread: {hmac:.0} values/s"
+    );
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--serve-echo") {
         serve_echo();
@@ -190,10 +275,20 @@ fn main() {
         },
         "echo listening on ",
     );
+    // The email field has a blind-index profile (HMAC-SHA256, 64 bits, NFC + case
+    // folding + trimming, as docs/BLIND_INDEX.md suggests for email addresses).
+    let cfg_off = data.path().join("fieldkey.toml");
+    std::fs::write(
+        &cfg_off,
+        "[blind_index.fields.email]\nbits = 64\nnormalize = [\"nfc\", \"casefold\", \"trim\"]\n",
+    )
+    .unwrap();
     let (mut fk, fk_addr) = spawn(
         {
             let mut c = Command::new(env!("CARGO_BIN_EXE_fieldkey"));
-            c.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            c.args(["serve", "--listen", "127.0.0.1:0", "--config"])
+                .arg(&cfg_off)
+                .arg("--data-dir")
                 .arg(data.path())
                 .env("RUST_LOG", "warn");
             c
@@ -264,6 +359,10 @@ fn main() {
         println!("| scenario                           |      ops/s |      items/s | p50 us  | p99 us  | p999 us |");
         println!("| ---------------------------------- | ---------: | -----------: | ------: | ------: | ------: |");
 
+        if o.only_blind {
+            blind_scenarios(&o, &fk_ch, &echo_ch).await;
+            return;
+        }
         // warm-up both servers
         let v = value.clone();
         drive(&echo_ch, &o, 1, move |ch| {
@@ -358,6 +457,7 @@ fn main() {
         .await;
         let fields = report(&format!("EncryptBatch, {} x {} B", o.batch, o.size), o.batch as u64, &s) * o.batch as f64;
 
+        blind_scenarios(&o, &fk_ch, &echo_ch).await;
         println!(
             "\nEncrypt / echo floor: {:.0}% (target >= 80%); EncryptBatch: {:.0} fields/s (target >= 1,000,000)",
             100.0 * enc_ops / echo_ops,
