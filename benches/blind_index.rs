@@ -42,8 +42,22 @@ fn bench(c: &mut Criterion) {
         casefold: true,
         trim: true,
     };
-    let raw = IndexKey::derive(&tk, "tenant-0001", "email", 1, &IndexProfile::hmac(64, Normalization::default())).unwrap();
-    let normalized = IndexKey::derive(&tk, "tenant-0001", "email", 1, &IndexProfile::hmac(64, norm)).unwrap();
+    let raw = IndexKey::derive(
+        &tk,
+        "tenant-0001",
+        "email",
+        1,
+        &IndexProfile::hmac(64, Normalization::default()),
+    )
+    .unwrap();
+    let normalized = IndexKey::derive(
+        &tk,
+        "tenant-0001",
+        "email",
+        1,
+        &IndexProfile::hmac(64, norm),
+    )
+    .unwrap();
     let mut g = c.benchmark_group("blind_index_32B");
     g.throughput(Throughput::Elements(1));
     let mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&[9u8; 32]).unwrap();
@@ -54,39 +68,67 @@ fn bench(c: &mut Criterion) {
             black_box(m.finalize().into_bytes())
         })
     });
-    g.bench_function("index_hmac", |b| b.iter(|| black_box(raw.compute(black_box(value)).unwrap())));
+    g.bench_function("index_hmac", |b| {
+        b.iter(|| black_box(raw.compute(black_box(value)).unwrap()))
+    });
     g.bench_function("index_hmac_normalized", |b| {
         b.iter(|| black_box(normalized.compute(black_box(value)).unwrap()))
     });
 
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let keyring = rt.block_on(async {
-        let store: Arc<dyn KeyStore> = Arc::new(SqlStore::open_sqlite(&dir.path().join("k.db")).await.unwrap());
+        let store: Arc<dyn KeyStore> = Arc::new(
+            SqlStore::open_sqlite(&dir.path().join("k.db"))
+                .await
+                .unwrap(),
+        );
         let kms = Arc::new(
             LocalKms::open_or_create(
                 &dir.path().join("kms.json"),
                 &secrecy::SecretString::from("bench passphrase".to_owned()),
-                KdfParams { m_cost_kib: 256, t_cost: 1, p_cost: 1 },
+                KdfParams {
+                    m_cost_kib: 256,
+                    t_cost: 1,
+                    p_cost: 1,
+                },
             )
             .unwrap(),
         );
         let mut fields = HashMap::new();
         fields.insert("email".to_owned(), IndexProfile::hmac(64, norm));
-        let k = Keyring::new(store, kms, KeyringConfig::default()).with_index_profiles(IndexProfiles::new(fields, 2));
+        let k = Keyring::new(store, kms, KeyringConfig::default())
+            .with_index_profiles(IndexProfiles::new(fields, 2));
         k.create_tenant("tenant-0001", None).await.unwrap();
-        k.blind_index("tenant-0001", "email", value, false).await.unwrap();
-        k.pseudonymize("tenant-0001", "user-1", "analytics").await.unwrap();
+        k.blind_index("tenant-0001", "email", value, false)
+            .await
+            .unwrap();
+        k.pseudonymize("tenant-0001", "user-1", "analytics")
+            .await
+            .unwrap();
         k
     });
     g.bench_function("keyring_blind_index", |b| {
         b.to_async(&rt).iter(|| async {
-            black_box(keyring.blind_index("tenant-0001", "email", black_box(value), false).await.unwrap())
+            black_box(
+                keyring
+                    .blind_index("tenant-0001", "email", black_box(value), false)
+                    .await
+                    .unwrap(),
+            )
         })
     });
     g.bench_function("keyring_pseudonymize", |b| {
         b.to_async(&rt).iter(|| async {
-            black_box(keyring.pseudonymize("tenant-0001", "user-1", "analytics").await.unwrap())
+            black_box(
+                keyring
+                    .pseudonymize("tenant-0001", "user-1", "analytics")
+                    .await
+                    .unwrap(),
+            )
         })
     });
     g.finish();
@@ -106,7 +148,9 @@ fn bench(c: &mut Criterion) {
         },
     )
     .unwrap();
-    g.bench_function("index_argon2id_default", |b| b.iter(|| black_box(slow.compute(black_box(b"1990-01-31")).unwrap())));
+    g.bench_function("index_argon2id_default", |b| {
+        b.iter(|| black_box(slow.compute(black_box(b"1990-01-31")).unwrap()))
+    });
     g.finish();
 }
 

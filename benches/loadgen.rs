@@ -91,7 +91,9 @@ fn serve_echo() {
         tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .add_service(EchoServer::new(EchoService).max_decoding_message_size(64 << 20))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .serve_with_incoming(
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            )
             .await
             .unwrap();
     });
@@ -216,7 +218,9 @@ async fn blind_scenarios(o: &Opts, fk_ch: &[Channel], echo_ch: &[Channel]) {
     };
     let n = o.batch;
     let items: Arc<Vec<BlindIndexRequest>> = Arc::new((0..n).map(item).collect());
-    let payload = prost::Message::encoded_len(&BlindIndexBatchRequest { items: items.to_vec() });
+    let payload = prost::Message::encoded_len(&BlindIndexBatchRequest {
+        items: items.to_vec(),
+    });
     let hmac = raw_hmac_rate(o.size, 2.0);
     println!(
         "| {:<34} | {:>10} | {:>12.0} | {:>7} | {:>7} | {:>7} |",
@@ -231,17 +235,27 @@ async fn blind_scenarios(o: &Opts, fk_ch: &[Channel], echo_ch: &[Channel]) {
     let s = drive(echo_ch, o, o.seconds, move |ch| {
         let p = big.clone();
         async move {
-            EchoClient::new(ch).echo(EchoMessage { payload: p }).await.unwrap();
+            EchoClient::new(ch)
+                .echo(EchoMessage { payload: p })
+                .await
+                .unwrap();
         }
     })
     .await;
-    report(&format!("echo floor, {payload} B (index batch)"), n as u64, &s);
+    report(
+        &format!("echo floor, {payload} B (index batch)"),
+        n as u64,
+        &s,
+    );
     // warm-up (derives and caches the index key)
     let it = items.clone();
     drive(fk_ch, o, 1, move |ch| {
         let items = it.to_vec();
         async move {
-            CryptoClient::new(ch).blind_index_batch(BlindIndexBatchRequest { items }).await.unwrap();
+            CryptoClient::new(ch)
+                .blind_index_batch(BlindIndexBatchRequest { items })
+                .await
+                .unwrap();
         }
     })
     .await;
@@ -249,12 +263,19 @@ async fn blind_scenarios(o: &Opts, fk_ch: &[Channel], echo_ch: &[Channel]) {
     let s = drive(fk_ch, o, o.seconds, move |ch| {
         let items = it.to_vec();
         async move {
-            let r = CryptoClient::new(ch).blind_index_batch(BlindIndexBatchRequest { items }).await.unwrap();
+            let r = CryptoClient::new(ch)
+                .blind_index_batch(BlindIndexBatchRequest { items })
+                .await
+                .unwrap();
             assert_eq!(r.into_inner().results.len(), n);
         }
     })
     .await;
-    let values = report(&format!("BlindIndexBatch, {n} x {} B", o.size), n as u64, &s) * n as f64;
+    let values = report(
+        &format!("BlindIndexBatch, {n} x {} B", o.size),
+        n as u64,
+        &s,
+    ) * n as f64;
     println!(
         "\nBlindIndexBatch: {values:.0} values/s (target >= 1,000,000); raw HMAC-SHA256 on one thread: {hmac:.0} values/s"
     );

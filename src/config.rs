@@ -153,14 +153,13 @@ impl FieldIndexSettings {
             (IndexAlgorithmName::HmacSha256, Some(_)) => {
                 return Err(bad("argon2 settings need algorithm = \"argon2id\"".into()));
             }
-            (IndexAlgorithmName::Argon2id, a) => IndexAlgorithm::Argon2id(a.map_or(
-                Argon2Cost::DEFAULT,
-                |a| Argon2Cost {
+            (IndexAlgorithmName::Argon2id, a) => {
+                IndexAlgorithm::Argon2id(a.map_or(Argon2Cost::DEFAULT, |a| Argon2Cost {
                     memory_kib: a.memory_kib,
                     iterations: a.iterations,
                     parallelism: a.parallelism,
-                },
-            )),
+                }))
+            }
         };
         let p = IndexProfile {
             algorithm,
@@ -584,7 +583,10 @@ mod tests {
             "[blind_index.fields.x]\nnormalize = [\"upper\"]",
             "[blind_index.fields.x]\nsurprise = 1",
         ] {
-            assert!(toml::from_str::<Config>(unparsable).is_err(), "{unparsable}");
+            assert!(
+                toml::from_str::<Config>(unparsable).is_err(),
+                "{unparsable}"
+            );
         }
     }
 

@@ -131,7 +131,9 @@ pub enum Error {
     },
     /// The field has no blind-index profile in the configuration (`[blind_index]`):
     /// indexing it with a guessed profile could silently never match.
-    #[error("field {field} has no blind index configured (add [blind_index.fields.{field}] to the configuration)")]
+    #[error(
+        "field {field} has no blind index configured (add [blind_index.fields.{field}] to the configuration)"
+    )]
     IndexNotConfigured {
         /// Field name.
         field: String,

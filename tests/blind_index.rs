@@ -195,7 +195,10 @@ async fn blind_indexes_are_deterministic_separated_and_normalized() -> Result<()
     // equal inputs, equal indexes; normalization makes spellings meet
     let a = index(&mut c, "acme", "email", "ann@example.org").await;
     assert_eq!(a, index(&mut c, "acme", "email", "ann@example.org").await);
-    assert_eq!(a, index(&mut c, "acme", "email", "  Ann@EXAMPLE.org\n").await);
+    assert_eq!(
+        a,
+        index(&mut c, "acme", "email", "  Ann@EXAMPLE.org\n").await
+    );
     assert_eq!(
         index(&mut c, "acme", "email", "Jos\u{e9}@example.org").await,
         index(&mut c, "acme", "email", "JOSE\u{301}@example.org").await
@@ -374,17 +377,30 @@ async fn lookups_span_key_versions_and_key_states_are_honoured() -> Result<()> {
         tenant_id: "acme".into(),
     })
     .await?;
-    let after = c.blind_index(req("acme", "email", b"ann@example.org")).await?.into_inner();
+    let after = c
+        .blind_index(req("acme", "email", b"ann@example.org"))
+        .await?
+        .into_inner();
     assert_eq!(after.key_version, 2);
     assert_ne!(after.index, v1);
     assert_eq!(&after.index[..5], &[0xB1, 0, 0, 0, 2]);
-    assert!(after.lookup_indexes.is_empty(), "no lookup: only the value to store");
+    assert!(
+        after.lookup_indexes.is_empty(),
+        "no lookup: only the value to store"
+    );
     let both = c.blind_index(lookup.clone()).await?.into_inner();
     assert_eq!(both.lookup_indexes, vec![after.index.clone(), v1.clone()]);
     // the Argon2id field too
     let mut dob = req("acme", "dob", b"1990-01-31");
     dob.lookup = true;
-    assert_eq!(c.blind_index(dob.clone()).await?.into_inner().lookup_indexes.len(), 2);
+    assert_eq!(
+        c.blind_index(dob.clone())
+            .await?
+            .into_inner()
+            .lookup_indexes
+            .len(),
+        2
+    );
 
     // restriction of the tenant: nothing indexes; lifted: same values again
     let mut er = ErasuresClient::new(s.channel().await?);
@@ -393,7 +409,13 @@ async fn lookups_span_key_versions_and_key_states_are_honoured() -> Result<()> {
         subject_id: String::new(),
     })
     .await?;
-    refused(&mut c, lookup.clone(), Code::FailedPrecondition, "KEY_SUSPENDED").await;
+    refused(
+        &mut c,
+        lookup.clone(),
+        Code::FailedPrecondition,
+        "KEY_SUSPENDED",
+    )
+    .await;
     er.resume_subject(pb::RestrictionRequest {
         tenant_id: "acme".into(),
         subject_id: String::new(),
@@ -431,7 +453,10 @@ async fn pseudonyms_are_stable_unlinkable_and_end_with_the_subject_key() -> Resu
 
     let p = pseudonym(&mut c, "acme", "user-1", "analytics").await?;
     assert_eq!(p.len(), 32);
-    assert!(p.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+    assert!(
+        p.bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    );
     assert_eq!(p, pseudonym(&mut c, "acme", "user-1", "analytics").await?);
     // unlinkable across purposes, subjects and tenants
     let others = [
@@ -470,8 +495,13 @@ async fn pseudonyms_are_stable_unlinkable_and_end_with_the_subject_key() -> Resu
         subject_id: "user-1".into(),
     };
     er.suspend_subject(r.clone()).await?;
-    let e = pseudonym(&mut c, "acme", "user-1", "analytics").await.unwrap_err();
-    assert_eq!((e.code(), reason(&e).as_str()), (Code::FailedPrecondition, "KEY_SUSPENDED"));
+    let e = pseudonym(&mut c, "acme", "user-1", "analytics")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.code(), reason(&e).as_str()),
+        (Code::FailedPrecondition, "KEY_SUSPENDED")
+    );
     er.resume_subject(r).await?;
     assert_eq!(p, pseudonym(&mut c, "acme", "user-1", "analytics").await?);
 
@@ -487,8 +517,13 @@ async fn pseudonyms_are_stable_unlinkable_and_end_with_the_subject_key() -> Resu
         .into_inner();
     assert_eq!(e.state, pb::ErasureState::Completed as i32);
     for purpose in ["analytics", "marketing", "new-purpose"] {
-        let e = pseudonym(&mut c, "acme", "user-1", purpose).await.unwrap_err();
-        assert_eq!((e.code(), reason(&e).as_str()), (Code::FailedPrecondition, "KEY_DESTROYED"));
+        let e = pseudonym(&mut c, "acme", "user-1", purpose)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (e.code(), reason(&e).as_str()),
+            (Code::FailedPrecondition, "KEY_DESTROYED")
+        );
     }
     // a subject erased before it ever had a key never gets one either
     er.shred_subject(pb::ShredSubjectRequest {
@@ -497,9 +532,14 @@ async fn pseudonyms_are_stable_unlinkable_and_end_with_the_subject_key() -> Resu
         grace_seconds: 0,
     })
     .await?;
-    let e = pseudonym(&mut c, "acme", "user-9", "analytics").await.unwrap_err();
+    let e = pseudonym(&mut c, "acme", "user-9", "analytics")
+        .await
+        .unwrap_err();
     assert_eq!(reason(&e), "KEY_DESTROYED");
-    assert_eq!(others[1], pseudonym(&mut c, "acme", "user-2", "analytics").await?);
+    assert_eq!(
+        others[1],
+        pseudonym(&mut c, "acme", "user-2", "analytics").await?
+    );
 
     // batch: one result per item, a shredded subject fails alone
     let items: Vec<_> = ["user-1", "user-2", "user-3"]
@@ -525,7 +565,10 @@ async fn pseudonyms_are_stable_unlinkable_and_end_with_the_subject_key() -> Resu
         .collect();
     assert_eq!(got[0], "KEY_DESTROYED");
     assert_eq!(got[1], others[1]);
-    assert_eq!(got[2], pseudonym(&mut c, "acme", "user-3", "analytics").await?);
+    assert_eq!(
+        got[2],
+        pseudonym(&mut c, "acme", "user-3", "analytics").await?
+    );
     Ok(())
 }
 
@@ -533,8 +576,7 @@ async fn pseudonyms_are_stable_unlinkable_and_end_with_the_subject_key() -> Resu
 /// the active version, fills missing ones, clears those of shredded values, and the
 /// old version can then be retired: search keeps working through the whole rotation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reencryption_job_reindexes_and_search_survives_rotation_and_retirement() -> Result<()>
-{
+async fn a_reencryption_job_reindexes_and_search_survives_rotation_and_retirement() -> Result<()> {
     use fieldkey::crypto::{Aad, to_text};
     use fieldkey::jobs::{JobSpec, Runner, RunnerConfig};
     use sqlx::Executor as _;
@@ -574,8 +616,14 @@ async fn a_reencryption_job_reindexes_and_search_survives_rotation_and_retiremen
             field,
             context: ctx.as_bytes(),
         };
-        let email = keyring.encrypt(&aad("email"), email_of(id).as_bytes()).await?;
-        let login = to_text(&keyring.encrypt(&aad("login"), format!("u{id}").as_bytes()).await?);
+        let email = keyring
+            .encrypt(&aad("email"), email_of(id).as_bytes())
+            .await?;
+        let login = to_text(
+            &keyring
+                .encrypt(&aad("login"), format!("u{id}").as_bytes())
+                .await?,
+        );
         // every 10th row has no index yet (the column was added after the data)
         let email_bidx = (id % 10 != 0).then_some(
             keyring
@@ -615,13 +663,17 @@ async fn a_reencryption_job_reindexes_and_search_survives_rotation_and_retiremen
                 .await
                 .unwrap();
             let texts: Vec<String> = li.lookup.iter().map(BlindIndex::to_text).collect();
-            let rows = sqlx::query("SELECT id FROM users WHERE tenant_id = $1 AND email_bidx = ANY($2)")
-                .bind(t)
-                .bind(&texts)
-                .fetch_all(&app)
-                .await
-                .unwrap();
-            (texts.len(), rows.iter().map(|r| r.get::<i64, _>(0)).collect::<Vec<_>>())
+            let rows =
+                sqlx::query("SELECT id FROM users WHERE tenant_id = $1 AND email_bidx = ANY($2)")
+                    .bind(t)
+                    .bind(&texts)
+                    .fetch_all(&app)
+                    .await
+                    .unwrap();
+            (
+                texts.len(),
+                rows.iter().map(|r| r.get::<i64, _>(0)).collect::<Vec<_>>(),
+            )
         }
     };
     assert_eq!(find("acme", 42).await, (2, vec![42]));
@@ -656,12 +708,25 @@ blind_index = "login_bidx"
         keyring.kms().clone(),
         KeyringConfig::default(),
     ));
-    let (r, _) = Runner::new(bare, app.clone(), spec.clone(), RunnerConfig::new(std::time::Duration::from_secs(5)));
+    let (r, _) = Runner::new(
+        bare,
+        app.clone(),
+        spec.clone(),
+        RunnerConfig::new(std::time::Duration::from_secs(5)),
+    );
     let e = r.run().await.unwrap_err();
-    assert!(matches!(e, fieldkey::error::Error::IndexNotConfigured { .. }), "{e:?}");
+    assert!(
+        matches!(e, fieldkey::error::Error::IndexNotConfigured { .. }),
+        "{e:?}"
+    );
     assert!(keyring.store().get_job("users-reindex").await?.is_none());
 
-    let (runner, _) = Runner::new(keyring.clone(), app.clone(), spec, RunnerConfig::new(std::time::Duration::from_secs(5)));
+    let (runner, _) = Runner::new(
+        keyring.clone(),
+        app.clone(),
+        spec,
+        RunnerConfig::new(std::time::Duration::from_secs(5)),
+    );
     let out = runner.run().await?;
     let p = &out.progress;
     eprintln!("reindex job: {p:?}");
@@ -669,7 +734,11 @@ blind_index = "login_bidx"
     assert_eq!(p.values_shredded, 2, "user-7's email and login");
     assert_eq!(p.indexes_cleared, 2);
     assert_eq!(p.values_rewrapped, 2 * (ROWS as u64 - 1));
-    assert_eq!(p.indexes_recomputed, 2 * (ROWS as u64 - 1), "stale and missing ones");
+    assert_eq!(
+        p.indexes_recomputed,
+        2 * (ROWS as u64 - 1),
+        "stale and missing ones"
+    );
     assert_eq!(p.values_failed, 0);
     assert!(p.leftovers.is_empty());
 
@@ -686,10 +755,16 @@ blind_index = "login_bidx"
             assert_eq!((eb, lb), (None, None), "shredded row's indexes cleared");
             continue;
         }
-        let want = keyring.blind_index(&t, "email", email_of(id).as_bytes(), false).await?.index;
+        let want = keyring
+            .blind_index(&t, "email", email_of(id).as_bytes(), false)
+            .await?
+            .index;
         assert_eq!(want.version(), 2);
         assert_eq!(eb.as_deref(), Some(want.to_text().as_str()), "row {id}");
-        let want = keyring.blind_index(&t, "login", format!("u{id}").as_bytes(), false).await?.index;
+        let want = keyring
+            .blind_index(&t, "login", format!("u{id}").as_bytes(), false)
+            .await?
+            .index;
         assert_eq!(lb.as_deref(), Some(want.as_bytes()), "row {id}");
     }
     // a second job finds everything current and writes nothing
@@ -701,15 +776,26 @@ blind_index = "login_bidx"
     );
     let p = again.run().await?.progress;
     assert_eq!(p.indexes_current, 2 * (ROWS as u64 - 1));
-    assert_eq!((p.indexes_recomputed, p.indexes_cleared, p.rows_updated), (0, 0, 0));
+    assert_eq!(
+        (p.indexes_recomputed, p.indexes_cleared, p.rows_updated),
+        (0, 0, 0)
+    );
     // the old version can be retired; lookups then compute v2 only, and still match
     for t in ["acme", "globex"] {
         keyring.retire_key_version(t, 1).await?;
     }
     assert_eq!(find("acme", 42).await, (1, vec![42]));
     assert_eq!(find("globex", 41).await, (1, vec![41]));
-    assert_eq!(find("acme", 40).await, (1, vec![40]), "a row whose index was missing");
-    assert_eq!(find("globex", 7).await, (1, vec![]), "the erased user is not found");
+    assert_eq!(
+        find("acme", 40).await,
+        (1, vec![40]),
+        "a row whose index was missing"
+    );
+    assert_eq!(
+        find("globex", 7).await,
+        (1, vec![]),
+        "the erased user is not found"
+    );
     drop(app);
     app_db.drop_db().await
 }

@@ -91,13 +91,37 @@ impl Normalization {
                 "value is not UTF-8, but this field's blind index normalizes text".into(),
             )
         })?;
+        if text.is_ascii() {
+            return Ok(self.apply_ascii(text));
+        }
+        Ok(self.apply_unicode(text))
+    }
+
+    /// The fast path: NFC and NFKC leave ASCII unchanged, and Unicode full case folding
+    /// maps only `A-Z` within ASCII (to `a-z`); `str::trim` is the same White_Space trim.
+    fn apply_ascii<'a>(&self, text: &'a str) -> Cow<'a, [u8]> {
+        let mut s = Cow::Borrowed(text);
+        if self.casefold && text.bytes().any(|b| b.is_ascii_uppercase()) {
+            s = Cow::Owned(text.to_ascii_lowercase());
+        }
+        if self.trim {
+            s = match s {
+                Cow::Borrowed(b) => Cow::Borrowed(b.trim()),
+                Cow::Owned(o) => Cow::Owned(o.trim().to_owned()),
+            };
+        }
+        match s {
+            Cow::Borrowed(b) => Cow::Borrowed(b.as_bytes()),
+            Cow::Owned(o) => Cow::Owned(o.into_bytes()),
+        }
+    }
+
+    fn apply_unicode<'a>(&self, text: &'a str) -> Cow<'a, [u8]> {
         let form = |s: Cow<'a, str>| -> Cow<'a, str> {
             let n = match self.form {
                 None => return s,
                 Some(UnicodeForm::Nfc) => icu_normalizer::ComposingNormalizerBorrowed::new_nfc(),
-                Some(UnicodeForm::Nfkc) => {
-                    icu_normalizer::ComposingNormalizerBorrowed::new_nfkc()
-                }
+                Some(UnicodeForm::Nfkc) => icu_normalizer::ComposingNormalizerBorrowed::new_nfkc(),
             };
             match n.normalize(&s) {
                 Cow::Borrowed(_) => s,
@@ -121,10 +145,10 @@ impl Normalization {
                 Cow::Owned(o) => Cow::Owned(o.trim().to_owned()),
             };
         }
-        Ok(match s {
+        match s {
             Cow::Borrowed(b) => Cow::Borrowed(b.as_bytes()),
             Cow::Owned(o) => Cow::Owned(o.into_bytes()),
-        })
+        }
     }
 }
 
@@ -254,7 +278,11 @@ impl IndexProfile {
 /// zeroized on drop. No `Debug` that shows them.
 pub struct IndexKey {
     mac: HmacSha256,
-    argon: Option<(Zeroizing<[u8; KEY_LEN]>, [u8; ARGON2_SALT_LEN], argon2::Params)>,
+    argon: Option<(
+        Zeroizing<[u8; KEY_LEN]>,
+        [u8; ARGON2_SALT_LEN],
+        argon2::Params,
+    )>,
     profile: IndexProfile,
     version: u32,
 }
@@ -361,8 +389,7 @@ impl IndexKey {
                     params.clone(),
                 )
                 .map_err(|e| CryptoError::InvalidArgument(format!("Argon2id: {e}")))?;
-                let mut digest =
-                    Zeroizing::new(vec![0u8; n.max(argon2::Params::MIN_OUTPUT_LEN)]);
+                let mut digest = Zeroizing::new(vec![0u8; n.max(argon2::Params::MIN_OUTPUT_LEN)]);
                 a.hash_password_into(normalized, salt, &mut digest)
                     .map_err(|e| CryptoError::InvalidArgument(format!("Argon2id: {e}")))?;
                 out.extend_from_slice(digest.get(..n).unwrap_or(&digest));
@@ -517,10 +544,15 @@ mod tests {
             IndexKey::derive(&key(1), "acme", "login", 1, &p).unwrap(),
             IndexKey::derive(&key(2), "acme", "email", 1, &p).unwrap(),
             IndexKey::derive(&key(1), "acme", "email", 2, &p).unwrap(),
-            IndexKey::derive(&key(1), "acme", "email", 1, &IndexProfile { bits: 72, ..p })
-                .unwrap(),
-            IndexKey::derive(&key(1), "acme", "email", 1, &IndexProfile::hmac(64, Normalization::default()))
-                .unwrap(),
+            IndexKey::derive(&key(1), "acme", "email", 1, &IndexProfile { bits: 72, ..p }).unwrap(),
+            IndexKey::derive(
+                &key(1),
+                "acme",
+                "email",
+                1,
+                &IndexProfile::hmac(64, Normalization::default()),
+            )
+            .unwrap(),
         ];
         let d = |k: &IndexKey| idx(k, v)[INDEX_HEADER_LEN..INDEX_HEADER_LEN + 8].to_vec();
         for o in &others {
@@ -536,7 +568,8 @@ mod tests {
     #[test]
     fn normalization_cases() {
         let n = email().normalization;
-        let norm = |s: &str| String::from_utf8(n.apply(s.as_bytes()).unwrap().into_owned()).unwrap();
+        let norm =
+            |s: &str| String::from_utf8(n.apply(s.as_bytes()).unwrap().into_owned()).unwrap();
         assert_eq!(norm("  Ann@Example.ORG \t\n"), "ann@example.org");
         // NFC: precomposed and combining forms are the same text
         assert_eq!(norm("Jos\u{e9}"), norm("Jose\u{301}"));
@@ -547,42 +580,110 @@ mod tests {
         // inner white space is kept
         assert_eq!(norm("a  b"), "a  b");
         // NFKC folds compatibility forms that NFC keeps
-        let nfkc = Normalization { form: Some(UnicodeForm::Nfkc), ..Normalization::default() };
-        let nfc = Normalization { form: Some(UnicodeForm::Nfc), ..Normalization::default() };
-        assert_eq!(nfkc.apply("\u{ff21}\u{fb01}".as_bytes()).unwrap().as_ref(), b"Afi");
-        assert_eq!(nfc.apply("\u{ff21}".as_bytes()).unwrap().as_ref(), "\u{ff21}".as_bytes());
+        let nfkc = Normalization {
+            form: Some(UnicodeForm::Nfkc),
+            ..Normalization::default()
+        };
+        let nfc = Normalization {
+            form: Some(UnicodeForm::Nfc),
+            ..Normalization::default()
+        };
+        assert_eq!(
+            nfkc.apply("\u{ff21}\u{fb01}".as_bytes()).unwrap().as_ref(),
+            b"Afi"
+        );
+        assert_eq!(
+            nfc.apply("\u{ff21}".as_bytes()).unwrap().as_ref(),
+            "\u{ff21}".as_bytes()
+        );
         // without normalization, bytes are indexed as they are (not even UTF-8 needed)
         let none = Normalization::default();
         assert_eq!(none.apply(b"\xff A ").unwrap().as_ref(), b"\xff A ");
-        assert!(matches!(n.apply(b"\xff"), Err(CryptoError::InvalidArgument(_))));
+        assert!(matches!(
+            n.apply(b"\xff"),
+            Err(CryptoError::InvalidArgument(_))
+        ));
         // casefold alone, then indexing: distinct spellings meet
         let k = IndexKey::derive(&key(3), "acme", "email", 1, &email()).unwrap();
         assert_eq!(idx(&k, " ANN@example.org"), idx(&k, "ann@EXAMPLE.org "));
-        let raw = IndexKey::derive(&key(3), "acme", "email", 1, &IndexProfile::hmac(64, none)).unwrap();
+        let raw =
+            IndexKey::derive(&key(3), "acme", "email", 1, &IndexProfile::hmac(64, none)).unwrap();
         assert_ne!(idx(&raw, " ANN@example.org"), idx(&raw, "ann@EXAMPLE.org "));
+    }
+
+    #[test]
+    fn the_ascii_fast_path_equals_full_unicode_normalization() {
+        let all: String = (0u8..128).map(char::from).collect();
+        let samples = [
+            all.clone(),
+            format!("  {all}\t"),
+            "\x0b\x0c ANN@Example.ORG \r\n\x1c".to_owned(),
+            "plain".to_owned(),
+            String::new(),
+        ];
+        for form in [None, Some(UnicodeForm::Nfc), Some(UnicodeForm::Nfkc)] {
+            for casefold in [false, true] {
+                for trim in [false, true] {
+                    let n = Normalization {
+                        form,
+                        casefold,
+                        trim,
+                    };
+                    for s in &samples {
+                        assert_eq!(n.apply_ascii(s), n.apply_unicode(s), "{n:?} {s:?}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]
     fn bits_and_argon2_parameters_are_checked() {
         for bits in [0u16, 8, 15, 20, 264] {
-            assert!(IndexProfile::hmac(bits, Normalization::default()).validate().is_err(), "{bits}");
+            assert!(
+                IndexProfile::hmac(bits, Normalization::default())
+                    .validate()
+                    .is_err(),
+                "{bits}"
+            );
         }
         for bits in [16u16, 32, 64, 128, 256] {
             let p = IndexProfile::hmac(bits, Normalization::default());
             let k = IndexKey::derive(&key(1), "t", "f", 1, &p).unwrap();
-            assert_eq!(k.compute(b"x").unwrap().as_bytes().len(), INDEX_HEADER_LEN + usize::from(bits / 8));
+            assert_eq!(
+                k.compute(b"x").unwrap().as_bytes().len(),
+                INDEX_HEADER_LEN + usize::from(bits / 8)
+            );
         }
-        let bad = |c: Argon2Cost| IndexProfile {
-            algorithm: IndexAlgorithm::Argon2id(c),
-            bits: 32,
-            normalization: Normalization::default(),
-        }
-        .validate()
-        .is_err();
-        assert!(bad(Argon2Cost { memory_kib: 4, iterations: 1, parallelism: 1 }));
-        assert!(bad(Argon2Cost { memory_kib: 64, iterations: 0, parallelism: 1 }));
-        assert!(bad(Argon2Cost { memory_kib: 64, iterations: 1, parallelism: 0 }));
-        assert!(bad(Argon2Cost { memory_kib: ARGON2_MAX_MEMORY_KIB + 1, iterations: 1, parallelism: 1 }));
+        let bad = |c: Argon2Cost| {
+            IndexProfile {
+                algorithm: IndexAlgorithm::Argon2id(c),
+                bits: 32,
+                normalization: Normalization::default(),
+            }
+            .validate()
+            .is_err()
+        };
+        assert!(bad(Argon2Cost {
+            memory_kib: 4,
+            iterations: 1,
+            parallelism: 1
+        }));
+        assert!(bad(Argon2Cost {
+            memory_kib: 64,
+            iterations: 0,
+            parallelism: 1
+        }));
+        assert!(bad(Argon2Cost {
+            memory_kib: 64,
+            iterations: 1,
+            parallelism: 0
+        }));
+        assert!(bad(Argon2Cost {
+            memory_kib: ARGON2_MAX_MEMORY_KIB + 1,
+            iterations: 1,
+            parallelism: 1
+        }));
         assert!(!bad(Argon2Cost::DEFAULT));
     }
 
@@ -594,7 +695,11 @@ mod tests {
         let mut digests = std::collections::HashSet::new();
         for (m, t, p) in [(64u32, 1u32, 1u32), (128, 1, 1), (64, 2, 1), (64, 1, 2)] {
             let prof = IndexProfile {
-                algorithm: IndexAlgorithm::Argon2id(Argon2Cost { memory_kib: m, iterations: t, parallelism: p }),
+                algorithm: IndexAlgorithm::Argon2id(Argon2Cost {
+                    memory_kib: m,
+                    iterations: t,
+                    parallelism: p,
+                }),
                 bits: 32,
                 normalization: Normalization::default(),
             };
@@ -603,7 +708,17 @@ mod tests {
             // recompute independently
             let mut okm = [0u8; 48];
             Hkdf::<Sha256>::new(Some(INDEX_KEY_SALT), tk.expose())
-                .expand_multi_info(&[&[0, 4], b"acme", &[0, 3], b"dob", &1u32.to_be_bytes(), &prof.encode()], &mut okm)
+                .expand_multi_info(
+                    &[
+                        &[0, 4],
+                        b"acme",
+                        &[0, 3],
+                        b"dob",
+                        &1u32.to_be_bytes(),
+                        &prof.encode(),
+                    ],
+                    &mut okm,
+                )
                 .unwrap();
             let a = argon2::Argon2::new_with_secret(
                 &okm[..32],
@@ -613,7 +728,8 @@ mod tests {
             )
             .unwrap();
             let mut want = [0u8; 4];
-            a.hash_password_into(b"1990-01-01", &okm[32..], &mut want).unwrap();
+            a.hash_password_into(b"1990-01-01", &okm[32..], &mut want)
+                .unwrap();
             assert_eq!(&got.as_bytes()[INDEX_HEADER_LEN..], &want);
             assert!(digests.insert(want));
         }
@@ -632,7 +748,13 @@ mod tests {
 
     #[test]
     fn malformed_index_values_are_refused() {
-        for bad in [&b""[..], b"\xb1\0\0", b"\xb2\0\0\0\x01ab", b"fkb1:!!", b"fkb1:"] {
+        for bad in [
+            &b""[..],
+            b"\xb1\0\0",
+            b"\xb2\0\0\0\x01ab",
+            b"fkb1:!!",
+            b"fkb1:",
+        ] {
             assert!(BlindIndex::parse(bad).is_err(), "{bad:?}");
         }
     }

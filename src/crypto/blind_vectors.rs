@@ -149,20 +149,116 @@ fn generate() -> Value {
         },
     };
     let cases: Vec<(&str, &str, &str, u32, IndexProfile, &[u8], u8)> = vec![
-        ("hmac_email_plain", "acme", "email", 1, email, b"ann@example.org", 1),
-        ("hmac_email_normalized", "acme", "email", 1, email, "  Ann@EXAMPLE.org\t\n".as_bytes(), 1),
-        ("hmac_email_combining_accent", "acme", "email", 1, email, "JOSE\u{301}@example.org".as_bytes(), 1),
-        ("hmac_email_sharp_s_folds", "acme", "email", 1, email, "Stra\u{df}e@example.org".as_bytes(), 1),
-        ("hmac_email_unicode_spaces", "acme", "email", 1, email, "\u{a0}ann@example.org\u{3000}".as_bytes(), 1),
-        ("hmac_email_version_2", "acme", "email", 2, email, b"ann@example.org", 2),
-        ("hmac_other_tenant", "globex", "email", 1, email, b"ann@example.org", 1),
-        ("hmac_raw_128_bytes", "acme", "token", 7, raw128, b"\x00\xff binary \x80", 3),
+        (
+            "hmac_email_plain",
+            "acme",
+            "email",
+            1,
+            email,
+            b"ann@example.org",
+            1,
+        ),
+        (
+            "hmac_email_normalized",
+            "acme",
+            "email",
+            1,
+            email,
+            "  Ann@EXAMPLE.org\t\n".as_bytes(),
+            1,
+        ),
+        (
+            "hmac_email_combining_accent",
+            "acme",
+            "email",
+            1,
+            email,
+            "JOSE\u{301}@example.org".as_bytes(),
+            1,
+        ),
+        (
+            "hmac_email_sharp_s_folds",
+            "acme",
+            "email",
+            1,
+            email,
+            "Stra\u{df}e@example.org".as_bytes(),
+            1,
+        ),
+        (
+            "hmac_email_unicode_spaces",
+            "acme",
+            "email",
+            1,
+            email,
+            "\u{a0}ann@example.org\u{3000}".as_bytes(),
+            1,
+        ),
+        (
+            "hmac_email_version_2",
+            "acme",
+            "email",
+            2,
+            email,
+            b"ann@example.org",
+            2,
+        ),
+        (
+            "hmac_other_tenant",
+            "globex",
+            "email",
+            1,
+            email,
+            b"ann@example.org",
+            1,
+        ),
+        (
+            "hmac_raw_128_bytes",
+            "acme",
+            "token",
+            7,
+            raw128,
+            b"\x00\xff binary \x80",
+            3,
+        ),
         ("hmac_raw_empty", "acme", "token", 1, raw128, b"", 3),
         ("hmac_full_256", "t", "f", 4294967295, full, b"x", 4),
-        ("hmac_nfkc_16_bits", "acme", "name", 1, nfkc16, "\u{ff21}\u{fb01}x".as_bytes(), 5),
-        ("argon2id_small_dob", "acme", "birth_date", 1, argon_small, b" 1990-01-31 ", 6),
-        ("argon2id_two_lanes", "acme", "postcode", 3, argon_lanes, b"SW1A 1AA", 6),
-        ("argon2id_default_cost", "acme", "phone", 1, argon_default, b"+44 20 7946 0958", 7),
+        (
+            "hmac_nfkc_16_bits",
+            "acme",
+            "name",
+            1,
+            nfkc16,
+            "\u{ff21}\u{fb01}x".as_bytes(),
+            5,
+        ),
+        (
+            "argon2id_small_dob",
+            "acme",
+            "birth_date",
+            1,
+            argon_small,
+            b" 1990-01-31 ",
+            6,
+        ),
+        (
+            "argon2id_two_lanes",
+            "acme",
+            "postcode",
+            3,
+            argon_lanes,
+            b"SW1A 1AA",
+            6,
+        ),
+        (
+            "argon2id_default_cost",
+            "acme",
+            "phone",
+            1,
+            argon_default,
+            b"+44 20 7946 0958",
+            7,
+        ),
     ];
     let mut valid = Vec::new();
     for (name, tenant, field, version, profile, value, seed) in cases {
@@ -206,9 +302,27 @@ fn generate() -> Value {
     let mut pseudonyms = Vec::new();
     for (name, tenant, subject, purpose, seed) in [
         ("pseudonym_analytics", "acme", "user-42", "analytics", 11u8),
-        ("pseudonym_other_purpose", "acme", "user-42", "marketing", 11),
-        ("pseudonym_other_subject_key", "acme", "user-42", "analytics", 12),
-        ("pseudonym_other_tenant", "globex", "user-42", "analytics", 13),
+        (
+            "pseudonym_other_purpose",
+            "acme",
+            "user-42",
+            "marketing",
+            11,
+        ),
+        (
+            "pseudonym_other_subject_key",
+            "acme",
+            "user-42",
+            "analytics",
+            12,
+        ),
+        (
+            "pseudonym_other_tenant",
+            "globex",
+            "user-42",
+            "analytics",
+            13,
+        ),
         ("pseudonym_length_prefixes", "ab", "c", "d", 14),
         ("pseudonym_length_prefixes_shifted", "a", "bc", "d", 14),
     ] {
@@ -265,11 +379,16 @@ fn blind_index_v1_vectors() {
         assert_eq!(ix.version(), version);
     }
     // normalization makes these equal, and the version / tenant separate them
-    let by: std::collections::HashMap<&str, &str> =
-        valid.iter().map(|v| (s(v, "name"), s(v, "index"))).collect();
+    let by: std::collections::HashMap<&str, &str> = valid
+        .iter()
+        .map(|v| (s(v, "name"), s(v, "index")))
+        .collect();
     assert_eq!(by["hmac_email_plain"], by["hmac_email_normalized"]);
     assert_eq!(by["hmac_email_plain"], by["hmac_email_unicode_spaces"]);
-    assert_ne!(by["hmac_email_plain"][10..], by["hmac_email_version_2"][10..]);
+    assert_ne!(
+        by["hmac_email_plain"][10..],
+        by["hmac_email_version_2"][10..]
+    );
     assert_ne!(by["hmac_email_plain"][10..], by["hmac_other_tenant"][10..]);
     for v in file["invalid"].as_array().unwrap() {
         let tk = key_from_hex(s(v, "tenant_key"));

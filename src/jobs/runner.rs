@@ -1060,9 +1060,8 @@ async fn rewrap_row(
         let Some(stored) = stored_index else { continue };
         match index {
             IndexOutcome::Set(ix) => {
-                let is_current = stored.is_some_and(|s| {
-                    crypto::BlindIndex::parse(s.bytes()).is_ok_and(|p| p == ix)
-                });
+                let is_current = stored
+                    .is_some_and(|s| crypto::BlindIndex::parse(s.bytes()).is_ok_and(|p| p == ix));
                 if is_current {
                     tally.indexes_current += 1;
                     index_out.push(stored.map(same));
@@ -1082,8 +1081,7 @@ async fn rewrap_row(
             IndexOutcome::Keep => {
                 // Not recomputed: an index still on an old version blocks that
                 // version's retirement like a ciphertext would.
-                if let Some(ix) = stored.and_then(|s| crypto::BlindIndex::parse(s.bytes()).ok())
-                {
+                if let Some(ix) = stored.and_then(|s| crypto::BlindIndex::parse(s.bytes()).ok()) {
                     tally.failed.push((
                         Some(ix.version()),
                         "blind index not recomputed (its value could not be decrypted)".into(),

@@ -183,10 +183,14 @@ impl JobSpec {
                     || self.columns.iter().enumerate().any(|(j, d)| {
                         d.name == *ix || (j != i && d.blind_index.as_deref() == Some(ix))
                     })
-                    || [&self.tenant_column, &self.subject_column, &self.context_column]
-                        .into_iter()
-                        .flatten()
-                        .any(|k| k == ix);
+                    || [
+                        &self.tenant_column,
+                        &self.subject_column,
+                        &self.context_column,
+                    ]
+                    .into_iter()
+                    .flatten()
+                    .any(|k| k == ix);
                 if taken {
                     return Err(Error::InvalidArgument(format!(
                         "blind_index column {ix} is also used for something else"

@@ -219,6 +219,45 @@ impl Gate {
         }
     }
 
+    /// Counts a batch's finished items in the audit window, by outcome: runs of items
+    /// with the same (tenant, field, outcome) are counted with one update (the same
+    /// records as one [`Gate::data_done`] per item, for less work per item).
+    pub fn data_done_batch<'a, T: 'a>(
+        &self,
+        c: &Caller,
+        action: Action,
+        items: impl IntoIterator<Item = (&'a str, &'a str, &'a Result<T, Error>)>,
+    ) {
+        let Some(a) = &self.audit else { return };
+        let mut run: Option<(&str, &str, &'static str, u64)> = None;
+        let flush = |r: (&str, &str, &'static str, u64)| {
+            a.data(
+                &c.identity,
+                c.ip.as_deref(),
+                r.0,
+                r.1,
+                action.as_str(),
+                r.2,
+                r.3,
+            );
+        };
+        for (tenant, field, result) in items {
+            let o = outcome(result);
+            match &mut run {
+                Some((t, f, ro, n)) if *t == tenant && *f == field && *ro == o => *n += 1,
+                _ => {
+                    if let Some(r) = run.take() {
+                        flush(r);
+                    }
+                    run = Some((tenant, field, o, 1));
+                }
+            }
+        }
+        if let Some(r) = run {
+            flush(r);
+        }
+    }
+
     /// Counts a finished data operation in the audit window, by outcome.
     pub fn data_done<T>(
         &self,

@@ -5,9 +5,9 @@ use tokio::task::JoinSet;
 use zeroize::Zeroize as _;
 
 use super::pb::{
-    BlindIndexBatchResponse, BlindIndexRequest, BlindIndexResponse, BlindIndexResult,
-    IndexFormat, PseudonymizeBatchResponse, PseudonymizeRequest, PseudonymizeResponse,
-    PseudonymizeResult, blind_index_result, pseudonymize_result,
+    BlindIndexBatchResponse, BlindIndexRequest, BlindIndexResponse, BlindIndexResult, IndexFormat,
+    PseudonymizeBatchResponse, PseudonymizeRequest, PseudonymizeResponse, PseudonymizeResult,
+    blind_index_result, pseudonymize_result,
 };
 use super::{CryptoService, MAX_RESOLVED_PER_BATCH, item_error};
 use crate::crypto::BlindIndex;
@@ -39,26 +39,35 @@ fn index_response(out: Indexed, format: i32) -> BlindIndexResponse {
 
 impl CryptoService {
     /// Authorizes and checks one item and resolves its index keys (once per distinct
-    /// (tenant, field, lookup) in a batch).
-    async fn indexer_for<'a>(
+    /// (tenant, field, lookup) in a batch: the result is kept in `resolved`).
+    async fn indexer_for<'a, 'r>(
         &self,
         c: &Caller,
         r: &'a BlindIndexRequest,
-        resolved: &mut Vec<(IndexKeyOf<'a>, Result<Indexer, Error>)>,
-    ) -> Result<Indexer, Error> {
+        resolved: &'r mut Vec<(IndexKeyOf<'a>, Result<Indexer, Error>)>,
+    ) -> Result<&'r Indexer, Error> {
         self.guard
             .gate
             .data(c, Action::BlindIndex, &r.tenant_id, &r.field)?;
         self.guard.check_field("value", r.value.len())?;
         let key = (r.tenant_id.as_str(), r.field.as_str(), r.lookup);
-        if let Some((_, found)) = resolved.iter().find(|(k, _)| *k == key) {
-            return found.clone();
+        let at = match resolved.iter().position(|(k, _)| *k == key) {
+            Some(i) => i,
+            None => {
+                let fresh = self.keyring.indexer(key.0, key.1, key.2).await;
+                if resolved.len() >= MAX_RESOLVED_PER_BATCH {
+                    // Many distinct keys in one batch: forget the oldest.
+                    drop(resolved.remove(0));
+                }
+                resolved.push((key, fresh));
+                resolved.len() - 1
+            }
+        };
+        match resolved.get(at) {
+            Some((_, Ok(idx))) => Ok(idx),
+            Some((_, Err(e))) => Err(e.clone()),
+            None => Err(Error::Internal("resolved indexer lost".into())),
         }
-        let fresh = self.keyring.indexer(key.0, key.1, key.2).await;
-        if resolved.len() < MAX_RESOLVED_PER_BATCH {
-            resolved.push((key, fresh.clone()));
-        }
-        fresh
     }
 
     pub(super) async fn blind_index_one(
@@ -67,7 +76,8 @@ impl CryptoService {
         mut r: BlindIndexRequest,
     ) -> Result<BlindIndexResponse, Error> {
         let result = async {
-            let idx = self.indexer_for(c, &r, &mut Vec::new()).await?;
+            let mut resolved = Vec::with_capacity(1);
+            let idx = self.indexer_for(c, &r, &mut resolved).await?;
             let out = idx.compute(&r.value, r.lookup).await?;
             Ok(index_response(out, r.format))
         }
@@ -94,6 +104,7 @@ impl CryptoService {
             for (i, r) in items.iter().enumerate() {
                 match self.indexer_for(c, r, &mut resolved).await {
                     Ok(idx) if idx.is_slow() => {
+                        let idx = idx.clone();
                         let (value, lookup, format) = (r.value.clone(), r.lookup, r.format);
                         slow.spawn(async move {
                             let mut value = value;
@@ -124,20 +135,30 @@ impl CryptoService {
                 Err(e) => tracing::error!(error = %e, "blind index task failed"),
             }
         }
-        let gate = &self.guard.gate;
-        let mut out = Vec::with_capacity(results.len());
-        for (r, result) in items.iter_mut().zip(results) {
-            let result =
-                result.unwrap_or_else(|| Err(Error::Internal("blind index task lost".into())));
+        let results: Vec<Result<BlindIndexResponse, Error>> = results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(Error::Internal("blind index task lost".into()))))
+            .collect();
+        self.guard.gate.data_done_batch(
+            c,
+            Action::BlindIndex,
+            items
+                .iter()
+                .zip(&results)
+                .map(|(r, res)| (r.tenant_id.as_str(), r.field.as_str(), res)),
+        );
+        for r in &mut items {
             r.value.zeroize();
-            gate.data_done(c, Action::BlindIndex, &r.tenant_id, &r.field, &result);
-            out.push(BlindIndexResult {
+        }
+        let out = results
+            .into_iter()
+            .map(|result| BlindIndexResult {
                 result: Some(match result {
                     Ok(ok) => blind_index_result::Result::Ok(ok),
                     Err(e) => blind_index_result::Result::Error(item_error(&e)),
                 }),
-            });
-        }
+            })
+            .collect();
         BlindIndexBatchResponse { results: out }
     }
 

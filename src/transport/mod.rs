@@ -10,7 +10,7 @@ use std::future::Future;
 use std::path::Path;
 
 use tokio::net::{TcpListener, UnixListener};
-use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_stream::wrappers::UnixListenerStream;
 use tonic::service::Routes;
 use tonic::transport::Server;
 
@@ -72,7 +72,11 @@ pub async fn serve_tcp(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), TransportError> {
-    serve_incoming(routes, TcpListenerStream::new(listener), shutdown).await
+    // TCP_NODELAY on every accepted connection: `Server::tcp_nodelay` only reaches
+    // connections tonic accepts itself, and with Nagle's algorithm a response that does
+    // not fill a segment waits for the peer's delayed ACK (~40 ms per call).
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    serve_incoming(routes, incoming, shutdown).await
 }
 
 /// Serves `routes` on a Unix socket until `shutdown` completes, then drains.
