@@ -222,7 +222,7 @@ impl IndexProfile {
     /// # Errors
     /// [`CryptoError::InvalidArgument`] naming the bad setting.
     pub fn validate(&self) -> Result<(), CryptoError> {
-        if !(16..=256).contains(&self.bits) || self.bits % 8 != 0 {
+        if !(16..=256).contains(&self.bits) || !self.bits.is_multiple_of(8) {
             return Err(CryptoError::InvalidArgument(format!(
                 "blind index bits must be a multiple of 8 in 16..=256, not {}",
                 self.bits

@@ -148,7 +148,9 @@ fn generate() -> Value {
             trim: true,
         },
     };
-    let cases: Vec<(&str, &str, &str, u32, IndexProfile, &[u8], u8)> = vec![
+    // (name, tenant, field, version, profile, value, tenant-key seed)
+    type Case<'a> = (&'a str, &'a str, &'a str, u32, IndexProfile, &'a [u8], u8);
+    let cases: Vec<Case<'_>> = vec![
         (
             "hmac_email_plain",
             "acme",

@@ -110,14 +110,13 @@ impl Indexer {
             .map_err(|_| Error::Internal("index semaphore closed".into()))?;
         let keys: Vec<Arc<IndexKey>> = keys.to_vec();
         let mut owned = value.to_vec();
-        let out = tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || {
             let r = assemble(&keys, lookup, |k| Ok(k.compute(&owned)?));
             owned.zeroize();
             r
         })
         .await
-        .map_err(|e| Error::Internal(format!("index task: {e}")))?;
-        out
+        .map_err(|e| Error::Internal(format!("index task: {e}")))?
     }
 }
 
@@ -185,7 +184,7 @@ impl Keyring {
                 .iter()
                 .filter(|v| v.state == KeyState::DecryptOnly)
                 .collect();
-            older.sort_by(|a, b| b.version.cmp(&a.version));
+            older.sort_by_key(|v| std::cmp::Reverse(v.version));
             versions.extend(older);
         }
         let mut keys = Vec::with_capacity(versions.len());
