@@ -227,6 +227,15 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let cfg = config_from(&args)?;
     let rotation = rotation_policy(&cfg)?;
     let keyring = build_keyring(&cfg).await?;
+    for (field, f) in &cfg.blind_index.fields {
+        tracing::info!(
+            field = %field,
+            algorithm = ?f.algorithm,
+            bits = f.bits,
+            normalize = ?f.normalize,
+            "blind index profile"
+        );
+    }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;

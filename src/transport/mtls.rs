@@ -246,6 +246,10 @@ pub async fn serve_mtls(
             let Ok((tcp, remote)) = listener.accept().await else {
                 continue;
             };
+            // No Nagle: small responses must not wait for the peer's delayed ACK.
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(%remote, error = %e, "cannot set TCP_NODELAY");
+            }
             let (acceptor, tx) = (TlsAcceptor::from(config.current()), tx.clone());
             tokio::spawn(async move {
                 let handshake =
