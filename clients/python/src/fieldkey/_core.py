@@ -1,0 +1,445 @@
+"""What the sync and the asyncio client share: items, results, chunking, retry policy,
+channel configuration and request building. No I/O here."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Generic, TypeVar, Union
+
+import grpc
+
+from .errors import (
+    BatchError,
+    ConfigurationError,
+    DecodeError,
+    FieldkeyError,
+    error_from_item,
+)
+from .v1 import fieldkey_pb2 as pb
+
+T = TypeVar("T")
+
+#: A record context: bytes as they are, ``str`` as UTF-8, ``int`` (a primary key) as its
+#: decimal text. ``None`` = no context. Must be the same at decryption.
+Context = Union[bytes, str, int, None]
+PathOrPem = Union[str, bytes, "os.PathLike[str]"]
+
+DEFAULT_TARGET: Final = "127.0.0.1:7450"
+#: The sidecar's default limits.max_batch_items.
+DEFAULT_MAX_BATCH_ITEMS: Final = 10_000
+#: Bytes of item payload per request; the sidecar refuses requests over
+#: limits.max_message_bytes (16 MiB by default) with OUT_OF_RANGE.
+DEFAULT_MAX_BATCH_BYTES: Final = 4 * 1024 * 1024
+#: Per-item protobuf overhead assumed when chunking (tags, lengths, the item wrapper).
+_ITEM_OVERHEAD: Final = 24
+_MAX_RECEIVE: Final = 64 * 1024 * 1024
+
+
+# --------------------------------------------------------------------------- items
+
+
+@dataclass(frozen=True, slots=True)
+class EncryptItem:
+    """One value to encrypt in a batch. ``subject=None`` = tenant-scoped."""
+
+    tenant: str
+    field: str
+    value: str | bytes
+    subject: str | None = None
+    context: Context = None
+
+
+@dataclass(frozen=True, slots=True)
+class DecryptItem:
+    """One envelope (binary ``bytes`` or ``fk1:`` text) to decrypt in a batch."""
+
+    tenant: str
+    field: str
+    ciphertext: str | bytes
+    subject: str | None = None
+    context: Context = None
+
+
+@dataclass(frozen=True, slots=True)
+class BlindIndexItem:
+    """One value to index in a batch (blind indexes are tenant-scoped: no subject)."""
+
+    tenant: str
+    field: str
+    value: str | bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PseudonymizeItem:
+    """One subject to pseudonymize for a purpose."""
+
+    tenant: str
+    subject: str
+    purpose: str
+
+
+@dataclass(frozen=True, slots=True)
+class BlindIndex:
+    """A blind index value. ``index`` is the value under the active key version (store
+    it); ``lookup`` (only with lookup=True) holds the values under every usable
+    version, active first: match rows holding any of them."""
+
+    index: bytes | str
+    key_version: int
+    lookup: tuple[bytes | str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Result(Generic[T]):
+    """The outcome of one batch item: either ``value`` or ``error``, never both.
+
+    A bad item fails alone: the other items of the same batch still have their values.
+    ``key_version`` is the tenant key version that encrypted (or had encrypted) the item.
+    """
+
+    value: T | None = None
+    error: FieldkeyError | None = None
+    key_version: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def unwrap(self) -> T:
+        """The value, or raise the item's named exception."""
+        if self.error is not None:
+            raise self.error
+        assert self.value is not None
+        return self.value
+
+
+def unwrap_all(results: Sequence[Result[T]]) -> list[T]:
+    """Every value, in order; raises :class:`BatchError` (with each failed item's index
+    and exception in ``errors``) if any item failed."""
+    errors = {i: r.error for i, r in enumerate(results) if r.error is not None}
+    if errors:
+        raise BatchError(errors, list(results))
+    return [r.value for r in results]  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------- retry
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Retries of calls that failed with UNAVAILABLE (and only those): the sidecar is
+    restarting or unreachable, or its KMS / key store is (KMS_UNAVAILABLE,
+    STORE_UNAVAILABLE). Every fieldkey RPC is safe to repeat (an Encrypt repeated makes
+    another valid ciphertext; erasure and tenant calls are idempotent).
+
+    Attempt ``n`` (from 1) that fails waits ``uniform(d/2, d)`` with
+    ``d = min(max_backoff, initial_backoff * multiplier**(n-1))`` before the next one,
+    within the call's deadline: no retry starts after it. ``max_attempts=1`` disables
+    retries.
+    """
+
+    max_attempts: int = 4
+    initial_backoff: float = 0.05
+    max_backoff: float = 1.0
+    multiplier: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ConfigurationError("RetryPolicy.max_attempts must be at least 1")
+        if self.initial_backoff < 0 or self.max_backoff < 0 or self.multiplier < 1:
+            raise ConfigurationError("RetryPolicy backoffs must be >= 0 and multiplier >= 1")
+
+    def backoff(self, attempt: int) -> float:
+        d = min(self.max_backoff, self.initial_backoff * self.multiplier ** (attempt - 1))
+        return random.uniform(d / 2, d)
+
+
+NO_RETRY: Final = RetryPolicy(max_attempts=1)
+
+
+# --------------------------------------------------------------------------- transport
+
+
+def _read_pem(what: str, src: PathOrPem) -> bytes:
+    if isinstance(src, bytes):
+        return src
+    if isinstance(src, str) and src.lstrip().startswith("-----BEGIN"):
+        return src.encode()
+    try:
+        with open(src, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ConfigurationError(f"cannot read the TLS {what} file {os.fspath(src)!r}: {e.strerror}") from e
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """mTLS to a remote sidecar listener (``[listen.mtls]``): TLS 1.3, client
+    certificate required; the sidecar sees the certificate's SAN as the caller identity.
+
+    Each of ``root_ca``, ``client_cert``, ``client_key`` is PEM (``bytes``, or a ``str``
+    starting with ``-----BEGIN``) or a file path. Files are read when the channel is made
+    (at construction and at :meth:`Client.reconnect`): call ``reconnect()`` after your
+    certificate was renewed. ``server_name`` overrides the name checked against the
+    server certificate (when the target is an IP address or a service alias).
+    """
+
+    root_ca: PathOrPem
+    client_cert: PathOrPem
+    client_key: PathOrPem
+    server_name: str | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=_read_pem("root CA", self.root_ca),
+            private_key=_read_pem("client key", self.client_key),
+            certificate_chain=_read_pem("client certificate", self.client_cert),
+        )
+
+
+def normalize_target(target: str) -> str:
+    """gRPC target from what fieldkey prints (``tcp://``, ``unix://``, ``mtls://``) or
+    what gRPC takes (``host:port``, ``unix:/path``, ``unix:///path``)."""
+    if not target or not isinstance(target, str):
+        raise ConfigurationError("target must be 'host:port', 'unix:/path' or 'unix:///path'")
+    for prefix in ("tcp://", "mtls://", "http://", "https://"):
+        if target.startswith(prefix):
+            return target[len(prefix) :]
+    if target.startswith("unix://") and not target.startswith("unix:///"):
+        raise ConfigurationError("a Unix socket target needs an absolute path: 'unix:/path' or 'unix:///path'")
+    return target
+
+
+def channel_options(
+    target: str, tls: TlsConfig | None, extra: Sequence[tuple[str, Any]]
+) -> list[tuple[str, Any]]:
+    opts: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", _MAX_RECEIVE),
+        # A sidecar on localhost comes back in well under a second after a restart:
+        # reconnect quickly instead of gRPC's default 1 s .. 120 s backoff.
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 2000),
+    ]
+    if tls is not None and tls.server_name:
+        opts.append(("grpc.ssl_target_name_override", tls.server_name))
+        opts.append(("grpc.default_authority", tls.server_name))
+    elif target.startswith("unix:"):
+        # gRPC core sends the socket path as :authority, which the sidecar's HTTP/2
+        # server refuses (RST_STREAM PROTOCOL_ERROR); Go's gRPC sends "localhost".
+        opts.append(("grpc.default_authority", "localhost"))
+    opts.extend(extra)
+    return opts
+
+
+# --------------------------------------------------------------------------- requests
+
+
+def _bytes(what: str, v: str | bytes) -> bytes:
+    if isinstance(v, bytes):
+        return v
+    if isinstance(v, str):
+        return v.encode("utf-8")
+    if isinstance(v, (bytearray, memoryview)):
+        return bytes(v)
+    raise TypeError(f"{what} must be str or bytes, not {type(v).__name__}")
+
+
+def context_bytes(ctx: Context) -> bytes:
+    if ctx is None:
+        return b""
+    if isinstance(ctx, bool):
+        raise TypeError("context must be bytes, str or int, not bool")
+    if isinstance(ctx, int):
+        return str(ctx).encode()
+    return _bytes("context", ctx)
+
+
+def _id(what: str, v: object) -> str:
+    if not isinstance(v, str):
+        raise TypeError(f"{what} must be str, not {type(v).__name__}")
+    return v
+
+
+def _subject(v: str | None) -> str:
+    return "" if v is None else _id("subject", v)
+
+
+_TEXT = pb.CIPHERTEXT_FORMAT_TEXT
+_BINARY = pb.CIPHERTEXT_FORMAT_BINARY
+
+
+def encrypt_request(
+    tenant: str, field: str, value: str | bytes, subject: str | None, context: Context, text: bool
+) -> Any:
+    return pb.EncryptRequest(
+        tenant_id=_id("tenant", tenant),
+        subject_id=_subject(subject),
+        field=_id("field", field),
+        context=context_bytes(context),
+        plaintext=_bytes("value", value),
+        format=_TEXT if text else _BINARY,
+    )
+
+
+def decrypt_request(
+    tenant: str, field: str, ciphertext: str | bytes, subject: str | None, context: Context
+) -> Any:
+    return pb.DecryptRequest(
+        tenant_id=_id("tenant", tenant),
+        subject_id=_subject(subject),
+        field=_id("field", field),
+        context=context_bytes(context),
+        ciphertext=_bytes("ciphertext", ciphertext),
+    )
+
+
+def blind_index_request(tenant: str, field: str, value: str | bytes, text: bool, lookup: bool) -> Any:
+    return pb.BlindIndexRequest(
+        tenant_id=_id("tenant", tenant),
+        field=_id("field", field),
+        value=_bytes("value", value),
+        format=pb.INDEX_FORMAT_TEXT if text else pb.INDEX_FORMAT_BINARY,
+        lookup=lookup,
+    )
+
+
+def pseudonymize_request(tenant: str, subject: str, purpose: str) -> Any:
+    return pb.PseudonymizeRequest(
+        tenant_id=_id("tenant", tenant),
+        subject_id=_id("subject", subject),
+        purpose=_id("purpose", purpose),
+    )
+
+
+def _item(items: Iterable[object], cls: type[T]) -> Iterator[T]:
+    for i, it in enumerate(items):
+        if not isinstance(it, cls):
+            raise TypeError(f"batch item {i} must be a fieldkey.{cls.__name__}, not {type(it).__name__}")
+        yield it
+
+
+def encrypt_requests(items: Iterable[EncryptItem], text: bool) -> list[Any]:
+    return [
+        encrypt_request(it.tenant, it.field, it.value, it.subject, it.context, text)
+        for it in _item(items, EncryptItem)
+    ]
+
+
+def decrypt_requests(items: Iterable[DecryptItem]) -> list[Any]:
+    return [
+        decrypt_request(it.tenant, it.field, it.ciphertext, it.subject, it.context)
+        for it in _item(items, DecryptItem)
+    ]
+
+
+def blind_index_requests(items: Iterable[BlindIndexItem], text: bool, lookup: bool) -> list[Any]:
+    return [blind_index_request(it.tenant, it.field, it.value, text, lookup) for it in _item(items, BlindIndexItem)]
+
+
+def pseudonymize_requests(items: Iterable[PseudonymizeItem]) -> list[Any]:
+    return [pseudonymize_request(it.tenant, it.subject, it.purpose) for it in _item(items, PseudonymizeItem)]
+
+
+def _size(req: Any) -> int:
+    n = _ITEM_OVERHEAD
+    for name in _SIZED:
+        v = getattr(req, name, None)
+        if v:
+            n += len(v)
+    return n
+
+
+_SIZED: Final = ("tenant_id", "subject_id", "field", "context", "plaintext", "ciphertext", "value", "purpose")
+
+
+def chunks(requests: list[Any], max_items: int, max_bytes: int) -> Iterator[list[Any]]:
+    """Consecutive runs of at most ``max_items`` requests and about ``max_bytes`` of
+    payload (an item larger than that goes alone; the sidecar judges it)."""
+    start, size = 0, 0
+    for i, req in enumerate(requests):
+        s = _size(req)
+        if i > start and (i - start >= max_items or size + s > max_bytes):
+            yield requests[start:i]
+            start, size = i, 0
+        size += s
+    if start < len(requests):
+        yield requests[start:]
+
+
+# --------------------------------------------------------------------------- results
+
+
+def _fail(res: Any) -> FieldkeyError:
+    e = res.error
+    return error_from_item(e.code, e.reason, e.message)
+
+
+def encrypt_results(resp: Any, text: bool, out: list[Result[Any]]) -> None:
+    for r in resp.results:
+        if r.WhichOneof("result") == "ok":
+            ct = r.ok.ciphertext
+            out.append(Result(ct.decode("ascii") if text else ct, None, r.ok.key_version))
+        else:
+            out.append(Result(None, _fail(r)))
+
+
+def decode_text(plaintext: bytes) -> str:
+    try:
+        return plaintext.decode("utf-8")
+    except UnicodeDecodeError:
+        raise DecodeError("the decrypted value is not valid UTF-8 text (decrypt it as bytes)") from None
+
+
+def decrypt_results(resp: Any, as_text: bool, out: list[Result[Any]]) -> None:
+    for r in resp.results:
+        if r.WhichOneof("result") == "ok":
+            pt = r.ok.plaintext
+            if as_text:
+                try:
+                    out.append(Result(pt.decode("utf-8"), None, r.ok.key_version))
+                except UnicodeDecodeError:
+                    out.append(
+                        Result(None, DecodeError("the decrypted value is not valid UTF-8 text"), r.ok.key_version)
+                    )
+            else:
+                out.append(Result(pt, None, r.ok.key_version))
+        else:
+            out.append(Result(None, _fail(r)))
+
+
+def blind_index_value(resp: Any, text: bool) -> BlindIndex:
+    conv: Callable[[bytes], bytes | str] = (lambda b: b.decode("ascii")) if text else (lambda b: b)
+    return BlindIndex(conv(resp.index), resp.key_version, tuple(conv(x) for x in resp.lookup_indexes))
+
+
+def blind_index_results(resp: Any, text: bool, out: list[Result[Any]]) -> None:
+    for r in resp.results:
+        if r.WhichOneof("result") == "ok":
+            out.append(Result(blind_index_value(r.ok, text), None, r.ok.key_version))
+        else:
+            out.append(Result(None, _fail(r)))
+
+
+def pseudonymize_results(resp: Any, out: list[Result[Any]]) -> None:
+    for r in resp.results:
+        if r.WhichOneof("result") == "ok":
+            out.append(Result(r.ok.pseudonym, None))
+        else:
+            out.append(Result(None, _fail(r)))
+
+
+@dataclass
+class BatchLimits:
+    """How batch calls are split: at most ``max_items`` items (the sidecar's
+    limits.max_batch_items) and about ``max_bytes`` of payload per request."""
+
+    max_items: int = DEFAULT_MAX_BATCH_ITEMS
+    max_bytes: int = DEFAULT_MAX_BATCH_BYTES
+
+    def __post_init__(self) -> None:
+        if self.max_items < 1 or self.max_bytes < 1:
+            raise ConfigurationError("batch limits must be positive")

@@ -1,0 +1,368 @@
+"""The synchronous client."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Literal, overload
+
+import grpc
+
+from . import _core as c
+from ._core import (
+    BatchLimits,
+    BlindIndex,
+    BlindIndexItem,
+    Context,
+    DecryptItem,
+    EncryptItem,
+    PseudonymizeItem,
+    Result,
+    RetryPolicy,
+    TlsConfig,
+)
+from .errors import DeadlineExceeded, FieldkeyError, Unavailable, error_from_rpc
+from .v1 import fieldkey_pb2 as pb
+from .v1 import fieldkey_pb2_grpc as pbg
+
+__all__ = ["Client"]
+
+
+class Client:
+    """A connection to a fieldkey sidecar (thread-safe; share one per process).
+
+    ``target``: ``"127.0.0.1:7450"`` (the sidecar's default), ``"unix:/run/fieldkey/fieldkey.sock"``,
+    or ``"host:port"`` with ``tls=TlsConfig(...)`` for an mTLS listener.
+
+    ``timeout``: seconds for each RPC, retries included (``None``: no deadline); every
+    method also takes ``timeout=``. A batch split into several requests gives each
+    request this budget.
+
+    ``retry``: :class:`RetryPolicy` for UNAVAILABLE (the only status retried).
+
+    ``batch``: :class:`BatchLimits`: how batch methods split large inputs (at most the
+    sidecar's ``limits.max_batch_items``, 10,000 by default, and about 4 MiB per request).
+
+    ``interceptors``: ``grpc`` client interceptors (metrics, tracing, call counting);
+    they see every attempt. ``options``: extra gRPC channel options.
+
+    Errors: every failure raises a subclass of :class:`fieldkey.FieldkeyError` named
+    after the sidecar's reason (``KeyDestroyed``, ``AuthenticationFailed``, ...).
+    Batch methods return one :class:`Result` per item instead: a bad item fails alone.
+    """
+
+    def __init__(
+        self,
+        target: str = c.DEFAULT_TARGET,
+        *,
+        tls: TlsConfig | None = None,
+        timeout: float | None = 10.0,
+        retry: RetryPolicy | None = None,
+        batch: BatchLimits | None = None,
+        interceptors: Sequence[grpc.UnaryUnaryClientInterceptor] = (),
+        options: Sequence[tuple[str, Any]] = (),
+        metadata: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        self.target = c.normalize_target(target)
+        self.tls = tls
+        self.timeout = timeout
+        self.retry = retry if retry is not None else RetryPolicy()
+        self.batch = batch if batch is not None else BatchLimits()
+        self._interceptors = tuple(interceptors)
+        self._options = c.channel_options(self.target, tls, options)
+        self._metadata = tuple(metadata) or None
+        self._lock = threading.Lock()
+        self._channel: grpc.Channel | None = None
+        self._connect()
+
+    # ------------------------------------------------------------------ connection
+
+    def _connect(self) -> None:
+        if self.tls is not None:
+            ch = grpc.secure_channel(self.target, self.tls.credentials(), options=self._options)
+        else:
+            ch = grpc.insecure_channel(self.target, options=self._options)
+        base = ch
+        if self._interceptors:
+            ch = grpc.intercept_channel(ch, *self._interceptors)
+        crypto = pbg.CryptoStub(ch)
+        keys = pbg.KeysStub(ch)
+        erasures = pbg.ErasuresStub(ch)
+        old = self._channel
+        self._channel = base
+        self.crypto: Any = crypto
+        """The generated ``fieldkey.v1.Crypto`` stub (no retries, no error mapping)."""
+        self.keys: Any = keys
+        """The generated ``fieldkey.v1.Keys`` stub."""
+        self.erasures: Any = erasures
+        """The generated ``fieldkey.v1.Erasures`` stub."""
+        self.jobs: Any = pbg.JobsStub(ch)
+        """The generated ``fieldkey.v1.Jobs`` stub."""
+        if old is not None:
+            old.close()
+
+    def reconnect(self) -> None:
+        """Make a new channel (re-reading TLS files); calls in flight finish on the old one."""
+        with self._lock:
+            self._connect()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._channel is not None:
+                self._channel.close()
+                self._channel = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Client(target={self.target!r}, tls={self.tls is not None})"
+
+    # ------------------------------------------------------------------ calls
+
+    def _call(self, method: Callable[..., Any], request: Any, timeout: float | None) -> Any:
+        budget = self.timeout if timeout is None else timeout
+        deadline = None if budget is None else time.monotonic() + budget
+        attempt = 0
+        while True:
+            attempt += 1
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise DeadlineExceeded(f"deadline of {budget} s passed after {attempt - 1} attempts")
+            try:
+                return method(request, timeout=remaining, metadata=self._metadata)
+            except grpc.RpcError as e:
+                err = error_from_rpc(e)
+                err.attempts = attempt  # type: ignore[attr-defined]
+                if not isinstance(err, Unavailable) or attempt >= self.retry.max_attempts:
+                    raise err from e
+                delay = self.retry.backoff(attempt)
+                if deadline is not None and time.monotonic() + delay >= deadline:
+                    raise err from e
+                time.sleep(delay)
+
+    def _batch(
+        self,
+        method: Callable[..., Any],
+        wrap: Callable[[list[Any]], Any],
+        requests: list[Any],
+        parse: Callable[[Any, list[Result[Any]]], None],
+        timeout: float | None,
+    ) -> list[Result[Any]]:
+        out: list[Result[Any]] = []
+        for chunk in c.chunks(requests, self.batch.max_items, self.batch.max_bytes):
+            resp = self._call(method, wrap(chunk), timeout)
+            if len(resp.results) != len(chunk):
+                raise FieldkeyError(f"the sidecar answered {len(resp.results)} results for {len(chunk)} items")
+            parse(resp, out)
+        return out
+
+    # ------------------------------------------------------------------ encrypt / decrypt
+
+    def encrypt(
+        self,
+        tenant: str,
+        field: str,
+        value: str | bytes,
+        *,
+        subject: str | None = None,
+        context: Context = None,
+        timeout: float | None = None,
+    ) -> bytes:
+        """Encrypt one value (``str`` as UTF-8) to a binary envelope (for BYTEA/BLOB)."""
+        req = c.encrypt_request(tenant, field, value, subject, context, False)
+        return bytes(self._call(self.crypto.Encrypt, req, timeout).ciphertext)
+
+    def encrypt_text(
+        self,
+        tenant: str,
+        field: str,
+        value: str | bytes,
+        *,
+        subject: str | None = None,
+        context: Context = None,
+        timeout: float | None = None,
+    ) -> str:
+        """Encrypt one value to the text envelope ``fk1:...`` (for text columns)."""
+        req = c.encrypt_request(tenant, field, value, subject, context, True)
+        return str(self._call(self.crypto.Encrypt, req, timeout).ciphertext.decode("ascii"))
+
+    def decrypt(
+        self,
+        tenant: str,
+        field: str,
+        ciphertext: str | bytes,
+        *,
+        subject: str | None = None,
+        context: Context = None,
+        timeout: float | None = None,
+    ) -> bytes:
+        """Decrypt an envelope (binary or ``fk1:`` text) to bytes. Tenant, subject, field
+        and context must be those it was encrypted with (else AuthenticationFailed)."""
+        req = c.decrypt_request(tenant, field, ciphertext, subject, context)
+        return bytes(self._call(self.crypto.Decrypt, req, timeout).plaintext)
+
+    def decrypt_text(
+        self,
+        tenant: str,
+        field: str,
+        ciphertext: str | bytes,
+        *,
+        subject: str | None = None,
+        context: Context = None,
+        timeout: float | None = None,
+    ) -> str:
+        """Decrypt to ``str`` (UTF-8; DecodeError if it is not)."""
+        return c.decode_text(
+            self.decrypt(tenant, field, ciphertext, subject=subject, context=context, timeout=timeout)
+        )
+
+    @overload
+    def encrypt_batch(
+        self, items: Iterable[EncryptItem], *, text: Literal[False] = ..., timeout: float | None = ...
+    ) -> list[Result[bytes]]: ...
+    @overload
+    def encrypt_batch(
+        self, items: Iterable[EncryptItem], *, text: Literal[True], timeout: float | None = ...
+    ) -> list[Result[str]]: ...
+    def encrypt_batch(
+        self, items: Iterable[EncryptItem], *, text: bool = False, timeout: float | None = None
+    ) -> list[Result[Any]]:
+        """Encrypt many values (EncryptBatch, split into requests as ``batch`` says).
+        One :class:`Result` per item, in order; ``text=True`` gives ``fk1:`` strings."""
+        return self._batch(
+            self.crypto.EncryptBatch,
+            lambda ch: pb.EncryptBatchRequest(items=ch),
+            c.encrypt_requests(items, text),
+            lambda r, out: c.encrypt_results(r, text, out),
+            timeout,
+        )
+
+    @overload
+    def decrypt_batch(
+        self, items: Iterable[DecryptItem], *, as_text: Literal[False] = ..., timeout: float | None = ...
+    ) -> list[Result[bytes]]: ...
+    @overload
+    def decrypt_batch(
+        self, items: Iterable[DecryptItem], *, as_text: Literal[True], timeout: float | None = ...
+    ) -> list[Result[str]]: ...
+    def decrypt_batch(
+        self, items: Iterable[DecryptItem], *, as_text: bool = False, timeout: float | None = None
+    ) -> list[Result[Any]]:
+        """Decrypt many envelopes. One :class:`Result` per item, in order: a wrong,
+        altered or shredded item has its exception in ``error`` and the others their
+        plaintext. ``as_text=True`` decodes UTF-8 (a non-UTF-8 item gets DecodeError)."""
+        return self._batch(
+            self.crypto.DecryptBatch,
+            lambda ch: pb.DecryptBatchRequest(items=ch),
+            c.decrypt_requests(items),
+            lambda r, out: c.decrypt_results(r, as_text, out),
+            timeout,
+        )
+
+    # ------------------------------------------------------------------ blind indexes
+
+    @overload
+    def blind_index(
+        self, tenant: str, field: str, value: str | bytes, *, text: Literal[False] = ..., timeout: float | None = ...
+    ) -> bytes: ...
+    @overload
+    def blind_index(
+        self, tenant: str, field: str, value: str | bytes, *, text: Literal[True], timeout: float | None = ...
+    ) -> str: ...
+    def blind_index(
+        self, tenant: str, field: str, value: str | bytes, *, text: bool = False, timeout: float | None = None
+    ) -> bytes | str:
+        """The blind index to store beside the ciphertext (``fkb1:`` text with text=True).
+        The field needs a profile in the sidecar (else IndexNotConfigured)."""
+        req = c.blind_index_request(tenant, field, value, text, False)
+        return c.blind_index_value(self._call(self.crypto.BlindIndex, req, timeout), text).index
+
+    @overload
+    def blind_index_lookup(
+        self, tenant: str, field: str, value: str | bytes, *, text: Literal[False] = ..., timeout: float | None = ...
+    ) -> list[bytes]: ...
+    @overload
+    def blind_index_lookup(
+        self, tenant: str, field: str, value: str | bytes, *, text: Literal[True], timeout: float | None = ...
+    ) -> list[str]: ...
+    def blind_index_lookup(
+        self, tenant: str, field: str, value: str | bytes, *, text: bool = False, timeout: float | None = None
+    ) -> list[bytes] | list[str]:
+        """Every index value to match when searching (one per usable key version,
+        active first: 2 between a rotation and the old version's retirement)."""
+        req = c.blind_index_request(tenant, field, value, text, True)
+        return list(c.blind_index_value(self._call(self.crypto.BlindIndex, req, timeout), text).lookup)  # type: ignore[return-value]
+
+    def blind_index_batch(
+        self,
+        items: Iterable[BlindIndexItem],
+        *,
+        text: bool = False,
+        lookup: bool = False,
+        timeout: float | None = None,
+    ) -> list[Result[BlindIndex]]:
+        """Blind indexes of many values; one :class:`Result` of :class:`BlindIndex` per item."""
+        return self._batch(
+            self.crypto.BlindIndexBatch,
+            lambda ch: pb.BlindIndexBatchRequest(items=ch),
+            c.blind_index_requests(items, text, lookup),
+            lambda r, out: c.blind_index_results(r, text, out),
+            timeout,
+        )
+
+    # ------------------------------------------------------------------ pseudonyms
+
+    def pseudonymize(self, tenant: str, subject: str, purpose: str, *, timeout: float | None = None) -> str:
+        """A stable pseudonymous id (32 hex digits) of a subject for a purpose."""
+        req = c.pseudonymize_request(tenant, subject, purpose)
+        return str(self._call(self.crypto.Pseudonymize, req, timeout).pseudonym)
+
+    def pseudonymize_batch(
+        self, items: Iterable[PseudonymizeItem], *, timeout: float | None = None
+    ) -> list[Result[str]]:
+        """Pseudonyms of many subjects; one :class:`Result` per item."""
+        return self._batch(
+            self.crypto.PseudonymizeBatch,
+            lambda ch: pb.PseudonymizeBatchRequest(items=ch),
+            c.pseudonymize_requests(items),
+            c.pseudonymize_results,
+            timeout,
+        )
+
+    # ------------------------------------------------------------------ administration
+
+    def create_tenant(self, tenant: str, *, kms_key_id: str = "", timeout: float | None = None) -> Any:
+        """Create a tenant (idempotent); returns the ``fieldkey.v1.Tenant`` message."""
+        return self._call(self.keys.CreateTenant, pb.CreateTenantRequest(tenant_id=tenant, kms_key_id=kms_key_id), timeout)
+
+    def get_tenant(self, tenant: str, *, timeout: float | None = None) -> Any:
+        return self._call(self.keys.GetTenant, pb.GetTenantRequest(tenant_id=tenant), timeout)
+
+    def rotate_tenant_key(self, tenant: str, *, timeout: float | None = None) -> Any:
+        return self._call(self.keys.RotateTenantKey, pb.RotateTenantKeyRequest(tenant_id=tenant), timeout)
+
+    def who_am_i(self, *, timeout: float | None = None) -> tuple[str, str]:
+        """(identity, transport) as the sidecar sees this client."""
+        r = self._call(self.keys.WhoAmI, pb.WhoAmIRequest(), timeout)
+        return str(r.identity), str(r.transport)
+
+    def shred_subject(
+        self, tenant: str, subject: str, *, grace_seconds: int = 0, timeout: float | None = None
+    ) -> Any:
+        """Crypto-shred a subject (now, or after a grace period); returns the ``Erasure``."""
+        req = pb.ShredSubjectRequest(tenant_id=tenant, subject_id=subject, grace_seconds=grace_seconds)
+        return self._call(self.erasures.ShredSubject, req, timeout)
+
+    def suspend_subject(self, tenant: str, subject: str | None = None, *, timeout: float | None = None) -> Any:
+        """Restrict processing of a subject (or the whole tenant with subject=None)."""
+        req = pb.RestrictionRequest(tenant_id=tenant, subject_id=subject or "")
+        return self._call(self.erasures.SuspendSubject, req, timeout)
+
+    def resume_subject(self, tenant: str, subject: str | None = None, *, timeout: float | None = None) -> Any:
+        req = pb.RestrictionRequest(tenant_id=tenant, subject_id=subject or "")
+        return self._call(self.erasures.ResumeSubject, req, timeout)
