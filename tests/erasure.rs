@@ -1583,8 +1583,10 @@ async fn tenant_erasure_with_a_kms_key_alias_completes() -> Result<()> {
         let mut c = AwsKmsConfig::new(key);
         c.region = Some("eu-west-1".into());
         c.endpoint_url = Some(common::moto_url());
-        c.operation_timeout = Duration::from_secs(3);
-        c.attempt_timeout = Duration::from_millis(800);
+        // Generous: moto is a Python process sharing two cores with a parallel test
+        // run (CI once saw an 800 ms attempt time out); this test is not about timeouts.
+        c.operation_timeout = Duration::from_secs(30);
+        c.attempt_timeout = Duration::from_secs(10);
         c.max_attempts = 2;
         c.initial_backoff = Duration::from_millis(10);
         c.static_credentials = Some(StaticCredentials {

@@ -46,7 +46,11 @@ fn config(endpoint: &str, key_id: &str) -> AwsKmsConfig {
 
 /// A fresh symmetric key in moto.
 async fn moto_key() -> Result<String> {
-    let kms = AwsKms::new(config(&common::moto_url(), "unused")).await?;
+    // Set-up, not under test: patient with a moto slowed by a parallel test run.
+    let mut c = config(&common::moto_url(), "unused");
+    c.operation_timeout = Duration::from_secs(30);
+    c.attempt_timeout = Duration::from_secs(10);
+    let kms = AwsKms::new(c).await?;
     let out = kms
         .client()
         .create_key()
