@@ -35,6 +35,28 @@ pub struct Config {
     pub audit: AuditSettings,
     /// Blind-index profiles per field.
     pub blind_index: BlindIndexSettings,
+    /// Metrics and health endpoints.
+    pub metrics: MetricsSettings,
+}
+
+/// Prometheus metrics and the health endpoints (docs/OPERATIONS.md §8).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSettings {
+    /// HTTP address of `/metrics`, `/healthz` and `/readyz` (e.g. `0.0.0.0:9464`);
+    /// unset: not served.
+    pub listen: Option<String>,
+    /// How often key ages and job progress are re-read from the key store, seconds.
+    pub refresh_secs: u64,
+}
+
+impl Default for MetricsSettings {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            refresh_secs: 30,
+        }
+    }
 }
 
 /// Blind indexes (docs/BLIND_INDEX.md): one profile per indexed field. A field
@@ -274,6 +296,7 @@ impl Default for Config {
             authz: AuthzSettings::default(),
             audit: AuditSettings::default(),
             blind_index: BlindIndexSettings::default(),
+            metrics: MetricsSettings::default(),
         }
     }
 }
@@ -468,6 +491,11 @@ impl Config {
         if e.poll_ms < 10 || e.retry_after_secs == 0 || e.reconcile_secs == 0 {
             return Err(ConfigError::Invalid(
                 "erasure.poll_ms must be >= 10; retry_after_secs and reconcile_secs > 0".into(),
+            ));
+        }
+        if self.metrics.refresh_secs == 0 {
+            return Err(ConfigError::Invalid(
+                "metrics.refresh_secs must be > 0".into(),
             ));
         }
         if self.blind_index.argon2_concurrency == Some(0) {

@@ -88,7 +88,10 @@ async fn run(
         })
         .map_err(other)?;
     let cfg = super::serve::key_config(&keys).map_err(other)?;
-    let keyring = super::serve::build_keyring(&cfg).await.map_err(other)?;
+    crate::harden::harden_and_log();
+    let keyring = super::serve::build_keyring(&cfg, None)
+        .await
+        .map_err(other)?;
     // Shreds and suspensions made by sidecars apply to this runner as soon as announced.
     let _follow = keyring
         .follow_changes()

@@ -109,6 +109,9 @@ struct ServeArgs {
     /// Loopback TCP address to serve gRPC on (port 0 picks a free port).
     #[arg(long, env = "FIELDKEY_LISTEN")]
     listen: Option<String>,
+    /// Serve Prometheus metrics, /healthz and /readyz over HTTP on this address.
+    #[arg(long, env = "FIELDKEY_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
     /// Also serve gRPC on this Unix socket.
     #[arg(long, env = "FIELDKEY_UNIX_SOCKET")]
     unix_socket: Option<PathBuf>,

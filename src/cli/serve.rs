@@ -26,6 +26,9 @@ fn config_from(serve: &ServeArgs) -> anyhow::Result<Config> {
     if let Some(l) = &serve.listen {
         cfg.listen.tcp = Some(l.clone());
     }
+    if let Some(m) = &serve.metrics_listen {
+        cfg.metrics.listen = Some(m.clone());
+    }
     if let Some(u) = &serve.unix_socket {
         cfg.listen.unix = Some(u.clone());
     }
@@ -120,7 +123,10 @@ pub(super) async fn open_store(cfg: &Config) -> anyhow::Result<Arc<dyn KeyStore>
     })
 }
 
-pub(super) async fn build_keyring(cfg: &Config) -> anyhow::Result<Arc<Keyring>> {
+pub(super) async fn build_keyring(
+    cfg: &Config,
+    metrics: Option<&Arc<crate::metrics::Metrics>>,
+) -> anyhow::Result<Arc<Keyring>> {
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
     let store = open_store(cfg).await?;
@@ -136,6 +142,10 @@ pub(super) async fn build_keyring(cfg: &Config) -> anyhow::Result<Arc<Keyring>> 
             &local_passphrase(&cfg.data_dir)?,
             KdfParams::default(),
         )?),
+    };
+    let kms: Arc<dyn Kms> = match metrics {
+        Some(m) => Arc::new(crate::metrics::MeteredKms::new(kms, m.clone())),
+        None => kms,
     };
     tracing::info!(
         store = store.backend(),
@@ -225,8 +235,11 @@ async fn shutdown_signal() {
 
 pub(super) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let cfg = config_from(&args)?;
+    crate::harden::harden_and_log();
     let rotation = rotation_policy(&cfg)?;
-    let keyring = build_keyring(&cfg).await?;
+    let metrics = crate::metrics::Metrics::new();
+    let keyring = build_keyring(&cfg, Some(&metrics)).await?;
+    metrics.attach(&keyring);
     for (field, f) in &cfg.blind_index.fields {
         tracing::info!(
             field = %field,
@@ -287,7 +300,36 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         gate,
     })
     .await?;
+    let routes = metrics.instrument(routes);
     let mut servers = tokio::task::JoinSet::new();
+    let mut refresh = None;
+    if let Some(addr) = &cfg.metrics.listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen for metrics on {addr}"))?;
+        let local = listener.local_addr()?;
+        tracing::info!(%local, "serving /metrics, /healthz and /readyz over HTTP");
+        println!("fieldkey metrics on http://{local}");
+        let ready = Arc::new(crate::metrics::Readiness::new(
+            keyring.clone(),
+            metrics.clone(),
+        ));
+        let (m, stop) = (metrics.clone(), wait(stop_rx.clone()));
+        servers.spawn(async move {
+            crate::metrics::serve(listener, m, ready, stop)
+                .await
+                .map_err(|source| crate::transport::TransportError::Bind {
+                    what: "the metrics address".into(),
+                    source,
+                })
+        });
+        refresh = Some(crate::metrics::spawn_refresh(
+            metrics.clone(),
+            keyring.clone(),
+            rotation,
+            Duration::from_secs(cfg.metrics.refresh_secs),
+        ));
+    }
     if let Some(addr) = &cfg.listen.tcp {
         let listener = crate::transport::bind_tcp(addr).await?;
         let local = listener.local_addr()?;
@@ -336,6 +378,9 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     worker.abort();
     audit_task.abort();
+    if let Some(r) = refresh {
+        r.abort();
+    }
     // The last window's counts.
     if let Err(e) = audit.flush().await {
         tracing::error!(error = %e, "could not write the last audit window");

@@ -1,0 +1,768 @@
+//! Prometheus metrics and the health endpoints, on their own port.
+//!
+//! Owns: the metric families (`docs/OPERATIONS.md` §8 lists them), the tower layer that
+//! counts every gRPC call by RPC and status with its latency, the KMS decorator that
+//! counts and times every KMS call, the gauges refreshed from the keyring (cache, key
+//! ages, re-encryption jobs), and the HTTP server for `GET /metrics` (Prometheus text
+//! format 0.0.4), `/healthz` (liveness: the process serves) and `/readyz` (readiness:
+//! the KMS and the key store answer).
+//!
+//! Must not: put anything secret or personal in a label. Labels carry RPC names, status
+//! codes, KMS operation names, tenant ids and job ids only (never subject ids, fields'
+//! values or key material).
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use axum::body::Body;
+use axum::http::{HeaderMap, Request, Response, StatusCode};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::crypto::SecretKey;
+use crate::keyring::Keyring;
+use crate::kms::{DataKey, EncryptionContext, KeyDeletion, Kms, KmsError, WrappedKey};
+use crate::policy::authz::Action;
+use crate::policy::{RotationPolicy, RotationStatus};
+use crate::store::now_ms;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RpcCode {
+    rpc: String,
+    code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Rpc {
+    rpc: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KmsOpOutcome {
+    op: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KmsOp {
+    op: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TenantLabel {
+    tenant: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct JobLabel {
+    job: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct JobStateLabel {
+    job: String,
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabel {
+    status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Dependency {
+    dependency: &'static str,
+}
+
+fn latency_histogram() -> Histogram {
+    // 50 µs .. ~26 s
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 20))
+}
+
+/// Every metric of one sidecar process.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    cache_source: Arc<std::sync::OnceLock<std::sync::Weak<Keyring>>>,
+    requests: Family<RpcCode, Counter>,
+    latency: Family<Rpc, Histogram, fn() -> Histogram>,
+    kms_calls: Family<KmsOpOutcome, Counter>,
+    kms_latency: Family<KmsOp, Histogram, fn() -> Histogram>,
+    key_age: Family<TenantLabel, Gauge<f64, AtomicU64>>,
+    tenants_by_status: Family<StatusLabel, Gauge>,
+    job_rows_total: Family<JobLabel, Gauge>,
+    job_rows_scanned: Family<JobLabel, Gauge>,
+    job_values_rewrapped: Family<JobLabel, Gauge>,
+    job_values_failed: Family<JobLabel, Gauge>,
+    job_state: Family<JobStateLabel, Gauge>,
+    up: Family<Dependency, Gauge>,
+    refreshed: Gauge,
+}
+
+/// Cache counters and sizes, read at every scrape from the keyring attached with
+/// [`Metrics::attach`] (weakly: the keyring's KMS holds these metrics).
+#[derive(Debug, Default)]
+struct CacheCollector(Arc<std::sync::OnceLock<std::sync::Weak<Keyring>>>);
+
+impl prometheus_client::collector::Collector for CacheCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(keyring) = self.0.get().and_then(std::sync::Weak::upgrade) else {
+            return Ok(());
+        };
+        let stats = keyring.cache().stats();
+        for (name, help, v) in [
+            (
+                "fieldkey_cache_hits",
+                "Tenant key-cache lookups that found the entry.",
+                &stats.hits,
+            ),
+            (
+                "fieldkey_cache_misses",
+                "Tenant key-cache lookups that loaded from the key store (and the KMS).",
+                &stats.misses,
+            ),
+            (
+                "fieldkey_cache_evictions",
+                "Cache entries evicted or invalidated (their keys zeroized).",
+                &stats.evictions,
+            ),
+        ] {
+            let c = ConstCounter::new(v.load(Ordering::Relaxed));
+            c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)?;
+        }
+        let (tenants, subjects) = keyring.cache().sizes();
+        let mut e = encoder.encode_descriptor(
+            "fieldkey_cache_entries",
+            "Cached entries (each holds unwrapped key material).",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (kind, n) in [("tenant", tenants), ("subject", subjects)] {
+            #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+            struct Kind {
+                kind: &'static str,
+            }
+            let labels = Kind { kind };
+            ConstGauge::new(i64::try_from(n).unwrap_or(i64::MAX))
+                .encode(e.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+impl Metrics {
+    /// The metric families. Cache metrics appear once a keyring is attached.
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::default();
+        let requests = Family::<RpcCode, Counter>::default();
+        registry.register(
+            "fieldkey_requests",
+            "gRPC calls by RPC and status code",
+            requests.clone(),
+        );
+        let latency = Family::<Rpc, Histogram, fn() -> Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "fieldkey_request_duration_seconds",
+            "gRPC call latency by RPC (server side, until the last response byte)",
+            latency.clone(),
+        );
+        let kms_calls = Family::<KmsOpOutcome, Counter>::default();
+        registry.register(
+            "fieldkey_kms_calls",
+            "KMS calls by operation and outcome",
+            kms_calls.clone(),
+        );
+        let kms_latency = Family::<KmsOp, Histogram, fn() -> Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "fieldkey_kms_duration_seconds",
+            "KMS call latency by operation",
+            kms_latency.clone(),
+        );
+        let key_age = Family::<TenantLabel, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "fieldkey_key_age_seconds",
+            "Age of each tenant's active key version",
+            key_age.clone(),
+        );
+        let tenants_by_status = Family::<StatusLabel, Gauge>::default();
+        registry.register(
+            "fieldkey_tenants",
+            "Tenants by rotation status of their active key against the rotation policy",
+            tenants_by_status.clone(),
+        );
+        let job_rows_total = Family::<JobLabel, Gauge>::default();
+        registry.register(
+            "fieldkey_job_rows_total",
+            "Rows in scope of a re-encryption job",
+            job_rows_total.clone(),
+        );
+        let job_rows_scanned = Family::<JobLabel, Gauge>::default();
+        registry.register(
+            "fieldkey_job_rows_scanned",
+            "Rows a re-encryption job has read",
+            job_rows_scanned.clone(),
+        );
+        let job_values_rewrapped = Family::<JobLabel, Gauge>::default();
+        registry.register(
+            "fieldkey_job_values_rewrapped",
+            "Values a re-encryption job moved to the active key version",
+            job_values_rewrapped.clone(),
+        );
+        let job_values_failed = Family::<JobLabel, Gauge>::default();
+        registry.register(
+            "fieldkey_job_values_failed",
+            "Values a re-encryption job could not move (they block retirement)",
+            job_values_failed.clone(),
+        );
+        let job_state = Family::<JobStateLabel, Gauge>::default();
+        registry.register(
+            "fieldkey_job_state",
+            "1 for each re-encryption job's current state",
+            job_state.clone(),
+        );
+        let up = Family::<Dependency, Gauge>::default();
+        registry.register(
+            "fieldkey_dependency_up",
+            "Whether the KMS and the key store answered the last readiness check",
+            up.clone(),
+        );
+        let refreshed = Gauge::default();
+        registry.register(
+            "fieldkey_gauges_refreshed_timestamp_seconds",
+            "When key ages and job gauges were last refreshed from the key store",
+            refreshed.clone(),
+        );
+        let cache = CacheCollector::default();
+        let cache_source = cache.0.clone();
+        registry.register_collector(Box::new(cache));
+        Arc::new(Self {
+            registry,
+            cache_source,
+            requests,
+            latency,
+            kms_calls,
+            kms_latency,
+            key_age,
+            tenants_by_status,
+            job_rows_total,
+            job_rows_scanned,
+            job_values_rewrapped,
+            job_values_failed,
+            job_state,
+            up,
+            refreshed,
+        })
+    }
+
+    /// Reports `keyring`'s cache (its hits, misses, evictions and sizes).
+    pub fn attach(&self, keyring: &Arc<Keyring>) {
+        let _ = self.cache_source.set(Arc::downgrade(keyring));
+    }
+
+    /// The exposition after moka's pending maintenance, so that the cache sizes count
+    /// every insert and eviction so far (moka updates them lazily).
+    pub async fn render_current(&self) -> String {
+        let keyring = self.cache_source.get().and_then(std::sync::Weak::upgrade);
+        if let Some(k) = keyring {
+            k.cache().run_pending_tasks().await;
+        }
+        self.render()
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) =
+            prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)
+        {
+            tracing::error!(error = %e, "cannot encode metrics");
+        }
+        out
+    }
+
+    fn record_rpc(&self, rpc: &str, code: &str, elapsed: Duration) {
+        self.requests
+            .get_or_create(&RpcCode {
+                rpc: rpc.to_owned(),
+                code: code.to_owned(),
+            })
+            .inc();
+        self.latency
+            .get_or_create(&Rpc {
+                rpc: rpc.to_owned(),
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Wraps `routes` so that every call is counted and timed.
+    pub fn instrument(self: &Arc<Self>, routes: tonic::service::Routes) -> tonic::service::Routes {
+        let m = self.clone();
+        let router = routes.into_axum_router().layer(axum::middleware::from_fn(
+            move |req: Request<Body>, next: axum::middleware::Next| {
+                let m = m.clone();
+                async move {
+                    let rpc = rpc_label(req.uri().path());
+                    let started = Instant::now();
+                    let res = next.run(req).await;
+                    if let Some(code) = grpc_status(res.headers()) {
+                        // Trailers-only response (an error before any message).
+                        m.record_rpc(&rpc, &code, started.elapsed());
+                        return res;
+                    }
+                    res.map(|body| {
+                        Body::new(Watched {
+                            inner: body,
+                            done: Some(Done {
+                                metrics: m,
+                                rpc,
+                                started,
+                            }),
+                        })
+                    })
+                }
+            },
+        ));
+        tonic::service::Routes::from(router)
+    }
+
+    /// Refreshes key ages (against `policy`) and job gauges from the key store.
+    ///
+    /// # Errors
+    /// What the keyring or the store returns.
+    pub async fn refresh(
+        &self,
+        keyring: &Keyring,
+        policy: &RotationPolicy,
+    ) -> crate::error::Result<()> {
+        let checks = keyring.rotate_due(policy, now_ms(), true).await?;
+        self.key_age.clear();
+        self.tenants_by_status.clear();
+        for c in &checks {
+            let status = match c.age.status {
+                RotationStatus::Ok => "ok",
+                RotationStatus::DueSoon => "due-soon",
+                RotationStatus::Overdue => "overdue",
+                RotationStatus::NoActiveKey => "no-active-key",
+            };
+            self.tenants_by_status
+                .get_or_create(&StatusLabel { status })
+                .inc();
+            if c.age.active_version.is_some() {
+                #[allow(clippy::cast_precision_loss, reason = "ages in ms fit an f64")]
+                let secs = c.age.age_ms as f64 / 1000.0;
+                self.key_age
+                    .get_or_create(&TenantLabel {
+                        tenant: c.age.tenant_id.clone(),
+                    })
+                    .set(secs);
+            }
+        }
+        let jobs = crate::jobs::list(keyring.store().as_ref()).await?;
+        for f in [
+            &self.job_rows_total,
+            &self.job_rows_scanned,
+            &self.job_values_rewrapped,
+            &self.job_values_failed,
+        ] {
+            f.clear();
+        }
+        self.job_state.clear();
+        let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        for j in jobs {
+            let job = JobLabel {
+                job: j.record.job_id.clone(),
+            };
+            let p = &j.progress;
+            self.job_rows_total.get_or_create(&job).set(g(p.total_rows));
+            self.job_rows_scanned
+                .get_or_create(&job)
+                .set(g(p.rows_scanned));
+            self.job_values_rewrapped
+                .get_or_create(&job)
+                .set(g(p.values_rewrapped));
+            self.job_values_failed
+                .get_or_create(&job)
+                .set(g(p.values_failed));
+            self.job_state
+                .get_or_create(&JobStateLabel {
+                    job: j.record.job_id,
+                    state: j.record.state.to_string(),
+                })
+                .set(1);
+        }
+        self.refreshed.set(now_ms() / 1000);
+        Ok(())
+    }
+
+    fn set_up(&self, dependency: &'static str, up: bool) {
+        self.up
+            .get_or_create(&Dependency { dependency })
+            .set(i64::from(up));
+    }
+}
+
+/// `Crypto/Encrypt` for fieldkey's own RPCs, `grpc.health`, `grpc.reflection`; any
+/// other path is `unknown` (a caller cannot mint labels).
+fn rpc_label(path: &str) -> String {
+    let known = Action::from_path(path).is_some()
+        || path
+            .strip_prefix("/fieldkey.v1.")
+            .and_then(|p| p.split_once('/'))
+            .is_some_and(|(s, m)| Action::is_batch_rpc(m) && Action::from_rpc(s, m).is_some());
+    if known {
+        return path.trim_start_matches("/fieldkey.v1.").to_owned();
+    }
+    if path.starts_with("/grpc.health.v1.Health/") {
+        return "grpc.health".into();
+    }
+    if path.starts_with("/grpc.reflection.") {
+        return "grpc.reflection".into();
+    }
+    "unknown".into()
+}
+
+fn code_name(code: i32) -> String {
+    format!("{:?}", tonic::Code::from(code))
+}
+
+fn grpc_status(h: &HeaderMap) -> Option<String> {
+    h.get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.parse::<i32>().ok())
+        .map(code_name)
+}
+
+/// Recorded once, when the response body ends (trailers), or when it is dropped early
+/// (the client went away: `Cancelled`).
+struct Done {
+    metrics: Arc<Metrics>,
+    rpc: String,
+    started: Instant,
+}
+
+struct Watched {
+    inner: Body,
+    done: Option<Done>,
+}
+
+impl Watched {
+    fn finish(&mut self, code: &str) {
+        if let Some(d) = self.done.take() {
+            d.metrics.record_rpc(&d.rpc, code, d.started.elapsed());
+        }
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        self.finish("Cancelled");
+    }
+}
+
+impl http_body::Body for Watched {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(code) = frame.trailers_ref().and_then(grpc_status) {
+                    self.finish(&code);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => self.finish("Unknown"),
+            // A body that ends without trailers: gRPC would have sent a status.
+            Poll::Ready(None) => self.finish("Unknown"),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A KMS that counts and times every call of the one it wraps.
+pub struct MeteredKms {
+    inner: Arc<dyn Kms>,
+    metrics: Arc<Metrics>,
+}
+
+impl MeteredKms {
+    /// Wraps `inner`.
+    pub fn new(inner: Arc<dyn Kms>, metrics: Arc<Metrics>) -> Self {
+        Self { inner, metrics }
+    }
+
+    async fn timed<T>(
+        &self,
+        op: &'static str,
+        f: impl Future<Output = Result<T, KmsError>>,
+    ) -> Result<T, KmsError> {
+        let started = Instant::now();
+        let r = f.await;
+        let outcome = match &r {
+            Ok(_) => "ok",
+            Err(KmsError::Unavailable(_) | KmsError::Timeout) => "unavailable",
+            Err(KmsError::Throttled) => "throttled",
+            Err(_) => "error",
+        };
+        self.metrics
+            .kms_calls
+            .get_or_create(&KmsOpOutcome { op, outcome })
+            .inc();
+        self.metrics
+            .kms_latency
+            .get_or_create(&KmsOp { op })
+            .observe(started.elapsed().as_secs_f64());
+        r
+    }
+}
+
+#[async_trait]
+impl Kms for MeteredKms {
+    fn provider(&self) -> &'static str {
+        self.inner.provider()
+    }
+    fn default_key_id(&self) -> &str {
+        self.inner.default_key_id()
+    }
+    async fn generate_data_key(
+        &self,
+        key_id: &str,
+        ctx: &EncryptionContext,
+    ) -> Result<DataKey, KmsError> {
+        self.timed(
+            "generate_data_key",
+            self.inner.generate_data_key(key_id, ctx),
+        )
+        .await
+    }
+    async fn wrap(
+        &self,
+        key_id: &str,
+        key: &SecretKey,
+        ctx: &EncryptionContext,
+    ) -> Result<WrappedKey, KmsError> {
+        self.timed("wrap", self.inner.wrap(key_id, key, ctx)).await
+    }
+    async fn unwrap(
+        &self,
+        key_id: &str,
+        wrapped: &WrappedKey,
+        ctx: &EncryptionContext,
+    ) -> Result<SecretKey, KmsError> {
+        self.timed("unwrap", self.inner.unwrap(key_id, wrapped, ctx))
+            .await
+    }
+    async fn check(&self) -> Result<(), KmsError> {
+        self.timed("check", self.inner.check()).await
+    }
+    async fn canonical_key_id(&self, key_id: &str) -> Result<String, KmsError> {
+        self.timed("describe", self.inner.canonical_key_id(key_id))
+            .await
+    }
+    async fn schedule_key_deletion(
+        &self,
+        key_id: &str,
+        pending_window_days: u32,
+    ) -> Result<KeyDeletion, KmsError> {
+        self.timed(
+            "schedule_key_deletion",
+            self.inner
+                .schedule_key_deletion(key_id, pending_window_days),
+        )
+        .await
+    }
+}
+
+/// Readiness: the KMS and the key store answered within `timeout`; the verdict is
+/// reused for `cache_for`, so probes do not turn into a KMS call each.
+#[derive(Debug)]
+pub struct Readiness {
+    keyring: Arc<Keyring>,
+    metrics: Arc<Metrics>,
+    timeout: Duration,
+    cache_for: Duration,
+    last: Mutex<Option<(Instant, Result<(), String>)>>,
+}
+
+impl Readiness {
+    /// Checks of `keyring`'s KMS and store.
+    pub fn new(keyring: Arc<Keyring>, metrics: Arc<Metrics>) -> Self {
+        Self {
+            keyring,
+            metrics,
+            timeout: Duration::from_secs(2),
+            cache_for: Duration::from_secs(2),
+            last: Mutex::new(None),
+        }
+    }
+
+    /// `Ok` when both dependencies answer, else what does not.
+    pub async fn check(&self) -> Result<(), String> {
+        if let Some((at, r)) = self.last.lock().unwrap_or_else(|p| p.into_inner()).as_ref()
+            && at.elapsed() < self.cache_for
+        {
+            return r.clone();
+        }
+        let kms = tokio::time::timeout(self.timeout, self.keyring.kms().check());
+        let store = tokio::time::timeout(self.timeout, self.keyring.store().ping());
+        let (kms, store) = tokio::join!(kms, store);
+        let kms_ok = matches!(kms, Ok(Ok(())));
+        let store_ok = matches!(store, Ok(Ok(())));
+        self.metrics.set_up("kms", kms_ok);
+        self.metrics.set_up("key_store", store_ok);
+        let mut down = Vec::new();
+        if !kms_ok {
+            down.push(match kms {
+                Ok(Err(e)) => format!("KMS: {e}"),
+                _ => "KMS: no answer within 2 s".to_owned(),
+            });
+        }
+        if !store_ok {
+            down.push(match store {
+                Ok(Err(e)) => format!("key store: {e}"),
+                _ => "key store: no answer within 2 s".to_owned(),
+            });
+        }
+        let r = if down.is_empty() {
+            Ok(())
+        } else {
+            Err(down.join("; "))
+        };
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), r.clone()));
+        r
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until `shutdown`.
+///
+/// # Errors
+/// If the listener fails.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    ready: Arc<Readiness>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::routing::get;
+    let m = metrics.clone();
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let m = m.clone();
+                async move {
+                    Response::builder()
+                        .header(
+                            "content-type",
+                            prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+                        )
+                        .body(Body::from(m.render_current().await))
+                        .unwrap_or_default()
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = ready.clone();
+                async move {
+                    match ready.check().await {
+                        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+                        Err(why) => (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("not ready: {why}\n"),
+                        ),
+                    }
+                }
+            }),
+        );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Refreshes the key-age and job gauges every `every` until the task is aborted.
+pub fn spawn_refresh(
+    metrics: Arc<Metrics>,
+    keyring: Arc<Keyring>,
+    policy: RotationPolicy,
+    every: Duration,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Err(e) = metrics.refresh(&keyring, &policy).await {
+                tracing::warn!(error = %e, "cannot refresh key-age and job metrics");
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "test code")]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rpc_labels_are_bounded() {
+        assert_eq!(rpc_label("/fieldkey.v1.Crypto/Encrypt"), "Crypto/Encrypt");
+        assert_eq!(
+            rpc_label("/fieldkey.v1.Crypto/BlindIndexBatch"),
+            "Crypto/BlindIndexBatch"
+        );
+        assert_eq!(
+            rpc_label("/fieldkey.v1.Keys/RotateTenantKey"),
+            "Keys/RotateTenantKey"
+        );
+        assert_eq!(rpc_label("/fieldkey.v1.Crypto/Nope"), "unknown");
+        assert_eq!(rpc_label("/evil/../x"), "unknown");
+        assert_eq!(rpc_label("/grpc.health.v1.Health/Check"), "grpc.health");
+    }
+
+    #[test]
+    fn the_exposition_is_prometheus_text() {
+        let m = Metrics::new();
+        m.record_rpc("Crypto/Encrypt", "Ok", Duration::from_millis(2));
+        let text = m.render();
+        assert!(
+            text.contains("fieldkey_requests_total{rpc=\"Crypto/Encrypt\",code=\"Ok\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE fieldkey_request_duration_seconds histogram"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("# EOF"),
+            "classic text format, not OpenMetrics"
+        );
+    }
+}

@@ -1,0 +1,292 @@
+//! Metrics, health and hardening of a real `fieldkey serve` process: the counters move
+//! with traffic, readiness follows the key store (PostgreSQL behind a proxy that the
+//! test stops) while liveness does not, and core dumps are off.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::zombie_processes,
+    reason = "test code fails by panicking"
+)]
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use fieldkey::service::pb::crypto_client::CryptoClient;
+use fieldkey::service::pb::keys_client::KeysClient;
+use fieldkey::service::pb::{self, CreateTenantRequest, DecryptRequest, EncryptRequest};
+
+const BIN: &str = env!("CARGO_BIN_EXE_fieldkey");
+
+struct Sidecar {
+    child: Child,
+    grpc: String,
+    metrics: String,
+    log: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Sidecar {
+    fn start(dir: &std::path::Path, pg: &str) -> Self {
+        let cfg = dir.join("fieldkey.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "data_dir = {:?}\n[store]\npostgres_url = {pg:?}\n[erasure]\nledger = {:?}\n\
+                 [metrics]\nlisten = \"127.0.0.1:0\"\nrefresh_secs = 1\n[cache]\nmax_stale_ms = 0\n",
+                dir,
+                dir.join("ledger.db")
+            ),
+        )
+        .unwrap();
+        let mut child = Command::new(BIN)
+            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+            .arg(&cfg)
+            .env("RUST_LOG", "info")
+            .env("FIELDKEY_LOCAL_KMS_PASSPHRASE", "test passphrase 123")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let (l2, mut err) = (log.clone(), child.stderr.take().unwrap());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = err.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                l2.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let (mut grpc, mut metrics) = (None, None);
+        while grpc.is_none() || metrics.is_none() {
+            let line = lines.next().expect("sidecar printed nothing").unwrap();
+            if let Some(a) = line.strip_prefix("fieldkey listening on tcp://") {
+                grpc = Some(format!("http://{a}"));
+            }
+            if let Some(a) = line.strip_prefix("fieldkey metrics on http://") {
+                metrics = Some(a.to_owned());
+            }
+        }
+        Self {
+            child,
+            grpc: grpc.unwrap(),
+            metrics: metrics.unwrap(),
+            log,
+        }
+    }
+
+    /// (status code, body) of GET `path` on the metrics port.
+    fn get(&self, path: &str) -> (u16, String) {
+        let mut s = std::net::TcpStream::connect(&self.metrics).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let code = out[9..12].parse().unwrap();
+        let body = out
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        (code, body)
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The value of the sample `name{labels}` (labels exactly as exposed), if present.
+fn sample(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(name_and_labels)?
+            .strip_prefix(' ')?
+            .parse()
+            .ok()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move_with_traffic_and_readiness_follows_the_key_store() -> Result<()> {
+    let keys_db = common::PgDb::create().await?;
+    let proxy = common::TcpProxy::start(common::socket_addr_of(&keys_db.dsn)?).await?;
+    let dsn = keys_db.dsn.replacen(
+        &common::socket_addr_of(&keys_db.dsn)?.to_string(),
+        &format!("127.0.0.1:{}", proxy.port),
+        1,
+    );
+    let dir = tempfile::tempdir()?;
+    let s = Sidecar::start(dir.path(), &dsn);
+
+    // liveness and readiness before any traffic
+    assert_eq!(s.get("/healthz").0, 200);
+    let (code, body) = s.get("/readyz");
+    assert_eq!(code, 200, "{body}");
+    let before = s.get("/metrics").1;
+    assert_eq!(
+        sample(
+            &before,
+            "fieldkey_requests_total{rpc=\"Crypto/Encrypt\",code=\"Ok\"}"
+        ),
+        None
+    );
+    assert_eq!(
+        sample(&before, "fieldkey_dependency_up{dependency=\"key_store\"}"),
+        Some(1.0)
+    );
+
+    // traffic: a tenant, five encryptions, one refused decryption
+    let ch = tonic::transport::Channel::from_shared(s.grpc.clone())?
+        .connect()
+        .await?;
+    KeysClient::new(ch.clone())
+        .create_tenant(CreateTenantRequest {
+            tenant_id: "acme".into(),
+            kms_key_id: String::new(),
+        })
+        .await?;
+    let mut c = CryptoClient::new(ch);
+    for i in 0..5 {
+        c.encrypt(EncryptRequest {
+            tenant_id: "acme".into(),
+            subject_id: String::new(),
+            field: "email".into(),
+            context: vec![],
+            plaintext: format!("v{i}").into_bytes(),
+            format: pb::CiphertextFormat::Binary as i32,
+        })
+        .await?;
+    }
+    let e = c
+        .decrypt(DecryptRequest {
+            tenant_id: "nobody".into(),
+            subject_id: String::new(),
+            field: "email".into(),
+            context: vec![],
+            ciphertext: b"garbage".to_vec(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+
+    // key ages are refreshed every second
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let t = s.get("/metrics").1;
+        if sample(&t, "fieldkey_key_age_seconds{tenant=\"acme\"}").is_some()
+            || Instant::now() > deadline
+        {
+            break t;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    eprintln!("{text}");
+    let enc_ok = sample(
+        &text,
+        "fieldkey_requests_total{rpc=\"Crypto/Encrypt\",code=\"Ok\"}",
+    );
+    assert_eq!(enc_ok, Some(5.0));
+    assert_eq!(
+        sample(
+            &text,
+            "fieldkey_requests_total{rpc=\"Crypto/Decrypt\",code=\"InvalidArgument\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "fieldkey_requests_total{rpc=\"Keys/CreateTenant\",code=\"Ok\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "fieldkey_request_duration_seconds_count{rpc=\"Crypto/Encrypt\"}"
+        ),
+        Some(5.0)
+    );
+    assert!(
+        sample(
+            &text,
+            "fieldkey_kms_calls_total{op=\"generate_data_key\",outcome=\"ok\"}"
+        )
+        .unwrap_or(0.0)
+            >= 1.0
+    );
+    assert!(
+        sample(
+            &text,
+            "fieldkey_kms_duration_seconds_count{op=\"generate_data_key\"}"
+        )
+        .unwrap_or(0.0)
+            >= 1.0
+    );
+    assert!(
+        sample(&text, "fieldkey_cache_hits_total").unwrap_or(0.0) >= 4.0,
+        "4 of 5 encryptions hit"
+    );
+    assert!(sample(&text, "fieldkey_cache_misses_total").unwrap_or(0.0) >= 1.0);
+    assert_eq!(
+        sample(&text, "fieldkey_cache_entries{kind=\"tenant\"}"),
+        Some(1.0)
+    );
+    let age = sample(&text, "fieldkey_key_age_seconds{tenant=\"acme\"}").expect("key age of acme");
+    assert!((0.0..60.0).contains(&age), "{age}");
+    assert_eq!(sample(&text, "fieldkey_tenants{status=\"ok\"}"), Some(1.0));
+    // nothing secret or personal in the exposition
+    for bad in ["v0", "v1", "garbage", "passphrase"] {
+        assert!(!text.contains(&format!("\"{bad}\"")), "{bad} in metrics");
+    }
+
+    // hardening: no core dumps
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", s.child.id()))?;
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap();
+    assert_eq!(core.split_whitespace().nth(4), Some("0"), "{core}");
+    assert!(
+        s.log
+            .lock()
+            .unwrap()
+            .contains("core dumps off, not dumpable"),
+        "{}",
+        s.log.lock().unwrap()
+    );
+
+    // the key store goes away: not ready (and says why), still live
+    proxy.stop().await;
+    tokio::time::sleep(Duration::from_secs(3)).await; // past the cached verdict
+    let (code, body) = s.get("/readyz");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("key store"), "{body}");
+    assert_eq!(s.get("/healthz").0, 200);
+    let text = s.get("/metrics").1;
+    assert_eq!(
+        sample(&text, "fieldkey_dependency_up{dependency=\"key_store\"}"),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(&text, "fieldkey_dependency_up{dependency=\"kms\"}"),
+        Some(1.0)
+    );
+    drop(s);
+    keys_db.drop_db().await
+}
