@@ -1,0 +1,248 @@
+"""Batch encryption of model instances before a write, batch decryption after a read."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+from .._core import BlindIndexItem, DecryptItem, EncryptItem
+from ..errors import FieldkeyError
+from .conf import get_client
+from .fields import Ciphertext, _EncryptedMixin, _Failed, _Pending, encrypted_fields, index_fields
+
+__all__ = ["MissingScope", "decrypt_instances", "scope_of", "seal_instances"]
+
+_MISSING = object()
+Scope = tuple[str, "str | None", bytes]
+
+
+class MissingScope(FieldkeyError, ValueError):
+    """A model instance cannot say which tenant (or row) a value belongs to."""
+
+
+def tenant_of(instance: Any) -> str:
+    tenant, _ = instance.fieldkey_scope()
+    if not isinstance(tenant, str) or not tenant:
+        raise MissingScope(
+            f"{type(instance).__name__}.fieldkey_scope() gave no tenant (got {type(tenant).__name__})"
+        )
+    return tenant
+
+
+def scope_of(instance: Any, field: _EncryptedMixin) -> Scope:
+    """(tenant, subject or None, context bytes) of one encrypted field of an instance."""
+    tenant, subject = instance.fieldkey_scope()
+    if not isinstance(tenant, str) or not tenant:
+        raise MissingScope(
+            f"{type(instance).__name__}.fieldkey_scope() gave no tenant (got {type(tenant).__name__})"
+        )
+    if not field.per_subject or subject is None or subject == "":
+        subject = None
+    elif not isinstance(subject, str):
+        subject = str(subject)
+    ctx = b""
+    if field.bind_pk:
+        if instance.pk is None:
+            raise MissingScope(
+                f"{type(instance).__name__}.{field.name} binds the primary key, which is not known yet"  # type: ignore[attr-defined]
+            )
+        ctx = str(instance.pk).encode()
+    return tenant, subject, ctx
+
+
+def reserve_pks(model: Any, n: int, using: str) -> list[Any] | None:
+    """On PostgreSQL, ``n`` values from the sequence of the model's auto-increment pk,
+    so that pk-bound values can be encrypted before the INSERT (one statement). None
+    where that is not possible (other databases, pks without a sequence)."""
+    from django.db import connections
+    from django.db.models.fields import AutoFieldMixin
+
+    conn = connections[using]
+    pk = model._meta.pk
+    if conn.vendor != "postgresql" or not isinstance(pk, AutoFieldMixin) or n < 1:
+        return None
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_get_serial_sequence(%s, %s)", [conn.ops.quote_name(model._meta.db_table), pk.column])
+        row = cur.fetchone()
+        if not row or not row[0]:
+            return None
+        cur.execute("SELECT nextval(%s) FROM generate_series(1, %s)", [row[0], n])
+        return [r[0] for r in cur.fetchall()]
+
+
+def _loaded(instance: Any) -> dict[str, tuple[str, str, Scope]]:
+    d: dict[str, tuple[str, str, Scope]] | None = instance.__dict__.get("_fieldkey_loaded")
+    if d is None:
+        d = {}
+        instance.__dict__["_fieldkey_loaded"] = d
+    return d
+
+
+def _wanted(field: Any, wanted: set[str] | None) -> bool:
+    return wanted is None or field.name in wanted or field.attname in wanted
+
+
+def seal_instances(
+    instances: Sequence[Any], fields: Iterable[str] | None, *, placeholder_pk: bool, with_indexes: bool = True
+) -> list[Any]:
+    """Encrypt what each instance will write, in one EncryptBatch (and one
+    BlindIndexBatch) for all of them; the results wait in ``_fieldkey_sealed`` for the
+    fields' ``pre_save``. Unchanged values (same plaintext and scope as loaded) keep
+    their stored ciphertext; untouched ones (never decrypted) are written back as they
+    are. With ``placeholder_pk``, pk-bound values of instances without a primary key
+    are sealed as ``""`` and those instances returned: seal them again once the INSERT
+    gave them a key. Raises the first failed item's exception (nothing is written)."""
+    wanted = None if fields is None else set(fields)
+    enc_todo: list[tuple[Any, _EncryptedMixin, str, Scope]] = []
+    idx_todo: list[tuple[Any, Any, str, str]] = []
+    post: list[Any] = []
+    for inst in instances:
+        data = inst.__dict__
+        sealed: dict[str, Any] = {}
+        data["_fieldkey_sealed"] = sealed
+        data["_fieldkey_sealing"] = {}
+        changed: set[str] = set()
+        needs_post = False
+        model = type(inst)
+        for f in encrypted_fields(model):
+            if not _wanted(f, wanted):
+                continue
+            name = f.attname  # type: ignore[attr-defined]
+            if name not in data:
+                continue  # deferred: not written
+            v = data[name]
+            if v is None:
+                sealed[name] = None
+                continue
+            if type(v) is _Pending or type(v) is _Failed:
+                sealed[name] = Ciphertext(v.ciphertext)
+                continue
+            if isinstance(v, Ciphertext):
+                sealed[name] = v
+                continue
+            if not isinstance(v, str):
+                raise TypeError(f"{model.__name__}.{f.name} must be str, not {type(v).__name__}")  # type: ignore[attr-defined]
+            if f.bind_pk and inst.pk is None:
+                if not placeholder_pk:
+                    raise MissingScope(
+                        f"{model.__name__}.{f.name} binds the primary key, which the database has not "  # type: ignore[attr-defined]
+                        "assigned yet: save through FieldkeyModel.save() or the FieldkeyQuerySet"
+                    )
+                sealed[name] = Ciphertext("")
+                changed.add(name)
+                needs_post = True
+                continue
+            scope = scope_of(inst, f)
+            prev = _loaded(inst).get(name)
+            if prev is not None and prev[1] == v and prev[2] == scope:
+                sealed[name] = Ciphertext(prev[0])
+                continue
+            enc_todo.append((inst, f, v, scope))
+            changed.add(name)
+        for b in index_fields(model) if with_indexes else ():
+            if not (_wanted(b, wanted) or (wanted is not None and b.source in wanted)):
+                continue
+            src = b.source_field
+            sv = data.get(src.attname, _MISSING)  # type: ignore[attr-defined]
+            cur = data.get(b.attname)
+            if sv is _MISSING or type(sv) is _Pending or type(sv) is _Failed:
+                sealed[b.attname] = cur
+            elif sv is None:
+                sealed[b.attname] = None
+            elif src.attname in changed or cur is None:  # type: ignore[attr-defined]
+                idx_todo.append((inst, b, tenant_of(inst), str(sv)))
+            else:
+                sealed[b.attname] = cur
+        if needs_post:
+            post.append(inst)
+    try:
+        client = get_client()
+        if enc_todo:
+            results = client.encrypt_batch(
+                [EncryptItem(s[0], f.fieldkey_name, v, s[1], s[2]) for (_, f, v, s) in enc_todo], text=True
+            )
+            for (inst, f, v, s), r in zip(enc_todo, results):
+                if r.error is not None:
+                    raise r.error
+                ct = r.unwrap()
+                inst.__dict__["_fieldkey_sealed"][f.attname] = Ciphertext(ct)  # type: ignore[attr-defined]
+                inst.__dict__["_fieldkey_sealing"][f.attname] = (ct, v, s)  # type: ignore[attr-defined]
+        if idx_todo:
+            iresults = client.blind_index_batch(
+                [BlindIndexItem(t, b.source_field.fieldkey_name, v) for (_, b, t, v) in idx_todo], text=True
+            )
+            for (inst, b, _, _), ir in zip(idx_todo, iresults):
+                if ir.error is not None:
+                    raise ir.error
+                inst.__dict__["_fieldkey_sealed"][b.attname] = ir.unwrap().index
+    except BaseException:
+        discard(instances)
+        raise
+    return post
+
+
+def commit(instances: Iterable[Any]) -> None:
+    """After a successful write: remember what the rows now hold."""
+    for inst in instances:
+        data = inst.__dict__
+        sealing = data.pop("_fieldkey_sealing", None) or {}
+        sealed = data.pop("_fieldkey_sealed", None) or {}
+        _loaded(inst).update(sealing)
+        for b in index_fields(type(inst)):
+            if b.attname in sealed:
+                data[b.attname] = sealed[b.attname]
+
+
+def discard(instances: Iterable[Any]) -> None:
+    for inst in instances:
+        inst.__dict__.pop("_fieldkey_sealed", None)
+        inst.__dict__.pop("_fieldkey_sealing", None)
+
+
+def _walk(instances: Iterable[Any]) -> Iterator[Any]:
+    """The instances and the related instances cached in them (select_related)."""
+    seen: set[int] = set()
+    stack = list(instances)
+    while stack:
+        inst = stack.pop()
+        if inst is None or id(inst) in seen:
+            continue
+        seen.add(id(inst))
+        yield inst
+        state = getattr(inst, "_state", None)
+        cache = getattr(state, "fields_cache", None)
+        if cache:
+            stack.extend(v for v in cache.values() if hasattr(v, "_meta"))
+
+
+def decrypt_instances(instances: Iterable[Any]) -> int:
+    """Decrypt every pending encrypted value of the instances (and of their
+    select_related instances) in one DecryptBatch (split into requests by the client's
+    batch limits). A value that fails (shredded, suspended, altered, moved) stores its
+    exception, raised when the attribute is read: the other rows load normally.
+    Returns the number of values decrypted."""
+    todo: list[tuple[Any, _EncryptedMixin, str, Scope]] = []
+    for inst in _walk(instances):
+        for f in encrypted_fields(type(inst)):
+            v = inst.__dict__.get(f.attname)  # type: ignore[attr-defined]
+            if type(v) is not _Pending:
+                continue
+            try:
+                scope = scope_of(inst, f)
+            except Exception as e:  # noqa: BLE001 - kept for the attribute's reader
+                inst.__dict__[f.attname] = _Failed(v.ciphertext, e)  # type: ignore[attr-defined]
+                continue
+            todo.append((inst, f, v.ciphertext, scope))
+    if not todo:
+        return 0
+    results = get_client().decrypt_batch(
+        [DecryptItem(s[0], f.fieldkey_name, ct, s[1], s[2]) for (_, f, ct, s) in todo], as_text=True
+    )
+    for (inst, f, ct, s), r in zip(todo, results):
+        if r.error is None:
+            pt = r.unwrap()
+            inst.__dict__[f.attname] = pt  # type: ignore[attr-defined]
+            _loaded(inst)[f.attname] = (ct, pt, s)  # type: ignore[attr-defined]
+        else:
+            inst.__dict__[f.attname] = _Failed(ct, r.error)  # type: ignore[attr-defined]
+    return len(todo)

@@ -1,0 +1,109 @@
+"""The process-wide client, configured from ``settings.FIELDKEY``::
+
+    FIELDKEY = {
+        "TARGET": "127.0.0.1:7450",          # or "unix:/run/fieldkey/fieldkey.sock"
+        "TLS": {                             # only for an mTLS listener
+            "ROOT_CA": "/etc/fieldkey/tls/ca.crt",
+            "CERT": "/etc/fieldkey/tls/tls.crt",
+            "KEY": "/etc/fieldkey/tls/tls.key",
+            "SERVER_NAME": "fieldkey.internal",   # optional
+        },
+        "TIMEOUT": 10.0,                     # seconds per RPC, retries included
+        "RETRY": {"MAX_ATTEMPTS": 4, "INITIAL_BACKOFF": 0.05, "MAX_BACKOFF": 1.0},
+        "MAX_BATCH_ITEMS": 10000,            # the sidecar's limits.max_batch_items
+        "MAX_BATCH_BYTES": 4194304,
+        "INTERCEPTORS": [],                  # grpc client interceptors, or dotted paths to them
+    }
+
+Every key is optional. The client is made on first use and remade when the setting
+changes (``override_settings`` in tests).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from django.core.exceptions import ImproperlyConfigured
+from django.core.signals import setting_changed
+from django.utils.module_loading import import_string
+
+from .._core import BatchLimits, RetryPolicy, TlsConfig
+from ..client import Client
+
+_lock = threading.Lock()
+_client: Client | None = None
+
+_KEYS = {"TARGET", "TLS", "TIMEOUT", "RETRY", "MAX_BATCH_ITEMS", "MAX_BATCH_BYTES", "INTERCEPTORS", "METADATA"}
+
+
+def _settings() -> dict[str, Any]:
+    from django.conf import settings
+
+    cfg = getattr(settings, "FIELDKEY", {}) or {}
+    if not isinstance(cfg, dict):
+        raise ImproperlyConfigured("settings.FIELDKEY must be a dict")
+    unknown = set(cfg) - _KEYS
+    if unknown:
+        raise ImproperlyConfigured(f"settings.FIELDKEY: unknown keys {sorted(unknown)}; known: {sorted(_KEYS)}")
+    return cfg
+
+
+def client_from_settings() -> Client:
+    cfg = _settings()
+    tls = None
+    if cfg.get("TLS"):
+        t = cfg["TLS"]
+        try:
+            tls = TlsConfig(t["ROOT_CA"], t["CERT"], t["KEY"], t.get("SERVER_NAME"))
+        except KeyError as e:
+            raise ImproperlyConfigured(f"settings.FIELDKEY['TLS'] needs {e.args[0]}") from None
+    r = cfg.get("RETRY") or {}
+    retry = RetryPolicy(
+        max_attempts=int(r.get("MAX_ATTEMPTS", 4)),
+        initial_backoff=float(r.get("INITIAL_BACKOFF", 0.05)),
+        max_backoff=float(r.get("MAX_BACKOFF", 1.0)),
+    )
+    interceptors = [import_string(i) if isinstance(i, str) else i for i in cfg.get("INTERCEPTORS", ())]
+    interceptors = [i() if isinstance(i, type) else i for i in interceptors]
+    return Client(
+        cfg.get("TARGET", "127.0.0.1:7450"),
+        tls=tls,
+        timeout=cfg.get("TIMEOUT", 10.0),
+        retry=retry,
+        batch=BatchLimits(
+            max_items=int(cfg.get("MAX_BATCH_ITEMS", 10_000)),
+            max_bytes=int(cfg.get("MAX_BATCH_BYTES", 4 * 1024 * 1024)),
+        ),
+        interceptors=interceptors,
+        metadata=cfg.get("METADATA", ()),
+    )
+
+
+def get_client() -> Client:
+    """The client the Django integration uses (one per process, thread-safe)."""
+    global _client
+    c = _client
+    if c is None:
+        with _lock:
+            if _client is None:
+                _client = client_from_settings()
+            c = _client
+    return c
+
+
+def reset_client() -> None:
+    """Close the client; the next use makes a new one from the settings."""
+    global _client
+    with _lock:
+        c, _client = _client, None
+    if c is not None:
+        c.close()
+
+
+def _on_setting_changed(*, setting: str, **kwargs: Any) -> None:
+    if setting == "FIELDKEY":
+        reset_client()
+
+
+setting_changed.connect(_on_setting_changed)
