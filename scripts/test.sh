@@ -139,3 +139,14 @@ fi
 "$VENV/bin/python" tests/vectors/check_vectors.py
 "$VENV/bin/python" tests/vectors/check_blind_vectors.py
 cargo test --locked "$@"
+
+# ---------------------------------------------------------------- Python client
+# clients/python: its pytest suite against the debug binary `cargo test` just built,
+# with this script's PostgreSQL (a throwaway database per run). Runs on a full run (no
+# arguments); with arguments (a subset of cargo tests) only if
+# FIELDKEY_TEST_PYTHON_CLIENT=1. FIELDKEY_TEST_PYTHON_CLIENT=0 skips it.
+if [ "${FIELDKEY_TEST_PYTHON_CLIENT:-$([ $# -eq 0 ] && echo 1 || echo 0)}" = 1 ]; then
+    FIELDKEY_BIN="$(cd "${CARGO_TARGET_DIR:-target}" && pwd)/debug/fieldkey" clients/python/run-tests.sh
+else
+    log "Python client tests skipped (arguments given; FIELDKEY_TEST_PYTHON_CLIENT=1 runs them)"
+fi
