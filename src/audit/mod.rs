@@ -13,7 +13,7 @@ pub mod aggregate;
 mod log;
 pub mod verify;
 
-pub use log::{AuditConfig, AuditLog};
+pub use log::{AuditConfig, AuditLog, CHECKPOINT_PURPOSE};
 
 use std::net::IpAddr;
 

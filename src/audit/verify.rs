@@ -10,6 +10,7 @@ use serde_json::json;
 
 use super::{AuditRecord, GENESIS, record_hash};
 use crate::erasure::receipt::{canonical_json, key_id};
+use crate::store::{KeyStore, StoreError};
 
 /// Action of a checkpoint record.
 pub const CHECKPOINT_ACTION: &str = "audit.checkpoint";
@@ -281,4 +282,62 @@ pub fn verify_export(text: &str, keys: Vec<VerifyingKey>) -> Result<Summary, Ver
     }
     v.finish_export(trailer.as_ref())?;
     Ok(v.summary().clone())
+}
+
+/// Verifies the audit chain a key store holds: every record in order, its signed
+/// checkpoints, that the log starts at record 1 and that it ends at the chain head.
+/// `visit` sees every record read, also those after the first bad one (the compliance
+/// report indexes them). The outer error is the store failing; the inner one is the
+/// log not verifying.
+///
+/// # Errors
+/// [`StoreError`] if the store cannot be read.
+pub async fn verify_store(
+    store: &dyn KeyStore,
+    keys: Vec<VerifyingKey>,
+    mut visit: impl FnMut(&AuditRecord) + Send,
+) -> Result<Result<Summary, VerifyError>, StoreError> {
+    const PAGE: u32 = 1000;
+    let mut v = Verifier::new(keys);
+    let mut first_error = None;
+    let mut after = 0;
+    loop {
+        let page = store.audit_records(after, PAGE).await?;
+        let Some(last) = page.last() else { break };
+        after = last.seq;
+        for r in &page {
+            if first_error.is_none()
+                && let Err(e) = v.push(r)
+            {
+                first_error = Some(e);
+            }
+            visit(r);
+        }
+    }
+    if let Some(e) = first_error {
+        return Ok(Err(e));
+    }
+    let (head_seq, head_hash) = store.audit_head().await?;
+    let s = v.summary();
+    if s.records > 0 && s.first_seq != Some(1) {
+        return Ok(Err(VerifyError {
+            seq: s.first_seq,
+            line: None,
+            reason: format!(
+                "the log starts at record {} instead of 1: records at the beginning were deleted",
+                s.first_seq.unwrap_or(0)
+            ),
+        }));
+    }
+    if s.last_seq != head_seq || (head_seq > 0 && s.last_hash != head_hash) {
+        return Ok(Err(VerifyError {
+            seq: Some(s.last_seq.saturating_add(1)),
+            line: None,
+            reason: format!(
+                "missing: the chain head says {head_seq} records, the log ends at {} (truncated)",
+                s.last_seq
+            ),
+        }));
+    }
+    Ok(Ok(s.clone()))
 }

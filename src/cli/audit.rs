@@ -8,7 +8,7 @@ use ed25519_dalek::VerifyingKey;
 
 use super::client::{CliError, connect};
 use super::{KeyArgs, Target};
-use crate::audit::verify::{Summary, Verifier, VerifyError, verify_export};
+use crate::audit::verify::{Summary, verify_export};
 use crate::erasure::receipt::{self, rfc3339_ms};
 use crate::service::pb::{self, audit_client::AuditClient};
 
@@ -54,7 +54,7 @@ fn invalid(e: impl std::fmt::Display) -> CliError {
     )))
 }
 
-fn read_keys(given: &[String]) -> Result<Vec<VerifyingKey>, CliError> {
+pub(super) fn read_keys(given: &[String]) -> Result<Vec<VerifyingKey>, CliError> {
     given
         .iter()
         .map(|k| {
@@ -97,45 +97,11 @@ async fn verify_store(keys: &KeyArgs, vks: Vec<VerifyingKey>) -> Result<(), CliE
     let store = super::serve::open_store(&cfg)
         .await
         .map_err(CliError::Other)?;
-    let mut v = Verifier::new(vks);
-    let mut after = 0;
-    loop {
-        let page = store
-            .audit_records(after, 1000)
-            .await
-            .map_err(|e| CliError::Other(e.into()))?;
-        let Some(last) = page.last() else { break };
-        after = last.seq;
-        for r in &page {
-            v.push(r).map_err(invalid)?;
-        }
-    }
-    let (head_seq, head_hash) = store
-        .audit_head()
+    let s = crate::audit::verify::verify_store(store.as_ref(), vks, |_| {})
         .await
-        .map_err(|e| CliError::Other(e.into()))?;
-    let s = v.summary();
-    if s.records > 0 && s.first_seq != Some(1) {
-        return Err(invalid(VerifyError {
-            seq: s.first_seq,
-            line: None,
-            reason: format!(
-                "the log starts at record {} instead of 1: records at the beginning were deleted",
-                s.first_seq.unwrap_or(0)
-            ),
-        }));
-    }
-    if s.last_seq != head_seq || (head_seq > 0 && s.last_hash != head_hash) {
-        return Err(invalid(VerifyError {
-            seq: Some(s.last_seq.saturating_add(1)),
-            line: None,
-            reason: format!(
-                "missing: the chain head says {head_seq} records, the log ends at {} (truncated)",
-                s.last_seq
-            ),
-        }));
-    }
-    report(s, "key store");
+        .map_err(|e| CliError::Other(e.into()))?
+        .map_err(invalid)?;
+    report(&s, "key store");
     Ok(())
 }
 

@@ -10,6 +10,7 @@ mod audit;
 mod client;
 mod erasure;
 mod jobs;
+mod report;
 mod serve;
 
 use std::path::PathBuf;
@@ -77,6 +78,9 @@ enum Command {
         #[command(subcommand)]
         command: audit::AuditCommand,
     },
+    /// The compliance evidence report (JSON or HTML): every promise of the data
+    /// processing agreement with its verdict, from the key store (or a sidecar).
+    Report(report::ReportArgs),
     /// Key management service set-up.
     Kms {
         #[command(subcommand)]
@@ -403,6 +407,7 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Jobs { command } => jobs::jobs(command).await,
             Command::Erasure { command } => erasure::erasure(command).await,
             Command::Audit { command } => audit::audit(command).await,
+            Command::Report(args) => report::report(args).await,
             Command::Kms {
                 command: KmsCommand::InitLocal { path, passphrase },
             } => serve::init_local_kms(&path, passphrase).map_err(client::CliError::Other),

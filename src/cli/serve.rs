@@ -70,7 +70,7 @@ pub(super) fn key_config(args: &KeyArgs) -> anyhow::Result<Config> {
     Ok(cfg)
 }
 
-fn rotation_policy(cfg: &Config) -> anyhow::Result<RotationPolicy> {
+pub(super) fn rotation_policy(cfg: &Config) -> anyhow::Result<RotationPolicy> {
     Ok(match &cfg.policy.rotation {
         Some(path) => {
             let p = RotationPolicy::load(path)?;
@@ -298,6 +298,10 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         erasures: erasures.clone(),
         audit: audit.clone(),
         gate,
+        report: Arc::new(crate::service::audit::ReportFacts {
+            configuration: crate::report::Configuration::from_config(&cfg, &rotation, None),
+            rotation,
+        }),
     })
     .await?;
     let routes = metrics.instrument(routes);

@@ -39,7 +39,8 @@ use receipt::{DestroyedKey, KmsKeyDeletion, Receipt};
 pub const MAX_GRACE: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// Purpose of the receipt signing key in the store.
-const SIGNING_PURPOSE: &str = "erasure-receipt";
+/// Purpose of the key that signs erasure receipts (`fk_signing_keys`).
+pub const SIGNING_PURPOSE: &str = "erasure-receipt";
 
 /// Erasure settings.
 #[derive(Debug, Clone)]

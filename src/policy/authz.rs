@@ -94,6 +94,9 @@ pub struct PolicyStatus {
     pub files: Vec<String>,
     /// Policies in the installed set.
     pub policies: usize,
+    /// SHA-256 (hex) over the installed files' names and contents: names the policy
+    /// set in force (compliance report, logs).
+    pub digest: String,
     /// When the installed set was loaded.
     pub loaded_at: SystemTime,
     /// Why the directory's current contents were refused (the file and the reason);
@@ -698,6 +701,7 @@ impl Authorizer {
             dir: self.dir.clone(),
             files: set.files.clone(),
             policies: set.policy_count,
+            digest: hex::encode(set.digest),
             loaded_at: set.loaded_at,
             last_error,
             cached_decisions: set.cache.len(),

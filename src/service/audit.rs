@@ -14,9 +14,22 @@ use crate::audit::verify::trailer_line;
 use crate::erasure::receipt::public_key_pem;
 use crate::error::Error;
 use crate::keyring::Keyring;
+use crate::policy::RotationPolicy;
 use crate::policy::authz::Action;
+use crate::report::{self, Configuration};
+use crate::store::now_ms;
 
 use super::gate::{Caller, Gate};
+
+/// What the compliance report states about the configuration (fixed at start; the
+/// authorization facts are read from the gate at each request).
+#[derive(Debug, Clone)]
+pub struct ReportFacts {
+    /// The configuration facts.
+    pub configuration: Configuration,
+    /// The rotation policy in force.
+    pub rotation: RotationPolicy,
+}
 
 /// The Audit service.
 #[derive(Debug, Clone)]
@@ -24,12 +37,23 @@ pub struct AuditService {
     keyring: Arc<Keyring>,
     log: Arc<AuditLog>,
     gate: Arc<Gate>,
+    facts: Arc<ReportFacts>,
 }
 
 impl AuditService {
     /// A service over the key store's audit chain, behind `gate`.
-    pub fn new(keyring: Arc<Keyring>, log: Arc<AuditLog>, gate: Arc<Gate>) -> Self {
-        Self { keyring, log, gate }
+    pub fn new(
+        keyring: Arc<Keyring>,
+        log: Arc<AuditLog>,
+        gate: Arc<Gate>,
+        facts: Arc<ReportFacts>,
+    ) -> Self {
+        Self {
+            keyring,
+            log,
+            gate,
+            facts,
+        }
     }
 
     async fn admit<T>(&self, req: &Request<T>, action: Action) -> Result<Caller, Status> {
@@ -135,6 +159,86 @@ impl pb::audit_server::Audit for AuditService {
             hash: hex::encode(hash),
             key_id,
             public_key_pem: pem,
+        }))
+    }
+
+    async fn get_compliance_report(
+        &self,
+        req: Request<pb::ComplianceReportRequest>,
+    ) -> Result<Response<pb::ComplianceReport>, Status> {
+        let tenant = (!req.get_ref().tenant_id.is_empty()).then(|| req.get_ref().tenant_id.clone());
+        let c = self.gate.caller(&req);
+        self.gate
+            .admin(&c, Action::GetComplianceReport, tenant.as_deref())
+            .await
+            .map_err(|e| to_status(&e))?;
+        let r = req.into_inner();
+        let html = match pb::ReportFormat::try_from(r.format) {
+            Ok(pb::ReportFormat::Json) => false,
+            Ok(pb::ReportFormat::Html) => true,
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "unknown report format {}",
+                    r.format
+                )));
+            }
+        };
+        let period = |ms: i64| (ms != 0).then_some(ms);
+        let (since, until) = (period(r.since_unix_ms), period(r.until_unix_ms));
+        if let (Some(s), Some(u)) = (since, until)
+            && s >= u
+        {
+            return Err(Status::invalid_argument(
+                "the period is empty: since_unix_ms must be before until_unix_ms",
+            ));
+        }
+        let mut configuration = self.facts.configuration.clone();
+        let fresh = Configuration::authorization_of(self.gate.authz_status().map(Ok));
+        configuration.authorization = fresh;
+        let opts = report::Options {
+            tenant: tenant.clone(),
+            since_ms: since,
+            until_ms: until,
+            now_ms: now_ms(),
+            audit_keys: None,
+            receipt_keys: None,
+        };
+        let built = report::build(
+            self.keyring.store().as_ref(),
+            configuration,
+            &self.facts.rotation,
+            &opts,
+        )
+        .await
+        .map_err(|e| to_status(&e))?;
+        self.gate
+            .admin_done(
+                &c,
+                "report.generated",
+                "report",
+                tenant.as_deref().unwrap_or("fieldkey"),
+                tenant.as_deref(),
+                serde_json::json!({
+                    "verdict": built.summary.verdict.as_str(),
+                    "since": built.period.since,
+                    "until": built.period.until,
+                }),
+            )
+            .await;
+        let (content_type, body) = if html {
+            ("text/html; charset=utf-8", report::html::render(&built))
+        } else {
+            (
+                "application/json",
+                serde_json::to_string_pretty(&built)
+                    .map_err(|e| to_status(&Error::Internal(e.to_string())))?,
+            )
+        };
+        Ok(Response::new(pb::ComplianceReport {
+            content_type: content_type.into(),
+            body,
+            all_met: built.summary.all_met,
+            verdict: built.summary.verdict.as_str().into(),
         }))
     }
 }

@@ -113,6 +113,11 @@ impl Gate {
         }
     }
 
+    /// The authorization policy set in force, or `None` when authorization is off.
+    pub fn authz_status(&self) -> Option<crate::policy::authz::PolicyStatus> {
+        self.authz.as_ref().map(|a| a.status())
+    }
+
     /// The audit log, if any.
     pub fn audit(&self) -> Option<&Arc<AuditLog>> {
         self.audit.as_ref()

@@ -791,6 +791,8 @@ pub struct Context {
     pub audit: Arc<crate::audit::AuditLog>,
     /// Identity, authorization, decrypt guard and audit for every handler.
     pub gate: Arc<Gate>,
+    /// What the compliance report states about the configuration.
+    pub report: Arc<audit::ReportFacts>,
 }
 
 impl Context {
@@ -810,6 +812,14 @@ impl Context {
             limits: Limits::default(),
             rotation: RotationPolicy::default(),
             gate: Arc::new(Gate::open()),
+            report: Arc::new(audit::ReportFacts {
+                configuration: crate::report::Configuration::from_config(
+                    &crate::config::Config::default(),
+                    &RotationPolicy::default(),
+                    None,
+                ),
+                rotation: RotationPolicy::default(),
+            }),
         }
     }
 
@@ -841,6 +851,7 @@ pub async fn routes(ctx: Context) -> Result<tonic::service::Routes, Error> {
         erasures,
         audit,
         gate,
+        report,
     } = ctx;
     let limits = &limits;
     let guard = Guard::with_gate(limits.clone(), gate.clone());
@@ -864,8 +875,12 @@ pub async fn routes(ctx: Context) -> Result<tonic::service::Routes, Error> {
         .max_decoding_message_size(limits.max_message_bytes);
     let jobs =
         pb::jobs_server::JobsServer::new(jobs::JobsService::new(keyring.clone(), gate.clone()));
-    let audit_svc =
-        pb::audit_server::AuditServer::new(audit::AuditService::new(keyring, audit, gate.clone()));
+    let audit_svc = pb::audit_server::AuditServer::new(audit::AuditService::new(
+        keyring,
+        audit,
+        gate.clone(),
+        report,
+    ));
     reporter
         .set_serving::<pb::audit_server::AuditServer<audit::AuditService>>()
         .await;

@@ -143,6 +143,23 @@ pub type AuditFn<'a> = dyn Fn(u64, &[u8; 32]) -> Result<AuditEvent, String> + Se
 pub type CompleteFn<'a> =
     dyn Fn(u64, &[u8; 32]) -> Result<(String, AuditEvent), String> + Send + Sync + 'a;
 
+macro_rules! signing_key_columns {
+    () => {
+        "key_id, purpose, public_key, kms_key_id, wrapped, created_at"
+    };
+}
+
+fn signing_key_from_row(row: &sqlx::any::AnyRow) -> Result<SigningKeyRecord, StoreError> {
+    Ok(SigningKeyRecord {
+        key_id: row.try_get("key_id").map_err(classify)?,
+        purpose: row.try_get("purpose").map_err(classify)?,
+        public_key: row.try_get("public_key").map_err(classify)?,
+        kms_key_id: row.try_get("kms_key_id").map_err(classify)?,
+        wrapped: row.try_get("wrapped").map_err(classify)?,
+        created_at: row.try_get("created_at").map_err(classify)?,
+    })
+}
+
 macro_rules! erasure_columns {
     () => {
         "erasure_id, tenant_id, subject_id, state, requested_by, requested_at, execute_after, \
@@ -593,25 +610,32 @@ impl SqlStore {
         &self,
         purpose: &str,
     ) -> Result<Option<SigningKeyRecord>, StoreError> {
-        let row = sqlx::query(
-            "SELECT key_id, purpose, public_key, kms_key_id, wrapped, created_at \
-             FROM fk_signing_keys WHERE purpose = $1 AND state = 'active'",
-        )
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            signing_key_columns!(),
+            " FROM fk_signing_keys WHERE purpose = $1 AND state = 'active'"
+        ))
         .bind(purpose)
         .fetch_optional(&self.pool)
         .await
         .map_err(classify)?;
-        row.map(|row| {
-            Ok(SigningKeyRecord {
-                key_id: row.try_get("key_id").map_err(classify)?,
-                purpose: row.try_get("purpose").map_err(classify)?,
-                public_key: row.try_get("public_key").map_err(classify)?,
-                kms_key_id: row.try_get("kms_key_id").map_err(classify)?,
-                wrapped: row.try_get("wrapped").map_err(classify)?,
-                created_at: row.try_get("created_at").map_err(classify)?,
-            })
-        })
-        .transpose()
+        row.as_ref().map(signing_key_from_row).transpose()
+    }
+
+    pub(super) async fn signing_keys_impl(
+        &self,
+        purpose: &str,
+    ) -> Result<Vec<SigningKeyRecord>, StoreError> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            signing_key_columns!(),
+            " FROM fk_signing_keys WHERE purpose = $1 ORDER BY created_at, key_id"
+        ))
+        .bind(purpose)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?;
+        rows.iter().map(signing_key_from_row).collect()
     }
 
     pub(super) async fn create_signing_key_impl(

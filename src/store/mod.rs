@@ -351,6 +351,16 @@ pub trait KeyStore: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<SubjectRecord>, StoreError>;
 
+    /// Up to `limit` subjects of a tenant in `state`, with ids after `after`, by id
+    /// (compliance report: the restricted subjects).
+    async fn subjects_in_state(
+        &self,
+        tenant_id: &str,
+        state: KeyState,
+        after: &str,
+        limit: u32,
+    ) -> Result<Vec<SubjectRecord>, StoreError>;
+
     /// Replaces a subject's wrapped material with the same key wrapped under another
     /// tenant key version, only if it is still wrapped under `expected_version` and not
     /// destroyed. The fingerprint is kept. Returns whether it changed.
@@ -561,6 +571,10 @@ pub trait KeyStore: Send + Sync + 'static {
 
     /// The active signing key for `purpose`, if any.
     async fn signing_key(&self, purpose: &str) -> Result<Option<SigningKeyRecord>, StoreError>;
+
+    /// Every signing key for `purpose`, the active one and the retired ones (their
+    /// signatures stay valid), oldest first: what verifies receipts and checkpoints.
+    async fn signing_keys(&self, purpose: &str) -> Result<Vec<SigningKeyRecord>, StoreError>;
 
     /// Retires an active signing key (its KMS key became unusable); receipts it signed
     /// still verify with its public key. Returns whether it changed.

@@ -547,6 +547,29 @@ impl KeyStore for SqlStore {
         rows.iter().map(subject_from_row).collect()
     }
 
+    async fn subjects_in_state(
+        &self,
+        tenant_id: &str,
+        state: KeyState,
+        after: &str,
+        limit: u32,
+    ) -> Result<Vec<SubjectRecord>, StoreError> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            subject_columns!(),
+            " FROM fk_subjects WHERE tenant_id = $1 AND state = $2 AND subject_id > $3 \
+             ORDER BY subject_id LIMIT $4"
+        ))
+        .bind(tenant_id)
+        .bind(state.as_str())
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?;
+        rows.iter().map(subject_from_row).collect()
+    }
+
     async fn rewrap_subject(
         &self,
         tenant_id: &str,
@@ -893,6 +916,10 @@ impl KeyStore for SqlStore {
 
     async fn signing_key(&self, purpose: &str) -> Result<Option<SigningKeyRecord>, StoreError> {
         self.signing_key_impl(purpose).await
+    }
+
+    async fn signing_keys(&self, purpose: &str) -> Result<Vec<SigningKeyRecord>, StoreError> {
+        self.signing_keys_impl(purpose).await
     }
 
     async fn retire_signing_key(&self, key_id: &str) -> Result<bool, StoreError> {

@@ -106,6 +106,7 @@ actions! {
     GetReceiptKey => "Erasures", "GetReceiptKey", Service, "Read the public key that verifies erasure receipts.";
     ExportAudit => "Audit", "ExportAudit", Service, "Export audit records.";
     GetAuditHead => "Audit", "GetAuditHead", Service, "Read the audit chain's head (signed checkpoint).";
+    GetComplianceReport => "Audit", "GetComplianceReport", TenantOrService, "Read the compliance evidence report (every tenant, or one).";
 }
 
 /// The gRPC package prefix of the services.

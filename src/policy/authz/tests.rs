@@ -121,7 +121,13 @@ fn grants() -> Vec<(&'static str, &'static str, Vec<Action>)> {
         (
             AUDITOR,
             TRANSPORT_MTLS,
-            vec![A::ExportAudit, A::GetAuditHead, A::GetReceiptKey, A::WhoAmI],
+            vec![
+                A::ExportAudit,
+                A::GetAuditHead,
+                A::GetComplianceReport,
+                A::GetReceiptKey,
+                A::WhoAmI,
+            ],
         ),
     ]
 }

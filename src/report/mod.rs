@@ -1,0 +1,1583 @@
+//! The compliance evidence report: what a privacy officer or an auditor asks to see
+//! proven, read from the key store and the configuration in force.
+//!
+//! Owns: the report's model ([`Report`], serialized as the JSON of
+//! `docs/COMPLIANCE.md`, format [`FORMAT`]), the verdict of every promise of a data
+//! processing agreement that fieldkey supports ([`PromiseId`]), and how they are derived:
+//! key ages against the rotation policy, ciphertexts left on old key versions by
+//! re-encryption jobs, erasure requests against the 30-day limit with their receipts
+//! verified and matched to the audit chain, restricted subjects, the audit chain verified
+//! to its last signed checkpoint, and the configuration facts. [`html`] renders it.
+//!
+//! Must not: write anything, call the KMS, or put key material or personal data beyond
+//! identifiers in the report (fingerprints of wrapped keys, ids and times only).
+
+pub mod html;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use ed25519_dalek::VerifyingKey;
+use serde::{Deserialize, Serialize};
+
+use crate::audit::AuditRecord;
+use crate::audit::verify::verify_store;
+use crate::config::Config;
+use crate::erasure::receipt::{self, SignedReceipt, rfc3339_ms};
+use crate::error::Result;
+use crate::jobs::JobView;
+use crate::keyring::TenantInfo;
+use crate::policy::RotationPolicy;
+use crate::policy::RotationStatus;
+use crate::policy::authz::PolicyStatus;
+use crate::store::{ErasureRecord, ErasureState, JobState, KeyState, KeyStore};
+
+/// Format tag of the JSON report; changes only with an incompatible change.
+pub const FORMAT: &str = "fieldkey-compliance-report/1";
+
+/// The agreements' erasure limit.
+pub const ERASURE_LIMIT_DAYS: i64 = 30;
+
+const DAY_MS: i64 = 86_400_000;
+
+/// Most restricted subjects listed per tenant (all are counted).
+pub const MAX_LISTED_SUBJECTS: usize = 1000;
+
+/// How a promise stands. Ordered from best to worst for [`Verdict::worst`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Verdict {
+    /// Nothing to assess (no tenant, no erasure in the period, ...).
+    NotApplicable,
+    /// Met, with the evidence shown.
+    Met,
+    /// Met, but something needs an operator soon (a key due for rotation, a rotation
+    /// not yet completed, an erasure pending).
+    Attention,
+    /// Not met: the report says which item and why.
+    NotMet,
+}
+
+impl Verdict {
+    /// The worse of two verdicts.
+    #[must_use]
+    pub fn worst(self, other: Self) -> Self {
+        self.max(other)
+    }
+
+    /// Stable text form (as in the JSON).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::NotApplicable => "not-applicable",
+            Verdict::Met => "met",
+            Verdict::Attention => "attention",
+            Verdict::NotMet => "not-met",
+        }
+    }
+}
+
+/// The promises of a data processing agreement that this report gives evidence for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PromiseId {
+    /// Personal data encrypted at rest with AES-256-GCM under tenant-specific keys.
+    EncryptionAtRest,
+    /// Keys protected by a KMS.
+    KmsProtection,
+    /// Tenant keys rotated every year.
+    KeyRotation,
+    /// After a rotation, stored ciphertexts move to the new key version.
+    RotationCompletion,
+    /// Erasure of a user or a tenant within 30 days, with cryptographic proof.
+    Erasure,
+    /// Restriction of processing (GDPR Art. 18) honoured.
+    Restriction,
+    /// A tamper-evident audit log.
+    AuditLog,
+    /// TLS 1.3 with client certificates between services.
+    TransportSecurity,
+    /// Default-deny access control per caller identity.
+    AccessControl,
+}
+
+impl PromiseId {
+    /// Every promise, in report order.
+    pub const ALL: [PromiseId; 9] = [
+        PromiseId::EncryptionAtRest,
+        PromiseId::KmsProtection,
+        PromiseId::KeyRotation,
+        PromiseId::RotationCompletion,
+        PromiseId::Erasure,
+        PromiseId::Restriction,
+        PromiseId::AuditLog,
+        PromiseId::TransportSecurity,
+        PromiseId::AccessControl,
+    ];
+
+    /// The promise as an agreement words it.
+    pub fn text(self) -> &'static str {
+        match self {
+            PromiseId::EncryptionAtRest => {
+                "Personal data encrypted at rest with AES-256-GCM under tenant-specific keys"
+            }
+            PromiseId::KmsProtection => "Keys protected by a KMS",
+            PromiseId::KeyRotation => "Tenant keys rotated every year",
+            PromiseId::RotationCompletion => {
+                "After a rotation, stored ciphertexts move to the new key version"
+            }
+            PromiseId::Erasure => {
+                "Erasure of a user or a tenant within 30 days, with cryptographic proof"
+            }
+            PromiseId::Restriction => "Restriction (suspension) of processing honoured",
+            PromiseId::AuditLog => "Tamper-evident audit log",
+            PromiseId::TransportSecurity => "TLS 1.3 with client certificates between services",
+            PromiseId::AccessControl => "Default-deny access control per caller identity",
+        }
+    }
+
+    /// The report section that shows the evidence.
+    pub fn section(self) -> &'static str {
+        match self {
+            PromiseId::EncryptionAtRest | PromiseId::KmsProtection => "configuration",
+            PromiseId::KeyRotation | PromiseId::RotationCompletion => "tenants",
+            PromiseId::Erasure => "erasures",
+            PromiseId::Restriction => "tenants",
+            PromiseId::AuditLog => "audit_log",
+            PromiseId::TransportSecurity | PromiseId::AccessControl => "configuration",
+        }
+    }
+
+    /// Stable text form (as in the JSON).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PromiseId::EncryptionAtRest => "encryption-at-rest",
+            PromiseId::KmsProtection => "kms-protection",
+            PromiseId::KeyRotation => "key-rotation",
+            PromiseId::RotationCompletion => "rotation-completion",
+            PromiseId::Erasure => "erasure",
+            PromiseId::Restriction => "restriction",
+            PromiseId::AuditLog => "audit-log",
+            PromiseId::TransportSecurity => "transport-security",
+            PromiseId::AccessControl => "access-control",
+        }
+    }
+}
+
+/// The whole report (`docs/COMPLIANCE.md` documents every field).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    /// Always [`FORMAT`].
+    pub format: String,
+    /// When the report was made (RFC 3339 UTC).
+    pub generated_at: String,
+    /// The same, Unix ms.
+    pub generated_at_unix_ms: i64,
+    /// The period the erasure, job and audit sections cover.
+    pub period: Period,
+    /// The one tenant reported on, if the report was limited to one.
+    pub tenant_filter: Option<String>,
+    /// Verdicts first: what a reader must see.
+    pub summary: Summary,
+    /// The configuration in force.
+    pub configuration: Configuration,
+    /// The audit chain, verified.
+    pub audit_log: AuditSection,
+    /// Each tenant's keys, rotation, re-encryption and restrictions.
+    pub tenants: Vec<TenantSection>,
+    /// Erasure requests in the period.
+    pub erasures: Vec<ErasureEntry>,
+    /// Re-encryption jobs in the period.
+    pub jobs: Vec<JobEntry>,
+}
+
+/// A time range; either end open.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Period {
+    /// Start (RFC 3339), inclusive.
+    pub since: Option<String>,
+    /// Start, Unix ms.
+    pub since_unix_ms: Option<i64>,
+    /// End (RFC 3339), exclusive.
+    pub until: Option<String>,
+    /// End, Unix ms.
+    pub until_unix_ms: Option<i64>,
+}
+
+impl Period {
+    fn new(since: Option<i64>, until: Option<i64>) -> Self {
+        Self {
+            since: since.map(rfc3339_ms),
+            since_unix_ms: since,
+            until: until.map(rfc3339_ms),
+            until_unix_ms: until,
+        }
+    }
+
+    /// Whether `[start, end]` overlaps the period.
+    fn overlaps(&self, start: i64, end: i64) -> bool {
+        self.since_unix_ms.is_none_or(|s| end >= s) && self.until_unix_ms.is_none_or(|u| start < u)
+    }
+
+    fn contains(&self, t: i64) -> bool {
+        self.overlaps(t, t)
+    }
+}
+
+/// The verdicts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Summary {
+    /// True when no promise is `not-met` and no integrity check failed.
+    pub all_met: bool,
+    /// The worst verdict of all promises.
+    pub verdict: Verdict,
+    /// Integrity failures (a broken audit chain, a receipt that does not verify) and
+    /// broken promises, most serious first: shown at the top, never buried.
+    pub alerts: Vec<String>,
+    /// One entry per promise, in [`PromiseId::ALL`] order.
+    pub promises: Vec<PromiseResult>,
+}
+
+/// One promise and how it stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PromiseResult {
+    /// Stable id.
+    pub id: PromiseId,
+    /// The promise as an agreement words it.
+    pub promise: String,
+    /// How it stands.
+    pub verdict: Verdict,
+    /// The report section with the evidence.
+    pub section: String,
+    /// Why (the items that are not met or need attention, or what shows it is met).
+    pub findings: Vec<String>,
+}
+
+/// Configuration facts that matter to the promises.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Configuration {
+    /// The ciphertext envelope and its cipher.
+    pub envelope: String,
+    /// Key store backend (`sqlite`, `postgres`).
+    pub key_store: String,
+    /// KMS in use.
+    pub kms: KmsFacts,
+    /// The rotation policy in force.
+    pub rotation_policy: RotationFacts,
+    /// Transport security.
+    pub tls: TlsFacts,
+    /// Authorization.
+    pub authorization: AuthzFacts,
+    /// Audit aggregation and checkpoints.
+    pub audit: AuditFacts,
+    /// Where the erasure ledger lives (`separate` from the key store, or `shared`).
+    pub erasure_ledger: String,
+}
+
+/// The KMS.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KmsFacts {
+    /// `aws` or `local` (development only).
+    pub provider: String,
+    /// The default KMS key (tenants may bring their own).
+    pub default_key_id: Option<String>,
+    /// AWS region, if set.
+    pub region: Option<String>,
+}
+
+/// The rotation policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RotationFacts {
+    /// Maximum age of a tenant's active key version, days.
+    pub max_key_age_days: u32,
+    /// Warning window, days.
+    pub warn_days: u32,
+    /// Policy file name, or `default`.
+    pub source: String,
+}
+
+/// Transport security.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TlsFacts {
+    /// The mTLS listener for remote callers, if configured.
+    pub mtls_listener: Option<String>,
+    /// Protocol versions the mTLS listener accepts.
+    pub versions: Vec<String>,
+    /// Its preferred cipher suite.
+    pub preferred_cipher_suite: String,
+    /// Whether a client certificate is required (always, when mTLS is on).
+    pub client_certificate_required: bool,
+    /// Local (plaintext, in-pod) listeners: loopback TCP and Unix socket.
+    pub local_listeners: Vec<String>,
+    /// Whether Linkerd's `l5d-client-id` is trusted as the caller identity.
+    pub trust_linkerd_identity: bool,
+}
+
+/// Authorization.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthzFacts {
+    /// Whether a policy set is enforced (off = every caller may do everything).
+    pub enabled: bool,
+    /// Policy files of the set in force.
+    pub files: Vec<String>,
+    /// Policies in it.
+    pub policies: usize,
+    /// SHA-256 of the set (names and contents).
+    pub digest: Option<String>,
+    /// Why the policy directory does not load (or its newest change was refused).
+    pub error: Option<String>,
+}
+
+/// Audit settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditFacts {
+    /// Data operations are counted per window of this many seconds.
+    pub window_secs: u64,
+    /// A signed checkpoint is appended this often, seconds.
+    pub checkpoint_secs: u64,
+}
+
+impl Configuration {
+    /// The authorization facts of a policy state (`None`: off; `Some(Err)`: the
+    /// directory does not load).
+    pub fn authorization_of(
+        authz: Option<std::result::Result<PolicyStatus, String>>,
+    ) -> AuthzFacts {
+        match authz {
+            None => AuthzFacts {
+                enabled: false,
+                files: Vec::new(),
+                policies: 0,
+                digest: None,
+                error: None,
+            },
+            Some(Ok(st)) => AuthzFacts {
+                enabled: true,
+                files: st.files,
+                policies: st.policies,
+                digest: Some(st.digest),
+                error: st.last_error,
+            },
+            Some(Err(e)) => AuthzFacts {
+                enabled: false,
+                files: Vec::new(),
+                policies: 0,
+                digest: None,
+                error: Some(e),
+            },
+        }
+    }
+
+    /// The facts of `cfg`, with the authorization state `authz` (`None`: off;
+    /// `Some(Err)`: the directory does not load).
+    pub fn from_config(
+        cfg: &Config,
+        rotation: &RotationPolicy,
+        authz: Option<std::result::Result<PolicyStatus, String>>,
+    ) -> Self {
+        let file_name = |p: &Path| {
+            p.file_name().map_or_else(
+                || p.display().to_string(),
+                |n| n.to_string_lossy().into_owned(),
+            )
+        };
+        let mut local = Vec::new();
+        if let Some(t) = &cfg.listen.tcp {
+            local.push(format!("tcp {t}"));
+        }
+        if let Some(u) = &cfg.listen.unix {
+            local.push(format!("unix {}", u.display()));
+        }
+        let authorization = Self::authorization_of(authz);
+        Self {
+            envelope: "fk1: XAES-256-GCM (AES-256-GCM under a per-message key derived from \
+                       the tenant or subject key; docs/FORMAT.md)"
+                .into(),
+            key_store: if cfg.store.postgres_url.is_some() {
+                "postgres".into()
+            } else {
+                "sqlite".into()
+            },
+            kms: KmsFacts {
+                provider: if cfg.kms.aws_key_id.is_some() {
+                    "aws".into()
+                } else {
+                    "local".into()
+                },
+                default_key_id: cfg.kms.aws_key_id.clone(),
+                region: cfg.kms.aws_region.clone(),
+            },
+            rotation_policy: RotationFacts {
+                max_key_age_days: rotation.max_key_age_days,
+                warn_days: rotation.warn_days,
+                source: cfg
+                    .policy
+                    .rotation
+                    .as_deref()
+                    .map_or_else(|| "default".into(), file_name),
+            },
+            tls: TlsFacts {
+                mtls_listener: cfg.listen.mtls.as_ref().map(|m| m.listen.clone()),
+                versions: vec!["TLS 1.3".into()],
+                preferred_cipher_suite: "TLS13_AES_256_GCM_SHA384".into(),
+                client_certificate_required: cfg.listen.mtls.is_some(),
+                local_listeners: local,
+                trust_linkerd_identity: cfg.authz.trust_linkerd_identity,
+            },
+            authorization,
+            audit: AuditFacts {
+                window_secs: cfg.audit.window_secs,
+                checkpoint_secs: cfg.audit.checkpoint_secs,
+            },
+            erasure_ledger: match (&cfg.erasure.ledger, &cfg.store.postgres_url) {
+                (None, Some(_)) => "shared".into(),
+                (Some(l), Some(pg)) if l == pg => "shared".into(),
+                _ => "separate".into(),
+            },
+        }
+    }
+}
+
+/// The audit chain, verified.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditSection {
+    /// The promise it supports.
+    pub promise: PromiseId,
+    /// How it stands.
+    pub verdict: Verdict,
+    /// Whether the whole chain verified (hashes, order, checkpoints, head).
+    pub verified: bool,
+    /// The first problem, if it did not.
+    pub error: Option<String>,
+    /// Records in the log.
+    pub records: u64,
+    /// Last record.
+    pub last_seq: u64,
+    /// Valid signed checkpoints.
+    pub checkpoints: u64,
+    /// The last checkpoint record, and when it was written.
+    pub last_checkpoint_seq: Option<u64>,
+    /// When (RFC 3339).
+    pub last_checkpoint_at: Option<String>,
+    /// Records after the last checkpoint (chained, not yet signed).
+    pub records_after_last_checkpoint: u64,
+    /// Records written in the period.
+    pub records_in_period: u64,
+    /// Where the public keys that verified the checkpoints came from: `pinned` (given
+    /// to the report) or `key-store` (read from the store being verified).
+    pub key_source: String,
+    /// Their ids.
+    pub key_ids: Vec<String>,
+}
+
+/// One tenant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TenantSection {
+    /// Tenant id.
+    pub tenant_id: String,
+    /// `active`, `suspended` or `erased`.
+    pub state: String,
+    /// Creation time (RFC 3339).
+    pub created_at: String,
+    /// KMS key that wraps new versions.
+    pub kms_key_id: String,
+    /// Key versions, ascending.
+    pub versions: Vec<VersionEntry>,
+    /// Rotation against the policy.
+    pub rotation: RotationEntry,
+    /// Ciphertexts left on older versions.
+    pub rotation_completion: CompletionEntry,
+    /// Restriction of processing.
+    pub restriction: RestrictionEntry,
+}
+
+/// One key version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VersionEntry {
+    /// Version number.
+    pub version: u32,
+    /// State (`active`, `decrypt-only`, `suspended`, `destroyed`, `retired`).
+    pub state: String,
+    /// Creation time (RFC 3339).
+    pub created_at: String,
+    /// Age, days.
+    pub age_days: f64,
+    /// Last state change (RFC 3339).
+    pub updated_at: String,
+    /// The KMS key that wraps it.
+    pub kms_key_id: String,
+    /// SHA-256 of the wrapped (KMS-encrypted) key: names it, reveals nothing.
+    pub fingerprint: String,
+}
+
+/// A tenant's rotation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RotationEntry {
+    /// The promise it supports.
+    pub promise: PromiseId,
+    /// How it stands.
+    pub verdict: Verdict,
+    /// `ok`, `due-soon`, `overdue` or `no-active-key`.
+    pub status: String,
+    /// The active version.
+    pub active_version: Option<u32>,
+    /// Its age, days.
+    pub age_days: Option<f64>,
+    /// The policy's limit, days.
+    pub max_key_age_days: u32,
+    /// In words.
+    pub finding: String,
+}
+
+/// What re-encryption jobs say about older key versions still in use.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompletionEntry {
+    /// The promise it supports.
+    pub promise: PromiseId,
+    /// How it stands.
+    pub verdict: Verdict,
+    /// Decrypt-only versions (still readable, waiting for retirement).
+    pub old_versions: Vec<OldVersion>,
+}
+
+/// A decrypt-only version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OldVersion {
+    /// Version number.
+    pub version: u32,
+    /// Ciphertexts left on it (or older) by the latest completed job of each table
+    /// since the rotation; `None` when no job has completed since.
+    pub ciphertexts_left: Option<u64>,
+    /// Jobs since the rotation that cover this tenant.
+    pub jobs: Vec<String>,
+    /// In words.
+    pub finding: String,
+}
+
+/// A tenant's restricted processing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestrictionEntry {
+    /// The promise it supports.
+    pub promise: PromiseId,
+    /// How it stands.
+    pub verdict: Verdict,
+    /// Whether the whole tenant is suspended.
+    pub tenant_suspended: bool,
+    /// Suspended subjects (all counted).
+    pub suspended_subjects: u64,
+    /// The first [`MAX_LISTED_SUBJECTS`], by id.
+    pub subjects: Vec<RestrictedSubject>,
+}
+
+/// A suspended subject.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestrictedSubject {
+    /// Subject id.
+    pub subject_id: String,
+    /// Since when (its key's last state change, RFC 3339).
+    pub since: String,
+    /// The audit record of its suspension, if found.
+    pub audit_seq: Option<u64>,
+}
+
+/// How an erasure request stands against the 30-day limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErasureStatus {
+    /// Completed within 30 days of the request, receipt verified.
+    OnTime,
+    /// Completed more than 30 days after the request.
+    Late,
+    /// Not yet carried out; its 30 days are not over.
+    Pending,
+    /// Not yet carried out and its 30 days are over.
+    Overdue,
+    /// Cancelled inside its grace period (nothing destroyed).
+    Cancelled,
+    /// Completed, but its receipt is missing, does not verify, or does not match the
+    /// request or the audit chain.
+    ProofFailed,
+}
+
+/// One erasure request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErasureEntry {
+    /// Request id.
+    pub erasure_id: String,
+    /// Tenant.
+    pub tenant_id: String,
+    /// Subject (absent for a whole tenant).
+    pub subject_id: Option<String>,
+    /// `subject` or `tenant`.
+    pub scope: String,
+    /// Stored state.
+    pub state: String,
+    /// Who asked.
+    pub requested_by: String,
+    /// When (RFC 3339).
+    pub requested_at: String,
+    /// End of the grace period (RFC 3339).
+    pub scheduled_for: String,
+    /// The 30-day limit (RFC 3339).
+    pub deadline: String,
+    /// When the keys were destroyed (RFC 3339; from the verified receipt).
+    pub completed_at: Option<String>,
+    /// When it was cancelled (RFC 3339).
+    pub cancelled_at: Option<String>,
+    /// Days from request to completion (or to now, while open).
+    pub days: f64,
+    /// Execution attempts.
+    pub attempts: u32,
+    /// Against the limit.
+    pub status: ErasureStatus,
+    /// The promise it supports.
+    pub promise: PromiseId,
+    /// How it stands.
+    pub verdict: Verdict,
+    /// The receipt check (completed requests).
+    pub receipt: Option<ReceiptCheck>,
+}
+
+/// A receipt, checked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReceiptCheck {
+    /// Signature valid, consistent, and matching the request.
+    pub verified: bool,
+    /// Its erasure record is in the audit chain with the receipt's digest.
+    pub chained: bool,
+    /// What failed.
+    pub error: Option<String>,
+    /// The key that signed it.
+    pub signing_key_id: Option<String>,
+    /// Its audit record.
+    pub audit_seq: Option<u64>,
+    /// Keys it says were destroyed (tenant versions or the subject key, plus subject
+    /// keys of an erased tenant).
+    pub keys_destroyed: u64,
+}
+
+/// A re-encryption job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobEntry {
+    /// Job id.
+    pub job_id: String,
+    /// The table.
+    pub target: String,
+    /// The tenant it covers (`None`: every tenant of the table).
+    pub tenant_id: Option<String>,
+    /// State.
+    pub state: String,
+    /// Created (RFC 3339).
+    pub created_at: String,
+    /// Finished (RFC 3339).
+    pub finished_at: Option<String>,
+    /// Rows in scope (estimate) and read.
+    pub total_rows: u64,
+    /// Rows read.
+    pub rows_scanned: u64,
+    /// Values moved to the active version.
+    pub values_rewrapped: u64,
+    /// Values whose key was shredded (left unreadable).
+    pub values_shredded: u64,
+    /// Values that could not be moved.
+    pub values_failed: u64,
+    /// Values left on old versions: tenant -> version -> count.
+    pub leftovers: BTreeMap<String, BTreeMap<u32, u64>>,
+}
+
+/// What to report on.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// One tenant only.
+    pub tenant: Option<String>,
+    /// Period start, Unix ms.
+    pub since_ms: Option<i64>,
+    /// Period end, Unix ms.
+    pub until_ms: Option<i64>,
+    /// Now, Unix ms.
+    pub now_ms: i64,
+    /// Pinned public keys of the audit checkpoints; `None`: read from the store.
+    pub audit_keys: Option<Vec<VerifyingKey>>,
+    /// Pinned public keys of erasure receipts; `None`: read from the store.
+    pub receipt_keys: Option<Vec<VerifyingKey>>,
+}
+
+fn days(ms: i64) -> f64 {
+    // Ages in ms fit an f64 exactly far beyond any key's life.
+    #[allow(clippy::cast_precision_loss, reason = "see above")]
+    let d = ms as f64 / DAY_MS as f64;
+    (d * 100.0).round() / 100.0
+}
+
+async fn store_keys(store: &dyn KeyStore, purpose: &str) -> Result<Vec<VerifyingKey>> {
+    let mut out = Vec::new();
+    for rec in store.signing_keys(purpose).await? {
+        let bytes: [u8; 32] = rec.public_key.as_slice().try_into().map_err(|_| {
+            crate::store::StoreError::Corrupt(format!(
+                "signing key {} has a public key of {} bytes",
+                rec.key_id,
+                rec.public_key.len()
+            ))
+        })?;
+        let vk = VerifyingKey::from_bytes(&bytes).map_err(|_| {
+            crate::store::StoreError::Corrupt(format!(
+                "signing key {} is not an Ed25519 public key",
+                rec.key_id
+            ))
+        })?;
+        out.push(vk);
+    }
+    Ok(out)
+}
+
+/// What the audit chain says about erasures and restrictions.
+#[derive(Default)]
+struct AuditIndex {
+    /// erasure id -> (seq, receipt digest) of its `erasure.completed` record.
+    completed: HashMap<String, (u64, String)>,
+    /// (tenant, resource type, resource id) -> seq of the latest suspension record.
+    suspended: HashMap<(String, String, String), u64>,
+    in_period: u64,
+}
+
+/// Builds the report from `store` (read only) and the configuration facts.
+///
+/// # Errors
+/// [`crate::error::Error::Store`] if the store cannot be read. Everything the store
+/// holds that does not verify is reported, not returned as an error.
+pub async fn build(
+    store: &dyn KeyStore,
+    configuration: Configuration,
+    rotation: &RotationPolicy,
+    opts: &Options,
+) -> Result<Report> {
+    let period = Period::new(opts.since_ms, opts.until_ms);
+    let now = opts.now_ms;
+
+    // The audit chain, with what later sections look up in it.
+    let (audit_keys, key_source) = match &opts.audit_keys {
+        Some(k) => (k.clone(), "pinned"),
+        None => (
+            store_keys(store, crate::audit::CHECKPOINT_PURPOSE).await?,
+            "key-store",
+        ),
+    };
+    let mut index = AuditIndex::default();
+    let verified = verify_store(store, audit_keys.clone(), |r: &AuditRecord| {
+        if period.contains(r.ts) {
+            index.in_period += 1;
+        }
+        match r.event.action.as_str() {
+            "erasure.completed" => {
+                if let (Some(id), Some(digest)) = (
+                    r.event.details.get("erasure_id").and_then(|v| v.as_str()),
+                    r.event
+                        .details
+                        .get("receipt_sha256")
+                        .and_then(|v| v.as_str()),
+                ) {
+                    index
+                        .completed
+                        .insert(id.to_owned(), (r.seq, digest.to_owned()));
+                }
+            }
+            "subject.suspended" | "tenant.suspended" => {
+                index.suspended.insert(
+                    (
+                        r.event.tenant_id.clone().unwrap_or_default(),
+                        r.event.resource_type.clone(),
+                        r.event.resource_id.clone(),
+                    ),
+                    r.seq,
+                );
+            }
+            _ => {}
+        }
+    })
+    .await?;
+    let audit_log = audit_section(verified, key_source, &audit_keys, index.in_period);
+
+    // Tenants.
+    let jobs = crate::jobs::list(store).await?;
+    let mut tenant_ids = store.list_tenants().await?;
+    if let Some(t) = &opts.tenant {
+        tenant_ids.retain(|id| id == t);
+    }
+    let mut tenants = Vec::with_capacity(tenant_ids.len());
+    for id in &tenant_ids {
+        let Some(rec) = store.get_tenant(id).await? else {
+            continue;
+        };
+        let info = TenantInfo::from(&rec);
+        let restriction = restriction(store, &info, &index).await?;
+        tenants.push(tenant_section(&info, rotation, &jobs, restriction, now));
+    }
+
+    // Erasures.
+    let receipt_keys = match &opts.receipt_keys {
+        Some(k) => k.clone(),
+        None => store_keys(store, crate::erasure::SIGNING_PURPOSE).await?,
+    };
+    let mut erasures = Vec::new();
+    let mut after = String::new();
+    loop {
+        let page = store
+            .list_erasures(opts.tenant.as_deref(), &after, 500)
+            .await?;
+        let Some(last) = page.last() else { break };
+        after = last.erasure_id.clone();
+        for e in &page {
+            let end = e.completed_at.or(e.cancelled_at).unwrap_or(now);
+            if period.overlaps(e.requested_at, end) {
+                erasures.push(erasure_entry(e, &receipt_keys, &index, now));
+            }
+        }
+    }
+
+    let jobs = jobs
+        .iter()
+        .filter(|j| {
+            opts.tenant
+                .as_ref()
+                .is_none_or(|t| j.record.tenant_id.as_ref().is_none_or(|jt| jt == t))
+                && period.overlaps(j.record.created_at, j.record.finished_at.unwrap_or(now))
+        })
+        .map(|j| job_entry(j, opts.tenant.as_deref()))
+        .collect();
+
+    let summary = summarize(&configuration, rotation, &audit_log, &tenants, &erasures);
+    Ok(Report {
+        format: FORMAT.into(),
+        generated_at: rfc3339_ms(now),
+        generated_at_unix_ms: now,
+        period,
+        tenant_filter: opts.tenant.clone(),
+        summary,
+        configuration,
+        audit_log,
+        tenants,
+        erasures,
+        jobs,
+    })
+}
+
+fn audit_section(
+    verified: std::result::Result<crate::audit::verify::Summary, crate::audit::verify::VerifyError>,
+    key_source: &str,
+    keys: &[VerifyingKey],
+    in_period: u64,
+) -> AuditSection {
+    let key_ids = keys.iter().map(receipt::key_id).collect();
+    match verified {
+        Ok(s) => {
+            let (cp_seq, cp_at) = match s.last_checkpoint {
+                Some((seq, ts)) => (Some(seq), Some(rfc3339_ms(ts))),
+                None => (None, None),
+            };
+            AuditSection {
+                promise: PromiseId::AuditLog,
+                verdict: if s.records > 0 && s.checkpoints == 0 {
+                    Verdict::Attention
+                } else {
+                    Verdict::Met
+                },
+                verified: true,
+                error: None,
+                records: s.records,
+                last_seq: s.last_seq,
+                checkpoints: s.checkpoints,
+                last_checkpoint_seq: cp_seq,
+                last_checkpoint_at: cp_at,
+                records_after_last_checkpoint: s.last_seq - cp_seq.unwrap_or(0),
+                records_in_period: in_period,
+                key_source: key_source.into(),
+                key_ids,
+            }
+        }
+        Err(e) => AuditSection {
+            promise: PromiseId::AuditLog,
+            verdict: Verdict::NotMet,
+            verified: false,
+            error: Some(e.to_string()),
+            records: 0,
+            last_seq: 0,
+            checkpoints: 0,
+            last_checkpoint_seq: None,
+            last_checkpoint_at: None,
+            records_after_last_checkpoint: 0,
+            records_in_period: in_period,
+            key_source: key_source.into(),
+            key_ids,
+        },
+    }
+}
+
+fn tenant_state(t: &TenantInfo) -> &'static str {
+    if t.versions.iter().any(|v| v.state == KeyState::Suspended) {
+        "suspended"
+    } else if t
+        .versions
+        .iter()
+        .all(|v| matches!(v.state, KeyState::Destroyed | KeyState::Retired))
+    {
+        "erased"
+    } else {
+        "active"
+    }
+}
+
+fn tenant_section(
+    t: &TenantInfo,
+    policy: &RotationPolicy,
+    jobs: &[JobView],
+    restriction: RestrictionEntry,
+    now: i64,
+) -> TenantSection {
+    let state = tenant_state(t);
+    let age = policy.assess(t, now);
+    let (verdict, finding) = match age.status {
+        RotationStatus::Ok => (
+            Verdict::Met,
+            format!(
+                "active key v{} is {:.0} days old (limit {})",
+                age.active_version.unwrap_or(0),
+                days(age.age_ms),
+                policy.max_key_age_days
+            ),
+        ),
+        RotationStatus::DueSoon => (
+            Verdict::Attention,
+            format!(
+                "active key v{} is {:.0} days old: rotation due within {} days",
+                age.active_version.unwrap_or(0),
+                days(age.age_ms),
+                (i64::from(policy.max_key_age_days) * DAY_MS - age.age_ms).max(0) / DAY_MS + 1
+            ),
+        ),
+        RotationStatus::Overdue => (
+            Verdict::NotMet,
+            format!(
+                "active key v{} is {:.0} days old, past the {}-day limit",
+                age.active_version.unwrap_or(0),
+                days(age.age_ms),
+                policy.max_key_age_days
+            ),
+        ),
+        RotationStatus::NoActiveKey => (
+            Verdict::NotApplicable,
+            if state == "erased" {
+                "no active key: the tenant is erased".to_owned()
+            } else {
+                "no active key: processing is restricted (suspended)".to_owned()
+            },
+        ),
+    };
+    let rotation = RotationEntry {
+        promise: PromiseId::KeyRotation,
+        verdict,
+        status: age.status.as_str().into(),
+        active_version: age.active_version,
+        age_days: age.active_version.map(|_| days(age.age_ms)),
+        max_key_age_days: policy.max_key_age_days,
+        finding,
+    };
+    TenantSection {
+        tenant_id: t.tenant_id.clone(),
+        state: state.into(),
+        created_at: rfc3339_ms(t.created_at),
+        kms_key_id: t.kms_key_id.clone(),
+        versions: t
+            .versions
+            .iter()
+            .map(|v| VersionEntry {
+                version: v.version,
+                state: v.state.as_str().into(),
+                created_at: rfc3339_ms(v.created_at),
+                age_days: days(now.saturating_sub(v.created_at).max(0)),
+                updated_at: rfc3339_ms(v.updated_at),
+                kms_key_id: v.kms_key_id.clone(),
+                fingerprint: v.fingerprint.to_string(),
+            })
+            .collect(),
+        rotation,
+        rotation_completion: completion(t, jobs),
+        restriction,
+    }
+}
+
+/// Old versions and what the jobs since their rotation left on them.
+fn completion(t: &TenantInfo, jobs: &[JobView]) -> CompletionEntry {
+    let mut old_versions = Vec::new();
+    for v in t
+        .versions
+        .iter()
+        .filter(|v| v.state == KeyState::DecryptOnly)
+    {
+        // The rotation away from v: the creation of the next version.
+        let rotated_at = t
+            .versions
+            .iter()
+            .find(|n| n.version > v.version)
+            .map_or(v.updated_at, |n| n.created_at);
+        let covering: Vec<&JobView> = jobs
+            .iter()
+            .filter(|j| {
+                j.record.created_at >= rotated_at
+                    && j.record
+                        .tenant_id
+                        .as_ref()
+                        .is_none_or(|jt| *jt == t.tenant_id)
+            })
+            .collect();
+        // The latest completed job of each table.
+        let mut latest: BTreeMap<&str, &JobView> = BTreeMap::new();
+        for j in covering
+            .iter()
+            .filter(|j| j.record.state == JobState::Completed)
+        {
+            let slot = latest.entry(j.record.target.as_str()).or_insert(j);
+            if j.record.finished_at > slot.record.finished_at {
+                *slot = j;
+            }
+        }
+        let running: Vec<&str> = covering
+            .iter()
+            .filter(|j| !j.record.state.is_finished())
+            .map(|j| j.record.job_id.as_str())
+            .collect();
+        let left = (!latest.is_empty()).then(|| {
+            latest
+                .values()
+                .map(|j| j.progress.left_at_or_below(&t.tenant_id, v.version))
+                .sum::<u64>()
+        });
+        let finding = match (left, running.is_empty()) {
+            (_, false) => format!(
+                "rotation in progress: re-encryption job {} running",
+                running.join(", ")
+            ),
+            (None, true) => format!(
+                "no re-encryption job has completed since the rotation away from v{}",
+                v.version
+            ),
+            (Some(0), true) => format!(
+                "no ciphertext left on v{}: it can be retired (fieldkey tenant retire {} {})",
+                v.version, t.tenant_id, v.version
+            ),
+            (Some(n), true) => format!(
+                "{n} ciphertext(s) left on v{} or older after the latest jobs",
+                v.version
+            ),
+        };
+        old_versions.push(OldVersion {
+            version: v.version,
+            ciphertexts_left: left,
+            jobs: covering.iter().map(|j| j.record.job_id.clone()).collect(),
+            finding,
+        });
+    }
+    CompletionEntry {
+        promise: PromiseId::RotationCompletion,
+        verdict: if old_versions.is_empty() {
+            Verdict::Met
+        } else {
+            Verdict::Attention
+        },
+        old_versions,
+    }
+}
+
+async fn restriction(
+    store: &dyn KeyStore,
+    t: &TenantInfo,
+    index: &AuditIndex,
+) -> Result<RestrictionEntry> {
+    let tenant_suspended = tenant_state(t) == "suspended";
+    let mut subjects = Vec::new();
+    let mut count = 0u64;
+    let mut after = String::new();
+    loop {
+        let page = store
+            .subjects_in_state(&t.tenant_id, KeyState::Suspended, &after, 1000)
+            .await?;
+        let Some(last) = page.last() else { break };
+        after = last.subject_id.clone();
+        count += page.len() as u64;
+        for s in page {
+            if subjects.len() < MAX_LISTED_SUBJECTS {
+                let audit_seq = index
+                    .suspended
+                    .get(&(
+                        t.tenant_id.clone(),
+                        "subject".to_owned(),
+                        s.subject_id.clone(),
+                    ))
+                    .copied();
+                subjects.push(RestrictedSubject {
+                    since: rfc3339_ms(s.updated_at),
+                    subject_id: s.subject_id,
+                    audit_seq,
+                });
+            }
+        }
+    }
+    let unrecorded = subjects.iter().any(|s| s.audit_seq.is_none())
+        || (tenant_suspended
+            && !index.suspended.contains_key(&(
+                t.tenant_id.clone(),
+                "tenant".to_owned(),
+                t.tenant_id.clone(),
+            )));
+    let verdict = if unrecorded {
+        Verdict::Attention
+    } else if tenant_suspended || count > 0 {
+        Verdict::Met
+    } else {
+        Verdict::NotApplicable
+    };
+    Ok(RestrictionEntry {
+        promise: PromiseId::Restriction,
+        verdict,
+        tenant_suspended,
+        suspended_subjects: count,
+        subjects,
+    })
+}
+
+fn check_receipt(
+    e: &ErasureRecord,
+    keys: &[VerifyingKey],
+    index: &AuditIndex,
+) -> (ReceiptCheck, Option<receipt::Receipt>) {
+    let fail = |error: String, kid: Option<String>| ReceiptCheck {
+        verified: false,
+        chained: false,
+        error: Some(error),
+        signing_key_id: kid,
+        audit_seq: e.audit_seq,
+        keys_destroyed: 0,
+    };
+    let Some(json) = e.receipt.as_deref() else {
+        return (
+            fail("the completed erasure has no receipt".into(), None),
+            None,
+        );
+    };
+    let signed: SignedReceipt = match serde_json::from_str(json) {
+        Ok(s) => s,
+        Err(err) => {
+            return (
+                fail(format!("the receipt does not parse: {err}"), None),
+                None,
+            );
+        }
+    };
+    let kid = signed.receipt.signing_key_id.clone();
+    let Some(key) = keys.iter().find(|k| receipt::key_id(k) == kid) else {
+        return (
+            fail(
+                format!("signed by key {kid}, which is not among the receipt keys"),
+                Some(kid),
+            ),
+            None,
+        );
+    };
+    let r = match receipt::verify(json.as_bytes(), key) {
+        Ok(r) => r,
+        Err(err) => return (fail(err.to_string(), Some(kid)), None),
+    };
+    let mismatch = if r.erasure_id != e.erasure_id {
+        Some("names another erasure request")
+    } else if r.tenant_id != e.tenant_id || r.subject_id != e.subject_id {
+        Some("names another tenant or subject than its request")
+    } else if r.requested_at_unix_ms != e.requested_at {
+        Some("states another request time than its request")
+    } else {
+        None
+    };
+    if let Some(m) = mismatch {
+        return (fail(format!("the receipt {m}"), Some(kid)), None);
+    }
+    let digest = receipt::digest(&r).map(hex::encode).unwrap_or_default();
+    let chained = index
+        .completed
+        .get(&e.erasure_id)
+        .is_some_and(|(seq, d)| *seq == r.audit_seq && *d == digest);
+    let destroyed = r.destroyed.len() as u64 + r.subject_keys_destroyed;
+    let check = ReceiptCheck {
+        verified: true,
+        chained,
+        error: (!chained).then(|| {
+            format!(
+                "audit record {} does not record this receipt (erasure.completed with its digest)",
+                r.audit_seq
+            )
+        }),
+        signing_key_id: Some(kid),
+        audit_seq: Some(r.audit_seq),
+        keys_destroyed: destroyed,
+    };
+    (check, Some(r))
+}
+
+fn erasure_entry(
+    e: &ErasureRecord,
+    receipt_keys: &[VerifyingKey],
+    index: &AuditIndex,
+    now: i64,
+) -> ErasureEntry {
+    let deadline = e.requested_at.saturating_add(ERASURE_LIMIT_DAYS * DAY_MS);
+    let (status, receipt, completed_at, elapsed) = match e.state {
+        ErasureState::Completed => {
+            let (check, r) = check_receipt(e, receipt_keys, index);
+            // Times come from the signed receipt when it verifies.
+            let done = r
+                .as_ref()
+                .map_or(e.completed_at.unwrap_or(now), |r| r.executed_at_unix_ms);
+            let status = if !(check.verified && check.chained) {
+                ErasureStatus::ProofFailed
+            } else if done <= deadline {
+                ErasureStatus::OnTime
+            } else {
+                ErasureStatus::Late
+            };
+            (status, Some(check), Some(done), done - e.requested_at)
+        }
+        ErasureState::Cancelled => (
+            ErasureStatus::Cancelled,
+            None,
+            None,
+            e.cancelled_at.unwrap_or(now) - e.requested_at,
+        ),
+        ErasureState::Scheduled | ErasureState::Executing => (
+            if now > deadline {
+                ErasureStatus::Overdue
+            } else {
+                ErasureStatus::Pending
+            },
+            None,
+            None,
+            now - e.requested_at,
+        ),
+    };
+    let verdict = match status {
+        ErasureStatus::OnTime => Verdict::Met,
+        ErasureStatus::Pending => Verdict::Attention,
+        ErasureStatus::Cancelled => Verdict::NotApplicable,
+        ErasureStatus::Late | ErasureStatus::Overdue | ErasureStatus::ProofFailed => {
+            Verdict::NotMet
+        }
+    };
+    ErasureEntry {
+        erasure_id: e.erasure_id.clone(),
+        tenant_id: e.tenant_id.clone(),
+        subject_id: e.subject_id.clone(),
+        scope: if e.subject_id.is_some() {
+            receipt::SCOPE_SUBJECT.into()
+        } else {
+            receipt::SCOPE_TENANT.into()
+        },
+        state: e.state.as_str().into(),
+        requested_by: e.requested_by.clone(),
+        requested_at: rfc3339_ms(e.requested_at),
+        scheduled_for: rfc3339_ms(e.execute_after),
+        deadline: rfc3339_ms(deadline),
+        completed_at: completed_at.map(rfc3339_ms),
+        cancelled_at: e.cancelled_at.map(rfc3339_ms),
+        days: days(elapsed.max(0)),
+        attempts: e.attempts,
+        status,
+        promise: PromiseId::Erasure,
+        verdict,
+        receipt,
+    }
+}
+
+fn job_entry(j: &JobView, tenant: Option<&str>) -> JobEntry {
+    let p = &j.progress;
+    let leftovers = p
+        .leftovers
+        .iter()
+        .filter(|(t, _)| tenant.is_none_or(|f| f == t.as_str()))
+        .map(|(t, m)| (t.clone(), m.clone()))
+        .collect();
+    JobEntry {
+        job_id: j.record.job_id.clone(),
+        target: j.record.target.clone(),
+        tenant_id: j.record.tenant_id.clone(),
+        state: j.record.state.to_string(),
+        created_at: rfc3339_ms(j.record.created_at),
+        finished_at: j.record.finished_at.map(rfc3339_ms),
+        total_rows: p.total_rows,
+        rows_scanned: p.rows_scanned,
+        values_rewrapped: p.values_rewrapped,
+        values_shredded: p.values_shredded,
+        values_failed: p.values_failed,
+        leftovers,
+    }
+}
+
+fn summarize(
+    cfg: &Configuration,
+    policy: &RotationPolicy,
+    audit: &AuditSection,
+    tenants: &[TenantSection],
+    erasures: &[ErasureEntry],
+) -> Summary {
+    let mut alerts = Vec::new();
+    let mut promises = Vec::new();
+    let mut push = |id: PromiseId, verdict: Verdict, findings: Vec<String>| {
+        promises.push(PromiseResult {
+            id,
+            promise: id.text().into(),
+            verdict,
+            section: id.section().into(),
+            findings,
+        });
+    };
+
+    // Integrity first.
+    if !audit.verified {
+        alerts.push(format!(
+            "AUDIT LOG DOES NOT VERIFY: {}",
+            audit.error.as_deref().unwrap_or("unknown")
+        ));
+    }
+    for e in erasures
+        .iter()
+        .filter(|e| e.status == ErasureStatus::ProofFailed)
+    {
+        alerts.push(format!(
+            "ERASURE RECEIPT FAILED VERIFICATION: {} ({}{}): {}",
+            e.erasure_id,
+            e.tenant_id,
+            e.subject_id
+                .as_deref()
+                .map(|s| format!("/{s}"))
+                .unwrap_or_default(),
+            e.receipt
+                .as_ref()
+                .and_then(|r| r.error.as_deref())
+                .unwrap_or("no receipt")
+        ));
+    }
+
+    // Encryption at rest.
+    let keyed = tenants.iter().filter(|t| t.state != "erased").count();
+    push(
+        PromiseId::EncryptionAtRest,
+        if tenants.is_empty() {
+            Verdict::NotApplicable
+        } else {
+            Verdict::Met
+        },
+        vec![format!(
+            "{keyed} tenant(s) with their own key versions; envelope {}",
+            cfg.envelope
+        )],
+    );
+
+    // KMS.
+    let (v, f) = if cfg.kms.provider == "aws" {
+        (
+            Verdict::Met,
+            format!(
+                "key material is wrapped by AWS KMS (default key {})",
+                cfg.kms.default_key_id.as_deref().unwrap_or("-")
+            ),
+        )
+    } else {
+        (
+            Verdict::NotMet,
+            "key material is wrapped by the LOCAL development KMS (a key file), not a KMS"
+                .to_owned(),
+        )
+    };
+    push(PromiseId::KmsProtection, v, vec![f]);
+
+    // Rotation.
+    let mut v = Verdict::NotApplicable;
+    let mut findings = Vec::new();
+    if policy.max_key_age_days > 365 {
+        v = Verdict::NotMet;
+        findings.push(format!(
+            "the rotation policy in force allows keys {} days old, more than a year",
+            policy.max_key_age_days
+        ));
+    }
+    for t in tenants {
+        v = v.worst(t.rotation.verdict);
+        if t.rotation.verdict >= Verdict::Attention {
+            findings.push(format!("{}: {}", t.tenant_id, t.rotation.finding));
+        }
+    }
+    if findings.is_empty() && v == Verdict::Met {
+        findings.push(format!(
+            "every active tenant key is younger than {} days",
+            policy.max_key_age_days
+        ));
+    }
+    push(PromiseId::KeyRotation, v, findings);
+
+    // Rotation completion.
+    let mut v = Verdict::NotApplicable;
+    let mut findings = Vec::new();
+    for t in tenants.iter().filter(|t| t.state != "erased") {
+        v = v.worst(t.rotation_completion.verdict);
+        for o in &t.rotation_completion.old_versions {
+            findings.push(format!("{} v{}: {}", t.tenant_id, o.version, o.finding));
+        }
+    }
+    push(PromiseId::RotationCompletion, v, findings);
+
+    // Erasure.
+    let mut v = Verdict::NotApplicable;
+    let mut findings = Vec::new();
+    for e in erasures {
+        v = v.worst(e.verdict);
+        let who = format!(
+            "{} ({}{})",
+            e.erasure_id,
+            e.tenant_id,
+            e.subject_id
+                .as_deref()
+                .map(|s| format!("/{s}"))
+                .unwrap_or_default()
+        );
+        match e.status {
+            ErasureStatus::Late => findings.push(format!(
+                "{who}: completed {:.1} days after the request, past the {ERASURE_LIMIT_DAYS}-day limit",
+                e.days
+            )),
+            ErasureStatus::Overdue => findings.push(format!(
+                "{who}: still {} {:.1} days after the request, past the {ERASURE_LIMIT_DAYS}-day limit",
+                e.state, e.days
+            )),
+            ErasureStatus::ProofFailed => {
+                findings.push(format!("{who}: the receipt does not prove the erasure"));
+            }
+            ErasureStatus::Pending => {
+                findings.push(format!("{who}: pending, due by {}", e.deadline));
+            }
+            ErasureStatus::OnTime | ErasureStatus::Cancelled => {}
+        }
+    }
+    let on_time = erasures
+        .iter()
+        .filter(|e| e.status == ErasureStatus::OnTime)
+        .count();
+    if on_time > 0 {
+        findings.push(format!(
+            "{on_time} erasure(s) completed within {ERASURE_LIMIT_DAYS} days, each with a verified receipt chained into the audit log"
+        ));
+    }
+    push(PromiseId::Erasure, v, findings);
+
+    // Restriction.
+    let mut v = Verdict::NotApplicable;
+    let mut findings = Vec::new();
+    for t in tenants {
+        let r = &t.restriction;
+        v = v.worst(r.verdict);
+        if r.tenant_suspended {
+            findings.push(format!("{}: the whole tenant is suspended", t.tenant_id));
+        }
+        if r.suspended_subjects > 0 {
+            findings.push(format!(
+                "{}: {} subject(s) suspended; their keys refuse every operation",
+                t.tenant_id, r.suspended_subjects
+            ));
+        }
+        for s in r.subjects.iter().filter(|s| s.audit_seq.is_none()) {
+            findings.push(format!(
+                "{}/{}: suspended, but no suspension record found in the audit log",
+                t.tenant_id, s.subject_id
+            ));
+        }
+    }
+    push(PromiseId::Restriction, v, findings);
+
+    // Audit log.
+    let f = if audit.verified {
+        vec![format!(
+            "{} records verified ({} signed checkpoints, keys {}); last checkpoint {}; {} record(s) after it",
+            audit.records,
+            audit.checkpoints,
+            audit.key_source,
+            audit.last_checkpoint_at.as_deref().unwrap_or("none yet"),
+            audit.records_after_last_checkpoint
+        )]
+    } else {
+        vec![audit.error.clone().unwrap_or_default()]
+    };
+    push(PromiseId::AuditLog, audit.verdict, f);
+
+    // Transport.
+    let (v, f) = match &cfg.tls.mtls_listener {
+        Some(l) => (
+            Verdict::Met,
+            format!(
+                "remote callers: mTLS on {l}, TLS 1.3 only ({} preferred), client certificate required",
+                cfg.tls.preferred_cipher_suite
+            ),
+        ),
+        None if cfg.tls.trust_linkerd_identity => (
+            Verdict::Met,
+            "remote callers arrive through the Linkerd proxy (mTLS terminated by the mesh; \
+             identity from l5d-client-id)"
+                .to_owned(),
+        ),
+        None => (
+            Verdict::NotApplicable,
+            "no remote listener: only in-pod callers (loopback, Unix socket)".to_owned(),
+        ),
+    };
+    push(PromiseId::TransportSecurity, v, vec![f]);
+
+    // Access control.
+    let a = &cfg.authorization;
+    let (v, f) = match (&a.error, a.enabled) {
+        (Some(e), false) => (
+            Verdict::NotMet,
+            format!("the authorization policies do not load: {e}"),
+        ),
+        (_, false) => (
+            Verdict::NotMet,
+            "authorization is OFF: every caller may call every RPC".to_owned(),
+        ),
+        (Some(e), true) => (
+            Verdict::Attention,
+            format!(
+                "{} policies in force (set {}); the newest change was refused: {e}",
+                a.policies,
+                a.digest.as_deref().unwrap_or("-")
+            ),
+        ),
+        (None, true) => (
+            Verdict::Met,
+            format!(
+                "default deny; {} policies from {} file(s) in force (set sha256 {})",
+                a.policies,
+                a.files.len(),
+                a.digest.as_deref().unwrap_or("-")
+            ),
+        ),
+    };
+    push(PromiseId::AccessControl, v, vec![f]);
+
+    let verdict = promises
+        .iter()
+        .fold(Verdict::NotApplicable, |acc, p| acc.worst(p.verdict));
+    for p in promises.iter().filter(|p| p.verdict == Verdict::NotMet) {
+        alerts.push(format!(
+            "NOT MET: {}: {}",
+            p.promise,
+            p.findings.first().cloned().unwrap_or_default()
+        ));
+    }
+    Summary {
+        all_met: verdict < Verdict::NotMet && alerts.is_empty(),
+        verdict,
+        alerts,
+        promises,
+    }
+}
