@@ -210,7 +210,7 @@ def keys(table: dict, prefix: str = ""):
             yield from keys(v, path + ".")
 
 
-configs = sorted(K8S.rglob("*.toml"))
+configs = sorted(K8S.rglob("*.toml")) + sorted((ROOT / "deploy" / "docker").glob("*.toml"))
 n_cfg = 0
 for c in configs:
     rel = c.relative_to(ROOT).as_posix()
