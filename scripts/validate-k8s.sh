@@ -10,9 +10,11 @@
 #      (K8S_VERSION below); Linkerd policy objects instead pass jsonschema against their
 #      CRD schemas in deploy/k8s/schemas/;
 #   4. the fieldkey configuration files parse as TOML and use only keys that
-#      src/config.rs declares; the containers running the fieldkey image pass their
-#      command lines to the real CLI's parser (`fieldkey ARGS --help`) when a built
-#      binary is at hand (FIELDKEY_BIN, or target/debug/fieldkey);
+#      src/config.rs declares; with a fieldkey binary (FIELDKEY_BIN, else a debug build
+#      of the working tree, the one `cargo test` reuses), the containers' command lines
+#      pass the CLI's parser, and `fieldkey serve` starts on every rendered configuration
+#      with the rendered policies ConfigMap (config keys, Cedar policies against the
+#      schema, limits, rotation policy), on loopback with a throw-away store;
 #   5. checkov (kubernetes framework over the rendered manifests, dockerfile framework
 #      over the Dockerfile) reports no failed check. A check may only be skipped inline,
 #      with its reason (checkov.io/skipN annotations, `# checkov:skip=ID:reason`).
@@ -49,12 +51,15 @@ if [[ ! -f "$venv/.complete" ]]; then
     touch "$venv/.complete"
 fi
 
-# The fieldkey binary for the command-line check, if one was built.
-if [[ -z "${FIELDKEY_BIN:-}" ]]; then
-    for d in "${CARGO_TARGET_DIR:-target}" target; do
-        if [[ -x "$d/debug/fieldkey" ]]; then FIELDKEY_BIN="$d/debug/fieldkey"; break; fi
-    done
+# The fieldkey binary for the command-line and configuration checks: FIELDKEY_BIN, or
+# a debug build of the working tree (the one `cargo test` builds and reuses: in CI this
+# costs nothing extra). FIELDKEY_BIN=none skips those checks.
+if [[ -z "${FIELDKEY_BIN:-}" ]] && command -v cargo >/dev/null; then
+    echo "validate-k8s: cargo build --bin fieldkey (for the command-line and configuration checks)"
+    cargo build --locked --quiet --bin fieldkey
+    FIELDKEY_BIN="${CARGO_TARGET_DIR:-target}/debug/fieldkey"
 fi
+[[ "${FIELDKEY_BIN:-}" == none ]] && FIELDKEY_BIN=
 export FIELDKEY_BIN="${FIELDKEY_BIN:-}"
 export K8S_VERSION VENV="$venv"
 # checkov: no network (no guideline download, no version check, no platform).
@@ -219,8 +224,18 @@ for c in configs:
     except tomllib.TOMLDecodeError as e:
         fail(f"{rel}: not TOML: {e}")
         continue
-    if c.parent.name == "policies" or "name" in doc and "table" in doc:
-        continue  # policies (checked by the sidecar's own tests) and job specs
+    if c.parent.name == "policies":
+        continue  # loaded by `fieldkey serve` below
+    if "name" in doc and "table" in doc:  # a re-encryption job spec
+        spec_keys = set(re.findall(r"^\s*pub (\w+):", (ROOT / "src/jobs/spec.rs").read_text(), re.M))
+        for path, k in keys(doc):
+            if k not in spec_keys and not path.startswith("columns"):
+                fail(f"{rel}: key {path} is not a job spec key (src/jobs/spec.rs)")
+        for col in doc.get("columns", []):
+            for k in col:
+                if k not in spec_keys:
+                    fail(f"{rel}: key columns.{k} is not a job spec key (src/jobs/spec.rs)")
+        continue
     n_cfg += 1
     for path, k in keys(doc):
         if k not in declared:
@@ -241,9 +256,65 @@ if FIELDKEY_BIN:
         r = subprocess.run([FIELDKEY_BIN, *args, "--help"], capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
         if r.returncode != 0:
             fail(f"{what}: `fieldkey {' '.join(args)}` is refused by the CLI: {r.stderr.strip().splitlines()[:3]}")
-    print(f"  {len(cmdlines)} command lines accepted by {FIELDKEY_BIN}")
+    print(f"  {len(cmdlines)} command lines accepted by the CLI's parser")
 else:
-    print(f"  {len(cmdlines)} command lines NOT checked: no fieldkey binary (build one, or set FIELDKEY_BIN)")
+    print(f"  {len(cmdlines)} command lines NOT checked: no fieldkey binary")
+
+
+def serve_check(what: str, config_text: str, policies: dict[str, str]) -> None:
+    """Starts `fieldkey serve` on `config_text` and the policy files (as mounted), on
+    loopback with a throw-away SQLite store and local KMS, until it serves; then stops it.
+    The configuration is parsed as fieldkey parses it (unknown keys are errors), and every
+    policy file is loaded and validated against fieldkey's Cedar schema."""
+    with tempfile.TemporaryDirectory(prefix="fieldkey-serve-") as t:
+        t = Path(t)
+        (t / "policies").mkdir()
+        for name, text in policies.items():
+            (t / "policies" / name).write_text(text)
+        # The erasure ledger is a PostgreSQL URL there; it cannot be overridden by a flag.
+        (t / "fieldkey.toml").write_text(re.sub(r"(?m)^ledger\s*=.*$", "", config_text))
+        log = t / "log"
+        with log.open("w") as out:
+            p = subprocess.Popen(
+                [FIELDKEY_BIN, "serve", "--config", str(t / "fieldkey.toml"), "--data-dir", str(t / "data"),
+                 "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
+                 "--policies", str(t / "policies"), "--rotation-policy", str(t / "policies" / "rotation.toml")],
+                stdout=out, stderr=subprocess.STDOUT, env={"PATH": "/usr/bin:/bin", "HOME": str(t)},
+            )
+            deadline = time.monotonic() + 60
+            while p.poll() is None and time.monotonic() < deadline and "serving gRPC on TCP" not in log.read_text():
+                time.sleep(0.1)
+            up = p.poll() is None and "serving gRPC on TCP" in log.read_text()
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(20)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+        text = log.read_text()
+        loaded = re.search(r"authorization policies loaded.*", text)
+        if not up:
+            fail(f"{what}: fieldkey serve did not start: {text.strip().splitlines()[-1:] or '(no output)'}")
+        elif not loaded or any(f'"{n}"' not in loaded.group(0) for n in policies if n.endswith(".cedar")):
+            fail(f"{what}: not every policy file was loaded: {loaded.group(0) if loaded else '(none)'}")
+
+
+if FIELDKEY_BIN:
+    n_serve = 0
+    for rel, objs in rendered.items():
+        cms = {o["metadata"]["name"]: o for o in objs if o.get("kind") == "ConfigMap"}
+        pol = next((o for n, o in cms.items() if n.startswith("fieldkey-policies")), None)
+        cfg = next((o for n, o in cms.items() if n.startswith("fieldkey-config")), None)
+        if not (pol and cfg):
+            continue
+        for key, text in cfg["data"].items():
+            serve_check(f"deploy/k8s/{rel}: ConfigMap {cfg['metadata']['name']} {key}", text, pol["data"])
+            n_serve += 1
+    serve_check("deploy/docker/fieldkey.toml", (ROOT / "deploy/docker/fieldkey.toml").read_text(),
+                {p.name: p.read_text() for p in (ROOT / "policies").iterdir() if p.name != "README.md"})
+    n_serve += 1
+    print(f"  {n_serve} configurations started by `fieldkey serve` with their policies")
 
 
 # 5. checkov ------------------------------------------------------------------------
