@@ -280,10 +280,50 @@ async fn each_example_identity_gets_exactly_its_policy() -> Result<()> {
         .await,
         "erasure RotateTenantKey",
     );
-    // The auditor reads the log, and nothing else.
+    // The auditor reads the log and the compliance report, and nothing else.
     audit
         .get_audit_head(as_id(AUDITOR, pb::GetAuditHeadRequest {}))
         .await?;
+    let report_of = |who: &str, tenant: &str| {
+        as_id(
+            who,
+            pb::ComplianceReportRequest {
+                tenant_id: tenant.into(),
+                since_unix_ms: 0,
+                until_unix_ms: 0,
+                format: pb::ReportFormat::Json as i32,
+            },
+        )
+    };
+    let rep = audit
+        .get_compliance_report(report_of(AUDITOR, ""))
+        .await?
+        .into_inner();
+    assert_eq!(rep.content_type, "application/json");
+    let json: serde_json::Value = serde_json::from_str(&rep.body)?;
+    assert_eq!(json["format"], "fieldkey-compliance-report/1");
+    assert_eq!(json["summary"]["all_met"], rep.all_met);
+    // the sidecar reports the policy set it enforces
+    assert_eq!(json["configuration"]["authorization"]["enabled"], true);
+    let html = audit
+        .get_compliance_report(as_id(
+            AUDITOR,
+            pb::ComplianceReportRequest {
+                tenant_id: "acme".into(),
+                since_unix_ms: 0,
+                until_unix_ms: 0,
+                format: pb::ReportFormat::Html as i32,
+            },
+        ))
+        .await?
+        .into_inner();
+    assert!(html.body.starts_with("<!DOCTYPE html>"), "{}", html.body);
+    for who in [APP, ANALYTICS, OPS, ERASURE, STRANGER] {
+        denied(
+            audit.get_compliance_report(report_of(who, "acme")).await,
+            &format!("{who} GetComplianceReport"),
+        );
+    }
     denied(
         erasures
             .get_erasure(as_id(

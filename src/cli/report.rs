@@ -36,11 +36,11 @@ pub(super) struct ReportArgs {
     #[arg(long, short = 't')]
     tenant: Option<String>,
     /// Period start: a date (2026-01-01, UTC midnight) or an RFC 3339 time.
-    #[arg(long)]
-    since: Option<String>,
+    #[arg(long, value_parser = parse_time)]
+    since: Option<i64>,
     /// Period end (exclusive): a date or an RFC 3339 time.
-    #[arg(long)]
-    until: Option<String>,
+    #[arg(long, value_parser = parse_time)]
+    until: Option<i64>,
     /// Output format.
     #[arg(long, value_enum, default_value_t)]
     format: Format,
@@ -65,12 +65,10 @@ pub(super) struct ReportArgs {
 }
 
 /// A date (`YYYY-MM-DD`, UTC midnight) or an RFC 3339 time, as Unix ms.
-fn parse_time(what: &str, s: &str) -> Result<i64, CliError> {
+fn parse_time(s: &str) -> Result<i64, String> {
     use time::format_description::well_known::Rfc3339;
     let bad = || {
-        CliError::Status(tonic::Status::invalid_argument(format!(
-            "--{what} {s:?}: expected a date (2026-01-31) or an RFC 3339 time (2026-01-31T12:00:00Z)"
-        )))
+        format!("{s:?}: expected a date (2026-01-31) or an RFC 3339 time (2026-01-31T12:00:00Z)")
     };
     let t = if s.len() == 10 {
         time::OffsetDateTime::parse(&format!("{s}T00:00:00Z"), &Rfc3339).map_err(|_| bad())?
@@ -112,22 +110,17 @@ fn refuse_if_strict(strict: bool, all_met: bool) -> Result<(), CliError> {
 }
 
 pub(super) async fn report(a: ReportArgs) -> Result<(), CliError> {
-    let since = a
-        .since
-        .as_deref()
-        .map(|s| parse_time("since", s))
-        .transpose()?;
-    let until = a
-        .until
-        .as_deref()
-        .map(|s| parse_time("until", s))
-        .transpose()?;
+    let (since, until) = (a.since, a.until);
     if let (Some(s), Some(u)) = (since, until)
         && s >= u
     {
-        return Err(CliError::Status(tonic::Status::invalid_argument(
-            "the period is empty: --since must be before --until",
-        )));
+        // A usage error, like any other bad argument (exit 2).
+        <super::Cli as clap::CommandFactory>::command()
+            .error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "the period is empty: --since must be before --until",
+            )
+            .exit();
     }
     if a.remote {
         let mut c = AuditClient::new(connect(&a.target.addr).await?);

@@ -40,6 +40,9 @@ pub const ERASURE_LIMIT_DAYS: i64 = 30;
 
 const DAY_MS: i64 = 86_400_000;
 
+/// Key ids of the local development KMS start with this.
+const LOCAL_KMS_PREFIX: &str = "local-";
+
 /// Most restricted subjects listed per tenant (all are counted).
 pub const MAX_LISTED_SUBJECTS: usize = 1000;
 
@@ -1202,7 +1205,14 @@ fn check_receipt(
         .completed
         .get(&e.erasure_id)
         .is_some_and(|(seq, d)| *seq == r.audit_seq && *d == digest);
-    let destroyed = r.destroyed.len() as u64 + r.subject_keys_destroyed;
+    // Subject scope: `destroyed` is the subject key itself; tenant scope: the tenant's
+    // versions, plus its subjects' keys counted apart.
+    let destroyed = r.destroyed.len() as u64
+        + if r.scope == receipt::SCOPE_TENANT {
+            r.subject_keys_destroyed
+        } else {
+            0
+        };
     let check = ReceiptCheck {
         verified: true,
         chained,
@@ -1376,23 +1386,47 @@ fn summarize(
         )],
     );
 
-    // KMS.
-    let (v, f) = if cfg.kms.provider == "aws" {
-        (
-            Verdict::Met,
-            format!(
-                "key material is wrapped by AWS KMS (default key {})",
-                cfg.kms.default_key_id.as_deref().unwrap_or("-")
-            ),
-        )
+    // KMS: the configuration, and what the stored key versions say wraps them.
+    let local_wrapped: Vec<String> = tenants
+        .iter()
+        .flat_map(|t| {
+            t.versions
+                .iter()
+                .filter(|v| {
+                    !matches!(v.state.as_str(), "destroyed" | "retired")
+                        && v.kms_key_id.starts_with(LOCAL_KMS_PREFIX)
+                })
+                .map(move |v| format!("{} v{}", t.tenant_id, v.version))
+        })
+        .collect();
+    let mut findings = Vec::new();
+    let mut v = Verdict::Met;
+    if cfg.kms.provider == "aws" {
+        findings.push(format!(
+            "key material is wrapped by AWS KMS (default key {})",
+            cfg.kms.default_key_id.as_deref().unwrap_or("-")
+        ));
     } else {
-        (
-            Verdict::NotMet,
-            "key material is wrapped by the LOCAL development KMS (a key file), not a KMS"
+        v = Verdict::NotMet;
+        findings.push(
+            "the configuration uses the LOCAL development KMS (a passphrase-protected key file), not a KMS"
                 .to_owned(),
-        )
-    };
-    push(PromiseId::KmsProtection, v, vec![f]);
+        );
+    }
+    if !local_wrapped.is_empty() {
+        v = Verdict::NotMet;
+        findings.push(format!(
+            "{} live key version(s) are wrapped by the local development KMS: {}",
+            local_wrapped.len(),
+            local_wrapped
+                .iter()
+                .take(10)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    push(PromiseId::KmsProtection, v, findings);
 
     // Rotation.
     let mut v = Verdict::NotApplicable;
@@ -1404,11 +1438,14 @@ fn summarize(
             policy.max_key_age_days
         ));
     }
-    for t in tenants {
-        v = v.worst(t.rotation.verdict);
-        if t.rotation.verdict >= Verdict::Attention {
+    // Broken promises first, then what needs attention.
+    for level in [Verdict::NotMet, Verdict::Attention] {
+        for t in tenants.iter().filter(|t| t.rotation.verdict == level) {
             findings.push(format!("{}: {}", t.tenant_id, t.rotation.finding));
         }
+    }
+    for t in tenants {
+        v = v.worst(t.rotation.verdict);
     }
     if findings.is_empty() && v == Verdict::Met {
         findings.push(format!(
@@ -1567,7 +1604,12 @@ fn summarize(
     let verdict = promises
         .iter()
         .fold(Verdict::NotApplicable, |acc, p| acc.worst(p.verdict));
-    for p in promises.iter().filter(|p| p.verdict == Verdict::NotMet) {
+    // (A log that does not verify is already the first alert.)
+    for p in promises
+        .iter()
+        .filter(|p| p.verdict == Verdict::NotMet)
+        .filter(|p| p.id != PromiseId::AuditLog || audit.verified)
+    {
         alerts.push(format!(
             "NOT MET: {}: {}",
             p.promise,

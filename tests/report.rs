@@ -1,0 +1,685 @@
+//! The compliance report over a key store holding tenants in every situation: a fresh
+//! key, one due soon, one past its age, rotations in progress / finished / with
+//! ciphertexts left, a restricted subject, erasures on time, late, cancelled, overdue
+//! and pending; then a tampered audit record and a tampered receipt. Checks the JSON
+//! verdicts (against the JSON Schema in docs/ too), the CLI, and the HTML page rendered
+//! in headless Chromium (screenshot kept under `$CARGO_TARGET_DIR/tmp/`), and that
+//! neither form holds key material or plaintext.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "test code fails by panicking"
+)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use base64::Engine as _;
+use serde_json::Value;
+use sqlx::Row as _;
+
+use fieldkey::audit::{AuditConfig, AuditLog};
+use fieldkey::crypto::Aad;
+use fieldkey::erasure::{Actor, ErasureConfig, Erasures};
+use fieldkey::policy::RotationPolicy;
+use fieldkey::policy::authz::Authorizer;
+use fieldkey::report::{self, Configuration, ErasureStatus, Options, Verdict};
+use fieldkey::store::{ErasureLedger, KeyStore, NewJob, SqlStore, now_ms};
+use fieldkey::{Keyring, KeyringConfig};
+
+const DAY: i64 = 86_400_000;
+const BIN: &str = env!("CARGO_BIN_EXE_fieldkey");
+const SECRET_VALUES: [&str; 2] = ["alice@example.com", "1970-01-31 secret birth date"];
+
+fn actor() -> Actor {
+    Actor {
+        id: "spiffe://example.org/ns/privacy/sa/dpo".into(),
+        ip: Some("10.1.2.0/24".into()),
+    }
+}
+
+fn aad<'a>(tenant: &'a str, subject: Option<&'a str>) -> Aad<'a> {
+    Aad {
+        tenant,
+        subject,
+        field: "email",
+        context: b"row-1",
+    }
+}
+
+struct Situation {
+    dir: tempfile::TempDir,
+    store: Arc<dyn KeyStore>,
+    raw: sqlx::SqlitePool,
+    ids: std::collections::HashMap<&'static str, String>,
+}
+
+fn repo_policies() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("policies")
+}
+
+async fn backdate_key(raw: &sqlx::SqlitePool, tenant: &str, days: i64) -> Result<()> {
+    sqlx::query(
+        "UPDATE fk_tenant_keys SET created_at = created_at - $1, updated_at = updated_at - $1 \
+         WHERE tenant_id = $2",
+    )
+    .bind(days * DAY)
+    .bind(tenant)
+    .execute(raw)
+    .await?;
+    Ok(())
+}
+
+async fn job(store: &dyn KeyStore, id: &str, tenant: &str, progress: Value) -> Result<()> {
+    store
+        .create_job(NewJob {
+            job_id: id.into(),
+            target: "app.users".into(),
+            tenant_id: Some(tenant.into()),
+            spec: "{}".into(),
+            progress: progress.to_string(),
+        })
+        .await?;
+    Ok(())
+}
+
+/// The key store with every situation the report must tell apart.
+async fn situation() -> Result<Situation> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("keys.db");
+    let store: Arc<dyn KeyStore> = Arc::new(SqlStore::open_sqlite(&path).await?);
+    let kms = common::local_kms(&dir)?;
+    let ledger = Arc::new(ErasureLedger::open_sqlite(&dir.path().join("ledger.db")).await?);
+    let keyring =
+        Arc::new(Keyring::new(store.clone(), kms, KeyringConfig::default()).with_ledger(ledger));
+    let erasures = Erasures::new(keyring.clone(), ErasureConfig::default());
+    let audit = AuditLog::new(keyring.clone(), AuditConfig::default());
+    let raw = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display())).await?;
+    let mut ids = std::collections::HashMap::new();
+
+    // Rotation against the policy (365 days, warning 30 days before).
+    for t in ["t-fresh", "t-due", "t-stale"] {
+        keyring.create_tenant(t, None).await?;
+        keyring
+            .encrypt(&aad(t, Some("u1")), SECRET_VALUES[0].as_bytes())
+            .await?;
+    }
+    backdate_key(&raw, "t-due", 350).await?;
+    backdate_key(&raw, "t-stale", 400).await?;
+
+    // Rotations: a job still running, a job done with nothing left, one with leftovers,
+    // and one with no job at all.
+    for t in ["t-rotating", "t-rotated", "t-left", "t-nojob"] {
+        keyring.create_tenant(t, None).await?;
+        keyring
+            .encrypt(&aad(t, None), SECRET_VALUES[1].as_bytes())
+            .await?;
+        keyring.rotate_tenant(t).await?;
+    }
+    job(
+        store.as_ref(),
+        "users-rotating",
+        "t-rotating",
+        serde_json::json!({"total_rows": 100, "rows_scanned": 40, "values_rewrapped": 40}),
+    )
+    .await?;
+    job(
+        store.as_ref(),
+        "users-rotated",
+        "t-rotated",
+        serde_json::json!({"total_rows": 10, "rows_scanned": 10, "values_rewrapped": 10}),
+    )
+    .await?;
+    job(
+        store.as_ref(),
+        "users-left",
+        "t-left",
+        serde_json::json!({"total_rows": 10, "rows_scanned": 10, "values_rewrapped": 8,
+            "values_failed": 2, "leftovers": {"t-left": {"1": 2}}}),
+    )
+    .await?;
+    sqlx::query(
+        "UPDATE fk_jobs SET state = 'completed', finished_at = $1 WHERE job_id IN ('users-rotated', 'users-left')",
+    )
+    .bind(now_ms())
+    .execute(&raw)
+    .await?;
+
+    // Restriction.
+    keyring.create_tenant("t-restricted", None).await?;
+    keyring
+        .encrypt(&aad("t-restricted", Some("u-7")), b"x")
+        .await?;
+    erasures
+        .suspend(&actor(), "t-restricted", Some("u-7"))
+        .await?;
+
+    // Erasures.
+    let t = "t-erasure";
+    keyring.create_tenant(t, None).await?;
+    for s in [
+        "u-on-time",
+        "u-late",
+        "u-cancel",
+        "u-overdue",
+        "u-pending",
+        "u-tampered",
+    ] {
+        keyring
+            .encrypt(&aad(t, Some(s)), SECRET_VALUES[0].as_bytes())
+            .await?;
+    }
+    let on_time = erasures
+        .request(&actor(), t, Some("u-on-time"), Duration::ZERO)
+        .await?;
+    ids.insert("on-time", on_time.erasure_id);
+    let tampered = erasures
+        .request(&actor(), t, Some("u-tampered"), Duration::ZERO)
+        .await?;
+    ids.insert("tampered", tampered.erasure_id);
+    // Late: requested 31 days ago with the full 30-day grace period, carried out only now
+    // (the workers were down).
+    let late = erasures
+        .request(
+            &actor(),
+            t,
+            Some("u-late"),
+            Duration::from_secs(30 * 86_400),
+        )
+        .await?;
+    sqlx::query(
+        "UPDATE fk_erasures SET requested_at = requested_at - $1, execute_after = execute_after - $1 \
+         WHERE erasure_id = $2",
+    )
+    .bind(31 * DAY)
+    .bind(&late.erasure_id)
+    .execute(&raw)
+    .await?;
+    assert_eq!(erasures.run_due().await?, 1, "the late erasure runs now");
+    ids.insert("late", late.erasure_id);
+    let cancel = erasures
+        .request(
+            &actor(),
+            t,
+            Some("u-cancel"),
+            Duration::from_secs(10 * 86_400),
+        )
+        .await?;
+    erasures.cancel(&actor(), &cancel.erasure_id).await?;
+    ids.insert("cancel", cancel.erasure_id);
+    // Overdue: requested 31 days ago, still waiting.
+    let overdue = erasures
+        .request(
+            &actor(),
+            t,
+            Some("u-overdue"),
+            Duration::from_secs(30 * 86_400),
+        )
+        .await?;
+    sqlx::query("UPDATE fk_erasures SET requested_at = requested_at - $1 WHERE erasure_id = $2")
+        .bind(31 * DAY)
+        .bind(&overdue.erasure_id)
+        .execute(&raw)
+        .await?;
+    ids.insert("overdue", overdue.erasure_id);
+    let pending = erasures
+        .request(
+            &actor(),
+            t,
+            Some("u-pending"),
+            Duration::from_secs(10 * 86_400),
+        )
+        .await?;
+    ids.insert("pending", pending.erasure_id);
+
+    audit.flush().await?;
+    assert!(audit.checkpoint().await?.is_some(), "a signed checkpoint");
+    Ok(Situation {
+        dir,
+        store,
+        raw,
+        ids,
+    })
+}
+
+fn configuration() -> Configuration {
+    let cfg = fieldkey::config::Config::default();
+    let authz = Authorizer::load(&repo_policies()).map(|a| a.status());
+    Configuration::from_config(
+        &cfg,
+        &RotationPolicy::default(),
+        Some(authz.map_err(|e| e.to_string())),
+    )
+}
+
+async fn build(store: &dyn KeyStore) -> Result<report::Report> {
+    Ok(report::build(
+        store,
+        configuration(),
+        &RotationPolicy::default(),
+        &Options {
+            now_ms: now_ms(),
+            ..Options::default()
+        },
+    )
+    .await?)
+}
+
+fn promise<'a>(r: &'a report::Report, id: &str) -> &'a report::PromiseResult {
+    r.summary
+        .promises
+        .iter()
+        .find(|p| p.id.as_str() == id)
+        .unwrap_or_else(|| panic!("no promise {id}"))
+}
+
+fn tenant<'a>(r: &'a report::Report, id: &str) -> &'a report::TenantSection {
+    r.tenants.iter().find(|t| t.tenant_id == id).unwrap()
+}
+
+fn erasure<'a>(r: &'a report::Report, id: &str) -> &'a report::ErasureEntry {
+    r.erasures.iter().find(|e| e.erasure_id == id).unwrap()
+}
+
+/// Every wrapped key blob of the store, in the encodings a report could leak it in.
+async fn wrapped_blobs(raw: &sqlx::SqlitePool) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for q in [
+        "SELECT wrapped FROM fk_tenant_keys WHERE wrapped IS NOT NULL",
+        "SELECT wrapped FROM fk_subjects WHERE wrapped IS NOT NULL",
+        "SELECT wrapped FROM fk_signing_keys",
+    ] {
+        for row in sqlx::query(q).fetch_all(raw).await? {
+            let b: Vec<u8> = row.try_get("wrapped")?;
+            out.push(hex::encode(&b));
+            out.push(base64::engine::general_purpose::STANDARD.encode(&b));
+            out.push(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&b));
+        }
+    }
+    assert!(out.len() > 20, "the store holds wrapped keys");
+    Ok(out)
+}
+
+fn assert_no_secrets(what: &str, text: &str, blobs: &[String]) {
+    for b in blobs {
+        assert!(
+            !text.contains(b.as_str()),
+            "{what} contains wrapped key material"
+        );
+    }
+    for v in SECRET_VALUES {
+        assert!(!text.contains(v), "{what} contains a plaintext value");
+    }
+    assert!(
+        !text.contains("test passphrase"),
+        "{what} contains the KMS passphrase"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn report_gives_each_situation_its_verdict() -> Result<()> {
+    let s = situation().await?;
+    let r = build(s.store.as_ref()).await?;
+    let json = serde_json::to_string_pretty(&r)?;
+    eprintln!("{}", serde_json::to_string_pretty(&r.summary)?);
+
+    // Verdicts per promise.
+    let v = |id| promise(&r, id).verdict;
+    assert_eq!(v("encryption-at-rest"), Verdict::Met);
+    assert_eq!(
+        v("kms-protection"),
+        Verdict::NotMet,
+        "local development KMS"
+    );
+    assert_eq!(v("key-rotation"), Verdict::NotMet, "t-stale is overdue");
+    assert_eq!(v("rotation-completion"), Verdict::Attention);
+    assert_eq!(v("erasure"), Verdict::NotMet, "one late, one overdue");
+    assert_eq!(v("restriction"), Verdict::Met);
+    assert_eq!(v("audit-log"), Verdict::Met);
+    assert_eq!(
+        v("transport-security"),
+        Verdict::NotApplicable,
+        "no mTLS listener"
+    );
+    assert_eq!(
+        v("access-control"),
+        Verdict::Met,
+        "the repository's policies"
+    );
+    assert!(!r.summary.all_met);
+    assert_eq!(r.summary.verdict, Verdict::NotMet);
+    let rotation = &promise(&r, "key-rotation").findings;
+    assert!(
+        rotation
+            .iter()
+            .any(|f| f.starts_with("t-stale: ") && f.contains("past the 365-day limit")),
+        "{rotation:?}"
+    );
+    assert!(
+        rotation
+            .iter()
+            .any(|f| f.starts_with("t-due: ") && f.contains("rotation due within")),
+        "{rotation:?}"
+    );
+
+    // Tenants.
+    let rot = |t: &str| {
+        (
+            tenant(&r, t).rotation.verdict,
+            tenant(&r, t).rotation.status.clone(),
+        )
+    };
+    assert_eq!(rot("t-fresh"), (Verdict::Met, "ok".into()));
+    assert_eq!(rot("t-due"), (Verdict::Attention, "due-soon".into()));
+    assert_eq!(rot("t-stale"), (Verdict::NotMet, "overdue".into()));
+    let age = tenant(&r, "t-stale").rotation.age_days.unwrap();
+    assert!((399.9..400.1).contains(&age), "{age}");
+    let old = |t: &str| tenant(&r, t).rotation_completion.old_versions.clone();
+    let o = old("t-rotating");
+    assert_eq!((o.len(), o[0].version, o[0].ciphertexts_left), (1, 1, None));
+    assert!(
+        o[0].finding
+            .contains("rotation in progress: re-encryption job users-rotating"),
+        "{o:?}"
+    );
+    let o = old("t-rotated");
+    assert_eq!(o[0].ciphertexts_left, Some(0));
+    assert!(o[0].finding.contains("can be retired"), "{o:?}");
+    assert_eq!(old("t-left")[0].ciphertexts_left, Some(2));
+    let o = old("t-nojob");
+    assert_eq!(o[0].ciphertexts_left, None);
+    assert!(
+        o[0].finding.contains("no re-encryption job has completed"),
+        "{o:?}"
+    );
+    assert!(old("t-fresh").is_empty());
+    assert_eq!(
+        tenant(&r, "t-fresh").rotation_completion.verdict,
+        Verdict::Met
+    );
+    let rs = &tenant(&r, "t-restricted").restriction;
+    assert_eq!((rs.verdict, rs.suspended_subjects), (Verdict::Met, 1));
+    assert_eq!(rs.subjects[0].subject_id, "u-7");
+    assert!(
+        rs.subjects[0].audit_seq.is_some(),
+        "its suspension is in the audit log"
+    );
+    assert_eq!(
+        tenant(&r, "t-fresh").restriction.verdict,
+        Verdict::NotApplicable
+    );
+
+    // Erasures.
+    let e = |k: &str| erasure(&r, &s.ids[k]);
+    assert_eq!(e("on-time").status, ErasureStatus::OnTime);
+    let rc = e("on-time").receipt.clone().unwrap();
+    assert!(
+        rc.verified && rc.chained && rc.keys_destroyed == 1,
+        "{rc:?}"
+    );
+    assert_eq!(e("late").status, ErasureStatus::Late);
+    assert!((31.0..31.1).contains(&e("late").days), "{}", e("late").days);
+    assert!(
+        e("late").receipt.as_ref().unwrap().verified,
+        "late, but proven"
+    );
+    assert_eq!(e("cancel").status, ErasureStatus::Cancelled);
+    assert_eq!(e("cancel").verdict, Verdict::NotApplicable);
+    assert_eq!(e("overdue").status, ErasureStatus::Overdue);
+    assert_eq!(e("pending").status, ErasureStatus::Pending);
+    assert_eq!(e("pending").verdict, Verdict::Attention);
+    assert_eq!(e("tampered").status, ErasureStatus::OnTime);
+
+    // The audit chain.
+    assert!(r.audit_log.verified);
+    assert!(r.audit_log.checkpoints >= 1);
+    assert_eq!(r.audit_log.key_source, "key-store");
+    // Alerts name the broken promises, not integrity failures.
+    assert!(
+        r.summary.alerts.iter().all(|a| a.starts_with("NOT MET: ")),
+        "{:?}",
+        r.summary.alerts
+    );
+
+    let blobs = wrapped_blobs(&s.raw).await?;
+    assert_no_secrets("the JSON report", &json, &blobs);
+    check_schema(&json, s.dir.path())?;
+
+    // The CLI reads the same store offline and says the same.
+    let out_json = s.dir.path().join("report.json");
+    let cli = Command::new(BIN)
+        .args(["report", "--data-dir"])
+        .arg(s.dir.path())
+        .arg("--policies")
+        .arg(repo_policies())
+        .args(["--format", "json", "--out"])
+        .arg(&out_json)
+        .output()?;
+    assert_eq!(
+        cli.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&cli.stderr)
+    );
+    assert!(String::from_utf8_lossy(&cli.stderr).contains("NOT ALL PROMISES MET"));
+    let from_cli: report::Report = serde_json::from_str(&std::fs::read_to_string(&out_json)?)?;
+    assert_eq!(
+        from_cli
+            .summary
+            .promises
+            .iter()
+            .map(|p| p.verdict)
+            .collect::<Vec<_>>(),
+        r.summary
+            .promises
+            .iter()
+            .map(|p| p.verdict)
+            .collect::<Vec<_>>()
+    );
+    let strict = Command::new(BIN)
+        .args(["report", "--strict", "--format", "json", "--data-dir"])
+        .arg(s.dir.path())
+        .args(["--out"])
+        .arg(s.dir.path().join("strict.json"))
+        .output()?;
+    assert_eq!(
+        strict.status.code(),
+        Some(4),
+        "--strict refuses a report with a broken promise"
+    );
+    let period = Command::new(BIN)
+        .args([
+            "report",
+            "--since",
+            "2030-01-01",
+            "--until",
+            "2029-01-01",
+            "--data-dir",
+        ])
+        .arg(s.dir.path())
+        .output()?;
+    assert_eq!(
+        period.status.code(),
+        Some(2),
+        "an empty period is a usage error: {}",
+        String::from_utf8_lossy(&period.stderr)
+    );
+
+    // Tampering: an audit record edited, a receipt's signature altered.
+    sqlx::query("DROP TRIGGER fk_audit_no_update")
+        .execute(&s.raw)
+        .await?;
+    sqlx::query("UPDATE fk_audit SET actor = 'someone-else' WHERE seq = 3")
+        .execute(&s.raw)
+        .await?;
+    let receipt: String =
+        sqlx::query_scalar("SELECT receipt FROM fk_erasures WHERE erasure_id = $1")
+            .bind(&s.ids["tampered"])
+            .fetch_one(&s.raw)
+            .await?;
+    let edited = receipt.replacen("\"executed_at_unix_ms\": ", "\"executed_at_unix_ms\": 1", 1);
+    assert_ne!(edited, receipt, "the receipt states its execution time");
+    sqlx::query("UPDATE fk_erasures SET receipt = $1 WHERE erasure_id = $2")
+        .bind(&edited)
+        .bind(&s.ids["tampered"])
+        .execute(&s.raw)
+        .await?;
+    let bad = build(s.store.as_ref()).await?;
+    eprintln!("{}", serde_json::to_string_pretty(&bad.summary)?);
+    assert!(!bad.audit_log.verified);
+    assert_eq!(bad.audit_log.verdict, Verdict::NotMet);
+    assert!(
+        bad.audit_log
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("audit record 3: content does not match its hash")
+    );
+    assert!(
+        bad.summary.alerts[0].starts_with("AUDIT LOG DOES NOT VERIFY: audit record 3"),
+        "{:?}",
+        bad.summary.alerts
+    );
+    assert!(
+        bad.summary.alerts[1].starts_with(&format!(
+            "ERASURE RECEIPT FAILED VERIFICATION: {}",
+            s.ids["tampered"]
+        )),
+        "{:?}",
+        bad.summary.alerts
+    );
+    let t = erasure(&bad, &s.ids["tampered"]);
+    assert_eq!(
+        (t.status, t.verdict),
+        (ErasureStatus::ProofFailed, Verdict::NotMet)
+    );
+    // the rest of the evidence is still read (the chain is indexed past the bad record)
+    assert_eq!(
+        erasure(&bad, &s.ids["on-time"]).status,
+        ErasureStatus::OnTime
+    );
+
+    // HTML: both reports render in Chromium; the broken one shows its alerts first.
+    let html_ok = report::html::render(&r);
+    let html_bad = report::html::render(&bad);
+    for (name, html) in [
+        ("compliance-report", &html_ok),
+        ("compliance-report-tampered", &html_bad),
+    ] {
+        assert_no_secrets(name, html, &blobs);
+        let dom = render_in_chromium(name, html)?;
+        assert!(
+            dom.contains("id=\"summary\""),
+            "{name}: no summary in the DOM"
+        );
+        assert!(dom.contains("NOT ALL PROMISES MET"), "{name}");
+        assert!(
+            dom.contains("id=\"chart-key-ages\"") && dom.contains("id=\"chart-erasures\""),
+            "{name}: charts"
+        );
+        assert_no_secrets(name, &dom, &blobs);
+    }
+    let alerts_at = html_bad.find("AUDIT LOG DOES NOT VERIFY").unwrap();
+    let promises_at = html_bad.find("id=\"promises\"").unwrap();
+    assert!(alerts_at < promises_at, "the alerts come before the detail");
+    Ok(())
+}
+
+/// Validates the JSON against docs/compliance-report.schema.json with the Python
+/// `jsonschema` package of the test venv (scripts/test.sh).
+fn check_schema(json: &str, dir: &Path) -> Result<()> {
+    let python = std::env::var("FIELDKEY_TEST_PYTHON").expect(
+        "FIELDKEY_TEST_PYTHON is not set: run the tests through scripts/test.sh (its venv has jsonschema)",
+    );
+    let file = dir.join("report-for-schema.json");
+    std::fs::write(&file, json)?;
+    let schema = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/compliance-report.schema.json");
+    let out = Command::new(python)
+        .args([
+            "-c",
+            "import json, sys, jsonschema\n\
+             schema = json.load(open(sys.argv[1])); doc = json.load(open(sys.argv[2]))\n\
+             jsonschema.Draft202012Validator.check_schema(schema)\n\
+             jsonschema.Draft202012Validator(schema).validate(doc)\n\
+             print('schema ok')",
+        ])
+        .arg(&schema)
+        .arg(&file)
+        .output()?;
+    assert!(
+        out.status.success(),
+        "the report does not match docs/compliance-report.schema.json: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// Renders `html` in headless Chromium: a full-page screenshot kept as a test artifact
+/// (`$CARGO_TARGET_DIR/tmp/<name>.png`), and the DOM Chromium parsed.
+fn render_in_chromium(name: &str, html: &str) -> Result<String> {
+    let chromium = ["chromium", "chromium-browser", "google-chrome"]
+        .into_iter()
+        .find(|c| {
+            Command::new(c)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .expect("headless Chromium is needed (scripts/test.sh installs Debian's chromium package)");
+    let artifacts = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    std::fs::create_dir_all(&artifacts)?;
+    let page = artifacts.join(format!("{name}.html"));
+    std::fs::write(&page, html)?;
+    let png = artifacts.join(format!("{name}.png"));
+    let _ = std::fs::remove_file(&png);
+    let profile = tempfile::tempdir()?;
+    let base = |c: &mut Command| {
+        c.args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--hide-scrollbars",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()));
+    };
+    let mut shot = Command::new(chromium);
+    base(&mut shot);
+    let out = shot
+        .arg(format!("--screenshot={}", png.display()))
+        .arg("--window-size=1200,2600")
+        .arg(format!("file://{}", page.display()))
+        .output()?;
+    let size = std::fs::metadata(&png).map(|m| m.len()).unwrap_or(0);
+    assert!(
+        size > 20_000,
+        "Chromium made no real screenshot ({size} bytes): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut dump = Command::new(chromium);
+    base(&mut dump);
+    let out = dump
+        .arg("--dump-dom")
+        .arg(format!("file://{}", page.display()))
+        .output()?;
+    let dom = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        dom.contains("</html>"),
+        "Chromium printed no DOM: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("screenshot: {} ({size} bytes)", png.display());
+    Ok(dom)
+}
