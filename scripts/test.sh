@@ -133,6 +133,20 @@ if command -v psql >/dev/null 2>&1; then
         done
 fi
 
+# ---------------------------------------------------------------- Chromium
+# tests/report.rs renders the compliance report's HTML in headless Chromium (Debian's
+# package; screenshots land in $CARGO_TARGET_DIR/tmp/). Installed here when missing.
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+    log "installing Debian's chromium package (headless rendering of the compliance report)"
+    if [ "$(id -u)" = 0 ]; then
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+            || { log "FAIL: chromium could not be installed; the report rendering test cannot run"; exit 1; }
+    else
+        (sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+            || { log "FAIL: chromium could not be installed; the report rendering test cannot run"; exit 1; }
+    fi
+fi
+
 # ---------------------------------------------------------------- tests
 # Independent (Python) implementations check the envelope, blind-index and pseudonym
 # test vectors.
