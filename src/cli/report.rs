@@ -123,7 +123,9 @@ pub(super) async fn report(a: ReportArgs) -> Result<(), CliError> {
             .exit();
     }
     if a.remote {
-        let mut c = AuditClient::new(connect(&a.target.addr).await?);
+        // A report of many tenants is a few MiB: more than tonic's 4 MiB default.
+        let mut c =
+            AuditClient::new(connect(&a.target.addr).await?).max_decoding_message_size(256 << 20);
         let r = c
             .get_compliance_report(pb::ComplianceReportRequest {
                 tenant_id: a.tenant.clone().unwrap_or_default(),
