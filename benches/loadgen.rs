@@ -43,6 +43,8 @@ struct Opts {
     size: usize,
     batch: usize,
     only_blind: bool,
+    /// `--only metrics`: Encrypt with the metrics layer on versus off, and the echo floor.
+    only_metrics: bool,
 }
 
 fn opts() -> Opts {
@@ -68,6 +70,11 @@ fn opts() -> Opts {
             .position(|a| a == "--only")
             .and_then(|i| args.get(i + 1))
             .is_some_and(|v| v == "blind"),
+        only_metrics: args
+            .iter()
+            .position(|a| a == "--only")
+            .and_then(|i| args.get(i + 1))
+            .is_some_and(|v| v == "metrics"),
     }
 }
 
@@ -339,6 +346,28 @@ fn main() {
         },
         "fieldkey listening on tcp://",
     );
+    // The first sidecar's configuration with Prometheus metrics served (every call
+    // counted and timed): the metrics on/off comparison.
+    let data_m = tempfile::tempdir().unwrap();
+    let (mut fk_m, fk_m_addr) = spawn(
+        {
+            let mut c = Command::new(env!("CARGO_BIN_EXE_fieldkey"));
+            c.args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+                "--config",
+            ])
+            .arg(&cfg_off)
+            .arg("--data-dir")
+            .arg(data_m.path())
+            .env("RUST_LOG", "warn");
+            c
+        },
+        "fieldkey listening on tcp://",
+    );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -382,6 +411,45 @@ fn main() {
 
         if o.only_blind {
             blind_scenarios(&o, &fk_ch, &echo_ch).await;
+            return;
+        }
+        if o.only_metrics {
+            let m_ch = channels(&fk_m_addr, o.connections).await;
+            KeysClient::new(m_ch[0].clone())
+                .create_tenant(CreateTenantRequest { tenant_id: "bench".into(), kms_key_id: String::new() })
+                .await
+                .unwrap();
+            let v = value.clone();
+            let echo_stats = drive(&echo_ch, &o, o.seconds, move |ch| {
+                let v = v.clone();
+                async move {
+                    EchoClient::new(ch).echo(EchoMessage { payload: v }).await.unwrap();
+                }
+            })
+            .await;
+            report(&format!("echo floor, {} B", o.size), 1, &echo_stats);
+            // Metrics on versus off: alternate two rounds each (after a warm-up), same run.
+            let (mut off_total, mut on_total) = (0.0, 0.0);
+            for round in 0..=2 {
+                for (on, chs) in [(false, &fk_ch), (true, &m_ch)] {
+                    let e = enc.clone();
+                    let secs = if round == 0 { 1 } else { o.seconds };
+                    let s = drive(chs, &o, secs, move |ch| {
+                        let r = e();
+                        async move {
+                            CryptoClient::new(ch).encrypt(r).await.unwrap();
+                        }
+                    })
+                    .await;
+                    if round == 0 {
+                        continue;
+                    }
+                    let label = format!("Encrypt, {} B, metrics {} (round {round})", o.size, if on { "on" } else { "off" });
+                    let ops = report(&label, 1, &s);
+                    if on { on_total += ops } else { off_total += ops }
+                }
+            }
+            println!("\nEncrypt with metrics / without: {:.1}% (target >= 95%)", 100.0 * on_total / off_total);
             return;
         }
         // warm-up both servers
@@ -489,7 +557,7 @@ fn main() {
             100.0 * authz_ratio
         );
     });
-    for child in [&mut fk, &mut fk_on, &mut echo] {
+    for child in [&mut fk, &mut fk_on, &mut fk_m, &mut echo] {
         let _ = child.kill();
         let _ = child.wait();
     }

@@ -64,12 +64,12 @@ struct TenantLabel {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct JobLabel {
-    job: String,
+    job_id: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct JobStateLabel {
-    job: String,
+    job_id: String,
     state: String,
 }
 
@@ -205,7 +205,7 @@ impl Metrics {
         );
         let job_rows_total = Family::<JobLabel, Gauge>::default();
         registry.register(
-            "fieldkey_job_rows_total",
+            "fieldkey_job_rows_in_scope",
             "Rows in scope of a re-encryption job",
             job_rows_total.clone(),
         );
@@ -383,7 +383,7 @@ impl Metrics {
         let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         for j in jobs {
             let job = JobLabel {
-                job: j.record.job_id.clone(),
+                job_id: j.record.job_id.clone(),
             };
             let p = &j.progress;
             self.job_rows_total.get_or_create(&job).set(g(p.total_rows));
@@ -398,7 +398,7 @@ impl Metrics {
                 .set(g(p.values_failed));
             self.job_state
                 .get_or_create(&JobStateLabel {
-                    job: j.record.job_id,
+                    job_id: j.record.job_id,
                     state: j.record.state.to_string(),
                 })
                 .set(1);

@@ -304,7 +304,12 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         }),
     })
     .await?;
-    let routes = metrics.instrument(routes);
+    // Every call counted and timed, when the metrics are served.
+    let routes = if cfg.metrics.listen.is_some() {
+        metrics.instrument(routes)
+    } else {
+        routes
+    };
     let mut servers = tokio::task::JoinSet::new();
     let mut refresh = None;
     if let Some(addr) = &cfg.metrics.listen {
