@@ -106,6 +106,96 @@ pub struct Metrics {
     job_state: Family<JobStateLabel, Gauge>,
     up: Family<Dependency, Gauge>,
     refreshed: Gauge,
+    /// Per-RPC handles into `requests` and `latency`, resolved on first use, so that a
+    /// call costs atomic adds and no label allocation or family lookup.
+    slots: Box<[RpcSlot]>,
+}
+
+/// gRPC status codes 0..=16 by name, as labels.
+const CODE_NAMES: [&str; 17] = [
+    "Ok",
+    "Cancelled",
+    "Unknown",
+    "InvalidArgument",
+    "DeadlineExceeded",
+    "NotFound",
+    "AlreadyExists",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "FailedPrecondition",
+    "Aborted",
+    "OutOfRange",
+    "Unimplemented",
+    "Internal",
+    "Unavailable",
+    "DataLoss",
+    "Unauthenticated",
+];
+const CANCELLED: usize = 1;
+const UNKNOWN: usize = 2;
+
+/// Batch RPCs of `Crypto`: their own labels (their action is the single-item one).
+const BATCH_RPCS: [&str; 5] = [
+    "EncryptBatch",
+    "DecryptBatch",
+    "RewrapBatch",
+    "BlindIndexBatch",
+    "PseudonymizeBatch",
+];
+
+/// One RPC's label and its lazily created series.
+#[derive(Debug)]
+struct RpcSlot {
+    label: String,
+    latency: std::sync::OnceLock<Histogram>,
+    codes: [std::sync::OnceLock<Counter>; 17],
+}
+
+impl RpcSlot {
+    fn new(label: String) -> Self {
+        Self {
+            label,
+            latency: std::sync::OnceLock::new(),
+            codes: std::array::from_fn(|_| std::sync::OnceLock::new()),
+        }
+    }
+}
+
+/// Every label a call can get: each action's single RPC, the batch RPCs, health,
+/// reflection, and `unknown` (a caller cannot mint labels).
+fn all_slots() -> Box<[RpcSlot]> {
+    Action::ALL
+        .iter()
+        .map(|a| format!("{}/{}", a.service(), a.method()))
+        .chain(BATCH_RPCS.iter().map(|m| format!("Crypto/{m}")))
+        .chain(["grpc.health", "grpc.reflection", "unknown"].map(String::from))
+        .map(RpcSlot::new)
+        .collect()
+}
+
+/// The slot of a request path (see [`all_slots`] for the order).
+fn slot_of(path: &str) -> usize {
+    let n = Action::ALL.len();
+    if let Some((service, method)) = path
+        .strip_prefix("/fieldkey.v1.")
+        .and_then(|p| p.split_once('/'))
+    {
+        if service == "Crypto"
+            && let Some(i) = BATCH_RPCS.iter().position(|b| *b == method)
+        {
+            return n + i;
+        }
+        if let Some(a) = Action::from_rpc(service, method)
+            && a.method() == method
+        {
+            return a.index();
+        }
+    } else if path.starts_with("/grpc.health.v1.Health/") {
+        return n + BATCH_RPCS.len();
+    } else if path.starts_with("/grpc.reflection.") {
+        return n + BATCH_RPCS.len() + 1;
+    }
+    n + BATCH_RPCS.len() + 2
 }
 
 /// Cache counters and sizes, read at every scrape from the keyring attached with
@@ -264,6 +354,7 @@ impl Metrics {
             job_state,
             up,
             refreshed,
+            slots: all_slots(),
         })
     }
 
@@ -293,48 +384,38 @@ impl Metrics {
         out
     }
 
-    fn record_rpc(&self, rpc: &str, code: &str, elapsed: Duration) {
-        self.requests
-            .get_or_create(&RpcCode {
-                rpc: rpc.to_owned(),
-                code: code.to_owned(),
+    fn record(&self, slot: usize, code: usize, elapsed: Duration) {
+        let Some(s) = self.slots.get(slot) else {
+            return;
+        };
+        let code = code.min(CODE_NAMES.len() - 1);
+        if let (Some(cell), Some(name)) = (s.codes.get(code), CODE_NAMES.get(code)) {
+            cell.get_or_init(|| {
+                self.requests
+                    .get_or_create(&RpcCode {
+                        rpc: s.label.clone(),
+                        code: (*name).to_owned(),
+                    })
+                    .clone()
             })
             .inc();
-        self.latency
-            .get_or_create(&Rpc {
-                rpc: rpc.to_owned(),
+        }
+        s.latency
+            .get_or_init(|| {
+                self.latency
+                    .get_or_create(&Rpc {
+                        rpc: s.label.clone(),
+                    })
+                    .clone()
             })
             .observe(elapsed.as_secs_f64());
     }
 
     /// Wraps `routes` so that every call is counted and timed.
     pub fn instrument(self: &Arc<Self>, routes: tonic::service::Routes) -> tonic::service::Routes {
-        let m = self.clone();
-        let router = routes.into_axum_router().layer(axum::middleware::from_fn(
-            move |req: Request<Body>, next: axum::middleware::Next| {
-                let m = m.clone();
-                async move {
-                    let rpc = rpc_label(req.uri().path());
-                    let started = Instant::now();
-                    let res = next.run(req).await;
-                    if let Some(code) = grpc_status(res.headers()) {
-                        // Trailers-only response (an error before any message).
-                        m.record_rpc(&rpc, &code, started.elapsed());
-                        return res;
-                    }
-                    res.map(|body| {
-                        Body::new(Watched {
-                            inner: body,
-                            done: Some(Done {
-                                metrics: m,
-                                rpc,
-                                started,
-                            }),
-                        })
-                    })
-                }
-            },
-        ));
+        let router = routes.into_axum_router().layer(Instrument {
+            metrics: self.clone(),
+        });
         tonic::service::Routes::from(router)
     }
 
@@ -414,42 +495,88 @@ impl Metrics {
     }
 }
 
-/// `Crypto/Encrypt` for fieldkey's own RPCs, `grpc.health`, `grpc.reflection`; any
-/// other path is `unknown` (a caller cannot mint labels).
-fn rpc_label(path: &str) -> String {
-    let known = Action::from_path(path).is_some()
-        || path
-            .strip_prefix("/fieldkey.v1.")
-            .and_then(|p| p.split_once('/'))
-            .is_some_and(|(s, m)| Action::is_batch_rpc(m) && Action::from_rpc(s, m).is_some());
-    if known {
-        return path.trim_start_matches("/fieldkey.v1.").to_owned();
-    }
-    if path.starts_with("/grpc.health.v1.Health/") {
-        return "grpc.health".into();
-    }
-    if path.starts_with("/grpc.reflection.") {
-        return "grpc.reflection".into();
-    }
-    "unknown".into()
+/// The status code of a response's headers or trailers, as an index into
+/// [`CODE_NAMES`] (out-of-range codes count as `Unknown`).
+fn grpc_status(h: &HeaderMap) -> Option<usize> {
+    let v = h.get("grpc-status")?;
+    let code = std::str::from_utf8(v.as_bytes())
+        .ok()?
+        .parse::<usize>()
+        .ok()?;
+    Some(if code < CODE_NAMES.len() {
+        code
+    } else {
+        UNKNOWN
+    })
 }
 
-fn code_name(code: i32) -> String {
-    format!("{:?}", tonic::Code::from(code))
+/// The tower layer of [`Metrics::instrument`].
+#[derive(Clone)]
+struct Instrument {
+    metrics: Arc<Metrics>,
 }
 
-fn grpc_status(h: &HeaderMap) -> Option<String> {
-    h.get("grpc-status")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|s| s.parse::<i32>().ok())
-        .map(code_name)
+impl<S> tower::Layer<S> for Instrument {
+    type Service = Instrumented<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Instrumented {
+            inner,
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Instrumented<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+impl<S> tower::Service<Request<Body>> for Instrumented<S>
+where
+    S: tower::Service<Request<Body>, Response = Response<Body>> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = std::pin::Pin<Box<dyn Future<Output = Result<Response<Body>, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let slot = slot_of(req.uri().path());
+        let started = Instant::now();
+        let metrics = self.metrics.clone();
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let res = fut.await?;
+            if let Some(code) = grpc_status(res.headers()) {
+                // Trailers-only response (an error before any message).
+                metrics.record(slot, code, started.elapsed());
+                return Ok(res);
+            }
+            Ok(res.map(|body| {
+                Body::new(Watched {
+                    inner: body,
+                    done: Some(Done {
+                        metrics,
+                        slot,
+                        started,
+                    }),
+                })
+            }))
+        })
+    }
 }
 
 /// Recorded once, when the response body ends (trailers), or when it is dropped early
 /// (the client went away: `Cancelled`).
 struct Done {
     metrics: Arc<Metrics>,
-    rpc: String,
+    slot: usize,
     started: Instant,
 }
 
@@ -459,16 +586,16 @@ struct Watched {
 }
 
 impl Watched {
-    fn finish(&mut self, code: &str) {
+    fn finish(&mut self, code: usize) {
         if let Some(d) = self.done.take() {
-            d.metrics.record_rpc(&d.rpc, code, d.started.elapsed());
+            d.metrics.record(d.slot, code, d.started.elapsed());
         }
     }
 }
 
 impl Drop for Watched {
     fn drop(&mut self) {
-        self.finish("Cancelled");
+        self.finish(CANCELLED);
     }
 }
 
@@ -484,12 +611,12 @@ impl http_body::Body for Watched {
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(code) = frame.trailers_ref().and_then(grpc_status) {
-                    self.finish(&code);
+                    self.finish(code);
                 }
             }
-            Poll::Ready(Some(Err(_))) => self.finish("Unknown"),
+            Poll::Ready(Some(Err(_))) => self.finish(UNKNOWN),
             // A body that ends without trailers: gRPC would have sent a status.
-            Poll::Ready(None) => self.finish("Unknown"),
+            Poll::Ready(None) => self.finish(UNKNOWN),
             Poll::Pending => {}
         }
         polled
@@ -727,30 +854,50 @@ pub fn spawn_refresh(
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, reason = "test code")]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing, reason = "test code")]
 mod tests {
     use super::*;
 
     #[test]
     fn rpc_labels_are_bounded() {
-        assert_eq!(rpc_label("/fieldkey.v1.Crypto/Encrypt"), "Crypto/Encrypt");
+        let slots = all_slots();
+        let label = |p: &str| slots[slot_of(p)].label.clone();
+        assert_eq!(label("/fieldkey.v1.Crypto/Encrypt"), "Crypto/Encrypt");
         assert_eq!(
-            rpc_label("/fieldkey.v1.Crypto/BlindIndexBatch"),
+            label("/fieldkey.v1.Crypto/BlindIndexBatch"),
             "Crypto/BlindIndexBatch"
         );
         assert_eq!(
-            rpc_label("/fieldkey.v1.Keys/RotateTenantKey"),
+            label("/fieldkey.v1.Keys/RotateTenantKey"),
             "Keys/RotateTenantKey"
         );
-        assert_eq!(rpc_label("/fieldkey.v1.Crypto/Nope"), "unknown");
-        assert_eq!(rpc_label("/evil/../x"), "unknown");
-        assert_eq!(rpc_label("/grpc.health.v1.Health/Check"), "grpc.health");
+        assert_eq!(
+            label("/fieldkey.v1.Audit/GetComplianceReport"),
+            "Audit/GetComplianceReport"
+        );
+        assert_eq!(label("/fieldkey.v1.Crypto/Nope"), "unknown");
+        assert_eq!(label("/fieldkey.v1.Keys/EncryptBatch"), "unknown");
+        assert_eq!(label("/evil/../x"), "unknown");
+        assert_eq!(label("/grpc.health.v1.Health/Check"), "grpc.health");
+        assert_eq!(
+            label("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"),
+            "grpc.reflection"
+        );
+        // every label is distinct
+        let mut all: Vec<&str> = slots.iter().map(|s| s.label.as_str()).collect();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), slots.len());
     }
 
     #[test]
     fn the_exposition_is_prometheus_text() {
         let m = Metrics::new();
-        m.record_rpc("Crypto/Encrypt", "Ok", Duration::from_millis(2));
+        m.record(
+            slot_of("/fieldkey.v1.Crypto/Encrypt"),
+            0,
+            Duration::from_millis(2),
+        );
         let text = m.render();
         assert!(
             text.contains("fieldkey_requests_total{rpc=\"Crypto/Encrypt\",code=\"Ok\"} 1"),
