@@ -107,22 +107,47 @@ def start_sidecar(binary: str, data: Path, moto_url: str, key_arn: str) -> tuple
     raise RuntimeError(f"the sidecar exited with {proc.wait()}")
 
 
-def measure(fn: Callable[[], int], seconds: float) -> float:
-    """Values per second of repeated fn() calls (each returns how many values it did)."""
+SIDECAR_PID = [0]
+
+
+def sidecar_cpu() -> float:
+    """CPU seconds (user + system) the sidecar has used."""
+    if not SIDECAR_PID[0]:
+        return 0.0
+    with open(f"/proc/{SIDECAR_PID[0]}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Rate:
+    """Values per second, and CPU microseconds per value in this process and in the sidecar."""
+
+    def __init__(self, n: int, wall: float, cpu: float, side: float) -> None:
+        self.per_sec = n / wall
+        self.cpu_us = cpu / n * 1e6
+        self.side_us = side / n * 1e6
+
+    def __str__(self) -> str:
+        side = f" / {self.side_us:.1f}" if self.side_us else ""
+        return f"{self.per_sec:,.0f} ({self.cpu_us:.1f}{side} µs)"
+
+
+def measure(fn: Callable[[], int], seconds: float) -> Rate:
+    """Rate of repeated fn() calls (each returns how many values it did)."""
     end = time.perf_counter() + min(0.5, seconds / 4)
     while time.perf_counter() < end:  # warm-up
         fn()
     n = 0
-    t0 = time.perf_counter()
+    t0, c0, s0 = time.perf_counter(), time.process_time(), sidecar_cpu()
     end = t0 + seconds
     while True:
         n += fn()
         t = time.perf_counter()
         if t >= end:
-            return n / (t - t0)
+            return Rate(n, t - t0, time.process_time() - c0, sidecar_cpu() - s0)
 
 
-def bench_fieldkey(target: str, seconds: float, label: str) -> list[tuple[str, float, float]]:
+def bench_fieldkey(target: str, seconds: float, label: str) -> list[tuple[str, Rate, Rate]]:
     rows = []
     value = secrets.token_bytes(32)
     with fieldkey.Client(target) as c:
@@ -147,18 +172,19 @@ def bench_fieldkey(target: str, seconds: float, label: str) -> list[tuple[str, f
     return rows
 
 
-def bench_fieldkey_async(target: str, seconds: float, inflight: int) -> tuple[str, float, float]:
+def bench_fieldkey_async(target: str, seconds: float, inflight: int) -> tuple[str, Rate, Rate]:
     value = secrets.token_bytes(32)
 
-    async def run() -> tuple[float, float]:
+    async def run() -> tuple[Rate, Rate]:
         async with fieldkey.AsyncClient(target) as c:
             tenant = "bench-" + secrets.token_hex(4)
             await c.create_tenant(tenant)
             ct = await c.encrypt(tenant, "email", value)
 
-            async def loop(op: Callable[[], object]) -> float:
+            async def loop(op: Callable[[], object]) -> Rate:
                 n = 0
                 stop = time.perf_counter() + seconds
+                c0, s0 = time.process_time(), sidecar_cpu()
 
                 async def worker() -> None:
                     nonlocal n
@@ -168,7 +194,7 @@ def bench_fieldkey_async(target: str, seconds: float, inflight: int) -> tuple[st
 
                 t0 = time.perf_counter()
                 await asyncio.gather(*(worker() for _ in range(inflight)))
-                return n / (time.perf_counter() - t0)
+                return Rate(n, time.perf_counter() - t0, time.process_time() - c0, sidecar_cpu() - s0)
 
             await loop(lambda: c.encrypt(tenant, "email", value))  # warm-up
             e = await loop(lambda: c.encrypt(tenant, "email", value))
@@ -179,7 +205,7 @@ def bench_fieldkey_async(target: str, seconds: float, inflight: int) -> tuple[st
     return (f"fieldkey TCP, AsyncClient, single calls, {inflight} in flight", e, d)
 
 
-def bench_esdk(moto_url: str, key_arn: str, seconds: float) -> list[tuple[str, float, float]]:
+def bench_esdk(moto_url: str, key_arn: str, seconds: float) -> list[tuple[str, Rate, Rate]]:
     import aws_encryption_sdk
     from aws_encryption_sdk import CommitmentPolicy
     from aws_encryption_sdk.caches.local import LocalCryptoMaterialsCache
@@ -246,6 +272,7 @@ def main() -> None:
         key_arn = kms.create_key(Description="fieldkey bench")["KeyMetadata"]["Arn"]
         addrs, sp = start_sidecar(args.fieldkey_bin, data, moto_url, key_arn)
         procs.append(sp)
+        SIDECAR_PID[0] = sp.pid
 
         # count KMS calls the ESDK makes (botocore event hook on every client it creates)
         import botocore.session
@@ -266,11 +293,13 @@ def main() -> None:
         rows += bench_fieldkey(addrs["tcp"], args.seconds, "TCP")
         rows += bench_fieldkey("unix:" + addrs["unix"], args.seconds, "Unix socket")[:1]
         rows.append(bench_fieldkey_async(addrs["tcp"], args.seconds, args.inflight))
+        SIDECAR_PID[0] = 0  # the ESDK runs in this process only
         rows += bench_esdk(moto_url, key_arn, args.seconds)
-        print("| what | encrypt values/s | decrypt values/s |")
+        print("values/s (CPU µs per value: Python process / sidecar)\n")
+        print("| what | encrypt | decrypt |")
         print("| --- | ---: | ---: |")
         for name, e, d in rows:
-            print(f"| {name} | {e:,.0f} | {d:,.0f} |")
+            print(f"| {name} | {e} | {d} |")
     finally:
         for p in reversed(procs):
             p.send_signal(signal.SIGTERM)

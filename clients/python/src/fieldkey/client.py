@@ -99,6 +99,8 @@ class Client:
         """The generated ``fieldkey.v1.Erasures`` stub."""
         self.jobs: Any = pbg.JobsStub(ch)
         """The generated ``fieldkey.v1.Jobs`` stub."""
+        self.audit: Any = pbg.AuditStub(ch)
+        """The generated ``fieldkey.v1.Audit`` stub."""
         if old is not None:
             old.close()
 
