@@ -25,7 +25,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::histogram::exponential_buckets;
 use prometheus_client::registry::Registry;
 
 use crate::crypto::SecretKey;
@@ -83,9 +83,86 @@ struct Dependency {
     dependency: &'static str,
 }
 
-fn latency_histogram() -> Histogram {
-    // 50 µs .. ~26 s
-    Histogram::new(exponential_buckets(0.000_05, 2.0, 20))
+/// Upper bounds of the latency buckets: 50 µs doubling to ~26 s.
+fn latency_bounds() -> Arc<[f64]> {
+    exponential_buckets(0.000_05, 2.0, 20).collect()
+}
+
+fn latency_histogram() -> AtomicHistogram {
+    AtomicHistogram::new(latency_bounds())
+}
+
+/// A histogram with fixed buckets and atomic counters: observing is a few atomic adds
+/// and takes no lock (prometheus-client's `Histogram` takes a mutex per observation,
+/// which every call of one RPC would contend for).
+#[derive(Debug, Clone)]
+pub struct AtomicHistogram(Arc<HistogramCells>);
+
+#[derive(Debug)]
+struct HistogramCells {
+    bounds: Arc<[f64]>,
+    /// Per bucket (not cumulative); the last one is `+Inf`.
+    buckets: Box<[AtomicU64]>,
+    count: AtomicU64,
+    /// Sum of the observations in nanoseconds.
+    sum_nanos: AtomicU64,
+}
+
+impl AtomicHistogram {
+    fn new(bounds: Arc<[f64]>) -> Self {
+        let buckets = (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect();
+        Self(Arc::new(HistogramCells {
+            bounds,
+            buckets,
+            count: AtomicU64::new(0),
+            sum_nanos: AtomicU64::new(0),
+        }))
+    }
+
+    /// Records one duration.
+    pub fn observe(&self, d: Duration) {
+        let c = &self.0;
+        let secs = d.as_secs_f64();
+        let i = c.bounds.partition_point(|b| *b < secs);
+        if let Some(b) = c.buckets.get(i) {
+            b.fetch_add(1, Ordering::Relaxed);
+        }
+        c.count.fetch_add(1, Ordering::Relaxed);
+        let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        c.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+}
+
+impl prometheus_client::metrics::TypedMetric for AtomicHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for AtomicHistogram {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::MetricEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        let c = &self.0;
+        let buckets: Vec<(f64, u64)> = c
+            .bounds
+            .iter()
+            .copied()
+            .chain(std::iter::once(f64::INFINITY))
+            .zip(c.buckets.iter().map(|b| b.load(Ordering::Relaxed)))
+            .collect();
+        #[allow(clippy::cast_precision_loss, reason = "a sum of latencies in seconds")]
+        let sum = c.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        encoder.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+            sum,
+            c.count.load(Ordering::Relaxed),
+            &buckets,
+            None,
+        )
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
 }
 
 /// Every metric of one sidecar process.
@@ -94,9 +171,9 @@ pub struct Metrics {
     registry: Registry,
     cache_source: Arc<std::sync::OnceLock<std::sync::Weak<Keyring>>>,
     requests: Family<RpcCode, Counter>,
-    latency: Family<Rpc, Histogram, fn() -> Histogram>,
+    latency: Family<Rpc, AtomicHistogram, fn() -> AtomicHistogram>,
     kms_calls: Family<KmsOpOutcome, Counter>,
-    kms_latency: Family<KmsOp, Histogram, fn() -> Histogram>,
+    kms_latency: Family<KmsOp, AtomicHistogram, fn() -> AtomicHistogram>,
     key_age: Family<TenantLabel, Gauge<f64, AtomicU64>>,
     tenants_by_status: Family<StatusLabel, Gauge>,
     job_rows_total: Family<JobLabel, Gauge>,
@@ -147,7 +224,7 @@ const BATCH_RPCS: [&str; 5] = [
 #[derive(Debug)]
 struct RpcSlot {
     label: String,
-    latency: std::sync::OnceLock<Histogram>,
+    latency: std::sync::OnceLock<AtomicHistogram>,
     codes: [std::sync::OnceLock<Counter>; 17],
 }
 
@@ -259,8 +336,8 @@ impl Metrics {
             "gRPC calls by RPC and status code",
             requests.clone(),
         );
-        let latency = Family::<Rpc, Histogram, fn() -> Histogram>::new_with_constructor(
-            latency_histogram as fn() -> Histogram,
+        let latency = Family::<Rpc, AtomicHistogram, fn() -> AtomicHistogram>::new_with_constructor(
+            latency_histogram as fn() -> AtomicHistogram,
         );
         registry.register(
             "fieldkey_request_duration_seconds",
@@ -273,9 +350,10 @@ impl Metrics {
             "KMS calls by operation and outcome",
             kms_calls.clone(),
         );
-        let kms_latency = Family::<KmsOp, Histogram, fn() -> Histogram>::new_with_constructor(
-            latency_histogram as fn() -> Histogram,
-        );
+        let kms_latency =
+            Family::<KmsOp, AtomicHistogram, fn() -> AtomicHistogram>::new_with_constructor(
+                latency_histogram as fn() -> AtomicHistogram,
+            );
         registry.register(
             "fieldkey_kms_duration_seconds",
             "KMS call latency by operation",
@@ -408,7 +486,7 @@ impl Metrics {
                     })
                     .clone()
             })
-            .observe(elapsed.as_secs_f64());
+            .observe(elapsed);
     }
 
     /// Wraps `routes` so that every call is counted and timed.
@@ -663,7 +741,7 @@ impl MeteredKms {
         self.metrics
             .kms_latency
             .get_or_create(&KmsOp { op })
-            .observe(started.elapsed().as_secs_f64());
+            .observe(started.elapsed());
         r
     }
 }
@@ -901,6 +979,23 @@ mod tests {
         let text = m.render();
         assert!(
             text.contains("fieldkey_requests_total{rpc=\"Crypto/Encrypt\",code=\"Ok\"} 1"),
+            "{text}"
+        );
+        // cumulative buckets, ending with +Inf; the sum in seconds
+        assert!(
+            text.contains(
+                "fieldkey_request_duration_seconds_bucket{le=\"0.0016\",rpc=\"Crypto/Encrypt\"} 0"
+            ) || text.contains(
+                "fieldkey_request_duration_seconds_bucket{rpc=\"Crypto/Encrypt\",le=\"0.0016\"} 0"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("le=\"0.0032\"} 1") && text.contains("le=\"+Inf\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("fieldkey_request_duration_seconds_sum{rpc=\"Crypto/Encrypt\"} 0.002\n"),
             "{text}"
         );
         assert!(
