@@ -36,6 +36,7 @@ use fieldkey::{Keyring, KeyringConfig};
 
 const DAY: i64 = 86_400_000;
 const BIN: &str = env!("CARGO_BIN_EXE_fieldkey");
+const HOSTILE_ID: &str = "u-<script>alert(1)</script>";
 const SECRET_VALUES: [&str; 2] = ["alice@example.com", "1970-01-31 secret birth date"];
 
 fn actor() -> Actor {
@@ -159,6 +160,10 @@ async fn situation() -> Result<Situation> {
         .await?;
     erasures
         .suspend(&actor(), "t-restricted", Some("u-7"))
+        .await?;
+    // Ids are any visible ASCII: the HTML must escape them.
+    erasures
+        .suspend(&actor(), "t-restricted", Some(HOSTILE_ID))
         .await?;
 
     // Erasures.
@@ -405,11 +410,11 @@ async fn report_gives_each_situation_its_verdict() -> Result<()> {
         Verdict::Met
     );
     let rs = &tenant(&r, "t-restricted").restriction;
-    assert_eq!((rs.verdict, rs.suspended_subjects), (Verdict::Met, 1));
+    assert_eq!((rs.verdict, rs.suspended_subjects), (Verdict::Met, 2));
     assert_eq!(rs.subjects[0].subject_id, "u-7");
     assert!(
-        rs.subjects[0].audit_seq.is_some(),
-        "its suspension is in the audit log"
+        rs.subjects.iter().all(|s| s.audit_seq.is_some()),
+        "each suspension is in the audit log"
     );
     assert_eq!(
         tenant(&r, "t-fresh").restriction.verdict,
@@ -512,13 +517,58 @@ async fn report_gives_each_situation_its_verdict() -> Result<()> {
         String::from_utf8_lossy(&period.stderr)
     );
 
-    // Tampering: an audit record edited, a receipt's signature altered.
-    sqlx::query("DROP TRIGGER fk_audit_no_update")
-        .execute(&s.raw)
-        .await?;
-    sqlx::query("UPDATE fk_audit SET actor = 'someone-else' WHERE seq = 3")
-        .execute(&s.raw)
-        .await?;
+    // A report on nothing is refused, never "all met".
+    let r_none = report::build(
+        s.store.as_ref(),
+        configuration(),
+        &RotationPolicy::default(),
+        &Options {
+            tenant: Some("no-such-tenant".into()),
+            now_ms: now_ms(),
+            ..Options::default()
+        },
+    )
+    .await;
+    assert!(
+        matches!(r_none, Err(fieldkey::Error::TenantNotFound { .. })),
+        "{r_none:?}"
+    );
+    let nowhere = Command::new(BIN)
+        .args(["report", "--data-dir"])
+        .arg(s.dir.path().join("mistyped"))
+        .output()?;
+    assert_eq!(
+        nowhere.status.code(),
+        Some(3),
+        "a missing store is not found, not created: {}",
+        String::from_utf8_lossy(&nowhere.stderr)
+    );
+    assert!(!s.dir.path().join("mistyped/keys.db").exists());
+    // One tenant, one period: only what falls in it.
+    let one = report::build(
+        s.store.as_ref(),
+        configuration(),
+        &RotationPolicy::default(),
+        &Options {
+            tenant: Some("t-erasure".into()),
+            since_ms: Some(now_ms() - 40 * DAY),
+            until_ms: Some(now_ms() - 20 * DAY),
+            now_ms: now_ms(),
+            ..Options::default()
+        },
+    )
+    .await?;
+    assert_eq!(one.tenants.len(), 1);
+    let mut in_period: Vec<&str> = one.erasures.iter().map(|e| e.erasure_id.as_str()).collect();
+    in_period.sort_unstable();
+    let mut expected = vec![s.ids["late"].as_str(), s.ids["overdue"].as_str()];
+    expected.sort_unstable();
+    assert_eq!(
+        in_period, expected,
+        "requested 31 days ago: the only ones in that period"
+    );
+
+    // A receipt altered on an intact chain: its signature fails.
     let receipt: String =
         sqlx::query_scalar("SELECT receipt FROM fk_erasures WHERE erasure_id = $1")
             .bind(&s.ids["tampered"])
@@ -529,6 +579,50 @@ async fn report_gives_each_situation_its_verdict() -> Result<()> {
     sqlx::query("UPDATE fk_erasures SET receipt = $1 WHERE erasure_id = $2")
         .bind(&edited)
         .bind(&s.ids["tampered"])
+        .execute(&s.raw)
+        .await?;
+    // An overdue request edited to look cancelled: no erasure.cancelled record.
+    sqlx::query(
+        "UPDATE fk_erasures SET state = 'cancelled', cancelled_at = $1 WHERE erasure_id = $2",
+    )
+    .bind(now_ms())
+    .bind(&s.ids["overdue"])
+    .execute(&s.raw)
+    .await?;
+    let edited_rows = build(s.store.as_ref()).await?;
+    assert!(edited_rows.audit_log.verified, "the chain itself is intact");
+    let t = erasure(&edited_rows, &s.ids["tampered"]);
+    assert_eq!(
+        (t.status, t.verdict),
+        (ErasureStatus::ProofFailed, Verdict::NotMet)
+    );
+    assert!(
+        t.problem
+            .as_deref()
+            .unwrap_or("")
+            .contains("signature does not match"),
+        "{t:?}"
+    );
+    let o = erasure(&edited_rows, &s.ids["overdue"]);
+    assert_eq!(o.status, ErasureStatus::ProofFailed, "{o:?}");
+    assert!(
+        o.problem
+            .as_deref()
+            .unwrap_or("")
+            .contains("no erasure.cancelled record"),
+        "{o:?}"
+    );
+    assert!(
+        edited_rows.summary.alerts[0].starts_with("ERASURE EVIDENCE FAILED VERIFICATION: "),
+        "{:?}",
+        edited_rows.summary.alerts
+    );
+
+    // Tampering with the chain: an audit record edited.
+    sqlx::query("DROP TRIGGER fk_audit_no_update")
+        .execute(&s.raw)
+        .await?;
+    sqlx::query("UPDATE fk_audit SET actor = 'someone-else' WHERE seq = 3")
         .execute(&s.raw)
         .await?;
     let bad = build(s.store.as_ref()).await?;
@@ -549,7 +643,7 @@ async fn report_gives_each_situation_its_verdict() -> Result<()> {
     );
     assert!(
         bad.summary.alerts[1].starts_with(&format!(
-            "ERASURE RECEIPT FAILED VERIFICATION: {}",
+            "ERASURE EVIDENCE FAILED VERIFICATION: {}",
             s.ids["tampered"]
         )),
         "{:?}",
@@ -586,6 +680,11 @@ async fn report_gives_each_situation_its_verdict() -> Result<()> {
         );
         assert_no_secrets(name, &dom, &blobs);
     }
+    assert!(
+        !html_ok.contains("<script>")
+            && html_ok.contains("u-&lt;script&gt;alert(1)&lt;/script&gt;"),
+        "ids are escaped in the HTML"
+    );
     let alerts_at = html_bad.find("AUDIT LOG DOES NOT VERIFY").unwrap();
     let promises_at = html_bad.find("id=\"promises\"").unwrap();
     assert!(alerts_at < promises_at, "the alerts come before the detail");

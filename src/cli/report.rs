@@ -152,6 +152,13 @@ pub(super) async fn report(a: ReportArgs) -> Result<(), CliError> {
             .map_err(|e| e.to_string())
     });
     let configuration = Configuration::from_config(&cfg, &rotation, authz);
+    // A mistyped path must not become a fresh, empty store that reports "all met".
+    if cfg.store.postgres_url.is_none() && !cfg.sqlite_path().is_file() {
+        return Err(CliError::Status(tonic::Status::not_found(format!(
+            "no key store at {} (check --config / --data-dir)",
+            cfg.sqlite_path().display()
+        ))));
+    }
     let store = super::serve::open_store(&cfg)
         .await
         .map_err(CliError::Other)?;
@@ -172,7 +179,7 @@ pub(super) async fn report(a: ReportArgs) -> Result<(), CliError> {
     };
     let built = report::build(store.as_ref(), configuration, &rotation, &opts)
         .await
-        .map_err(|e| CliError::Other(e.into()))?;
+        .map_err(|e| CliError::Status(crate::service::status::to_status(&e)))?;
     let body = match a.format {
         Format::Json => serde_json::to_string_pretty(&built)
             .map(|mut s| {

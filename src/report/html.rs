@@ -423,8 +423,11 @@ fn audit(h: &mut String, r: &Report) {
          <tr><th>Checkpoint keys</th><td>{} <span class=\"mono\">{}</span></td></tr></table>",
         badge(a.verdict),
         if a.verified {
-            "verified: every hash, link and checkpoint signature, from record 1 to the head"
-                .to_owned()
+            format!(
+                "verified: every hash, link and checkpoint signature, from record 1 to the head; \
+                 {} record(s) after the last checkpoint are chained but not yet signed",
+                a.records_after_last_checkpoint
+            )
         } else {
             format!(
                 "<b style=\"color:var(--bad)\">DOES NOT VERIFY: {}</b>",
@@ -550,16 +553,17 @@ fn erasures(h: &mut String, r: &Report) {
          <th>Scheduled for</th><th>Completed</th><th>Days</th><th>Status</th><th>Receipt</th></tr>",
     );
     for e in &r.erasures {
-        let receipt = match &e.receipt {
-            None => "—".to_owned(),
-            Some(c) if c.verified && c.chained => format!(
+        let receipt = match (&e.receipt, &e.problem) {
+            (_, Some(p)) => format!("<b style=\"color:var(--bad)\">FAILED: {}</b>", esc(p)),
+            (None, None) => "—".to_owned(),
+            (Some(c), None) if c.verified && c.chained => format!(
                 "verified, signed by <span class=\"mono\">{}</span>, audit record {}; {} key(s) destroyed",
                 opt(c.signing_key_id.as_deref()),
                 c.audit_seq
                     .map_or_else(|| "—".to_owned(), |s| s.to_string()),
                 c.keys_destroyed
             ),
-            Some(c) => format!(
+            (Some(c), None) => format!(
                 "<b style=\"color:var(--bad)\">FAILED: {}</b>",
                 opt(c.error.as_deref())
             ),

@@ -461,6 +461,9 @@ pub struct AuditSection {
     pub last_checkpoint_seq: Option<u64>,
     /// When (RFC 3339).
     pub last_checkpoint_at: Option<String>,
+    /// The same, Unix ms (not serialized: `last_checkpoint_at` is).
+    #[serde(skip)]
+    pub last_checkpoint_unix_ms: Option<i64>,
     /// Records after the last checkpoint (chained, not yet signed).
     pub records_after_last_checkpoint: u64,
     /// Records written in the period.
@@ -597,8 +600,11 @@ pub enum ErasureStatus {
     /// Cancelled inside its grace period (nothing destroyed).
     Cancelled,
     /// Completed, but its receipt is missing, does not verify, or does not match the
-    /// request or the audit chain.
+    /// request or the audit chain; or the request does not match its audit records.
     ProofFailed,
+    /// Completed with a valid receipt, but the erased keys hold material again (a
+    /// restored key-store backup the erasure ledger has not been reconciled with).
+    KeysLive,
 }
 
 /// One erasure request.
@@ -638,6 +644,8 @@ pub struct ErasureEntry {
     pub verdict: Verdict,
     /// The receipt check (completed requests).
     pub receipt: Option<ReceiptCheck>,
+    /// Why the evidence fails (`proof-failed`, `keys-live`), if it does.
+    pub problem: Option<String>,
 }
 
 /// A receipt, checked.
@@ -737,6 +745,13 @@ async fn store_keys(store: &dyn KeyStore, purpose: &str) -> Result<Vec<Verifying
 struct AuditIndex {
     /// erasure id -> (seq, receipt digest) of its `erasure.completed` record.
     completed: HashMap<String, (u64, String)>,
+    /// erasure id -> (time, tenant, subject) of its `erasure.requested` record.
+    requested: HashMap<String, (i64, String, Option<String>)>,
+    /// erasure ids with an `erasure.cancelled` record.
+    cancelled: std::collections::HashSet<String>,
+    /// erasure ids re-created from the erasure ledger after a restore
+    /// (`erasure.restored`): their `erasure.requested` record may be gone with the backup.
+    restored: std::collections::HashSet<String>,
     /// (tenant, resource type, resource id) -> seq of the latest suspension record.
     suspended: HashMap<(String, String, String), u64>,
     in_period: u64,
@@ -783,6 +798,26 @@ pub async fn build(
                         .insert(id.to_owned(), (r.seq, digest.to_owned()));
                 }
             }
+            "erasure.requested" => {
+                if let Some(id) = r.event.details.get("erasure_id").and_then(|v| v.as_str()) {
+                    let tenant = r.event.tenant_id.clone().unwrap_or_default();
+                    let subject =
+                        (r.event.resource_type == "subject").then(|| r.event.resource_id.clone());
+                    index
+                        .requested
+                        .insert(id.to_owned(), (r.ts, tenant, subject));
+                }
+            }
+            "erasure.cancelled" => {
+                if let Some(id) = r.event.details.get("erasure_id").and_then(|v| v.as_str()) {
+                    index.cancelled.insert(id.to_owned());
+                }
+            }
+            "erasure.restored" => {
+                if let Some(id) = r.event.details.get("erasure_id").and_then(|v| v.as_str()) {
+                    index.restored.insert(id.to_owned());
+                }
+            }
             "subject.suspended" | "tenant.suspended" => {
                 index.suspended.insert(
                     (
@@ -793,17 +828,36 @@ pub async fn build(
                     r.seq,
                 );
             }
+            // A later resumption voids the suspension record: a new suspension needs
+            // its own.
+            "subject.resumed" | "tenant.resumed" => {
+                index.suspended.remove(&(
+                    r.event.tenant_id.clone().unwrap_or_default(),
+                    r.event.resource_type.clone(),
+                    r.event.resource_id.clone(),
+                ));
+            }
             _ => {}
         }
     })
     .await?;
-    let audit_log = audit_section(verified, key_source, &audit_keys, index.in_period);
+    let mut audit_log = audit_section(verified, key_source, &audit_keys, index.in_period);
+    audit_log.verdict = audit_log.verdict.worst(audit_freshness(
+        &audit_log,
+        &configuration,
+        opts.tenant.is_none() && !store.list_tenants().await?.is_empty(),
+        now,
+    ));
 
     // Tenants.
     let jobs = crate::jobs::list(store).await?;
     let mut tenant_ids = store.list_tenants().await?;
     if let Some(t) = &opts.tenant {
         tenant_ids.retain(|id| id == t);
+        if tenant_ids.is_empty() {
+            // A report on nothing must not read as "all met".
+            return Err(crate::error::Error::TenantNotFound { tenant: t.clone() });
+        }
     }
     let mut tenants = Vec::with_capacity(tenant_ids.len());
     for id in &tenant_ids {
@@ -821,6 +875,7 @@ pub async fn build(
         None => store_keys(store, crate::erasure::SIGNING_PURPOSE).await?,
     };
     let mut erasures = Vec::new();
+    let mut rows = std::collections::HashSet::new();
     let mut after = String::new();
     loop {
         let page = store
@@ -829,12 +884,46 @@ pub async fn build(
         let Some(last) = page.last() else { break };
         after = last.erasure_id.clone();
         for e in &page {
+            rows.insert(e.erasure_id.clone());
             let end = e.completed_at.or(e.cancelled_at).unwrap_or(now);
-            if period.overlaps(e.requested_at, end) {
-                erasures.push(erasure_entry(e, &receipt_keys, &index, now));
+            if !period.overlaps(e.requested_at, end) {
+                continue;
             }
+            let mut entry = erasure_entry(e, &receipt_keys, &index, now);
+            // Proven erased: the keys must still be gone (a restored backup brings
+            // them back until the erasure ledger is reconciled).
+            if entry.status == ErasureStatus::OnTime || entry.status == ErasureStatus::Late {
+                let live = store
+                    .live_key_count(&e.tenant_id, e.subject_id.as_deref())
+                    .await?;
+                if live > 0 {
+                    entry.status = ErasureStatus::KeysLive;
+                    entry.verdict = Verdict::NotMet;
+                    entry.problem = Some(format!(
+                        "{live} erased key(s) hold material again (a restored backup?)"
+                    ));
+                }
+            }
+            erasures.push(entry);
         }
     }
+    // Requests the audit log knows that the erasure table lost.
+    let mut missing: Vec<String> = index
+        .requested
+        .iter()
+        .filter(|(id, (ts, t, _))| {
+            !rows.contains(*id)
+                && opts.tenant.as_ref().is_none_or(|f| f == t)
+                && period.overlaps(*ts, now)
+        })
+        .map(|(id, (_, t, subj))| {
+            format!(
+                "{id} ({t}{})",
+                subj.as_deref().map(|x| format!("/{x}")).unwrap_or_default()
+            )
+        })
+        .collect();
+    missing.sort();
 
     let jobs = jobs
         .iter()
@@ -847,7 +936,14 @@ pub async fn build(
         .map(|j| job_entry(j, opts.tenant.as_deref()))
         .collect();
 
-    let summary = summarize(&configuration, rotation, &audit_log, &tenants, &erasures);
+    let summary = summarize(
+        &configuration,
+        rotation,
+        &audit_log,
+        &tenants,
+        &erasures,
+        &missing,
+    );
     Ok(Report {
         format: FORMAT.into(),
         generated_at: rfc3339_ms(now),
@@ -872,9 +968,9 @@ fn audit_section(
     let key_ids = keys.iter().map(receipt::key_id).collect();
     match verified {
         Ok(s) => {
-            let (cp_seq, cp_at) = match s.last_checkpoint {
-                Some((seq, ts)) => (Some(seq), Some(rfc3339_ms(ts))),
-                None => (None, None),
+            let (cp_seq, cp_at, cp_ms) = match s.last_checkpoint {
+                Some((seq, ts)) => (Some(seq), Some(rfc3339_ms(ts)), Some(ts)),
+                None => (None, None, None),
             };
             AuditSection {
                 promise: PromiseId::AuditLog,
@@ -890,7 +986,8 @@ fn audit_section(
                 checkpoints: s.checkpoints,
                 last_checkpoint_seq: cp_seq,
                 last_checkpoint_at: cp_at,
-                records_after_last_checkpoint: s.last_seq - cp_seq.unwrap_or(0),
+                last_checkpoint_unix_ms: cp_ms,
+                records_after_last_checkpoint: s.last_seq.saturating_sub(cp_seq.unwrap_or(0)),
                 records_in_period: in_period,
                 key_source: key_source.into(),
                 key_ids,
@@ -906,11 +1003,42 @@ fn audit_section(
             checkpoints: 0,
             last_checkpoint_seq: None,
             last_checkpoint_at: None,
+            last_checkpoint_unix_ms: None,
             records_after_last_checkpoint: 0,
             records_in_period: in_period,
             key_source: key_source.into(),
             key_ids,
         },
+    }
+}
+
+/// Why an intact chain still falls short: empty although tenants exist (replaced or
+/// truncated), no signed checkpoint yet, or a tail left unsigned for longer than two
+/// checkpoint intervals (its records could be rewritten with the head).
+fn audit_freshness(a: &AuditSection, cfg: &Configuration, has_tenants: bool, now: i64) -> Verdict {
+    if !a.verified {
+        return Verdict::NotMet;
+    }
+    if a.records == 0 {
+        return if has_tenants {
+            Verdict::NotMet
+        } else {
+            Verdict::NotApplicable
+        };
+    }
+    if a.checkpoints == 0 {
+        return Verdict::Attention;
+    }
+    let interval_ms =
+        i64::try_from(cfg.audit.checkpoint_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+    let stale = a.last_checkpoint_unix_ms.is_some_and(|at| {
+        a.records_after_last_checkpoint > 0
+            && now.saturating_sub(at) > interval_ms.saturating_mul(2)
+    });
+    if stale {
+        Verdict::Attention
+    } else {
+        Verdict::Met
     }
 }
 
@@ -1097,6 +1225,7 @@ async fn restriction(
     let tenant_suspended = tenant_state(t) == "suspended";
     let mut subjects = Vec::new();
     let mut count = 0u64;
+    let mut unrecorded_count = 0u64;
     let mut after = String::new();
     loop {
         let page = store
@@ -1106,15 +1235,18 @@ async fn restriction(
         after = last.subject_id.clone();
         count += page.len() as u64;
         for s in page {
+            let audit_seq = index
+                .suspended
+                .get(&(
+                    t.tenant_id.clone(),
+                    "subject".to_owned(),
+                    s.subject_id.clone(),
+                ))
+                .copied();
+            if audit_seq.is_none() {
+                unrecorded_count += 1;
+            }
             if subjects.len() < MAX_LISTED_SUBJECTS {
-                let audit_seq = index
-                    .suspended
-                    .get(&(
-                        t.tenant_id.clone(),
-                        "subject".to_owned(),
-                        s.subject_id.clone(),
-                    ))
-                    .copied();
                 subjects.push(RestrictedSubject {
                     since: rfc3339_ms(s.updated_at),
                     subject_id: s.subject_id,
@@ -1123,7 +1255,7 @@ async fn restriction(
             }
         }
     }
-    let unrecorded = subjects.iter().any(|s| s.audit_seq.is_none())
+    let unrecorded = unrecorded_count > 0
         || (tenant_suspended
             && !index.suspended.contains_key(&(
                 t.tenant_id.clone(),
@@ -1250,13 +1382,18 @@ fn erasure_entry(
             } else {
                 ErasureStatus::Late
             };
-            (status, Some(check), Some(done), done - e.requested_at)
+            (
+                status,
+                Some(check),
+                Some(done),
+                done.saturating_sub(e.requested_at),
+            )
         }
         ErasureState::Cancelled => (
             ErasureStatus::Cancelled,
             None,
             None,
-            e.cancelled_at.unwrap_or(now) - e.requested_at,
+            e.cancelled_at.unwrap_or(now).saturating_sub(e.requested_at),
         ),
         ErasureState::Scheduled | ErasureState::Executing => (
             if now > deadline {
@@ -1266,16 +1403,48 @@ fn erasure_entry(
             },
             None,
             None,
-            now - e.requested_at,
+            now.saturating_sub(e.requested_at),
         ),
+    };
+    // The request against its audit records: a row edited to look cancelled, or
+    // requested later than it was, must not pass.
+    let mut problem = receipt
+        .as_ref()
+        .filter(|c| !(c.verified && c.chained))
+        .and_then(|c| c.error.clone());
+    let recorded = index.requested.get(&e.erasure_id);
+    let check = match recorded {
+        None if index.restored.contains(&e.erasure_id) => None,
+        None => Some("no erasure.requested record in the audit log for this request".to_owned()),
+        Some((_, t, subj)) if *t != e.tenant_id || *subj != e.subject_id => {
+            Some("the audit log records this request for another tenant or subject".to_owned())
+        }
+        // (The record is appended right after the row; a minute covers any delay.)
+        Some((ts, _, _)) if e.requested_at > ts.saturating_add(60_000) => Some(format!(
+            "the request time was moved later than the audit log records it ({})",
+            rfc3339_ms(*ts)
+        )),
+        Some(_) => None,
+    };
+    let check = check.or_else(|| {
+        (e.state == ErasureState::Cancelled && !index.cancelled.contains(&e.erasure_id))
+            .then(|| "cancelled, but no erasure.cancelled record in the audit log".to_owned())
+    });
+    let status = match check {
+        Some(c) => {
+            problem = Some(c);
+            ErasureStatus::ProofFailed
+        }
+        None => status,
     };
     let verdict = match status {
         ErasureStatus::OnTime => Verdict::Met,
         ErasureStatus::Pending => Verdict::Attention,
         ErasureStatus::Cancelled => Verdict::NotApplicable,
-        ErasureStatus::Late | ErasureStatus::Overdue | ErasureStatus::ProofFailed => {
-            Verdict::NotMet
-        }
+        ErasureStatus::Late
+        | ErasureStatus::Overdue
+        | ErasureStatus::ProofFailed
+        | ErasureStatus::KeysLive => Verdict::NotMet,
     };
     ErasureEntry {
         erasure_id: e.erasure_id.clone(),
@@ -1299,6 +1468,7 @@ fn erasure_entry(
         promise: PromiseId::Erasure,
         verdict,
         receipt,
+        problem,
     }
 }
 
@@ -1332,6 +1502,7 @@ fn summarize(
     audit: &AuditSection,
     tenants: &[TenantSection],
     erasures: &[ErasureEntry],
+    missing_erasures: &[String],
 ) -> Summary {
     let mut alerts = Vec::new();
     let mut promises = Vec::new();
@@ -1352,22 +1523,31 @@ fn summarize(
             audit.error.as_deref().unwrap_or("unknown")
         ));
     }
-    for e in erasures
-        .iter()
-        .filter(|e| e.status == ErasureStatus::ProofFailed)
-    {
+    for e in erasures.iter().filter(|e| {
+        matches!(
+            e.status,
+            ErasureStatus::ProofFailed | ErasureStatus::KeysLive
+        )
+    }) {
+        let what = if e.status == ErasureStatus::KeysLive {
+            "ERASED KEYS ARE LIVE AGAIN"
+        } else {
+            "ERASURE EVIDENCE FAILED VERIFICATION"
+        };
         alerts.push(format!(
-            "ERASURE RECEIPT FAILED VERIFICATION: {} ({}{}): {}",
+            "{what}: {} ({}{}): {}",
             e.erasure_id,
             e.tenant_id,
             e.subject_id
                 .as_deref()
                 .map(|s| format!("/{s}"))
                 .unwrap_or_default(),
-            e.receipt
-                .as_ref()
-                .and_then(|r| r.error.as_deref())
-                .unwrap_or("no receipt")
+            e.problem.as_deref().unwrap_or("no receipt")
+        ));
+    }
+    for m in missing_erasures {
+        alerts.push(format!(
+            "ERASURE REQUEST MISSING FROM THE ERASURE TABLE: {m} is in the audit log"
         ));
     }
 
@@ -1489,14 +1669,27 @@ fn summarize(
                 "{who}: still {} {:.1} days after the request, past the {ERASURE_LIMIT_DAYS}-day limit",
                 e.state, e.days
             )),
-            ErasureStatus::ProofFailed => {
-                findings.push(format!("{who}: the receipt does not prove the erasure"));
-            }
+            ErasureStatus::ProofFailed => findings.push(format!(
+                "{who}: the evidence does not prove the erasure: {}",
+                e.problem.as_deref().unwrap_or("-")
+            )),
+            ErasureStatus::KeysLive => findings.push(format!(
+                "{who}: {}",
+                e.problem.as_deref().unwrap_or("keys live again")
+            )),
             ErasureStatus::Pending => {
                 findings.push(format!("{who}: pending, due by {}", e.deadline));
             }
             ErasureStatus::OnTime | ErasureStatus::Cancelled => {}
         }
+    }
+    if !missing_erasures.is_empty() {
+        v = Verdict::NotMet;
+        findings.push(format!(
+            "{} request(s) recorded in the audit log are missing from the erasure table: {}",
+            missing_erasures.len(),
+            missing_erasures.join(", ")
+        ));
     }
     let on_time = erasures
         .iter()
@@ -1546,10 +1739,55 @@ fn summarize(
     } else {
         vec![audit.error.clone().unwrap_or_default()]
     };
+    let f = if !audit.verified {
+        f
+    } else if audit.records == 0 && audit.verdict == Verdict::NotMet {
+        vec!["the audit log is empty although tenants exist: it was replaced or truncated".into()]
+    } else if audit.verdict == Verdict::Attention {
+        let mut f = f;
+        f.insert(
+            0,
+            if audit.checkpoints == 0 {
+                "no signed checkpoint yet: the whole log is chained but unsigned".to_owned()
+            } else {
+                format!(
+                    "the last checkpoint is more than two intervals ({} s) old and {} record(s) after it are unsigned",
+                    2 * cfg.audit.checkpoint_secs,
+                    audit.records_after_last_checkpoint
+                )
+            },
+        );
+        f
+    } else {
+        f
+    };
     push(PromiseId::AuditLog, audit.verdict, f);
 
     // Transport.
+    let exposed: Vec<&String> = cfg
+        .tls
+        .local_listeners
+        .iter()
+        .filter(|l| {
+            l.strip_prefix("tcp ").is_some_and(|a| {
+                !a.parse::<std::net::SocketAddr>()
+                    .is_ok_and(|sa| sa.ip().is_loopback())
+                    && !a.starts_with("localhost:")
+            })
+        })
+        .collect();
     let (v, f) = match &cfg.tls.mtls_listener {
+        _ if !exposed.is_empty() => (
+            Verdict::NotMet,
+            format!(
+                "plaintext gRPC listener not on loopback: {}",
+                exposed
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ),
         Some(l) => (
             Verdict::Met,
             format!(
@@ -1558,9 +1796,10 @@ fn summarize(
             ),
         ),
         None if cfg.tls.trust_linkerd_identity => (
-            Verdict::Met,
+            Verdict::Attention,
             "remote callers arrive through the Linkerd proxy (mTLS terminated by the mesh; \
-             identity from l5d-client-id)"
+             identity from l5d-client-id): holds only if nothing but the proxy can reach \
+             the local listener (docs/OPERATIONS.md: fieldkey-admin)"
                 .to_owned(),
         ),
         None => (
