@@ -103,7 +103,6 @@ struct HistogramCells {
     bounds: Arc<[f64]>,
     /// Per bucket (not cumulative); the last one is `+Inf`.
     buckets: Box<[AtomicU64]>,
-    count: AtomicU64,
     /// Sum of the observations in nanoseconds.
     sum_nanos: AtomicU64,
 }
@@ -114,7 +113,6 @@ impl AtomicHistogram {
         Self(Arc::new(HistogramCells {
             bounds,
             buckets,
-            count: AtomicU64::new(0),
             sum_nanos: AtomicU64::new(0),
         }))
     }
@@ -127,7 +125,6 @@ impl AtomicHistogram {
         if let Some(b) = c.buckets.get(i) {
             b.fetch_add(1, Ordering::Relaxed);
         }
-        c.count.fetch_add(1, Ordering::Relaxed);
         let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         c.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
     }
@@ -152,12 +149,11 @@ impl EncodeMetric for AtomicHistogram {
             .collect();
         #[allow(clippy::cast_precision_loss, reason = "a sum of latencies in seconds")]
         let sum = c.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
-        encoder.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
-            sum,
-            c.count.load(Ordering::Relaxed),
-            &buckets,
-            None,
-        )
+        // The count from the buckets read, so that it equals the +Inf bucket even while
+        // observations land during the scrape.
+        let count = buckets.iter().map(|(_, n)| n).sum();
+        encoder
+            .encode_histogram::<prometheus_client::encoding::NoLabelSet>(sum, count, &buckets, None)
     }
 
     fn metric_type(&self) -> MetricType {
@@ -625,27 +621,32 @@ where
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
-        let slot = slot_of(req.uri().path());
-        let started = Instant::now();
-        let metrics = self.metrics.clone();
+        // Armed before the call: a call dropped before its response headers (client
+        // reset, deadline) is recorded as `Cancelled` when the future is dropped.
+        let mut pending = Watched {
+            inner: Body::empty(),
+            done: Some(Done {
+                metrics: self.metrics.clone(),
+                slot: slot_of(req.uri().path()),
+                started: Instant::now(),
+            }),
+        };
         let fut = self.inner.call(req);
         Box::pin(async move {
-            let res = fut.await?;
+            let res = match fut.await {
+                Ok(res) => res,
+                Err(e) => {
+                    pending.finish(UNKNOWN);
+                    return Err(e);
+                }
+            };
             if let Some(code) = grpc_status(res.headers()) {
                 // Trailers-only response (an error before any message).
-                metrics.record(slot, code, started.elapsed());
+                pending.finish(code);
                 return Ok(res);
             }
-            Ok(res.map(|body| {
-                Body::new(Watched {
-                    inner: body,
-                    done: Some(Done {
-                        metrics,
-                        slot,
-                        started,
-                    }),
-                })
-            }))
+            let done = pending.done.take();
+            Ok(res.map(|body| Body::new(Watched { inner: body, done })))
         })
     }
 }
