@@ -11,6 +11,7 @@
 //! codes, KMS operation names, tenant ids and job ids only (never subject ids, fields'
 //! values or key material).
 
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -31,8 +32,8 @@ use prometheus_client::registry::Registry;
 use crate::crypto::SecretKey;
 use crate::keyring::Keyring;
 use crate::kms::{DataKey, EncryptionContext, KeyDeletion, Kms, KmsError, WrappedKey};
+use crate::policy::RotationPolicy;
 use crate::policy::authz::Action;
-use crate::policy::{RotationPolicy, RotationStatus};
 use crate::store::now_ms;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -179,9 +180,19 @@ pub struct Metrics {
     job_state: Family<JobStateLabel, Gauge>,
     up: Family<Dependency, Gauge>,
     refreshed: Gauge,
+    /// The series the last refresh set (to remove those that disappear).
+    last_refresh: Mutex<LastRefresh>,
     /// Per-RPC handles into `requests` and `latency`, resolved on first use, so that a
     /// call costs atomic adds and no label allocation or family lookup.
     slots: Box<[RpcSlot]>,
+}
+
+/// Labels of the gauges set by the last [`Metrics::refresh`].
+#[derive(Debug, Default)]
+struct LastRefresh {
+    tenants: HashSet<String>,
+    job_ids: HashSet<String>,
+    job_states: HashSet<JobStateLabel>,
 }
 
 /// gRPC status codes 0..=16 by name, as labels.
@@ -429,6 +440,7 @@ impl Metrics {
             up,
             refreshed,
             slots: all_slots(),
+            last_refresh: Mutex::new(LastRefresh::default()),
         })
     }
 
@@ -502,19 +514,13 @@ impl Metrics {
         keyring: &Keyring,
         policy: &RotationPolicy,
     ) -> crate::error::Result<()> {
+        // New values are set first and only the series that disappeared are removed
+        // afterwards, so that a scrape never sees a family half refilled.
         let checks = keyring.rotate_due(policy, now_ms(), true).await?;
-        self.key_age.clear();
-        self.tenants_by_status.clear();
+        let mut by_status: HashMap<&'static str, i64> = HashMap::new();
+        let mut tenants = HashSet::new();
         for c in &checks {
-            let status = match c.age.status {
-                RotationStatus::Ok => "ok",
-                RotationStatus::DueSoon => "due-soon",
-                RotationStatus::Overdue => "overdue",
-                RotationStatus::NoActiveKey => "no-active-key",
-            };
-            self.tenants_by_status
-                .get_or_create(&StatusLabel { status })
-                .inc();
+            *by_status.entry(c.age.status.as_str()).or_default() += 1;
             if c.age.active_version.is_some() {
                 #[allow(clippy::cast_precision_loss, reason = "ages in ms fit an f64")]
                 let secs = c.age.age_ms as f64 / 1000.0;
@@ -523,19 +529,17 @@ impl Metrics {
                         tenant: c.age.tenant_id.clone(),
                     })
                     .set(secs);
+                tenants.insert(c.age.tenant_id.clone());
             }
         }
-        let jobs = crate::jobs::list(keyring.store().as_ref()).await?;
-        for f in [
-            &self.job_rows_total,
-            &self.job_rows_scanned,
-            &self.job_values_rewrapped,
-            &self.job_values_failed,
-        ] {
-            f.clear();
+        for status in ["ok", "due-soon", "overdue", "no-active-key"] {
+            self.tenants_by_status
+                .get_or_create(&StatusLabel { status })
+                .set(by_status.get(status).copied().unwrap_or(0));
         }
-        self.job_state.clear();
+        let jobs = crate::jobs::list(keyring.store().as_ref()).await?;
         let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        let (mut job_ids, mut job_states) = (HashSet::new(), HashSet::new());
         for j in jobs {
             let job = JobLabel {
                 job_id: j.record.job_id.clone(),
@@ -551,13 +555,39 @@ impl Metrics {
             self.job_values_failed
                 .get_or_create(&job)
                 .set(g(p.values_failed));
-            self.job_state
-                .get_or_create(&JobStateLabel {
-                    job_id: j.record.job_id,
-                    state: j.record.state.to_string(),
-                })
-                .set(1);
+            let state = JobStateLabel {
+                job_id: j.record.job_id.clone(),
+                state: j.record.state.to_string(),
+            };
+            self.job_state.get_or_create(&state).set(1);
+            job_ids.insert(j.record.job_id);
+            job_states.insert(state);
         }
+        let mut last = self.last_refresh.lock().unwrap_or_else(|p| p.into_inner());
+        for tenant in last.tenants.difference(&tenants) {
+            self.key_age.remove(&TenantLabel {
+                tenant: tenant.clone(),
+            });
+        }
+        for id in last.job_ids.difference(&job_ids) {
+            let job = JobLabel { job_id: id.clone() };
+            for f in [
+                &self.job_rows_total,
+                &self.job_rows_scanned,
+                &self.job_values_rewrapped,
+                &self.job_values_failed,
+            ] {
+                f.remove(&job);
+            }
+        }
+        for st in last.job_states.difference(&job_states) {
+            self.job_state.remove(st);
+        }
+        *last = LastRefresh {
+            tenants,
+            job_ids,
+            job_states,
+        };
         self.refreshed.set(now_ms() / 1000);
         Ok(())
     }

@@ -290,3 +290,45 @@ async fn metrics_move_with_traffic_and_readiness_follows_the_key_store() -> Resu
     drop(s);
     keys_db.drop_db().await
 }
+
+/// A refresh sets the new values before it removes what disappeared: a tenant whose key
+/// is no longer active loses its age series, the status counts move, nothing else goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refreshed_gauges_drop_series_that_disappear() -> Result<()> {
+    use fieldkey::metrics::Metrics;
+    use fieldkey::policy::RotationPolicy;
+    use fieldkey::{Keyring, KeyringConfig};
+    let dir = tempfile::tempdir()?;
+    let store = common::sqlite_store(&dir).await?;
+    let kms = common::local_kms(&dir)?;
+    let keyring = std::sync::Arc::new(Keyring::new(store, kms, KeyringConfig::default()));
+    keyring.create_tenant("a", None).await?;
+    keyring.create_tenant("b", None).await?;
+    let m = Metrics::new();
+    m.refresh(&keyring, &RotationPolicy::default()).await?;
+    let t = m.render();
+    assert!(
+        sample(&t, "fieldkey_key_age_seconds{tenant=\"b\"}").is_some(),
+        "{t}"
+    );
+    assert_eq!(sample(&t, "fieldkey_tenants{status=\"ok\"}"), Some(2.0));
+    assert_eq!(
+        sample(&t, "fieldkey_tenants{status=\"overdue\"}"),
+        Some(0.0)
+    );
+    keyring.suspend_tenant("b").await?;
+    m.refresh(&keyring, &RotationPolicy::default()).await?;
+    let t = m.render();
+    assert_eq!(
+        sample(&t, "fieldkey_key_age_seconds{tenant=\"b\"}"),
+        None,
+        "{t}"
+    );
+    assert!(sample(&t, "fieldkey_key_age_seconds{tenant=\"a\"}").is_some());
+    assert_eq!(sample(&t, "fieldkey_tenants{status=\"ok\"}"), Some(1.0));
+    assert_eq!(
+        sample(&t, "fieldkey_tenants{status=\"no-active-key\"}"),
+        Some(1.0)
+    );
+    Ok(())
+}
