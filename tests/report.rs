@@ -114,6 +114,12 @@ async fn situation() -> Result<Situation> {
     }
     backdate_key(&raw, "t-due", 350).await?;
     backdate_key(&raw, "t-stale", 400).await?;
+    // A suspended tenant whose key is past its age: suspension does not hide it.
+    keyring.create_tenant("t-suspended-stale", None).await?;
+    backdate_key(&raw, "t-suspended-stale", 400).await?;
+    erasures
+        .suspend(&actor(), "t-suspended-stale", None)
+        .await?;
 
     // Rotations: a job still running, a job done with nothing left, one with leftovers,
     // and one with no job at all.
@@ -384,6 +390,17 @@ async fn report_gives_each_situation_its_verdict() -> Result<()> {
     assert_eq!(rot("t-fresh"), (Verdict::Met, "ok".into()));
     assert_eq!(rot("t-due"), (Verdict::Attention, "due-soon".into()));
     assert_eq!(rot("t-stale"), (Verdict::NotMet, "overdue".into()));
+    assert_eq!(
+        rot("t-suspended-stale"),
+        (Verdict::NotMet, "overdue".into())
+    );
+    assert!(
+        tenant(&r, "t-suspended-stale")
+            .rotation
+            .finding
+            .starts_with("suspended")
+    );
+    assert!(tenant(&r, "t-suspended-stale").restriction.tenant_suspended);
     let age = tenant(&r, "t-stale").rotation.age_days.unwrap();
     assert!((399.9..400.1).contains(&age), "{age}");
     let old = |t: &str| tenant(&r, t).rotation_completion.old_versions.clone();

@@ -1064,7 +1064,23 @@ fn tenant_section(
     now: i64,
 ) -> TenantSection {
     let state = tenant_state(t);
-    let age = policy.assess(t, now);
+    // A suspended tenant's keys are all suspended; the newest version is the one that
+    // becomes active again on resumption, and its age is what rotation is about.
+    let assessed = if state == "suspended" {
+        let mut as_active = t.clone();
+        if let Some(v) = as_active
+            .versions
+            .iter_mut()
+            .filter(|v| v.state == KeyState::Suspended)
+            .max_by_key(|v| v.version)
+        {
+            v.state = KeyState::Active;
+        }
+        as_active
+    } else {
+        t.clone()
+    };
+    let age = policy.assess(&assessed, now);
     let (verdict, finding) = match age.status {
         RotationStatus::Ok => (
             Verdict::Met,
@@ -1101,6 +1117,11 @@ fn tenant_section(
                 "no active key: processing is restricted (suspended)".to_owned()
             },
         ),
+    };
+    let finding = if state == "suspended" && age.active_version.is_some() {
+        format!("suspended (the key that resumes): {finding}")
+    } else {
+        finding
     };
     let rotation = RotationEntry {
         promise: PromiseId::KeyRotation,
