@@ -606,7 +606,18 @@ async fn report_gives_each_situation_its_verdict() -> Result<()> {
     .bind(&s.ids["overdue"])
     .execute(&s.raw)
     .await?;
+    // A job whose counters were overwritten: reported, not fatal.
+    sqlx::query("UPDATE fk_jobs SET progress = 'not json' WHERE job_id = 'users-rotating'")
+        .execute(&s.raw)
+        .await?;
     let edited_rows = build(s.store.as_ref()).await?;
+    assert!(
+        edited_rows.summary.alerts.iter().any(|a| a
+            .starts_with("KEY STORE RECORD UNREADABLE: re-encryption job users-rotating")),
+        "{:?}",
+        edited_rows.summary.alerts
+    );
+    assert!(!edited_rows.summary.all_met);
     assert!(edited_rows.audit_log.verified, "the chain itself is intact");
     let t = erasure(&edited_rows, &s.ids["tampered"]);
     assert_eq!(

@@ -719,23 +719,25 @@ fn days(ms: i64) -> f64 {
     (d * 100.0).round() / 100.0
 }
 
-async fn store_keys(store: &dyn KeyStore, purpose: &str) -> Result<Vec<VerifyingKey>> {
+/// The public keys the store records for `purpose`; a malformed one is reported in
+/// `unreadable` (and verifies nothing) instead of failing the report.
+async fn store_keys(
+    store: &dyn KeyStore,
+    purpose: &str,
+    unreadable: &mut Vec<String>,
+) -> Result<Vec<VerifyingKey>> {
     let mut out = Vec::new();
     for rec in store.signing_keys(purpose).await? {
-        let bytes: [u8; 32] = rec.public_key.as_slice().try_into().map_err(|_| {
-            crate::store::StoreError::Corrupt(format!(
-                "signing key {} has a public key of {} bytes",
-                rec.key_id,
-                rec.public_key.len()
-            ))
-        })?;
-        let vk = VerifyingKey::from_bytes(&bytes).map_err(|_| {
-            crate::store::StoreError::Corrupt(format!(
-                "signing key {} is not an Ed25519 public key",
+        let key = <[u8; 32]>::try_from(rec.public_key.as_slice())
+            .ok()
+            .and_then(|b| VerifyingKey::from_bytes(&b).ok());
+        match key {
+            Some(vk) => out.push(vk),
+            None => unreadable.push(format!(
+                "signing key {} ({purpose}) is not an Ed25519 public key",
                 rec.key_id
-            ))
-        })?;
-        out.push(vk);
+            )),
+        }
     }
     Ok(out)
 }
@@ -770,12 +772,14 @@ pub async fn build(
 ) -> Result<Report> {
     let period = Period::new(opts.since_ms, opts.until_ms);
     let now = opts.now_ms;
+    // Store records that do not decode: shown as alerts, never fatal.
+    let mut unreadable = Vec::new();
 
     // The audit chain, with what later sections look up in it.
     let (audit_keys, key_source) = match &opts.audit_keys {
         Some(k) => (k.clone(), "pinned"),
         None => (
-            store_keys(store, crate::audit::CHECKPOINT_PURPOSE).await?,
+            store_keys(store, crate::audit::CHECKPOINT_PURPOSE, &mut unreadable).await?,
             "key-store",
         ),
     };
@@ -850,7 +854,14 @@ pub async fn build(
     ));
 
     // Tenants.
-    let jobs = crate::jobs::list(store).await?;
+    // A job whose counters do not decode is reported, not fatal.
+    let mut jobs = Vec::new();
+    for record in store.list_jobs().await? {
+        match crate::store::JobProgress::parse(&record.progress) {
+            Ok(progress) => jobs.push(JobView { record, progress }),
+            Err(e) => unreadable.push(format!("re-encryption job {}: {e}", record.job_id)),
+        }
+    }
     let mut tenant_ids = store.list_tenants().await?;
     if let Some(t) = &opts.tenant {
         tenant_ids.retain(|id| id == t);
@@ -872,7 +883,7 @@ pub async fn build(
     // Erasures.
     let receipt_keys = match &opts.receipt_keys {
         Some(k) => k.clone(),
-        None => store_keys(store, crate::erasure::SIGNING_PURPOSE).await?,
+        None => store_keys(store, crate::erasure::SIGNING_PURPOSE, &mut unreadable).await?,
     };
     let mut erasures = Vec::new();
     let mut rows = std::collections::HashSet::new();
@@ -943,6 +954,7 @@ pub async fn build(
         &tenants,
         &erasures,
         &missing,
+        &unreadable,
     );
     Ok(Report {
         format: FORMAT.into(),
@@ -1524,6 +1536,7 @@ fn summarize(
     tenants: &[TenantSection],
     erasures: &[ErasureEntry],
     missing_erasures: &[String],
+    unreadable: &[String],
 ) -> Summary {
     let mut alerts = Vec::new();
     let mut promises = Vec::new();
@@ -1565,6 +1578,9 @@ fn summarize(
                 .unwrap_or_default(),
             e.problem.as_deref().unwrap_or("no receipt")
         ));
+    }
+    for u in unreadable {
+        alerts.push(format!("KEY STORE RECORD UNREADABLE: {u}"));
     }
     for m in missing_erasures {
         alerts.push(format!(
