@@ -849,7 +849,7 @@ pub async fn build(
     audit_log.verdict = audit_log.verdict.worst(audit_freshness(
         &audit_log,
         &configuration,
-        opts.tenant.is_none() && !store.list_tenants().await?.is_empty(),
+        !store.list_tenants().await?.is_empty(),
         now,
     ));
 
