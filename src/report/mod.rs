@@ -788,72 +788,57 @@ pub async fn build(
         if period.contains(r.ts) {
             index.in_period += 1;
         }
-        match r.event.action.as_str() {
-            "erasure.completed" => {
-                if let (Some(id), Some(digest)) = (
-                    r.event.details.get("erasure_id").and_then(|v| v.as_str()),
-                    r.event
-                        .details
-                        .get("receipt_sha256")
-                        .and_then(|v| v.as_str()),
-                ) {
+        let erasure_id = r.event.details.get("erasure_id").and_then(|v| v.as_str());
+        let resource = || {
+            (
+                r.event.tenant_id.clone().unwrap_or_default(),
+                r.event.resource_type.clone(),
+                r.event.resource_id.clone(),
+            )
+        };
+        match (r.event.action.as_str(), erasure_id) {
+            ("erasure.completed", Some(id)) => {
+                if let Some(digest) = r
+                    .event
+                    .details
+                    .get("receipt_sha256")
+                    .and_then(|v| v.as_str())
+                {
                     index
                         .completed
                         .insert(id.to_owned(), (r.seq, digest.to_owned()));
                 }
             }
-            "erasure.requested" => {
-                if let Some(id) = r.event.details.get("erasure_id").and_then(|v| v.as_str()) {
-                    let tenant = r.event.tenant_id.clone().unwrap_or_default();
-                    let subject =
-                        (r.event.resource_type == "subject").then(|| r.event.resource_id.clone());
-                    index
-                        .requested
-                        .insert(id.to_owned(), (r.ts, tenant, subject));
-                }
+            ("erasure.requested", Some(id)) => {
+                let tenant = r.event.tenant_id.clone().unwrap_or_default();
+                let subject =
+                    (r.event.resource_type == "subject").then(|| r.event.resource_id.clone());
+                index
+                    .requested
+                    .insert(id.to_owned(), (r.ts, tenant, subject));
             }
-            "erasure.cancelled" => {
-                if let Some(id) = r.event.details.get("erasure_id").and_then(|v| v.as_str()) {
-                    index.cancelled.insert(id.to_owned());
-                }
+            ("erasure.cancelled", Some(id)) => {
+                index.cancelled.insert(id.to_owned());
             }
-            "erasure.restored" => {
-                if let Some(id) = r.event.details.get("erasure_id").and_then(|v| v.as_str()) {
-                    index.restored.insert(id.to_owned());
-                }
+            ("erasure.restored", Some(id)) => {
+                index.restored.insert(id.to_owned());
             }
-            "subject.suspended" | "tenant.suspended" => {
-                index.suspended.insert(
-                    (
-                        r.event.tenant_id.clone().unwrap_or_default(),
-                        r.event.resource_type.clone(),
-                        r.event.resource_id.clone(),
-                    ),
-                    r.seq,
-                );
+            ("subject.suspended" | "tenant.suspended", _) => {
+                index.suspended.insert(resource(), r.seq);
             }
             // A later resumption voids the suspension record: a new suspension needs
             // its own.
-            "subject.resumed" | "tenant.resumed" => {
-                index.suspended.remove(&(
-                    r.event.tenant_id.clone().unwrap_or_default(),
-                    r.event.resource_type.clone(),
-                    r.event.resource_id.clone(),
-                ));
+            ("subject.resumed" | "tenant.resumed", _) => {
+                index.suspended.remove(&resource());
             }
             _ => {}
         }
     })
     .await?;
+    let all_tenants = store.list_tenants().await?;
     let mut audit_log = audit_section(verified, key_source, &audit_keys, index.in_period);
-    audit_log.verdict = audit_log.verdict.worst(audit_freshness(
-        &audit_log,
-        &configuration,
-        !store.list_tenants().await?.is_empty(),
-        now,
-    ));
+    audit_log.verdict = audit_freshness(&audit_log, &configuration, !all_tenants.is_empty(), now);
 
-    // Tenants.
     // A job whose counters do not decode is reported, not fatal.
     let mut jobs = Vec::new();
     for record in store.list_jobs().await? {
@@ -862,7 +847,8 @@ pub async fn build(
             Err(e) => unreadable.push(format!("re-encryption job {}: {e}", record.job_id)),
         }
     }
-    let mut tenant_ids = store.list_tenants().await?;
+    // Tenants.
+    let mut tenant_ids = all_tenants;
     if let Some(t) = &opts.tenant {
         tenant_ids.retain(|id| id == t);
         if tenant_ids.is_empty() {
@@ -986,11 +972,8 @@ fn audit_section(
             };
             AuditSection {
                 promise: PromiseId::AuditLog,
-                verdict: if s.records > 0 && s.checkpoints == 0 {
-                    Verdict::Attention
-                } else {
-                    Verdict::Met
-                },
+                // Refined by `audit_freshness` (checkpoints, empty log).
+                verdict: Verdict::Met,
                 verified: true,
                 error: None,
                 records: s.records,
