@@ -867,23 +867,13 @@ impl Readiness {
         let kms = tokio::time::timeout(self.timeout, self.keyring.kms().check());
         let store = tokio::time::timeout(self.timeout, self.keyring.store().ping());
         let (kms, store) = tokio::join!(kms, store);
-        let kms_ok = matches!(kms, Ok(Ok(())));
-        let store_ok = matches!(store, Ok(Ok(())));
-        self.metrics.set_up("kms", kms_ok);
-        self.metrics.set_up("key_store", store_ok);
-        let mut down = Vec::new();
-        if !kms_ok {
-            down.push(match kms {
-                Ok(Err(e)) => format!("KMS: {e}"),
-                _ => "KMS: no answer within 2 s".to_owned(),
-            });
-        }
-        if !store_ok {
-            down.push(match store {
-                Ok(Err(e)) => format!("key store: {e}"),
-                _ => "key store: no answer within 2 s".to_owned(),
-            });
-        }
+        let (kms, store) = (
+            why_down("KMS", kms, self.timeout),
+            why_down("key store", store, self.timeout),
+        );
+        self.metrics.set_up("kms", kms.is_none());
+        self.metrics.set_up("key_store", store.is_none());
+        let down: Vec<String> = [kms, store].into_iter().flatten().collect();
         let r = if down.is_empty() {
             Ok(())
         } else {
@@ -891,6 +881,20 @@ impl Readiness {
         };
         *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), r.clone()));
         r
+    }
+}
+
+/// Why a dependency's readiness check failed (its error, or no answer in time), or
+/// `None` if it answered.
+fn why_down<E: std::fmt::Display>(
+    what: &str,
+    r: Result<Result<(), E>, tokio::time::error::Elapsed>,
+    timeout: Duration,
+) -> Option<String> {
+    match r {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(format!("{what}: {e}")),
+        Err(_) => Some(format!("{what}: no answer within {} s", timeout.as_secs())),
     }
 }
 
