@@ -164,6 +164,12 @@ impl From<KmsError> for Error {
     }
 }
 
+impl From<crate::model::DecodeError> for Error {
+    fn from(e: crate::model::DecodeError) -> Self {
+        Error::Store(StoreError::from(e))
+    }
+}
+
 impl From<StoreError> for Error {
     fn from(e: StoreError) -> Self {
         Error::Store(e)

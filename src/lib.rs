@@ -23,6 +23,7 @@ pub mod jobs;
 pub mod keyring;
 pub mod kms;
 pub mod metrics;
+pub mod model;
 pub mod policy;
 pub mod report;
 pub mod service;

@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use fieldkey::kms::WrappedKey;
+use fieldkey::store::prelude::*;
 use fieldkey::store::{
     JobControl, JobProgress, JobState, JobUpdate, KeyState, KeyStore, NewJob, NewKeyVersion,
     NewSubject, SqlStore, StoreError,

@@ -10,39 +10,11 @@ pub mod aws;
 pub mod local;
 
 use std::collections::BTreeMap;
-use std::fmt;
 
 use async_trait::async_trait;
 
-use crate::crypto::{Fingerprint, SecretKey};
-
-/// A key encrypted ("wrapped") by a KMS key. Opaque ciphertext; safe to store and log
-/// by fingerprint.
-#[derive(Clone, PartialEq, Eq)]
-pub struct WrappedKey(Vec<u8>);
-
-impl WrappedKey {
-    /// Wraps stored bytes.
-    pub fn new(bytes: Vec<u8>) -> Self {
-        Self(bytes)
-    }
-
-    /// The wrapped bytes.
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.0
-    }
-
-    /// SHA-256 fingerprint of the wrapped bytes.
-    pub fn fingerprint(&self) -> Fingerprint {
-        Fingerprint::of_wrapped(&self.0)
-    }
-}
-
-impl fmt::Debug for WrappedKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "WrappedKey({})", self.fingerprint())
-    }
-}
+use crate::crypto::SecretKey;
+pub use crate::model::WrappedKey;
 
 /// A freshly generated key: the secret and its wrapped form.
 #[derive(Debug)]

@@ -1,238 +1,251 @@
-//! Storage form of re-encryption jobs: the coordination record every runner and every
-//! sidecar reads. The store keeps the spec and the counters as opaque JSON text; the
-//! `jobs` module owns their meaning.
+//! Re-encryption jobs in the store: the [`JobStore`] trait and its SQL.
+//!
+//! The store keeps the spec and counters as opaque JSON text; `crate::jobs` owns
+//! their meaning.
 
-use std::collections::BTreeMap;
-use std::fmt;
-use std::str::FromStr;
-
-use serde::{Deserialize, Serialize};
+use async_trait::async_trait;
+use sqlx::Row;
+use sqlx::any::AnyRow;
 
 use super::StoreError;
+use super::sql::{SqlStore, classify};
+use crate::model::{Created, JobControl, JobRecord, JobUpdate, NewJob, now_ms};
 
-/// Where a job is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum JobState {
-    /// Created, not yet started by a runner.
-    Pending,
-    /// A runner is (or was, until its lease ran out) working on it.
-    Running,
-    /// Paused by an operator; a runner waits.
-    Paused,
-    /// Every row was visited.
-    Completed,
-    /// Cancelled by an operator; rows already rewrapped stay rewrapped.
-    Cancelled,
-    /// Stopped on an error that needs an operator (see the job's error).
-    Failed,
+/// Re-encryption jobs: the coordination record runners lease and report progress on.
+#[async_trait]
+pub trait JobStore: Send + Sync + 'static {
+    /// Creates a job unless one with that id exists; returns the stored job.
+    async fn create_job(&self, job: NewJob) -> Result<Created<JobRecord>, StoreError>;
+
+    /// A job, or `None`.
+    async fn get_job(&self, job_id: &str) -> Result<Option<JobRecord>, StoreError>;
+
+    /// All jobs, newest first.
+    async fn list_jobs(&self) -> Result<Vec<JobRecord>, StoreError>;
+
+    /// Takes (or renews) the lease of an unfinished job for `owner` until
+    /// `lease_until` (Unix ms): only if it is unowned, already `owner`'s, or its lease
+    /// ran out before `now`. Returns the job if this owner now holds it.
+    async fn claim_job(
+        &self,
+        job_id: &str,
+        owner: &str,
+        now: i64,
+        lease_until: i64,
+    ) -> Result<Option<JobRecord>, StoreError>;
+
+    /// Records progress (and renews the lease) only while `owner` holds the job.
+    /// Returns what operators want of the job now, or `None` if nothing was recorded
+    /// because the lease was lost (or the job is finished).
+    async fn update_job(
+        &self,
+        job_id: &str,
+        owner: &str,
+        update: JobUpdate,
+    ) -> Result<Option<JobControl>, StoreError>;
+
+    /// Extends `owner`'s lease on an unfinished job to `lease_until` (a heartbeat while
+    /// a batch takes long). Returns whether `owner` still holds it.
+    async fn renew_job_lease(
+        &self,
+        job_id: &str,
+        owner: &str,
+        lease_until: i64,
+    ) -> Result<bool, StoreError>;
+
+    /// Sets what operators want of an unfinished job (run, pause, cancel); `Run` on a
+    /// failed job also makes it pending again (after the operator fixed the cause), so
+    /// the next runner resumes it from its checkpoint. Returns whether it applied.
+    async fn set_job_control(&self, job_id: &str, control: JobControl) -> Result<bool, StoreError>;
 }
 
-impl JobState {
-    /// Stable text form.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobState::Pending => "pending",
-            JobState::Running => "running",
-            JobState::Paused => "paused",
-            JobState::Completed => "completed",
-            JobState::Cancelled => "cancelled",
-            JobState::Failed => "failed",
-        }
-    }
+macro_rules! job_columns {
+    () => {
+        "job_id, target, tenant_id, spec, state, control, owner, lease_until, \
+         checkpoint, progress, error, created_at, started_at, updated_at, finished_at"
+    };
+}
 
-    /// Completed, cancelled or failed: no runner will touch it again.
-    pub fn is_finished(self) -> bool {
-        matches!(
-            self,
-            JobState::Completed | JobState::Cancelled | JobState::Failed
+fn job_from_row(row: &AnyRow) -> Result<JobRecord, StoreError> {
+    let state: String = row.try_get("state").map_err(classify)?;
+    let control: String = row.try_get("control").map_err(classify)?;
+    Ok(JobRecord {
+        job_id: row.try_get("job_id").map_err(classify)?,
+        target: row.try_get("target").map_err(classify)?,
+        tenant_id: row.try_get("tenant_id").map_err(classify)?,
+        spec: row.try_get("spec").map_err(classify)?,
+        state: state.parse()?,
+        control: control.parse()?,
+        owner: row.try_get("owner").map_err(classify)?,
+        lease_until: row.try_get("lease_until").map_err(classify)?,
+        checkpoint: row.try_get("checkpoint").map_err(classify)?,
+        progress: row.try_get("progress").map_err(classify)?,
+        error: row.try_get("error").map_err(classify)?,
+        created_at: row.try_get("created_at").map_err(classify)?,
+        started_at: row.try_get("started_at").map_err(classify)?,
+        updated_at: row.try_get("updated_at").map_err(classify)?,
+        finished_at: row.try_get("finished_at").map_err(classify)?,
+    })
+}
+
+#[async_trait]
+impl JobStore for SqlStore {
+    async fn create_job(&self, job: NewJob) -> Result<Created<JobRecord>, StoreError> {
+        let now = now_ms();
+        let n = sqlx::query(
+            "INSERT INTO fk_jobs (job_id, target, tenant_id, spec, state, control, progress, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, 'pending', 'run', $5, $6, $6) ON CONFLICT (job_id) DO NOTHING",
         )
-    }
-}
-
-impl fmt::Display for JobState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for JobState {
-    type Err = StoreError;
-    fn from_str(s: &str) -> Result<Self, StoreError> {
-        Ok(match s {
-            "pending" => JobState::Pending,
-            "running" => JobState::Running,
-            "paused" => JobState::Paused,
-            "completed" => JobState::Completed,
-            "cancelled" => JobState::Cancelled,
-            "failed" => JobState::Failed,
-            _ => return Err(StoreError::Corrupt(format!("unknown job state {s:?}"))),
+        .bind(&job.job_id)
+        .bind(&job.target)
+        .bind(job.tenant_id.as_deref())
+        .bind(&job.spec)
+        .bind(&job.progress)
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?
+        .rows_affected();
+        let record = self
+            .get_job(&job.job_id)
+            .await?
+            .ok_or_else(|| StoreError::Corrupt("job vanished after insert".into()))?;
+        Ok(if n == 1 {
+            Created::Created(record)
+        } else {
+            Created::Existing(record)
         })
     }
-}
 
-/// What operators want of a job.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum JobControl {
-    /// Run (or resume).
-    Run,
-    /// Pause after the current batch.
-    Pause,
-    /// Cancel after the current batch.
-    Cancel,
-}
+    async fn get_job(&self, job_id: &str) -> Result<Option<JobRecord>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            job_columns!(),
+            " FROM fk_jobs WHERE job_id = $1"
+        ))
+        .bind(job_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(classify)?
+        .as_ref()
+        .map(job_from_row)
+        .transpose()
+    }
 
-impl JobControl {
-    /// Stable text form.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobControl::Run => "run",
-            JobControl::Pause => "pause",
-            JobControl::Cancel => "cancel",
+    async fn list_jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            job_columns!(),
+            " FROM fk_jobs ORDER BY created_at DESC, job_id"
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?;
+        rows.iter().map(job_from_row).collect()
+    }
+
+    async fn claim_job(
+        &self,
+        job_id: &str,
+        owner: &str,
+        now: i64,
+        lease_until: i64,
+    ) -> Result<Option<JobRecord>, StoreError> {
+        let n = sqlx::query(
+            "UPDATE fk_jobs SET owner = $2, lease_until = $4, updated_at = $3, \
+                 started_at = COALESCE(started_at, $3), \
+                 state = CASE WHEN state = 'pending' THEN 'running' ELSE state END \
+             WHERE job_id = $1 AND state IN ('pending', 'running', 'paused') \
+             AND (owner IS NULL OR owner = $2 OR lease_until IS NULL OR lease_until < $3)",
+        )
+        .bind(job_id)
+        .bind(owner)
+        .bind(now)
+        .bind(lease_until)
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?
+        .rows_affected();
+        if n == 1 {
+            self.get_job(job_id).await
+        } else {
+            Ok(None)
         }
     }
-}
 
-impl FromStr for JobControl {
-    type Err = StoreError;
-    fn from_str(s: &str) -> Result<Self, StoreError> {
-        Ok(match s {
-            "run" => JobControl::Run,
-            "pause" => JobControl::Pause,
-            "cancel" => JobControl::Cancel,
-            _ => return Err(StoreError::Corrupt(format!("unknown job control {s:?}"))),
+    async fn update_job(
+        &self,
+        job_id: &str,
+        owner: &str,
+        update: JobUpdate,
+    ) -> Result<Option<JobControl>, StoreError> {
+        let now = now_ms();
+        let finished = update.state.is_finished();
+        let row = sqlx::query(
+            "UPDATE fk_jobs SET state = $3, checkpoint = COALESCE($4, checkpoint), progress = $5, \
+                 error = $6, updated_at = $7, \
+                 lease_until = CASE WHEN $9 = 1 THEN NULL ELSE $8 END, \
+                 owner = CASE WHEN $9 = 1 THEN NULL ELSE owner END, \
+                 finished_at = CASE WHEN $9 = 1 THEN $7 ELSE NULL END \
+             WHERE job_id = $1 AND owner = $2 AND state IN ('pending', 'running', 'paused') \
+             RETURNING control",
+        )
+        .bind(job_id)
+        .bind(owner)
+        .bind(update.state.as_str())
+        .bind(update.checkpoint.as_deref())
+        .bind(&update.progress)
+        .bind(update.error.as_deref())
+        .bind(now)
+        .bind(update.lease_until)
+        .bind(i64::from(finished))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(classify)?;
+        row.map(|r| {
+            Ok(r.try_get::<String, _>("control")
+                .map_err(classify)?
+                .parse()?)
         })
-    }
-}
-
-/// A job as stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct JobRecord {
-    /// Job id.
-    pub job_id: String,
-    /// The table it re-encrypts.
-    pub target: String,
-    /// The one tenant it covers, or `None` for every tenant in the table.
-    pub tenant_id: Option<String>,
-    /// The job spec (JSON).
-    pub spec: String,
-    /// State.
-    pub state: JobState,
-    /// Operator's wish.
-    pub control: JobControl,
-    /// Runner holding the lease.
-    pub owner: Option<String>,
-    /// Lease end, Unix ms.
-    pub lease_until: Option<i64>,
-    /// Last primary key fully processed (text form).
-    pub checkpoint: Option<String>,
-    /// Counters (JSON).
-    pub progress: String,
-    /// Why it failed.
-    pub error: Option<String>,
-    /// Creation time, Unix ms.
-    pub created_at: i64,
-    /// First start, Unix ms.
-    pub started_at: Option<i64>,
-    /// Last update, Unix ms.
-    pub updated_at: i64,
-    /// End time, Unix ms.
-    pub finished_at: Option<i64>,
-}
-
-/// A job to create.
-#[derive(Debug, Clone)]
-pub struct NewJob {
-    /// Job id.
-    pub job_id: String,
-    /// The table it re-encrypts.
-    pub target: String,
-    /// The one tenant it covers, or `None`.
-    pub tenant_id: Option<String>,
-    /// Spec (JSON).
-    pub spec: String,
-    /// Initial counters (JSON).
-    pub progress: String,
-}
-
-/// Progress a lease holder records.
-#[derive(Debug, Clone)]
-pub struct JobUpdate {
-    /// New state.
-    pub state: JobState,
-    /// New checkpoint (`None` keeps the current one).
-    pub checkpoint: Option<String>,
-    /// Counters (JSON).
-    pub progress: String,
-    /// Error, for `Failed`.
-    pub error: Option<String>,
-    /// Lease renewal, Unix ms (ignored for finished states, which release the lease).
-    pub lease_until: i64,
-}
-
-/// A job's counters, stored as JSON in [`JobRecord::progress`]. Counters of a batch
-/// that was written but not yet checkpointed when a runner died are lost; on resume
-/// those rows are read again and counted under `values_current`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct JobProgress {
-    /// Rows in scope when the job (re)started (an estimate for ETAs).
-    pub total_rows: u64,
-    /// Rows read so far.
-    pub rows_scanned: u64,
-    /// Rows written with rewrapped values.
-    pub rows_updated: u64,
-    /// Values moved to the active key version.
-    pub values_rewrapped: u64,
-    /// Values already on the active key version (nothing to do).
-    pub values_current: u64,
-    /// Rows the application changed between our read and our write; re-read and
-    /// retried, never overwritten.
-    pub conflicts: u64,
-    /// Values whose key was crypto-shredded: unreadable already, left as they are.
-    pub values_shredded: u64,
-    /// Values that could not be rewrapped for another reason (see `leftovers`).
-    pub values_failed: u64,
-    /// Blind-index values (re)computed under the active version (missing, stale, or
-    /// made by another profile).
-    pub indexes_recomputed: u64,
-    /// Blind-index values already current.
-    pub indexes_current: u64,
-    /// Blind-index values cleared (NULL) because their value's key was shredded.
-    pub indexes_cleared: u64,
-    /// Values left on an old key version, per tenant and version. Any entry at or
-    /// below a version blocks that version's retirement.
-    pub leftovers: BTreeMap<String, BTreeMap<u32, u64>>,
-    /// How many times a runner started or resumed the job.
-    pub runs: u32,
-    /// The largest metadata revalidation interval (ms) of the runners that worked on
-    /// it: how long after a rotation a runner may still have treated the old version
-    /// as current. Retirement waits at least this long after the rotation.
-    pub revalidate_ms: u64,
-    /// The last per-value error (no plaintext, no subject ids).
-    pub last_error: Option<String>,
-}
-
-impl JobProgress {
-    /// Parses stored counters.
-    ///
-    /// # Errors
-    /// [`StoreError::Corrupt`] if the JSON does not decode.
-    pub fn parse(json: &str) -> Result<Self, StoreError> {
-        serde_json::from_str(json)
-            .map_err(|e| StoreError::Corrupt(format!("job progress does not decode: {e}")))
+        .transpose()
     }
 
-    /// The stored form.
-    pub fn to_json(&self) -> String {
-        // A struct of integers, strings and maps with string keys always serializes.
-        serde_json::to_string(self).unwrap_or_else(|_| "{}".to_owned())
+    async fn renew_job_lease(
+        &self,
+        job_id: &str,
+        owner: &str,
+        lease_until: i64,
+    ) -> Result<bool, StoreError> {
+        let n = sqlx::query(
+            "UPDATE fk_jobs SET lease_until = $3 \
+             WHERE job_id = $1 AND owner = $2 AND state IN ('pending', 'running', 'paused')",
+        )
+        .bind(job_id)
+        .bind(owner)
+        .bind(lease_until)
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?
+        .rows_affected();
+        Ok(n == 1)
     }
 
-    /// Values of `tenant` left on `version` or older.
-    pub fn left_at_or_below(&self, tenant: &str, version: u32) -> u64 {
-        self.leftovers
-            .get(tenant)
-            .map(|m| m.range(..=version).map(|(_, n)| n).sum())
-            .unwrap_or(0)
+    async fn set_job_control(&self, job_id: &str, control: JobControl) -> Result<bool, StoreError> {
+        let n = sqlx::query(
+            "UPDATE fk_jobs SET control = $2, updated_at = $3, \
+                 state = CASE WHEN state = 'failed' THEN 'pending' ELSE state END, \
+                 error = CASE WHEN state = 'failed' THEN NULL ELSE error END, \
+                 finished_at = CASE WHEN state = 'failed' THEN NULL ELSE finished_at END \
+             WHERE job_id = $1 AND (state IN ('pending', 'running', 'paused') \
+                 OR (state = 'failed' AND $2 = 'run'))",
+        )
+        .bind(job_id)
+        .bind(control.as_str())
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?
+        .rows_affected();
+        Ok(n == 1)
     }
 }

@@ -1,0 +1,225 @@
+//! Tenant keys, subject keys and signing keys as the store keeps them: their states,
+//! their records, what is inserted, and the wrapped (KMS-encrypted) form of a key.
+//!
+//! Plain data: nothing here does I/O, holds an unwrapped key or decides a transition
+//! (the keyring decides; the store applies).
+
+use std::fmt;
+use std::str::FromStr;
+
+use super::DecodeError;
+use crate::crypto::Fingerprint;
+
+/// A key encrypted ("wrapped") by a KMS key. Opaque ciphertext; safe to store and log
+/// by fingerprint.
+#[derive(Clone, PartialEq, Eq)]
+pub struct WrappedKey(Vec<u8>);
+
+impl WrappedKey {
+    /// Wraps stored bytes.
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Self(bytes)
+    }
+
+    /// The wrapped bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// SHA-256 fingerprint of the wrapped bytes.
+    pub fn fingerprint(&self) -> Fingerprint {
+        Fingerprint::of_wrapped(&self.0)
+    }
+}
+
+impl fmt::Debug for WrappedKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "WrappedKey({})", self.fingerprint())
+    }
+}
+/// Lifecycle state of a key version or subject key (NIST SP 800-57 inspired).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KeyState {
+    /// Encrypts new data and decrypts.
+    Active,
+    /// Decrypts only (a newer version is active).
+    DecryptOnly,
+    /// Restricted (GDPR Art. 18): neither encrypts nor decrypts; reversible.
+    Suspended,
+    /// Shredded: material gone, tombstone kept; irreversible.
+    Destroyed,
+    /// Retired after re-encryption moved every ciphertext off it: material gone,
+    /// tombstone kept; irreversible. Tenant key versions only.
+    Retired,
+}
+
+impl KeyState {
+    /// Stable text form used in storage and APIs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyState::Active => "active",
+            KeyState::DecryptOnly => "decrypt-only",
+            KeyState::Suspended => "suspended",
+            KeyState::Destroyed => "destroyed",
+            KeyState::Retired => "retired",
+        }
+    }
+}
+
+impl fmt::Display for KeyState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for KeyState {
+    type Err = DecodeError;
+    fn from_str(s: &str) -> Result<Self, DecodeError> {
+        Ok(match s {
+            "active" => KeyState::Active,
+            "decrypt-only" => KeyState::DecryptOnly,
+            "suspended" => KeyState::Suspended,
+            "destroyed" => KeyState::Destroyed,
+            "retired" => KeyState::Retired,
+            _ => return Err(DecodeError(format!("unknown key state {s:?}"))),
+        })
+    }
+}
+
+/// One version of a tenant key as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyVersionRecord {
+    /// Version number, from 1.
+    pub version: u32,
+    /// Current state.
+    pub state: KeyState,
+    /// State to restore on resume, while suspended.
+    pub resume_state: Option<KeyState>,
+    /// KMS key that wraps this version.
+    pub kms_key_id: String,
+    /// Wrapped material; `None` once destroyed.
+    pub wrapped: Option<WrappedKey>,
+    /// Fingerprint of the wrapped material (kept after destruction).
+    pub fingerprint: Fingerprint,
+    /// Creation time, Unix ms.
+    pub created_at: i64,
+    /// Last state change, Unix ms.
+    pub updated_at: i64,
+}
+
+/// A tenant and all its key versions (ascending).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantRecord {
+    /// Tenant id.
+    pub tenant_id: String,
+    /// KMS key for new versions (the tenant's own, or the default at creation).
+    pub kms_key_id: String,
+    /// Creation time, Unix ms.
+    pub created_at: i64,
+    /// Key versions, ascending by version.
+    pub versions: Vec<KeyVersionRecord>,
+}
+
+impl TenantRecord {
+    /// The version in state `active`, if any.
+    pub fn active(&self) -> Option<&KeyVersionRecord> {
+        self.versions.iter().find(|v| v.state == KeyState::Active)
+    }
+
+    /// A version by number.
+    pub fn version(&self, version: u32) -> Option<&KeyVersionRecord> {
+        self.versions.iter().find(|v| v.version == version)
+    }
+
+    /// Highest version number.
+    pub fn latest_version(&self) -> u32 {
+        self.versions.iter().map(|v| v.version).max().unwrap_or(0)
+    }
+}
+
+/// A subject's (user's) key material as stored: wrapped under a tenant key version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubjectRecord {
+    /// Tenant id.
+    pub tenant_id: String,
+    /// Subject id.
+    pub subject_id: String,
+    /// `Active`, `Suspended` or `Destroyed`.
+    pub state: KeyState,
+    /// Tenant key version that wraps the material.
+    pub wrap_version: u32,
+    /// Wrapped material; `None` once destroyed.
+    pub wrapped: Option<Vec<u8>>,
+    /// Fingerprint of the wrapped material (kept after destruction).
+    pub fingerprint: Fingerprint,
+    /// Creation time, Unix ms.
+    pub created_at: i64,
+    /// Last state change, Unix ms.
+    pub updated_at: i64,
+}
+
+/// A key version to insert.
+#[derive(Debug, Clone)]
+pub struct NewKeyVersion {
+    /// Version number.
+    pub version: u32,
+    /// KMS key that wrapped it.
+    pub kms_key_id: String,
+    /// Wrapped material.
+    pub wrapped: WrappedKey,
+}
+
+/// A subject key to insert.
+#[derive(Debug, Clone)]
+pub struct NewSubject {
+    /// Tenant id.
+    pub tenant_id: String,
+    /// Subject id.
+    pub subject_id: String,
+    /// Tenant key version that wraps it.
+    pub wrap_version: u32,
+    /// Wrapped material.
+    pub wrapped: Vec<u8>,
+}
+
+/// Result of an insert-if-absent: whether this call created the row, and the row that
+/// is now stored (the caller's, or the one that won a race).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Created<T> {
+    /// This call inserted it.
+    Created(T),
+    /// It already existed (possibly inserted concurrently); the stored value.
+    Existing(T),
+}
+
+impl<T> Created<T> {
+    /// The stored value either way.
+    pub fn into_inner(self) -> T {
+        match self {
+            Created::Created(t) | Created::Existing(t) => t,
+        }
+    }
+
+    /// Whether this call inserted it.
+    pub fn was_created(&self) -> bool {
+        matches!(self, Created::Created(_))
+    }
+}
+
+/// A signing key as stored: the public key in the clear, the Ed25519 seed wrapped by
+/// the KMS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SigningKeyRecord {
+    /// Key id (derived from the public key).
+    pub key_id: String,
+    /// What it signs (`erasure-receipt`).
+    pub purpose: String,
+    /// Raw 32-byte Ed25519 public key.
+    pub public_key: Vec<u8>,
+    /// KMS key that wraps the seed.
+    pub kms_key_id: String,
+    /// The wrapped seed.
+    pub wrapped: Vec<u8>,
+    /// Creation time, Unix ms.
+    pub created_at: i64,
+}

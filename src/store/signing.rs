@@ -1,0 +1,110 @@
+//! Signing keys in the store: the [`SigningKeyStore`] trait and its SQL.
+
+use async_trait::async_trait;
+use sqlx::Row;
+
+use super::StoreError;
+use super::sql::{SqlStore, classify};
+use crate::model::SigningKeyRecord;
+
+/// fieldkey's own signing keys (receipts, checkpoints): public key in the clear, seed wrapped.
+#[async_trait]
+pub trait SigningKeyStore: Send + Sync + 'static {
+    /// The active signing key for `purpose`, if any.
+    async fn signing_key(&self, purpose: &str) -> Result<Option<SigningKeyRecord>, StoreError>;
+
+    /// Every signing key for `purpose`, the active one and the retired ones (their
+    /// signatures stay valid), oldest first: what verifies receipts and checkpoints.
+    async fn signing_keys(&self, purpose: &str) -> Result<Vec<SigningKeyRecord>, StoreError>;
+
+    /// Retires an active signing key (its KMS key became unusable); receipts it signed
+    /// still verify with its public key. Returns whether it changed.
+    async fn retire_signing_key(&self, key_id: &str) -> Result<bool, StoreError>;
+
+    /// Stores `key` as the active signing key for its purpose unless one exists;
+    /// returns the active one (this, or the one that won a race).
+    async fn create_signing_key(
+        &self,
+        key: &SigningKeyRecord,
+    ) -> Result<SigningKeyRecord, StoreError>;
+}
+
+macro_rules! signing_key_columns {
+    () => {
+        "key_id, purpose, public_key, kms_key_id, wrapped, created_at"
+    };
+}
+
+fn signing_key_from_row(row: &sqlx::any::AnyRow) -> Result<SigningKeyRecord, StoreError> {
+    Ok(SigningKeyRecord {
+        key_id: row.try_get("key_id").map_err(classify)?,
+        purpose: row.try_get("purpose").map_err(classify)?,
+        public_key: row.try_get("public_key").map_err(classify)?,
+        kms_key_id: row.try_get("kms_key_id").map_err(classify)?,
+        wrapped: row.try_get("wrapped").map_err(classify)?,
+        created_at: row.try_get("created_at").map_err(classify)?,
+    })
+}
+
+#[async_trait]
+impl SigningKeyStore for SqlStore {
+    async fn signing_key(&self, purpose: &str) -> Result<Option<SigningKeyRecord>, StoreError> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            signing_key_columns!(),
+            " FROM fk_signing_keys WHERE purpose = $1 AND state = 'active'"
+        ))
+        .bind(purpose)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(classify)?;
+        row.as_ref().map(signing_key_from_row).transpose()
+    }
+
+    async fn signing_keys(&self, purpose: &str) -> Result<Vec<SigningKeyRecord>, StoreError> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            signing_key_columns!(),
+            " FROM fk_signing_keys WHERE purpose = $1 ORDER BY created_at, key_id"
+        ))
+        .bind(purpose)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?;
+        rows.iter().map(signing_key_from_row).collect()
+    }
+
+    async fn retire_signing_key(&self, key_id: &str) -> Result<bool, StoreError> {
+        let n = sqlx::query(
+            "UPDATE fk_signing_keys SET state = 'retired' WHERE key_id = $1 AND state = 'active'",
+        )
+        .bind(key_id)
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?
+        .rows_affected();
+        Ok(n == 1)
+    }
+
+    async fn create_signing_key(
+        &self,
+        key: &SigningKeyRecord,
+    ) -> Result<SigningKeyRecord, StoreError> {
+        sqlx::query(
+            "INSERT INTO fk_signing_keys (key_id, purpose, state, public_key, kms_key_id, wrapped, created_at) \
+             VALUES ($1, $2, 'active', $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+        )
+        .bind(&key.key_id)
+        .bind(&key.purpose)
+        .bind(key.public_key.clone())
+        .bind(&key.kms_key_id)
+        .bind(key.wrapped.clone())
+        .bind(key.created_at)
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?;
+        self.signing_key(&key.purpose)
+            .await?
+            .ok_or_else(|| StoreError::Corrupt("signing key vanished after insert".into()))
+    }
+}
