@@ -66,6 +66,8 @@ impl Runner {
         lease_end(self.cfg.lease)
     }
 
+    /// Renews the lease every [`Runner::max_wait`] until the returned task is dropped
+    /// (a lost or finished lease ends it; the run notices at its next checkpoint).
     pub(super) fn heartbeat(&self) -> Task<()> {
         let store = self.keyring.store().clone();
         let (job, owner) = (self.spec.name.clone(), self.cfg.owner.clone());

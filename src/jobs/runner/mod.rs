@@ -36,9 +36,6 @@ use crate::error::{Error, Result};
 use crate::keyring::Keyring;
 use crate::store::{JobProgress, JobRecord, JobState, KeyStore, NewJob};
 
-/// Conflict rounds per batch before the remaining rows are reported as leftovers.
-const MAX_CONFLICT_ROUNDS: usize = 8;
-
 /// Runner settings.
 #[derive(Debug, Clone)]
 pub struct RunnerConfig {

@@ -3,7 +3,7 @@
 //! transient failures with backoff, obeys pause and cancel, and publishes progress.
 //!
 //! Owns: [`Runner::run`] and the steps of one batch. Does not: build SQL (`table`),
-//! rewrap values (`rewrap`) or hold the lease (`lease`).
+//! rewrap values (`rewrap`) or claim and renew the lease (`lease`).
 
 use std::collections::HashSet;
 use std::num::NonZeroU32;
@@ -14,9 +14,12 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use super::lease::Claim;
 use super::rewrap::{RowTally, Update, settle, version_of};
 use super::table::{DbRow, Reader, Sql, fetch, write_rows};
-use super::{BatchError, BatchResult, MAX_CONFLICT_ROUNDS, Outcome, Runner, Task, create};
+use super::{BatchError, BatchResult, Outcome, Runner, Task, create};
 use crate::error::{Error, Result};
 use crate::store::{JobControl, JobProgress, JobState};
+
+/// Conflict rounds per batch before the remaining rows are reported as leftovers.
+const MAX_CONFLICT_ROUNDS: usize = 8;
 
 /// A batch whose write runs in its own task.
 struct InFlight {
@@ -217,13 +220,7 @@ impl Runner {
     }
 
     fn reader(&self, sql: &Sql) -> Reader {
-        Reader {
-            db: self.db.clone(),
-            first: sql.first.clone(),
-            after: sql.after.clone(),
-            kinds: sql.kinds.clone(),
-            tenant: self.spec.tenant.clone(),
-        }
+        sql.reader(self.db.clone(), self.spec.tenant.clone())
     }
 
     fn limiter(&self) -> Option<DefaultDirectRateLimiter> {

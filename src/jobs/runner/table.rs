@@ -79,11 +79,11 @@ pub(super) struct DbRow {
 
 /// The SQL of one job, built once from its spec and the table's column types.
 pub(super) struct Sql {
-    pub(super) first: String,
-    pub(super) after: String,
-    pub(super) by_pk: String,
+    first: String,
+    after: String,
+    by_pk: String,
     pub(super) update: String,
-    pub(super) count: String,
+    count: String,
     pub(super) kinds: Vec<ColKind>,
 }
 
@@ -220,6 +220,17 @@ impl Sql {
         })
     }
 
+    /// What reading this job's batches from `db` needs (`tenant`: the spec's tenant).
+    pub(super) fn reader(&self, db: PgPool, tenant: Option<String>) -> Reader {
+        Reader {
+            db,
+            first: self.first.clone(),
+            after: self.after.clone(),
+            kinds: self.kinds.clone(),
+            tenant,
+        }
+    }
+
     /// The rows in scope of the job (of its tenant, if it names one).
     pub(super) async fn count(&self, db: &PgPool, tenant: Option<&str>) -> BatchResult<u64> {
         let n: i64 = sqlx::query_scalar(AssertSqlSafe(self.count.clone()))
@@ -306,11 +317,11 @@ fn decode_row(
 /// What reading a batch needs, owned, so the next batch can be read in a task of its
 /// own while this one is processed.
 pub(super) struct Reader {
-    pub(super) db: PgPool,
-    pub(super) first: String,
-    pub(super) after: String,
-    pub(super) kinds: Vec<ColKind>,
-    pub(super) tenant: Option<String>,
+    db: PgPool,
+    first: String,
+    after: String,
+    kinds: Vec<ColKind>,
+    tenant: Option<String>,
 }
 
 /// The batch after `checkpoint` (the first batch without one).
