@@ -1,5 +1,7 @@
+use std::str::FromStr;
 use std::time::Instant;
 
+use super::engine::first_bad_statement;
 use super::*;
 
 const WEB: &str = "spiffe://example.org/ns/shop/sa/web";

@@ -1,0 +1,144 @@
+//! The HTTP endpoints on the metrics port: `GET /metrics` (Prometheus text format
+//! 0.0.4), `/healthz` (liveness: the process serves) and `/readyz` (readiness: the KMS
+//! and the key store answer).
+//!
+//! Owns: [`Readiness`] (its timeout and the cached verdict), the `dependency_up` gauge
+//! and the router. Does not: render the metrics (`mod.rs` does) or serve gRPC.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::{Response, StatusCode};
+use prometheus_client::encoding::EncodeLabelSet;
+
+use super::Metrics;
+use crate::keyring::Keyring;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(super) struct Dependency {
+    dependency: &'static str,
+}
+
+impl Metrics {
+    /// Sets whether `dependency` answered the last readiness check.
+    fn set_up(&self, dependency: &'static str, up: bool) {
+        self.up
+            .get_or_create(&Dependency { dependency })
+            .set(i64::from(up));
+    }
+}
+
+/// Readiness: the KMS and the key store answered within `timeout`; the verdict is
+/// reused for `cache_for`, so probes do not turn into a KMS call each.
+#[derive(Debug)]
+pub struct Readiness {
+    keyring: Arc<Keyring>,
+    metrics: Arc<Metrics>,
+    timeout: Duration,
+    cache_for: Duration,
+    last: Mutex<Option<(Instant, Result<(), String>)>>,
+}
+
+impl Readiness {
+    /// Checks of `keyring`'s KMS and store.
+    pub fn new(keyring: Arc<Keyring>, metrics: Arc<Metrics>) -> Self {
+        Self {
+            keyring,
+            metrics,
+            timeout: Duration::from_secs(2),
+            cache_for: Duration::from_secs(2),
+            last: Mutex::new(None),
+        }
+    }
+
+    /// `Ok` when both dependencies answer, else what does not.
+    pub async fn check(&self) -> Result<(), String> {
+        if let Some((at, r)) = self.last.lock().unwrap_or_else(|p| p.into_inner()).as_ref()
+            && at.elapsed() < self.cache_for
+        {
+            return r.clone();
+        }
+        let kms = tokio::time::timeout(self.timeout, self.keyring.kms().check());
+        let store = tokio::time::timeout(self.timeout, self.keyring.store().ping());
+        let (kms, store) = tokio::join!(kms, store);
+        let (kms, store) = (
+            why_down("KMS", kms, self.timeout),
+            why_down("key store", store, self.timeout),
+        );
+        self.metrics.set_up("kms", kms.is_none());
+        self.metrics.set_up("key_store", store.is_none());
+        let down: Vec<String> = [kms, store].into_iter().flatten().collect();
+        let r = if down.is_empty() {
+            Ok(())
+        } else {
+            Err(down.join("; "))
+        };
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), r.clone()));
+        r
+    }
+}
+
+/// Why a dependency's readiness check failed (its error, or no answer in time), or
+/// `None` if it answered.
+fn why_down<E: std::fmt::Display>(
+    what: &str,
+    r: Result<Result<(), E>, tokio::time::error::Elapsed>,
+    timeout: Duration,
+) -> Option<String> {
+    match r {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(format!("{what}: {e}")),
+        Err(_) => Some(format!("{what}: no answer within {} s", timeout.as_secs())),
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until `shutdown`.
+///
+/// # Errors
+/// If the listener fails.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    ready: Arc<Readiness>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::routing::get;
+    let m = metrics.clone();
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let m = m.clone();
+                async move {
+                    Response::builder()
+                        .header(
+                            "content-type",
+                            prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+                        )
+                        .body(Body::from(m.render_current().await))
+                        .unwrap_or_default()
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = ready.clone();
+                async move {
+                    match ready.check().await {
+                        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+                        Err(why) => (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("not ready: {why}\n"),
+                        ),
+                    }
+                }
+            }),
+        );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
