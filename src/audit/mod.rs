@@ -96,7 +96,6 @@ pub fn mask_ip(ip: IpAddr) -> String {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::indexing_slicing, reason = "tests")]
 mod tests {
     use super::*;
 

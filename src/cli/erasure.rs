@@ -404,7 +404,6 @@ async fn restrict(
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, reason = "tests")]
 mod tests {
     use super::parse_grace;
 

@@ -7,13 +7,6 @@
 //! v1): `FIELDKEY_WRITE_VECTORS=1 cargo test --lib crypto::blind_vectors`.
 //! `tests/vectors/check_vectors.py` checks the same file with an independent Python
 //! implementation (hmac, hashlib, unicodedata, `cryptography`'s HKDF and Argon2id).
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing,
-    reason = "test code fails by panicking"
-)]
 
 use serde_json::{Value, json};
 

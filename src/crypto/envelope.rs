@@ -432,13 +432,6 @@ pub fn decode_any(input: &[u8]) -> Result<Cow<'_, [u8]>, CryptoError> {
 }
 
 #[cfg(test)]
-#[allow(
-    clippy::panic,
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::indexing_slicing,
-    reason = "tests fail by panicking"
-)]
 mod tests {
     use super::*;
     use crate::crypto::KEY_LEN;

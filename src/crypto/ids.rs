@@ -37,13 +37,6 @@ pub fn validate_id(kind: &'static str, id: &str) -> Result<(), CryptoError> {
 }
 
 #[cfg(test)]
-#[allow(
-    clippy::panic,
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::indexing_slicing,
-    reason = "tests fail by panicking"
-)]
 mod tests {
     use super::*;
 

@@ -169,13 +169,6 @@ pub fn open_key(aead: &Xaes256Gcm, ad: &[u8], wrapped: &[u8]) -> Result<SecretKe
 }
 
 #[cfg(test)]
-#[allow(
-    clippy::panic,
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::indexing_slicing,
-    reason = "tests fail by panicking"
-)]
 mod tests {
     use super::*;
 

@@ -6,13 +6,6 @@
 //! changes, which it must not for v1): `FIELDKEY_WRITE_VECTORS=1 cargo test --lib
 //! crypto::vectors`. `tests/vectors/check_vectors.py` checks the same file with an
 //! independent Python implementation.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing,
-    reason = "test code fails by panicking"
-)]
 
 use serde_json::{Value, json};
 

@@ -135,7 +135,6 @@ impl RotationPolicy {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::indexing_slicing, reason = "test code")]
 mod tests {
     use super::*;
     use crate::crypto::Fingerprint;

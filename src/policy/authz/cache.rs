@@ -202,7 +202,6 @@ impl DecisionCache {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::indexing_slicing, reason = "test code")]
 mod tests {
     use std::sync::Arc;
 

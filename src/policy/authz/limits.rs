@@ -236,7 +236,6 @@ fn quota(limit: RateLimit) -> Quota {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::indexing_slicing, reason = "test code")]
 mod tests {
     use super::*;
 
