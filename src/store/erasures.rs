@@ -228,18 +228,16 @@ impl ErasureStore for SqlStore {
     }
 
     async fn get_erasure(&self, erasure_id: &str) -> Result<Option<ErasureRecord>, StoreError> {
-        sqlx::query(concat!(
-            "SELECT ",
-            erasure_columns!(),
-            " FROM fk_erasures WHERE erasure_id = $1"
-        ))
-        .bind(erasure_id)
-        .fetch_optional(&self.pool)
+        self.fetch_one_as(
+            sqlx::query(concat!(
+                "SELECT ",
+                erasure_columns!(),
+                " FROM fk_erasures WHERE erasure_id = $1"
+            ))
+            .bind(erasure_id),
+            erasure_from_row,
+        )
         .await
-        .map_err(classify)?
-        .as_ref()
-        .map(erasure_from_row)
-        .transpose()
     }
 
     async fn live_erasure(
@@ -247,20 +245,18 @@ impl ErasureStore for SqlStore {
         tenant_id: &str,
         subject_id: Option<&str>,
     ) -> Result<Option<ErasureRecord>, StoreError> {
-        sqlx::query(concat!(
-            "SELECT ",
-            erasure_columns!(),
-            " FROM fk_erasures WHERE tenant_id = $1 AND COALESCE(subject_id, '') = $2 \
+        self.fetch_one_as(
+            sqlx::query(concat!(
+                "SELECT ",
+                erasure_columns!(),
+                " FROM fk_erasures WHERE tenant_id = $1 AND COALESCE(subject_id, '') = $2 \
               AND state <> 'cancelled'"
-        ))
-        .bind(tenant_id)
-        .bind(subject_id.unwrap_or(""))
-        .fetch_optional(&self.pool)
+            ))
+            .bind(tenant_id)
+            .bind(subject_id.unwrap_or("")),
+            erasure_from_row,
+        )
         .await
-        .map_err(classify)?
-        .as_ref()
-        .map(erasure_from_row)
-        .transpose()
     }
 
     async fn list_erasures(
@@ -342,18 +338,16 @@ impl ErasureStore for SqlStore {
         erasure_id: &str,
         execute_after: i64,
     ) -> Result<bool, StoreError> {
-        let n = sqlx::query(
-            "UPDATE fk_erasures SET state = 'executing', updated_at = 0, \
+        self.changed_one(
+            sqlx::query(
+                "UPDATE fk_erasures SET state = 'executing', updated_at = 0, \
                  execute_after = CASE WHEN $2 < execute_after THEN $2 ELSE execute_after END \
              WHERE erasure_id = $1 AND state IN ('scheduled', 'executing')",
+            )
+            .bind(erasure_id)
+            .bind(execute_after),
         )
-        .bind(erasure_id)
-        .bind(execute_after)
-        .execute(&self.pool)
         .await
-        .map_err(classify)?
-        .rows_affected();
-        Ok(n == 1)
     }
 
     async fn reschedule_erasure(
@@ -361,18 +355,16 @@ impl ErasureStore for SqlStore {
         erasure_id: &str,
         execute_after: i64,
     ) -> Result<bool, StoreError> {
-        let n = sqlx::query(
-            "UPDATE fk_erasures SET execute_after = $2, updated_at = $3 \
+        self.changed_one(
+            sqlx::query(
+                "UPDATE fk_erasures SET execute_after = $2, updated_at = $3 \
              WHERE erasure_id = $1 AND state = 'scheduled' AND execute_after > $2",
+            )
+            .bind(erasure_id)
+            .bind(execute_after)
+            .bind(now_ms()),
         )
-        .bind(erasure_id)
-        .bind(execute_after)
-        .bind(now_ms())
-        .execute(&self.pool)
         .await
-        .map_err(classify)?
-        .rows_affected();
-        Ok(n == 1)
     }
 
     async fn cancel_erasure(

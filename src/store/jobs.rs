@@ -118,30 +118,28 @@ impl JobStore for SqlStore {
     }
 
     async fn get_job(&self, job_id: &str) -> Result<Option<JobRecord>, StoreError> {
-        sqlx::query(concat!(
-            "SELECT ",
-            job_columns!(),
-            " FROM fk_jobs WHERE job_id = $1"
-        ))
-        .bind(job_id)
-        .fetch_optional(&self.pool)
+        self.fetch_one_as(
+            sqlx::query(concat!(
+                "SELECT ",
+                job_columns!(),
+                " FROM fk_jobs WHERE job_id = $1"
+            ))
+            .bind(job_id),
+            job_from_row,
+        )
         .await
-        .map_err(classify)?
-        .as_ref()
-        .map(job_from_row)
-        .transpose()
     }
 
     async fn list_jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            job_columns!(),
-            " FROM fk_jobs ORDER BY created_at DESC, job_id"
-        ))
-        .fetch_all(&self.pool)
+        self.fetch_all_as(
+            sqlx::query(concat!(
+                "SELECT ",
+                job_columns!(),
+                " FROM fk_jobs ORDER BY created_at DESC, job_id"
+            )),
+            job_from_row,
+        )
         .await
-        .map_err(classify)?;
-        rows.iter().map(job_from_row).collect()
     }
 
     async fn claim_job(
@@ -216,36 +214,32 @@ impl JobStore for SqlStore {
         owner: &str,
         lease_until: i64,
     ) -> Result<bool, StoreError> {
-        let n = sqlx::query(
-            "UPDATE fk_jobs SET lease_until = $3 \
+        self.changed_one(
+            sqlx::query(
+                "UPDATE fk_jobs SET lease_until = $3 \
              WHERE job_id = $1 AND owner = $2 AND state IN ('pending', 'running', 'paused')",
+            )
+            .bind(job_id)
+            .bind(owner)
+            .bind(lease_until),
         )
-        .bind(job_id)
-        .bind(owner)
-        .bind(lease_until)
-        .execute(&self.pool)
         .await
-        .map_err(classify)?
-        .rows_affected();
-        Ok(n == 1)
     }
 
     async fn set_job_control(&self, job_id: &str, control: JobControl) -> Result<bool, StoreError> {
-        let n = sqlx::query(
-            "UPDATE fk_jobs SET control = $2, updated_at = $3, \
+        self.changed_one(
+            sqlx::query(
+                "UPDATE fk_jobs SET control = $2, updated_at = $3, \
                  state = CASE WHEN state = 'failed' THEN 'pending' ELSE state END, \
                  error = CASE WHEN state = 'failed' THEN NULL ELSE error END, \
                  finished_at = CASE WHEN state = 'failed' THEN NULL ELSE finished_at END \
              WHERE job_id = $1 AND (state IN ('pending', 'running', 'paused') \
                  OR (state = 'failed' AND $2 = 'run'))",
+            )
+            .bind(job_id)
+            .bind(control.as_str())
+            .bind(now_ms()),
         )
-        .bind(job_id)
-        .bind(control.as_str())
-        .bind(now_ms())
-        .execute(&self.pool)
         .await
-        .map_err(classify)?
-        .rows_affected();
-        Ok(n == 1)
     }
 }

@@ -257,36 +257,30 @@ impl TenantKeyStore for SqlStore {
                     .into(),
             ));
         }
-        let n = sqlx::query(
-            "UPDATE fk_tenant_keys SET state = $4, resume_state = $5, updated_at = $6 \
+        self.changed_one(
+            sqlx::query(
+                "UPDATE fk_tenant_keys SET state = $4, resume_state = $5, updated_at = $6 \
              WHERE tenant_id = $1 AND version = $2 AND state = $3",
+            )
+            .bind(tenant_id)
+            .bind(i64::from(version))
+            .bind(expected.as_str())
+            .bind(new.as_str())
+            .bind(resume_state.map(KeyState::as_str))
+            .bind(now_ms()),
         )
-        .bind(tenant_id)
-        .bind(i64::from(version))
-        .bind(expected.as_str())
-        .bind(new.as_str())
-        .bind(resume_state.map(KeyState::as_str))
-        .bind(now_ms())
-        .execute(&self.pool)
         .await
-        .map_err(classify)?
-        .rows_affected();
-        Ok(n == 1)
     }
 
     async fn destroy_key_version(&self, tenant_id: &str, version: u32) -> Result<bool, StoreError> {
-        let n = sqlx::query(
+        self.changed_one(sqlx::query(
             "UPDATE fk_tenant_keys SET state = 'destroyed', resume_state = NULL, wrapped = NULL, updated_at = $3 \
              WHERE tenant_id = $1 AND version = $2 AND state NOT IN ('destroyed', 'retired')",
         )
         .bind(tenant_id)
         .bind(i64::from(version))
-        .bind(now_ms())
-        .execute(&self.pool)
+        .bind(now_ms()))
         .await
-        .map_err(classify)?
-        .rows_affected();
-        Ok(n == 1)
     }
 
     async fn rewrap_key_version(
@@ -297,21 +291,19 @@ impl TenantKeyStore for SqlStore {
         new_kms_key_id: &str,
         wrapped: &WrappedKey,
     ) -> Result<bool, StoreError> {
-        let n = sqlx::query(
-            "UPDATE fk_tenant_keys SET kms_key_id = $4, wrapped = $5 \
+        self.changed_one(
+            sqlx::query(
+                "UPDATE fk_tenant_keys SET kms_key_id = $4, wrapped = $5 \
              WHERE tenant_id = $1 AND version = $2 AND kms_key_id = $3 \
              AND state NOT IN ('destroyed', 'retired')",
+            )
+            .bind(tenant_id)
+            .bind(i64::from(version))
+            .bind(expected_kms_key_id)
+            .bind(new_kms_key_id)
+            .bind(wrapped.as_bytes().to_vec()),
         )
-        .bind(tenant_id)
-        .bind(i64::from(version))
-        .bind(expected_kms_key_id)
-        .bind(new_kms_key_id)
-        .bind(wrapped.as_bytes().to_vec())
-        .execute(&self.pool)
         .await
-        .map_err(classify)?
-        .rows_affected();
-        Ok(n == 1)
     }
 
     async fn set_tenant_kms_key(
@@ -329,7 +321,7 @@ impl TenantKeyStore for SqlStore {
     }
 
     async fn retire_key_version(&self, tenant_id: &str, version: u32) -> Result<bool, StoreError> {
-        let n = sqlx::query(
+        self.changed_one(sqlx::query(
             "UPDATE fk_tenant_keys SET state = 'retired', resume_state = NULL, wrapped = NULL, updated_at = $3 \
              WHERE tenant_id = $1 AND version = $2 AND state = 'decrypt-only' \
              AND NOT EXISTS (SELECT 1 FROM fk_subjects s WHERE s.tenant_id = $1 \
@@ -337,11 +329,7 @@ impl TenantKeyStore for SqlStore {
         )
         .bind(tenant_id)
         .bind(i64::from(version))
-        .bind(now_ms())
-        .execute(&self.pool)
+        .bind(now_ms()))
         .await
-        .map_err(classify)?
-        .rows_affected();
-        Ok(n == 1)
     }
 }

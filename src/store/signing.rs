@@ -62,28 +62,24 @@ impl SigningKeyStore for SqlStore {
     }
 
     async fn signing_keys(&self, purpose: &str) -> Result<Vec<SigningKeyRecord>, StoreError> {
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            signing_key_columns!(),
-            " FROM fk_signing_keys WHERE purpose = $1 ORDER BY created_at, key_id"
-        ))
-        .bind(purpose)
-        .fetch_all(&self.pool)
+        self.fetch_all_as(
+            sqlx::query(concat!(
+                "SELECT ",
+                signing_key_columns!(),
+                " FROM fk_signing_keys WHERE purpose = $1 ORDER BY created_at, key_id"
+            ))
+            .bind(purpose),
+            signing_key_from_row,
+        )
         .await
-        .map_err(classify)?;
-        rows.iter().map(signing_key_from_row).collect()
     }
 
     async fn retire_signing_key(&self, key_id: &str) -> Result<bool, StoreError> {
-        let n = sqlx::query(
+        self.changed_one(sqlx::query(
             "UPDATE fk_signing_keys SET state = 'retired' WHERE key_id = $1 AND state = 'active'",
         )
-        .bind(key_id)
-        .execute(&self.pool)
+        .bind(key_id))
         .await
-        .map_err(classify)?
-        .rows_affected();
-        Ok(n == 1)
     }
 
     async fn create_signing_key(

@@ -23,6 +23,48 @@ pub struct SqlStore {
     pub(super) listen_dsn: Option<std::sync::Arc<secrecy::SecretString>>,
 }
 
+/// A statement with its arguments bound, ready to run.
+pub(super) type Query<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>;
+
+/// Decodes one row into a record.
+pub(super) type Decode<T> = fn(&AnyRow) -> Result<T, StoreError>;
+
+impl SqlStore {
+    /// Runs a compare-and-set style statement: whether it changed exactly one row.
+    pub(super) async fn changed_one(&self, q: Query<'_>) -> Result<bool, StoreError> {
+        let n = q
+            .execute(&self.pool)
+            .await
+            .map_err(classify)?
+            .rows_affected();
+        Ok(n == 1)
+    }
+
+    /// The row a query finds, decoded, or `None`.
+    pub(super) async fn fetch_one_as<T>(
+        &self,
+        q: Query<'_>,
+        decode: Decode<T>,
+    ) -> Result<Option<T>, StoreError> {
+        q.fetch_optional(&self.pool)
+            .await
+            .map_err(classify)?
+            .as_ref()
+            .map(decode)
+            .transpose()
+    }
+
+    /// Every row a query finds, decoded, in order.
+    pub(super) async fn fetch_all_as<T>(
+        &self,
+        q: Query<'_>,
+        decode: Decode<T>,
+    ) -> Result<Vec<T>, StoreError> {
+        let rows = q.fetch_all(&self.pool).await.map_err(classify)?;
+        rows.iter().map(decode).collect()
+    }
+}
+
 /// Whether a sqlx error means "the database is not there, or busy: retry" rather than
 /// "this statement failed". Shared by the key store and the re-encryption runner.
 pub(crate) fn is_unavailable(e: &sqlx::Error) -> bool {

@@ -133,19 +133,17 @@ impl SubjectStore for SqlStore {
         tenant_id: &str,
         subject_id: &str,
     ) -> Result<Option<SubjectRecord>, StoreError> {
-        sqlx::query(concat!(
-            "SELECT ",
-            subject_columns!(),
-            " FROM fk_subjects WHERE tenant_id = $1 AND subject_id = $2"
-        ))
-        .bind(tenant_id)
-        .bind(subject_id)
-        .fetch_optional(&self.pool)
+        self.fetch_one_as(
+            sqlx::query(concat!(
+                "SELECT ",
+                subject_columns!(),
+                " FROM fk_subjects WHERE tenant_id = $1 AND subject_id = $2"
+            ))
+            .bind(tenant_id)
+            .bind(subject_id),
+            subject_from_row,
+        )
         .await
-        .map_err(classify)?
-        .as_ref()
-        .map(subject_from_row)
-        .transpose()
     }
 
     async fn update_subject_state(
@@ -160,35 +158,31 @@ impl SubjectStore for SqlStore {
                 "destroyed subject keys cannot change state; use destroy_subject to destroy".into(),
             ));
         }
-        let n = sqlx::query(
-            "UPDATE fk_subjects SET state = $4, updated_at = $5 \
+        self.changed_one(
+            sqlx::query(
+                "UPDATE fk_subjects SET state = $4, updated_at = $5 \
              WHERE tenant_id = $1 AND subject_id = $2 AND state = $3",
+            )
+            .bind(tenant_id)
+            .bind(subject_id)
+            .bind(expected.as_str())
+            .bind(new.as_str())
+            .bind(now_ms()),
         )
-        .bind(tenant_id)
-        .bind(subject_id)
-        .bind(expected.as_str())
-        .bind(new.as_str())
-        .bind(now_ms())
-        .execute(&self.pool)
         .await
-        .map_err(classify)?
-        .rows_affected();
-        Ok(n == 1)
     }
 
     async fn destroy_subject(&self, tenant_id: &str, subject_id: &str) -> Result<bool, StoreError> {
-        let n = sqlx::query(
-            "UPDATE fk_subjects SET state = 'destroyed', wrapped = NULL, updated_at = $3 \
+        self.changed_one(
+            sqlx::query(
+                "UPDATE fk_subjects SET state = 'destroyed', wrapped = NULL, updated_at = $3 \
              WHERE tenant_id = $1 AND subject_id = $2 AND state <> 'destroyed'",
+            )
+            .bind(tenant_id)
+            .bind(subject_id)
+            .bind(now_ms()),
         )
-        .bind(tenant_id)
-        .bind(subject_id)
-        .bind(now_ms())
-        .execute(&self.pool)
         .await
-        .map_err(classify)?
-        .rows_affected();
-        Ok(n == 1)
     }
 
     async fn subjects_wrapped_under(
@@ -197,19 +191,19 @@ impl SubjectStore for SqlStore {
         version: u32,
         limit: u32,
     ) -> Result<Vec<SubjectRecord>, StoreError> {
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            subject_columns!(),
-            " FROM fk_subjects WHERE tenant_id = $1 AND wrap_version = $2 \
+        self.fetch_all_as(
+            sqlx::query(concat!(
+                "SELECT ",
+                subject_columns!(),
+                " FROM fk_subjects WHERE tenant_id = $1 AND wrap_version = $2 \
              AND state <> 'destroyed' ORDER BY subject_id LIMIT $3"
-        ))
-        .bind(tenant_id)
-        .bind(i64::from(version))
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+            ))
+            .bind(tenant_id)
+            .bind(i64::from(version))
+            .bind(i64::from(limit)),
+            subject_from_row,
+        )
         .await
-        .map_err(classify)?;
-        rows.iter().map(subject_from_row).collect()
     }
 
     async fn subjects_in_state(
@@ -219,20 +213,20 @@ impl SubjectStore for SqlStore {
         after: &str,
         limit: u32,
     ) -> Result<Vec<SubjectRecord>, StoreError> {
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            subject_columns!(),
-            " FROM fk_subjects WHERE tenant_id = $1 AND state = $2 AND subject_id > $3 \
+        self.fetch_all_as(
+            sqlx::query(concat!(
+                "SELECT ",
+                subject_columns!(),
+                " FROM fk_subjects WHERE tenant_id = $1 AND state = $2 AND subject_id > $3 \
              ORDER BY subject_id LIMIT $4"
-        ))
-        .bind(tenant_id)
-        .bind(state.as_str())
-        .bind(after)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+            ))
+            .bind(tenant_id)
+            .bind(state.as_str())
+            .bind(after)
+            .bind(i64::from(limit)),
+            subject_from_row,
+        )
         .await
-        .map_err(classify)?;
-        rows.iter().map(subject_from_row).collect()
     }
 
     async fn rewrap_subject(
@@ -243,7 +237,7 @@ impl SubjectStore for SqlStore {
         new_version: u32,
         wrapped: &[u8],
     ) -> Result<bool, StoreError> {
-        let n = sqlx::query(
+        self.changed_one(sqlx::query(
             "UPDATE fk_subjects SET wrap_version = $4, wrapped = $5 \
              WHERE tenant_id = $1 AND subject_id = $2 AND wrap_version = $3 AND state <> 'destroyed'",
         )
@@ -251,11 +245,7 @@ impl SubjectStore for SqlStore {
         .bind(subject_id)
         .bind(i64::from(expected_version))
         .bind(i64::from(new_version))
-        .bind(wrapped.to_vec())
-        .execute(&self.pool)
+        .bind(wrapped.to_vec()))
         .await
-        .map_err(classify)?
-        .rows_affected();
-        Ok(n == 1)
     }
 }
