@@ -248,6 +248,40 @@ impl Erasures {
         rec: &ErasureRecord,
         kms_key_deletion: Option<KmsKeyDeletion>,
     ) -> Result<Receipt> {
+        let (destroyed, subject_keys_destroyed, subject_keys_digest) =
+            self.destroyed_keys(rec).await?;
+        let executed_at = now_ms();
+        Ok(Receipt {
+            format: receipt::FORMAT.into(),
+            erasure_id: rec.erasure_id.clone(),
+            scope: scope_of(rec.subject_id.as_deref()).0.into(),
+            tenant_id: rec.tenant_id.clone(),
+            subject_id: rec.subject_id.clone(),
+            requested_by: rec.requested_by.clone(),
+            executed_by: self.cfg.executor.clone(),
+            requested_at_unix_ms: rec.requested_at,
+            scheduled_for_unix_ms: rec.execute_after,
+            executed_at_unix_ms: executed_at,
+            requested_at: receipt::rfc3339_ms(rec.requested_at),
+            scheduled_for: receipt::rfc3339_ms(rec.execute_after),
+            executed_at: receipt::rfc3339_ms(executed_at),
+            destroyed,
+            subject_keys_destroyed,
+            subject_keys_digest,
+            kms_key_deletion,
+            audit_seq: 0,
+            audit_prev_hash: String::new(),
+            signing_key_id: String::new(),
+        })
+    }
+
+    /// What the receipt lists as destroyed: the keys (subject scope: the subject key;
+    /// tenant scope: every destroyed or retired version), the number of subject keys,
+    /// and (tenant scope) the digest over the subject keys that ever held material.
+    async fn destroyed_keys(
+        &self,
+        rec: &ErasureRecord,
+    ) -> Result<(Vec<DestroyedKey>, u64, Option<String>)> {
         let store = self.keyring.store();
         let tenant = rec.tenant_id.as_str();
         let mut destroyed = Vec::new();
@@ -297,28 +331,6 @@ impl Erasures {
                 (n, Some(receipt::subjects_digest(&items)))
             }
         };
-        let executed_at = now_ms();
-        Ok(Receipt {
-            format: receipt::FORMAT.into(),
-            erasure_id: rec.erasure_id.clone(),
-            scope: scope_of(rec.subject_id.as_deref()).0.into(),
-            tenant_id: tenant.to_owned(),
-            subject_id: rec.subject_id.clone(),
-            requested_by: rec.requested_by.clone(),
-            executed_by: self.cfg.executor.clone(),
-            requested_at_unix_ms: rec.requested_at,
-            scheduled_for_unix_ms: rec.execute_after,
-            executed_at_unix_ms: executed_at,
-            requested_at: receipt::rfc3339_ms(rec.requested_at),
-            scheduled_for: receipt::rfc3339_ms(rec.execute_after),
-            executed_at: receipt::rfc3339_ms(executed_at),
-            destroyed,
-            subject_keys_destroyed,
-            subject_keys_digest,
-            kms_key_deletion,
-            audit_seq: 0,
-            audit_prev_hash: String::new(),
-            signing_key_id: String::new(),
-        })
+        Ok((destroyed, subject_keys_destroyed, subject_keys_digest))
     }
 }

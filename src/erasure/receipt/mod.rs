@@ -89,11 +89,4 @@ pub const MIN_UNIX_MS: i64 = -62_167_219_200_000;
 pub const MAX_UNIX_MS: i64 = 253_402_300_799_999;
 
 #[cfg(test)]
-#[allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing,
-    reason = "tests fail loudly on unexpected values"
-)]
 mod tests;
