@@ -221,8 +221,7 @@ impl Keyring {
                 out.already += 1;
             }
         }
-        self.cache.invalidate_tenant(tenant).await;
-        self.announce(tenant, None).await;
+        self.tenant_changed(tenant).await;
         tracing::info!(
             tenant,
             kms_key_id = new_kms_key_id,
