@@ -11,12 +11,20 @@ use std::sync::Arc;
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use serde_json::json;
 
-use crate::audit::AuditEvent;
-use crate::erasure::receipt::key_id;
+use sha2::{Digest as _, Sha256};
+
 use crate::error::{Error, Result};
 use crate::keyring::Keyring;
 use crate::kms::{EncryptionContext, KmsError, WrappedKey};
-use crate::store::{SigningKeyRecord, now_ms};
+use crate::model::{AuditEvent, SigningKeyRecord, now_ms};
+
+/// Short identifier of a public key: `"ed25519:"` followed by the first 16 lowercase hex
+/// characters (8 bytes) of the SHA-256 of the 32 raw public key bytes.
+pub fn key_id(key: &VerifyingKey) -> String {
+    let hash: [u8; 32] = Sha256::digest(key.as_bytes()).into();
+    let prefix = hash.first_chunk::<8>().copied().unwrap_or_default();
+    format!("ed25519:{}", hex::encode(prefix))
+}
 
 /// One purpose's signing key.
 pub struct Signer {

@@ -44,14 +44,11 @@
 //! The SHA-256 of the signing input ([`digest`]) is what the audit chain records for an
 //! erasure, so the receipt and the audit log can be cross-checked.
 
-mod canonical;
-mod rfc3339;
 mod sign;
 mod types;
 mod verify;
 
-pub use canonical::canonical_json;
-pub use rfc3339::rfc3339_ms;
+pub use crate::model::{MAX_UNIX_MS, MIN_UNIX_MS, canonical_json, rfc3339_ms};
 pub use sign::{digest, key_id, public_key_pem, sign, signing_input, subjects_digest};
 pub use types::{DestroyedKey, KmsKeyDeletion, Receipt, ReceiptError, SignedReceipt};
 pub use verify::{parse_public_key, verify};
@@ -82,11 +79,6 @@ pub const KMS_KEPT_SHARED: &str = "kept-shared";
 /// [`KmsKeyDeletion::status`]: the KMS no longer has the key (deleted after an earlier
 /// erasure's waiting period, or by an operator).
 pub const KMS_ALREADY_DELETED: &str = "already-deleted";
-
-/// Earliest instant RFC 3339 can express: `0000-01-01T00:00:00.000Z`, in Unix ms.
-pub const MIN_UNIX_MS: i64 = -62_167_219_200_000;
-/// Latest instant RFC 3339 can express: `9999-12-31T23:59:59.999Z`, in Unix ms.
-pub const MAX_UNIX_MS: i64 = 253_402_300_799_999;
 
 #[cfg(test)]
 mod tests;

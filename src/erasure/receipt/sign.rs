@@ -5,6 +5,7 @@
 //! Does not check a receipt's consistency (that is `verify.rs`) nor decide what a
 //! receipt says (the erasure workflow drafts it).
 
+pub use crate::signing::key_id;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use ed25519_dalek::pkcs8::EncodePublicKey as _;
@@ -76,14 +77,6 @@ pub fn subjects_digest(items: &[(String, String)]) -> String {
         }
     }
     hex::encode(hasher.finalize())
-}
-
-/// Short identifier of a public key: `"ed25519:"` followed by the first 16 lowercase hex
-/// characters (8 bytes) of the SHA-256 of the 32 raw public key bytes.
-pub fn key_id(key: &VerifyingKey) -> String {
-    let hash: [u8; 32] = Sha256::digest(key.as_bytes()).into();
-    let prefix = hash.first_chunk::<8>().copied().unwrap_or_default();
-    format!("ed25519:{}", hex::encode(prefix))
 }
 
 /// The public key as a PEM-encoded SubjectPublicKeyInfo (`-----BEGIN PUBLIC KEY-----`),

@@ -1,10 +1,4 @@
 //! Unit tests of the receipt format: signing, verification, canonical JSON, digests.
-#![expect(
-    clippy::unwrap_used,
-    clippy::panic,
-    clippy::indexing_slicing,
-    reason = "tests fail loudly on unexpected values"
-)]
 
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
