@@ -44,7 +44,7 @@ struct Env {
     store: Arc<dyn KeyStore>,
     audit: Arc<AuditLog>,
     ch: Channel,
-    _server: tokio::task::JoinHandle<()>,
+    _server: common::sidecar::InProcess,
 }
 
 fn copy_policies(to: &Path, limits: &str) {
@@ -88,15 +88,8 @@ async fn env(limits: &str) -> Result<Env> {
     ));
     let mut ctx = fieldkey::service::Context::new(keyring).with_gate(gate);
     ctx.audit = audit.clone();
-    let routes = fieldkey::service::routes(ctx).await?;
-    let listener = fieldkey::transport::bind_tcp("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let server = tokio::spawn(async move {
-        let _ = fieldkey::transport::serve_tcp(routes, listener, std::future::pending()).await;
-    });
-    let ch = Channel::from_shared(format!("http://{addr}"))?
-        .connect()
-        .await?;
+    let server = common::sidecar::InProcess::start(ctx).await?;
+    let ch = server.channel().await?;
     Ok(Env {
         _dir: dir,
         policies,

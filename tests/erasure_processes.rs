@@ -13,12 +13,12 @@
 
 mod common;
 
-use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
+use common::sidecar::{BIN, Sidecar};
 use fieldkey::service::pb::{
     self, crypto_client::CryptoClient, erasures_client::ErasuresClient, keys_client::KeysClient,
 };
@@ -26,87 +26,17 @@ use sqlx::Connection as _;
 use tonic::Code;
 use tonic::transport::Channel;
 
-const BIN: &str = env!("CARGO_BIN_EXE_fieldkey");
 const PASSPHRASE: &str = "erasure test passphrase";
 
-/// A `fieldkey serve` process; stderr goes to a log file kept in its directory.
-struct Sidecar {
-    child: Child,
-    addr: String,
-    log: PathBuf,
-}
-
-impl Sidecar {
-    fn start(config: &Path, log: &Path, fault: Option<&str>) -> Self {
-        let mut cmd = Command::new(BIN);
-        cmd.args(["serve", "--config"])
-            .arg(config)
-            .env("FIELDKEY_LOCAL_KMS_PASSPHRASE", PASSPHRASE)
-            .env("RUST_LOG", "info")
-            .env_remove("FIELDKEY_FAULT_ABORT_AFTER_ERASURE_STEP")
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(log).unwrap());
-        if let Some(step) = fault {
-            cmd.env("FIELDKEY_FAULT_ABORT_AFTER_ERASURE_STEP", step);
-        }
-        let mut child = cmd.spawn().unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let Some(Ok(line)) = lines.next() else {
-            panic!(
-                "sidecar printed nothing; log:\n{}",
-                std::fs::read_to_string(log).unwrap_or_default()
-            )
-        };
-        let addr = line
-            .strip_prefix("fieldkey listening on tcp://")
-            .unwrap_or_else(|| panic!("{line}"));
-        Self {
-            addr: format!("http://{addr}"),
-            child,
-            log: log.to_owned(),
-        }
-    }
-
-    async fn channel(&self) -> Channel {
-        Channel::from_shared(self.addr.clone())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap()
-    }
-
-    fn stop(mut self) {
-        let pid = self.child.id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.child.try_wait().unwrap().is_none() {
-            assert!(Instant::now() < deadline, "sidecar did not stop on SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Waits for the process to die on its own (fault injection) and returns how.
-    fn wait_dead(mut self) -> std::process::ExitStatus {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "sidecar did not abort at the fault; log:\n{}",
-                std::fs::read_to_string(&self.log).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Sidecar {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A `fieldkey serve` process on `config`; stderr goes to the log file `log`, and with
+/// `fault` it aborts right after that erasure step.
+fn start(config: &Path, log: &Path, fault: Option<&str>) -> Sidecar {
+    Sidecar::builder()
+        .config(config)
+        .env("FIELDKEY_LOCAL_KMS_PASSPHRASE", PASSPHRASE)
+        .env_opt("FIELDKEY_FAULT_ABORT_AFTER_ERASURE_STEP", fault)
+        .log_file(log)
+        .start()
 }
 
 fn write_config(dir: &Path, name: &str, extra: &str) -> PathBuf {
@@ -206,12 +136,7 @@ async fn sqlite(path: &Path) -> sqlx::SqliteConnection {
 
 /// Runs the CLI against a sidecar (or offline) and returns (exit code, stdout, stderr).
 fn cli(addr: Option<&str>, args: &[&str]) -> (i32, String, String) {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args);
-    if let Some(a) = addr {
-        cmd.env("FIELDKEY_ADDR", a);
-    }
-    let out = cmd.output().unwrap();
+    let out = common::sidecar::run_cli(addr, args);
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -233,13 +158,13 @@ async fn an_erasure_interrupted_after_any_step_completes_after_a_restart() -> Re
         let tenant = format!("crash-{i}");
         let tenant_scope = *step == "kms";
 
-        let a = Sidecar::start(&config, &dir.path().join("a.log"), None);
+        let a = start(&config, &dir.path().join("a.log"), None);
         let ch = a.channel().await;
         create_tenant(&ch, &tenant).await;
         let ct = encrypt(&ch, &tenant, "alice", "alice@example.org").await;
         a.stop();
 
-        let b = Sidecar::start(&config, &dir.path().join("b.log"), Some(step));
+        let b = start(&config, &dir.path().join("b.log"), Some(step));
         let ch = b.channel().await;
         let mut client = ErasuresClient::new(ch.clone());
         let call = if tenant_scope {
@@ -295,7 +220,7 @@ async fn an_erasure_interrupted_after_any_step_completes_after_a_restart() -> Re
         conn.close().await?;
 
         // Restart without the fault: the worker finishes the abandoned request.
-        let c = Sidecar::start(&config, &dir.path().join("c.log"), None);
+        let c = start(&config, &dir.path().join("c.log"), None);
         let ch = c.channel().await;
         let deadline = Instant::now() + Duration::from_secs(15);
         let done = loop {
@@ -379,7 +304,7 @@ async fn an_edited_receipt_fails_verification() -> Result<()> {
     let dir = tempfile::tempdir()?;
     init_kms(dir.path());
     let config = write_config(dir.path(), "sidecar", FAST_WORKER);
-    let s = Sidecar::start(&config, &dir.path().join("s.log"), None);
+    let s = start(&config, &dir.path().join("s.log"), None);
     let ch = s.channel().await;
     create_tenant(&ch, "acme").await;
     encrypt(&ch, "acme", "bob", "bob@example.org").await;
@@ -469,8 +394,8 @@ async fn shred_and_suspend_reach_the_other_sidecar_within_a_second() -> Result<(
         db.dsn, ledger_db.dsn
     );
     let config = write_config(dir.path(), "sidecar", &extra);
-    let a = Sidecar::start(&config, &dir.path().join("a.log"), None);
-    let b = Sidecar::start(&config, &dir.path().join("b.log"), None);
+    let a = start(&config, &dir.path().join("a.log"), None);
+    let b = start(&config, &dir.path().join("b.log"), None);
     let (cha, chb) = (a.channel().await, b.channel().await);
     create_tenant(&cha, "acme").await;
     let ct1 = encrypt(&cha, "acme", "u1", "one").await;
@@ -584,7 +509,7 @@ async fn a_restored_key_store_backup_does_not_bring_shredded_keys_back() -> Resu
     let data = dir.path().join("data");
     let backup = dir.path().join("backup");
 
-    let s = Sidecar::start(&config, &dir.path().join("1.log"), None);
+    let s = start(&config, &dir.path().join("1.log"), None);
     let ch = s.channel().await;
     create_tenant(&ch, "acme").await;
     let ct = encrypt(&ch, "acme", "carol", "carol@example.org").await;
@@ -592,7 +517,7 @@ async fn a_restored_key_store_backup_does_not_bring_shredded_keys_back() -> Resu
     s.stop();
     copy_store(&data, &backup);
 
-    let s = Sidecar::start(&config, &dir.path().join("2.log"), None);
+    let s = start(&config, &dir.path().join("2.log"), None);
     let ch = s.channel().await;
     let shred = ErasuresClient::new(ch.clone())
         .shred_subject(pb::ShredSubjectRequest {
@@ -625,7 +550,7 @@ async fn a_restored_key_store_backup_does_not_bring_shredded_keys_back() -> Resu
         restored.as_ref().map_or(0, Vec::len)
     );
 
-    let s = Sidecar::start(&config, &dir.path().join("3.log"), None);
+    let s = start(&config, &dir.path().join("3.log"), None);
     let ch = s.channel().await;
     let err = decrypt(&ch, "acme", "carol", &ct).await.unwrap_err();
     assert_eq!(reason(&err), "KEY_DESTROYED", "{err:?}");

@@ -10,11 +10,11 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Result;
+use common::sidecar::InProcess;
 use fieldkey::config::Limits;
 use fieldkey::kms::Kms;
 use fieldkey::service::pb::crypto_client::CryptoClient;
@@ -29,56 +29,19 @@ use fieldkey::{Keyring, KeyringConfig};
 use tonic::Code;
 use tonic::transport::Channel;
 
-struct Server {
-    addr: SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
+/// The sidecar in process on `store` and `kms`, with default limits.
+async fn start(store: Arc<dyn KeyStore>, kms: Arc<dyn Kms>) -> Result<InProcess> {
+    start_with(store, kms, Limits::default()).await
 }
 
-impl Server {
-    async fn start(store: Arc<dyn KeyStore>, kms: Arc<dyn Kms>) -> Result<Self> {
-        Self::start_with(store, kms, Limits::default()).await
-    }
-
-    async fn start_with(
-        store: Arc<dyn KeyStore>,
-        kms: Arc<dyn Kms>,
-        limits: Limits,
-    ) -> Result<Self> {
-        let keyring = Arc::new(Keyring::new(store, kms, KeyringConfig::default()));
-        let routes = fieldkey::service::routes(
-            fieldkey::service::Context::new(keyring.clone()).with_limits(limits.clone()),
-        )
-        .await?;
-        let listener = fieldkey::transport::bind_tcp("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            fieldkey::transport::serve_tcp(routes, listener, async {
-                let _ = rx.await;
-            })
-            .await
-            .unwrap();
-        });
-        Ok(Self {
-            addr,
-            stop: Some(tx),
-            task,
-        })
-    }
-
-    async fn channel(&self) -> Result<Channel> {
-        Ok(Channel::from_shared(format!("http://{}", self.addr))?
-            .connect()
-            .await?)
-    }
-
-    async fn stop(mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        let _ = self.task.await;
-    }
+/// The sidecar in process on `store` and `kms`, with `limits`.
+async fn start_with(
+    store: Arc<dyn KeyStore>,
+    kms: Arc<dyn Kms>,
+    limits: Limits,
+) -> Result<InProcess> {
+    let keyring = Arc::new(Keyring::new(store, kms, KeyringConfig::default()));
+    InProcess::start(fieldkey::service::Context::new(keyring).with_limits(limits)).await
 }
 
 fn enc(tenant: &str, subject: &str, field: &str, ctx: &[u8], pt: &[u8]) -> EncryptRequest {
@@ -109,10 +72,10 @@ fn reason(s: &tonic::Status) -> String {
         .unwrap_or_default()
 }
 
-async fn sqlite_server(dir: &tempfile::TempDir) -> Result<Server> {
+async fn sqlite_server(dir: &tempfile::TempDir) -> Result<InProcess> {
     let store: Arc<dyn KeyStore> =
         Arc::new(SqlStore::open_sqlite(&dir.path().join("keys.db")).await?);
-    Server::start(store, common::local_kms(dir)?).await
+    start(store, common::local_kms(dir)?).await
 }
 
 #[tokio::test]
@@ -466,7 +429,7 @@ async fn restart_round_trip(
     store_b: Arc<dyn KeyStore>,
     kms_dir: &tempfile::TempDir,
 ) -> Result<()> {
-    let server = Server::start(store_a, common::local_kms(kms_dir)?).await?;
+    let server = start(store_a, common::local_kms(kms_dir)?).await?;
     let ch = server.channel().await?;
     KeysClient::new(ch.clone())
         .create_tenant(CreateTenantRequest {
@@ -480,7 +443,7 @@ async fn restart_round_trip(
         .into_inner()
         .ciphertext;
     server.stop().await;
-    let server = Server::start(store_b, common::local_kms(kms_dir)?).await?;
+    let server = start(store_b, common::local_kms(kms_dir)?).await?;
     let pt = CryptoClient::new(server.channel().await?)
         .decrypt(dec("acme", "user-9", "email", b"r", &ct))
         .await?
@@ -513,7 +476,7 @@ async fn decrypt_after_restart_with_postgres_store() -> Result<()> {
 
 // ------------------------------------------------------------------ limits
 
-async fn limited(dir: &tempfile::TempDir, limits: Limits, kms_delay_ms: u64) -> Result<Server> {
+async fn limited(dir: &tempfile::TempDir, limits: Limits, kms_delay_ms: u64) -> Result<InProcess> {
     let store: Arc<dyn KeyStore> =
         Arc::new(SqlStore::open_sqlite(&dir.path().join("keys.db")).await?);
     // Create the tenants through a separate keyring so the server starts cold.
@@ -527,7 +490,7 @@ async fn limited(dir: &tempfile::TempDir, limits: Limits, kms_delay_ms: u64) -> 
         common::local_kms(dir)?,
         std::time::Duration::from_millis(kms_delay_ms),
     );
-    Server::start_with(store, kms, limits).await
+    start_with(store, kms, limits).await
 }
 
 #[tokio::test]

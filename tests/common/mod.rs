@@ -1,13 +1,19 @@
-//! Shared test fixtures: real SQLite files, real PostgreSQL databases, the local KMS and
-//! moto_server. Nothing here mocks a component that can run for real.
+//! Shared test fixtures: real SQLite files, real PostgreSQL databases, the local KMS,
+//! moto_server and the sidecar itself ([`sidecar`]). Nothing here mocks a component that
+//! can run for real.
 #![allow(
     dead_code,
+    reason = "each test crate compiles all of common and uses only some of it, so an unused item in one crate is not dead"
+)]
+#![expect(
     clippy::unwrap_used,
     clippy::expect_used,
     clippy::panic,
     clippy::indexing_slicing,
     reason = "test code fails by panicking"
 )]
+
+pub mod sidecar;
 
 use std::path::PathBuf;
 use std::sync::Arc;
