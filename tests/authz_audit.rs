@@ -3,7 +3,7 @@
 //! `l5d-client-id` (trusted in this configuration) and as a real mTLS certificate SAN,
 //! PERMISSION_DENIED with an audit record, the decrypt guard, policy reload, and the
 //! export / offline verification of the audit log with its tamper cases.
-#![allow(
+#![expect(
     clippy::unwrap_used,
     clippy::expect_used,
     clippy::panic,
@@ -12,6 +12,8 @@
 )]
 
 mod common;
+
+use common::grpc::reason;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -110,14 +112,6 @@ fn as_id<T>(who: &str, msg: T) -> tonic::Request<T> {
             .insert("l5d-client-id", who.parse().unwrap());
     }
     r
-}
-
-fn reason(s: &tonic::Status) -> String {
-    s.metadata()
-        .get("fieldkey-error")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned()
 }
 
 async fn encrypt(ch: &Channel, who: &str, tenant: &str) -> Result<Vec<u8>, tonic::Status> {

@@ -1,7 +1,7 @@
 //! Blind indexes and pseudonyms over real gRPC (a real socket, SQLite key store, local
 //! KMS): determinism, separation by tenant / field / version / purpose, normalization,
 //! Argon2id, lookups across a rotation, errors, restriction and erasure.
-#![allow(
+#![expect(
     clippy::unwrap_used,
     clippy::expect_used,
     clippy::panic,
@@ -10,6 +10,8 @@
 )]
 
 mod common;
+
+use common::grpc::reason;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -111,13 +113,6 @@ fn req(tenant: &str, field: &str, value: &[u8]) -> BlindIndexRequest {
         format: IndexFormat::Binary as i32,
         lookup: false,
     }
-}
-
-fn reason(s: &tonic::Status) -> String {
-    s.metadata()
-        .get("fieldkey-error")
-        .map(|v| v.to_str().unwrap().to_owned())
-        .unwrap_or_default()
 }
 
 async fn index(c: &mut CryptoClient<Channel>, tenant: &str, field: &str, v: &str) -> Vec<u8> {

@@ -1,6 +1,6 @@
 //! The built `fieldkey` binary: `serve` on embedded defaults, the client commands against
 //! it, exit codes, SIGTERM, and a restart that still decrypts.
-#![allow(
+#![expect(
     clippy::unwrap_used,
     clippy::expect_used,
     clippy::panic,

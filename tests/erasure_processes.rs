@@ -3,7 +3,7 @@
 //! two sidecars sharing one PostgreSQL store, measuring how fast a shred or suspension
 //! made on one is enforced by the other; a key-store backup restored after a shred;
 //! and `fieldkey erasure verify` on a genuine and an edited receipt.
-#![allow(
+#![expect(
     clippy::unwrap_used,
     clippy::expect_used,
     clippy::panic,
@@ -13,15 +13,15 @@
 
 mod common;
 
+use common::grpc::{create_tenant, reason};
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use common::sidecar::{BIN, Sidecar};
-use fieldkey::service::pb::{
-    self, crypto_client::CryptoClient, erasures_client::ErasuresClient, keys_client::KeysClient,
-};
+use fieldkey::service::pb::{self, crypto_client::CryptoClient, erasures_client::ErasuresClient};
 use sqlx::Connection as _;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -67,13 +67,6 @@ fn init_kms(dir: &Path) {
     );
 }
 
-fn reason(s: &tonic::Status) -> &str {
-    s.metadata()
-        .get("fieldkey-error")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-}
-
 async fn encrypt(ch: &Channel, tenant: &str, subject: &str, value: &str) -> Vec<u8> {
     CryptoClient::new(ch.clone())
         .encrypt(pb::EncryptRequest {
@@ -106,16 +99,6 @@ async fn decrypt(
         })
         .await
         .map(|r| r.into_inner().plaintext)
-}
-
-async fn create_tenant(ch: &Channel, tenant: &str) {
-    KeysClient::new(ch.clone())
-        .create_tenant(pb::CreateTenantRequest {
-            tenant_id: tenant.into(),
-            kms_key_id: String::new(),
-        })
-        .await
-        .unwrap();
 }
 
 async fn get_erasure(ch: &Channel, id: &str) -> pb::Erasure {
@@ -160,7 +143,7 @@ async fn an_erasure_interrupted_after_any_step_completes_after_a_restart() -> Re
 
         let a = start(&config, &dir.path().join("a.log"), None);
         let ch = a.channel().await;
-        create_tenant(&ch, &tenant).await;
+        create_tenant(&ch, &tenant).await?;
         let ct = encrypt(&ch, &tenant, "alice", "alice@example.org").await;
         a.stop();
 
@@ -306,7 +289,7 @@ async fn an_edited_receipt_fails_verification() -> Result<()> {
     let config = write_config(dir.path(), "sidecar", FAST_WORKER);
     let s = start(&config, &dir.path().join("s.log"), None);
     let ch = s.channel().await;
-    create_tenant(&ch, "acme").await;
+    create_tenant(&ch, "acme").await?;
     encrypt(&ch, "acme", "bob", "bob@example.org").await;
     let receipt = dir.path().join("receipt.json");
     let pem = dir.path().join("key.pem");
@@ -397,7 +380,7 @@ async fn shred_and_suspend_reach_the_other_sidecar_within_a_second() -> Result<(
     let a = start(&config, &dir.path().join("a.log"), None);
     let b = start(&config, &dir.path().join("b.log"), None);
     let (cha, chb) = (a.channel().await, b.channel().await);
-    create_tenant(&cha, "acme").await;
+    create_tenant(&cha, "acme").await?;
     let ct1 = encrypt(&cha, "acme", "u1", "one").await;
     let ct2 = encrypt(&cha, "acme", "u2", "two").await;
     let ctt = encrypt(&cha, "acme", "", "tenant data").await;
@@ -511,7 +494,7 @@ async fn a_restored_key_store_backup_does_not_bring_shredded_keys_back() -> Resu
 
     let s = start(&config, &dir.path().join("1.log"), None);
     let ch = s.channel().await;
-    create_tenant(&ch, "acme").await;
+    create_tenant(&ch, "acme").await?;
     let ct = encrypt(&ch, "acme", "carol", "carol@example.org").await;
     let ct_other = encrypt(&ch, "acme", "dave", "dave@example.org").await;
     s.stop();

@@ -1,6 +1,6 @@
 //! End-to-end over real sockets: an in-process server on loopback TCP (and a Unix
 //! socket), generated clients, real SQLite / PostgreSQL stores and the local KMS.
-#![allow(
+#![expect(
     clippy::unwrap_used,
     clippy::expect_used,
     clippy::panic,
@@ -9,6 +9,8 @@
 )]
 
 mod common;
+
+use common::grpc::{create_tenant, reason};
 
 use std::path::Path;
 use std::sync::Arc;
@@ -65,13 +67,6 @@ fn dec(tenant: &str, subject: &str, field: &str, ctx: &[u8], ct: &[u8]) -> Decry
     }
 }
 
-fn reason(s: &tonic::Status) -> String {
-    s.metadata()
-        .get("fieldkey-error")
-        .map(|v| v.to_str().unwrap().to_owned())
-        .unwrap_or_default()
-}
-
 async fn sqlite_server(dir: &tempfile::TempDir) -> Result<InProcess> {
     let store: Arc<dyn KeyStore> =
         Arc::new(SqlStore::open_sqlite(&dir.path().join("keys.db")).await?);
@@ -83,12 +78,7 @@ async fn encrypt_decrypt_round_trip_over_tcp_in_both_forms() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let server = sqlite_server(&dir).await?;
     let ch = server.channel().await?;
-    KeysClient::new(ch.clone())
-        .create_tenant(CreateTenantRequest {
-            tenant_id: "acme".into(),
-            kms_key_id: String::new(),
-        })
-        .await?;
+    create_tenant(&ch, "acme").await?;
     let mut c = CryptoClient::new(ch);
     for format in [CiphertextFormat::Binary, CiphertextFormat::Text] {
         let mut req = enc("acme", "user-1", "email", b"row:1", b"alice@example.com");
@@ -114,12 +104,7 @@ async fn batch_with_a_bad_item_fails_only_that_item() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let server = sqlite_server(&dir).await?;
     let ch = server.channel().await?;
-    KeysClient::new(ch.clone())
-        .create_tenant(CreateTenantRequest {
-            tenant_id: "acme".into(),
-            kms_key_id: String::new(),
-        })
-        .await?;
+    create_tenant(&ch, "acme").await?;
     let mut c = CryptoClient::new(ch);
     let items = vec![
         enc("acme", "", "a", b"", b"one"),
@@ -431,12 +416,7 @@ async fn restart_round_trip(
 ) -> Result<()> {
     let server = start(store_a, common::local_kms(kms_dir)?).await?;
     let ch = server.channel().await?;
-    KeysClient::new(ch.clone())
-        .create_tenant(CreateTenantRequest {
-            tenant_id: "acme".into(),
-            kms_key_id: String::new(),
-        })
-        .await?;
+    create_tenant(&ch, "acme").await?;
     let ct = CryptoClient::new(ch)
         .encrypt(enc("acme", "user-9", "email", b"r", b"persisted"))
         .await?

@@ -1,7 +1,7 @@
 //! Metrics, health and hardening of a real `fieldkey serve` process: the counters move
 //! with traffic, readiness follows the key store (PostgreSQL behind a proxy that the
 //! test stops) while liveness does not, and core dumps are off.
-#![allow(
+#![expect(
     clippy::unwrap_used,
     clippy::expect_used,
     clippy::panic,
@@ -17,8 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use common::sidecar::Sidecar;
 use fieldkey::service::pb::crypto_client::CryptoClient;
-use fieldkey::service::pb::keys_client::KeysClient;
-use fieldkey::service::pb::{self, CreateTenantRequest, DecryptRequest, EncryptRequest};
+use fieldkey::service::pb::{self, DecryptRequest, EncryptRequest};
 
 /// `fieldkey serve` on PostgreSQL at `pg`, with metrics on a free port refreshed every
 /// second and no stale cache.
@@ -85,12 +84,7 @@ async fn metrics_move_with_traffic_and_readiness_follows_the_key_store() -> Resu
     let ch = tonic::transport::Channel::from_shared(s.addr.clone())?
         .connect()
         .await?;
-    KeysClient::new(ch.clone())
-        .create_tenant(CreateTenantRequest {
-            tenant_id: "acme".into(),
-            kms_key_id: String::new(),
-        })
-        .await?;
+    common::grpc::create_tenant(&ch, "acme").await?;
     let mut c = CryptoClient::new(ch);
     for i in 0..5 {
         c.encrypt(EncryptRequest {

@@ -1,7 +1,7 @@
 //! Re-encryption jobs against the real PostgreSQL: a 100,000-row table with two
 //! encrypted columns, application writes during the job, a runner killed with SIGKILL
 //! half-way, two runners resuming at once; pause, cancel, leftovers and retirement.
-#![allow(
+#![expect(
     clippy::unwrap_used,
     clippy::expect_used,
     clippy::panic,

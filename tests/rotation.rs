@@ -1,6 +1,6 @@
 //! Rotation beyond a new version: rewrapping ciphertexts, key-age policy checks,
 //! cross-replica rotation, and the evidence retirement requires.
-#![allow(
+#![expect(
     clippy::unwrap_used,
     clippy::expect_used,
     clippy::panic,

@@ -13,6 +13,7 @@
     reason = "test code fails by panicking"
 )]
 
+pub mod grpc;
 pub mod sidecar;
 
 use std::path::PathBuf;
@@ -25,6 +26,21 @@ use sqlx::Executor as _;
 
 use fieldkey::kms::local::{KdfParams, LocalKms};
 use fieldkey::store::{KeyStore, SqlStore};
+
+/// The associated data of a field: `tenant`, `subject`, `field` and the row `ctx`.
+pub fn aad<'a>(
+    tenant: &'a str,
+    subject: Option<&'a str>,
+    field: &'a str,
+    ctx: &'a [u8],
+) -> fieldkey::crypto::Aad<'a> {
+    fieldkey::crypto::Aad {
+        tenant,
+        subject,
+        field,
+        context: ctx,
+    }
+}
 
 /// DSN of the PostgreSQL server tests use. `scripts/test.sh` exports it; the default is
 /// the machine's server. A PostgreSQL test never skips: no server means a failure.
