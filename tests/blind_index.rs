@@ -3,7 +3,6 @@
 //! Argon2id, lookups across a rotation, errors, restriction and erasure.
 #![expect(
     clippy::unwrap_used,
-    clippy::expect_used,
     clippy::panic,
     clippy::indexing_slicing,
     reason = "test code fails by panicking"

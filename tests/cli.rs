@@ -1,12 +1,6 @@
 //! The built `fieldkey` binary: `serve` on embedded defaults, the client commands against
 //! it, exit codes, SIGTERM, and a restart that still decrypts.
-#![expect(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing,
-    reason = "test code fails by panicking"
-)]
+#![expect(clippy::unwrap_used, reason = "test code fails by panicking")]
 
 mod common;
 

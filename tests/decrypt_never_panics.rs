@@ -3,7 +3,6 @@
 //! unmodified envelope, the plaintext).
 #![expect(
     clippy::unwrap_used,
-    clippy::expect_used,
     clippy::panic,
     clippy::indexing_slicing,
     reason = "test code fails by panicking"

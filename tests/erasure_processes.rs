@@ -5,8 +5,6 @@
 //! and `fieldkey erasure verify` on a genuine and an edited receipt.
 #![expect(
     clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
     clippy::indexing_slicing,
     reason = "test code fails by panicking"
 )]
@@ -127,6 +125,49 @@ fn cli(addr: Option<&str>, args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// `fieldkey erasure verify receipt --public-key pem`, offline.
+fn verify_receipt(receipt: &Path, pem: &Path) -> (i32, String, String) {
+    cli(
+        None,
+        &[
+            "erasure",
+            "verify",
+            receipt.to_str().unwrap(),
+            "--public-key",
+            pem.to_str().unwrap(),
+        ],
+    )
+}
+
+/// ShredTenant (no `subject`) or ShredSubject, with no grace period.
+async fn shred_now(
+    ch: &Channel,
+    tenant: &str,
+    subject: Option<&str>,
+) -> Result<pb::Erasure, tonic::Status> {
+    let mut client = ErasuresClient::new(ch.clone());
+    match subject {
+        None => {
+            client
+                .shred_tenant(pb::ShredTenantRequest {
+                    tenant_id: tenant.into(),
+                    grace_seconds: 0,
+                })
+                .await
+        }
+        Some(subject) => {
+            client
+                .shred_subject(pb::ShredSubjectRequest {
+                    tenant_id: tenant.into(),
+                    subject_id: subject.into(),
+                    grace_seconds: 0,
+                })
+                .await
+        }
+    }
+    .map(tonic::Response::into_inner)
+}
+
 const FAST_WORKER: &str = "[erasure]\nretry_after_secs = 1\npoll_ms = 100\n";
 
 /// The process is aborted right after each step of an erasure; after a restart the
@@ -149,23 +190,8 @@ async fn an_erasure_interrupted_after_any_step_completes_after_a_restart() -> Re
 
         let b = start(&config, &dir.path().join("b.log"), Some(step));
         let ch = b.channel().await;
-        let mut client = ErasuresClient::new(ch.clone());
-        let call = if tenant_scope {
-            client
-                .shred_tenant(pb::ShredTenantRequest {
-                    tenant_id: tenant.clone(),
-                    grace_seconds: 0,
-                })
-                .await
-        } else {
-            client
-                .shred_subject(pb::ShredSubjectRequest {
-                    tenant_id: tenant.clone(),
-                    subject_id: "alice".into(),
-                    grace_seconds: 0,
-                })
-                .await
-        };
+        let subject = (!tenant_scope).then_some("alice");
+        let call = shred_now(&ch, &tenant, subject).await;
         assert!(
             call.is_err(),
             "step {step}: the call should die with the process"
@@ -219,23 +245,7 @@ async fn an_erasure_interrupted_after_any_step_completes_after_a_restart() -> Re
         };
         assert!(!done.receipt.is_empty());
         // Retrying the original call is safe: same request, nothing new.
-        let again = if tenant_scope {
-            ErasuresClient::new(ch.clone())
-                .shred_tenant(pb::ShredTenantRequest {
-                    tenant_id: tenant.clone(),
-                    grace_seconds: 0,
-                })
-                .await?
-        } else {
-            ErasuresClient::new(ch.clone())
-                .shred_subject(pb::ShredSubjectRequest {
-                    tenant_id: tenant.clone(),
-                    subject_id: "alice".into(),
-                    grace_seconds: 0,
-                })
-                .await?
-        }
-        .into_inner();
+        let again = shred_now(&ch, &tenant, subject).await?;
         assert_eq!(again.erasure_id, id);
         assert_eq!(again.receipt, done.receipt);
 
@@ -262,16 +272,7 @@ async fn an_erasure_interrupted_after_any_step_completes_after_a_restart() -> Re
             &["erasure", "public-key", "--out", pem.to_str().unwrap()],
         );
         assert_eq!(code, 0, "{err}");
-        let (code, out, err) = cli(
-            None,
-            &[
-                "erasure",
-                "verify",
-                receipt.to_str().unwrap(),
-                "--public-key",
-                pem.to_str().unwrap(),
-            ],
-        );
+        let (code, out, err) = verify_receipt(&receipt, &pem);
         assert_eq!(code, 0, "step {step}: {out}{err}");
         assert!(out.contains("receipt OK"), "{out}");
         eprintln!("step {step}: request {id} completed after restart; receipt verified");
@@ -311,18 +312,7 @@ async fn an_edited_receipt_fails_verification() -> Result<()> {
         &["erasure", "public-key", "--out", pem.to_str().unwrap()],
     );
     assert_eq!(code, 0, "{err}");
-    let verify = |path: &Path| {
-        cli(
-            None,
-            &[
-                "erasure",
-                "verify",
-                path.to_str().unwrap(),
-                "--public-key",
-                pem.to_str().unwrap(),
-            ],
-        )
-    };
+    let verify = |path: &Path| verify_receipt(path, &pem);
     let (code, out, _) = verify(&receipt);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("subject bob of tenant acme"), "{out}");
@@ -415,12 +405,7 @@ async fn shred_and_suspend_reach_the_other_sidecar_within_a_second() -> Result<(
     }
 
     let mut ea = ErasuresClient::new(cha.clone());
-    ea.shred_subject(pb::ShredSubjectRequest {
-        tenant_id: "acme".into(),
-        subject_id: "u1".into(),
-        grace_seconds: 0,
-    })
-    .await?;
+    shred_now(&cha, "acme", Some("u1")).await?;
     let shred = until(&chb, "u1", &ct1, Some("KEY_DESTROYED"), Instant::now()).await;
 
     ea.suspend_subject(pb::RestrictionRequest {
@@ -436,11 +421,7 @@ async fn shred_and_suspend_reach_the_other_sidecar_within_a_second() -> Result<(
     .await?;
     let resume = until(&chb, "u2", &ct2, None, Instant::now()).await;
 
-    ea.shred_tenant(pb::ShredTenantRequest {
-        tenant_id: "acme".into(),
-        grace_seconds: 0,
-    })
-    .await?;
+    shred_now(&cha, "acme", None).await?;
     let tenant = until(&chb, "", &ctt, Some("KEY_DESTROYED"), Instant::now()).await;
 
     eprintln!(
@@ -502,14 +483,7 @@ async fn a_restored_key_store_backup_does_not_bring_shredded_keys_back() -> Resu
 
     let s = start(&config, &dir.path().join("2.log"), None);
     let ch = s.channel().await;
-    let shred = ErasuresClient::new(ch.clone())
-        .shred_subject(pb::ShredSubjectRequest {
-            tenant_id: "acme".into(),
-            subject_id: "carol".into(),
-            grace_seconds: 0,
-        })
-        .await?
-        .into_inner();
+    let shred = shred_now(&ch, "acme", Some("carol")).await?;
     assert_eq!(shred.state, pb::ErasureState::Completed as i32);
     s.stop();
 

@@ -2,7 +2,6 @@
 //! socket), generated clients, real SQLite / PostgreSQL stores and the local KMS.
 #![expect(
     clippy::unwrap_used,
-    clippy::expect_used,
     clippy::panic,
     clippy::indexing_slicing,
     reason = "test code fails by panicking"
@@ -29,7 +28,6 @@ use fieldkey::service::pb::{
 use fieldkey::store::{KeyStore, SqlStore};
 use fieldkey::{Keyring, KeyringConfig};
 use tonic::Code;
-use tonic::transport::Channel;
 
 /// The sidecar in process on `store` and `kms`, with default limits.
 async fn start(store: Arc<dyn KeyStore>, kms: Arc<dyn Kms>) -> Result<InProcess> {

@@ -2,7 +2,6 @@
 //! the real local KMS.
 #![expect(
     clippy::unwrap_used,
-    clippy::expect_used,
     clippy::panic,
     clippy::indexing_slicing,
     reason = "test code fails by panicking"

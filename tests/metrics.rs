@@ -4,9 +4,6 @@
 #![expect(
     clippy::unwrap_used,
     clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing,
-    clippy::zombie_processes,
     reason = "test code fails by panicking"
 )]
 

@@ -2,8 +2,6 @@
 //! certificate required from the configured CA; the caller identity reaches handlers.
 #![expect(
     clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
     clippy::indexing_slicing,
     reason = "test code fails by panicking"
 )]

@@ -2,7 +2,6 @@
 //! cross-replica rotation, and the evidence retirement requires.
 #![expect(
     clippy::unwrap_used,
-    clippy::expect_used,
     clippy::panic,
     clippy::indexing_slicing,
     reason = "test code fails by panicking"

@@ -1,12 +1,6 @@
 //! One test per attack on stored ciphertexts, so none can come back silently.
 //! Each runs against the real keyring (SQLite file, local KMS).
-#![expect(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing,
-    reason = "test code fails by panicking"
-)]
+#![expect(clippy::indexing_slicing, reason = "test code fails by panicking")]
 
 mod common;
 
