@@ -3,7 +3,7 @@
 //! `l5d-client-id` (trusted in this configuration) and as a real mTLS certificate SAN,
 //! PERMISSION_DENIED with an audit record, the decrypt guard, policy reload, and the
 //! export / offline verification of the audit log with its tamper cases.
-#![allow(
+#![expect(
     clippy::unwrap_used,
     clippy::expect_used,
     clippy::panic,
@@ -12,6 +12,8 @@
 )]
 
 mod common;
+
+use common::grpc::reason;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -44,7 +46,7 @@ struct Env {
     store: Arc<dyn KeyStore>,
     audit: Arc<AuditLog>,
     ch: Channel,
-    _server: tokio::task::JoinHandle<()>,
+    _server: common::sidecar::InProcess,
 }
 
 fn copy_policies(to: &Path, limits: &str) {
@@ -88,15 +90,8 @@ async fn env(limits: &str) -> Result<Env> {
     ));
     let mut ctx = fieldkey::service::Context::new(keyring).with_gate(gate);
     ctx.audit = audit.clone();
-    let routes = fieldkey::service::routes(ctx).await?;
-    let listener = fieldkey::transport::bind_tcp("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let server = tokio::spawn(async move {
-        let _ = fieldkey::transport::serve_tcp(routes, listener, std::future::pending()).await;
-    });
-    let ch = Channel::from_shared(format!("http://{addr}"))?
-        .connect()
-        .await?;
+    let server = common::sidecar::InProcess::start(ctx).await?;
+    let ch = server.channel().await?;
     Ok(Env {
         _dir: dir,
         policies,
@@ -117,14 +112,6 @@ fn as_id<T>(who: &str, msg: T) -> tonic::Request<T> {
             .insert("l5d-client-id", who.parse().unwrap());
     }
     r
-}
-
-fn reason(s: &tonic::Status) -> String {
-    s.metadata()
-        .get("fieldkey-error")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned()
 }
 
 async fn encrypt(ch: &Channel, who: &str, tenant: &str) -> Result<Vec<u8>, tonic::Status> {

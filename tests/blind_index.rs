@@ -1,9 +1,8 @@
 //! Blind indexes and pseudonyms over real gRPC (a real socket, SQLite key store, local
 //! KMS): determinism, separation by tenant / field / version / purpose, normalization,
 //! Argon2id, lookups across a rotation, errors, restriction and erasure.
-#![allow(
+#![expect(
     clippy::unwrap_used,
-    clippy::expect_used,
     clippy::panic,
     clippy::indexing_slicing,
     reason = "test code fails by panicking"
@@ -11,8 +10,9 @@
 
 mod common;
 
+use common::grpc::reason;
+
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Result;
@@ -68,14 +68,15 @@ fn profiles() -> IndexProfiles {
     IndexProfiles::new(m, 2)
 }
 
-struct Sidecar {
+/// An in-process sidecar on its own SQLite store and local KMS, with the index profiles
+/// above and 4 KiB fields.
+struct Fixture {
     _dir: tempfile::TempDir,
-    addr: SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    server: common::sidecar::InProcess,
     keyring: Arc<Keyring>,
 }
 
-impl Sidecar {
+impl Fixture {
     async fn start() -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let store = common::sqlite_store(&dir).await?;
@@ -87,40 +88,19 @@ impl Sidecar {
             max_field_bytes: 4096,
             ..Default::default()
         };
-        let routes = fieldkey::service::routes(
+        let server = common::sidecar::InProcess::start(
             fieldkey::service::Context::new(keyring.clone()).with_limits(limits),
         )
         .await?;
-        let listener = fieldkey::transport::bind_tcp("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(async move {
-            fieldkey::transport::serve_tcp(routes, listener, async {
-                let _ = rx.await;
-            })
-            .await
-            .unwrap();
-        });
         Ok(Self {
             _dir: dir,
-            addr,
-            stop: Some(tx),
+            server,
             keyring,
         })
     }
 
     async fn channel(&self) -> Result<Channel> {
-        Ok(Channel::from_shared(format!("http://{}", self.addr))?
-            .connect()
-            .await?)
-    }
-}
-
-impl Drop for Sidecar {
-    fn drop(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
+        self.server.channel().await
     }
 }
 
@@ -132,13 +112,6 @@ fn req(tenant: &str, field: &str, value: &[u8]) -> BlindIndexRequest {
         format: IndexFormat::Binary as i32,
         lookup: false,
     }
-}
-
-fn reason(s: &tonic::Status) -> String {
-    s.metadata()
-        .get("fieldkey-error")
-        .map(|v| v.to_str().unwrap().to_owned())
-        .unwrap_or_default()
 }
 
 async fn index(c: &mut CryptoClient<Channel>, tenant: &str, field: &str, v: &str) -> Vec<u8> {
@@ -186,7 +159,7 @@ async fn create(keys: &mut KeysClient<Channel>, t: &str) {
 
 #[tokio::test]
 async fn blind_indexes_are_deterministic_separated_and_normalized() -> Result<()> {
-    let s = Sidecar::start().await?;
+    let s = Fixture::start().await?;
     let mut c = CryptoClient::new(s.channel().await?);
     let mut keys = KeysClient::new(s.channel().await?);
     create(&mut keys, "acme").await;
@@ -269,7 +242,7 @@ async fn blind_indexes_are_deterministic_separated_and_normalized() -> Result<()
 
 #[tokio::test]
 async fn bad_blind_index_requests_get_specific_errors_and_fail_alone_in_batches() -> Result<()> {
-    let s = Sidecar::start().await?;
+    let s = Fixture::start().await?;
     let mut c = CryptoClient::new(s.channel().await?);
     let mut keys = KeysClient::new(s.channel().await?);
     create(&mut keys, "acme").await;
@@ -364,7 +337,7 @@ async fn bad_blind_index_requests_get_specific_errors_and_fail_alone_in_batches(
 /// and a suspended or shredded tenant computes nothing.
 #[tokio::test]
 async fn lookups_span_key_versions_and_key_states_are_honoured() -> Result<()> {
-    let s = Sidecar::start().await?;
+    let s = Fixture::start().await?;
     let mut c = CryptoClient::new(s.channel().await?);
     let mut keys = KeysClient::new(s.channel().await?);
     create(&mut keys, "acme").await;
@@ -445,7 +418,7 @@ async fn lookups_span_key_versions_and_key_states_are_honoured() -> Result<()> {
 
 #[tokio::test]
 async fn pseudonyms_are_stable_unlinkable_and_end_with_the_subject_key() -> Result<()> {
-    let s = Sidecar::start().await?;
+    let s = Fixture::start().await?;
     let mut c = CryptoClient::new(s.channel().await?);
     let mut keys = KeysClient::new(s.channel().await?);
     create(&mut keys, "acme").await;

@@ -1,86 +1,21 @@
 //! The built `fieldkey` binary: `serve` on embedded defaults, the client commands against
 //! it, exit codes, SIGTERM, and a restart that still decrypts.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing,
-    reason = "test code fails by panicking"
-)]
+#![expect(clippy::unwrap_used, reason = "test code fails by panicking")]
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::Duration;
+use std::process::{Command, Output};
 
-const BIN: &str = env!("CARGO_BIN_EXE_fieldkey");
+use common::sidecar::{BIN, Sidecar};
 
-struct Sidecar {
-    child: Child,
-    addr: String,
-}
-
-impl Sidecar {
-    fn start(data_dir: &Path) -> Self {
-        let mut child = Command::new(BIN)
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data_dir)
-            .env_remove("FIELDKEY_LOCAL_KMS_PASSPHRASE")
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let line = lines.next().expect("sidecar printed nothing").unwrap();
-        let addr = line
-            .strip_prefix("fieldkey listening on tcp://")
-            .unwrap_or_else(|| panic!("{line}"));
-        Self {
-            addr: format!("http://{addr}"),
-            child,
-        }
-    }
-
-    fn cli(&self, args: &[&str]) -> Output {
-        Command::new(BIN)
-            .args(args)
-            .env("FIELDKEY_ADDR", &self.addr)
-            .output()
-            .unwrap()
-    }
-
-    /// SIGTERM, then the exit status and stderr.
-    fn terminate(mut self) -> (std::process::ExitStatus, String) {
-        let pid = self.child.id().to_string();
-        assert!(
-            Command::new("kill")
-                .args(["-TERM", &pid])
-                .status()
-                .unwrap()
-                .success()
-        );
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        let status = loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                break s;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "sidecar did not stop on SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let mut err = String::new();
-        use std::io::Read as _;
-        self.child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .unwrap();
-        (status, err)
-    }
+/// `fieldkey serve` on the embedded defaults under `data_dir`, without a passphrase.
+fn start(data_dir: &Path) -> Sidecar {
+    Sidecar::builder()
+        .any_port()
+        .data_dir(data_dir)
+        .env_remove("FIELDKEY_LOCAL_KMS_PASSPHRASE")
+        .start()
 }
 
 fn stdout(o: &Output) -> String {
@@ -99,7 +34,7 @@ fn stdout(o: &Output) -> String {
 #[test]
 fn serve_on_embedded_defaults_then_round_trip_rotate_restart_and_sigterm() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Sidecar::start(dir.path());
+    let s = start(dir.path());
     stdout(&s.cli(&["tenant", "create", "acme"]));
     let ct = stdout(&s.cli(&[
         "encrypt",
@@ -160,7 +95,7 @@ fn serve_on_embedded_defaults_then_round_trip_rotate_restart_and_sigterm() {
     assert!(!log.contains("alice@example.com"), "plaintext never logged");
 
     // the embedded store and local KMS survive a restart
-    let s = Sidecar::start(dir.path());
+    let s = start(dir.path());
     let pt = stdout(&s.cli(&["decrypt", "-t", "acme", "-s", "user-1", "-f", "email", &ct]));
     assert_eq!(pt, "alice@example.com");
     let _ = s.terminate();

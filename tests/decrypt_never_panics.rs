@@ -1,9 +1,8 @@
 //! No panic on any input: random bytes and random mutations of valid envelopes (binary
 //! and text form) fed to the keyring's decrypt always give a clean error (or, for an
 //! unmodified envelope, the plaintext).
-#![allow(
+#![expect(
     clippy::unwrap_used,
-    clippy::expect_used,
     clippy::panic,
     clippy::indexing_slicing,
     reason = "test code fails by panicking"

@@ -3,7 +3,7 @@
 //! in its own SQLite file. What each test checks is read back from the database itself
 //! (raw rows through a separate connection), from the signed receipt (verified with the
 //! service's public key) and from the audit chain (verified end to end).
-#![allow(
+#![expect(
     clippy::unwrap_used,
     clippy::expect_used,
     clippy::panic,

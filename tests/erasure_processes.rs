@@ -3,110 +3,38 @@
 //! two sidecars sharing one PostgreSQL store, measuring how fast a shred or suspension
 //! made on one is enforced by the other; a key-store backup restored after a shred;
 //! and `fieldkey erasure verify` on a genuine and an edited receipt.
-#![allow(
+#![expect(
     clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
     clippy::indexing_slicing,
     reason = "test code fails by panicking"
 )]
 
 mod common;
 
-use std::io::{BufRead as _, BufReader};
+use common::grpc::{create_tenant, reason};
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use fieldkey::service::pb::{
-    self, crypto_client::CryptoClient, erasures_client::ErasuresClient, keys_client::KeysClient,
-};
+use common::sidecar::{BIN, Sidecar};
+use fieldkey::service::pb::{self, crypto_client::CryptoClient, erasures_client::ErasuresClient};
 use sqlx::Connection as _;
 use tonic::Code;
 use tonic::transport::Channel;
 
-const BIN: &str = env!("CARGO_BIN_EXE_fieldkey");
 const PASSPHRASE: &str = "erasure test passphrase";
 
-/// A `fieldkey serve` process; stderr goes to a log file kept in its directory.
-struct Sidecar {
-    child: Child,
-    addr: String,
-    log: PathBuf,
-}
-
-impl Sidecar {
-    fn start(config: &Path, log: &Path, fault: Option<&str>) -> Self {
-        let mut cmd = Command::new(BIN);
-        cmd.args(["serve", "--config"])
-            .arg(config)
-            .env("FIELDKEY_LOCAL_KMS_PASSPHRASE", PASSPHRASE)
-            .env("RUST_LOG", "info")
-            .env_remove("FIELDKEY_FAULT_ABORT_AFTER_ERASURE_STEP")
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(log).unwrap());
-        if let Some(step) = fault {
-            cmd.env("FIELDKEY_FAULT_ABORT_AFTER_ERASURE_STEP", step);
-        }
-        let mut child = cmd.spawn().unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let Some(Ok(line)) = lines.next() else {
-            panic!(
-                "sidecar printed nothing; log:\n{}",
-                std::fs::read_to_string(log).unwrap_or_default()
-            )
-        };
-        let addr = line
-            .strip_prefix("fieldkey listening on tcp://")
-            .unwrap_or_else(|| panic!("{line}"));
-        Self {
-            addr: format!("http://{addr}"),
-            child,
-            log: log.to_owned(),
-        }
-    }
-
-    async fn channel(&self) -> Channel {
-        Channel::from_shared(self.addr.clone())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap()
-    }
-
-    fn stop(mut self) {
-        let pid = self.child.id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.child.try_wait().unwrap().is_none() {
-            assert!(Instant::now() < deadline, "sidecar did not stop on SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Waits for the process to die on its own (fault injection) and returns how.
-    fn wait_dead(mut self) -> std::process::ExitStatus {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "sidecar did not abort at the fault; log:\n{}",
-                std::fs::read_to_string(&self.log).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Sidecar {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A `fieldkey serve` process on `config`; stderr goes to the log file `log`, and with
+/// `fault` it aborts right after that erasure step.
+fn start(config: &Path, log: &Path, fault: Option<&str>) -> Sidecar {
+    Sidecar::builder()
+        .config(config)
+        .env("FIELDKEY_LOCAL_KMS_PASSPHRASE", PASSPHRASE)
+        .env_opt("FIELDKEY_FAULT_ABORT_AFTER_ERASURE_STEP", fault)
+        .log_file(log)
+        .start()
 }
 
 fn write_config(dir: &Path, name: &str, extra: &str) -> PathBuf {
@@ -135,13 +63,6 @@ fn init_kms(dir: &Path) {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-fn reason(s: &tonic::Status) -> &str {
-    s.metadata()
-        .get("fieldkey-error")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
 }
 
 async fn encrypt(ch: &Channel, tenant: &str, subject: &str, value: &str) -> Vec<u8> {
@@ -178,16 +99,6 @@ async fn decrypt(
         .map(|r| r.into_inner().plaintext)
 }
 
-async fn create_tenant(ch: &Channel, tenant: &str) {
-    KeysClient::new(ch.clone())
-        .create_tenant(pb::CreateTenantRequest {
-            tenant_id: tenant.into(),
-            kms_key_id: String::new(),
-        })
-        .await
-        .unwrap();
-}
-
 async fn get_erasure(ch: &Channel, id: &str) -> pb::Erasure {
     ErasuresClient::new(ch.clone())
         .get_erasure(pb::ErasureIdRequest {
@@ -206,17 +117,55 @@ async fn sqlite(path: &Path) -> sqlx::SqliteConnection {
 
 /// Runs the CLI against a sidecar (or offline) and returns (exit code, stdout, stderr).
 fn cli(addr: Option<&str>, args: &[&str]) -> (i32, String, String) {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args);
-    if let Some(a) = addr {
-        cmd.env("FIELDKEY_ADDR", a);
-    }
-    let out = cmd.output().unwrap();
+    let out = common::sidecar::run_cli(addr, args);
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// `fieldkey erasure verify receipt --public-key pem`, offline.
+fn verify_receipt(receipt: &Path, pem: &Path) -> (i32, String, String) {
+    cli(
+        None,
+        &[
+            "erasure",
+            "verify",
+            receipt.to_str().unwrap(),
+            "--public-key",
+            pem.to_str().unwrap(),
+        ],
+    )
+}
+
+/// ShredTenant (no `subject`) or ShredSubject, with no grace period.
+async fn shred_now(
+    ch: &Channel,
+    tenant: &str,
+    subject: Option<&str>,
+) -> Result<pb::Erasure, tonic::Status> {
+    let mut client = ErasuresClient::new(ch.clone());
+    match subject {
+        None => {
+            client
+                .shred_tenant(pb::ShredTenantRequest {
+                    tenant_id: tenant.into(),
+                    grace_seconds: 0,
+                })
+                .await
+        }
+        Some(subject) => {
+            client
+                .shred_subject(pb::ShredSubjectRequest {
+                    tenant_id: tenant.into(),
+                    subject_id: subject.into(),
+                    grace_seconds: 0,
+                })
+                .await
+        }
+    }
+    .map(tonic::Response::into_inner)
 }
 
 const FAST_WORKER: &str = "[erasure]\nretry_after_secs = 1\npoll_ms = 100\n";
@@ -233,31 +182,16 @@ async fn an_erasure_interrupted_after_any_step_completes_after_a_restart() -> Re
         let tenant = format!("crash-{i}");
         let tenant_scope = *step == "kms";
 
-        let a = Sidecar::start(&config, &dir.path().join("a.log"), None);
+        let a = start(&config, &dir.path().join("a.log"), None);
         let ch = a.channel().await;
-        create_tenant(&ch, &tenant).await;
+        create_tenant(&ch, &tenant).await?;
         let ct = encrypt(&ch, &tenant, "alice", "alice@example.org").await;
         a.stop();
 
-        let b = Sidecar::start(&config, &dir.path().join("b.log"), Some(step));
+        let b = start(&config, &dir.path().join("b.log"), Some(step));
         let ch = b.channel().await;
-        let mut client = ErasuresClient::new(ch.clone());
-        let call = if tenant_scope {
-            client
-                .shred_tenant(pb::ShredTenantRequest {
-                    tenant_id: tenant.clone(),
-                    grace_seconds: 0,
-                })
-                .await
-        } else {
-            client
-                .shred_subject(pb::ShredSubjectRequest {
-                    tenant_id: tenant.clone(),
-                    subject_id: "alice".into(),
-                    grace_seconds: 0,
-                })
-                .await
-        };
+        let subject = (!tenant_scope).then_some("alice");
+        let call = shred_now(&ch, &tenant, subject).await;
         assert!(
             call.is_err(),
             "step {step}: the call should die with the process"
@@ -295,7 +229,7 @@ async fn an_erasure_interrupted_after_any_step_completes_after_a_restart() -> Re
         conn.close().await?;
 
         // Restart without the fault: the worker finishes the abandoned request.
-        let c = Sidecar::start(&config, &dir.path().join("c.log"), None);
+        let c = start(&config, &dir.path().join("c.log"), None);
         let ch = c.channel().await;
         let deadline = Instant::now() + Duration::from_secs(15);
         let done = loop {
@@ -311,23 +245,7 @@ async fn an_erasure_interrupted_after_any_step_completes_after_a_restart() -> Re
         };
         assert!(!done.receipt.is_empty());
         // Retrying the original call is safe: same request, nothing new.
-        let again = if tenant_scope {
-            ErasuresClient::new(ch.clone())
-                .shred_tenant(pb::ShredTenantRequest {
-                    tenant_id: tenant.clone(),
-                    grace_seconds: 0,
-                })
-                .await?
-        } else {
-            ErasuresClient::new(ch.clone())
-                .shred_subject(pb::ShredSubjectRequest {
-                    tenant_id: tenant.clone(),
-                    subject_id: "alice".into(),
-                    grace_seconds: 0,
-                })
-                .await?
-        }
-        .into_inner();
+        let again = shred_now(&ch, &tenant, subject).await?;
         assert_eq!(again.erasure_id, id);
         assert_eq!(again.receipt, done.receipt);
 
@@ -354,16 +272,7 @@ async fn an_erasure_interrupted_after_any_step_completes_after_a_restart() -> Re
             &["erasure", "public-key", "--out", pem.to_str().unwrap()],
         );
         assert_eq!(code, 0, "{err}");
-        let (code, out, err) = cli(
-            None,
-            &[
-                "erasure",
-                "verify",
-                receipt.to_str().unwrap(),
-                "--public-key",
-                pem.to_str().unwrap(),
-            ],
-        );
+        let (code, out, err) = verify_receipt(&receipt, &pem);
         assert_eq!(code, 0, "step {step}: {out}{err}");
         assert!(out.contains("receipt OK"), "{out}");
         eprintln!("step {step}: request {id} completed after restart; receipt verified");
@@ -379,9 +288,9 @@ async fn an_edited_receipt_fails_verification() -> Result<()> {
     let dir = tempfile::tempdir()?;
     init_kms(dir.path());
     let config = write_config(dir.path(), "sidecar", FAST_WORKER);
-    let s = Sidecar::start(&config, &dir.path().join("s.log"), None);
+    let s = start(&config, &dir.path().join("s.log"), None);
     let ch = s.channel().await;
-    create_tenant(&ch, "acme").await;
+    create_tenant(&ch, "acme").await?;
     encrypt(&ch, "acme", "bob", "bob@example.org").await;
     let receipt = dir.path().join("receipt.json");
     let pem = dir.path().join("key.pem");
@@ -403,18 +312,7 @@ async fn an_edited_receipt_fails_verification() -> Result<()> {
         &["erasure", "public-key", "--out", pem.to_str().unwrap()],
     );
     assert_eq!(code, 0, "{err}");
-    let verify = |path: &Path| {
-        cli(
-            None,
-            &[
-                "erasure",
-                "verify",
-                path.to_str().unwrap(),
-                "--public-key",
-                pem.to_str().unwrap(),
-            ],
-        )
-    };
+    let verify = |path: &Path| verify_receipt(path, &pem);
     let (code, out, _) = verify(&receipt);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("subject bob of tenant acme"), "{out}");
@@ -469,10 +367,10 @@ async fn shred_and_suspend_reach_the_other_sidecar_within_a_second() -> Result<(
         db.dsn, ledger_db.dsn
     );
     let config = write_config(dir.path(), "sidecar", &extra);
-    let a = Sidecar::start(&config, &dir.path().join("a.log"), None);
-    let b = Sidecar::start(&config, &dir.path().join("b.log"), None);
+    let a = start(&config, &dir.path().join("a.log"), None);
+    let b = start(&config, &dir.path().join("b.log"), None);
     let (cha, chb) = (a.channel().await, b.channel().await);
-    create_tenant(&cha, "acme").await;
+    create_tenant(&cha, "acme").await?;
     let ct1 = encrypt(&cha, "acme", "u1", "one").await;
     let ct2 = encrypt(&cha, "acme", "u2", "two").await;
     let ctt = encrypt(&cha, "acme", "", "tenant data").await;
@@ -507,12 +405,7 @@ async fn shred_and_suspend_reach_the_other_sidecar_within_a_second() -> Result<(
     }
 
     let mut ea = ErasuresClient::new(cha.clone());
-    ea.shred_subject(pb::ShredSubjectRequest {
-        tenant_id: "acme".into(),
-        subject_id: "u1".into(),
-        grace_seconds: 0,
-    })
-    .await?;
+    shred_now(&cha, "acme", Some("u1")).await?;
     let shred = until(&chb, "u1", &ct1, Some("KEY_DESTROYED"), Instant::now()).await;
 
     ea.suspend_subject(pb::RestrictionRequest {
@@ -528,11 +421,7 @@ async fn shred_and_suspend_reach_the_other_sidecar_within_a_second() -> Result<(
     .await?;
     let resume = until(&chb, "u2", &ct2, None, Instant::now()).await;
 
-    ea.shred_tenant(pb::ShredTenantRequest {
-        tenant_id: "acme".into(),
-        grace_seconds: 0,
-    })
-    .await?;
+    shred_now(&cha, "acme", None).await?;
     let tenant = until(&chb, "", &ctt, Some("KEY_DESTROYED"), Instant::now()).await;
 
     eprintln!(
@@ -584,24 +473,17 @@ async fn a_restored_key_store_backup_does_not_bring_shredded_keys_back() -> Resu
     let data = dir.path().join("data");
     let backup = dir.path().join("backup");
 
-    let s = Sidecar::start(&config, &dir.path().join("1.log"), None);
+    let s = start(&config, &dir.path().join("1.log"), None);
     let ch = s.channel().await;
-    create_tenant(&ch, "acme").await;
+    create_tenant(&ch, "acme").await?;
     let ct = encrypt(&ch, "acme", "carol", "carol@example.org").await;
     let ct_other = encrypt(&ch, "acme", "dave", "dave@example.org").await;
     s.stop();
     copy_store(&data, &backup);
 
-    let s = Sidecar::start(&config, &dir.path().join("2.log"), None);
+    let s = start(&config, &dir.path().join("2.log"), None);
     let ch = s.channel().await;
-    let shred = ErasuresClient::new(ch.clone())
-        .shred_subject(pb::ShredSubjectRequest {
-            tenant_id: "acme".into(),
-            subject_id: "carol".into(),
-            grace_seconds: 0,
-        })
-        .await?
-        .into_inner();
+    let shred = shred_now(&ch, "acme", Some("carol")).await?;
     assert_eq!(shred.state, pb::ErasureState::Completed as i32);
     s.stop();
 
@@ -625,7 +507,7 @@ async fn a_restored_key_store_backup_does_not_bring_shredded_keys_back() -> Resu
         restored.as_ref().map_or(0, Vec::len)
     );
 
-    let s = Sidecar::start(&config, &dir.path().join("3.log"), None);
+    let s = start(&config, &dir.path().join("3.log"), None);
     let ch = s.channel().await;
     let err = decrypt(&ch, "acme", "carol", &ct).await.unwrap_err();
     assert_eq!(reason(&err), "KEY_DESTROYED", "{err:?}");

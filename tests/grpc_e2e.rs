@@ -1,8 +1,7 @@
 //! End-to-end over real sockets: an in-process server on loopback TCP (and a Unix
 //! socket), generated clients, real SQLite / PostgreSQL stores and the local KMS.
-#![allow(
+#![expect(
     clippy::unwrap_used,
-    clippy::expect_used,
     clippy::panic,
     clippy::indexing_slicing,
     reason = "test code fails by panicking"
@@ -10,11 +9,13 @@
 
 mod common;
 
-use std::net::SocketAddr;
+use common::grpc::{create_tenant, reason};
+
 use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Result;
+use common::sidecar::InProcess;
 use fieldkey::config::Limits;
 use fieldkey::kms::Kms;
 use fieldkey::service::pb::crypto_client::CryptoClient;
@@ -27,58 +28,20 @@ use fieldkey::service::pb::{
 use fieldkey::store::{KeyStore, SqlStore};
 use fieldkey::{Keyring, KeyringConfig};
 use tonic::Code;
-use tonic::transport::Channel;
 
-struct Server {
-    addr: SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
+/// The sidecar in process on `store` and `kms`, with default limits.
+async fn start(store: Arc<dyn KeyStore>, kms: Arc<dyn Kms>) -> Result<InProcess> {
+    start_with(store, kms, Limits::default()).await
 }
 
-impl Server {
-    async fn start(store: Arc<dyn KeyStore>, kms: Arc<dyn Kms>) -> Result<Self> {
-        Self::start_with(store, kms, Limits::default()).await
-    }
-
-    async fn start_with(
-        store: Arc<dyn KeyStore>,
-        kms: Arc<dyn Kms>,
-        limits: Limits,
-    ) -> Result<Self> {
-        let keyring = Arc::new(Keyring::new(store, kms, KeyringConfig::default()));
-        let routes = fieldkey::service::routes(
-            fieldkey::service::Context::new(keyring.clone()).with_limits(limits.clone()),
-        )
-        .await?;
-        let listener = fieldkey::transport::bind_tcp("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            fieldkey::transport::serve_tcp(routes, listener, async {
-                let _ = rx.await;
-            })
-            .await
-            .unwrap();
-        });
-        Ok(Self {
-            addr,
-            stop: Some(tx),
-            task,
-        })
-    }
-
-    async fn channel(&self) -> Result<Channel> {
-        Ok(Channel::from_shared(format!("http://{}", self.addr))?
-            .connect()
-            .await?)
-    }
-
-    async fn stop(mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        let _ = self.task.await;
-    }
+/// The sidecar in process on `store` and `kms`, with `limits`.
+async fn start_with(
+    store: Arc<dyn KeyStore>,
+    kms: Arc<dyn Kms>,
+    limits: Limits,
+) -> Result<InProcess> {
+    let keyring = Arc::new(Keyring::new(store, kms, KeyringConfig::default()));
+    InProcess::start(fieldkey::service::Context::new(keyring).with_limits(limits)).await
 }
 
 fn enc(tenant: &str, subject: &str, field: &str, ctx: &[u8], pt: &[u8]) -> EncryptRequest {
@@ -102,17 +65,10 @@ fn dec(tenant: &str, subject: &str, field: &str, ctx: &[u8], ct: &[u8]) -> Decry
     }
 }
 
-fn reason(s: &tonic::Status) -> String {
-    s.metadata()
-        .get("fieldkey-error")
-        .map(|v| v.to_str().unwrap().to_owned())
-        .unwrap_or_default()
-}
-
-async fn sqlite_server(dir: &tempfile::TempDir) -> Result<Server> {
+async fn sqlite_server(dir: &tempfile::TempDir) -> Result<InProcess> {
     let store: Arc<dyn KeyStore> =
         Arc::new(SqlStore::open_sqlite(&dir.path().join("keys.db")).await?);
-    Server::start(store, common::local_kms(dir)?).await
+    start(store, common::local_kms(dir)?).await
 }
 
 #[tokio::test]
@@ -120,12 +76,7 @@ async fn encrypt_decrypt_round_trip_over_tcp_in_both_forms() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let server = sqlite_server(&dir).await?;
     let ch = server.channel().await?;
-    KeysClient::new(ch.clone())
-        .create_tenant(CreateTenantRequest {
-            tenant_id: "acme".into(),
-            kms_key_id: String::new(),
-        })
-        .await?;
+    create_tenant(&ch, "acme").await?;
     let mut c = CryptoClient::new(ch);
     for format in [CiphertextFormat::Binary, CiphertextFormat::Text] {
         let mut req = enc("acme", "user-1", "email", b"row:1", b"alice@example.com");
@@ -151,12 +102,7 @@ async fn batch_with_a_bad_item_fails_only_that_item() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let server = sqlite_server(&dir).await?;
     let ch = server.channel().await?;
-    KeysClient::new(ch.clone())
-        .create_tenant(CreateTenantRequest {
-            tenant_id: "acme".into(),
-            kms_key_id: String::new(),
-        })
-        .await?;
+    create_tenant(&ch, "acme").await?;
     let mut c = CryptoClient::new(ch);
     let items = vec![
         enc("acme", "", "a", b"", b"one"),
@@ -466,21 +412,16 @@ async fn restart_round_trip(
     store_b: Arc<dyn KeyStore>,
     kms_dir: &tempfile::TempDir,
 ) -> Result<()> {
-    let server = Server::start(store_a, common::local_kms(kms_dir)?).await?;
+    let server = start(store_a, common::local_kms(kms_dir)?).await?;
     let ch = server.channel().await?;
-    KeysClient::new(ch.clone())
-        .create_tenant(CreateTenantRequest {
-            tenant_id: "acme".into(),
-            kms_key_id: String::new(),
-        })
-        .await?;
+    create_tenant(&ch, "acme").await?;
     let ct = CryptoClient::new(ch)
         .encrypt(enc("acme", "user-9", "email", b"r", b"persisted"))
         .await?
         .into_inner()
         .ciphertext;
     server.stop().await;
-    let server = Server::start(store_b, common::local_kms(kms_dir)?).await?;
+    let server = start(store_b, common::local_kms(kms_dir)?).await?;
     let pt = CryptoClient::new(server.channel().await?)
         .decrypt(dec("acme", "user-9", "email", b"r", &ct))
         .await?
@@ -513,7 +454,7 @@ async fn decrypt_after_restart_with_postgres_store() -> Result<()> {
 
 // ------------------------------------------------------------------ limits
 
-async fn limited(dir: &tempfile::TempDir, limits: Limits, kms_delay_ms: u64) -> Result<Server> {
+async fn limited(dir: &tempfile::TempDir, limits: Limits, kms_delay_ms: u64) -> Result<InProcess> {
     let store: Arc<dyn KeyStore> =
         Arc::new(SqlStore::open_sqlite(&dir.path().join("keys.db")).await?);
     // Create the tenants through a separate keyring so the server starts cold.
@@ -527,7 +468,7 @@ async fn limited(dir: &tempfile::TempDir, limits: Limits, kms_delay_ms: u64) -> 
         common::local_kms(dir)?,
         std::time::Duration::from_millis(kms_delay_ms),
     );
-    Server::start_with(store, kms, limits).await
+    start_with(store, kms, limits).await
 }
 
 #[tokio::test]

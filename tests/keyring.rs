@@ -1,10 +1,10 @@
 //! Keyring behaviour over a real SQLite file (and PostgreSQL where replicas matter) and
 //! the real local KMS.
-#![allow(
+#![expect(
     clippy::unwrap_used,
-    clippy::expect_used,
     clippy::panic,
-    clippy::indexing_slicing
+    clippy::indexing_slicing,
+    reason = "test code fails by panicking"
 )]
 
 mod common;
@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
-use fieldkey::crypto::{Aad, Scope, to_text};
+use common::aad;
+use fieldkey::crypto::{Scope, to_text};
 use fieldkey::store::{KeyState, KeyStore, SqlStore};
 use fieldkey::{Error, Keyring, KeyringConfig};
 
@@ -40,15 +41,6 @@ async fn fixture_with(cfg: KeyringConfig) -> Result<Fixture> {
 
 async fn fixture() -> Result<Fixture> {
     fixture_with(KeyringConfig::default()).await
-}
-
-fn aad<'a>(tenant: &'a str, subject: Option<&'a str>, field: &'a str, ctx: &'a [u8]) -> Aad<'a> {
-    Aad {
-        tenant,
-        subject,
-        field,
-        context: ctx,
-    }
 }
 
 #[tokio::test]

@@ -1,11 +1,11 @@
 //! The AWS KMS backend against moto_server (started by scripts/test.sh), with a
 //! fault-injecting HTTP proxy in front of it for the failures moto cannot produce
 //! (disabled key, pending deletion, access denied, throttling, slow and dead endpoints).
-#![allow(
+#![expect(
     clippy::unwrap_used,
     clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing
+    clippy::indexing_slicing,
+    reason = "test code fails by panicking"
 )]
 
 mod common;

@@ -1,114 +1,41 @@
 //! Metrics, health and hardening of a real `fieldkey serve` process: the counters move
 //! with traffic, readiness follows the key store (PostgreSQL behind a proxy that the
 //! test stops) while liveness does not, and core dumps are off.
-#![allow(
+#![expect(
     clippy::unwrap_used,
     clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing,
-    clippy::zombie_processes,
     reason = "test code fails by panicking"
 )]
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
+use common::sidecar::Sidecar;
 use fieldkey::service::pb::crypto_client::CryptoClient;
-use fieldkey::service::pb::keys_client::KeysClient;
-use fieldkey::service::pb::{self, CreateTenantRequest, DecryptRequest, EncryptRequest};
+use fieldkey::service::pb::{self, DecryptRequest, EncryptRequest};
 
-const BIN: &str = env!("CARGO_BIN_EXE_fieldkey");
-
-struct Sidecar {
-    child: Child,
-    grpc: String,
-    metrics: String,
-    log: std::sync::Arc<std::sync::Mutex<String>>,
-}
-
-impl Sidecar {
-    fn start(dir: &std::path::Path, pg: &str) -> Self {
-        let cfg = dir.join("fieldkey.toml");
-        std::fs::write(
-            &cfg,
-            format!(
-                "data_dir = {:?}\n[store]\npostgres_url = {pg:?}\n[erasure]\nledger = {:?}\n\
-                 [metrics]\nlisten = \"127.0.0.1:0\"\nrefresh_secs = 1\n[cache]\nmax_stale_ms = 0\n",
-                dir,
-                dir.join("ledger.db")
-            ),
-        )
-        .unwrap();
-        let mut child = Command::new(BIN)
-            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-            .arg(&cfg)
-            .env("RUST_LOG", "info")
-            .env("FIELDKEY_LOCAL_KMS_PASSPHRASE", "test passphrase 123")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-        let (l2, mut err) = (log.clone(), child.stderr.take().unwrap());
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = err.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                l2.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let (mut grpc, mut metrics) = (None, None);
-        while grpc.is_none() || metrics.is_none() {
-            let line = lines.next().expect("sidecar printed nothing").unwrap();
-            if let Some(a) = line.strip_prefix("fieldkey listening on tcp://") {
-                grpc = Some(format!("http://{a}"));
-            }
-            if let Some(a) = line.strip_prefix("fieldkey metrics on http://") {
-                metrics = Some(a.to_owned());
-            }
-        }
-        Self {
-            child,
-            grpc: grpc.unwrap(),
-            metrics: metrics.unwrap(),
-            log,
-        }
-    }
-
-    /// (status code, body) of GET `path` on the metrics port.
-    fn get(&self, path: &str) -> (u16, String) {
-        let mut s = std::net::TcpStream::connect(&self.metrics).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        let code = out[9..12].parse().unwrap();
-        let body = out
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default();
-        (code, body)
-    }
-}
-
-impl Drop for Sidecar {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// `fieldkey serve` on PostgreSQL at `pg`, with metrics on a free port refreshed every
+/// second and no stale cache.
+fn start(dir: &std::path::Path, pg: &str) -> Sidecar {
+    let cfg = dir.join("fieldkey.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "data_dir = {:?}\n[store]\npostgres_url = {pg:?}\n[erasure]\nledger = {:?}\n\
+             [metrics]\nlisten = \"127.0.0.1:0\"\nrefresh_secs = 1\n[cache]\nmax_stale_ms = 0\n",
+            dir,
+            dir.join("ledger.db")
+        ),
+    )
+    .unwrap();
+    Sidecar::builder()
+        .any_port()
+        .config(&cfg)
+        .env("FIELDKEY_LOCAL_KMS_PASSPHRASE", "test passphrase 123")
+        .with_metrics()
+        .start()
 }
 
 /// The value of the sample `name{labels}` (labels exactly as exposed), if present.
@@ -131,7 +58,7 @@ async fn metrics_move_with_traffic_and_readiness_follows_the_key_store() -> Resu
         1,
     );
     let dir = tempfile::tempdir()?;
-    let s = Sidecar::start(dir.path(), &dsn);
+    let s = start(dir.path(), &dsn);
 
     // liveness and readiness before any traffic
     assert_eq!(s.get("/healthz").0, 200);
@@ -151,15 +78,10 @@ async fn metrics_move_with_traffic_and_readiness_follows_the_key_store() -> Resu
     );
 
     // traffic: a tenant, five encryptions, one refused decryption
-    let ch = tonic::transport::Channel::from_shared(s.grpc.clone())?
+    let ch = tonic::transport::Channel::from_shared(s.addr.clone())?
         .connect()
         .await?;
-    KeysClient::new(ch.clone())
-        .create_tenant(CreateTenantRequest {
-            tenant_id: "acme".into(),
-            kms_key_id: String::new(),
-        })
-        .await?;
+    common::grpc::create_tenant(&ch, "acme").await?;
     let mut c = CryptoClient::new(ch);
     for i in 0..5 {
         c.encrypt(EncryptRequest {
@@ -263,12 +185,9 @@ async fn metrics_move_with_traffic_and_readiness_follows_the_key_store() -> Resu
         .unwrap();
     assert_eq!(core.split_whitespace().nth(4), Some("0"), "{core}");
     assert!(
-        s.log
-            .lock()
-            .unwrap()
-            .contains("core dumps off, not dumpable"),
+        s.log().contains("core dumps off, not dumpable"),
         "{}",
-        s.log.lock().unwrap()
+        s.log()
     );
 
     // the key store goes away: not ready (and says why), still live

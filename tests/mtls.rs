@@ -1,9 +1,7 @@
 //! The mTLS listener with certificates made at test time (rcgen): TLS 1.3 only, client
 //! certificate required from the configured CA; the caller identity reaches handlers.
-#![allow(
+#![expect(
     clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
     clippy::indexing_slicing,
     reason = "test code fails by panicking"
 )]

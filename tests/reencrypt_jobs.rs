@@ -1,7 +1,7 @@
 //! Re-encryption jobs against the real PostgreSQL: a 100,000-row table with two
 //! encrypted columns, application writes during the job, a runner killed with SIGKILL
 //! half-way, two runners resuming at once; pause, cancel, leftovers and retirement.
-#![allow(
+#![expect(
     clippy::unwrap_used,
     clippy::expect_used,
     clippy::panic,
@@ -461,17 +461,11 @@ async fn jobs_pause_resume_cancel_and_report_what_they_could_not_move() -> Resul
     // operators follow it through a sidecar on the same key store (WatchJob stream)
     let watched = {
         use fieldkey::service::pb;
-        let routes =
-            fieldkey::service::routes(fieldkey::service::Context::new(f.keyring.clone())).await?;
-        let listener = fieldkey::transport::bind_tcp("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        tokio::spawn(fieldkey::transport::serve_tcp(
-            routes,
-            listener,
-            std::future::pending(),
-        ));
+        let server =
+            common::sidecar::InProcess::start(fieldkey::service::Context::new(f.keyring.clone()))
+                .await?;
         rx.wait_for(|p| p.rows_scanned > 0).await?;
-        let mut c = pb::jobs_client::JobsClient::connect(format!("http://{addr}")).await?;
+        let mut c = pb::jobs_client::JobsClient::connect(server.url()).await?;
         let mut stream = c
             .watch_job(pb::WatchJobRequest {
                 job_id: "small".into(),
@@ -480,6 +474,7 @@ async fn jobs_pause_resume_cancel_and_report_what_they_could_not_move() -> Resul
             .await?
             .into_inner();
         tokio::spawn(async move {
+            let _server = server; // serves until the stream ends
             let mut seen = Vec::new();
             while let Some(j) = tokio_stream::StreamExt::next(&mut stream).await {
                 let j = j.unwrap();

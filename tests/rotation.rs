@@ -1,8 +1,7 @@
 //! Rotation beyond a new version: rewrapping ciphertexts, key-age policy checks,
 //! cross-replica rotation, and the evidence retirement requires.
-#![allow(
+#![expect(
     clippy::unwrap_used,
-    clippy::expect_used,
     clippy::panic,
     clippy::indexing_slicing,
     reason = "test code fails by panicking"

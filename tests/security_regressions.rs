@@ -1,18 +1,13 @@
 //! One test per attack on stored ciphertexts, so none can come back silently.
 //! Each runs against the real keyring (SQLite file, local KMS).
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing,
-    reason = "test code fails by panicking"
-)]
+#![expect(clippy::indexing_slicing, reason = "test code fails by panicking")]
 
 mod common;
 
 use std::sync::Arc;
 
 use anyhow::Result;
+use common::aad;
 use fieldkey::crypto::{Aad, to_text};
 use fieldkey::store::{KeyStore, SqlStore};
 use fieldkey::{Error, Keyring, KeyringConfig};
@@ -24,15 +19,6 @@ async fn keyring() -> Result<(tempfile::TempDir, Keyring)> {
     k.create_tenant("acme", None).await?;
     k.create_tenant("rival", None).await?;
     Ok((dir, k))
-}
-
-fn aad<'a>(tenant: &'a str, subject: Option<&'a str>, field: &'a str, ctx: &'a [u8]) -> Aad<'a> {
-    Aad {
-        tenant,
-        subject,
-        field,
-        context: ctx,
-    }
 }
 
 async fn assert_auth_fails(k: &Keyring, a: &Aad<'_>, env: &[u8]) {

@@ -1,9 +1,8 @@
 //! One conformance suite for the `KeyStore` trait, run against a real SQLite file and a
 //! real PostgreSQL database.
-#![allow(
+#![expect(
     clippy::unwrap_used,
     clippy::expect_used,
-    clippy::panic,
     clippy::indexing_slicing,
     reason = "test code fails by panicking"
 )]
@@ -426,27 +425,29 @@ mod suite {
     }
 }
 
-macro_rules! conformance {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
+/// Each test of `$suite` named, once on a fresh SQLite store (module `$sqlite`, the
+/// fixture `$on_sqlite(&tempdir)`) and once on a fresh PostgreSQL database (module
+/// `$postgres`, the fixture `$on_postgres(&db)`), which is dropped afterwards.
+macro_rules! on_both_stores {
+    ($suite:ident: $sqlite:ident($on_sqlite:path), $postgres:ident($on_postgres:path);
+     $($name:ident),* $(,)?) => {
+        mod $sqlite {
             use super::*;
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn $name() -> Result<()> {
                     let dir = tempfile::tempdir()?;
-                    let store = common::sqlite_store(&dir).await?;
-                    suite::$name(store).await
+                    $suite::$name($on_sqlite(&dir).await?).await
                 }
             )*
         }
-        mod postgres {
+        mod $postgres {
             use super::*;
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn $name() -> Result<()> {
                     let db = common::PgDb::create().await?;
-                    let store: Arc<dyn KeyStore> = Arc::new(SqlStore::connect_postgres(&db.dsn).await?);
-                    suite::$name(store).await?;
+                    $suite::$name($on_postgres(&db).await?).await?;
                     db.drop_db().await
                 }
             )*
@@ -454,7 +455,12 @@ macro_rules! conformance {
     };
 }
 
-conformance!(
+async fn postgres_store(db: &common::PgDb) -> Result<Arc<dyn KeyStore>> {
+    Ok(Arc::new(SqlStore::connect_postgres(&db.dsn).await?))
+}
+
+on_both_stores!(
+    suite: sqlite(common::sqlite_store), postgres(postgres_store);
     create_tenant_is_insert_if_absent,
     concurrent_creates_of_one_tenant_store_one_key,
     rotation_demotes_previous_and_rejects_duplicate_versions,
@@ -893,43 +899,26 @@ mod erasure_suite {
     }
 }
 
-macro_rules! erasure_conformance {
-    ($($name:ident),* $(,)?) => {
-        mod erasure_sqlite {
-            use super::*;
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() -> Result<()> {
-                    let dir = tempfile::tempdir()?;
-                    let path = dir.path().join("keys.db");
-                    let store: Arc<dyn KeyStore> = Arc::new(SqlStore::open_sqlite(&path).await?);
-                    let raw = sqlx::AnyPool::connect(&format!("sqlite://{}", path.display())).await?;
-                    let ledger = fieldkey::store::ErasureLedger::open_sqlite(
-                        &dir.path().join("erasure-ledger.db"),
-                    )
-                    .await?;
-                    erasure_suite::$name(ErasureCtx { store, raw, ledger }).await
-                }
-            )*
-        }
-        mod erasure_postgres {
-            use super::*;
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() -> Result<()> {
-                    let db = common::PgDb::create().await?;
-                    let store: Arc<dyn KeyStore> = Arc::new(SqlStore::connect_postgres(&db.dsn).await?);
-                    let raw = sqlx::AnyPool::connect(&db.dsn).await?;
-                    let ledger = fieldkey::store::ErasureLedger::connect_postgres(&db.dsn).await?;
-                    erasure_suite::$name(ErasureCtx { store, raw, ledger }).await?;
-                    db.drop_db().await
-                }
-            )*
-        }
-    };
+/// The store, a raw pool on its database and the erasure ledger, on SQLite files in `dir`.
+async fn erasure_sqlite_ctx(dir: &tempfile::TempDir) -> Result<ErasureCtx> {
+    let path = dir.path().join("keys.db");
+    let store: Arc<dyn KeyStore> = Arc::new(SqlStore::open_sqlite(&path).await?);
+    let raw = sqlx::AnyPool::connect(&format!("sqlite://{}", path.display())).await?;
+    let ledger =
+        fieldkey::store::ErasureLedger::open_sqlite(&dir.path().join("erasure-ledger.db")).await?;
+    Ok(ErasureCtx { store, raw, ledger })
 }
 
-erasure_conformance!(
+/// The store, a raw pool on its database and the erasure ledger, all on PostgreSQL `db`.
+async fn erasure_postgres_ctx(db: &common::PgDb) -> Result<ErasureCtx> {
+    let store = postgres_store(db).await?;
+    let raw = sqlx::AnyPool::connect(&db.dsn).await?;
+    let ledger = fieldkey::store::ErasureLedger::connect_postgres(&db.dsn).await?;
+    Ok(ErasureCtx { store, raw, ledger })
+}
+
+on_both_stores!(
+    erasure_suite: erasure_sqlite(erasure_sqlite_ctx), erasure_postgres(erasure_postgres_ctx);
     concurrent_audit_appends_form_one_chain_without_gaps,
     the_audit_table_refuses_update_and_delete,
     one_live_erasure_per_target,

@@ -1,13 +1,20 @@
-//! Shared test fixtures: real SQLite files, real PostgreSQL databases, the local KMS and
-//! moto_server. Nothing here mocks a component that can run for real.
+//! Shared test fixtures: real SQLite files, real PostgreSQL databases, the local KMS,
+//! moto_server and the sidecar itself ([`sidecar`]). Nothing here mocks a component that
+//! can run for real.
 #![allow(
     dead_code,
+    reason = "each test crate compiles all of common and uses only some of it, so an unused item in one crate is not dead"
+)]
+#![expect(
     clippy::unwrap_used,
     clippy::expect_used,
     clippy::panic,
     clippy::indexing_slicing,
     reason = "test code fails by panicking"
 )]
+
+pub mod grpc;
+pub mod sidecar;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,6 +26,21 @@ use sqlx::Executor as _;
 
 use fieldkey::kms::local::{KdfParams, LocalKms};
 use fieldkey::store::{KeyStore, SqlStore};
+
+/// The associated data of a field: `tenant`, `subject`, `field` and the row `ctx`.
+pub fn aad<'a>(
+    tenant: &'a str,
+    subject: Option<&'a str>,
+    field: &'a str,
+    ctx: &'a [u8],
+) -> fieldkey::crypto::Aad<'a> {
+    fieldkey::crypto::Aad {
+        tenant,
+        subject,
+        field,
+        context: ctx,
+    }
+}
 
 /// DSN of the PostgreSQL server tests use. `scripts/test.sh` exports it; the default is
 /// the machine's server. A PostgreSQL test never skips: no server means a failure.
