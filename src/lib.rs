@@ -24,6 +24,7 @@ pub mod keyring;
 pub mod kms;
 pub mod metrics;
 pub mod policy;
+pub mod proto;
 pub mod report;
 pub mod service;
 pub mod signing;

@@ -19,7 +19,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use fieldkey::service::pb::{
+use fieldkey::proto::pb::{
     self, crypto_client::CryptoClient, erasures_client::ErasuresClient, keys_client::KeysClient,
 };
 use sqlx::Connection as _;

@@ -17,9 +17,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use fieldkey::service::pb::crypto_client::CryptoClient;
-use fieldkey::service::pb::keys_client::KeysClient;
-use fieldkey::service::pb::{self, CreateTenantRequest, DecryptRequest, EncryptRequest};
+use fieldkey::proto::pb::crypto_client::CryptoClient;
+use fieldkey::proto::pb::keys_client::KeysClient;
+use fieldkey::proto::pb::{self, CreateTenantRequest, DecryptRequest, EncryptRequest};
 
 const BIN: &str = env!("CARGO_BIN_EXE_fieldkey");
 

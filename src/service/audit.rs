@@ -7,7 +7,6 @@ use std::sync::Arc;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use super::pb;
 use super::status::to_status;
 use crate::audit::AuditLog;
 use crate::audit::verify::trailer_line;
@@ -16,6 +15,7 @@ use crate::error::Error;
 use crate::keyring::Keyring;
 use crate::policy::RotationPolicy;
 use crate::policy::authz::Action;
+use crate::proto::pb;
 use crate::report::{self, Configuration};
 use crate::store::now_ms;
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
-use super::pb;
+use crate::proto::pb;
 use super::status::to_status;
 use crate::erasure::{Actor, Erasures, receipt};
 use crate::error::Error;

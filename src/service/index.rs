@@ -4,7 +4,7 @@
 use tokio::task::JoinSet;
 use zeroize::Zeroize as _;
 
-use super::pb::{
+use crate::proto::pb::{
     BlindIndexBatchResponse, BlindIndexRequest, BlindIndexResponse, BlindIndexResult, IndexFormat,
     PseudonymizeBatchResponse, PseudonymizeRequest, PseudonymizeResponse, PseudonymizeResult,
     blind_index_result, pseudonymize_result,

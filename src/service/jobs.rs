@@ -9,11 +9,11 @@ use std::time::Duration;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use super::pb;
 use super::status::to_status;
 use crate::jobs::{self, JobView};
 use crate::keyring::Keyring;
 use crate::policy::authz::Action;
+use crate::proto::pb;
 use crate::store::JobControl;
 
 use super::gate::{Caller, Gate};

@@ -1,6 +1,6 @@
 //! gRPC handlers: translate requests into keyring calls and errors into statuses.
 //!
-//! Owns: the generated protobuf types ([`pb`]), the `Crypto` and `Keys` services, the
+//! Owns: the `Crypto` and `Keys` services, the
 //! health and reflection services, and the single error mapping ([`status`]). Must not:
 //! hold keys, decide key use (the keyring does), or log plaintext.
 
@@ -27,41 +27,10 @@ use crate::policy::{RotationPolicy, RotationStatus};
 use crate::store::{KeyState, now_ms};
 use gate::{Caller, Gate};
 
-/// Generated protobuf and gRPC code for `fieldkey.v1`.
-#[allow(
-    missing_docs,
-    clippy::all,
-    clippy::pedantic,
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing,
-    reason = "generated code"
-)]
-pub mod pb {
-    tonic::include_proto!("fieldkey.v1");
-
-    /// Encoded descriptor set of the API, served by gRPC reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] =
-        include_bytes!(concat!(env!("OUT_DIR"), "/fieldkey_descriptor.bin"));
-}
-
-/// The bare echo service used as the transport floor by the load generator
-/// (`benches/loadgen.rs`). Not part of the API; never served by `fieldkey serve`.
+/// The generated `fieldkey.v1` types, now in [`crate::proto`]; re-exported here only
+/// for code written against the old path (everything in this crate uses `crate::proto`).
 #[doc(hidden)]
-#[allow(
-    missing_docs,
-    clippy::all,
-    clippy::pedantic,
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing,
-    reason = "generated code"
-)]
-pub mod echo_pb {
-    tonic::include_proto!("fieldkey.bench.v1");
-}
+pub use crate::proto::{echo_pb, pb};
 
 use pb::{
     CiphertextFormat, CreateTenantRequest, DecryptBatchRequest, DecryptBatchResponse,
