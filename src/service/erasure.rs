@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
-use crate::proto::pb;
 use super::status::to_status;
 use crate::erasure::{Actor, Erasures, receipt};
 use crate::error::Error;
 use crate::policy::authz::Action;
+use crate::proto::pb;
 use crate::store::{ErasureRecord, ErasureState, KeyState};
 
 use super::gate::Gate;
@@ -156,7 +156,7 @@ impl ErasuresService {
         Ok(Response::new(pb::Restriction {
             tenant_id: r.tenant_id.clone(),
             subject_id: r.subject_id.clone(),
-            state: super::key_state(result) as i32,
+            state: super::keys::key_state(result) as i32,
         }))
     }
 }

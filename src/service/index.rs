@@ -1,19 +1,20 @@
 //! The `BlindIndex`, `BlindIndexBatch`, `Pseudonymize` and `PseudonymizeBatch`
-//! handlers of the `Crypto` service (the trait methods in `mod.rs` call these).
+//! handlers of the `Crypto` service (the trait methods in `crypto.rs` call these).
 
 use tokio::task::JoinSet;
 use zeroize::Zeroize as _;
 
+use super::crypto::{CryptoService, MAX_RESOLVED_PER_BATCH};
+use super::status::item_error;
+use crate::crypto::BlindIndex;
+use crate::error::Error;
+use crate::keyring::{Indexed, Indexer};
+use crate::policy::authz::Action;
 use crate::proto::pb::{
     BlindIndexBatchResponse, BlindIndexRequest, BlindIndexResponse, BlindIndexResult, IndexFormat,
     PseudonymizeBatchResponse, PseudonymizeRequest, PseudonymizeResponse, PseudonymizeResult,
     blind_index_result, pseudonymize_result,
 };
-use super::{CryptoService, MAX_RESOLVED_PER_BATCH, item_error};
-use crate::crypto::BlindIndex;
-use crate::error::Error;
-use crate::keyring::{Indexed, Indexer};
-use crate::policy::authz::Action;
 
 use super::gate::Caller;
 

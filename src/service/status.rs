@@ -10,6 +10,7 @@ use tonic::{Code, Status};
 
 use crate::error::Error;
 use crate::kms::KmsError;
+use crate::proto::pb::ItemError;
 use crate::store::StoreError;
 
 /// Metadata key carrying the machine-readable reason.
@@ -61,6 +62,16 @@ pub fn public_message(e: &Error, code: Code) -> String {
         "internal error (details are in the fieldkey log)".to_owned()
     } else {
         e.to_string()
+    }
+}
+
+/// The error of one batch item: the same code, reason and message as [`to_status`].
+pub fn item_error(e: &Error) -> ItemError {
+    let (code, reason) = classify(e);
+    ItemError {
+        code: code as i32,
+        reason: reason.to_owned(),
+        message: public_message(e, code),
     }
 }
 
