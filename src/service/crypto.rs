@@ -11,7 +11,7 @@ use zeroize::Zeroize as _;
 
 use super::gate::Caller;
 use super::guard::Guard;
-use super::status::{self, item_error};
+use super::status::item_error;
 use crate::crypto::{Aad, to_text};
 use crate::error::Error;
 use crate::keyring::{Encryptor, Keyring, Rewrapped};
@@ -66,19 +66,19 @@ impl CryptoService {
         c: &Caller,
         mut r: EncryptRequest,
     ) -> Result<EncryptResponse, Error> {
-        let gate = &self.guard.gate;
-        let result = async {
-            gate.data(c, Action::Encrypt, &r.tenant_id, &r.field)?;
+        let op = async {
             self.guard.check_field("plaintext", r.plaintext.len())?;
             let enc = self
                 .keyring
                 .encryptor(&r.tenant_id, subject(&r.subject_id), &r.field)
                 .await?;
             seal_response(&enc, &r)
-        }
-        .await;
+        };
+        let gate = &self.guard.gate;
+        let result = gate
+            .data_call(c, Action::Encrypt, &r.tenant_id, &r.field, op)
+            .await;
         r.plaintext.zeroize();
-        gate.data_done(c, Action::Encrypt, &r.tenant_id, &r.field, &result);
         result
     }
 
@@ -88,97 +88,71 @@ impl CryptoService {
         r: &'a EncryptRequest,
         resolved: &mut Vec<(BatchKey<'a>, Result<Encryptor<'a>, Error>)>,
     ) -> Result<EncryptResponse, Error> {
-        let result = self.encrypt_batch_item_inner(c, r, resolved).await;
-        self.guard
-            .gate
-            .data_done(c, Action::Encrypt, &r.tenant_id, &r.field, &result);
-        result
-    }
-
-    async fn encrypt_batch_item_inner<'a>(
-        &self,
-        c: &Caller,
-        r: &'a EncryptRequest,
-        resolved: &mut Vec<(BatchKey<'a>, Result<Encryptor<'a>, Error>)>,
-    ) -> Result<EncryptResponse, Error> {
-        self.guard
-            .gate
-            .data(c, Action::Encrypt, &r.tenant_id, &r.field)?;
-        self.guard.check_field("plaintext", r.plaintext.len())?;
-        let key = (
-            r.tenant_id.as_str(),
-            r.subject_id.as_str(),
-            r.field.as_str(),
-        );
-        let enc = match resolved.iter().find(|(k, _)| *k == key) {
-            Some((_, found)) => found.clone()?,
-            None => {
-                let fresh = self.keyring.encryptor(key.0, subject(key.1), key.2).await;
-                if resolved.len() < MAX_RESOLVED_PER_BATCH {
-                    resolved.push((key, fresh.clone()));
+        let op = async {
+            self.guard.check_field("plaintext", r.plaintext.len())?;
+            let key = (
+                r.tenant_id.as_str(),
+                r.subject_id.as_str(),
+                r.field.as_str(),
+            );
+            let enc = match resolved.iter().find(|(k, _)| *k == key) {
+                Some((_, found)) => found.clone()?,
+                None => {
+                    let fresh = self.keyring.encryptor(key.0, subject(key.1), key.2).await;
+                    if resolved.len() < MAX_RESOLVED_PER_BATCH {
+                        resolved.push((key, fresh.clone()));
+                    }
+                    fresh?
                 }
-                fresh?
-            }
+            };
+            seal_response(&enc, r)
         };
-        seal_response(&enc, r)
+        let gate = &self.guard.gate;
+        gate.data_call(c, Action::Encrypt, &r.tenant_id, &r.field, op)
+            .await
     }
 
     async fn rewrap_one(&self, c: &Caller, r: &RewrapRequest) -> Result<RewrapResponse, Error> {
-        let result = self.rewrap_inner(c, r).await;
-        self.guard
-            .gate
-            .data_done(c, Action::Rewrap, &r.tenant_id, &r.field, &result);
-        result
-    }
-
-    async fn rewrap_inner(&self, c: &Caller, r: &RewrapRequest) -> Result<RewrapResponse, Error> {
-        self.guard
-            .gate
-            .data(c, Action::Rewrap, &r.tenant_id, &r.field)?;
-        self.guard.check_field("ciphertext", r.ciphertext.len())?;
-        let aad = Aad {
-            tenant: &r.tenant_id,
-            subject: subject(&r.subject_id),
-            field: &r.field,
-            context: &r.context,
+        let op = async {
+            self.guard.check_field("ciphertext", r.ciphertext.len())?;
+            let aad = Aad {
+                tenant: &r.tenant_id,
+                subject: subject(&r.subject_id),
+                field: &r.field,
+                context: &r.context,
+            };
+            let rw: Rewrapped = self.keyring.rewrap(&aad, &r.ciphertext).await?;
+            Ok(RewrapResponse {
+                changed: rw.changed(),
+                key_version: rw.to_version,
+                previous_key_version: rw.from_version,
+                ciphertext: rw.ciphertext,
+            })
         };
-        let rw: Rewrapped = self.keyring.rewrap(&aad, &r.ciphertext).await?;
-        Ok(RewrapResponse {
-            changed: rw.changed(),
-            key_version: rw.to_version,
-            previous_key_version: rw.from_version,
-            ciphertext: rw.ciphertext,
-        })
-    }
-
-    async fn decrypt_one(&self, c: &Caller, r: DecryptRequest) -> Result<DecryptResponse, Error> {
-        let result = self.decrypt_inner(c, &r).await;
-        self.guard
-            .gate
-            .data_done(c, Action::Decrypt, &r.tenant_id, &r.field, &result);
-        result
-    }
-
-    async fn decrypt_inner(
-        &self,
-        c: &Caller,
-        r: &DecryptRequest,
-    ) -> Result<DecryptResponse, Error> {
         let gate = &self.guard.gate;
-        gate.data(c, Action::Decrypt, &r.tenant_id, &r.field)?;
-        gate.decrypt_quota(c, &r.tenant_id, 1).await?;
-        self.guard.check_field("ciphertext", r.ciphertext.len())?;
-        let aad = Aad {
-            tenant: &r.tenant_id,
-            subject: subject(&r.subject_id),
-            field: &r.field,
-            context: &r.context,
+        gate.data_call(c, Action::Rewrap, &r.tenant_id, &r.field, op)
+            .await
+    }
+
+    async fn decrypt_one(&self, c: &Caller, r: &DecryptRequest) -> Result<DecryptResponse, Error> {
+        let gate = &self.guard.gate;
+        let op = async {
+            gate.decrypt_quota(c, &r.tenant_id, 1).await?;
+            self.guard.check_field("ciphertext", r.ciphertext.len())?;
+            let aad = Aad {
+                tenant: &r.tenant_id,
+                subject: subject(&r.subject_id),
+                field: &r.field,
+                context: &r.context,
+            };
+            let (pt, key_version) = self.keyring.decrypt_versioned(&aad, &r.ciphertext).await?;
+            Ok(DecryptResponse {
+                plaintext: pt.to_vec(),
+                key_version,
+            })
         };
-        let (pt, key_version) = self.keyring.decrypt_versioned(&aad, &r.ciphertext).await?;
-        Ok(DecryptResponse {
-            plaintext: pt.to_vec(),
-            key_version,
-        })
+        gate.data_call(c, Action::Decrypt, &r.tenant_id, &r.field, op)
+            .await
     }
 }
 
@@ -189,12 +163,9 @@ impl pb::crypto_server::Crypto for CryptoService {
         req: Request<EncryptRequest>,
     ) -> Result<Response<EncryptResponse>, Status> {
         let c = self.guard.gate.caller(&req);
-        let fut = async {
-            self.encrypt_one(&c, req.into_inner())
-                .await
-                .map_err(|e| status::to_status(&e))
-        };
-        self.guard.run(fut).await.map(Response::new)
+        self.guard
+            .reply(self.encrypt_one(&c, req.into_inner()))
+            .await
     }
 
     async fn decrypt(
@@ -202,12 +173,7 @@ impl pb::crypto_server::Crypto for CryptoService {
         req: Request<DecryptRequest>,
     ) -> Result<Response<DecryptResponse>, Status> {
         let c = self.guard.gate.caller(&req);
-        let fut = async {
-            self.decrypt_one(&c, req.into_inner())
-                .await
-                .map_err(|e| status::to_status(&e))
-        };
-        self.guard.run(fut).await.map(Response::new)
+        self.guard.reply(self.decrypt_one(&c, req.get_ref())).await
     }
 
     async fn encrypt_batch(
@@ -246,12 +212,7 @@ impl pb::crypto_server::Crypto for CryptoService {
         req: Request<RewrapRequest>,
     ) -> Result<Response<RewrapResponse>, Status> {
         let c = self.guard.gate.caller(&req);
-        let fut = async {
-            self.rewrap_one(&c, &req.into_inner())
-                .await
-                .map_err(|e| status::to_status(&e))
-        };
-        self.guard.run(fut).await.map(Response::new)
+        self.guard.reply(self.rewrap_one(&c, req.get_ref())).await
     }
 
     async fn rewrap_batch(
@@ -282,12 +243,9 @@ impl pb::crypto_server::Crypto for CryptoService {
         req: Request<pb::BlindIndexRequest>,
     ) -> Result<Response<pb::BlindIndexResponse>, Status> {
         let c = self.guard.gate.caller(&req);
-        let fut = async {
-            self.blind_index_one(&c, req.into_inner())
-                .await
-                .map_err(|e| status::to_status(&e))
-        };
-        self.guard.run(fut).await.map(Response::new)
+        self.guard
+            .reply(self.blind_index_one(&c, req.into_inner()))
+            .await
     }
 
     async fn blind_index_batch(
@@ -306,12 +264,9 @@ impl pb::crypto_server::Crypto for CryptoService {
         req: Request<pb::PseudonymizeRequest>,
     ) -> Result<Response<pb::PseudonymizeResponse>, Status> {
         let c = self.guard.gate.caller(&req);
-        let fut = async {
-            self.pseudonymize_one(&c, req.get_ref())
-                .await
-                .map_err(|e| status::to_status(&e))
-        };
-        self.guard.run(fut).await.map(Response::new)
+        self.guard
+            .reply(self.pseudonymize_one(&c, req.get_ref()))
+            .await
     }
 
     async fn pseudonymize_batch(
@@ -334,7 +289,7 @@ impl pb::crypto_server::Crypto for CryptoService {
         self.guard.check_batch(items.len())?;
         let fut = async {
             let mut results = Vec::with_capacity(items.len());
-            for item in items {
+            for item in &items {
                 let result = match self.decrypt_one(&c, item).await {
                     Ok(ok) => decrypt_result::Result::Ok(ok),
                     Err(e) => decrypt_result::Result::Error(item_error(&e)),

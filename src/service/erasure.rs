@@ -28,21 +28,6 @@ impl ErasuresService {
     pub fn new(erasures: Arc<Erasures>, gate: Arc<Gate>) -> Self {
         Self { erasures, gate }
     }
-
-    /// The caller, once authorized for `action` (on `tenant`).
-    async fn admit<T>(
-        &self,
-        req: &Request<T>,
-        action: Action,
-        tenant: Option<&str>,
-    ) -> Result<Actor, Status> {
-        let c = self.gate.caller(req);
-        self.gate
-            .admin(&c, action, tenant)
-            .await
-            .map_err(|e| to_status(&e))?;
-        Ok(c.actor())
-    }
 }
 
 fn state_pb(s: ErasureState) -> pb::ErasureState {
@@ -118,8 +103,13 @@ impl ErasuresService {
         } else {
             Action::ResumeSubject
         };
-        let tenant = req.get_ref().tenant_id.clone();
-        let actor = self.admit(&req, action, Some(&tenant)).await?;
+        let tenant = Some(req.get_ref().tenant_id.as_str());
+        let actor = self
+            .gate
+            .admit(&req, action, tenant)
+            .await?
+            .caller()
+            .actor();
         let r = req.into_inner();
         let erasures = self.erasures.clone();
         let (tenant, subject_id) = (r.tenant_id.clone(), r.subject_id.clone());
@@ -167,10 +157,9 @@ impl pb::erasures_server::Erasures for ErasuresService {
         &self,
         req: Request<pb::ShredSubjectRequest>,
     ) -> Result<Response<pb::Erasure>, Status> {
-        let tenant = req.get_ref().tenant_id.clone();
-        let actor = self
-            .admit(&req, Action::ShredSubject, Some(&tenant))
-            .await?;
+        let tenant = Some(req.get_ref().tenant_id.as_str());
+        let call = self.gate.admit(&req, Action::ShredSubject, tenant).await?;
+        let actor = call.caller().actor();
         let r = req.into_inner();
         self.shred(actor, r.tenant_id, Some(r.subject_id), r.grace_seconds)
             .await
@@ -180,8 +169,9 @@ impl pb::erasures_server::Erasures for ErasuresService {
         &self,
         req: Request<pb::ShredTenantRequest>,
     ) -> Result<Response<pb::Erasure>, Status> {
-        let tenant = req.get_ref().tenant_id.clone();
-        let actor = self.admit(&req, Action::ShredTenant, Some(&tenant)).await?;
+        let tenant = Some(req.get_ref().tenant_id.as_str());
+        let call = self.gate.admit(&req, Action::ShredTenant, tenant).await?;
+        let actor = call.caller().actor();
         let r = req.into_inner();
         self.shred(actor, r.tenant_id, None, r.grace_seconds).await
     }
@@ -190,7 +180,8 @@ impl pb::erasures_server::Erasures for ErasuresService {
         &self,
         req: Request<pb::ErasureIdRequest>,
     ) -> Result<Response<pb::Erasure>, Status> {
-        let actor = self.admit(&req, Action::CancelErasure, None).await?;
+        let call = self.gate.admit(&req, Action::CancelErasure, None).await?;
+        let actor = call.caller().actor();
         let id = req.into_inner().erasure_id;
         reply(self.erasures.cancel(&actor, &id).await)
     }
@@ -199,7 +190,7 @@ impl pb::erasures_server::Erasures for ErasuresService {
         &self,
         req: Request<pb::ErasureIdRequest>,
     ) -> Result<Response<pb::Erasure>, Status> {
-        self.admit(&req, Action::GetErasure, None).await?;
+        self.gate.admit(&req, Action::GetErasure, None).await?;
         reply(self.erasures.get(&req.into_inner().erasure_id).await)
     }
 
@@ -207,13 +198,9 @@ impl pb::erasures_server::Erasures for ErasuresService {
         &self,
         req: Request<pb::ListErasuresRequest>,
     ) -> Result<Response<pb::ListErasuresResponse>, Status> {
-        let t = req.get_ref().tenant_id.clone();
-        self.admit(
-            &req,
-            Action::ListErasures,
-            (!t.is_empty()).then_some(t.as_str()),
-        )
-        .await?;
+        let t = &req.get_ref().tenant_id;
+        let tenant = (!t.is_empty()).then_some(t.as_str());
+        self.gate.admit(&req, Action::ListErasures, tenant).await?;
         let r = req.into_inner();
         let size = match r.page_size {
             0 => 1000,
@@ -254,7 +241,7 @@ impl pb::erasures_server::Erasures for ErasuresService {
         &self,
         req: Request<pb::GetReceiptKeyRequest>,
     ) -> Result<Response<pb::ReceiptKey>, Status> {
-        self.admit(&req, Action::GetReceiptKey, None).await?;
+        self.gate.admit(&req, Action::GetReceiptKey, None).await?;
         let (key_id, vk) = self
             .erasures
             .public_key()

@@ -8,7 +8,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use tokio::sync::Semaphore;
-use tonic::{Code, Status};
+use tonic::{Code, Response, Status};
 
 use super::gate::Gate;
 use super::status;
@@ -67,6 +67,19 @@ impl Guard {
                     ),
                 )
             })?
+    }
+
+    /// Runs a unary handler's operation under [`Guard::run`], its error mapped to the
+    /// call's status.
+    ///
+    /// # Errors
+    /// The limit refusals, or the operation's error as a status.
+    pub(super) async fn reply<T>(
+        &self,
+        op: impl Future<Output = Result<T, Error>>,
+    ) -> Result<Response<T>, Status> {
+        let op = async { op.await.map_err(|e| status::to_status(&e)) };
+        self.run(op).await.map(Response::new)
     }
 
     pub(super) fn check_batch(&self, n: usize) -> Result<(), Status> {

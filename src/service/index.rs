@@ -76,17 +76,18 @@ impl CryptoService {
         c: &Caller,
         mut r: BlindIndexRequest,
     ) -> Result<BlindIndexResponse, Error> {
-        let result = async {
+        // indexer_for authorizes the item (as for each item of a batch).
+        let op = async {
             let mut resolved = Vec::with_capacity(1);
             let idx = self.indexer_for(c, &r, &mut resolved).await?;
             let out = idx.compute(&r.value, r.lookup).await?;
             Ok(index_response(out, r.format))
-        }
-        .await;
+        };
+        let gate = &self.guard.gate;
+        let result = gate
+            .counted(c, Action::BlindIndex, &r.tenant_id, &r.field, op)
+            .await;
         r.value.zeroize();
-        self.guard
-            .gate
-            .data_done(c, Action::BlindIndex, &r.tenant_id, &r.field, &result);
         result
     }
 
@@ -168,9 +169,7 @@ impl CryptoService {
         c: &Caller,
         r: &PseudonymizeRequest,
     ) -> Result<PseudonymizeResponse, Error> {
-        let gate = &self.guard.gate;
-        let result = async {
-            gate.data(c, Action::Pseudonymize, &r.tenant_id, &r.purpose)?;
+        let op = async {
             let p = self
                 .keyring
                 .pseudonymize(&r.tenant_id, &r.subject_id, &r.purpose)
@@ -178,10 +177,10 @@ impl CryptoService {
             Ok(PseudonymizeResponse {
                 pseudonym: hex::encode(p),
             })
-        }
-        .await;
-        gate.data_done(c, Action::Pseudonymize, &r.tenant_id, &r.purpose, &result);
-        result
+        };
+        let gate = &self.guard.gate;
+        gate.data_call(c, Action::Pseudonymize, &r.tenant_id, &r.purpose, op)
+            .await
     }
 
     pub(super) async fn pseudonymize_batch(

@@ -6,8 +6,10 @@
 
 use std::sync::Arc;
 
+use serde_json::json;
 use tonic::{Request, Response, Status};
 
+use super::call::Record;
 use super::guard::Guard;
 use super::status;
 use crate::error::Error;
@@ -87,12 +89,8 @@ impl pb::keys_server::Keys for KeysService {
         &self,
         req: Request<pb::WhoAmIRequest>,
     ) -> Result<Response<pb::WhoAmIResponse>, Status> {
-        let c = self.guard.gate.caller(&req);
-        self.guard
-            .gate
-            .admin(&c, Action::WhoAmI, None)
-            .await
-            .map_err(|e| status::to_status(&e))?;
+        let call = self.guard.gate.admit(&req, Action::WhoAmI, None).await?;
+        let c = call.caller();
         Ok(Response::new(pb::WhoAmIResponse {
             identity: c.identity.to_string(),
             transport: c.transport.into(),
@@ -103,43 +101,29 @@ impl pb::keys_server::Keys for KeysService {
         &self,
         req: Request<CreateTenantRequest>,
     ) -> Result<Response<pb::Tenant>, Status> {
-        let c = self.guard.gate.caller(&req);
-        let tenant = Some(req.get_ref().tenant_id.clone());
-        self.guard
-            .gate
-            .admin(&c, Action::CreateTenant, tenant.as_deref())
-            .await
-            .map_err(|e| status::to_status(&e))?;
-        let r = req.into_inner();
+        let r = req.get_ref();
+        let call = (self.guard.gate)
+            .admit(&req, Action::CreateTenant, Some(&r.tenant_id))
+            .await?;
         let kms_key = (!r.kms_key_id.is_empty()).then_some(r.kms_key_id.as_str());
         let fut = async { tenant_reply(self.keyring.create_tenant(&r.tenant_id, kms_key).await) };
-        let t = self.guard.run(fut).await?;
-        self.guard
-            .gate
-            .admin_done(
-                &c,
-                "tenant.created",
-                "tenant",
-                &r.tenant_id,
-                Some(&r.tenant_id),
-                serde_json::json!({ "kms_key_id": t.kms_key_id }),
-            )
-            .await;
-        Ok(Response::new(t))
+        call.audited(self.guard.run(fut).await, |t| {
+            let details = json!({ "kms_key_id": t.kms_key_id });
+            [Record::tenant("tenant.created", &r.tenant_id, details)]
+        })
+        .await
+        .map(Response::new)
     }
 
     async fn get_tenant(
         &self,
         req: Request<GetTenantRequest>,
     ) -> Result<Response<pb::Tenant>, Status> {
-        let c = self.guard.gate.caller(&req);
-        let tenant = Some(req.get_ref().tenant_id.clone());
-        self.guard
-            .gate
-            .admin(&c, Action::GetTenant, tenant.as_deref())
-            .await
-            .map_err(|e| status::to_status(&e))?;
-        let fut = async { tenant_reply(self.keyring.tenant(&req.into_inner().tenant_id).await) };
+        let id = &req.get_ref().tenant_id;
+        (self.guard.gate)
+            .admit(&req, Action::GetTenant, Some(id))
+            .await?;
+        let fut = async { tenant_reply(self.keyring.tenant(id).await) };
         self.guard.run(fut).await.map(Response::new)
     }
 
@@ -147,55 +131,43 @@ impl pb::keys_server::Keys for KeysService {
         &self,
         req: Request<pb::ListTenantsRequest>,
     ) -> Result<Response<pb::ListTenantsResponse>, Status> {
-        let c = self.guard.gate.caller(&req);
-        let tenant = None::<String>;
-        self.guard
-            .gate
-            .admin(&c, Action::ListTenants, tenant.as_deref())
-            .await
-            .map_err(|e| status::to_status(&e))?;
+        (self.guard.gate)
+            .admit(&req, Action::ListTenants, None)
+            .await?;
         let fut = async {
-            self.keyring
-                .list_tenants()
-                .await
-                .map(|tenant_ids| pb::ListTenantsResponse { tenant_ids })
-                .map_err(|e| status::to_status(&e))
+            let tenant_ids = self.keyring.list_tenants().await?;
+            Ok(pb::ListTenantsResponse { tenant_ids })
         };
-        self.guard.run(fut).await.map(Response::new)
+        self.guard.reply(fut).await
     }
 
     async fn check_rotation(
         &self,
         req: Request<pb::CheckRotationRequest>,
     ) -> Result<Response<pb::CheckRotationResponse>, Status> {
-        let c = self.guard.gate.caller(&req);
-        let tenant = None::<String>;
-        self.guard
-            .gate
-            .admin(&c, Action::CheckRotation, tenant.as_deref())
-            .await
-            .map_err(|e| status::to_status(&e))?;
-        let dry_run = req.into_inner().dry_run;
+        let call = (self.guard.gate)
+            .admit(&req, Action::CheckRotation, None)
+            .await?;
+        let dry_run = req.get_ref().dry_run;
         // Rotating many tenants can outlast the per-call deadline; it is not run under
         // the guard's timeout (each rotation is short and idempotent).
         let checks = self
             .keyring
             .rotate_due(&self.rotation, now_ms(), dry_run)
             .await
-            .map_err(|e| status::to_status(&e))?;
-        for ch in checks.iter().filter(|ch| ch.rotated_to.is_some()) {
-            self.guard
-                .gate
-                .admin_done(
-                    &c,
-                    "tenant.rotated",
-                    "tenant",
-                    &ch.age.tenant_id,
-                    Some(&ch.age.tenant_id),
-                    serde_json::json!({ "version": ch.rotated_to, "by": "rotation policy" }),
-                )
-                .await;
-        }
+            .map_err(|e| status::to_status(&e));
+        let checks = call
+            .audited(checks, |checks| {
+                let rotated = checks.iter().filter(|ch| ch.rotated_to.is_some());
+                let record = |id: &str, version: Option<u32>| {
+                    let details = json!({ "version": version, "by": "rotation policy" });
+                    Record::tenant("tenant.rotated", id, details)
+                };
+                rotated
+                    .map(|ch| record(&ch.age.tenant_id, ch.rotated_to))
+                    .collect::<Vec<_>>()
+            })
+            .await?;
         Ok(Response::new(pb::CheckRotationResponse {
             max_key_age_days: self.rotation.max_key_age_days,
             warn_days: self.rotation.warn_days,
@@ -218,30 +190,25 @@ impl pb::keys_server::Keys for KeysService {
         &self,
         req: Request<pb::RewrapKmsKeyRequest>,
     ) -> Result<Response<pb::RewrapKmsKeyResponse>, Status> {
-        let c = self.guard.gate.caller(&req);
-        let tenant = Some(req.get_ref().tenant_id.clone());
-        self.guard
-            .gate
-            .admin(&c, Action::RewrapKmsKey, tenant.as_deref())
-            .await
-            .map_err(|e| status::to_status(&e))?;
-        let r = req.into_inner();
+        let r = req.get_ref();
+        let call = (self.guard.gate)
+            .admit(&req, Action::RewrapKmsKey, Some(&r.tenant_id))
+            .await?;
         let out = self
             .keyring
             .rewrap_kms_key(&r.tenant_id, &r.kms_key_id)
             .await
-            .map_err(|e| status::to_status(&e))?;
-        self.guard
-            .gate
-            .admin_done(
-                &c,
-                "tenant.kms-key-rewrapped",
-                "tenant",
-                &r.tenant_id,
-                Some(&r.tenant_id),
-                serde_json::json!({ "kms_key_id": out.kms_key_id, "rewrapped": out.rewrapped }),
-            )
-            .await;
+            .map_err(|e| status::to_status(&e));
+        let out = call
+            .audited(out, |out| {
+                let details = json!({ "kms_key_id": out.kms_key_id, "rewrapped": out.rewrapped });
+                [Record::tenant(
+                    "tenant.kms-key-rewrapped",
+                    &r.tenant_id,
+                    details,
+                )]
+            })
+            .await?;
         Ok(Response::new(pb::RewrapKmsKeyResponse {
             tenant_id: out.tenant_id,
             kms_key_id: out.kms_key_id,
@@ -255,58 +222,41 @@ impl pb::keys_server::Keys for KeysService {
         &self,
         req: Request<pb::RetireKeyVersionRequest>,
     ) -> Result<Response<pb::Tenant>, Status> {
-        let c = self.guard.gate.caller(&req);
-        let tenant = Some(req.get_ref().tenant_id.clone());
-        self.guard
-            .gate
-            .admin(&c, Action::RetireKeyVersion, tenant.as_deref())
-            .await
-            .map_err(|e| status::to_status(&e))?;
-        let r = req.into_inner();
+        let r = req.get_ref();
+        let call = (self.guard.gate)
+            .admit(&req, Action::RetireKeyVersion, Some(&r.tenant_id))
+            .await?;
         let t = tenant_reply(
             self.keyring
                 .retire_key_version(&r.tenant_id, r.version)
                 .await,
-        )?;
-        self.guard
-            .gate
-            .admin_done(
-                &c,
+        );
+        call.audited(t, |_| {
+            let details = json!({ "version": r.version });
+            [Record::tenant(
                 "tenant.version-retired",
-                "tenant",
                 &r.tenant_id,
-                Some(&r.tenant_id),
-                serde_json::json!({ "version": r.version }),
-            )
-            .await;
-        Ok(Response::new(t))
+                details,
+            )]
+        })
+        .await
+        .map(Response::new)
     }
 
     async fn rotate_tenant_key(
         &self,
         req: Request<RotateTenantKeyRequest>,
     ) -> Result<Response<pb::Tenant>, Status> {
-        let c = self.guard.gate.caller(&req);
-        let tenant = Some(req.get_ref().tenant_id.clone());
-        self.guard
-            .gate
-            .admin(&c, Action::RotateTenantKey, tenant.as_deref())
-            .await
-            .map_err(|e| status::to_status(&e))?;
-        let id = req.into_inner().tenant_id;
-        let fut = async { tenant_reply(self.keyring.rotate_tenant(&id).await) };
-        let t = self.guard.run(fut).await?;
-        self.guard
-            .gate
-            .admin_done(
-                &c,
-                "tenant.rotated",
-                "tenant",
-                &id,
-                Some(&id),
-                serde_json::json!({ "version": t.active_version }),
-            )
-            .await;
-        Ok(Response::new(t))
+        let id = &req.get_ref().tenant_id;
+        let call = (self.guard.gate)
+            .admit(&req, Action::RotateTenantKey, Some(id))
+            .await?;
+        let fut = async { tenant_reply(self.keyring.rotate_tenant(id).await) };
+        call.audited(self.guard.run(fut).await, |t| {
+            let details = json!({ "version": t.active_version });
+            [Record::tenant("tenant.rotated", id, details)]
+        })
+        .await
+        .map(Response::new)
     }
 }

@@ -2,11 +2,13 @@
 //!
 //! One file per gRPC service (`crypto` with `index`, `keys`, `jobs`, `erasure`,
 //! `audit`); the shared edge around them: who is calling and the audit trail (`gate`),
-//! the limits (`guard`), the single error mapping (`status`), and the wiring (`context`). The
+//! the admit-and-audit wrappers every handler runs through (`call`), the limits
+//! (`guard`), the single error mapping (`status`), and the wiring (`context`). The
 //! generated protobuf types are in `crate::proto`. Must not: hold keys, decide key use
 //! (the keyring does), or log plaintext.
 
 pub mod audit;
+mod call;
 mod context;
 mod crypto;
 pub mod erasure;
