@@ -8,7 +8,7 @@ use serde_json::json;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use super::status::to_status;
+use super::status::{bad_request, to_status};
 use crate::audit::AuditLog;
 use crate::audit::verify::trailer_line;
 use crate::erasure::receipt::public_key_pem;
@@ -167,10 +167,7 @@ impl pb::audit_server::Audit for AuditService {
             Ok(pb::ReportFormat::Json) => false,
             Ok(pb::ReportFormat::Html) => true,
             Err(_) => {
-                return Err(Status::invalid_argument(format!(
-                    "unknown report format {}",
-                    r.format
-                )));
+                return Err(bad_request(format!("unknown report format {}", r.format)));
             }
         };
         let period = |ms: i64| (ms != 0).then_some(ms);
@@ -178,7 +175,7 @@ impl pb::audit_server::Audit for AuditService {
         if let (Some(s), Some(u)) = (since, until)
             && s >= u
         {
-            return Err(Status::invalid_argument(
+            return Err(bad_request(
                 "the period is empty: since_unix_ms must be before until_unix_ms",
             ));
         }

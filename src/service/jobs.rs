@@ -10,7 +10,7 @@ use serde_json::json;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use super::status::to_status;
+use super::status::{bad_request, to_status};
 use crate::jobs::{self, JobView};
 use crate::keyring::Keyring;
 use crate::policy::authz::Action;
@@ -121,9 +121,7 @@ impl pb::jobs_server::Jobs for JobsService {
             0 => Duration::from_millis(500),
             ms @ 100..=60_000 => Duration::from_millis(u64::from(ms)),
             _ => {
-                return Err(Status::invalid_argument(
-                    "interval_ms must be 0 or 100..=60000",
-                ));
+                return Err(bad_request("interval_ms must be 0 or 100..=60000"));
             }
         };
         let store = self.keyring.store().clone();
