@@ -2,13 +2,11 @@
 //!
 //! An administration RPC is [`Gate::admit`]ted (a refusal is audited by the gate), runs,
 //! and on success writes its audit records with [`Admitted::audited`]; a failed call
-//! writes none. A data operation runs through [`Gate::data_call`] (authorize, run, count
-//! the outcome in the audit window, whatever it was) or [`Gate::counted`] when the
-//! operation authorizes itself. Does NOT: decide (the gate's policies do), hold limits
+//! writes none. A data operation is a [`Gate::data_call`]: authorized first, and its
+//! outcome, whatever it was, counted in the audit window. Does NOT: decide (the gate's policies do), hold limits
 //! (`guard`), or map errors other than through `status`.
 
 use std::borrow::Cow;
-use std::future::Future;
 
 use tonic::{Request, Status};
 
@@ -119,41 +117,54 @@ impl Gate {
         Ok(Admitted { gate: self, caller })
     }
 
-    /// Runs data operation `op` once `c` may do `action` on `tenant`/`field`, and
-    /// counts the outcome (a refusal too) in the audit window.
+    /// Data operation `action` by `c` on `tenant`/`field`: [`DataCall::authorize`] it
+    /// first thing in its body, and pass its result through [`DataCall::counted`].
+    pub(super) fn data_call<'a>(
+        &'a self,
+        c: &'a Caller,
+        action: Action,
+        tenant: &'a str,
+        field: &'a str,
+    ) -> DataCall<'a> {
+        DataCall {
+            gate: self,
+            caller: c,
+            action,
+            tenant,
+            field,
+        }
+    }
+}
+
+/// One data operation (one item of a batch, or a unary call) as the gate sees it.
+///
+/// Not a wrapper around the operation's future on purpose: futures passed by value
+/// through wrappers grow at each layer, and the authorizer needs its stack.
+#[derive(Debug)]
+pub(super) struct DataCall<'a> {
+    gate: &'a Gate,
+    caller: &'a Caller,
+    action: Action,
+    tenant: &'a str,
+    field: &'a str,
+}
+
+impl DataCall<'_> {
+    /// May the caller do it?
     ///
     /// # Errors
-    /// The refusal, or `op`'s error.
-    pub(super) async fn data_call<T>(
-        &self,
-        c: &Caller,
-        action: Action,
-        tenant: &str,
-        field: &str,
-        op: impl Future<Output = Result<T, Error>>,
-    ) -> Result<T, Error> {
-        let authorized_op = async {
-            self.data(c, action, tenant, field)?;
-            op.await
-        };
-        self.counted(c, action, tenant, field, authorized_op).await
+    /// [`Error::PermissionDenied`] (or `InvalidArgument` for an oversized id).
+    pub(super) fn authorize(&self) -> Result<(), Error> {
+        (self.gate).data(self.caller, self.action, self.tenant, self.field)
     }
 
-    /// Runs data operation `op`, which authorizes itself, and counts its outcome in the
-    /// audit window.
+    /// `result`, once counted by outcome (a refusal too) in the audit window.
     ///
     /// # Errors
-    /// `op`'s.
-    pub(super) async fn counted<T>(
-        &self,
-        c: &Caller,
-        action: Action,
-        tenant: &str,
-        field: &str,
-        op: impl Future<Output = Result<T, Error>>,
-    ) -> Result<T, Error> {
-        let result = op.await;
-        self.data_done(c, action, tenant, field, &result);
+    /// `result`'s own.
+    pub(super) fn counted<T>(&self, result: Result<T, Error>) -> Result<T, Error> {
+        let (c, action) = (self.caller, self.action);
+        (self.gate).data_done(c, action, self.tenant, self.field, &result);
         result
     }
 }

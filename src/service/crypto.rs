@@ -66,20 +66,19 @@ impl CryptoService {
         c: &Caller,
         mut r: EncryptRequest,
     ) -> Result<EncryptResponse, Error> {
-        let op = async {
+        let call = (self.guard.gate).data_call(c, Action::Encrypt, &r.tenant_id, &r.field);
+        let result = async {
+            call.authorize()?;
             self.guard.check_field("plaintext", r.plaintext.len())?;
             let enc = self
                 .keyring
                 .encryptor(&r.tenant_id, subject(&r.subject_id), &r.field)
                 .await?;
             seal_response(&enc, &r)
-        };
-        let gate = &self.guard.gate;
-        let result = gate
-            .data_call(c, Action::Encrypt, &r.tenant_id, &r.field, op)
-            .await;
+        }
+        .await;
         r.plaintext.zeroize();
-        result
+        call.counted(result)
     }
 
     async fn encrypt_batch_item<'a>(
@@ -88,7 +87,9 @@ impl CryptoService {
         r: &'a EncryptRequest,
         resolved: &mut Vec<(BatchKey<'a>, Result<Encryptor<'a>, Error>)>,
     ) -> Result<EncryptResponse, Error> {
-        let op = async {
+        let call = (self.guard.gate).data_call(c, Action::Encrypt, &r.tenant_id, &r.field);
+        let result = async {
+            call.authorize()?;
             self.guard.check_field("plaintext", r.plaintext.len())?;
             let key = (
                 r.tenant_id.as_str(),
@@ -106,14 +107,15 @@ impl CryptoService {
                 }
             };
             seal_response(&enc, r)
-        };
-        let gate = &self.guard.gate;
-        gate.data_call(c, Action::Encrypt, &r.tenant_id, &r.field, op)
-            .await
+        }
+        .await;
+        call.counted(result)
     }
 
     async fn rewrap_one(&self, c: &Caller, r: &RewrapRequest) -> Result<RewrapResponse, Error> {
-        let op = async {
+        let call = (self.guard.gate).data_call(c, Action::Rewrap, &r.tenant_id, &r.field);
+        let result = async {
+            call.authorize()?;
             self.guard.check_field("ciphertext", r.ciphertext.len())?;
             let aad = Aad {
                 tenant: &r.tenant_id,
@@ -128,16 +130,16 @@ impl CryptoService {
                 previous_key_version: rw.from_version,
                 ciphertext: rw.ciphertext,
             })
-        };
-        let gate = &self.guard.gate;
-        gate.data_call(c, Action::Rewrap, &r.tenant_id, &r.field, op)
-            .await
+        }
+        .await;
+        call.counted(result)
     }
 
     async fn decrypt_one(&self, c: &Caller, r: &DecryptRequest) -> Result<DecryptResponse, Error> {
-        let gate = &self.guard.gate;
-        let op = async {
-            gate.decrypt_quota(c, &r.tenant_id, 1).await?;
+        let call = (self.guard.gate).data_call(c, Action::Decrypt, &r.tenant_id, &r.field);
+        let result = async {
+            call.authorize()?;
+            self.guard.gate.decrypt_quota(c, &r.tenant_id, 1).await?;
             self.guard.check_field("ciphertext", r.ciphertext.len())?;
             let aad = Aad {
                 tenant: &r.tenant_id,
@@ -150,9 +152,9 @@ impl CryptoService {
                 plaintext: pt.to_vec(),
                 key_version,
             })
-        };
-        gate.data_call(c, Action::Decrypt, &r.tenant_id, &r.field, op)
-            .await
+        }
+        .await;
+        call.counted(result)
     }
 }
 
@@ -164,8 +166,9 @@ impl pb::crypto_server::Crypto for CryptoService {
     ) -> Result<Response<EncryptResponse>, Status> {
         let c = self.guard.gate.caller(&req);
         self.guard
-            .reply(self.encrypt_one(&c, req.into_inner()))
+            .run(self.encrypt_one(&c, req.into_inner()))
             .await
+            .map(Response::new)
     }
 
     async fn decrypt(
@@ -173,7 +176,10 @@ impl pb::crypto_server::Crypto for CryptoService {
         req: Request<DecryptRequest>,
     ) -> Result<Response<DecryptResponse>, Status> {
         let c = self.guard.gate.caller(&req);
-        self.guard.reply(self.decrypt_one(&c, req.get_ref())).await
+        self.guard
+            .run(self.decrypt_one(&c, req.get_ref()))
+            .await
+            .map(Response::new)
     }
 
     async fn encrypt_batch(
@@ -202,7 +208,7 @@ impl pb::crypto_server::Crypto for CryptoService {
             for item in &mut items {
                 item.plaintext.zeroize();
             }
-            Ok(EncryptBatchResponse { results })
+            Ok::<_, Status>(EncryptBatchResponse { results })
         };
         self.guard.run(fut).await.map(Response::new)
     }
@@ -212,7 +218,10 @@ impl pb::crypto_server::Crypto for CryptoService {
         req: Request<RewrapRequest>,
     ) -> Result<Response<RewrapResponse>, Status> {
         let c = self.guard.gate.caller(&req);
-        self.guard.reply(self.rewrap_one(&c, req.get_ref())).await
+        self.guard
+            .run(self.rewrap_one(&c, req.get_ref()))
+            .await
+            .map(Response::new)
     }
 
     async fn rewrap_batch(
@@ -233,7 +242,7 @@ impl pb::crypto_server::Crypto for CryptoService {
                     result: Some(result),
                 });
             }
-            Ok(RewrapBatchResponse { results })
+            Ok::<_, Status>(RewrapBatchResponse { results })
         };
         self.guard.run(fut).await.map(Response::new)
     }
@@ -244,8 +253,9 @@ impl pb::crypto_server::Crypto for CryptoService {
     ) -> Result<Response<pb::BlindIndexResponse>, Status> {
         let c = self.guard.gate.caller(&req);
         self.guard
-            .reply(self.blind_index_one(&c, req.into_inner()))
+            .run(self.blind_index_one(&c, req.into_inner()))
             .await
+            .map(Response::new)
     }
 
     async fn blind_index_batch(
@@ -255,7 +265,7 @@ impl pb::crypto_server::Crypto for CryptoService {
         let c = self.guard.gate.caller(&req);
         let items = req.into_inner().items;
         self.guard.check_batch(items.len())?;
-        let fut = async { Ok(self.blind_index_batch(&c, items).await) };
+        let fut = async { Ok::<_, Status>(self.blind_index_batch(&c, items).await) };
         self.guard.run(fut).await.map(Response::new)
     }
 
@@ -265,8 +275,9 @@ impl pb::crypto_server::Crypto for CryptoService {
     ) -> Result<Response<pb::PseudonymizeResponse>, Status> {
         let c = self.guard.gate.caller(&req);
         self.guard
-            .reply(self.pseudonymize_one(&c, req.get_ref()))
+            .run(self.pseudonymize_one(&c, req.get_ref()))
             .await
+            .map(Response::new)
     }
 
     async fn pseudonymize_batch(
@@ -276,7 +287,7 @@ impl pb::crypto_server::Crypto for CryptoService {
         let c = self.guard.gate.caller(&req);
         let items = req.into_inner().items;
         self.guard.check_batch(items.len())?;
-        let fut = async { Ok(self.pseudonymize_batch(&c, &items).await) };
+        let fut = async { Ok::<_, Status>(self.pseudonymize_batch(&c, &items).await) };
         self.guard.run(fut).await.map(Response::new)
     }
 
@@ -298,7 +309,7 @@ impl pb::crypto_server::Crypto for CryptoService {
                     result: Some(result),
                 });
             }
-            Ok(DecryptBatchResponse { results })
+            Ok::<_, Status>(DecryptBatchResponse { results })
         };
         self.guard.run(fut).await.map(Response::new)
     }

@@ -8,10 +8,10 @@ use std::future::Future;
 use std::sync::Arc;
 
 use tokio::sync::Semaphore;
-use tonic::{Code, Response, Status};
+use tonic::{Code, Status};
 
 use super::gate::Gate;
-use super::status;
+use super::status::{self, IntoStatus};
 use crate::config::Limits;
 use crate::error::Error;
 
@@ -40,10 +40,10 @@ impl Guard {
     }
 
     /// Runs a handler under the concurrency limit (refusing at once when full) and the
-    /// deadline.
-    pub(super) async fn run<T>(
+    /// deadline; its error becomes the call's status through the one mapping.
+    pub(super) async fn run<T, E: IntoStatus>(
         &self,
-        fut: impl Future<Output = Result<T, Status>>,
+        fut: impl Future<Output = Result<T, E>>,
     ) -> Result<T, Status> {
         let _permit = self.inflight.clone().try_acquire_owned().map_err(|_| {
             status::limit_status(
@@ -67,19 +67,7 @@ impl Guard {
                     ),
                 )
             })?
-    }
-
-    /// Runs a unary handler's operation under [`Guard::run`], its error mapped to the
-    /// call's status.
-    ///
-    /// # Errors
-    /// The limit refusals, or the operation's error as a status.
-    pub(super) async fn reply<T>(
-        &self,
-        op: impl Future<Output = Result<T, Error>>,
-    ) -> Result<Response<T>, Status> {
-        let op = async { op.await.map_err(|e| status::to_status(&e)) };
-        self.run(op).await.map(Response::new)
+            .map_err(IntoStatus::into_status)
     }
 
     pub(super) fn check_batch(&self, n: usize) -> Result<(), Status> {

@@ -76,19 +76,17 @@ impl CryptoService {
         c: &Caller,
         mut r: BlindIndexRequest,
     ) -> Result<BlindIndexResponse, Error> {
-        // indexer_for authorizes the item (as for each item of a batch).
-        let op = async {
+        let call = (self.guard.gate).data_call(c, Action::BlindIndex, &r.tenant_id, &r.field);
+        let result = async {
+            // indexer_for authorizes the item (as for each item of a batch).
             let mut resolved = Vec::with_capacity(1);
             let idx = self.indexer_for(c, &r, &mut resolved).await?;
             let out = idx.compute(&r.value, r.lookup).await?;
             Ok(index_response(out, r.format))
-        };
-        let gate = &self.guard.gate;
-        let result = gate
-            .counted(c, Action::BlindIndex, &r.tenant_id, &r.field, op)
-            .await;
+        }
+        .await;
         r.value.zeroize();
-        result
+        call.counted(result)
     }
 
     /// A batch: fast (HMAC) items are computed in order on this task; slow (Argon2id)
@@ -169,7 +167,9 @@ impl CryptoService {
         c: &Caller,
         r: &PseudonymizeRequest,
     ) -> Result<PseudonymizeResponse, Error> {
-        let op = async {
+        let call = (self.guard.gate).data_call(c, Action::Pseudonymize, &r.tenant_id, &r.purpose);
+        let result = async {
+            call.authorize()?;
             let p = self
                 .keyring
                 .pseudonymize(&r.tenant_id, &r.subject_id, &r.purpose)
@@ -177,10 +177,9 @@ impl CryptoService {
             Ok(PseudonymizeResponse {
                 pseudonym: hex::encode(p),
             })
-        };
-        let gate = &self.guard.gate;
-        gate.data_call(c, Action::Pseudonymize, &r.tenant_id, &r.purpose, op)
-            .await
+        }
+        .await;
+        call.counted(result)
     }
 
     pub(super) async fn pseudonymize_batch(

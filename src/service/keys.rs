@@ -136,9 +136,9 @@ impl pb::keys_server::Keys for KeysService {
             .await?;
         let fut = async {
             let tenant_ids = self.keyring.list_tenants().await?;
-            Ok(pb::ListTenantsResponse { tenant_ids })
+            Ok::<_, Error>(pb::ListTenantsResponse { tenant_ids })
         };
-        self.guard.reply(fut).await
+        self.guard.run(fut).await.map(Response::new)
     }
 
     async fn check_rotation(

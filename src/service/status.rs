@@ -114,6 +114,25 @@ pub fn bad_request(message: impl Into<String>) -> Status {
     Status::invalid_argument(message)
 }
 
+/// A handler's error as the status the call answers with: a keyring [`Error`] through
+/// [`to_status`], a [`Status`] (already mapped) as it is.
+pub trait IntoStatus {
+    /// The status.
+    fn into_status(self) -> Status;
+}
+
+impl IntoStatus for Status {
+    fn into_status(self) -> Status {
+        self
+    }
+}
+
+impl IntoStatus for Error {
+    fn into_status(self) -> Status {
+        to_status(&self)
+    }
+}
+
 /// Maps a keyring error to the status returned to the caller.
 pub fn to_status(e: &Error) -> Status {
     let (code, reason) = classify(e);
