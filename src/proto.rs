@@ -7,9 +7,8 @@
 //! statuses (`crate::service::status` does), or add hand-written types to the
 //! generated ones. The modules stay nested (`proto::pb`, `proto::echo_pb`) so that the
 //! generated names never mix with one another or with this module's own items.
-
-/// Generated protobuf and gRPC code for `fieldkey.v1`.
-#[allow(
+// Everything below is generated (or, for the descriptor set, included) code.
+#![allow(
     missing_docs,
     clippy::all,
     clippy::pedantic,
@@ -19,6 +18,8 @@
     clippy::indexing_slicing,
     reason = "generated code"
 )]
+
+/// Generated protobuf and gRPC code for `fieldkey.v1`.
 pub mod pb {
     tonic::include_proto!("fieldkey.v1");
 
@@ -30,16 +31,6 @@ pub mod pb {
 /// The bare echo service used as the transport floor by the load generator
 /// (`benches/loadgen.rs`). Not part of the API; never served by `fieldkey serve`.
 #[doc(hidden)]
-#[allow(
-    missing_docs,
-    clippy::all,
-    clippy::pedantic,
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing,
-    reason = "generated code"
-)]
 pub mod echo_pb {
     tonic::include_proto!("fieldkey.bench.v1");
 }

@@ -99,12 +99,15 @@ pub async fn routes(ctx: Context) -> Result<tonic::service::Routes, Error> {
     let limits = &limits;
     let guard = Guard::with_gate(limits.clone(), gate.clone());
     let (reporter, health) = tonic_health::server::health_reporter();
-    reporter
-        .set_serving::<pb::crypto_server::CryptoServer<CryptoService>>()
-        .await;
-    reporter
-        .set_serving::<pb::keys_server::KeysServer<KeysService>>()
-        .await;
+    for name in [
+        pb::crypto_server::SERVICE_NAME,
+        pb::keys_server::SERVICE_NAME,
+        pb::audit_server::SERVICE_NAME,
+        pb::jobs_server::SERVICE_NAME,
+        pb::erasures_server::SERVICE_NAME,
+    ] {
+        (reporter.set_service_status(name, tonic_health::ServingStatus::Serving)).await;
+    }
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -119,16 +122,7 @@ pub async fn routes(ctx: Context) -> Result<tonic::service::Routes, Error> {
     let jobs = pb::jobs_server::JobsServer::new(JobsService::new(keyring.clone(), gate.clone()));
     let audit_svc =
         pb::audit_server::AuditServer::new(AuditService::new(keyring, audit, gate.clone(), report));
-    reporter
-        .set_serving::<pb::audit_server::AuditServer<AuditService>>()
-        .await;
-    reporter
-        .set_serving::<pb::jobs_server::JobsServer<JobsService>>()
-        .await;
     let erasures = pb::erasures_server::ErasuresServer::new(ErasuresService::new(erasures, gate));
-    reporter
-        .set_serving::<pb::erasures_server::ErasuresServer<ErasuresService>>()
-        .await;
     Ok(tonic::service::Routes::new(crypto)
         .add_service(keys)
         .add_service(jobs)

@@ -11,7 +11,7 @@ use zeroize::Zeroize as _;
 
 use super::gate::Caller;
 use super::guard::Guard;
-use super::status::item_error;
+use super::status::ItemResult as _;
 use crate::crypto::{Aad, to_text};
 use crate::error::Error;
 use crate::keyring::{Encryptor, Keyring, Rewrapped};
@@ -20,7 +20,7 @@ use crate::proto::pb::{
     self, CiphertextFormat, DecryptBatchRequest, DecryptBatchResponse, DecryptRequest,
     DecryptResponse, DecryptResult, EncryptBatchRequest, EncryptBatchResponse, EncryptRequest,
     EncryptResponse, EncryptResult, RewrapBatchRequest, RewrapBatchResponse, RewrapRequest,
-    RewrapResponse, RewrapResult, decrypt_result, encrypt_result, rewrap_result,
+    RewrapResponse, RewrapResult,
 };
 
 /// (tenant, subject, field) of a batch item.
@@ -196,13 +196,9 @@ impl pb::crypto_server::Crypto for CryptoService {
                 // each distinct key once (a few per batch), not once per item.
                 let mut resolved: Vec<(BatchKey<'_>, Result<Encryptor<'_>, Error>)> = Vec::new();
                 for item in &items {
-                    let result = match self.encrypt_batch_item(&c, item, &mut resolved).await {
-                        Ok(ok) => encrypt_result::Result::Ok(ok),
-                        Err(e) => encrypt_result::Result::Error(item_error(&e)),
-                    };
-                    results.push(EncryptResult {
-                        result: Some(result),
-                    });
+                    results.push(EncryptResult::of(
+                        self.encrypt_batch_item(&c, item, &mut resolved).await,
+                    ));
                 }
             }
             for item in &mut items {
@@ -234,13 +230,7 @@ impl pb::crypto_server::Crypto for CryptoService {
         let fut = async {
             let mut results = Vec::with_capacity(items.len());
             for item in &items {
-                let result = match self.rewrap_one(&c, item).await {
-                    Ok(ok) => rewrap_result::Result::Ok(ok),
-                    Err(e) => rewrap_result::Result::Error(item_error(&e)),
-                };
-                results.push(RewrapResult {
-                    result: Some(result),
-                });
+                results.push(RewrapResult::of(self.rewrap_one(&c, item).await));
             }
             Ok::<_, Status>(RewrapBatchResponse { results })
         };
@@ -301,13 +291,7 @@ impl pb::crypto_server::Crypto for CryptoService {
         let fut = async {
             let mut results = Vec::with_capacity(items.len());
             for item in &items {
-                let result = match self.decrypt_one(&c, item).await {
-                    Ok(ok) => decrypt_result::Result::Ok(ok),
-                    Err(e) => decrypt_result::Result::Error(item_error(&e)),
-                };
-                results.push(DecryptResult {
-                    result: Some(result),
-                });
+                results.push(DecryptResult::of(self.decrypt_one(&c, item).await));
             }
             Ok::<_, Status>(DecryptBatchResponse { results })
         };

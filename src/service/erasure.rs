@@ -8,7 +8,7 @@ use std::time::Duration;
 use tonic::{Request, Response, Status};
 
 use super::status::to_status;
-use crate::erasure::{Actor, Erasures, receipt};
+use crate::erasure::{Erasures, receipt};
 use crate::error::Error;
 use crate::policy::authz::Action;
 use crate::proto::pb;
@@ -65,25 +65,24 @@ fn reply(r: Result<ErasureRecord, Error>) -> Result<Response<pb::Erasure>, Statu
 }
 
 impl ErasuresService {
-    /// Runs a shred in its own task, so that a caller who disconnects or times out
-    /// does not interrupt it half-way (it would finish on retry anyway).
-    async fn shred(
+    /// Admits a shred (`action` on `tenant`) and runs it in its own task, so that a
+    /// caller who disconnects or times out does not interrupt it half-way (it would
+    /// finish on retry anyway).
+    async fn shred<T>(
         &self,
-        actor: Actor,
-        tenant: String,
-        subject: Option<String>,
+        req: &Request<T>,
+        action: Action,
+        (tenant, subject): (&str, Option<&str>),
         grace_seconds: u32,
     ) -> Result<Response<pb::Erasure>, Status> {
+        let call = self.gate.admit(req, action, Some(tenant)).await?;
+        let actor = call.caller().actor();
         let erasures = self.erasures.clone();
+        let (tenant, subject) = (tenant.to_owned(), subject.map(str::to_owned));
+        let grace = Duration::from_secs(u64::from(grace_seconds));
         let task = tokio::spawn(async move {
-            erasures
-                .request(
-                    &actor,
-                    &tenant,
-                    subject.as_deref(),
-                    Duration::from_secs(u64::from(grace_seconds)),
-                )
-                .await
+            let subject = subject.as_deref();
+            erasures.request(&actor, &tenant, subject, grace).await
         });
         match task.await {
             Ok(r) => reply(r),
@@ -157,23 +156,18 @@ impl pb::erasures_server::Erasures for ErasuresService {
         &self,
         req: Request<pb::ShredSubjectRequest>,
     ) -> Result<Response<pb::Erasure>, Status> {
-        let tenant = Some(req.get_ref().tenant_id.as_str());
-        let call = self.gate.admit(&req, Action::ShredSubject, tenant).await?;
-        let actor = call.caller().actor();
-        let r = req.into_inner();
-        self.shred(actor, r.tenant_id, Some(r.subject_id), r.grace_seconds)
-            .await
+        let r = req.get_ref();
+        let target = (r.tenant_id.as_str(), Some(r.subject_id.as_str()));
+        (self.shred(&req, Action::ShredSubject, target, r.grace_seconds)).await
     }
 
     async fn shred_tenant(
         &self,
         req: Request<pb::ShredTenantRequest>,
     ) -> Result<Response<pb::Erasure>, Status> {
-        let tenant = Some(req.get_ref().tenant_id.as_str());
-        let call = self.gate.admit(&req, Action::ShredTenant, tenant).await?;
-        let actor = call.caller().actor();
-        let r = req.into_inner();
-        self.shred(actor, r.tenant_id, None, r.grace_seconds).await
+        let r = req.get_ref();
+        let target = (r.tenant_id.as_str(), None);
+        (self.shred(&req, Action::ShredTenant, target, r.grace_seconds)).await
     }
 
     async fn cancel_erasure(

@@ -5,7 +5,7 @@ use tokio::task::JoinSet;
 use zeroize::Zeroize as _;
 
 use super::crypto::{CryptoService, MAX_RESOLVED_PER_BATCH};
-use super::status::item_error;
+use super::status::ItemResult as _;
 use crate::crypto::BlindIndex;
 use crate::error::Error;
 use crate::keyring::{Indexed, Indexer};
@@ -13,7 +13,6 @@ use crate::policy::authz::Action;
 use crate::proto::pb::{
     BlindIndexBatchResponse, BlindIndexRequest, BlindIndexResponse, BlindIndexResult, IndexFormat,
     PseudonymizeBatchResponse, PseudonymizeRequest, PseudonymizeResponse, PseudonymizeResult,
-    blind_index_result, pseudonymize_result,
 };
 
 use super::gate::Caller;
@@ -150,15 +149,7 @@ impl CryptoService {
         for r in &mut items {
             r.value.zeroize();
         }
-        let out = results
-            .into_iter()
-            .map(|result| BlindIndexResult {
-                result: Some(match result {
-                    Ok(ok) => blind_index_result::Result::Ok(ok),
-                    Err(e) => blind_index_result::Result::Error(item_error(&e)),
-                }),
-            })
-            .collect();
+        let out = results.into_iter().map(BlindIndexResult::of).collect();
         BlindIndexBatchResponse { results: out }
     }
 
@@ -189,12 +180,7 @@ impl CryptoService {
     ) -> PseudonymizeBatchResponse {
         let mut results = Vec::with_capacity(items.len());
         for r in items {
-            results.push(PseudonymizeResult {
-                result: Some(match self.pseudonymize_one(c, r).await {
-                    Ok(ok) => pseudonymize_result::Result::Ok(ok),
-                    Err(e) => pseudonymize_result::Result::Error(item_error(&e)),
-                }),
-            });
+            results.push(PseudonymizeResult::of(self.pseudonymize_one(c, r).await));
         }
         PseudonymizeBatchResponse { results }
     }

@@ -10,7 +10,7 @@ use tonic::{Code, Status};
 
 use crate::error::Error;
 use crate::kms::KmsError;
-use crate::proto::pb::ItemError;
+use crate::proto::pb::{self, ItemError};
 use crate::store::StoreError;
 
 /// Metadata key carrying the machine-readable reason.
@@ -96,6 +96,41 @@ pub fn item_error(e: &Error) -> ItemError {
         message: public_message(e, code),
     }
 }
+
+/// A batch item's result message, from the item's outcome (its error as [`item_error`]).
+pub(super) trait ItemResult<T> {
+    /// The message of `result`.
+    fn of(result: Result<T, Error>) -> Self;
+}
+
+/// `ItemResult` for each batch result message: `(message, its oneof module, the
+/// success type)`.
+macro_rules! item_results {
+    ($(($message:ident, $oneof:ident, $ok:ident)),* $(,)?) => {$(
+        impl ItemResult<pb::$ok> for pb::$message {
+            fn of(result: Result<pb::$ok, Error>) -> Self {
+                Self {
+                    result: Some(match result {
+                        Ok(ok) => pb::$oneof::Result::Ok(ok),
+                        Err(e) => pb::$oneof::Result::Error(item_error(&e)),
+                    }),
+                }
+            }
+        }
+    )*};
+}
+
+item_results!(
+    (EncryptResult, encrypt_result, EncryptResponse),
+    (DecryptResult, decrypt_result, DecryptResponse),
+    (RewrapResult, rewrap_result, RewrapResponse),
+    (BlindIndexResult, blind_index_result, BlindIndexResponse),
+    (
+        PseudonymizeResult,
+        pseudonymize_result,
+        PseudonymizeResponse
+    ),
+);
 
 /// A status for a refused request (limits), with its reason.
 pub fn limit_status(code: Code, reason: &'static str, message: String) -> Status {
