@@ -24,12 +24,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fieldkey::service::echo_pb::EchoMessage;
-use fieldkey::service::echo_pb::echo_client::EchoClient;
-use fieldkey::service::echo_pb::echo_server::{Echo, EchoServer};
-use fieldkey::service::pb::crypto_client::CryptoClient;
-use fieldkey::service::pb::keys_client::KeysClient;
-use fieldkey::service::pb::{
+use fieldkey::proto::echo_pb::EchoMessage;
+use fieldkey::proto::echo_pb::echo_client::EchoClient;
+use fieldkey::proto::echo_pb::echo_server::{Echo, EchoServer};
+use fieldkey::proto::pb::crypto_client::CryptoClient;
+use fieldkey::proto::pb::keys_client::KeysClient;
+use fieldkey::proto::pb::{
     CreateTenantRequest, DecryptRequest, EncryptBatchRequest, EncryptRequest,
 };
 use hdrhistogram::Histogram;
@@ -214,7 +214,7 @@ fn raw_hmac_rate(size: usize, secs: f64) -> f64 {
 /// BlindIndexBatch of `--batch` values of `--size` bytes, beside the echo floor for the
 /// same request size and raw HMAC-SHA256.
 async fn blind_scenarios(o: &Opts, fk_ch: &[Channel], echo_ch: &[Channel]) {
-    use fieldkey::service::pb::{BlindIndexBatchRequest, BlindIndexRequest};
+    use fieldkey::proto::pb::{BlindIndexBatchRequest, BlindIndexRequest};
     let item = |i: usize| BlindIndexRequest {
         tenant_id: "bench".into(),
         field: "email".into(),

@@ -25,6 +25,7 @@ pub mod kms;
 pub mod metrics;
 pub mod model;
 pub mod policy;
+pub mod proto;
 pub mod report;
 pub mod service;
 pub mod signing;

@@ -23,11 +23,11 @@ use anyhow::Result;
 use fieldkey::audit::verify::verify_export;
 use fieldkey::audit::{AuditConfig, AuditLog, AuditRecord};
 use fieldkey::policy::authz::Authorizer;
-use fieldkey::service::gate::{Gate, IdentityConfig};
-use fieldkey::service::pb::{
+use fieldkey::proto::pb::{
     self, audit_client::AuditClient, crypto_client::CryptoClient, erasures_client::ErasuresClient,
     jobs_client::JobsClient, keys_client::KeysClient,
 };
+use fieldkey::service::gate::{Gate, IdentityConfig};
 use fieldkey::store::KeyStore;
 use fieldkey::{Keyring, KeyringConfig};
 use tonic::Code;

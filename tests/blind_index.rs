@@ -20,10 +20,10 @@ use fieldkey::crypto::{
     Argon2Cost, BlindIndex, IndexAlgorithm, IndexProfile, Normalization, UnicodeForm,
 };
 use fieldkey::keyring::IndexProfiles;
-use fieldkey::service::pb::crypto_client::CryptoClient;
-use fieldkey::service::pb::erasures_client::ErasuresClient;
-use fieldkey::service::pb::keys_client::KeysClient;
-use fieldkey::service::pb::{
+use fieldkey::proto::pb::crypto_client::CryptoClient;
+use fieldkey::proto::pb::erasures_client::ErasuresClient;
+use fieldkey::proto::pb::keys_client::KeysClient;
+use fieldkey::proto::pb::{
     self, BlindIndexRequest, IndexFormat, PseudonymizeRequest, blind_index_result,
     pseudonymize_result,
 };

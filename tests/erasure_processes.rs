@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use common::sidecar::{BIN, Sidecar};
-use fieldkey::service::pb::{self, crypto_client::CryptoClient, erasures_client::ErasuresClient};
+use fieldkey::proto::pb::{self, crypto_client::CryptoClient, erasures_client::ErasuresClient};
 use sqlx::Connection as _;
 use tonic::Code;
 use tonic::transport::Channel;

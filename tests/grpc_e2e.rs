@@ -18,9 +18,9 @@ use anyhow::Result;
 use common::sidecar::InProcess;
 use fieldkey::config::Limits;
 use fieldkey::kms::Kms;
-use fieldkey::service::pb::crypto_client::CryptoClient;
-use fieldkey::service::pb::keys_client::KeysClient;
-use fieldkey::service::pb::{
+use fieldkey::proto::pb::crypto_client::CryptoClient;
+use fieldkey::proto::pb::keys_client::KeysClient;
+use fieldkey::proto::pb::{
     self, CiphertextFormat, CreateTenantRequest, DecryptBatchRequest, DecryptRequest,
     EncryptBatchRequest, EncryptRequest, GetTenantRequest, RotateTenantKeyRequest, decrypt_result,
     encrypt_result,
@@ -648,7 +648,7 @@ async fn shutdown_drains_calls_in_flight() -> Result<()> {
 
 #[tokio::test]
 async fn rewrap_rotation_retirement_and_jobs_over_grpc() -> Result<()> {
-    use fieldkey::service::pb::jobs_client::JobsClient;
+    use fieldkey::proto::pb::jobs_client::JobsClient;
     let dir = tempfile::tempdir()?;
     let server = sqlite_server(&dir).await?;
     let ch = server.channel().await?;

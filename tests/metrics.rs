@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use common::sidecar::Sidecar;
-use fieldkey::service::pb::crypto_client::CryptoClient;
-use fieldkey::service::pb::{self, DecryptRequest, EncryptRequest};
+use fieldkey::proto::pb::crypto_client::CryptoClient;
+use fieldkey::proto::pb::{self, DecryptRequest, EncryptRequest};
 
 /// `fieldkey serve` on PostgreSQL at `pg`, with metrics on a free port refreshed every
 /// second and no stale cache.

@@ -12,8 +12,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Result;
-use fieldkey::service::pb::keys_client::KeysClient;
-use fieldkey::service::pb::{CreateTenantRequest, WhoAmIRequest};
+use fieldkey::proto::pb::keys_client::KeysClient;
+use fieldkey::proto::pb::{CreateTenantRequest, WhoAmIRequest};
 use fieldkey::store::{KeyStore, SqlStore};
 use fieldkey::transport::mtls::{MtlsConfig, ReloadingConfig, serve_mtls};
 use fieldkey::{Keyring, KeyringConfig};

@@ -460,7 +460,7 @@ async fn jobs_pause_resume_cancel_and_report_what_they_could_not_move() -> Resul
     let run = tokio::spawn(async move { runner.run().await });
     // operators follow it through a sidecar on the same key store (WatchJob stream)
     let watched = {
-        use fieldkey::service::pb;
+        use fieldkey::proto::pb;
         let server =
             common::sidecar::InProcess::start(fieldkey::service::Context::new(f.keyring.clone()))
                 .await?;

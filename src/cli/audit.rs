@@ -10,7 +10,7 @@ use super::client::{CliError, connect};
 use super::{KeyArgs, Target};
 use crate::audit::verify::{Summary, verify_export};
 use crate::erasure::receipt::{self, rfc3339_ms};
-use crate::service::pb::{self, audit_client::AuditClient};
+use crate::proto::pb::{self, audit_client::AuditClient};
 
 #[derive(Subcommand, Debug)]
 pub(super) enum AuditCommand {

@@ -5,7 +5,7 @@ use std::io::Read as _;
 use tonic::transport::Channel;
 
 use super::{BlindIndexArgs, DecryptArgs, EncryptArgs, PseudonymizeArgs, Scope, TenantCommand};
-use crate::service::pb::{
+use crate::proto::pb::{
     self, CiphertextFormat, CreateTenantRequest, DecryptRequest, EncryptRequest, GetTenantRequest,
     RotateTenantKeyRequest, crypto_client::CryptoClient, keys_client::KeysClient,
 };

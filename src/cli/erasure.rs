@@ -8,7 +8,7 @@ use clap::Subcommand;
 use super::Target;
 use super::client::{CliError, connect};
 use crate::erasure::receipt;
-use crate::service::pb::{self, erasures_client::ErasuresClient};
+use crate::proto::pb::{self, erasures_client::ErasuresClient};
 
 #[derive(Subcommand, Debug)]
 pub(super) enum ErasureCommand {

@@ -11,7 +11,7 @@ use tokio_stream::StreamExt as _;
 use super::JobsCommand;
 use super::client::{CliError, connect};
 use crate::jobs::{JobSpec, Runner, RunnerConfig};
-use crate::service::pb::{self, jobs_client::JobsClient};
+use crate::proto::pb::{self, jobs_client::JobsClient};
 use crate::store::{JobProgress, JobState};
 
 /// A progress bar with rate and ETA on a terminal; a log line every 5 s otherwise.

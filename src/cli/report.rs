@@ -9,8 +9,8 @@ use clap::{Args, ValueEnum};
 
 use super::client::{CliError, connect};
 use super::{KeyArgs, Target};
+use crate::proto::pb::{self, audit_client::AuditClient};
 use crate::report::{self, Configuration};
-use crate::service::pb::{self, audit_client::AuditClient};
 use crate::store::now_ms;
 
 /// Output format.

@@ -4,11 +4,11 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
+use serde_json::json;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use super::pb;
-use super::status::to_status;
+use super::status::{bad_request, to_status};
 use crate::audit::AuditLog;
 use crate::audit::verify::trailer_line;
 use crate::erasure::receipt::public_key_pem;
@@ -16,10 +16,12 @@ use crate::error::Error;
 use crate::keyring::Keyring;
 use crate::policy::RotationPolicy;
 use crate::policy::authz::Action;
+use crate::proto::pb;
 use crate::report::{self, Configuration};
 use crate::store::now_ms;
 
-use super::gate::{Caller, Gate};
+use super::call::Record;
+use super::gate::Gate;
 
 /// What the compliance report states about the configuration (fixed at start; the
 /// authorization facts are read from the gate at each request).
@@ -55,15 +57,6 @@ impl AuditService {
             facts,
         }
     }
-
-    async fn admit<T>(&self, req: &Request<T>, action: Action) -> Result<Caller, Status> {
-        let c = self.gate.caller(req);
-        self.gate
-            .admin(&c, action, None)
-            .await
-            .map_err(|e| to_status(&e))?;
-        Ok(c)
-    }
 }
 
 type LineStream = Pin<Box<dyn Stream<Item = Result<pb::AuditLine, Status>> + Send>>;
@@ -78,18 +71,17 @@ impl pb::audit_server::Audit for AuditService {
         &self,
         req: Request<pb::ExportAuditRequest>,
     ) -> Result<Response<Self::ExportAuditStream>, Status> {
-        let c = self.admit(&req, Action::ExportAudit).await?;
-        let from = req.into_inner().from_seq.max(1);
-        self.gate
-            .admin_done(
-                &c,
-                "audit.exported",
-                "audit",
-                "fieldkey",
-                None,
-                serde_json::json!({ "from_seq": from }),
-            )
-            .await;
+        let call = self.gate.admit(&req, Action::ExportAudit, None).await?;
+        let from = req.get_ref().from_seq.max(1);
+        let details = json!({ "from_seq": from });
+        (call.record(Record::new(
+            "audit.exported",
+            "audit",
+            "fieldkey",
+            None,
+            details,
+        )))
+        .await;
         let (keyring, log) = (self.keyring.clone(), self.log.clone());
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::AuditLine, Status>>(4);
         tokio::spawn(async move {
@@ -145,7 +137,7 @@ impl pb::audit_server::Audit for AuditService {
         &self,
         req: Request<pb::GetAuditHeadRequest>,
     ) -> Result<Response<pb::AuditHead>, Status> {
-        self.admit(&req, Action::GetAuditHead).await?;
+        self.gate.admit(&req, Action::GetAuditHead, None).await?;
         let (seq, hash) = self
             .keyring
             .store()
@@ -167,20 +159,15 @@ impl pb::audit_server::Audit for AuditService {
         req: Request<pb::ComplianceReportRequest>,
     ) -> Result<Response<pb::ComplianceReport>, Status> {
         let tenant = (!req.get_ref().tenant_id.is_empty()).then(|| req.get_ref().tenant_id.clone());
-        let c = self.gate.caller(&req);
-        self.gate
-            .admin(&c, Action::GetComplianceReport, tenant.as_deref())
-            .await
-            .map_err(|e| to_status(&e))?;
+        let call = (self.gate)
+            .admit(&req, Action::GetComplianceReport, tenant.as_deref())
+            .await?;
         let r = req.into_inner();
         let html = match pb::ReportFormat::try_from(r.format) {
             Ok(pb::ReportFormat::Json) => false,
             Ok(pb::ReportFormat::Html) => true,
             Err(_) => {
-                return Err(Status::invalid_argument(format!(
-                    "unknown report format {}",
-                    r.format
-                )));
+                return Err(bad_request(format!("unknown report format {}", r.format)));
             }
         };
         let period = |ms: i64| (ms != 0).then_some(ms);
@@ -188,7 +175,7 @@ impl pb::audit_server::Audit for AuditService {
         if let (Some(s), Some(u)) = (since, until)
             && s >= u
         {
-            return Err(Status::invalid_argument(
+            return Err(bad_request(
                 "the period is empty: since_unix_ms must be before until_unix_ms",
             ));
         }
@@ -210,21 +197,24 @@ impl pb::audit_server::Audit for AuditService {
             &opts,
         )
         .await
-        .map_err(|e| to_status(&e))?;
-        self.gate
-            .admin_done(
-                &c,
-                "report.generated",
-                "report",
-                tenant.as_deref().unwrap_or("fieldkey"),
-                tenant.as_deref(),
-                serde_json::json!({
+        .map_err(|e| to_status(&e));
+        let built = call
+            .audited(built, |built| {
+                let details = json!({
                     "verdict": built.summary.verdict.as_str(),
                     "since": built.period.since,
                     "until": built.period.until,
-                }),
-            )
-            .await;
+                });
+                let id = tenant.as_deref().unwrap_or("fieldkey");
+                [Record::new(
+                    "report.generated",
+                    "report",
+                    id,
+                    tenant.as_deref(),
+                    details,
+                )]
+            })
+            .await?;
         let (content_type, body) = if html {
             ("text/html; charset=utf-8", report::html::render(&built))
         } else {

@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
-use super::pb;
 use super::status::to_status;
-use crate::erasure::{Actor, Erasures, receipt};
+use crate::erasure::{Erasures, receipt};
 use crate::error::Error;
 use crate::policy::authz::Action;
+use crate::proto::pb;
 use crate::store::{ErasureRecord, ErasureState, KeyState};
 
 use super::gate::Gate;
@@ -27,21 +27,6 @@ impl ErasuresService {
     /// A service over the erasure workflow, behind `gate`.
     pub fn new(erasures: Arc<Erasures>, gate: Arc<Gate>) -> Self {
         Self { erasures, gate }
-    }
-
-    /// The caller, once authorized for `action` (on `tenant`).
-    async fn admit<T>(
-        &self,
-        req: &Request<T>,
-        action: Action,
-        tenant: Option<&str>,
-    ) -> Result<Actor, Status> {
-        let c = self.gate.caller(req);
-        self.gate
-            .admin(&c, action, tenant)
-            .await
-            .map_err(|e| to_status(&e))?;
-        Ok(c.actor())
     }
 }
 
@@ -80,25 +65,24 @@ fn reply(r: Result<ErasureRecord, Error>) -> Result<Response<pb::Erasure>, Statu
 }
 
 impl ErasuresService {
-    /// Runs a shred in its own task, so that a caller who disconnects or times out
-    /// does not interrupt it half-way (it would finish on retry anyway).
-    async fn shred(
+    /// Admits a shred (`action` on `tenant`) and runs it in its own task, so that a
+    /// caller who disconnects or times out does not interrupt it half-way (it would
+    /// finish on retry anyway).
+    async fn shred<T>(
         &self,
-        actor: Actor,
-        tenant: String,
-        subject: Option<String>,
+        req: &Request<T>,
+        action: Action,
+        (tenant, subject): (&str, Option<&str>),
         grace_seconds: u32,
     ) -> Result<Response<pb::Erasure>, Status> {
+        let call = self.gate.admit(req, action, Some(tenant)).await?;
+        let actor = call.caller().actor();
         let erasures = self.erasures.clone();
+        let (tenant, subject) = (tenant.to_owned(), subject.map(str::to_owned));
+        let grace = Duration::from_secs(u64::from(grace_seconds));
         let task = tokio::spawn(async move {
-            erasures
-                .request(
-                    &actor,
-                    &tenant,
-                    subject.as_deref(),
-                    Duration::from_secs(u64::from(grace_seconds)),
-                )
-                .await
+            let subject = subject.as_deref();
+            erasures.request(&actor, &tenant, subject, grace).await
         });
         match task.await {
             Ok(r) => reply(r),
@@ -118,8 +102,13 @@ impl ErasuresService {
         } else {
             Action::ResumeSubject
         };
-        let tenant = req.get_ref().tenant_id.clone();
-        let actor = self.admit(&req, action, Some(&tenant)).await?;
+        let tenant = Some(req.get_ref().tenant_id.as_str());
+        let actor = self
+            .gate
+            .admit(&req, action, tenant)
+            .await?
+            .caller()
+            .actor();
         let r = req.into_inner();
         let erasures = self.erasures.clone();
         let (tenant, subject_id) = (r.tenant_id.clone(), r.subject_id.clone());
@@ -156,7 +145,7 @@ impl ErasuresService {
         Ok(Response::new(pb::Restriction {
             tenant_id: r.tenant_id.clone(),
             subject_id: r.subject_id.clone(),
-            state: super::key_state(result) as i32,
+            state: super::keys::key_state(result) as i32,
         }))
     }
 }
@@ -167,30 +156,26 @@ impl pb::erasures_server::Erasures for ErasuresService {
         &self,
         req: Request<pb::ShredSubjectRequest>,
     ) -> Result<Response<pb::Erasure>, Status> {
-        let tenant = req.get_ref().tenant_id.clone();
-        let actor = self
-            .admit(&req, Action::ShredSubject, Some(&tenant))
-            .await?;
-        let r = req.into_inner();
-        self.shred(actor, r.tenant_id, Some(r.subject_id), r.grace_seconds)
-            .await
+        let r = req.get_ref();
+        let target = (r.tenant_id.as_str(), Some(r.subject_id.as_str()));
+        (self.shred(&req, Action::ShredSubject, target, r.grace_seconds)).await
     }
 
     async fn shred_tenant(
         &self,
         req: Request<pb::ShredTenantRequest>,
     ) -> Result<Response<pb::Erasure>, Status> {
-        let tenant = req.get_ref().tenant_id.clone();
-        let actor = self.admit(&req, Action::ShredTenant, Some(&tenant)).await?;
-        let r = req.into_inner();
-        self.shred(actor, r.tenant_id, None, r.grace_seconds).await
+        let r = req.get_ref();
+        let target = (r.tenant_id.as_str(), None);
+        (self.shred(&req, Action::ShredTenant, target, r.grace_seconds)).await
     }
 
     async fn cancel_erasure(
         &self,
         req: Request<pb::ErasureIdRequest>,
     ) -> Result<Response<pb::Erasure>, Status> {
-        let actor = self.admit(&req, Action::CancelErasure, None).await?;
+        let call = self.gate.admit(&req, Action::CancelErasure, None).await?;
+        let actor = call.caller().actor();
         let id = req.into_inner().erasure_id;
         reply(self.erasures.cancel(&actor, &id).await)
     }
@@ -199,7 +184,7 @@ impl pb::erasures_server::Erasures for ErasuresService {
         &self,
         req: Request<pb::ErasureIdRequest>,
     ) -> Result<Response<pb::Erasure>, Status> {
-        self.admit(&req, Action::GetErasure, None).await?;
+        self.gate.admit(&req, Action::GetErasure, None).await?;
         reply(self.erasures.get(&req.into_inner().erasure_id).await)
     }
 
@@ -207,13 +192,9 @@ impl pb::erasures_server::Erasures for ErasuresService {
         &self,
         req: Request<pb::ListErasuresRequest>,
     ) -> Result<Response<pb::ListErasuresResponse>, Status> {
-        let t = req.get_ref().tenant_id.clone();
-        self.admit(
-            &req,
-            Action::ListErasures,
-            (!t.is_empty()).then_some(t.as_str()),
-        )
-        .await?;
+        let t = &req.get_ref().tenant_id;
+        let tenant = (!t.is_empty()).then_some(t.as_str());
+        self.gate.admit(&req, Action::ListErasures, tenant).await?;
         let r = req.into_inner();
         let size = match r.page_size {
             0 => 1000,
@@ -254,7 +235,7 @@ impl pb::erasures_server::Erasures for ErasuresService {
         &self,
         req: Request<pb::GetReceiptKeyRequest>,
     ) -> Result<Response<pb::ReceiptKey>, Status> {
-        self.admit(&req, Action::GetReceiptKey, None).await?;
+        self.gate.admit(&req, Action::GetReceiptKey, None).await?;
         let (key_id, vk) = self
             .erasures
             .public_key()

@@ -1,19 +1,19 @@
 //! The `BlindIndex`, `BlindIndexBatch`, `Pseudonymize` and `PseudonymizeBatch`
-//! handlers of the `Crypto` service (the trait methods in `mod.rs` call these).
+//! handlers of the `Crypto` service (the trait methods in `crypto.rs` call these).
 
 use tokio::task::JoinSet;
 use zeroize::Zeroize as _;
 
-use super::pb::{
-    BlindIndexBatchResponse, BlindIndexRequest, BlindIndexResponse, BlindIndexResult, IndexFormat,
-    PseudonymizeBatchResponse, PseudonymizeRequest, PseudonymizeResponse, PseudonymizeResult,
-    blind_index_result, pseudonymize_result,
-};
-use super::{CryptoService, MAX_RESOLVED_PER_BATCH, item_error};
+use super::crypto::{CryptoService, MAX_RESOLVED_PER_BATCH};
+use super::status::ItemResult as _;
 use crate::crypto::BlindIndex;
 use crate::error::Error;
 use crate::keyring::{Indexed, Indexer};
 use crate::policy::authz::Action;
+use crate::proto::pb::{
+    BlindIndexBatchResponse, BlindIndexRequest, BlindIndexResponse, BlindIndexResult, IndexFormat,
+    PseudonymizeBatchResponse, PseudonymizeRequest, PseudonymizeResponse, PseudonymizeResult,
+};
 
 use super::gate::Caller;
 
@@ -75,7 +75,9 @@ impl CryptoService {
         c: &Caller,
         mut r: BlindIndexRequest,
     ) -> Result<BlindIndexResponse, Error> {
+        let call = (self.guard.gate).data_call(c, Action::BlindIndex, &r.tenant_id, &r.field);
         let result = async {
+            // indexer_for authorizes the item (as for each item of a batch).
             let mut resolved = Vec::with_capacity(1);
             let idx = self.indexer_for(c, &r, &mut resolved).await?;
             let out = idx.compute(&r.value, r.lookup).await?;
@@ -83,10 +85,7 @@ impl CryptoService {
         }
         .await;
         r.value.zeroize();
-        self.guard
-            .gate
-            .data_done(c, Action::BlindIndex, &r.tenant_id, &r.field, &result);
-        result
+        call.counted(result)
     }
 
     /// A batch: fast (HMAC) items are computed in order on this task; slow (Argon2id)
@@ -150,15 +149,7 @@ impl CryptoService {
         for r in &mut items {
             r.value.zeroize();
         }
-        let out = results
-            .into_iter()
-            .map(|result| BlindIndexResult {
-                result: Some(match result {
-                    Ok(ok) => blind_index_result::Result::Ok(ok),
-                    Err(e) => blind_index_result::Result::Error(item_error(&e)),
-                }),
-            })
-            .collect();
+        let out = results.into_iter().map(BlindIndexResult::of).collect();
         BlindIndexBatchResponse { results: out }
     }
 
@@ -167,9 +158,9 @@ impl CryptoService {
         c: &Caller,
         r: &PseudonymizeRequest,
     ) -> Result<PseudonymizeResponse, Error> {
-        let gate = &self.guard.gate;
+        let call = (self.guard.gate).data_call(c, Action::Pseudonymize, &r.tenant_id, &r.purpose);
         let result = async {
-            gate.data(c, Action::Pseudonymize, &r.tenant_id, &r.purpose)?;
+            call.authorize()?;
             let p = self
                 .keyring
                 .pseudonymize(&r.tenant_id, &r.subject_id, &r.purpose)
@@ -179,8 +170,7 @@ impl CryptoService {
             })
         }
         .await;
-        gate.data_done(c, Action::Pseudonymize, &r.tenant_id, &r.purpose, &result);
-        result
+        call.counted(result)
     }
 
     pub(super) async fn pseudonymize_batch(
@@ -190,12 +180,7 @@ impl CryptoService {
     ) -> PseudonymizeBatchResponse {
         let mut results = Vec::with_capacity(items.len());
         for r in items {
-            results.push(PseudonymizeResult {
-                result: Some(match self.pseudonymize_one(c, r).await {
-                    Ok(ok) => pseudonymize_result::Result::Ok(ok),
-                    Err(e) => pseudonymize_result::Result::Error(item_error(&e)),
-                }),
-            });
+            results.push(PseudonymizeResult::of(self.pseudonymize_one(c, r).await));
         }
         PseudonymizeBatchResponse { results }
     }

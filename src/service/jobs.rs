@@ -6,17 +6,19 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use serde_json::json;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use super::pb;
-use super::status::to_status;
+use super::status::{bad_request, to_status};
 use crate::jobs::{self, JobView};
 use crate::keyring::Keyring;
 use crate::policy::authz::Action;
+use crate::proto::pb;
 use crate::store::JobControl;
 
-use super::gate::{Caller, Gate};
+use super::call::Record;
+use super::gate::Gate;
 
 /// The Jobs service.
 #[derive(Debug, Clone)]
@@ -29,15 +31,6 @@ impl JobsService {
     /// A service over the keyring's store, behind `gate`.
     pub fn new(keyring: Arc<Keyring>, gate: Arc<Gate>) -> Self {
         Self { keyring, gate }
-    }
-
-    async fn admit<T>(&self, req: &Request<T>, action: Action) -> Result<Caller, Status> {
-        let c = self.gate.caller(req);
-        self.gate
-            .admin(&c, action, None)
-            .await
-            .map_err(|e| to_status(&e))?;
-        Ok(c)
     }
 }
 
@@ -77,21 +70,18 @@ impl JobsService {
         action: Action,
         c: JobControl,
     ) -> Result<Response<pb::Job>, Status> {
-        let caller = self.admit(&req, action).await?;
-        let id = req.into_inner().job_id;
-        let v = jobs::control(self.keyring.store().as_ref(), &id, c)
+        let call = self.gate.admit(&req, action, None).await?;
+        let id = &req.get_ref().job_id;
+        let v = jobs::control(self.keyring.store().as_ref(), id, c)
             .await
-            .map_err(|e| to_status(&e))?;
-        self.gate
-            .admin_done(
-                &caller,
-                &format!("job.{}", c.as_str()),
-                "job",
-                &id,
-                v.record.tenant_id.as_deref(),
-                serde_json::json!({ "target": v.record.target }),
-            )
-            .await;
+            .map_err(|e| to_status(&e));
+        let v = call
+            .audited(v, |v| {
+                let (tenant, details) = (&v.record.tenant_id, json!({ "target": v.record.target }));
+                let action = format!("job.{}", c.as_str());
+                [Record::new(action, "job", id, tenant.as_deref(), details)]
+            })
+            .await?;
         Ok(Response::new(job_pb(v)))
     }
 }
@@ -104,7 +94,7 @@ impl pb::jobs_server::Jobs for JobsService {
         &self,
         req: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
-        self.admit(&req, Action::ListJobs).await?;
+        self.gate.admit(&req, Action::ListJobs, None).await?;
         let list = jobs::list(self.keyring.store().as_ref())
             .await
             .map_err(|e| to_status(&e))?;
@@ -114,7 +104,7 @@ impl pb::jobs_server::Jobs for JobsService {
     }
 
     async fn get_job(&self, req: Request<pb::JobRequest>) -> Result<Response<pb::Job>, Status> {
-        self.admit(&req, Action::GetJob).await?;
+        self.gate.admit(&req, Action::GetJob, None).await?;
         jobs::get(self.keyring.store().as_ref(), &req.into_inner().job_id)
             .await
             .map(|v| Response::new(job_pb(v)))
@@ -125,15 +115,13 @@ impl pb::jobs_server::Jobs for JobsService {
         &self,
         req: Request<pb::WatchJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
-        self.admit(&req, Action::WatchJob).await?;
+        self.gate.admit(&req, Action::WatchJob, None).await?;
         let r = req.into_inner();
         let interval = match r.interval_ms {
             0 => Duration::from_millis(500),
             ms @ 100..=60_000 => Duration::from_millis(u64::from(ms)),
             _ => {
-                return Err(Status::invalid_argument(
-                    "interval_ms must be 0 or 100..=60000",
-                ));
+                return Err(bad_request("interval_ms must be 0 or 100..=60000"));
             }
         };
         let store = self.keyring.store().clone();

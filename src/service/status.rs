@@ -10,12 +10,16 @@ use tonic::{Code, Status};
 
 use crate::error::Error;
 use crate::kms::KmsError;
+use crate::proto::pb::{self, ItemError};
 use crate::store::StoreError;
 
 /// Metadata key carrying the machine-readable reason.
 pub const REASON_KEY: &str = "fieldkey-error";
 
 /// Status code and stable reason for an error.
+///
+/// Exhaustive on purpose, here and in the KMS and store mappings below: no `_` arm, so
+/// a new error variant does not compile until it is given its code.
 pub fn classify(e: &Error) -> (Code, &'static str) {
     match e {
         Error::InvalidArgument(_) => (Code::InvalidArgument, "INVALID_ARGUMENT"),
@@ -39,17 +43,39 @@ pub fn classify(e: &Error) -> (Code, &'static str) {
         Error::ErasureNotCancellable { .. } => {
             (Code::FailedPrecondition, "ERASURE_NOT_CANCELLABLE")
         }
-        Error::Kms(k) => match k {
-            KmsError::Unavailable(_) | KmsError::Timeout => (Code::Unavailable, "KMS_UNAVAILABLE"),
-            KmsError::Throttled => (Code::ResourceExhausted, "KMS_THROTTLED"),
-            KmsError::KeyDisabled { .. }
-            | KmsError::KeyInvalidState { .. }
-            | KmsError::KeyNotFound { .. }
-            | KmsError::AccessDenied { .. } => (Code::FailedPrecondition, "KMS_KEY_UNUSABLE"),
-            _ => (Code::Internal, "INTERNAL"),
-        },
-        Error::Store(StoreError::Unavailable(_)) => (Code::Unavailable, "STORE_UNAVAILABLE"),
-        _ => (Code::Internal, "INTERNAL"),
+        Error::Kms(k) => classify_kms(k),
+        Error::Store(s) => classify_store(s),
+        Error::Internal(_) => INTERNAL,
+    }
+}
+
+/// The code and reason of an error that is not the caller's to act on.
+const INTERNAL: (Code, &str) = (Code::Internal, "INTERNAL");
+
+fn classify_kms(e: &KmsError) -> (Code, &'static str) {
+    match e {
+        KmsError::Unavailable(_) | KmsError::Timeout => (Code::Unavailable, "KMS_UNAVAILABLE"),
+        KmsError::Throttled => (Code::ResourceExhausted, "KMS_THROTTLED"),
+        KmsError::KeyDisabled { .. }
+        | KmsError::KeyInvalidState { .. }
+        | KmsError::KeyNotFound { .. }
+        | KmsError::AccessDenied { .. } => (Code::FailedPrecondition, "KMS_KEY_UNUSABLE"),
+        KmsError::InvalidCiphertext | KmsError::Rejected { .. } | KmsError::Misconfigured(_) => {
+            INTERNAL
+        }
+    }
+}
+
+fn classify_store(e: &StoreError) -> (Code, &'static str) {
+    match e {
+        StoreError::Unavailable(_) => (Code::Unavailable, "STORE_UNAVAILABLE"),
+        StoreError::Database(_)
+        | StoreError::Corrupt(_)
+        | StoreError::Migration(_)
+        | StoreError::Misconfigured(_)
+        // A computation of ours inside a store transaction (signing a receipt or a
+        // checkpoint) failed: a server fault, as when it surfaced as corrupt data.
+        | StoreError::Aborted(_) => INTERNAL,
     }
 }
 
@@ -64,6 +90,51 @@ pub fn public_message(e: &Error, code: Code) -> String {
     }
 }
 
+/// The error of one batch item: the same code, reason and message as [`to_status`].
+pub fn item_error(e: &Error) -> ItemError {
+    let (code, reason) = classify(e);
+    ItemError {
+        code: code as i32,
+        reason: reason.to_owned(),
+        message: public_message(e, code),
+    }
+}
+
+/// A batch item's result message, from the item's outcome (its error as [`item_error`]).
+pub(super) trait ItemResult<T> {
+    /// The message of `result`.
+    fn of(result: Result<T, Error>) -> Self;
+}
+
+/// `ItemResult` for each batch result message: `(message, its oneof module, the
+/// success type)`.
+macro_rules! item_results {
+    ($(($message:ident, $oneof:ident, $ok:ident)),* $(,)?) => {$(
+        impl ItemResult<pb::$ok> for pb::$message {
+            fn of(result: Result<pb::$ok, Error>) -> Self {
+                Self {
+                    result: Some(match result {
+                        Ok(ok) => pb::$oneof::Result::Ok(ok),
+                        Err(e) => pb::$oneof::Result::Error(item_error(&e)),
+                    }),
+                }
+            }
+        }
+    )*};
+}
+
+item_results!(
+    (EncryptResult, encrypt_result, EncryptResponse),
+    (DecryptResult, decrypt_result, DecryptResponse),
+    (RewrapResult, rewrap_result, RewrapResponse),
+    (BlindIndexResult, blind_index_result, BlindIndexResponse),
+    (
+        PseudonymizeResult,
+        pseudonymize_result,
+        PseudonymizeResponse
+    ),
+);
+
 /// A status for a refused request (limits), with its reason.
 pub fn limit_status(code: Code, reason: &'static str, message: String) -> Status {
     let mut status = Status::new(code, message);
@@ -72,6 +143,32 @@ pub fn limit_status(code: Code, reason: &'static str, message: String) -> Status
         tonic::metadata::MetadataValue::from_static(reason),
     );
     status
+}
+
+/// A request a handler refuses on its own, before any keyring call (an interval or a
+/// report format out of range, an empty period): INVALID_ARGUMENT with `message` as it
+/// is and, unlike [`to_status`], no reason entry (the wire these refusals always had).
+pub fn bad_request(message: impl Into<String>) -> Status {
+    Status::invalid_argument(message)
+}
+
+/// A handler's error as the status the call answers with: a keyring [`Error`] through
+/// [`to_status`], a [`Status`] (already mapped) as it is.
+pub trait IntoStatus {
+    /// The status.
+    fn into_status(self) -> Status;
+}
+
+impl IntoStatus for Status {
+    fn into_status(self) -> Status {
+        self
+    }
+}
+
+impl IntoStatus for Error {
+    fn into_status(self) -> Status {
+        to_status(&self)
+    }
 }
 
 /// Maps a keyring error to the status returned to the caller.
@@ -88,10 +185,14 @@ pub fn to_status(e: &Error) -> Status {
 #[cfg(test)]
 #[allow(clippy::unwrap_used, reason = "tests fail by panicking")]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
     use crate::crypto::{CryptoError, Scope};
 
-    /// Pins the mapping: a change here is an API change.
+    /// Pins the mapping: a change here is an API change. One row per variant of
+    /// [`Error`], and of the [`KmsError`] and [`StoreError`] it carries (a new variant
+    /// fails to compile in `classify` and then wants its row here).
     #[test]
     fn every_error_has_a_pinned_status() {
         let t = || "acme".to_owned();
@@ -100,6 +201,11 @@ mod tests {
                 Error::InvalidArgument("x".into()),
                 Code::InvalidArgument,
                 "INVALID_ARGUMENT",
+            ),
+            (
+                Error::TooLarge("x".into()),
+                Code::InvalidArgument,
+                "VALUE_TOO_LARGE",
             ),
             (
                 Error::MalformedEnvelope(CryptoError::Malformed("m")),
@@ -223,12 +329,27 @@ mod tests {
                 "KMS_UNAVAILABLE",
             ),
             (
+                Error::Kms(KmsError::Unavailable(Arc::new(std::io::Error::other("x")))),
+                Code::Unavailable,
+                "KMS_UNAVAILABLE",
+            ),
+            (
                 Error::Kms(KmsError::Throttled),
                 Code::ResourceExhausted,
                 "KMS_THROTTLED",
             ),
             (
                 Error::Kms(KmsError::KeyDisabled { key_id: "k".into() }),
+                Code::FailedPrecondition,
+                "KMS_KEY_UNUSABLE",
+            ),
+            (
+                Error::Kms(KmsError::KeyInvalidState { key_id: "k".into() }),
+                Code::FailedPrecondition,
+                "KMS_KEY_UNUSABLE",
+            ),
+            (
+                Error::Kms(KmsError::KeyNotFound { key_id: "k".into() }),
                 Code::FailedPrecondition,
                 "KMS_KEY_UNUSABLE",
             ),
@@ -243,7 +364,44 @@ mod tests {
                 "INTERNAL",
             ),
             (
+                Error::Kms(KmsError::Rejected { code: "c".into() }),
+                Code::Internal,
+                "INTERNAL",
+            ),
+            (
+                Error::Kms(KmsError::Misconfigured("secret detail".into())),
+                Code::Internal,
+                "INTERNAL",
+            ),
+            (
+                Error::Store(StoreError::Unavailable(Arc::new(sqlx::Error::PoolTimedOut))),
+                Code::Unavailable,
+                "STORE_UNAVAILABLE",
+            ),
+            (
+                Error::Store(StoreError::Database(Arc::new(sqlx::Error::RowNotFound))),
+                Code::Internal,
+                "INTERNAL",
+            ),
+            (
+                Error::Store(StoreError::Migration(Arc::new(
+                    sqlx::migrate::MigrateError::VersionMissing(1),
+                ))),
+                Code::Internal,
+                "INTERNAL",
+            ),
+            (
+                Error::Store(StoreError::Misconfigured("secret detail".into())),
+                Code::Internal,
+                "INTERNAL",
+            ),
+            (
                 Error::Store(StoreError::Corrupt("x".into())),
+                Code::Internal,
+                "INTERNAL",
+            ),
+            (
+                Error::Store(StoreError::aborted("signing failed".into())),
                 Code::Internal,
                 "INTERNAL",
             ),

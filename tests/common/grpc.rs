@@ -4,7 +4,7 @@
 //! What it does NOT do: build the requests a test is about (each test spells out the
 //! fields it checks) or assert anything.
 
-use fieldkey::service::pb;
+use fieldkey::proto::pb;
 use tonic::transport::Channel;
 
 /// The stable reason code of a refused call (the `fieldkey-error` metadata), "" when none.

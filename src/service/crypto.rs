@@ -1,0 +1,300 @@
+//! The `fieldkey.v1.Crypto` service: Encrypt, Decrypt, Rewrap and their batches (the
+//! blind-index and pseudonym handlers of the same service are in `index.rs`).
+//!
+//! Does NOT: choose keys or decide key use (the keyring does), or log plaintext; every
+//! plaintext it holds is zeroized once the reply is built.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+use zeroize::Zeroize as _;
+
+use super::gate::Caller;
+use super::guard::Guard;
+use super::status::ItemResult as _;
+use crate::crypto::{Aad, to_text};
+use crate::error::Error;
+use crate::keyring::{Encryptor, Keyring, Rewrapped};
+use crate::policy::authz::Action;
+use crate::proto::pb::{
+    self, CiphertextFormat, DecryptBatchRequest, DecryptBatchResponse, DecryptRequest,
+    DecryptResponse, DecryptResult, EncryptBatchRequest, EncryptBatchResponse, EncryptRequest,
+    EncryptResponse, EncryptResult, RewrapBatchRequest, RewrapBatchResponse, RewrapRequest,
+    RewrapResponse, RewrapResult,
+};
+
+/// (tenant, subject, field) of a batch item.
+type BatchKey<'a> = (&'a str, &'a str, &'a str);
+
+/// Distinct (tenant, subject, field) keys remembered per batch; beyond, items resolve
+/// their key individually.
+pub(super) const MAX_RESOLVED_PER_BATCH: usize = 16;
+
+fn subject(s: &str) -> Option<&str> {
+    (!s.is_empty()).then_some(s)
+}
+
+/// Encrypts one request's value with a resolved key, in the requested form.
+fn seal_response(enc: &Encryptor<'_>, r: &EncryptRequest) -> Result<EncryptResponse, Error> {
+    let env = enc.seal(&r.context, &r.plaintext)?;
+    let ciphertext = if r.format == CiphertextFormat::Text as i32 {
+        to_text(&env).into_bytes()
+    } else {
+        env
+    };
+    Ok(EncryptResponse {
+        ciphertext,
+        key_version: enc.key_version(),
+    })
+}
+
+/// The `fieldkey.v1.Crypto` service.
+#[derive(Debug, Clone)]
+pub struct CryptoService {
+    pub(super) keyring: Arc<Keyring>,
+    pub(super) guard: Guard,
+}
+
+impl CryptoService {
+    /// A service over `keyring`, enforcing `guard`'s limits.
+    pub fn new(keyring: Arc<Keyring>, guard: Guard) -> Self {
+        Self { keyring, guard }
+    }
+
+    async fn encrypt_one(
+        &self,
+        c: &Caller,
+        mut r: EncryptRequest,
+    ) -> Result<EncryptResponse, Error> {
+        let call = (self.guard.gate).data_call(c, Action::Encrypt, &r.tenant_id, &r.field);
+        let result = async {
+            call.authorize()?;
+            self.guard.check_field("plaintext", r.plaintext.len())?;
+            let enc = self
+                .keyring
+                .encryptor(&r.tenant_id, subject(&r.subject_id), &r.field)
+                .await?;
+            seal_response(&enc, &r)
+        }
+        .await;
+        r.plaintext.zeroize();
+        call.counted(result)
+    }
+
+    async fn encrypt_batch_item<'a>(
+        &self,
+        c: &Caller,
+        r: &'a EncryptRequest,
+        resolved: &mut Vec<(BatchKey<'a>, Result<Encryptor<'a>, Error>)>,
+    ) -> Result<EncryptResponse, Error> {
+        let call = (self.guard.gate).data_call(c, Action::Encrypt, &r.tenant_id, &r.field);
+        let result = async {
+            call.authorize()?;
+            self.guard.check_field("plaintext", r.plaintext.len())?;
+            let key = (
+                r.tenant_id.as_str(),
+                r.subject_id.as_str(),
+                r.field.as_str(),
+            );
+            let enc = match resolved.iter().find(|(k, _)| *k == key) {
+                Some((_, found)) => found.clone()?,
+                None => {
+                    let fresh = self.keyring.encryptor(key.0, subject(key.1), key.2).await;
+                    if resolved.len() < MAX_RESOLVED_PER_BATCH {
+                        resolved.push((key, fresh.clone()));
+                    }
+                    fresh?
+                }
+            };
+            seal_response(&enc, r)
+        }
+        .await;
+        call.counted(result)
+    }
+
+    async fn rewrap_one(&self, c: &Caller, r: &RewrapRequest) -> Result<RewrapResponse, Error> {
+        let call = (self.guard.gate).data_call(c, Action::Rewrap, &r.tenant_id, &r.field);
+        let result = async {
+            call.authorize()?;
+            self.guard.check_field("ciphertext", r.ciphertext.len())?;
+            let aad = Aad {
+                tenant: &r.tenant_id,
+                subject: subject(&r.subject_id),
+                field: &r.field,
+                context: &r.context,
+            };
+            let rw: Rewrapped = self.keyring.rewrap(&aad, &r.ciphertext).await?;
+            Ok(RewrapResponse {
+                changed: rw.changed(),
+                key_version: rw.to_version,
+                previous_key_version: rw.from_version,
+                ciphertext: rw.ciphertext,
+            })
+        }
+        .await;
+        call.counted(result)
+    }
+
+    async fn decrypt_one(&self, c: &Caller, r: &DecryptRequest) -> Result<DecryptResponse, Error> {
+        let call = (self.guard.gate).data_call(c, Action::Decrypt, &r.tenant_id, &r.field);
+        let result = async {
+            call.authorize()?;
+            self.guard.gate.decrypt_quota(c, &r.tenant_id, 1).await?;
+            self.guard.check_field("ciphertext", r.ciphertext.len())?;
+            let aad = Aad {
+                tenant: &r.tenant_id,
+                subject: subject(&r.subject_id),
+                field: &r.field,
+                context: &r.context,
+            };
+            let (pt, key_version) = self.keyring.decrypt_versioned(&aad, &r.ciphertext).await?;
+            Ok(DecryptResponse {
+                plaintext: pt.to_vec(),
+                key_version,
+            })
+        }
+        .await;
+        call.counted(result)
+    }
+}
+
+#[tonic::async_trait]
+impl pb::crypto_server::Crypto for CryptoService {
+    async fn encrypt(
+        &self,
+        req: Request<EncryptRequest>,
+    ) -> Result<Response<EncryptResponse>, Status> {
+        let c = self.guard.gate.caller(&req);
+        self.guard
+            .run(self.encrypt_one(&c, req.into_inner()))
+            .await
+            .map(Response::new)
+    }
+
+    async fn decrypt(
+        &self,
+        req: Request<DecryptRequest>,
+    ) -> Result<Response<DecryptResponse>, Status> {
+        let c = self.guard.gate.caller(&req);
+        self.guard
+            .run(self.decrypt_one(&c, req.get_ref()))
+            .await
+            .map(Response::new)
+    }
+
+    async fn encrypt_batch(
+        &self,
+        req: Request<EncryptBatchRequest>,
+    ) -> Result<Response<EncryptBatchResponse>, Status> {
+        let c = self.guard.gate.caller(&req);
+        let mut items = req.into_inner().items;
+        self.guard.check_batch(items.len())?;
+        let fut = async {
+            let mut results = Vec::with_capacity(items.len());
+            {
+                // Items of one batch usually share (tenant, subject, field): resolve
+                // each distinct key once (a few per batch), not once per item.
+                let mut resolved: Vec<(BatchKey<'_>, Result<Encryptor<'_>, Error>)> = Vec::new();
+                for item in &items {
+                    results.push(EncryptResult::of(
+                        self.encrypt_batch_item(&c, item, &mut resolved).await,
+                    ));
+                }
+            }
+            for item in &mut items {
+                item.plaintext.zeroize();
+            }
+            Ok::<_, Status>(EncryptBatchResponse { results })
+        };
+        self.guard.run(fut).await.map(Response::new)
+    }
+
+    async fn rewrap(
+        &self,
+        req: Request<RewrapRequest>,
+    ) -> Result<Response<RewrapResponse>, Status> {
+        let c = self.guard.gate.caller(&req);
+        self.guard
+            .run(self.rewrap_one(&c, req.get_ref()))
+            .await
+            .map(Response::new)
+    }
+
+    async fn rewrap_batch(
+        &self,
+        req: Request<RewrapBatchRequest>,
+    ) -> Result<Response<RewrapBatchResponse>, Status> {
+        let c = self.guard.gate.caller(&req);
+        let items = req.into_inner().items;
+        self.guard.check_batch(items.len())?;
+        let fut = async {
+            let mut results = Vec::with_capacity(items.len());
+            for item in &items {
+                results.push(RewrapResult::of(self.rewrap_one(&c, item).await));
+            }
+            Ok::<_, Status>(RewrapBatchResponse { results })
+        };
+        self.guard.run(fut).await.map(Response::new)
+    }
+
+    async fn blind_index(
+        &self,
+        req: Request<pb::BlindIndexRequest>,
+    ) -> Result<Response<pb::BlindIndexResponse>, Status> {
+        let c = self.guard.gate.caller(&req);
+        self.guard
+            .run(self.blind_index_one(&c, req.into_inner()))
+            .await
+            .map(Response::new)
+    }
+
+    async fn blind_index_batch(
+        &self,
+        req: Request<pb::BlindIndexBatchRequest>,
+    ) -> Result<Response<pb::BlindIndexBatchResponse>, Status> {
+        let c = self.guard.gate.caller(&req);
+        let items = req.into_inner().items;
+        self.guard.check_batch(items.len())?;
+        let fut = async { Ok::<_, Status>(self.blind_index_batch(&c, items).await) };
+        self.guard.run(fut).await.map(Response::new)
+    }
+
+    async fn pseudonymize(
+        &self,
+        req: Request<pb::PseudonymizeRequest>,
+    ) -> Result<Response<pb::PseudonymizeResponse>, Status> {
+        let c = self.guard.gate.caller(&req);
+        self.guard
+            .run(self.pseudonymize_one(&c, req.get_ref()))
+            .await
+            .map(Response::new)
+    }
+
+    async fn pseudonymize_batch(
+        &self,
+        req: Request<pb::PseudonymizeBatchRequest>,
+    ) -> Result<Response<pb::PseudonymizeBatchResponse>, Status> {
+        let c = self.guard.gate.caller(&req);
+        let items = req.into_inner().items;
+        self.guard.check_batch(items.len())?;
+        let fut = async { Ok::<_, Status>(self.pseudonymize_batch(&c, &items).await) };
+        self.guard.run(fut).await.map(Response::new)
+    }
+
+    async fn decrypt_batch(
+        &self,
+        req: Request<DecryptBatchRequest>,
+    ) -> Result<Response<DecryptBatchResponse>, Status> {
+        let c = self.guard.gate.caller(&req);
+        let items = req.into_inner().items;
+        self.guard.check_batch(items.len())?;
+        let fut = async {
+            let mut results = Vec::with_capacity(items.len());
+            for item in &items {
+                results.push(DecryptResult::of(self.decrypt_one(&c, item).await));
+            }
+            Ok::<_, Status>(DecryptBatchResponse { results })
+        };
+        self.guard.run(fut).await.map(Response::new)
+    }
+}
