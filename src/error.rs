@@ -1,12 +1,12 @@
 //! The keyring's error: what went wrong, phrased for the caller.
 //!
-//! The gRPC layer (a later issue) maps each variant to one status code in a single
-//! function. Messages name tenant ids and key versions (not secret) but never subject
+//! The gRPC edge maps each variant to one status code in a single exhaustive function
+//! (`service::status::classify`; a new variant does not compile until it has one). Messages name tenant ids and key versions (not secret) but never subject
 //! ids (they may be personal data), key bytes or plaintext.
 
 use crate::crypto::{CryptoError, Scope};
-use crate::kms::KmsError;
-use crate::store::StoreError;
+pub use crate::kms::KmsError;
+pub use crate::store::StoreError;
 
 /// Result alias for keyring operations.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

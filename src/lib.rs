@@ -31,6 +31,7 @@ pub mod service;
 pub mod signing;
 pub mod store;
 pub mod transport;
+pub mod wiring;
 
 pub use error::{Error, Result};
 pub use keyring::{Keyring, KeyringConfig};

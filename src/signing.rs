@@ -14,9 +14,9 @@ use serde_json::json;
 use sha2::{Digest as _, Sha256};
 
 use crate::error::{Error, Result};
-use crate::keyring::Keyring;
-use crate::kms::{EncryptionContext, KmsError, WrappedKey};
+use crate::kms::{EncryptionContext, Kms, KmsError, WrappedKey};
 use crate::model::{AuditEvent, SigningKeyRecord, now_ms};
+use crate::store::{AuditStore, SigningKeyStore};
 
 /// Short identifier of a public key: `"ed25519:"` followed by the first 16 lowercase hex
 /// characters (8 bytes) of the SHA-256 of the 32 raw public key bytes.
@@ -26,9 +26,47 @@ pub fn key_id(key: &VerifyingKey) -> String {
     format!("ed25519:{}", hex::encode(prefix))
 }
 
+/// What signers are built from: where signing keys are kept, where a rotation is
+/// recorded, and the KMS that wraps their seeds. Cheap to clone.
+#[derive(Clone)]
+pub struct SigningKeys {
+    store: Arc<dyn SigningKeyStore>,
+    audit: Arc<dyn AuditStore>,
+    kms: Arc<dyn Kms>,
+}
+
+impl std::fmt::Debug for SigningKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SigningKeys").finish_non_exhaustive()
+    }
+}
+
+impl SigningKeys {
+    /// Signing keys kept in `store`, rotations recorded in `audit`, seeds wrapped by
+    /// `kms` (its default key).
+    pub fn new(
+        store: Arc<dyn SigningKeyStore>,
+        audit: Arc<dyn AuditStore>,
+        kms: Arc<dyn Kms>,
+    ) -> Self {
+        Self { store, audit, kms }
+    }
+
+    /// The signer for `purpose` (`erasure-receipt`, `audit-checkpoint`); `actor` names
+    /// this process in the audit record of a rotation.
+    pub fn signer(&self, purpose: &'static str, actor: String) -> Signer {
+        Signer {
+            keys: self.clone(),
+            purpose,
+            actor,
+            key: tokio::sync::OnceCell::new(),
+        }
+    }
+}
+
 /// One purpose's signing key.
 pub struct Signer {
-    keyring: Arc<Keyring>,
+    keys: SigningKeys,
     purpose: &'static str,
     actor: String,
     key: tokio::sync::OnceCell<Arc<SigningKey>>,
@@ -43,17 +81,6 @@ impl std::fmt::Debug for Signer {
 }
 
 impl Signer {
-    /// The signer for `purpose` (`erasure-receipt`, `audit-checkpoint`); `actor` names
-    /// this process in the audit record of a rotation.
-    pub fn new(keyring: Arc<Keyring>, purpose: &'static str, actor: String) -> Self {
-        Self {
-            keyring,
-            purpose,
-            actor,
-            key: tokio::sync::OnceCell::new(),
-        }
-    }
-
     fn context(&self) -> EncryptionContext {
         EncryptionContext::default()
             .with("fieldkey:purpose", "signing-key")
@@ -66,8 +93,7 @@ impl Signer {
     pub async fn get(&self) -> Result<Arc<SigningKey>> {
         self.key
             .get_or_try_init(|| async {
-                let store = self.keyring.store();
-                let kms = self.keyring.kms();
+                let (store, kms) = (&self.keys.store, &self.keys.kms);
                 if let Some(rec) = store.signing_key(self.purpose).await? {
                     match self.unwrap_signer(&rec).await {
                         // The KMS key that wraps it is gone for good (deleted, pending
@@ -82,7 +108,8 @@ impl Signer {
                             tracing::warn!(key_id = %rec.key_id, kms_key_id = %rec.kms_key_id,
                                 "signing key's KMS key is unusable; rotating the signing key");
                             store.retire_signing_key(&rec.key_id).await?;
-                            store
+                            self.keys
+                                .audit
                                 .append_audit(&AuditEvent {
                                     action: "signing-key.retired".into(),
                                     resource_type: "signing-key".into(),
@@ -132,8 +159,8 @@ impl Signer {
 
     async fn unwrap_signer(&self, rec: &SigningKeyRecord) -> Result<Arc<SigningKey>> {
         let seed = self
-            .keyring
-            .kms()
+            .keys
+            .kms
             .unwrap(
                 &rec.kms_key_id,
                 &WrappedKey::new(rec.wrapped.clone()),
@@ -155,7 +182,7 @@ impl Signer {
     /// # Errors
     /// Store or KMS errors.
     pub async fn public_key(&self) -> Result<(String, VerifyingKey)> {
-        if let Some(rec) = self.keyring.store().signing_key(self.purpose).await? {
+        if let Some(rec) = self.keys.store.signing_key(self.purpose).await? {
             let bytes: [u8; 32] = rec
                 .public_key
                 .as_slice()

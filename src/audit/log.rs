@@ -11,9 +11,9 @@ use super::aggregate::Aggregator;
 use super::verify::{CHECKPOINT_ACTION, Trailer, checkpoint_details, sign_trailer};
 use super::{AuditEvent, AuditRecord};
 use crate::error::Result;
-use crate::keyring::Keyring;
-use crate::signing::Signer;
-use crate::store::now_ms;
+use crate::model::now_ms;
+use crate::signing::{Signer, SigningKeys};
+use crate::store::AuditStore;
 
 /// Purpose of the checkpoint signing key.
 pub const CHECKPOINT_PURPOSE: &str = "audit-checkpoint";
@@ -41,7 +41,7 @@ impl Default for AuditConfig {
 
 /// The audit log of one sidecar.
 pub struct AuditLog {
-    keyring: Arc<Keyring>,
+    store: Arc<dyn AuditStore>,
     agg: Aggregator,
     signer: Signer,
     cfg: AuditConfig,
@@ -57,11 +57,11 @@ impl std::fmt::Debug for AuditLog {
 }
 
 impl AuditLog {
-    /// The audit log over the keyring's store (its signing key wrapped by the KMS).
-    pub fn new(keyring: Arc<Keyring>, cfg: AuditConfig) -> Self {
+    /// The audit log over `store`, its checkpoints signed by a key from `keys`.
+    pub fn new(store: Arc<dyn AuditStore>, keys: &SigningKeys, cfg: AuditConfig) -> Self {
         Self {
-            signer: Signer::new(keyring.clone(), CHECKPOINT_PURPOSE, cfg.executor.clone()),
-            keyring,
+            signer: keys.signer(CHECKPOINT_PURPOSE, cfg.executor.clone()),
+            store,
             agg: Aggregator::default(),
             cfg,
             window_start: std::sync::atomic::AtomicI64::new(now_ms()),
@@ -87,7 +87,7 @@ impl AuditLog {
     /// Appends one record now. A failure is logged, not returned: the action it
     /// records has already happened.
     pub async fn event(&self, event: AuditEvent) {
-        if let Err(e) = self.keyring.store().append_audit(&event).await {
+        if let Err(e) = self.store.append_audit(&event).await {
             tracing::error!(error = %e, action = %event.action, "could not append an audit record");
         }
     }
@@ -118,7 +118,7 @@ impl AuditLog {
                     "window_end_unix_ms": end,
                 }),
             };
-            self.keyring.store().append_audit(&event).await?;
+            self.store.append_audit(&event).await?;
         }
         Ok(n)
     }
@@ -129,7 +129,7 @@ impl AuditLog {
     /// # Errors
     /// Store or KMS errors.
     pub async fn checkpoint(&self) -> Result<Option<AuditRecord>> {
-        let store = self.keyring.store();
+        let store = &self.store;
         let (seq, _) = store.audit_head().await?;
         if seq == 0 {
             return Ok(None);
@@ -180,6 +180,22 @@ impl AuditLog {
             },
             &key,
         ))
+    }
+
+    /// The chain head: the last record's seq and hash ((0, zeros) when empty).
+    ///
+    /// # Errors
+    /// Store errors.
+    pub async fn head(&self) -> Result<(u64, [u8; 32])> {
+        Ok(self.store.audit_head().await?)
+    }
+
+    /// Up to `limit` records after `after_seq`, in order (the export).
+    ///
+    /// # Errors
+    /// Store errors.
+    pub async fn records(&self, after_seq: u64, limit: u32) -> Result<Vec<AuditRecord>> {
+        Ok(self.store.audit_records(after_seq, limit).await?)
     }
 
     /// The public key that verifies checkpoints and export trailers.

@@ -1,7 +1,6 @@
 //! `fieldkey jobs ...`: run a re-encryption job here, or show and steer jobs through a
 //! sidecar.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -10,7 +9,7 @@ use tokio_stream::StreamExt as _;
 
 use super::JobsCommand;
 use super::client::{CliError, connect};
-use crate::jobs::{JobSpec, Runner, RunnerConfig};
+use crate::jobs::{JobSpec, RunnerConfig};
 use crate::proto::pb::{self, jobs_client::JobsClient};
 use crate::store::{JobProgress, JobState};
 
@@ -89,9 +88,10 @@ async fn run(
         .map_err(other)?;
     let cfg = super::serve::key_config(&keys).map_err(other)?;
     crate::harden::harden_and_log();
-    let keyring = super::serve::build_keyring(&cfg, None)
+    let parts = super::serve::build_keyring(&cfg, None)
         .await
         .map_err(other)?;
+    let keyring = parts.keyring.clone();
     // Shreds and suspensions made by sidecars apply to this runner as soon as announced.
     let _follow = keyring
         .follow_changes()
@@ -104,8 +104,7 @@ async fn run(
         .await
         .context("cannot connect to the job's database")
         .map_err(other)?;
-    let (runner, mut rx) = Runner::new(
-        Arc::clone(&keyring),
+    let (runner, mut rx) = parts.runner(
         db,
         spec,
         RunnerConfig::new(Duration::from_secs(lease_seconds)),
@@ -121,7 +120,7 @@ async fn run(
     let outcome = runner.run().await;
     drop(runner);
     let _ = shown.await;
-    keyring.cache().clear().await;
+    keyring.wipe_cache().await;
     let outcome = outcome.map_err(|e| other(e.into()))?;
     println!(
         "job {}: {} rows scanned, {} rows updated, {}",

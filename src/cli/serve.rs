@@ -8,10 +8,10 @@ use anyhow::Context as _;
 use secrecy::SecretString;
 
 use super::{KeyArgs, ServeArgs};
-use crate::audit::{AuditConfig, AuditLog};
+use crate::audit::AuditConfig;
 use crate::cache::CacheConfig;
 use crate::config::Config;
-use crate::erasure::{ErasureConfig, Erasures};
+use crate::erasure::ErasureConfig;
 use crate::keyring::{Keyring, KeyringConfig};
 use crate::kms::Kms;
 use crate::kms::aws::{AwsKms, AwsKmsConfig};
@@ -20,6 +20,7 @@ use crate::policy::RotationPolicy;
 use crate::policy::authz::Authorizer;
 use crate::service::gate::{Gate, IdentityConfig};
 use crate::store::{ErasureLedger, KeyStore, SqlStore};
+use crate::wiring::Parts;
 
 fn config_from(serve: &ServeArgs) -> anyhow::Result<Config> {
     let mut cfg = key_config(&serve.keys)?;
@@ -123,10 +124,12 @@ pub(super) async fn open_store(cfg: &Config) -> anyhow::Result<Arc<dyn KeyStore>
     })
 }
 
+/// The sidecar's lower floor from the configuration: the store, the KMS and the
+/// keyring over them (the rooms above get narrow handles from these, see [`run`]).
 pub(super) async fn build_keyring(
     cfg: &Config,
     metrics: Option<&Arc<crate::metrics::Metrics>>,
-) -> anyhow::Result<Arc<Keyring>> {
+) -> anyhow::Result<Parts> {
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
     let store = open_store(cfg).await?;
@@ -183,11 +186,12 @@ pub(super) async fn build_keyring(
         (None, None) => ErasureLedger::open_sqlite(&cfg.data_dir.join("erasure-ledger.db")).await?,
     });
     tracing::info!(backend = ledger.backend(), "erasure ledger ready");
-    Ok(Arc::new(
-        Keyring::new(store, kms, kcfg)
+    let keyring = Arc::new(
+        Keyring::new(store.clone(), kms.clone(), kcfg)
             .with_ledger(ledger)
             .with_index_profiles(cfg.index_profiles()?),
-    ))
+    );
+    Ok(Parts::new(keyring, store, kms))
 }
 
 /// Erasure settings from the configuration (and the crash-test fault injection
@@ -238,7 +242,9 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     crate::harden::harden_and_log();
     let rotation = rotation_policy(&cfg)?;
     let metrics = crate::metrics::Metrics::new();
-    let keyring = build_keyring(&cfg, Some(&metrics)).await?;
+    let parts = build_keyring(&cfg, Some(&metrics)).await?;
+    let keyring = parts.keyring.clone();
+    let jobs = parts.jobs();
     metrics.attach(&keyring);
     for (field, f) in &cfg.blind_index.fields {
         tracing::info!(
@@ -257,16 +263,13 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // status are the sidecar's, not a listener's.
     // Shreds and suspensions made by other replicas apply here as soon as announced.
     let _follow = keyring.follow_changes().await?;
-    let erasures = Arc::new(Erasures::new(keyring.clone(), erasure_config(&cfg)));
+    let erasures = Arc::new(parts.erasures(erasure_config(&cfg)));
     let worker = erasures.clone().spawn_worker();
-    let audit = Arc::new(AuditLog::new(
-        keyring.clone(),
-        AuditConfig {
-            window: Duration::from_secs(cfg.audit.window_secs),
-            checkpoint_every: Duration::from_secs(cfg.audit.checkpoint_secs),
-            executor: erasure_config(&cfg).executor,
-        },
-    ));
+    let audit = Arc::new(parts.audit_log(AuditConfig {
+        window: Duration::from_secs(cfg.audit.window_secs),
+        checkpoint_every: Duration::from_secs(cfg.audit.checkpoint_secs),
+        executor: erasure_config(&cfg).executor,
+    }));
     let audit_task = audit.clone().spawn();
     let (authz, _policy_watch) = match &cfg.authz.policies {
         Some(dir) => {
@@ -297,6 +300,8 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         rotation,
         erasures: erasures.clone(),
         audit: audit.clone(),
+        jobs: jobs.clone(),
+        evidence: parts.evidence(),
         gate,
         report: Arc::new(crate::service::audit::ReportFacts {
             configuration: crate::report::Configuration::from_config(&cfg, &rotation, None),
@@ -320,7 +325,8 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         tracing::info!(%local, "serving /metrics, /healthz and /readyz over HTTP");
         println!("fieldkey metrics on http://{local}");
         let ready = Arc::new(crate::metrics::Readiness::new(
-            keyring.clone(),
+            parts.kms.clone(),
+            parts.store.clone(),
             metrics.clone(),
         ));
         let (m, stop) = (metrics.clone(), wait(stop_rx.clone()));
@@ -335,6 +341,7 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         refresh = Some(crate::metrics::spawn_refresh(
             metrics.clone(),
             keyring.clone(),
+            jobs.clone(),
             rotation,
             Duration::from_secs(cfg.metrics.refresh_secs),
         ));
@@ -394,7 +401,7 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Err(e) = audit.flush().await {
         tracing::error!(error = %e, "could not write the last audit window");
     }
-    keyring.cache().clear().await;
+    keyring.wipe_cache().await;
     tracing::info!("stopped; cached keys wiped");
     Ok(())
 }

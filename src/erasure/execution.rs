@@ -33,7 +33,7 @@ impl Erasures {
         erasure_id: &str,
         idle_since: Option<i64>,
     ) -> Result<ErasureRecord> {
-        let store = self.keyring.store();
+        let store = &self.store;
         let Some(rec) = store
             .start_erasure(erasure_id, &self.cfg.executor, now_ms(), idle_since)
             .await?
@@ -53,7 +53,7 @@ impl Erasures {
     }
 
     pub(super) async fn carry_out(&self, rec: &ErasureRecord) -> Result<ErasureRecord> {
-        let store = self.keyring.store();
+        let store = &self.store;
         let tenant = rec.tenant_id.as_str();
         let subject = rec.subject_id.as_deref();
         // (2) Write-ahead: the ledger knows before any key is touched.
@@ -141,9 +141,9 @@ impl Erasures {
         &self,
         tenant: &str,
     ) -> Result<Option<KmsKeyDeletion>> {
-        let store = self.keyring.store();
-        let kms = self.keyring.kms();
-        let Some(trec) = store.get_tenant(tenant).await? else {
+        let store = &self.store;
+        let kms = &self.kms;
+        let Some(trec) = self.keyring.find_tenant(tenant).await? else {
             return Ok(None);
         };
         let key = trec.kms_key_id.as_str();
@@ -282,12 +282,12 @@ impl Erasures {
         &self,
         rec: &ErasureRecord,
     ) -> Result<(Vec<DestroyedKey>, u64, Option<String>)> {
-        let store = self.keyring.store();
+        let store = &self.store;
         let tenant = rec.tenant_id.as_str();
         let mut destroyed = Vec::new();
         let (subject_keys_destroyed, subject_keys_digest) = match rec.subject_id.as_deref() {
             Some(s) => {
-                if let Some(srec) = store.get_subject(tenant, s).await?
+                if let Some(srec) = self.keyring.find_subject(tenant, s).await?
                     && srec.state == KeyState::Destroyed
                     && srec.fingerprint.as_bytes() != &[0u8; 32]
                 {
@@ -301,7 +301,7 @@ impl Erasures {
                 (u64::try_from(destroyed.len()).unwrap_or(u64::MAX), None)
             }
             None => {
-                if let Some(trec) = store.get_tenant(tenant).await? {
+                if let Some(trec) = self.keyring.find_tenant(tenant).await? {
                     for v in trec
                         .versions
                         .iter()

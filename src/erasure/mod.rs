@@ -31,12 +31,13 @@ use std::time::Duration;
 
 use ed25519_dalek::VerifyingKey;
 
-use crate::audit::AuditEvent;
 use crate::crypto::Scope;
 use crate::error::Result;
 use crate::keyring::Keyring;
-use crate::signing::Signer;
-use crate::store::{ErasureRecord, LedgerEntry};
+use crate::kms::Kms;
+use crate::model::{AuditEvent, ErasureRecord};
+use crate::signing::{Signer, SigningKeys};
+use crate::store::{ErasureStore, LedgerEntry};
 
 /// The longest grace period a request may have: the 30 days of the agreements.
 pub const MAX_GRACE: Duration = Duration::from_secs(30 * 24 * 3600);
@@ -99,6 +100,8 @@ impl Actor {
 /// The erasure workflow over a keyring.
 pub struct Erasures {
     keyring: Arc<Keyring>,
+    store: Arc<dyn ErasureStore>,
+    kms: Arc<dyn Kms>,
     cfg: ErasureConfig,
     signer: Signer,
 }
@@ -150,11 +153,21 @@ fn scope_of(subject: Option<&str>) -> (&'static str, Scope) {
 }
 
 impl Erasures {
-    /// The workflow over `keyring` (which should have an erasure ledger).
-    pub fn new(keyring: Arc<Keyring>, cfg: ErasureConfig) -> Self {
+    /// The workflow over `keyring` (which should have an erasure ledger): requests kept
+    /// in `store`, the tenant's own KMS key scheduled for deletion in `kms`, receipts
+    /// signed by a key from `keys`.
+    pub fn new(
+        keyring: Arc<Keyring>,
+        store: Arc<dyn ErasureStore>,
+        kms: Arc<dyn Kms>,
+        keys: &SigningKeys,
+        cfg: ErasureConfig,
+    ) -> Self {
         Self {
-            signer: Signer::new(keyring.clone(), SIGNING_PURPOSE, cfg.executor.clone()),
+            signer: keys.signer(SIGNING_PURPOSE, cfg.executor.clone()),
             keyring,
+            store,
+            kms,
             cfg,
         }
     }

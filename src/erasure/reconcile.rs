@@ -54,7 +54,7 @@ impl Erasures {
         let Some(ledger) = self.keyring.ledger().cloned() else {
             return Ok(out);
         };
-        let store = self.keyring.store().clone();
+        let store = self.store.clone();
         const PAGE: u32 = 500;
         let (mut lbuf, mut sbuf) = (VecDeque::new(), VecDeque::new());
         let (mut lafter, mut safter) = (String::new(), String::new());
@@ -125,7 +125,7 @@ impl Erasures {
         out: &mut Reconciled,
     ) -> Result<()> {
         out.entries += 1;
-        let store = self.keyring.store();
+        let store = &self.store;
         let actor = Actor::system("erasure ledger");
         let event = |action: &str| {
             let details = json!({ "erasure_id": l.erasure_id });

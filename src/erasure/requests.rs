@@ -41,8 +41,8 @@ impl Erasures {
                 "grace period must be at most 30 days (2592000 seconds)".into(),
             ));
         }
-        let store = self.keyring.store();
-        if store.get_tenant(tenant).await?.is_none() {
+        let store = &self.store;
+        if self.keyring.find_tenant(tenant).await?.is_none() {
             return Err(Error::TenantNotFound {
                 tenant: tenant.to_owned(),
             });
@@ -131,7 +131,7 @@ impl Erasures {
             rec.subject_id.as_deref(),
             json!({ "erasure_id": erasure_id }),
         );
-        let store = self.keyring.store();
+        let store = &self.store;
         if !store
             .cancel_erasure(erasure_id, &actor.id, &event, true)
             .await?
@@ -163,8 +163,7 @@ impl Erasures {
     /// # Errors
     /// [`Error::ErasureNotFound`]; store errors.
     pub async fn get(&self, erasure_id: &str) -> Result<ErasureRecord> {
-        self.keyring
-            .store()
+        self.store
             .get_erasure(erasure_id)
             .await?
             .ok_or_else(|| Error::ErasureNotFound {
@@ -182,11 +181,7 @@ impl Erasures {
         after: &str,
         limit: u32,
     ) -> Result<Vec<ErasureRecord>> {
-        Ok(self
-            .keyring
-            .store()
-            .list_erasures(tenant, after, limit)
-            .await?)
+        Ok(self.store.list_erasures(tenant, after, limit).await?)
     }
 }
 

@@ -74,7 +74,7 @@ impl Erasures {
         if target {
             let (scope, _) = scope_of(subject);
             let action = format!("{scope}.{}", if suspend { "suspended" } else { "resumed" });
-            k.store()
+            self.store
                 .append_audit(&target_event(action, actor, tenant, subject, json!({})))
                 .await?;
         }

@@ -20,7 +20,7 @@ impl Erasures {
         let now = now_ms();
         let stale =
             now.saturating_sub(i64::try_from(self.cfg.retry_after.as_millis()).unwrap_or(i64::MAX));
-        let due = self.keyring.store().due_erasures(now, stale, 100).await?;
+        let due = self.store.due_erasures(now, stale, 100).await?;
         let mut done = 0;
         for rec in due {
             match self.execute_claimed(&rec.erasure_id, Some(stale)).await {

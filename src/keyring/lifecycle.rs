@@ -109,6 +109,31 @@ impl Keyring {
         Ok(TenantInfo::from(&self.load_tenant_record(tenant).await?))
     }
 
+    /// A tenant's key versions and their states as stored, or `None` if there is no
+    /// such tenant (no id check: for records that name a tenant, such as erasures).
+    ///
+    /// # Errors
+    /// [`Error::Store`].
+    pub async fn find_tenant(&self, tenant: &str) -> Result<Option<TenantInfo>> {
+        Ok(self
+            .store
+            .get_tenant(tenant)
+            .await?
+            .map(|r| TenantInfo::from(&r)))
+    }
+
+    /// A subject's key state as stored, or `None` if it has no key (no id check).
+    ///
+    /// # Errors
+    /// [`Error::Store`].
+    pub async fn find_subject(&self, tenant: &str, subject: &str) -> Result<Option<SubjectInfo>> {
+        Ok(self
+            .store
+            .get_subject(tenant, subject)
+            .await?
+            .map(|r| SubjectInfo::from(&r)))
+    }
+
     /// Rotates: a new version becomes active (new writes use it at once on this
     /// replica, within `revalidate_after` on others); the previous one becomes
     /// decrypt-only. If another rotation wins a race, its version is the result.

@@ -17,19 +17,18 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::cache::{CacheConfig, KeyCache};
+use crate::cache::{CacheConfig, CacheStats, KeyCache};
 use crate::error::Error;
 use crate::kms::Kms;
 use crate::store::{ErasureLedger, KeyStore};
 
 mod following;
 mod index;
-mod info;
 mod lifecycle;
 mod resolution;
 mod rotation;
+pub use crate::model::{SubjectInfo, TenantInfo, VersionInfo};
 pub use index::{IndexProfiles, Indexed, Indexer};
-pub use info::{SubjectInfo, TenantInfo, VersionInfo};
 pub use resolution::Encryptor;
 use resolution::{active_version, subject_usable};
 pub use rotation::{KekRewrap, Rewrapped};
@@ -118,19 +117,26 @@ impl Keyring {
         self.ledger.as_ref()
     }
 
-    /// The key store.
-    pub fn store(&self) -> &Arc<dyn KeyStore> {
-        &self.store
+    /// The hot-key cache's counters (hits, misses, loads), for metrics and tests.
+    pub fn cache_stats(&self) -> &CacheStats {
+        self.cache.stats()
     }
 
-    /// The KMS.
-    pub fn kms(&self) -> &Arc<dyn Kms> {
-        &self.kms
+    /// Number of cached tenants and subjects (approximate, for metrics).
+    pub fn cache_sizes(&self) -> (u64, u64) {
+        self.cache.sizes()
     }
 
-    /// The hot-key cache (for metrics).
-    pub fn cache(&self) -> &KeyCache {
-        &self.cache
+    /// Runs the cache's pending maintenance (evictions) now, so that sizes read next
+    /// are current; normally it runs lazily.
+    pub async fn settle_cache(&self) {
+        self.cache.run_pending_tasks().await;
+    }
+
+    /// Drops every cached key (each is wiped once in-flight requests release it): on
+    /// shutdown, and after a job that rewrapped many subjects.
+    pub async fn wipe_cache(&self) {
+        self.cache.clear().await;
     }
 
     /// How stale this keyring's view of key versions may be (its

@@ -28,7 +28,7 @@ impl prometheus_client::collector::Collector for CacheCollector {
         let Some(keyring) = self.0.get().and_then(Weak::upgrade) else {
             return Ok(());
         };
-        let stats = keyring.cache().stats();
+        let stats = keyring.cache_stats();
         for (name, help, v) in [
             (
                 "fieldkey_cache_hits",
@@ -49,7 +49,7 @@ impl prometheus_client::collector::Collector for CacheCollector {
             let c = ConstCounter::new(v.load(Ordering::Relaxed));
             c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)?;
         }
-        let (tenants, subjects) = keyring.cache().sizes();
+        let (tenants, subjects) = keyring.cache_sizes();
         let mut e = encoder.encode_descriptor(
             "fieldkey_cache_entries",
             "Cached entries (each holds unwrapped key material).",
@@ -80,7 +80,7 @@ impl Metrics {
     pub async fn render_current(&self) -> String {
         let keyring = self.cache_source.get().and_then(Weak::upgrade);
         if let Some(k) = keyring {
-            k.cache().run_pending_tasks().await;
+            k.settle_cache().await;
         }
         self.render()
     }

@@ -14,7 +14,8 @@ use axum::http::{Response, StatusCode};
 use prometheus_client::encoding::EncodeLabelSet;
 
 use super::Metrics;
-use crate::keyring::Keyring;
+use crate::kms::Kms;
+use crate::store::KeyStore;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(super) struct Dependency {
@@ -32,20 +33,30 @@ impl Metrics {
 
 /// Readiness: the KMS and the key store answered within `timeout`; the verdict is
 /// reused for `cache_for`, so probes do not turn into a KMS call each.
-#[derive(Debug)]
 pub struct Readiness {
-    keyring: Arc<Keyring>,
+    kms: Arc<dyn Kms>,
+    store: Arc<dyn KeyStore>,
     metrics: Arc<Metrics>,
     timeout: Duration,
     cache_for: Duration,
     last: Mutex<Option<(Instant, Result<(), String>)>>,
 }
 
+impl std::fmt::Debug for Readiness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Readiness")
+            .field("timeout", &self.timeout)
+            .field("cache_for", &self.cache_for)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Readiness {
-    /// Checks of `keyring`'s KMS and store.
-    pub fn new(keyring: Arc<Keyring>, metrics: Arc<Metrics>) -> Self {
+    /// Checks of the KMS and the key store.
+    pub fn new(kms: Arc<dyn Kms>, store: Arc<dyn KeyStore>, metrics: Arc<Metrics>) -> Self {
         Self {
-            keyring,
+            kms,
+            store,
             metrics,
             timeout: Duration::from_secs(2),
             cache_for: Duration::from_secs(2),
@@ -60,8 +71,8 @@ impl Readiness {
         {
             return r.clone();
         }
-        let kms = tokio::time::timeout(self.timeout, self.keyring.kms().check());
-        let store = tokio::time::timeout(self.timeout, self.keyring.store().ping());
+        let kms = tokio::time::timeout(self.timeout, self.kms.check());
+        let store = tokio::time::timeout(self.timeout, self.store.ping());
         let (kms, store) = tokio::join!(kms, store);
         let (kms, store) = (
             why_down("KMS", kms, self.timeout),

@@ -14,6 +14,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 
 use super::Metrics;
+use crate::jobs::JobBoard;
 use crate::keyring::Keyring;
 use crate::policy::RotationPolicy;
 use crate::store::now_ms;
@@ -48,13 +49,15 @@ pub(super) struct LastRefresh {
 }
 
 impl Metrics {
-    /// Refreshes key ages (against `policy`) and job gauges from the key store.
+    /// Refreshes key ages (against `policy`, from `keyring`) and job gauges (from
+    /// `jobs`).
     ///
     /// # Errors
     /// What the keyring or the store returns.
     pub async fn refresh(
         &self,
         keyring: &Keyring,
+        jobs: &JobBoard,
         policy: &RotationPolicy,
     ) -> crate::error::Result<()> {
         // New values are set first and only the series that disappeared are removed
@@ -80,7 +83,7 @@ impl Metrics {
                 .get_or_create(&StatusLabel { status })
                 .set(by_status.get(status).copied().unwrap_or(0));
         }
-        let jobs = crate::jobs::list(keyring.store().as_ref()).await?;
+        let jobs = jobs.list().await?;
         let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         let (mut job_ids, mut job_states) = (HashSet::new(), HashSet::new());
         for j in jobs {
@@ -145,6 +148,7 @@ impl Metrics {
 pub fn spawn_refresh(
     metrics: Arc<Metrics>,
     keyring: Arc<Keyring>,
+    jobs: JobBoard,
     policy: RotationPolicy,
     every: Duration,
 ) -> tokio::task::JoinHandle<()> {
@@ -153,7 +157,7 @@ pub fn spawn_refresh(
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            if let Err(e) = metrics.refresh(&keyring, &policy).await {
+            if let Err(e) = metrics.refresh(&keyring, &jobs, &policy).await {
                 tracing::warn!(error = %e, "cannot refresh key-age and job metrics");
             }
         }

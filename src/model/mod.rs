@@ -9,6 +9,7 @@
 
 pub mod audit;
 pub mod erasure;
+pub mod info;
 pub mod jobs;
 pub mod json;
 pub mod keys;
@@ -16,6 +17,7 @@ pub mod time;
 
 pub use audit::{AuditEvent, AuditRecord, GENESIS, record_hash};
 pub use erasure::{ErasureRecord, ErasureState, NewErasure};
+pub use info::{SubjectInfo, TenantInfo, VersionInfo};
 pub use jobs::{JobControl, JobProgress, JobRecord, JobState, JobUpdate, NewJob};
 pub use json::canonical_json;
 pub use keys::{

@@ -6,8 +6,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use super::PolicyError;
-use crate::keyring::TenantInfo;
-use crate::store::KeyState;
+use crate::model::{KeyState, TenantInfo};
 
 const DAY_MS: i64 = 86_400_000;
 
@@ -138,7 +137,7 @@ impl RotationPolicy {
 mod tests {
     use super::*;
     use crate::crypto::Fingerprint;
-    use crate::keyring::VersionInfo;
+    use crate::model::VersionInfo;
 
     fn tenant(created_days_ago: i64, now: i64, state: KeyState) -> TenantInfo {
         TenantInfo {

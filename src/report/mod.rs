@@ -12,7 +12,10 @@
 //! Must not: write anything, call the KMS, or put key material or personal data beyond
 //! identifiers in the report (fingerprints of wrapped keys, ids and times only).
 
+mod evidence;
 pub mod html;
+
+pub use evidence::Evidence;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;

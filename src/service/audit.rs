@@ -12,13 +12,11 @@ use super::status::{bad_request, to_status};
 use crate::audit::AuditLog;
 use crate::audit::verify::trailer_line;
 use crate::erasure::receipt::public_key_pem;
-use crate::error::Error;
-use crate::keyring::Keyring;
+use crate::model::now_ms;
 use crate::policy::RotationPolicy;
 use crate::policy::authz::Action;
 use crate::proto::pb;
-use crate::report::{self, Configuration};
-use crate::store::now_ms;
+use crate::report::{self, Configuration, Evidence};
 
 use super::call::Record;
 use super::gate::Gate;
@@ -36,22 +34,22 @@ pub struct ReportFacts {
 /// The Audit service.
 #[derive(Debug, Clone)]
 pub struct AuditService {
-    keyring: Arc<Keyring>,
+    evidence: Evidence,
     log: Arc<AuditLog>,
     gate: Arc<Gate>,
     facts: Arc<ReportFacts>,
 }
 
 impl AuditService {
-    /// A service over the key store's audit chain, behind `gate`.
+    /// A service over the audit log and the report's evidence, behind `gate`.
     pub fn new(
-        keyring: Arc<Keyring>,
+        evidence: Evidence,
         log: Arc<AuditLog>,
         gate: Arc<Gate>,
         facts: Arc<ReportFacts>,
     ) -> Self {
         Self {
-            keyring,
+            evidence,
             log,
             gate,
             facts,
@@ -82,17 +80,17 @@ impl pb::audit_server::Audit for AuditService {
             details,
         )))
         .await;
-        let (keyring, log) = (self.keyring.clone(), self.log.clone());
+        let log = self.log.clone();
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::AuditLine, Status>>(4);
         tokio::spawn(async move {
             let mut after = from - 1;
             let mut count = 0u64;
             let mut last = None;
             loop {
-                let page = match keyring.store().audit_records(after, PAGE).await {
+                let page = match log.records(after, PAGE).await {
                     Ok(p) => p,
                     Err(e) => {
-                        let _ = tx.send(Err(to_status(&Error::Store(e)))).await;
+                        let _ = tx.send(Err(to_status(&e))).await;
                         return;
                     }
                 };
@@ -103,7 +101,9 @@ impl pb::audit_server::Audit for AuditService {
                         Ok(l) => l,
                         Err(e) => {
                             let _ = tx
-                                .send(Err(to_status(&Error::Internal(e.to_string()))))
+                                .send(Err(to_status(&crate::error::Error::Internal(
+                                    e.to_string(),
+                                ))))
                                 .await;
                             return;
                         }
@@ -138,14 +138,10 @@ impl pb::audit_server::Audit for AuditService {
         req: Request<pb::GetAuditHeadRequest>,
     ) -> Result<Response<pb::AuditHead>, Status> {
         self.gate.admit(&req, Action::GetAuditHead, None).await?;
-        let (seq, hash) = self
-            .keyring
-            .store()
-            .audit_head()
-            .await
-            .map_err(|e| to_status(&Error::Store(e)))?;
+        let (seq, hash) = self.log.head().await.map_err(|e| to_status(&e))?;
         let (key_id, vk) = self.log.public_key().await.map_err(|e| to_status(&e))?;
-        let pem = public_key_pem(&vk).map_err(|e| to_status(&Error::Internal(e.to_string())))?;
+        let pem = public_key_pem(&vk)
+            .map_err(|e| to_status(&crate::error::Error::Internal(e.to_string())))?;
         Ok(Response::new(pb::AuditHead {
             seq,
             hash: hex::encode(hash),
@@ -190,14 +186,11 @@ impl pb::audit_server::Audit for AuditService {
             audit_keys: None,
             receipt_keys: None,
         };
-        let built = report::build(
-            self.keyring.store().as_ref(),
-            configuration,
-            &self.facts.rotation,
-            &opts,
-        )
-        .await
-        .map_err(|e| to_status(&e));
+        let built = self
+            .evidence
+            .report(configuration, &self.facts.rotation, &opts)
+            .await
+            .map_err(|e| to_status(&e));
         let built = call
             .audited(built, |built| {
                 let details = json!({
@@ -221,7 +214,7 @@ impl pb::audit_server::Audit for AuditService {
             (
                 "application/json",
                 serde_json::to_string_pretty(&built)
-                    .map_err(|e| to_status(&Error::Internal(e.to_string())))?,
+                    .map_err(|e| to_status(&crate::error::Error::Internal(e.to_string())))?,
             )
         };
         Ok(Response::new(pb::ComplianceReport {

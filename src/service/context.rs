@@ -1,8 +1,9 @@
 //! What the services are built from ([`Context`]) and how they are put together
 //! ([`routes`]): the one place that wires the handlers to their dependencies.
 //!
-//! Does NOT: handle calls (the service files do) or read configuration (`cli/serve.rs`
-//! builds the context).
+//! Does NOT: handle calls (the service files do), read configuration (`cli/serve.rs`
+//! builds the context) or choose the services' dependencies (`crate::wiring` does;
+//! nothing here holds the store or the KMS).
 
 use std::sync::Arc;
 
@@ -32,6 +33,10 @@ pub struct Context {
     pub erasures: Arc<crate::erasure::Erasures>,
     /// The audit log (export, head).
     pub audit: Arc<crate::audit::AuditLog>,
+    /// Re-encryption jobs (show, list, control).
+    pub jobs: crate::jobs::JobBoard,
+    /// What the compliance report is built from.
+    pub evidence: crate::report::Evidence,
     /// Identity, authorization, decrypt guard and audit for every handler.
     pub gate: Arc<Gate>,
     /// What the compliance report states about the configuration.
@@ -39,33 +44,6 @@ pub struct Context {
 }
 
 impl Context {
-    /// Defaults around `keyring`: default limits and rotation policy, no
-    /// authorization and no audit records (tests, benchmarks' "off" case).
-    pub fn new(keyring: Arc<Keyring>) -> Self {
-        Self {
-            erasures: Arc::new(crate::erasure::Erasures::new(
-                keyring.clone(),
-                Default::default(),
-            )),
-            audit: Arc::new(crate::audit::AuditLog::new(
-                keyring.clone(),
-                Default::default(),
-            )),
-            keyring,
-            limits: Limits::default(),
-            rotation: RotationPolicy::default(),
-            gate: Arc::new(Gate::open()),
-            report: Arc::new(audit::ReportFacts {
-                configuration: crate::report::Configuration::from_config(
-                    &crate::config::Config::default(),
-                    &RotationPolicy::default(),
-                    None,
-                ),
-                rotation: RotationPolicy::default(),
-            }),
-        }
-    }
-
     /// With these limits.
     #[must_use]
     pub fn with_limits(mut self, limits: Limits) -> Self {
@@ -93,6 +71,8 @@ pub async fn routes(ctx: Context) -> Result<tonic::service::Routes, Error> {
         rotation,
         erasures,
         audit,
+        jobs,
+        evidence,
         gate,
         report,
     } = ctx;
@@ -119,9 +99,13 @@ pub async fn routes(ctx: Context) -> Result<tonic::service::Routes, Error> {
             .max_encoding_message_size(limits.max_message_bytes);
     let keys = pb::keys_server::KeysServer::new(KeysService::new(keyring.clone(), guard, rotation))
         .max_decoding_message_size(limits.max_message_bytes);
-    let jobs = pb::jobs_server::JobsServer::new(JobsService::new(keyring.clone(), gate.clone()));
-    let audit_svc =
-        pb::audit_server::AuditServer::new(AuditService::new(keyring, audit, gate.clone(), report));
+    let jobs = pb::jobs_server::JobsServer::new(JobsService::new(jobs, gate.clone()));
+    let audit_svc = pb::audit_server::AuditServer::new(AuditService::new(
+        evidence,
+        audit,
+        gate.clone(),
+        report,
+    ));
     let erasures = pb::erasures_server::ErasuresServer::new(ErasuresService::new(erasures, gate));
     Ok(tonic::service::Routes::new(crypto)
         .add_service(keys)

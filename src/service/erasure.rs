@@ -10,9 +10,9 @@ use tonic::{Request, Response, Status};
 use super::status::to_status;
 use crate::erasure::{Erasures, receipt};
 use crate::error::Error;
+use crate::model::{ErasureRecord, ErasureState, KeyState};
 use crate::policy::authz::Action;
 use crate::proto::pb;
-use crate::store::{ErasureRecord, ErasureState, KeyState};
 
 use super::gate::Gate;
 

@@ -11,11 +11,10 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use super::status::{bad_request, to_status};
-use crate::jobs::{self, JobView};
-use crate::keyring::Keyring;
+use crate::jobs::{JobBoard, JobView};
+use crate::model::JobControl;
 use crate::policy::authz::Action;
 use crate::proto::pb;
-use crate::store::JobControl;
 
 use super::call::Record;
 use super::gate::Gate;
@@ -23,14 +22,14 @@ use super::gate::Gate;
 /// The Jobs service.
 #[derive(Debug, Clone)]
 pub struct JobsService {
-    keyring: Arc<Keyring>,
+    jobs: JobBoard,
     gate: Arc<Gate>,
 }
 
 impl JobsService {
     /// A service over the keyring's store, behind `gate`.
-    pub fn new(keyring: Arc<Keyring>, gate: Arc<Gate>) -> Self {
-        Self { keyring, gate }
+    pub fn new(jobs: JobBoard, gate: Arc<Gate>) -> Self {
+        Self { jobs, gate }
     }
 }
 
@@ -72,9 +71,7 @@ impl JobsService {
     ) -> Result<Response<pb::Job>, Status> {
         let call = self.gate.admit(&req, action, None).await?;
         let id = &req.get_ref().job_id;
-        let v = jobs::control(self.keyring.store().as_ref(), id, c)
-            .await
-            .map_err(|e| to_status(&e));
+        let v = self.jobs.control(id, c).await.map_err(|e| to_status(&e));
         let v = call
             .audited(v, |v| {
                 let (tenant, details) = (&v.record.tenant_id, json!({ "target": v.record.target }));
@@ -95,9 +92,7 @@ impl pb::jobs_server::Jobs for JobsService {
         req: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
         self.gate.admit(&req, Action::ListJobs, None).await?;
-        let list = jobs::list(self.keyring.store().as_ref())
-            .await
-            .map_err(|e| to_status(&e))?;
+        let list = self.jobs.list().await.map_err(|e| to_status(&e))?;
         Ok(Response::new(pb::ListJobsResponse {
             jobs: list.into_iter().map(job_pb).collect(),
         }))
@@ -105,7 +100,8 @@ impl pb::jobs_server::Jobs for JobsService {
 
     async fn get_job(&self, req: Request<pb::JobRequest>) -> Result<Response<pb::Job>, Status> {
         self.gate.admit(&req, Action::GetJob, None).await?;
-        jobs::get(self.keyring.store().as_ref(), &req.into_inner().job_id)
+        self.jobs
+            .get(&req.into_inner().job_id)
             .await
             .map(|v| Response::new(job_pb(v)))
             .map_err(|e| to_status(&e))
@@ -124,11 +120,9 @@ impl pb::jobs_server::Jobs for JobsService {
                 return Err(bad_request("interval_ms must be 0 or 100..=60000"));
             }
         };
-        let store = self.keyring.store().clone();
+        let jobs = self.jobs.clone();
         // First read here, so an unknown job fails the call rather than the stream.
-        let first = jobs::get(store.as_ref(), &r.job_id)
-            .await
-            .map_err(|e| to_status(&e))?;
+        let first = jobs.get(&r.job_id).await.map_err(|e| to_status(&e))?;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
             let mut last: Option<pb::Job> = None;
@@ -153,7 +147,7 @@ impl pb::jobs_server::Jobs for JobsService {
                     return;
                 }
                 tokio::time::sleep(interval).await;
-                next = jobs::get(store.as_ref(), &r.job_id).await;
+                next = jobs.get(&r.job_id).await;
             }
         });
         Ok(Response::new(Box::pin(

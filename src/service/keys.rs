@@ -14,10 +14,10 @@ use super::guard::Guard;
 use super::status;
 use crate::error::Error;
 use crate::keyring::{Keyring, TenantInfo};
+use crate::model::{KeyState, now_ms};
 use crate::policy::authz::Action;
 use crate::policy::{RotationPolicy, RotationStatus};
 use crate::proto::pb::{self, CreateTenantRequest, GetTenantRequest, RotateTenantKeyRequest};
-use crate::store::{KeyState, now_ms};
 
 /// The `fieldkey.v1.Keys` administration service.
 #[derive(Debug, Clone)]

@@ -8,10 +8,8 @@
 
 use tonic::{Code, Status};
 
-use crate::error::Error;
-use crate::kms::KmsError;
+use crate::error::{Error, KmsError, StoreError};
 use crate::proto::pb::{self, ItemError};
-use crate::store::StoreError;
 
 /// Metadata key carrying the machine-readable reason.
 pub const REASON_KEY: &str = "fieldkey-error";

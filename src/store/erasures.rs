@@ -9,9 +9,9 @@ use async_trait::async_trait;
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use super::StoreError;
 use super::audit::{append_in, seq_i64};
 use super::sql::{SqlStore, classify};
+use super::{AuditStore, StoreError};
 use crate::model::{AuditEvent, Created, ErasureRecord, NewErasure, now_ms};
 
 /// What the closing transaction of an erasure computes from the audit chain's head
@@ -21,8 +21,12 @@ pub type CompleteFn<'a> =
     dyn Fn(u64, &[u8; 32]) -> Result<(String, AuditEvent), super::CallerError> + Send + Sync + 'a;
 
 /// Erasure requests, and the destruction of key material they carry out.
+///
+/// An erasure store is an audit store: a request's state changes and their audit
+/// records are written in one transaction, and the workflow records its other
+/// actions (restriction, reconciliation) in the same chain.
 #[async_trait]
-pub trait ErasureStore: Send + Sync + 'static {
+pub trait ErasureStore: AuditStore + Send + Sync + 'static {
     /// Creates an erasure request unless one with its id, or a live (not cancelled)
     /// one for the same tenant/subject, exists; returns the stored request. `event` is
     /// appended to the audit chain in the same transaction, only if this call created it.

@@ -69,7 +69,7 @@ impl Runner {
     /// Renews the lease every [`Runner::max_wait`] until the returned task is dropped
     /// (a lost or finished lease ends it; the run notices at its next checkpoint).
     pub(super) fn heartbeat(&self) -> Task<()> {
-        let store = self.keyring.store().clone();
+        let store = self.jobs.clone();
         let (job, owner) = (self.spec.name.clone(), self.cfg.owner.clone());
         let (every, lease) = (self.max_wait(), self.cfg.lease);
         Task::spawn(async move {

@@ -34,7 +34,8 @@ use tokio::sync::watch;
 use super::spec::{ColumnSpec, JobSpec};
 use crate::error::{Error, Result};
 use crate::keyring::Keyring;
-use crate::store::{JobProgress, JobRecord, JobState, KeyStore, NewJob};
+use crate::model::{JobProgress, JobRecord, JobState, NewJob};
+use crate::store::JobStore;
 
 /// Runner settings.
 #[derive(Debug, Clone)]
@@ -108,7 +109,7 @@ impl<T> Drop for Task<T> {
 ///
 /// # Errors
 /// [`Error::JobConflict`] if the id is taken by another spec; [`Error::Store`].
-pub async fn create(store: &dyn KeyStore, spec: &JobSpec) -> Result<JobRecord> {
+pub async fn create(store: &dyn JobStore, spec: &JobSpec) -> Result<JobRecord> {
     let created = store
         .create_job(NewJob {
             job_id: spec.name.clone(),
@@ -133,6 +134,7 @@ pub async fn create(store: &dyn KeyStore, spec: &JobSpec) -> Result<JobRecord> {
 /// A re-encryption run of one job.
 pub struct Runner {
     keyring: Arc<Keyring>,
+    jobs: Arc<dyn JobStore>,
     db: PgPool,
     spec: JobSpec,
     columns: Arc<[ColumnSpec]>,
@@ -141,10 +143,12 @@ pub struct Runner {
 }
 
 impl Runner {
-    /// A runner for `spec` over the application database `db`. Progress is published
-    /// on the returned receiver after every batch.
+    /// A runner for `spec` over the application database `db`, rewrapping through
+    /// `keyring`, its job record (lease, checkpoint, counters) kept in `jobs`. Progress
+    /// is published on the returned receiver after every batch.
     pub fn new(
         keyring: Arc<Keyring>,
+        jobs: Arc<dyn JobStore>,
         db: PgPool,
         spec: JobSpec,
         cfg: RunnerConfig,
@@ -153,6 +157,7 @@ impl Runner {
         (
             Self {
                 keyring,
+                jobs,
                 db,
                 columns: spec.columns.clone().into(),
                 spec,
@@ -163,7 +168,7 @@ impl Runner {
         )
     }
 
-    fn store(&self) -> &dyn KeyStore {
-        self.keyring.store().as_ref()
+    fn store(&self) -> &dyn JobStore {
+        self.jobs.as_ref()
     }
 }

@@ -1,7 +1,7 @@
 //! Public, secret-free views of tenants, key versions and subjects.
 
+use super::{KeyState, KeyVersionRecord, SubjectRecord, TenantRecord};
 use crate::crypto::Fingerprint;
-use crate::store::{KeyState, KeyVersionRecord, SubjectRecord, TenantRecord};
 
 /// A key version without its wrapped material.
 #[derive(Debug, Clone, PartialEq, Eq)]
