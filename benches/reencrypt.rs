@@ -148,7 +148,7 @@ async fn main() {
     );
     let store: Arc<dyn KeyStore> = Arc::new(SqlStore::connect_postgres(&keys_dsn).await.unwrap());
     let keyring = Arc::new(Keyring::new(
-        store,
+        store.clone(),
         kms,
         KeyringConfig {
             revalidate_after: Duration::from_secs(
@@ -259,6 +259,7 @@ field = "name"
     .unwrap();
     let (runner, _) = Runner::new(
         keyring.clone(),
+        store.clone(),
         app.clone(),
         spec,
         RunnerConfig::new(Duration::from_secs(30)),

@@ -69,17 +69,19 @@ async fn env(limits: &str) -> Result<Env> {
     copy_policies(&policies, limits);
     let store = common::sqlite_store(&dir).await?;
     let kms = common::local_kms(&dir)?;
-    let keyring = Arc::new(Keyring::new(store.clone(), kms, KeyringConfig::default()));
+    let keyring = Arc::new(Keyring::new(
+        store.clone(),
+        kms.clone(),
+        KeyringConfig::default(),
+    ));
+    let parts = fieldkey::wiring::Parts::new(keyring.clone(), store.clone(), kms);
     let authz = Arc::new(Authorizer::load(&policies)?);
     authz.watch(Duration::from_millis(50));
-    let audit = Arc::new(AuditLog::new(
-        keyring.clone(),
-        AuditConfig {
-            window: Duration::from_secs(3600),
-            checkpoint_every: Duration::from_secs(3600),
-            executor: "test".into(),
-        },
-    ));
+    let audit = Arc::new(parts.audit_log(AuditConfig {
+        window: Duration::from_secs(3600),
+        checkpoint_every: Duration::from_secs(3600),
+        executor: "test".into(),
+    }));
     let gate = Arc::new(Gate::new(
         Some(authz),
         Some(audit.clone()),
@@ -88,7 +90,7 @@ async fn env(limits: &str) -> Result<Env> {
             trust_linkerd: true,
         },
     ));
-    let mut ctx = fieldkey::service::Context::new(keyring).with_gate(gate);
+    let mut ctx = parts.context().with_gate(gate);
     ctx.audit = audit.clone();
     let server = common::sidecar::InProcess::start(ctx).await?;
     let ch = server.channel().await?;

@@ -82,14 +82,17 @@ impl Fixture {
         let store = common::sqlite_store(&dir).await?;
         let kms = common::local_kms(&dir)?;
         let keyring = Arc::new(
-            Keyring::new(store, kms, KeyringConfig::default()).with_index_profiles(profiles()),
+            Keyring::new(store.clone(), kms.clone(), KeyringConfig::default())
+                .with_index_profiles(profiles()),
         );
         let limits = fieldkey::config::Limits {
             max_field_bytes: 4096,
             ..Default::default()
         };
         let server = common::sidecar::InProcess::start(
-            fieldkey::service::Context::new(keyring.clone()).with_limits(limits),
+            fieldkey::wiring::Parts::new(keyring.clone(), store, kms)
+                .context()
+                .with_limits(limits),
         )
         .await?;
         Ok(Self {
@@ -556,10 +559,12 @@ async fn a_reencryption_job_reindexes_and_search_survives_rotation_and_retiremen
     use sqlx::Row as _;
     const ROWS: i64 = 400;
     let dir = tempfile::tempdir()?;
+    let store = common::sqlite_store(&dir).await?;
+    let kms: Arc<dyn fieldkey::kms::Kms> = common::local_kms(&dir)?;
     let keyring = Arc::new(
         Keyring::new(
-            common::sqlite_store(&dir).await?,
-            common::local_kms(&dir)?,
+            store.clone(),
+            kms.clone(),
             KeyringConfig {
                 revalidate_after: std::time::Duration::from_millis(100),
                 ..KeyringConfig::default()
@@ -677,12 +682,13 @@ blind_index = "login_bidx"
     let spec = JobSpec::from_toml(&spec_text("users-reindex"))?;
     // a runner without the field's profile refuses before doing anything
     let bare = Arc::new(Keyring::new(
-        keyring.store().clone(),
-        keyring.kms().clone(),
+        store.clone(),
+        kms.clone(),
         KeyringConfig::default(),
     ));
     let (r, _) = Runner::new(
         bare,
+        store.clone(),
         app.clone(),
         spec.clone(),
         RunnerConfig::new(std::time::Duration::from_secs(5)),
@@ -692,10 +698,11 @@ blind_index = "login_bidx"
         matches!(e, fieldkey::error::Error::IndexNotConfigured { .. }),
         "{e:?}"
     );
-    assert!(keyring.store().get_job("users-reindex").await?.is_none());
+    assert!(store.get_job("users-reindex").await?.is_none());
 
     let (runner, _) = Runner::new(
         keyring.clone(),
+        store.clone(),
         app.clone(),
         spec,
         RunnerConfig::new(std::time::Duration::from_secs(5)),
@@ -743,6 +750,7 @@ blind_index = "login_bidx"
     // a second job finds everything current and writes nothing
     let (again, _) = Runner::new(
         keyring.clone(),
+        store.clone(),
         app.clone(),
         JobSpec::from_toml(&spec_text("users-reindex-check"))?,
         RunnerConfig::new(std::time::Duration::from_secs(5)),

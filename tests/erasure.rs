@@ -25,6 +25,7 @@ use fieldkey::crypto::{Aad, Scope};
 use fieldkey::erasure::receipt::{self, DestroyedKey, Receipt, SignedReceipt};
 use fieldkey::erasure::{Actor, ErasureConfig, Erasures, Reconciled};
 use fieldkey::store::{ErasureLedger, ErasureRecord, ErasureState, KeyStore, SqlStore};
+use fieldkey::wiring::Parts;
 use fieldkey::{Error, Keyring, KeyringConfig};
 
 const T: &str = "acme";
@@ -81,6 +82,15 @@ async fn raw_pool(url: &str) -> Result<AnyPool> {
         .await?)
 }
 
+/// The erasure workflow over `keyring`, which was built on `store` and `kms`.
+fn erasures_on(
+    keyring: &Arc<Keyring>,
+    store: &Arc<dyn KeyStore>,
+    kms: Arc<dyn fieldkey::kms::Kms>,
+) -> Erasures {
+    Parts::new(keyring.clone(), store.clone(), kms).erasures(erasure_config())
+}
+
 impl Env {
     async fn new(backend: Backend) -> Result<Self> {
         Self::with_keyring_config(backend, KeyringConfig::default()).await
@@ -110,7 +120,7 @@ impl Env {
         let kms = common::local_kms(&dir)?;
         let keyring =
             Arc::new(Keyring::new(store.clone(), kms.clone(), cfg).with_ledger(ledger.clone()));
-        let erasures = Erasures::new(keyring.clone(), erasure_config());
+        let erasures = erasures_on(&keyring, &store, kms.clone());
         let raw = raw_pool(&url).await?;
         Ok(Self {
             dir,
@@ -307,8 +317,8 @@ async fn subject_shred_now_destroys_the_key_and_issues_a_chained_receipt(b: Back
     assert_eq!(before.state, "active");
     assert!(before.wrapped.is_some());
     let audit_before = all_audit(&*e.store).await?.len();
-    k.cache().run_pending_tasks().await;
-    let cached_subjects = k.cache().sizes().1;
+    k.settle_cache().await;
+    let cached_subjects = k.cache_sizes().1;
     assert_eq!(cached_subjects, 2, "s1 and s2 are cached");
 
     let rec = e
@@ -317,8 +327,8 @@ async fn subject_shred_now_destroys_the_key_and_issues_a_chained_receipt(b: Back
         .await?;
     assert_eq!(rec.state, ErasureState::Completed);
     // The shredded subject's cache entry (its unwrapped key, zeroized on drop) is gone.
-    k.cache().run_pending_tasks().await;
-    assert_eq!(k.cache().sizes().1, cached_subjects - 1);
+    k.settle_cache().await;
+    assert_eq!(k.cache_sizes().1, cached_subjects - 1);
     assert_eq!(
         (rec.tenant_id.as_str(), rec.subject_id.as_deref()),
         (T, Some("s1"))
@@ -772,7 +782,7 @@ async fn a_reopened_erasure_keeps_the_time_it_was_brought_forward_to() -> Result
         Keyring::new(restored.clone(), e.kms.clone(), KeyringConfig::default())
             .with_ledger(e.ledger.clone()),
     );
-    let erasures = Erasures::new(protected, erasure_config());
+    let erasures = erasures_on(&protected, &restored, e.kms.clone());
     let rec = erasures.reconcile().await?;
     assert_eq!((rec.reopened, rec.keys_destroyed_again), (1, 1));
     assert_eq!(erasures.run_due().await?, 1);
@@ -880,7 +890,7 @@ async fn reconcile_reopens_cancels_and_restores_after_a_full_restore() -> Result
     // s4 is left for reconciliation (not loaded yet).
     assert!(raw_subject(&rraw, T, "s4").await?.wrapped.is_some());
 
-    let erasures = Erasures::new(protected.clone(), erasure_config());
+    let erasures = erasures_on(&protected, &restored, e.kms.clone());
     let first = erasures.reconcile().await?;
     assert_eq!(
         first,
@@ -1171,7 +1181,7 @@ async fn a_restored_backup_does_not_bring_erased_keys_back(b: Backend) -> Result
     assert_eq!(&*protected.decrypt(&a3, &c3).await?, b"three");
 
     // Reconciliation re-applies the rest.
-    let erasures = Erasures::new(protected.clone(), erasure_config());
+    let erasures = erasures_on(&protected, &restored, e.kms.clone());
     let first = erasures.reconcile().await?;
     let expected = match b {
         // The whole store went back: both requests were missing and are re-created.
@@ -1370,7 +1380,7 @@ async fn concurrent_executions_issue_exactly_one_receipt(b: Backend) -> Result<(
         Keyring::new(store2.clone(), e.kms.clone(), KeyringConfig::default())
             .with_ledger(e.ledger.clone()),
     );
-    let other = Erasures::new(k2.clone(), erasure_config());
+    let other = erasures_on(&k2, &store2, e.kms.clone());
     e.keyring.create_tenant(T, None).await?;
     let a1 = aad(T, Some("s1"), b"");
     let c1 = e.keyring.encrypt(&a1, b"one").await?;
@@ -1508,10 +1518,10 @@ async fn receipts_continue_when_the_signing_keys_kms_key_is_gone(b: Backend) -> 
     let other_dir = tempfile::tempdir()?;
     let other_kms = common::local_kms(&other_dir)?;
     let k2 = Arc::new(
-        Keyring::new(e.store.clone(), other_kms, KeyringConfig::default())
+        Keyring::new(e.store.clone(), other_kms.clone(), KeyringConfig::default())
             .with_ledger(e.ledger.clone()),
     );
-    let e2 = Erasures::new(k2, erasure_config());
+    let e2 = erasures_on(&k2, &e.store, other_kms);
     let second = e2.request(&actor(), T, Some("u2"), Duration::ZERO).await?;
     assert_eq!(second.state, ErasureState::Completed, "{second:?}");
     let (new_id, new_pub) = e2.public_key().await?;
@@ -1613,9 +1623,10 @@ async fn tenant_erasure_with_a_kms_key_alias_completes() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let store: Arc<dyn KeyStore> = Arc::new(SqlStore::open_sqlite(&dir.path().join("k.db")).await?);
     let ledger = Arc::new(ErasureLedger::open_sqlite(&dir.path().join("ledger.db")).await?);
-    let keyring =
-        Arc::new(Keyring::new(store, kms.clone(), KeyringConfig::default()).with_ledger(ledger));
-    let erasures = Erasures::new(keyring.clone(), erasure_config());
+    let keyring = Arc::new(
+        Keyring::new(store.clone(), kms.clone(), KeyringConfig::default()).with_ledger(ledger),
+    );
+    let erasures = erasures_on(&keyring, &store, kms.clone());
     keyring.create_tenant(T, Some(&alias)).await?;
     let a = aad(T, Some("s1"), b"");
     keyring.encrypt(&a, b"x").await?;
@@ -1631,7 +1642,7 @@ async fn tenant_erasure_with_a_kms_key_alias_completes() -> Result<()> {
         }
     };
     assert_eq!(rec.state, ErasureState::Completed);
-    let r = checked_receipt(&erasures, &**keyring.store(), &rec).await?;
+    let r = checked_receipt(&erasures, &*store, &rec).await?;
     let del = r
         .kms_key_deletion
         .expect("the tenant's own key is scheduled for deletion");

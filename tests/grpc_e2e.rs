@@ -26,6 +26,7 @@ use fieldkey::proto::pb::{
     encrypt_result,
 };
 use fieldkey::store::{KeyStore, SqlStore};
+use fieldkey::wiring::Parts;
 use fieldkey::{Keyring, KeyringConfig};
 use tonic::Code;
 
@@ -40,8 +41,17 @@ async fn start_with(
     kms: Arc<dyn Kms>,
     limits: Limits,
 ) -> Result<InProcess> {
-    let keyring = Arc::new(Keyring::new(store, kms, KeyringConfig::default()));
-    InProcess::start(fieldkey::service::Context::new(keyring).with_limits(limits)).await
+    let keyring = Arc::new(Keyring::new(
+        store.clone(),
+        kms.clone(),
+        KeyringConfig::default(),
+    ));
+    InProcess::start(
+        Parts::new(keyring, store, kms)
+            .context()
+            .with_limits(limits),
+    )
+    .await
 }
 
 fn enc(tenant: &str, subject: &str, field: &str, ctx: &[u8], pt: &[u8]) -> EncryptRequest {
@@ -364,14 +374,15 @@ async fn unix_socket_round_trip() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let store: Arc<dyn KeyStore> =
         Arc::new(SqlStore::open_sqlite(&dir.path().join("keys.db")).await?);
+    let kms: Arc<dyn Kms> = common::local_kms(&dir)?;
     let keyring = Arc::new(Keyring::new(
-        store,
-        common::local_kms(&dir)?,
+        store.clone(),
+        kms.clone(),
         KeyringConfig::default(),
     ));
     keyring.create_tenant("acme", None).await?;
     let routes =
-        fieldkey::service::routes(fieldkey::service::Context::new(keyring.clone())).await?;
+        fieldkey::service::routes(Parts::new(keyring.clone(), store, kms).context()).await?;
     let path = dir.path().join("fieldkey.sock");
     let listener = fieldkey::transport::bind_unix(&path)?;
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();

@@ -581,13 +581,12 @@ async fn cache_is_bounded_by_entry_count() -> Result<()> {
         f.keyring.create_tenant(&t, None).await?;
         f.keyring.encrypt(&aad(&t, None, "f", b""), b"x").await?;
     }
-    f.keyring.cache().run_pending_tasks().await;
-    let (tenants, _) = f.keyring.cache().sizes();
+    f.keyring.settle_cache().await;
+    let (tenants, _) = f.keyring.cache_sizes();
     assert!(tenants <= 3, "{tenants} tenants cached");
     assert!(
         f.keyring
-            .cache()
-            .stats()
+            .cache_stats()
             .evictions
             .load(std::sync::atomic::Ordering::Relaxed)
             >= 17

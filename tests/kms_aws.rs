@@ -475,7 +475,7 @@ async fn cached_keys_keep_serving_while_the_kms_is_down() -> Result<()> {
 async fn tenant_erasure_schedules_deletion_of_its_own_kms_key_only() -> Result<()> {
     use aws_sdk_kms::types::KeyState as AwsKeyState;
     use fieldkey::erasure::receipt::{self, KmsKeyDeletion};
-    use fieldkey::erasure::{Actor, ErasureConfig, Erasures};
+    use fieldkey::erasure::{Actor, ErasureConfig};
     use fieldkey::store::{ErasureLedger, ErasureState};
 
     let default_key = moto_key().await?;
@@ -488,14 +488,12 @@ async fn tenant_erasure_schedules_deletion_of_its_own_kms_key_only() -> Result<(
     let keyring = Arc::new(
         Keyring::new(store.clone(), kms.clone(), KeyringConfig::default()).with_ledger(ledger),
     );
-    let erasures = Erasures::new(
-        keyring.clone(),
-        ErasureConfig {
-            kms_key_deletion_days: 7,
-            executor: "kms-test".into(),
-            ..ErasureConfig::default()
-        },
-    );
+    let parts = fieldkey::wiring::Parts::new(keyring.clone(), store.clone(), kms.clone());
+    let erasures = parts.erasures(ErasureConfig {
+        kms_key_deletion_days: 7,
+        executor: "kms-test".into(),
+        ..ErasureConfig::default()
+    });
     let actor = Actor {
         id: "spiffe://example.org/dpo".into(),
         ip: None,
@@ -604,7 +602,7 @@ async fn tenant_erasure_schedules_deletion_of_its_own_kms_key_only() -> Result<(
     assert_eq!(describe(shared).await?.0, AwsKeyState::PendingDeletion);
     // The receipt signing key still unwraps (it is wrapped by the default key): a new
     // process signs with it.
-    let fresh = Erasures::new(keyring.clone(), ErasureConfig::default());
+    let fresh = parts.erasures(ErasureConfig::default());
     keyring.create_tenant("later", None).await?;
     let rl = fresh
         .request(&actor, "later", Some("u1"), Duration::ZERO)

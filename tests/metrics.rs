@@ -220,11 +220,13 @@ async fn refreshed_gauges_drop_series_that_disappear() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let store = common::sqlite_store(&dir).await?;
     let kms = common::local_kms(&dir)?;
-    let keyring = std::sync::Arc::new(Keyring::new(store, kms, KeyringConfig::default()));
+    let keyring = std::sync::Arc::new(Keyring::new(store.clone(), kms, KeyringConfig::default()));
+    let jobs = fieldkey::jobs::JobBoard::new(store);
     keyring.create_tenant("a", None).await?;
     keyring.create_tenant("b", None).await?;
     let m = Metrics::new();
-    m.refresh(&keyring, &RotationPolicy::default()).await?;
+    m.refresh(&keyring, &jobs, &RotationPolicy::default())
+        .await?;
     let t = m.render();
     assert!(
         sample(&t, "fieldkey_key_age_seconds{tenant=\"b\"}").is_some(),
@@ -236,7 +238,8 @@ async fn refreshed_gauges_drop_series_that_disappear() -> Result<()> {
         Some(0.0)
     );
     keyring.suspend_tenant("b").await?;
-    m.refresh(&keyring, &RotationPolicy::default()).await?;
+    m.refresh(&keyring, &jobs, &RotationPolicy::default())
+        .await?;
     let t = m.render();
     assert_eq!(
         sample(&t, "fieldkey_key_age_seconds{tenant=\"b\"}"),

@@ -79,13 +79,14 @@ async fn start() -> Result<Fixture> {
         client_ca_file: w("clients-ca.pem", &ca.pem),
     };
     let store: Arc<dyn KeyStore> = Arc::new(SqlStore::open_sqlite(&dir.path().join("k.db")).await?);
+    let kms: Arc<dyn fieldkey::kms::Kms> = common::local_kms(&dir)?;
     let keyring = Arc::new(Keyring::new(
-        store,
-        common::local_kms(&dir)?,
+        store.clone(),
+        kms.clone(),
         KeyringConfig::default(),
     ));
-    let routes =
-        fieldkey::service::routes(fieldkey::service::Context::new(keyring.clone())).await?;
+    let parts = fieldkey::wiring::Parts::new(keyring.clone(), store, kms);
+    let routes = fieldkey::service::routes(parts.context()).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let tls = ReloadingConfig::watch(cfg.clone(), std::time::Duration::from_millis(50))?;

@@ -53,19 +53,21 @@ struct Fixture {
     keys_db: common::PgDb,
     app_db: common::PgDb,
     keyring: Arc<Keyring>,
+    store: Arc<dyn KeyStore>,
+    kms: Arc<dyn fieldkey::kms::Kms>,
     app: PgPool,
 }
 
 impl Fixture {
     async fn new() -> Result<Self> {
         let dir = tempfile::tempdir()?;
-        let kms = common::local_kms(&dir)?;
+        let kms: Arc<dyn fieldkey::kms::Kms> = common::local_kms(&dir)?;
         let keys_db = common::PgDb::create().await?;
         let app_db = common::PgDb::create().await?;
         let store: Arc<dyn KeyStore> = Arc::new(SqlStore::connect_postgres(&keys_db.dsn).await?);
         let keyring = Arc::new(Keyring::new(
-            store,
-            kms,
+            store.clone(),
+            kms.clone(),
             KeyringConfig {
                 revalidate_after: Duration::from_millis(200),
                 ..KeyringConfig::default()
@@ -89,6 +91,8 @@ impl Fixture {
             keys_db,
             app_db,
             keyring,
+            store,
+            kms,
             app,
         })
     }
@@ -190,7 +194,7 @@ field = "name"
     }
 
     async fn progress(&self, job: &str) -> (JobState, JobProgress, Option<String>) {
-        let j = self.keyring.store().get_job(job).await.unwrap().unwrap();
+        let j = self.store.get_job(job).await.unwrap().unwrap();
         (
             j.state,
             JobProgress::parse(&j.progress).unwrap(),
@@ -268,13 +272,13 @@ fn start_app_writer(
     stop: Arc<std::sync::atomic::AtomicBool>,
 ) -> tokio::task::JoinHandle<HashMap<i64, String>> {
     let keyring = f.keyring.clone();
+    let store = f.store.clone();
     let app = f.app.clone();
     tokio::spawn(async move {
         let written = Arc::new(Mutex::new(HashMap::new()));
         let mut n = 0u64;
         while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-            let cp = keyring
-                .store()
+            let cp = store
                 .get_job(job)
                 .await
                 .ok()
@@ -341,7 +345,7 @@ async fn job_survives_sigkill_and_concurrent_runners_without_losing_a_write() ->
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
         tokio::time::sleep(Duration::from_millis(50)).await;
-        if let Some(j) = f.keyring.store().get_job("users-v2").await? {
+        if let Some(j) = f.store.get_job("users-v2").await? {
             let p = JobProgress::parse(&j.progress)?;
             if p.rows_scanned >= (ROWS as u64) / 2 {
                 break;
@@ -456,14 +460,22 @@ async fn jobs_pause_resume_cancel_and_report_what_they_could_not_move() -> Resul
         JobSpec::from_toml(&f.spec("small", "batch_size = 100\nrate_limit_rows_per_sec = 2000"))?;
     let mut cfg = RunnerConfig::new(Duration::from_secs(5));
     cfg.poll = Duration::from_millis(50);
-    let (runner, mut rx) = Runner::new(f.keyring.clone(), db.clone(), spec.clone(), cfg.clone());
+    let (runner, mut rx) = Runner::new(
+        f.keyring.clone(),
+        f.store.clone(),
+        db.clone(),
+        spec.clone(),
+        cfg.clone(),
+    );
     let run = tokio::spawn(async move { runner.run().await });
     // operators follow it through a sidecar on the same key store (WatchJob stream)
     let watched = {
         use fieldkey::proto::pb;
-        let server =
-            common::sidecar::InProcess::start(fieldkey::service::Context::new(f.keyring.clone()))
-                .await?;
+        let server = common::sidecar::InProcess::start(
+            fieldkey::wiring::Parts::new(f.keyring.clone(), f.store.clone(), f.kms.clone())
+                .context(),
+        )
+        .await?;
         rx.wait_for(|p| p.rows_scanned > 0).await?;
         let mut c = pb::jobs_client::JobsClient::connect(server.url()).await?;
         let mut stream = c
@@ -485,7 +497,7 @@ async fn jobs_pause_resume_cancel_and_report_what_they_could_not_move() -> Resul
     };
     // pause once it has started; it must stop advancing
     rx.wait_for(|p| p.rows_scanned >= 300).await?;
-    fieldkey::jobs::control(f.keyring.store().as_ref(), "small", JobControl::Pause).await?;
+    fieldkey::jobs::control(f.store.as_ref(), "small", JobControl::Pause).await?;
     let mut paused_at = None;
     for _ in 0..100 {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -506,12 +518,13 @@ async fn jobs_pause_resume_cancel_and_report_what_they_could_not_move() -> Resul
     // a second runner on a paused job stands by instead of taking it over
     let (second, _) = Runner::new(
         f.keyring.clone(),
+        f.store.clone(),
         db.clone(),
         spec.clone(),
         RunnerConfig::new(Duration::from_secs(5)),
     );
     let standby = tokio::spawn(async move { second.run().await });
-    fieldkey::jobs::control(f.keyring.store().as_ref(), "small", JobControl::Run).await?;
+    fieldkey::jobs::control(f.store.as_ref(), "small", JobControl::Run).await?;
     let outcome = run.await??;
     assert_eq!(outcome.state, JobState::Completed);
     let seen = watched.await?;
@@ -553,13 +566,19 @@ async fn jobs_pause_resume_cancel_and_report_what_they_could_not_move() -> Resul
     assert_ne!(tenant_of(4), tenant_of(5));
     f.keyring.retire_key_version(tenant_of(4), 1).await?;
     // finished jobs cannot be steered; a different spec under the same name is refused
-    let e = fieldkey::jobs::control(f.keyring.store().as_ref(), "small", JobControl::Cancel)
+    let e = fieldkey::jobs::control(f.store.as_ref(), "small", JobControl::Cancel)
         .await
         .unwrap_err();
     assert!(matches!(e, Error::JobConflict { .. }), "{e:?}");
     let mut other = spec.clone();
     other.batch_size = 7;
-    let (r, _) = Runner::new(f.keyring.clone(), db.clone(), other, cfg.clone());
+    let (r, _) = Runner::new(
+        f.keyring.clone(),
+        f.store.clone(),
+        db.clone(),
+        other,
+        cfg.clone(),
+    );
     assert!(matches!(r.run().await, Err(Error::JobConflict { .. })));
 
     // cancel: stops after the current batch, rows done stay done
@@ -569,10 +588,16 @@ async fn jobs_pause_resume_cancel_and_report_what_they_could_not_move() -> Resul
     tokio::time::sleep(Duration::from_millis(300)).await;
     let spec3 =
         JobSpec::from_toml(&f.spec("to-v3", "batch_size = 100\nrate_limit_rows_per_sec = 1000"))?;
-    let (runner, mut rx) = Runner::new(f.keyring.clone(), db.clone(), spec3, cfg.clone());
+    let (runner, mut rx) = Runner::new(
+        f.keyring.clone(),
+        f.store.clone(),
+        db.clone(),
+        spec3,
+        cfg.clone(),
+    );
     let run = tokio::spawn(async move { runner.run().await });
     rx.wait_for(|p| p.rows_scanned >= 200).await?;
-    fieldkey::jobs::control(f.keyring.store().as_ref(), "to-v3", JobControl::Cancel).await?;
+    fieldkey::jobs::control(f.store.as_ref(), "to-v3", JobControl::Cancel).await?;
     let outcome = run.await??;
     assert_eq!(outcome.state, JobState::Cancelled);
     assert!(outcome.progress.rows_scanned < ROWS as u64);
@@ -587,29 +612,40 @@ async fn jobs_pause_resume_cancel_and_report_what_they_could_not_move() -> Resul
         &f.spec("bad", "")
             .replace("name = \"email\"", "name = \"mail\""),
     )?;
-    let (runner, _) = Runner::new(f.keyring.clone(), db.clone(), bad.clone(), cfg.clone());
+    let (runner, _) = Runner::new(
+        f.keyring.clone(),
+        f.store.clone(),
+        db.clone(),
+        bad.clone(),
+        cfg.clone(),
+    );
     let outcome = runner.run().await?;
     assert_eq!(outcome.state, JobState::Failed);
-    let rec = f.keyring.store().get_job("bad").await?.unwrap();
+    let rec = f.store.get_job("bad").await?.unwrap();
     assert!(rec.error.unwrap_or_default().contains("no column mail"));
     // the operator fixes the cause and resumes the failed job; the next run finishes it
     sqlx::query("ALTER TABLE users RENAME COLUMN email TO mail")
         .execute(&f.app)
         .await?;
-    let reopened =
-        fieldkey::jobs::control(f.keyring.store().as_ref(), "bad", JobControl::Run).await?;
+    let reopened = fieldkey::jobs::control(f.store.as_ref(), "bad", JobControl::Run).await?;
     assert_eq!(reopened.record.state, JobState::Pending);
     assert!(reopened.record.error.is_none());
-    let (runner, _) = Runner::new(f.keyring.clone(), db.clone(), bad.clone(), cfg.clone());
+    let (runner, _) = Runner::new(
+        f.keyring.clone(),
+        f.store.clone(),
+        db.clone(),
+        bad.clone(),
+        cfg.clone(),
+    );
     assert_eq!(runner.run().await?.state, JobState::Completed);
     // a rate limit whose per-batch wait could outlast the lease is refused up front
     let slow =
         JobSpec::from_toml(&f.spec("slow", "batch_size = 1000\nrate_limit_rows_per_sec = 10"))?;
-    let (runner, _) = Runner::new(f.keyring.clone(), db.clone(), slow, cfg);
+    let (runner, _) = Runner::new(f.keyring.clone(), f.store.clone(), db.clone(), slow, cfg);
     let e = runner.run().await.unwrap_err();
     assert!(matches!(e, Error::InvalidArgument(_)), "{e:?}");
     assert!(
-        f.keyring.store().get_job("slow").await?.is_none(),
+        f.store.get_job("slow").await?.is_none(),
         "nothing was created"
     );
     db.close().await;
@@ -628,10 +664,9 @@ async fn a_slow_batch_keeps_its_lease() -> Result<()> {
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     // a fresh keyring whose every KMS unwrap takes 1.5 s: the first batch needs four
-    let slow_kms =
-        common::CountingKms::with_delay(f.keyring.kms().clone(), Duration::from_millis(1500));
+    let slow_kms = common::CountingKms::with_delay(f.kms.clone(), Duration::from_millis(1500));
     let slow = Arc::new(Keyring::new(
-        f.keyring.store().clone(),
+        f.store.clone(),
         slow_kms,
         KeyringConfig::default(),
     ));
@@ -639,13 +674,13 @@ async fn a_slow_batch_keeps_its_lease() -> Result<()> {
     let spec = JobSpec::from_toml(&f.spec("slow-kms", "batch_size = 100"))?;
     let mut cfg = RunnerConfig::new(Duration::from_secs(1));
     cfg.poll = Duration::from_millis(50);
-    let (a, _) = Runner::new(slow, db.clone(), spec.clone(), cfg.clone());
+    let (a, _) = Runner::new(slow, f.store.clone(), db.clone(), spec.clone(), cfg.clone());
     let t0 = Instant::now();
     let first = tokio::spawn(async move { a.run().await });
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let mut cfg_b = RunnerConfig::new(Duration::from_secs(1));
     cfg_b.poll = Duration::from_millis(50);
-    let (b, _) = Runner::new(f.keyring.clone(), db.clone(), spec, cfg_b);
+    let (b, _) = Runner::new(f.keyring.clone(), f.store.clone(), db.clone(), spec, cfg_b);
     let second = tokio::spawn(async move { b.run().await });
     let oa = first.await??;
     let ob = second.await??;

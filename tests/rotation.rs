@@ -21,12 +21,18 @@ use fieldkey::{Error, Keyring, KeyringConfig};
 const DAY_MS: i64 = 86_400_000;
 
 async fn sqlite_keyring(dir: &tempfile::TempDir) -> Result<Keyring> {
+    Ok(sqlite_keyring_and_store(dir).await?.0)
+}
+
+/// A keyring on a fresh SQLite store, with that store and the KMS (for tests that
+/// seed or read the store directly).
+async fn sqlite_keyring_and_store(
+    dir: &tempfile::TempDir,
+) -> Result<(Keyring, Arc<dyn KeyStore>, Arc<dyn fieldkey::kms::Kms>)> {
     let store = common::sqlite_store(dir).await?;
-    Ok(Keyring::new(
-        store,
-        common::local_kms(dir)?,
-        KeyringConfig::default(),
-    ))
+    let kms: Arc<dyn fieldkey::kms::Kms> = common::local_kms(dir)?;
+    let k = Keyring::new(store.clone(), kms.clone(), KeyringConfig::default());
+    Ok((k, store, kms))
 }
 
 fn aad<'a>(subject: Option<&'a str>, ctx: &'a [u8]) -> Aad<'a> {
@@ -265,8 +271,7 @@ fn blocked(r: Result<fieldkey::keyring::TenantInfo, Error>, needle: &str) {
 #[tokio::test]
 async fn retirement_requires_a_clean_completed_job_for_every_table() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let k = sqlite_keyring(&dir).await?;
-    let store = k.store().clone();
+    let (k, store, kms) = sqlite_keyring_and_store(&dir).await?;
     k.create_tenant("acme", None).await?;
     let old = k.encrypt(&aad(Some("alice"), b""), b"x").await?;
     // a job finished before the rotation proves nothing about v1
@@ -322,7 +327,7 @@ async fn retirement_requires_a_clean_completed_job_for_every_table() -> Result<(
     assert!(k.retire_key_version("acme", 1).await.is_ok(), "idempotent");
     // alice's key was wrapped under v1: it moved to v2 first, so her data survives
     assert_eq!(k.subject("acme", "alice").await?.wrap_version, 2);
-    let fresh = Keyring::new(store.clone(), k.kms().clone(), KeyringConfig::default());
+    let fresh = Keyring::new(store.clone(), kms.clone(), KeyringConfig::default());
     let new = fresh.encrypt(&aad(Some("alice"), b""), b"y").await?;
     assert_eq!(&*fresh.decrypt(&aad(Some("alice"), b""), &new).await?, b"y");
     // a ciphertext still on v1 now fails with its own error, here and elsewhere
@@ -345,8 +350,7 @@ async fn retirement_requires_a_clean_completed_job_for_every_table() -> Result<(
 #[tokio::test]
 async fn retirement_needs_a_clean_job_for_every_column_ever_covered() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let k = sqlite_keyring(&dir).await?;
-    let store = k.store().clone();
+    let (k, store, _) = sqlite_keyring_and_store(&dir).await?;
     k.create_tenant("acme", None).await?;
     let cols = |names: &[&str]| {
         let c: Vec<String> = names
@@ -412,8 +416,7 @@ async fn retirement_needs_a_clean_job_for_every_column_ever_covered() -> Result<
 #[tokio::test]
 async fn retirement_waits_out_the_runners_own_staleness_bound() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let k = sqlite_keyring(&dir).await?;
-    let store = k.store().clone();
+    let (k, store, _) = sqlite_keyring_and_store(&dir).await?;
     k.create_tenant("acme", None).await?;
     k.rotate_tenant("acme").await?;
     tokio::time::sleep(Duration::from_millis(1100)).await;
