@@ -1,107 +1,24 @@
-//! The facts a report is judged on. The configuration in force ([`Configuration`]: the
-//! envelope, the key store, the KMS, the rotation policy, transport security,
-//! authorization, audit settings and where the erasure ledger lives, read from the
-//! [`Config`]), and what the collectors gathered from the store for the verdict rules:
+//! The facts a report is judged on: the configuration in force, read from the
+//! [`Config`] into [`Configuration`] (the envelope, the key store, the KMS, the rotation
+//! policy, transport security, authorization, audit settings and where the erasure
+//! ledger lives), and what the collectors gather from the store for the verdict rules:
 //! what the audit chain says about erasures and restrictions ([`AuditIndex`]) and a
 //! tenant's suspended subjects ([`SuspendedSubjects`]).
 //!
 //! Does not: read the key store (the collectors do) or judge a fact (the verdict rules
-//! do); it states what is there, nothing more.
+//! do); it states what is there, nothing more. The facts' serialized types are in
+//! `model`.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
-
-use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 use crate::policy::RotationPolicy;
 use crate::policy::authz::PolicyStatus;
 
-use super::model::RestrictedSubject;
-
-/// Configuration facts that matter to the promises.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Configuration {
-    /// The ciphertext envelope and its cipher.
-    pub envelope: String,
-    /// Key store backend (`sqlite`, `postgres`).
-    pub key_store: String,
-    /// KMS in use.
-    pub kms: KmsFacts,
-    /// The rotation policy in force.
-    pub rotation_policy: RotationFacts,
-    /// Transport security.
-    pub tls: TlsFacts,
-    /// Authorization.
-    pub authorization: AuthzFacts,
-    /// Audit aggregation and checkpoints.
-    pub audit: AuditFacts,
-    /// Where the erasure ledger lives (`separate` from the key store, or `shared`).
-    pub erasure_ledger: String,
-}
-
-/// The KMS.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct KmsFacts {
-    /// `aws` or `local` (development only).
-    pub provider: String,
-    /// The default KMS key (tenants may bring their own).
-    pub default_key_id: Option<String>,
-    /// AWS region, if set.
-    pub region: Option<String>,
-}
-
-/// The rotation policy.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RotationFacts {
-    /// Maximum age of a tenant's active key version, days.
-    pub max_key_age_days: u32,
-    /// Warning window, days.
-    pub warn_days: u32,
-    /// Policy file name, or `default`.
-    pub source: String,
-}
-
-/// Transport security.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TlsFacts {
-    /// The mTLS listener for remote callers, if configured.
-    pub mtls_listener: Option<String>,
-    /// Protocol versions the mTLS listener accepts.
-    pub versions: Vec<String>,
-    /// Its preferred cipher suite.
-    pub preferred_cipher_suite: String,
-    /// Whether a client certificate is required (always, when mTLS is on).
-    pub client_certificate_required: bool,
-    /// Local (plaintext, in-pod) listeners: loopback TCP and Unix socket.
-    pub local_listeners: Vec<String>,
-    /// Whether Linkerd's `l5d-client-id` is trusted as the caller identity.
-    pub trust_linkerd_identity: bool,
-}
-
-/// Authorization.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AuthzFacts {
-    /// Whether a policy set is enforced (off = every caller may do everything).
-    pub enabled: bool,
-    /// Policy files of the set in force.
-    pub files: Vec<String>,
-    /// Policies in it.
-    pub policies: usize,
-    /// SHA-256 of the set (names and contents).
-    pub digest: Option<String>,
-    /// Why the policy directory does not load (or its newest change was refused).
-    pub error: Option<String>,
-}
-
-/// Audit settings.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AuditFacts {
-    /// Data operations are counted per window of this many seconds.
-    pub window_secs: u64,
-    /// A signed checkpoint is appended this often, seconds.
-    pub checkpoint_secs: u64,
-}
+use super::model::{
+    AuditFacts, AuthzFacts, Configuration, KmsFacts, RestrictedSubject, RotationFacts, TlsFacts,
+};
 
 impl Configuration {
     /// The authorization facts of a policy state (`None`: off; `Some(Err)`: the
@@ -110,13 +27,6 @@ impl Configuration {
         authz: Option<std::result::Result<PolicyStatus, String>>,
     ) -> AuthzFacts {
         match authz {
-            None => AuthzFacts {
-                enabled: false,
-                files: Vec::new(),
-                policies: 0,
-                digest: None,
-                error: None,
-            },
             Some(Ok(st)) => AuthzFacts {
                 enabled: true,
                 files: st.files,
@@ -124,12 +34,13 @@ impl Configuration {
                 digest: Some(st.digest),
                 error: st.last_error,
             },
-            Some(Err(e)) => AuthzFacts {
+            // Off, or a directory that does not load (and says why).
+            off => AuthzFacts {
                 enabled: false,
                 files: Vec::new(),
                 policies: 0,
                 digest: None,
-                error: Some(e),
+                error: off.and_then(std::result::Result::err),
             },
         }
     }

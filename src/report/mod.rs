@@ -13,9 +13,9 @@
 //! identifiers in the report (fingerprints of wrapped keys, ids and times only).
 //!
 //! The room, by concern: `model` (the report's types and verdict scale), `facts` (the
-//! configuration facts, and what the collectors gather for the rules), `collectors`
-//! (reading the store into facts, and [`build`] that assembles the report), `verdicts`
-//! (the rules that turn facts into verdicts), [`html`] (the page).
+//! configuration read into facts, and what the collectors gather for the rules),
+//! `collectors` (reading the store into facts, and [`build`] that assembles the
+//! report), `verdicts` (the rules that turn facts into verdicts), [`html`] (the page).
 
 mod collectors;
 mod facts;
@@ -24,10 +24,10 @@ mod model;
 mod verdicts;
 
 pub use collectors::build;
-pub use facts::{AuditFacts, AuthzFacts, Configuration, KmsFacts, RotationFacts, TlsFacts};
 pub use model::{
-    AuditSection, CompletionEntry, ERASURE_LIMIT_DAYS, ErasureEntry, ErasureStatus, FORMAT,
-    JobEntry, MAX_LISTED_SUBJECTS, OldVersion, Options, Period, PromiseId, PromiseResult,
-    ReceiptCheck, Report, RestrictedSubject, RestrictionEntry, RotationEntry, Summary,
-    TenantSection, Verdict, VersionEntry,
+    AuditFacts, AuditSection, AuthzFacts, CompletionEntry, Configuration, ERASURE_LIMIT_DAYS,
+    ErasureEntry, ErasureStatus, FORMAT, JobEntry, KmsFacts, MAX_LISTED_SUBJECTS, OldVersion,
+    Options, Period, PromiseId, PromiseResult, ReceiptCheck, Report, RestrictedSubject,
+    RestrictionEntry, RotationEntry, RotationFacts, Summary, TenantSection, TlsFacts, Verdict,
+    VersionEntry,
 };

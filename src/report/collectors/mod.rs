@@ -15,7 +15,7 @@ use crate::error::Result;
 use crate::policy::RotationPolicy;
 use crate::store::KeyStore;
 
-use super::facts::Configuration;
+use super::model::Configuration;
 use super::model::{FORMAT, Options, Period, Report};
 use super::verdicts::{self, tenants as tenant_rules};
 

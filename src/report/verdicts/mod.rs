@@ -12,7 +12,7 @@ pub(super) mod tenants;
 
 use crate::policy::RotationPolicy;
 
-use super::facts::Configuration;
+use super::model::Configuration;
 use super::model::{
     AuditSection, ErasureEntry, ErasureStatus, PromiseId, PromiseResult, Summary, TenantSection,
     Verdict,

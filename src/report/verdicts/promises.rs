@@ -6,7 +6,7 @@
 
 use crate::policy::RotationPolicy;
 
-use super::super::facts::Configuration;
+use super::super::model::Configuration;
 use super::super::model::{
     AuditSection, ERASURE_LIMIT_DAYS, ErasureEntry, ErasureStatus, TenantSection, Verdict,
 };
