@@ -598,13 +598,8 @@ fn tenants(h: &mut String, r: &Report) {
 }
 
 fn erasures(h: &mut String, r: &Report) {
-    if !section_table(
-        h,
-        "erasures",
-        "Erasure requests",
-        r.erasures.len(),
-        ERASURE_COLUMNS,
-    ) {
+    let rows = r.erasures.len();
+    if !section_table(h, "erasures", "Erasure requests", rows, ERASURE_COLUMNS) {
         return;
     }
     for e in &r.erasures {
