@@ -5,9 +5,7 @@
 //! export / offline verification of the audit log with its tamper cases.
 #![expect(
     clippy::unwrap_used,
-    clippy::expect_used,
     clippy::panic,
-    clippy::indexing_slicing,
     reason = "test code fails by panicking"
 )]
 

@@ -3,11 +3,7 @@
 //! two sidecars sharing one PostgreSQL store, measuring how fast a shred or suspension
 //! made on one is enforced by the other; a key-store backup restored after a shred;
 //! and `fieldkey erasure verify` on a genuine and an edited receipt.
-#![expect(
-    clippy::unwrap_used,
-    clippy::indexing_slicing,
-    reason = "test code fails by panicking"
-)]
+#![expect(clippy::unwrap_used, reason = "test code fails by panicking")]
 
 mod common;
 

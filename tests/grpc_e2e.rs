@@ -1,11 +1,5 @@
 //! End-to-end over real sockets: an in-process server on loopback TCP (and a Unix
 //! socket), generated clients, real SQLite / PostgreSQL stores and the local KMS.
-#![expect(
-    clippy::unwrap_used,
-    clippy::panic,
-    clippy::indexing_slicing,
-    reason = "test code fails by panicking"
-)]
 
 mod common;
 

@@ -1,11 +1,5 @@
 //! Keyring behaviour over a real SQLite file (and PostgreSQL where replicas matter) and
 //! the real local KMS.
-#![expect(
-    clippy::unwrap_used,
-    clippy::panic,
-    clippy::indexing_slicing,
-    reason = "test code fails by panicking"
-)]
 
 mod common;
 

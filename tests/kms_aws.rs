@@ -1,12 +1,7 @@
 //! The AWS KMS backend against moto_server (started by scripts/test.sh), with a
 //! fault-injecting HTTP proxy in front of it for the failures moto cannot produce
 //! (disabled key, pending deletion, access denied, throttling, slow and dead endpoints).
-#![expect(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::indexing_slicing,
-    reason = "test code fails by panicking"
-)]
+#![expect(clippy::unwrap_used, reason = "test code fails by panicking")]
 
 mod common;
 

@@ -1,11 +1,7 @@
 //! Metrics, health and hardening of a real `fieldkey serve` process: the counters move
 //! with traffic, readiness follows the key store (PostgreSQL behind a proxy that the
 //! test stops) while liveness does not, and core dumps are off.
-#![expect(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test code fails by panicking"
-)]
+#![expect(clippy::unwrap_used, reason = "test code fails by panicking")]
 
 mod common;
 

@@ -3,8 +3,6 @@
 //! half-way, two runners resuming at once; pause, cancel, leftovers and retirement.
 #![expect(
     clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
     clippy::indexing_slicing,
     clippy::zombie_processes,
     reason = "test code fails by panicking"

@@ -1,10 +1,11 @@
 //! The compliance report over a key store holding tenants in every situation: a fresh
 //! key, one due soon, one past its age, rotations in progress / finished / with
 //! ciphertexts left, a restricted subject, erasures on time, late, cancelled, overdue
-//! and pending; then a tampered audit record and a tampered receipt. Checks the JSON
-//! verdicts (against the JSON Schema in docs/ too), the CLI, and the HTML page rendered
-//! in headless Chromium (screenshot kept under `$CARGO_TARGET_DIR/tmp/`), and that
-//! neither form holds key material or plaintext.
+//! and pending; then a tampered audit record and a tampered receipt. One test per
+//! verdict rule, each on its own copy of that situation ([`situation`]); then the JSON
+//! (against the JSON Schema in docs/ too), the CLI, the tampered store, and the HTML
+//! page rendered in headless Chromium (screenshot kept under `$CARGO_TARGET_DIR/tmp/`),
+//! and that neither form holds key material or plaintext.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -25,9 +26,9 @@ use base64::Engine as _;
 use serde_json::Value;
 use sqlx::Row as _;
 
-use fieldkey::audit::{AuditConfig, AuditLog};
+use fieldkey::audit::AuditConfig;
 use fieldkey::crypto::Aad;
-use fieldkey::erasure::{Actor, ErasureConfig, Erasures};
+use fieldkey::erasure::{Actor, ErasureConfig};
 use fieldkey::policy::RotationPolicy;
 use fieldkey::policy::authz::Authorizer;
 use fieldkey::report::{self, Configuration, ErasureStatus, Options, Verdict};
@@ -98,10 +99,12 @@ async fn situation() -> Result<Situation> {
     let store: Arc<dyn KeyStore> = Arc::new(SqlStore::open_sqlite(&path).await?);
     let kms = common::local_kms(&dir)?;
     let ledger = Arc::new(ErasureLedger::open_sqlite(&dir.path().join("ledger.db")).await?);
-    let keyring =
-        Arc::new(Keyring::new(store.clone(), kms, KeyringConfig::default()).with_ledger(ledger));
-    let erasures = Erasures::new(keyring.clone(), ErasureConfig::default());
-    let audit = AuditLog::new(keyring.clone(), AuditConfig::default());
+    let keyring = Arc::new(
+        Keyring::new(store.clone(), kms.clone(), KeyringConfig::default()).with_ledger(ledger),
+    );
+    let parts = fieldkey::wiring::Parts::new(keyring.clone(), store.clone(), kms);
+    let erasures = parts.erasures(ErasureConfig::default());
+    let audit = parts.audit_log(AuditConfig::default());
     let raw = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display())).await?;
     let mut ids = std::collections::HashMap::new();
 
@@ -334,38 +337,96 @@ fn assert_no_secrets(what: &str, text: &str, blobs: &[String]) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn report_gives_each_situation_its_verdict() -> Result<()> {
+/// The verdict of promise `id` in `r`.
+fn verdict(r: &report::Report, id: &str) -> Verdict {
+    promise(r, id).verdict
+}
+
+/// The situation and its report, built now.
+async fn situation_report() -> Result<(Situation, report::Report)> {
     let s = situation().await?;
     let r = build(s.store.as_ref()).await?;
-    let json = serde_json::to_string_pretty(&r)?;
-    eprintln!("{}", serde_json::to_string_pretty(&r.summary)?);
+    Ok((s, r))
+}
 
-    // Verdicts per promise.
-    let v = |id| promise(&r, id).verdict;
-    assert_eq!(v("encryption-at-rest"), Verdict::Met);
+/// The rows edited behind the service's back, the chain left intact: a receipt altered
+/// (its signature fails), an overdue request edited to look cancelled (no
+/// erasure.cancelled record), a job whose counters were overwritten.
+async fn tamper_rows(s: &Situation) -> Result<()> {
+    // A receipt altered on an intact chain: its signature fails.
+    let receipt: String =
+        sqlx::query_scalar("SELECT receipt FROM fk_erasures WHERE erasure_id = $1")
+            .bind(&s.ids["tampered"])
+            .fetch_one(&s.raw)
+            .await?;
+    let edited = receipt.replacen("\"executed_at_unix_ms\": ", "\"executed_at_unix_ms\": 1", 1);
+    assert_ne!(edited, receipt, "the receipt states its execution time");
+    sqlx::query("UPDATE fk_erasures SET receipt = $1 WHERE erasure_id = $2")
+        .bind(&edited)
+        .bind(&s.ids["tampered"])
+        .execute(&s.raw)
+        .await?;
+    // An overdue request edited to look cancelled: no erasure.cancelled record.
+    sqlx::query(
+        "UPDATE fk_erasures SET state = 'cancelled', cancelled_at = $1 WHERE erasure_id = $2",
+    )
+    .bind(now_ms())
+    .bind(&s.ids["overdue"])
+    .execute(&s.raw)
+    .await?;
+    // A job whose counters were overwritten: reported, not fatal.
+    sqlx::query("UPDATE fk_jobs SET progress = 'not json' WHERE job_id = 'users-rotating'")
+        .execute(&s.raw)
+        .await?;
+    Ok(())
+}
+
+/// Tampering with the chain (after [`tamper_rows`]): an audit record edited.
+async fn tamper_chain(s: &Situation) -> Result<()> {
+    sqlx::query("DROP TRIGGER fk_audit_no_update")
+        .execute(&s.raw)
+        .await?;
+    sqlx::query("UPDATE fk_audit SET actor = 'someone-else' WHERE seq = 3")
+        .execute(&s.raw)
+        .await?;
+    Ok(())
+}
+
+/// The report of the situation with its rows and then its chain tampered with.
+async fn tampered_report(s: &Situation) -> Result<report::Report> {
+    tamper_rows(s).await?;
+    tamper_chain(s).await?;
+    let bad = build(s.store.as_ref()).await?;
+    eprintln!("{}", serde_json::to_string_pretty(&bad.summary)?);
+    Ok(bad)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encryption_at_rest_is_met_with_tenant_keys() -> Result<()> {
+    let (_s, r) = situation_report().await?;
+    assert_eq!(verdict(&r, "encryption-at-rest"), Verdict::Met);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kms_protection_is_not_met_on_the_local_kms() -> Result<()> {
+    let (_s, r) = situation_report().await?;
     assert_eq!(
-        v("kms-protection"),
+        verdict(&r, "kms-protection"),
         Verdict::NotMet,
         "local development KMS"
     );
-    assert_eq!(v("key-rotation"), Verdict::NotMet, "t-stale is overdue");
-    assert_eq!(v("rotation-completion"), Verdict::Attention);
-    assert_eq!(v("erasure"), Verdict::NotMet, "one late, one overdue");
-    assert_eq!(v("restriction"), Verdict::Met);
-    assert_eq!(v("audit-log"), Verdict::Met);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_rotation_judges_each_tenant_key_against_the_policy() -> Result<()> {
+    let (_s, r) = situation_report().await?;
     assert_eq!(
-        v("transport-security"),
-        Verdict::NotApplicable,
-        "no mTLS listener"
+        verdict(&r, "key-rotation"),
+        Verdict::NotMet,
+        "t-stale is overdue"
     );
-    assert_eq!(
-        v("access-control"),
-        Verdict::Met,
-        "the repository's policies"
-    );
-    assert!(!r.summary.all_met);
-    assert_eq!(r.summary.verdict, Verdict::NotMet);
     let rotation = &promise(&r, "key-rotation").findings;
     assert!(
         rotation
@@ -380,7 +441,6 @@ async fn report_gives_each_situation_its_verdict() -> Result<()> {
         "{rotation:?}"
     );
 
-    // Tenants.
     let rot = |t: &str| {
         (
             tenant(&r, t).rotation.verdict,
@@ -390,6 +450,7 @@ async fn report_gives_each_situation_its_verdict() -> Result<()> {
     assert_eq!(rot("t-fresh"), (Verdict::Met, "ok".into()));
     assert_eq!(rot("t-due"), (Verdict::Attention, "due-soon".into()));
     assert_eq!(rot("t-stale"), (Verdict::NotMet, "overdue".into()));
+    // A suspended tenant whose key is past its age: suspension does not hide it.
     assert_eq!(
         rot("t-suspended-stale"),
         (Verdict::NotMet, "overdue".into())
@@ -403,6 +464,13 @@ async fn report_gives_each_situation_its_verdict() -> Result<()> {
     assert!(tenant(&r, "t-suspended-stale").restriction.tenant_suspended);
     let age = tenant(&r, "t-stale").rotation.age_days.unwrap();
     assert!((399.9..400.1).contains(&age), "{age}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_completion_reports_what_jobs_left_on_old_versions() -> Result<()> {
+    let (_s, r) = situation_report().await?;
+    assert_eq!(verdict(&r, "rotation-completion"), Verdict::Attention);
     let old = |t: &str| tenant(&r, t).rotation_completion.old_versions.clone();
     let o = old("t-rotating");
     assert_eq!((o.len(), o[0].version, o[0].ciphertexts_left), (1, 1, None));
@@ -426,19 +494,17 @@ async fn report_gives_each_situation_its_verdict() -> Result<()> {
         tenant(&r, "t-fresh").rotation_completion.verdict,
         Verdict::Met
     );
-    let rs = &tenant(&r, "t-restricted").restriction;
-    assert_eq!((rs.verdict, rs.suspended_subjects), (Verdict::Met, 2));
-    assert_eq!(rs.subjects[0].subject_id, "u-7");
-    assert!(
-        rs.subjects.iter().all(|s| s.audit_seq.is_some()),
-        "each suspension is in the audit log"
-    );
-    assert_eq!(
-        tenant(&r, "t-fresh").restriction.verdict,
-        Verdict::NotApplicable
-    );
+    Ok(())
+}
 
-    // Erasures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn erasure_judges_each_request_against_30_days_and_its_receipt() -> Result<()> {
+    let (s, r) = situation_report().await?;
+    assert_eq!(
+        verdict(&r, "erasure"),
+        Verdict::NotMet,
+        "one late, one overdue"
+    );
     let e = |k: &str| erasure(&r, &s.ids[k]);
     assert_eq!(e("on-time").status, ErasureStatus::OnTime);
     let rc = e("on-time").receipt.clone().unwrap();
@@ -458,23 +524,87 @@ async fn report_gives_each_situation_its_verdict() -> Result<()> {
     assert_eq!(e("pending").status, ErasureStatus::Pending);
     assert_eq!(e("pending").verdict, Verdict::Attention);
     assert_eq!(e("tampered").status, ErasureStatus::OnTime);
+    Ok(())
+}
 
-    // The audit chain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restriction_is_met_when_every_suspension_is_in_the_audit_log() -> Result<()> {
+    let (_s, r) = situation_report().await?;
+    assert_eq!(verdict(&r, "restriction"), Verdict::Met);
+    let rs = &tenant(&r, "t-restricted").restriction;
+    assert_eq!((rs.verdict, rs.suspended_subjects), (Verdict::Met, 2));
+    assert_eq!(rs.subjects[0].subject_id, "u-7");
+    assert!(
+        rs.subjects.iter().all(|s| s.audit_seq.is_some()),
+        "each suspension is in the audit log"
+    );
+    assert_eq!(
+        tenant(&r, "t-fresh").restriction.verdict,
+        Verdict::NotApplicable
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_log_is_met_on_a_verified_checkpointed_chain() -> Result<()> {
+    let (_s, r) = situation_report().await?;
+    assert_eq!(verdict(&r, "audit-log"), Verdict::Met);
     assert!(r.audit_log.verified);
     assert!(r.audit_log.checkpoints >= 1);
     assert_eq!(r.audit_log.key_source, "key-store");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transport_security_is_not_applicable_without_a_remote_listener() -> Result<()> {
+    let (_s, r) = situation_report().await?;
+    assert_eq!(
+        verdict(&r, "transport-security"),
+        Verdict::NotApplicable,
+        "no mTLS listener"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_control_is_met_with_the_repository_policies() -> Result<()> {
+    let (_s, r) = situation_report().await?;
+    assert_eq!(
+        verdict(&r, "access-control"),
+        Verdict::Met,
+        "the repository's policies"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn summary_is_not_met_and_alerts_name_the_broken_promises() -> Result<()> {
+    let (_s, r) = situation_report().await?;
+    eprintln!("{}", serde_json::to_string_pretty(&r.summary)?);
+    assert!(!r.summary.all_met);
+    assert_eq!(r.summary.verdict, Verdict::NotMet);
     // Alerts name the broken promises, not integrity failures.
     assert!(
         r.summary.alerts.iter().all(|a| a.starts_with("NOT MET: ")),
         "{:?}",
         r.summary.alerts
     );
+    Ok(())
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_report_matches_the_schema_and_holds_no_secrets() -> Result<()> {
+    let (s, r) = situation_report().await?;
+    let json = serde_json::to_string_pretty(&r)?;
     let blobs = wrapped_blobs(&s.raw).await?;
     assert_no_secrets("the JSON report", &json, &blobs);
     check_schema(&json, s.dir.path())?;
+    Ok(())
+}
 
-    // The CLI reads the same store offline and says the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_reads_the_same_store_offline_and_says_the_same() -> Result<()> {
+    let (s, r) = situation_report().await?;
     let out_json = s.dir.path().join("report.json");
     let cli = Command::new(BIN)
         .args(["report", "--data-dir"])
@@ -533,7 +663,23 @@ async fn report_gives_each_situation_its_verdict() -> Result<()> {
         "an empty period is a usage error: {}",
         String::from_utf8_lossy(&period.stderr)
     );
+    let nowhere = Command::new(BIN)
+        .args(["report", "--data-dir"])
+        .arg(s.dir.path().join("mistyped"))
+        .output()?;
+    assert_eq!(
+        nowhere.status.code(),
+        Some(3),
+        "a missing store is not found, not created: {}",
+        String::from_utf8_lossy(&nowhere.stderr)
+    );
+    assert!(!s.dir.path().join("mistyped/keys.db").exists());
+    Ok(())
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn report_on_an_unknown_tenant_is_refused() -> Result<()> {
+    let s = situation().await?;
     // A report on nothing is refused, never "all met".
     let r_none = report::build(
         s.store.as_ref(),
@@ -550,18 +696,12 @@ async fn report_gives_each_situation_its_verdict() -> Result<()> {
         matches!(r_none, Err(fieldkey::Error::TenantNotFound { .. })),
         "{r_none:?}"
     );
-    let nowhere = Command::new(BIN)
-        .args(["report", "--data-dir"])
-        .arg(s.dir.path().join("mistyped"))
-        .output()?;
-    assert_eq!(
-        nowhere.status.code(),
-        Some(3),
-        "a missing store is not found, not created: {}",
-        String::from_utf8_lossy(&nowhere.stderr)
-    );
-    assert!(!s.dir.path().join("mistyped/keys.db").exists());
-    // One tenant, one period: only what falls in it.
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_tenant_one_period_reports_only_what_falls_in_it() -> Result<()> {
+    let s = situation().await?;
     let one = report::build(
         s.store.as_ref(),
         configuration(),
@@ -584,32 +724,13 @@ async fn report_gives_each_situation_its_verdict() -> Result<()> {
         in_period, expected,
         "requested 31 days ago: the only ones in that period"
     );
+    Ok(())
+}
 
-    // A receipt altered on an intact chain: its signature fails.
-    let receipt: String =
-        sqlx::query_scalar("SELECT receipt FROM fk_erasures WHERE erasure_id = $1")
-            .bind(&s.ids["tampered"])
-            .fetch_one(&s.raw)
-            .await?;
-    let edited = receipt.replacen("\"executed_at_unix_ms\": ", "\"executed_at_unix_ms\": 1", 1);
-    assert_ne!(edited, receipt, "the receipt states its execution time");
-    sqlx::query("UPDATE fk_erasures SET receipt = $1 WHERE erasure_id = $2")
-        .bind(&edited)
-        .bind(&s.ids["tampered"])
-        .execute(&s.raw)
-        .await?;
-    // An overdue request edited to look cancelled: no erasure.cancelled record.
-    sqlx::query(
-        "UPDATE fk_erasures SET state = 'cancelled', cancelled_at = $1 WHERE erasure_id = $2",
-    )
-    .bind(now_ms())
-    .bind(&s.ids["overdue"])
-    .execute(&s.raw)
-    .await?;
-    // A job whose counters were overwritten: reported, not fatal.
-    sqlx::query("UPDATE fk_jobs SET progress = 'not json' WHERE job_id = 'users-rotating'")
-        .execute(&s.raw)
-        .await?;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edited_rows_fail_the_erasure_evidence_on_an_intact_chain() -> Result<()> {
+    let s = situation().await?;
+    tamper_rows(&s).await?;
     let edited_rows = build(s.store.as_ref()).await?;
     assert!(
         edited_rows.summary.alerts.iter().any(|a| a
@@ -645,16 +766,13 @@ async fn report_gives_each_situation_its_verdict() -> Result<()> {
         "{:?}",
         edited_rows.summary.alerts
     );
+    Ok(())
+}
 
-    // Tampering with the chain: an audit record edited.
-    sqlx::query("DROP TRIGGER fk_audit_no_update")
-        .execute(&s.raw)
-        .await?;
-    sqlx::query("UPDATE fk_audit SET actor = 'someone-else' WHERE seq = 3")
-        .execute(&s.raw)
-        .await?;
-    let bad = build(s.store.as_ref()).await?;
-    eprintln!("{}", serde_json::to_string_pretty(&bad.summary)?);
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edited_audit_record_breaks_the_chain_and_is_the_first_alert() -> Result<()> {
+    let s = situation().await?;
+    let bad = tampered_report(&s).await?;
     assert!(!bad.audit_log.verified);
     assert_eq!(bad.audit_log.verdict, Verdict::NotMet);
     assert!(
@@ -687,6 +805,14 @@ async fn report_gives_each_situation_its_verdict() -> Result<()> {
         erasure(&bad, &s.ids["on-time"]).status,
         ErasureStatus::OnTime
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn html_renders_in_chromium_with_the_alerts_first() -> Result<()> {
+    let (s, r) = situation_report().await?;
+    let blobs = wrapped_blobs(&s.raw).await?;
+    let bad = tampered_report(&s).await?;
 
     // HTML: both reports render in Chromium; the broken one shows its alerts first.
     let html_ok = report::html::render(&r);

@@ -1,6 +1,5 @@
 //! One test per attack on stored ciphertexts, so none can come back silently.
 //! Each runs against the real keyring (SQLite file, local KMS).
-#![expect(clippy::indexing_slicing, reason = "test code fails by panicking")]
 
 mod common;
 

@@ -8,6 +8,14 @@ use std::fmt::Write as _;
 
 use super::{ErasureStatus, Report, Verdict};
 
+/// The columns of the erasure table.
+const ERASURE_COLUMNS: &str =
+    "Request|Tenant / subject|Requested|Scheduled for|Completed|Days|Status|Receipt";
+
+/// The columns of the job table.
+const JOB_COLUMNS: &str =
+    "Job|Table|Tenant|State|Created|Finished|Rows read|Moved|Shredded|Failed|Left on old versions";
+
 /// Most bars in one chart (the oldest keys, the longest erasures); the tables list all.
 const MAX_BARS: usize = 40;
 
@@ -39,6 +47,35 @@ fn badge(v: Verdict) -> String {
 
 fn opt(s: Option<&str>) -> String {
     s.map_or_else(|| "—".to_owned(), esc)
+}
+
+/// Opens a table whose header row names `columns` (separated by `|`).
+fn table_head(h: &mut String, columns: &str) {
+    h.push_str("<table><tr>");
+    for c in columns.split('|') {
+        let _ = write!(h, "<th>{c}</th>");
+    }
+    h.push_str("</tr>");
+}
+
+/// Opens the section `id` titled `title` (a plural noun, as "Erasure requests") on a
+/// table of `columns` (separated by `|`); a section of no `rows` says so ("No erasure
+/// request in the period.") instead, and `false` is returned.
+fn section_table(h: &mut String, id: &str, title: &str, rows: usize, columns: &str) -> bool {
+    let _ = write!(h, "<h2 id=\"{id}\">{title}</h2>");
+    if rows == 0 {
+        let mut noun = title.strip_suffix('s').unwrap_or(title).chars();
+        let first = noun.next().map(|c| c.to_ascii_lowercase());
+        let _ = write!(
+            h,
+            "<p>No {}{} in the period.</p>",
+            first.map(String::from).unwrap_or_default(),
+            noun.as_str()
+        );
+        return false;
+    }
+    table_head(h, columns);
+    true
 }
 
 const STYLE: &str = r#"
@@ -185,27 +222,6 @@ pub fn render(r: &Report) -> String {
 fn key_age_chart(h: &mut String, r: &Report) {
     let max_days = f64::from(r.configuration.rotation_policy.max_key_age_days);
     let warn_from = max_days - f64::from(r.configuration.rotation_policy.warn_days);
-    let mut rows: Vec<(&str, f64)> = r
-        .tenants
-        .iter()
-        .filter_map(|t| t.rotation.age_days.map(|a| (t.tenant_id.as_str(), a)))
-        .collect();
-    if rows.is_empty() {
-        return;
-    }
-    rows.sort_by(|a, b| b.1.total_cmp(&a.1));
-    let shown = rows.len().min(MAX_BARS);
-    let _ = write!(
-        h,
-        "<h2>Key ages against the rotation limit</h2><div class=\"legend\">Age of each \
-         tenant's active key version, days; the red line is the {max_days:.0}-day limit, \
-         amber from {warn_from:.0} days.{}</div>",
-        if rows.len() > shown {
-            format!(" The {shown} oldest of {} shown.", rows.len())
-        } else {
-            String::new()
-        }
-    );
     let color = |d: f64| {
         if d >= max_days {
             "#b3261e"
@@ -215,56 +231,97 @@ fn key_age_chart(h: &mut String, r: &Report) {
             "#1b7f3b"
         }
     };
-    let bars_of: Vec<(&str, f64, &str)> = rows
+    let rows: Vec<(&str, f64, &str)> = r
+        .tenants
         .iter()
-        .take(shown)
-        .map(|&(t, d)| (t, d, color(d)))
+        .filter_map(|t| {
+            t.rotation
+                .age_days
+                .map(|a| (t.tenant_id.as_str(), a, color(a)))
+        })
         .collect();
-    bars(h, "chart-key-ages", &bars_of, max_days);
+    let legend = format!(
+        "Age of each tenant's active key version, days; the red line is the \
+         {max_days:.0}-day limit, amber from {warn_from:.0} days."
+    );
+    let chart = Chart {
+        id: "chart-key-ages",
+        title: "Key ages against the rotation limit",
+        longest: "oldest",
+        limit: max_days,
+    };
+    chart.render(h, &legend, rows);
 }
 
 /// Horizontal bars: one per erasure, days from request to completion (or to now).
 fn erasure_chart(h: &mut String, r: &Report) {
-    let mut rows: Vec<(String, f64, ErasureStatus)> = r
+    let who: Vec<String> = r
         .erasures
         .iter()
-        .filter(|e| e.status != ErasureStatus::Cancelled)
-        .map(|e| {
-            let who = match &e.subject_id {
-                Some(s) => format!("{}/{s}", e.tenant_id),
-                None => e.tenant_id.clone(),
-            };
-            (who, e.days, e.status)
+        .map(|e| match &e.subject_id {
+            Some(s) => format!("{}/{s}", e.tenant_id),
+            None => e.tenant_id.clone(),
         })
         .collect();
-    if rows.is_empty() {
-        return;
-    }
-    rows.sort_by(|a, b| b.1.total_cmp(&a.1));
-    let shown = rows.len().min(MAX_BARS);
-    let _ = write!(
-        h,
-        "<h2>Erasure times against 30 days</h2><div class=\"legend\">Days from request to \
-         completion (open requests: to now); the red line is the 30-day limit.{}</div>",
-        if rows.len() > shown {
-            format!(" The {shown} longest of {} shown.", rows.len())
-        } else {
-            String::new()
-        }
-    );
-    let bars_of: Vec<(&str, f64, &str)> = rows
+    let rows: Vec<(&str, f64, &str)> = r
+        .erasures
         .iter()
-        .take(shown)
-        .map(|(w, d, st)| {
-            let c = match st {
+        .zip(&who)
+        .filter(|(e, _)| e.status != ErasureStatus::Cancelled)
+        .map(|(e, w)| {
+            let c = match e.status {
                 ErasureStatus::OnTime => "#1b7f3b",
                 ErasureStatus::Pending => "#a86400",
                 _ => "#b3261e",
             };
-            (w.as_str(), *d, c)
+            (w.as_str(), e.days, c)
         })
         .collect();
-    bars(h, "chart-erasures", &bars_of, 30.0);
+    let chart = Chart {
+        id: "chart-erasures",
+        title: "Erasure times against 30 days",
+        longest: "longest",
+        limit: 30.0,
+    };
+    let legend = "Days from request to completion (open requests: to now); the red line is \
+                  the 30-day limit.";
+    chart.render(h, legend, rows);
+}
+
+/// A chart section of horizontal bars.
+struct Chart {
+    /// The SVG's id.
+    id: &'static str,
+    /// Its heading.
+    title: &'static str,
+    /// How the legend calls the bars shown when some are left out (`oldest`).
+    longest: &'static str,
+    /// Where the limit line stands, days.
+    limit: f64,
+}
+
+impl Chart {
+    /// The heading, `legend`, and the longest [`MAX_BARS`] of `rows` (label, days,
+    /// color), longest first; nothing when there is no row.
+    fn render(&self, h: &mut String, legend: &str, mut rows: Vec<(&str, f64, &str)>) {
+        if rows.is_empty() {
+            return;
+        }
+        rows.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let shown = rows.len().min(MAX_BARS);
+        let _ = write!(
+            h,
+            "<h2>{}</h2><div class=\"legend\">{legend}{}</div>",
+            self.title,
+            if rows.len() > shown {
+                format!(" The {shown} {} of {} shown.", self.longest, rows.len())
+            } else {
+                String::new()
+            }
+        );
+        rows.truncate(shown);
+        bars(h, self.id, &rows, self.limit);
+    }
 }
 
 /// An SVG bar chart with a limit line at `limit`.
@@ -471,9 +528,9 @@ fn tenants(h: &mut String, r: &Report) {
             badge(t.rotation.verdict),
             esc(&t.rotation.finding)
         );
-        h.push_str(
-            "<table><tr><th>Version</th><th>State</th><th>Created</th><th>Age (days)</th>\
-             <th>Last change</th><th>Fingerprint of the wrapped key</th></tr>",
+        table_head(
+            h,
+            "Version|State|Created|Age (days)|Last change|Fingerprint of the wrapped key",
         );
         for v in &t.versions {
             let _ = write!(
@@ -521,9 +578,7 @@ fn tenants(h: &mut String, r: &Report) {
                 rs.suspended_subjects
             );
             if !rs.subjects.is_empty() {
-                h.push_str(
-                    "<table><tr><th>Subject</th><th>Suspended since</th><th>Audit record</th></tr>",
-                );
+                table_head(h, "Subject|Suspended since|Audit record");
                 for s in &rs.subjects {
                     let _ = write!(
                         h,
@@ -543,15 +598,10 @@ fn tenants(h: &mut String, r: &Report) {
 }
 
 fn erasures(h: &mut String, r: &Report) {
-    h.push_str("<h2 id=\"erasures\">Erasure requests</h2>");
-    if r.erasures.is_empty() {
-        h.push_str("<p>No erasure request in the period.</p>");
+    let rows = r.erasures.len();
+    if !section_table(h, "erasures", "Erasure requests", rows, ERASURE_COLUMNS) {
         return;
     }
-    h.push_str(
-        "<table><tr><th>Request</th><th>Tenant / subject</th><th>Requested</th>\
-         <th>Scheduled for</th><th>Completed</th><th>Days</th><th>Status</th><th>Receipt</th></tr>",
-    );
     for e in &r.erasures {
         let receipt = match (&e.receipt, &e.problem) {
             (_, Some(p)) => format!("<b style=\"color:var(--bad)\">FAILED: {}</b>", esc(p)),
@@ -599,16 +649,9 @@ fn erasures(h: &mut String, r: &Report) {
 }
 
 fn jobs(h: &mut String, r: &Report) {
-    h.push_str("<h2 id=\"jobs\">Re-encryption jobs</h2>");
-    if r.jobs.is_empty() {
-        h.push_str("<p>No re-encryption job in the period.</p>");
+    if !section_table(h, "jobs", "Re-encryption jobs", r.jobs.len(), JOB_COLUMNS) {
         return;
     }
-    h.push_str(
-        "<table><tr><th>Job</th><th>Table</th><th>Tenant</th><th>State</th><th>Created</th>\
-         <th>Finished</th><th>Rows read</th><th>Moved</th><th>Shredded</th><th>Failed</th>\
-         <th>Left on old versions</th></tr>",
-    );
     for j in &r.jobs {
         let left: Vec<String> = j
             .leftovers

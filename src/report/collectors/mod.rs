@@ -1,0 +1,90 @@
+//! Builds the report: reads the key store (read only) into facts, one collector per
+//! concern (the audit chain, tenants and their keys, re-encryption jobs, erasure
+//! requests), hands them to the verdict rules, and assembles the [`Report`].
+//!
+//! Does not: write anything, call the KMS, or decide a verdict itself (the rules live
+//! in `verdicts`).
+
+mod audit;
+mod erasures;
+mod jobs;
+mod keys;
+
+use crate::erasure::receipt::rfc3339_ms;
+use crate::error::Result;
+use crate::policy::RotationPolicy;
+use crate::store::KeyStore;
+
+use super::model::Configuration;
+use super::model::{FORMAT, Options, Period, Report};
+use super::verdicts::{self, tenants as tenant_rules};
+
+/// Builds the report from `store` (read only) and the configuration facts.
+///
+/// # Errors
+/// [`crate::error::Error::Store`] if the store cannot be read. Everything the store
+/// holds that does not verify is reported, not returned as an error.
+pub async fn build(
+    store: &dyn KeyStore,
+    configuration: Configuration,
+    rotation: &RotationPolicy,
+    opts: &Options,
+) -> Result<Report> {
+    let period = Period::new(opts.since_ms, opts.until_ms);
+    let now = opts.now_ms;
+    // Store records that do not decode: shown as alerts, never fatal.
+    let mut unreadable = Vec::new();
+
+    // The audit chain, with what later sections look up in it.
+    let (mut audit_log, index) = audit::read_chain(store, opts, &period, &mut unreadable).await?;
+    let all_tenants = store.list_tenants().await?;
+    audit_log.verdict =
+        verdicts::audit_freshness(&audit_log, &configuration, !all_tenants.is_empty(), now);
+
+    let jobs = jobs::read_jobs(store, &mut unreadable).await?;
+    // Tenants.
+    let tenant_ids = keys::tenant_ids(all_tenants, opts.tenant.as_deref())?;
+    let mut tenants = Vec::with_capacity(tenant_ids.len());
+    for id in &tenant_ids {
+        let Some(info) = keys::tenant(store, id).await? else {
+            continue;
+        };
+        let subjects = keys::suspended_subjects(store, &info.tenant_id, &index).await?;
+        let restriction = tenant_rules::restriction(&info, &index, subjects);
+        tenants.push(tenant_rules::tenant_section(
+            &info,
+            rotation,
+            &jobs,
+            restriction,
+            now,
+        ));
+    }
+
+    // Erasures.
+    let (erasures, missing) =
+        erasures::read_erasures(store, opts, &period, &index, &mut unreadable).await?;
+    let jobs = jobs::job_entries(&jobs, opts, &period);
+
+    let summary = verdicts::summarize(
+        &configuration,
+        rotation,
+        &audit_log,
+        &tenants,
+        &erasures,
+        &missing,
+        &unreadable,
+    );
+    Ok(Report {
+        format: FORMAT.into(),
+        generated_at: rfc3339_ms(now),
+        generated_at_unix_ms: now,
+        period,
+        tenant_filter: opts.tenant.clone(),
+        summary,
+        configuration,
+        audit_log,
+        tenants,
+        erasures,
+        jobs,
+    })
+}

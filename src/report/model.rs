@@ -1,0 +1,588 @@
+//! The report's model: the types the JSON of `docs/COMPLIANCE.md` is made of (format
+//! [`FORMAT`]), the configuration facts among them ([`Configuration`]), the verdict
+//! scale ([`Verdict`]), the promises ([`PromiseId`]) and what a caller asks for
+//! ([`Options`]).
+//!
+//! Does not: read the store or the configuration (the collectors and `facts` do),
+//! decide a verdict (the verdict rules do), or render anything (`html` does).
+
+use std::collections::BTreeMap;
+
+use ed25519_dalek::VerifyingKey;
+use serde::{Deserialize, Serialize};
+
+use crate::erasure::receipt::rfc3339_ms;
+
+/// Format tag of the JSON report; changes only with an incompatible change.
+pub const FORMAT: &str = "fieldkey-compliance-report/1";
+
+/// The agreements' erasure limit.
+pub const ERASURE_LIMIT_DAYS: i64 = 30;
+
+/// Most restricted subjects listed per tenant (all are counted).
+pub const MAX_LISTED_SUBJECTS: usize = 1000;
+
+/// How a promise stands. Ordered from best to worst for [`Verdict::worst`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Verdict {
+    /// Nothing to assess (no tenant, no erasure in the period, ...).
+    NotApplicable,
+    /// Met, with the evidence shown.
+    Met,
+    /// Met, but something needs an operator soon (a key due for rotation, a rotation
+    /// not yet completed, an erasure pending).
+    Attention,
+    /// Not met: the report says which item and why.
+    NotMet,
+}
+
+impl Verdict {
+    /// The worse of two verdicts.
+    #[must_use]
+    pub fn worst(self, other: Self) -> Self {
+        self.max(other)
+    }
+
+    /// Stable text form (as in the JSON).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::NotApplicable => "not-applicable",
+            Verdict::Met => "met",
+            Verdict::Attention => "attention",
+            Verdict::NotMet => "not-met",
+        }
+    }
+}
+
+/// The promises of a data processing agreement that this report gives evidence for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PromiseId {
+    /// Personal data encrypted at rest with AES-256-GCM under tenant-specific keys.
+    EncryptionAtRest,
+    /// Keys protected by a KMS.
+    KmsProtection,
+    /// Tenant keys rotated every year.
+    KeyRotation,
+    /// After a rotation, stored ciphertexts move to the new key version.
+    RotationCompletion,
+    /// Erasure of a user or a tenant within 30 days, with cryptographic proof.
+    Erasure,
+    /// Restriction of processing (GDPR Art. 18) honoured.
+    Restriction,
+    /// A tamper-evident audit log.
+    AuditLog,
+    /// TLS 1.3 with client certificates between services.
+    TransportSecurity,
+    /// Default-deny access control per caller identity.
+    AccessControl,
+}
+
+impl PromiseId {
+    /// Every promise, in report order.
+    pub const ALL: [PromiseId; 9] = [
+        PromiseId::EncryptionAtRest,
+        PromiseId::KmsProtection,
+        PromiseId::KeyRotation,
+        PromiseId::RotationCompletion,
+        PromiseId::Erasure,
+        PromiseId::Restriction,
+        PromiseId::AuditLog,
+        PromiseId::TransportSecurity,
+        PromiseId::AccessControl,
+    ];
+
+    /// The promise as an agreement words it.
+    pub fn text(self) -> &'static str {
+        match self {
+            PromiseId::EncryptionAtRest => {
+                "Personal data encrypted at rest with AES-256-GCM under tenant-specific keys"
+            }
+            PromiseId::KmsProtection => "Keys protected by a KMS",
+            PromiseId::KeyRotation => "Tenant keys rotated every year",
+            PromiseId::RotationCompletion => {
+                "After a rotation, stored ciphertexts move to the new key version"
+            }
+            PromiseId::Erasure => {
+                "Erasure of a user or a tenant within 30 days, with cryptographic proof"
+            }
+            PromiseId::Restriction => "Restriction (suspension) of processing honoured",
+            PromiseId::AuditLog => "Tamper-evident audit log",
+            PromiseId::TransportSecurity => "TLS 1.3 with client certificates between services",
+            PromiseId::AccessControl => "Default-deny access control per caller identity",
+        }
+    }
+
+    /// The report section that shows the evidence.
+    pub fn section(self) -> &'static str {
+        match self {
+            PromiseId::EncryptionAtRest | PromiseId::KmsProtection => "configuration",
+            PromiseId::KeyRotation | PromiseId::RotationCompletion => "tenants",
+            PromiseId::Erasure => "erasures",
+            PromiseId::Restriction => "tenants",
+            PromiseId::AuditLog => "audit_log",
+            PromiseId::TransportSecurity | PromiseId::AccessControl => "configuration",
+        }
+    }
+
+    /// Stable text form (as in the JSON).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PromiseId::EncryptionAtRest => "encryption-at-rest",
+            PromiseId::KmsProtection => "kms-protection",
+            PromiseId::KeyRotation => "key-rotation",
+            PromiseId::RotationCompletion => "rotation-completion",
+            PromiseId::Erasure => "erasure",
+            PromiseId::Restriction => "restriction",
+            PromiseId::AuditLog => "audit-log",
+            PromiseId::TransportSecurity => "transport-security",
+            PromiseId::AccessControl => "access-control",
+        }
+    }
+}
+
+/// The whole report (`docs/COMPLIANCE.md` documents every field).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    /// Always [`FORMAT`].
+    pub format: String,
+    /// When the report was made (RFC 3339 UTC).
+    pub generated_at: String,
+    /// The same, Unix ms.
+    pub generated_at_unix_ms: i64,
+    /// The period the erasure, job and audit sections cover.
+    pub period: Period,
+    /// The one tenant reported on, if the report was limited to one.
+    pub tenant_filter: Option<String>,
+    /// Verdicts first: what a reader must see.
+    pub summary: Summary,
+    /// The configuration in force.
+    pub configuration: Configuration,
+    /// The audit chain, verified.
+    pub audit_log: AuditSection,
+    /// Each tenant's keys, rotation, re-encryption and restrictions.
+    pub tenants: Vec<TenantSection>,
+    /// Erasure requests in the period.
+    pub erasures: Vec<ErasureEntry>,
+    /// Re-encryption jobs in the period.
+    pub jobs: Vec<JobEntry>,
+}
+
+/// A time range; either end open.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Period {
+    /// Start (RFC 3339), inclusive.
+    pub since: Option<String>,
+    /// Start, Unix ms.
+    pub since_unix_ms: Option<i64>,
+    /// End (RFC 3339), exclusive.
+    pub until: Option<String>,
+    /// End, Unix ms.
+    pub until_unix_ms: Option<i64>,
+}
+
+impl Period {
+    pub(super) fn new(since: Option<i64>, until: Option<i64>) -> Self {
+        Self {
+            since: since.map(rfc3339_ms),
+            since_unix_ms: since,
+            until: until.map(rfc3339_ms),
+            until_unix_ms: until,
+        }
+    }
+
+    /// Whether `[start, end]` overlaps the period.
+    pub(super) fn overlaps(&self, start: i64, end: i64) -> bool {
+        self.since_unix_ms.is_none_or(|s| end >= s) && self.until_unix_ms.is_none_or(|u| start < u)
+    }
+
+    pub(super) fn contains(&self, t: i64) -> bool {
+        self.overlaps(t, t)
+    }
+}
+
+/// The verdicts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Summary {
+    /// True when no promise is `not-met` and no integrity check failed.
+    pub all_met: bool,
+    /// The worst verdict of all promises.
+    pub verdict: Verdict,
+    /// Integrity failures (a broken audit chain, a receipt that does not verify) and
+    /// broken promises, most serious first: shown at the top, never buried.
+    pub alerts: Vec<String>,
+    /// One entry per promise, in [`PromiseId::ALL`] order.
+    pub promises: Vec<PromiseResult>,
+}
+
+/// One promise and how it stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PromiseResult {
+    /// Stable id.
+    pub id: PromiseId,
+    /// The promise as an agreement words it.
+    pub promise: String,
+    /// How it stands.
+    pub verdict: Verdict,
+    /// The report section with the evidence.
+    pub section: String,
+    /// Why (the items that are not met or need attention, or what shows it is met).
+    pub findings: Vec<String>,
+}
+
+/// The audit chain, verified.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditSection {
+    /// The promise it supports.
+    pub promise: PromiseId,
+    /// How it stands.
+    pub verdict: Verdict,
+    /// Whether the whole chain verified (hashes, order, checkpoints, head).
+    pub verified: bool,
+    /// The first problem, if it did not.
+    pub error: Option<String>,
+    /// Records in the log.
+    pub records: u64,
+    /// Last record.
+    pub last_seq: u64,
+    /// Valid signed checkpoints.
+    pub checkpoints: u64,
+    /// The last checkpoint record, and when it was written.
+    pub last_checkpoint_seq: Option<u64>,
+    /// When (RFC 3339).
+    pub last_checkpoint_at: Option<String>,
+    /// The same, Unix ms (not serialized: `last_checkpoint_at` is).
+    #[serde(skip)]
+    pub last_checkpoint_unix_ms: Option<i64>,
+    /// Records after the last checkpoint (chained, not yet signed).
+    pub records_after_last_checkpoint: u64,
+    /// Records written in the period.
+    pub records_in_period: u64,
+    /// Where the public keys that verified the checkpoints came from: `pinned` (given
+    /// to the report) or `key-store` (read from the store being verified).
+    pub key_source: String,
+    /// Their ids.
+    pub key_ids: Vec<String>,
+}
+
+/// One tenant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TenantSection {
+    /// Tenant id.
+    pub tenant_id: String,
+    /// `active`, `suspended` or `erased`.
+    pub state: String,
+    /// Creation time (RFC 3339).
+    pub created_at: String,
+    /// KMS key that wraps new versions.
+    pub kms_key_id: String,
+    /// Key versions, ascending.
+    pub versions: Vec<VersionEntry>,
+    /// Rotation against the policy.
+    pub rotation: RotationEntry,
+    /// Ciphertexts left on older versions.
+    pub rotation_completion: CompletionEntry,
+    /// Restriction of processing.
+    pub restriction: RestrictionEntry,
+}
+
+/// One key version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VersionEntry {
+    /// Version number.
+    pub version: u32,
+    /// State (`active`, `decrypt-only`, `suspended`, `destroyed`, `retired`).
+    pub state: String,
+    /// Creation time (RFC 3339).
+    pub created_at: String,
+    /// Age, days.
+    pub age_days: f64,
+    /// Last state change (RFC 3339).
+    pub updated_at: String,
+    /// The KMS key that wraps it.
+    pub kms_key_id: String,
+    /// SHA-256 of the wrapped (KMS-encrypted) key: names it, reveals nothing.
+    pub fingerprint: String,
+}
+
+/// A tenant's rotation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RotationEntry {
+    /// The promise it supports.
+    pub promise: PromiseId,
+    /// How it stands.
+    pub verdict: Verdict,
+    /// `ok`, `due-soon`, `overdue` or `no-active-key`.
+    pub status: String,
+    /// The active version.
+    pub active_version: Option<u32>,
+    /// Its age, days.
+    pub age_days: Option<f64>,
+    /// The policy's limit, days.
+    pub max_key_age_days: u32,
+    /// In words.
+    pub finding: String,
+}
+
+/// What re-encryption jobs say about older key versions still in use.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompletionEntry {
+    /// The promise it supports.
+    pub promise: PromiseId,
+    /// How it stands.
+    pub verdict: Verdict,
+    /// Decrypt-only versions (still readable, waiting for retirement).
+    pub old_versions: Vec<OldVersion>,
+}
+
+/// A decrypt-only version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OldVersion {
+    /// Version number.
+    pub version: u32,
+    /// Ciphertexts left on it (or older) by the latest completed job of each table
+    /// since the rotation; `None` when no job has completed since.
+    pub ciphertexts_left: Option<u64>,
+    /// Jobs since the rotation that cover this tenant.
+    pub jobs: Vec<String>,
+    /// In words.
+    pub finding: String,
+}
+
+/// A tenant's restricted processing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestrictionEntry {
+    /// The promise it supports.
+    pub promise: PromiseId,
+    /// How it stands.
+    pub verdict: Verdict,
+    /// Whether the whole tenant is suspended.
+    pub tenant_suspended: bool,
+    /// Suspended subjects (all counted).
+    pub suspended_subjects: u64,
+    /// The first [`MAX_LISTED_SUBJECTS`], by id.
+    pub subjects: Vec<RestrictedSubject>,
+}
+
+/// A suspended subject.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestrictedSubject {
+    /// Subject id.
+    pub subject_id: String,
+    /// Since when (its key's last state change, RFC 3339).
+    pub since: String,
+    /// The audit record of its suspension, if found.
+    pub audit_seq: Option<u64>,
+}
+
+/// How an erasure request stands against the 30-day limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErasureStatus {
+    /// Completed within 30 days of the request, receipt verified.
+    OnTime,
+    /// Completed more than 30 days after the request.
+    Late,
+    /// Not yet carried out; its 30 days are not over.
+    Pending,
+    /// Not yet carried out and its 30 days are over.
+    Overdue,
+    /// Cancelled inside its grace period (nothing destroyed).
+    Cancelled,
+    /// Completed, but its receipt is missing, does not verify, or does not match the
+    /// request or the audit chain; or the request does not match its audit records.
+    ProofFailed,
+    /// Completed with a valid receipt, but the erased keys hold material again (a
+    /// restored key-store backup the erasure ledger has not been reconciled with).
+    KeysLive,
+}
+
+/// One erasure request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErasureEntry {
+    /// Request id.
+    pub erasure_id: String,
+    /// Tenant.
+    pub tenant_id: String,
+    /// Subject (absent for a whole tenant).
+    pub subject_id: Option<String>,
+    /// `subject` or `tenant`.
+    pub scope: String,
+    /// Stored state.
+    pub state: String,
+    /// Who asked.
+    pub requested_by: String,
+    /// When (RFC 3339).
+    pub requested_at: String,
+    /// End of the grace period (RFC 3339).
+    pub scheduled_for: String,
+    /// The 30-day limit (RFC 3339).
+    pub deadline: String,
+    /// When the keys were destroyed (RFC 3339; from the verified receipt).
+    pub completed_at: Option<String>,
+    /// When it was cancelled (RFC 3339).
+    pub cancelled_at: Option<String>,
+    /// Days from request to completion (or to now, while open).
+    pub days: f64,
+    /// Execution attempts.
+    pub attempts: u32,
+    /// Against the limit.
+    pub status: ErasureStatus,
+    /// The promise it supports.
+    pub promise: PromiseId,
+    /// How it stands.
+    pub verdict: Verdict,
+    /// The receipt check (completed requests).
+    pub receipt: Option<ReceiptCheck>,
+    /// Why the evidence fails (`proof-failed`, `keys-live`), if it does.
+    pub problem: Option<String>,
+}
+
+/// A receipt, checked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReceiptCheck {
+    /// Signature valid, consistent, and matching the request.
+    pub verified: bool,
+    /// Its erasure record is in the audit chain with the receipt's digest.
+    pub chained: bool,
+    /// What failed.
+    pub error: Option<String>,
+    /// The key that signed it.
+    pub signing_key_id: Option<String>,
+    /// Its audit record.
+    pub audit_seq: Option<u64>,
+    /// Keys it says were destroyed (tenant versions or the subject key, plus subject
+    /// keys of an erased tenant).
+    pub keys_destroyed: u64,
+}
+
+/// A re-encryption job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobEntry {
+    /// Job id.
+    pub job_id: String,
+    /// The table.
+    pub target: String,
+    /// The tenant it covers (`None`: every tenant of the table).
+    pub tenant_id: Option<String>,
+    /// State.
+    pub state: String,
+    /// Created (RFC 3339).
+    pub created_at: String,
+    /// Finished (RFC 3339).
+    pub finished_at: Option<String>,
+    /// Rows in scope (estimate) and read.
+    pub total_rows: u64,
+    /// Rows read.
+    pub rows_scanned: u64,
+    /// Values moved to the active version.
+    pub values_rewrapped: u64,
+    /// Values whose key was shredded (left unreadable).
+    pub values_shredded: u64,
+    /// Values that could not be moved.
+    pub values_failed: u64,
+    /// Values left on old versions: tenant -> version -> count.
+    pub leftovers: BTreeMap<String, BTreeMap<u32, u64>>,
+}
+
+/// What to report on.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// One tenant only.
+    pub tenant: Option<String>,
+    /// Period start, Unix ms.
+    pub since_ms: Option<i64>,
+    /// Period end, Unix ms.
+    pub until_ms: Option<i64>,
+    /// Now, Unix ms.
+    pub now_ms: i64,
+    /// Pinned public keys of the audit checkpoints; `None`: read from the store.
+    pub audit_keys: Option<Vec<VerifyingKey>>,
+    /// Pinned public keys of erasure receipts; `None`: read from the store.
+    pub receipt_keys: Option<Vec<VerifyingKey>>,
+}
+
+/// Configuration facts that matter to the promises.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Configuration {
+    /// The ciphertext envelope and its cipher.
+    pub envelope: String,
+    /// Key store backend (`sqlite`, `postgres`).
+    pub key_store: String,
+    /// KMS in use.
+    pub kms: KmsFacts,
+    /// The rotation policy in force.
+    pub rotation_policy: RotationFacts,
+    /// Transport security.
+    pub tls: TlsFacts,
+    /// Authorization.
+    pub authorization: AuthzFacts,
+    /// Audit aggregation and checkpoints.
+    pub audit: AuditFacts,
+    /// Where the erasure ledger lives (`separate` from the key store, or `shared`).
+    pub erasure_ledger: String,
+}
+
+/// The KMS.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KmsFacts {
+    /// `aws` or `local` (development only).
+    pub provider: String,
+    /// The default KMS key (tenants may bring their own).
+    pub default_key_id: Option<String>,
+    /// AWS region, if set.
+    pub region: Option<String>,
+}
+
+/// The rotation policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RotationFacts {
+    /// Maximum age of a tenant's active key version, days.
+    pub max_key_age_days: u32,
+    /// Warning window, days.
+    pub warn_days: u32,
+    /// Policy file name, or `default`.
+    pub source: String,
+}
+
+/// Transport security.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TlsFacts {
+    /// The mTLS listener for remote callers, if configured.
+    pub mtls_listener: Option<String>,
+    /// Protocol versions the mTLS listener accepts.
+    pub versions: Vec<String>,
+    /// Its preferred cipher suite.
+    pub preferred_cipher_suite: String,
+    /// Whether a client certificate is required (always, when mTLS is on).
+    pub client_certificate_required: bool,
+    /// Local (plaintext, in-pod) listeners: loopback TCP and Unix socket.
+    pub local_listeners: Vec<String>,
+    /// Whether Linkerd's `l5d-client-id` is trusted as the caller identity.
+    pub trust_linkerd_identity: bool,
+}
+
+/// Authorization.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthzFacts {
+    /// Whether a policy set is enforced (off = every caller may do everything).
+    pub enabled: bool,
+    /// Policy files of the set in force.
+    pub files: Vec<String>,
+    /// Policies in it.
+    pub policies: usize,
+    /// SHA-256 of the set (names and contents).
+    pub digest: Option<String>,
+    /// Why the policy directory does not load (or its newest change was refused).
+    pub error: Option<String>,
+}
+
+/// Audit settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditFacts {
+    /// Data operations are counted per window of this many seconds.
+    pub window_secs: u64,
+    /// A signed checkpoint is appended this often, seconds.
+    pub checkpoint_secs: u64,
+}

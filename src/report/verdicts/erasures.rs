@@ -1,0 +1,226 @@
+//! The verdict rules of an erasure request: its receipt verified (signature, the request
+//! it names, its record in the audit chain), its time against the 30-day limit, the
+//! request matched to its own audit records (a row edited to look cancelled, or
+//! requested later than it was, must not pass), and keys that hold material again.
+//!
+//! Does not: read the store (the collectors hand it the request, the receipt keys and
+//! the count of live keys) or write anything.
+
+use ed25519_dalek::VerifyingKey;
+
+use crate::erasure::receipt::{self, SignedReceipt, rfc3339_ms};
+use crate::store::{ErasureRecord, ErasureState};
+
+use super::super::facts::AuditIndex;
+use super::super::model::{
+    ERASURE_LIMIT_DAYS, ErasureEntry, ErasureStatus, PromiseId, ReceiptCheck, Verdict,
+};
+use super::{DAY_MS, days};
+
+/// An erasure proven erased whose keys hold `live` key material again (a restored
+/// backup the erasure ledger has not been reconciled with) is not met.
+pub(in crate::report) fn keys_live(entry: &mut ErasureEntry, live: u64) {
+    if live > 0 {
+        entry.status = ErasureStatus::KeysLive;
+        entry.verdict = Verdict::NotMet;
+        entry.problem = Some(format!(
+            "{live} erased key(s) hold material again (a restored backup?)"
+        ));
+    }
+}
+
+/// The receipt of a completed request, checked; with the receipt when it verifies.
+fn check_receipt(
+    e: &ErasureRecord,
+    keys: &[VerifyingKey],
+    index: &AuditIndex,
+) -> (ReceiptCheck, Option<receipt::Receipt>) {
+    let fail = |error: String, kid: Option<String>| ReceiptCheck {
+        verified: false,
+        chained: false,
+        error: Some(error),
+        signing_key_id: kid,
+        audit_seq: e.audit_seq,
+        keys_destroyed: 0,
+    };
+    let Some(json) = e.receipt.as_deref() else {
+        return (
+            fail("the completed erasure has no receipt".into(), None),
+            None,
+        );
+    };
+    let signed: SignedReceipt = match serde_json::from_str(json) {
+        Ok(s) => s,
+        Err(err) => {
+            return (
+                fail(format!("the receipt does not parse: {err}"), None),
+                None,
+            );
+        }
+    };
+    let kid = signed.receipt.signing_key_id.clone();
+    let Some(key) = keys.iter().find(|k| receipt::key_id(k) == kid) else {
+        return (
+            fail(
+                format!("signed by key {kid}, which is not among the receipt keys"),
+                Some(kid),
+            ),
+            None,
+        );
+    };
+    let r = match receipt::verify(json.as_bytes(), key) {
+        Ok(r) => r,
+        Err(err) => return (fail(err.to_string(), Some(kid)), None),
+    };
+    let mismatch = if r.erasure_id != e.erasure_id {
+        Some("names another erasure request")
+    } else if r.tenant_id != e.tenant_id || r.subject_id != e.subject_id {
+        Some("names another tenant or subject than its request")
+    } else if r.requested_at_unix_ms != e.requested_at {
+        Some("states another request time than its request")
+    } else {
+        None
+    };
+    if let Some(m) = mismatch {
+        return (fail(format!("the receipt {m}"), Some(kid)), None);
+    }
+    let digest = receipt::digest(&r).map(hex::encode).unwrap_or_default();
+    let chained = index
+        .completed
+        .get(&e.erasure_id)
+        .is_some_and(|(seq, d)| *seq == r.audit_seq && *d == digest);
+    // Subject scope: `destroyed` is the subject key itself; tenant scope: the tenant's
+    // versions, plus its subjects' keys counted apart.
+    let destroyed = r.destroyed.len() as u64
+        + if r.scope == receipt::SCOPE_TENANT {
+            r.subject_keys_destroyed
+        } else {
+            0
+        };
+    let check = ReceiptCheck {
+        verified: true,
+        chained,
+        error: (!chained).then(|| {
+            format!(
+                "audit record {} does not record this receipt (erasure.completed with its digest)",
+                r.audit_seq
+            )
+        }),
+        signing_key_id: Some(kid),
+        audit_seq: Some(r.audit_seq),
+        keys_destroyed: destroyed,
+    };
+    (check, Some(r))
+}
+
+/// The request judged against the 30-day limit and its evidence.
+pub(in crate::report) fn erasure_entry(
+    e: &ErasureRecord,
+    receipt_keys: &[VerifyingKey],
+    index: &AuditIndex,
+    now: i64,
+) -> ErasureEntry {
+    let deadline = e.requested_at.saturating_add(ERASURE_LIMIT_DAYS * DAY_MS);
+    let (status, receipt, completed_at, elapsed) = match e.state {
+        ErasureState::Completed => {
+            let (check, r) = check_receipt(e, receipt_keys, index);
+            // Times come from the signed receipt when it verifies.
+            let done = r
+                .as_ref()
+                .map_or(e.completed_at.unwrap_or(now), |r| r.executed_at_unix_ms);
+            let status = if !(check.verified && check.chained) {
+                ErasureStatus::ProofFailed
+            } else if done <= deadline {
+                ErasureStatus::OnTime
+            } else {
+                ErasureStatus::Late
+            };
+            (
+                status,
+                Some(check),
+                Some(done),
+                done.saturating_sub(e.requested_at),
+            )
+        }
+        ErasureState::Cancelled => (
+            ErasureStatus::Cancelled,
+            None,
+            None,
+            e.cancelled_at.unwrap_or(now).saturating_sub(e.requested_at),
+        ),
+        ErasureState::Scheduled | ErasureState::Executing => (
+            if now > deadline {
+                ErasureStatus::Overdue
+            } else {
+                ErasureStatus::Pending
+            },
+            None,
+            None,
+            now.saturating_sub(e.requested_at),
+        ),
+    };
+    // The request against its audit records: a row edited to look cancelled, or
+    // requested later than it was, must not pass.
+    let mut problem = receipt
+        .as_ref()
+        .filter(|c| !(c.verified && c.chained))
+        .and_then(|c| c.error.clone());
+    let recorded = index.requested.get(&e.erasure_id);
+    let check = match recorded {
+        None if index.restored.contains(&e.erasure_id) => None,
+        None => Some("no erasure.requested record in the audit log for this request".to_owned()),
+        Some((_, t, subj)) if *t != e.tenant_id || *subj != e.subject_id => {
+            Some("the audit log records this request for another tenant or subject".to_owned())
+        }
+        // (The record is appended right after the row; a minute covers any delay.)
+        Some((ts, _, _)) if e.requested_at > ts.saturating_add(60_000) => Some(format!(
+            "the request time was moved later than the audit log records it ({})",
+            rfc3339_ms(*ts)
+        )),
+        Some(_) => None,
+    };
+    let check = check.or_else(|| {
+        (e.state == ErasureState::Cancelled && !index.cancelled.contains(&e.erasure_id))
+            .then(|| "cancelled, but no erasure.cancelled record in the audit log".to_owned())
+    });
+    let status = match check {
+        Some(c) => {
+            problem = Some(c);
+            ErasureStatus::ProofFailed
+        }
+        None => status,
+    };
+    let verdict = match status {
+        ErasureStatus::OnTime => Verdict::Met,
+        ErasureStatus::Pending => Verdict::Attention,
+        ErasureStatus::Cancelled => Verdict::NotApplicable,
+        ErasureStatus::Late
+        | ErasureStatus::Overdue
+        | ErasureStatus::ProofFailed
+        | ErasureStatus::KeysLive => Verdict::NotMet,
+    };
+    ErasureEntry {
+        erasure_id: e.erasure_id.clone(),
+        tenant_id: e.tenant_id.clone(),
+        subject_id: e.subject_id.clone(),
+        scope: if e.subject_id.is_some() {
+            receipt::SCOPE_SUBJECT.into()
+        } else {
+            receipt::SCOPE_TENANT.into()
+        },
+        state: e.state.as_str().into(),
+        requested_by: e.requested_by.clone(),
+        requested_at: rfc3339_ms(e.requested_at),
+        scheduled_for: rfc3339_ms(e.execute_after),
+        deadline: rfc3339_ms(deadline),
+        completed_at: completed_at.map(rfc3339_ms),
+        cancelled_at: e.cancelled_at.map(rfc3339_ms),
+        days: days(elapsed.max(0)),
+        attempts: e.attempts,
+        status,
+        promise: PromiseId::Erasure,
+        verdict,
+        receipt,
+        problem,
+    }
+}
