@@ -24,7 +24,7 @@ use moka::future::Cache;
 use tokio::sync::{Mutex, OnceCell};
 
 use crate::crypto::{FieldCipher, IndexKey, SecretKey};
-use crate::store::{SubjectRecord, TenantRecord};
+use crate::model::{SubjectRecord, TenantRecord};
 
 /// Bounds of the cache.
 #[derive(Debug, Clone)]

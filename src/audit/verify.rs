@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::{AuditRecord, GENESIS, record_hash};
-use crate::erasure::receipt::{canonical_json, key_id};
+use crate::model::canonical_json;
+use crate::signing::key_id;
 use crate::store::{KeyStore, StoreError};
 
 /// Action of a checkpoint record.

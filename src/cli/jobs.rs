@@ -10,8 +10,8 @@ use tokio_stream::StreamExt as _;
 use super::JobsCommand;
 use super::client::{CliError, connect};
 use crate::jobs::{JobSpec, RunnerConfig};
+use crate::model::{JobProgress, JobState};
 use crate::proto::pb::{self, jobs_client::JobsClient};
-use crate::store::{JobProgress, JobState};
 
 /// A progress bar with rate and ETA on a terminal; a log line every 5 s otherwise.
 struct Display {

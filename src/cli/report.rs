@@ -9,9 +9,9 @@ use clap::{Args, ValueEnum};
 
 use super::client::{CliError, connect};
 use super::{KeyArgs, Target};
+use crate::model::now_ms;
 use crate::proto::pb::{self, audit_client::AuditClient};
 use crate::report::{self, Configuration};
-use crate::store::now_ms;
 
 /// Output format.
 #[derive(ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -11,7 +11,7 @@ use serde_json::json;
 
 use crate::error::{Error, Result};
 use crate::kms::{KeyDeletion, KmsError};
-use crate::store::{ErasureRecord, KeyState, now_ms};
+use crate::model::{ErasureRecord, KeyState, now_ms};
 
 use super::receipt::{self, DestroyedKey, KmsKeyDeletion, Receipt};
 use super::{Actor, Erasures, entry_of, scope_of, target_event};

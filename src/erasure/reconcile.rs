@@ -9,7 +9,8 @@ use std::collections::VecDeque;
 use serde_json::json;
 
 use crate::error::Result;
-use crate::store::{ErasureRecord, ErasureState, LedgerEntry, NewErasure};
+use crate::model::{ErasureRecord, ErasureState, NewErasure};
+use crate::store::LedgerEntry;
 
 use super::{Actor, Erasures, entry_of, target_event};
 

@@ -11,7 +11,7 @@ use serde_json::json;
 use crate::audit::AuditEvent;
 use crate::crypto::validate_id;
 use crate::error::{Error, Result};
-use crate::store::{ErasureRecord, ErasureState, NewErasure, now_ms};
+use crate::model::{ErasureRecord, ErasureState, NewErasure, now_ms};
 
 use super::{Actor, Erasures, MAX_GRACE, entry_of, target_event};
 

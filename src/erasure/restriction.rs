@@ -7,7 +7,7 @@ use serde_json::json;
 
 use crate::crypto::Scope;
 use crate::error::{Error, Result};
-use crate::store::KeyState;
+use crate::model::KeyState;
 
 use super::{Actor, Erasures, scope_of, target_event};
 

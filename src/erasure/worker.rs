@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use crate::error::Result;
-use crate::store::{ErasureState, now_ms};
+use crate::model::{ErasureState, now_ms};
 
 use super::Erasures;
 

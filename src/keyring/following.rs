@@ -17,7 +17,8 @@ use tokio::sync::Mutex;
 use crate::cache::{Snapshot, SubjectEntry, TenantEntry};
 use crate::crypto::Scope;
 use crate::error::{Error, Result};
-use crate::store::{Change, KeyState, StoreError, SubjectRecord, TenantRecord};
+use crate::model::{KeyState, SubjectRecord, TenantRecord};
+use crate::store::{Change, StoreError};
 
 use super::{Keyring, unshare};
 

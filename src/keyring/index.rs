@@ -19,7 +19,7 @@ use crate::crypto::{
     self, BlindIndex, IndexKey, IndexProfile, PSEUDONYM_LEN, SecretKey, validate_id,
 };
 use crate::error::{Error, Result};
-use crate::store::KeyState;
+use crate::model::KeyState;
 
 /// The blind-index profile of each field that has one, and the bound on how many slow
 /// (Argon2id) index computations run at once.

@@ -8,7 +8,7 @@
 use crate::crypto::{Scope, validate_id};
 use crate::error::{Error, Result};
 use crate::kms::EncryptionContext;
-use crate::store::{KeyState, KeyVersionRecord, NewKeyVersion};
+use crate::model::{KeyState, KeyVersionRecord, NewKeyVersion};
 
 use super::{Keyring, SubjectInfo, TenantInfo};
 
@@ -151,7 +151,7 @@ impl Keyring {
             .is_some_and(|e| {
                 matches!(
                     e.state,
-                    crate::store::ErasureState::Executing | crate::store::ErasureState::Completed
+                    crate::model::ErasureState::Executing | crate::model::ErasureState::Completed
                 )
             })
         {

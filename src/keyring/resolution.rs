@@ -14,7 +14,7 @@ use crate::crypto::{
 };
 use crate::error::{Error, Result};
 use crate::kms::EncryptionContext;
-use crate::store::{KeyState, KeyVersionRecord, NewSubject, SubjectRecord, TenantRecord};
+use crate::model::{KeyState, KeyVersionRecord, NewSubject, SubjectRecord, TenantRecord};
 
 use super::{Keyring, unshare};
 

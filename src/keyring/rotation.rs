@@ -11,8 +11,8 @@ use crate::crypto::{
 };
 use crate::error::{Error, Result};
 use crate::kms::EncryptionContext;
+use crate::model::{JobProgress, JobState, KeyState, KeyVersionRecord};
 use crate::policy::{KeyAge, RotationPolicy, RotationStatus};
-use crate::store::{JobProgress, JobState, KeyState, KeyVersionRecord};
 
 use super::{Keyring, TenantInfo, active_version};
 

@@ -16,8 +16,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use super::Metrics;
 use crate::jobs::JobBoard;
 use crate::keyring::Keyring;
+use crate::model::now_ms;
 use crate::policy::RotationPolicy;
-use crate::store::now_ms;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(super) struct TenantLabel {

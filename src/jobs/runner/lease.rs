@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use crate::error::{Error, Result};
-use crate::store::{JobControl, JobProgress, JobRecord, JobState, JobUpdate, now_ms};
+use crate::model::{JobControl, JobProgress, JobRecord, JobState, JobUpdate, now_ms};
 
 use super::{Outcome, Runner, Task};
 

@@ -11,7 +11,8 @@ use crate::error::Error;
 use crate::jobs::spec::ColumnSpec;
 use crate::keyring::Keyring;
 use crate::kms::KmsError;
-use crate::store::{JobProgress, StoreError};
+use crate::model::JobProgress;
+use crate::store::StoreError;
 
 use super::table::{DbRow, Value, in_form_of, same};
 use super::{BatchError, BatchResult, Runner, Task};

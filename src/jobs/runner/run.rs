@@ -16,7 +16,7 @@ use super::rewrap::{RowTally, Update, settle, version_of};
 use super::table::{DbRow, Reader, Sql, fetch, write_rows};
 use super::{BatchError, BatchResult, Outcome, Runner, Task, create};
 use crate::error::{Error, Result};
-use crate::store::{JobControl, JobProgress, JobState};
+use crate::model::{JobControl, JobProgress, JobState};
 
 /// Conflict rounds per batch before the remaining rows are reported as leftovers.
 const MAX_CONFLICT_ROUNDS: usize = 8;

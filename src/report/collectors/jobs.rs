@@ -7,7 +7,8 @@
 use crate::erasure::receipt::rfc3339_ms;
 use crate::error::Result;
 use crate::jobs::JobView;
-use crate::store::{JobProgress, KeyStore};
+use crate::model::JobProgress;
+use crate::store::KeyStore;
 
 use super::super::model::{JobEntry, Options, Period};
 

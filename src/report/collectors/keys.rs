@@ -5,7 +5,8 @@
 
 use crate::error::{Error, Result};
 use crate::keyring::TenantInfo;
-use crate::store::{KeyState, KeyStore};
+use crate::model::KeyState;
+use crate::store::KeyStore;
 
 use super::super::facts::{AuditIndex, SuspendedSubjects};
 use super::super::model::{MAX_LISTED_SUBJECTS, RestrictedSubject};

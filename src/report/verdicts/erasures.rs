@@ -9,7 +9,7 @@
 use ed25519_dalek::VerifyingKey;
 
 use crate::erasure::receipt::{self, SignedReceipt, rfc3339_ms};
-use crate::store::{ErasureRecord, ErasureState};
+use crate::model::{ErasureRecord, ErasureState};
 
 use super::super::facts::AuditIndex;
 use super::super::model::{

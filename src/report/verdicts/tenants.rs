@@ -11,8 +11,8 @@ use std::collections::BTreeMap;
 use crate::erasure::receipt::rfc3339_ms;
 use crate::jobs::JobView;
 use crate::keyring::TenantInfo;
+use crate::model::{JobState, KeyState};
 use crate::policy::{RotationPolicy, RotationStatus};
-use crate::store::{JobState, KeyState};
 
 use super::super::facts::{AuditIndex, SuspendedSubjects};
 use super::super::model::{
