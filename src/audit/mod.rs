@@ -20,6 +20,7 @@ use std::net::IpAddr;
 
 /// Where and why a chain does not verify.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum ChainError {
     /// A record's sequence number is not the one after its predecessor (deleted,
     /// reordered or inserted records).

@@ -23,8 +23,3 @@ pub use context::{Context, routes};
 pub use crypto::CryptoService;
 pub use guard::Guard;
 pub use keys::KeysService;
-
-/// The generated `fieldkey.v1` types, now in [`crate::proto`]; re-exported here only
-/// for code written against the old path (everything in this crate uses `crate::proto`).
-#[doc(hidden)]
-pub use crate::proto::{echo_pb, pb};

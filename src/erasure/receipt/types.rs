@@ -110,6 +110,7 @@ pub struct SignedReceipt {
 ///
 /// The messages are written for a privacy officer reading command-line output.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ReceiptError {
     /// The file is not JSON, or not shaped like a signed erasure receipt (missing or
     /// unknown fields, wrong types, bad signature encoding).
