@@ -153,17 +153,11 @@ impl AuditStore for SqlStore {
         after_seq: u64,
         limit: u32,
     ) -> Result<Vec<AuditRecord>, StoreError> {
-        sqlx::query(
+        self.fetch_all_as(sqlx::query(
             "SELECT seq, ts, action, resource_type, resource_id, actor, tenant_id, caller_ip, details, prev_hash, hash \
              FROM fk_audit WHERE seq > $1 ORDER BY seq LIMIT $2",
         )
         .bind(seq_i64(after_seq)?)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(classify)?
-        .iter()
-        .map(audit_from_row)
-        .collect()
+        .bind(i64::from(limit)), audit_from_row).await
     }
 }

@@ -269,21 +269,19 @@ impl ErasureStore for SqlStore {
         after: &str,
         limit: u32,
     ) -> Result<Vec<ErasureRecord>, StoreError> {
-        sqlx::query(concat!(
-            "SELECT ",
-            erasure_columns!(),
-            " FROM fk_erasures WHERE ($1 = '' OR tenant_id = $1) AND erasure_id > $2 \
+        self.fetch_all_as(
+            sqlx::query(concat!(
+                "SELECT ",
+                erasure_columns!(),
+                " FROM fk_erasures WHERE ($1 = '' OR tenant_id = $1) AND erasure_id > $2 \
               ORDER BY erasure_id LIMIT $3"
-        ))
-        .bind(tenant_id.unwrap_or(""))
-        .bind(after)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+            ))
+            .bind(tenant_id.unwrap_or(""))
+            .bind(after)
+            .bind(i64::from(limit)),
+            erasure_from_row,
+        )
         .await
-        .map_err(classify)?
-        .iter()
-        .map(erasure_from_row)
-        .collect()
     }
 
     async fn due_erasures(
@@ -292,22 +290,20 @@ impl ErasureStore for SqlStore {
         stale_before: i64,
         limit: u32,
     ) -> Result<Vec<ErasureRecord>, StoreError> {
-        sqlx::query(concat!(
-            "SELECT ",
-            erasure_columns!(),
-            " FROM fk_erasures WHERE (state = 'scheduled' AND execute_after <= $1) \
+        self.fetch_all_as(
+            sqlx::query(concat!(
+                "SELECT ",
+                erasure_columns!(),
+                " FROM fk_erasures WHERE (state = 'scheduled' AND execute_after <= $1) \
               OR (state = 'executing' AND updated_at < $2) \
               ORDER BY attempts, execute_after, erasure_id LIMIT $3"
-        ))
-        .bind(now)
-        .bind(stale_before)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+            ))
+            .bind(now)
+            .bind(stale_before)
+            .bind(i64::from(limit)),
+            erasure_from_row,
+        )
         .await
-        .map_err(classify)?
-        .iter()
-        .map(erasure_from_row)
-        .collect()
     }
 
     async fn start_erasure(

@@ -49,16 +49,16 @@ fn signing_key_from_row(row: &sqlx::any::AnyRow) -> Result<SigningKeyRecord, Sto
 #[async_trait]
 impl SigningKeyStore for SqlStore {
     async fn signing_key(&self, purpose: &str) -> Result<Option<SigningKeyRecord>, StoreError> {
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            signing_key_columns!(),
-            " FROM fk_signing_keys WHERE purpose = $1 AND state = 'active'"
-        ))
-        .bind(purpose)
-        .fetch_optional(&self.pool)
+        self.fetch_one_as(
+            sqlx::query(concat!(
+                "SELECT ",
+                signing_key_columns!(),
+                " FROM fk_signing_keys WHERE purpose = $1 AND state = 'active'"
+            ))
+            .bind(purpose),
+            signing_key_from_row,
+        )
         .await
-        .map_err(classify)?;
-        row.as_ref().map(signing_key_from_row).transpose()
     }
 
     async fn signing_keys(&self, purpose: &str) -> Result<Vec<SigningKeyRecord>, StoreError> {
