@@ -123,6 +123,8 @@ pub struct TenantEntry {
     /// Single-flight guard for metadata refreshes.
     pub refresh: Mutex<()>,
     versions: RwLock<HashMap<u32, Arc<VersionEntry>>>,
+    /// Unwrapped subject-wrapping keys by SWK id (`<epoch>:<tenant>`).
+    swks: RwLock<HashMap<Box<str>, Arc<OnceCell<SecretKey>>>>,
 }
 
 impl TenantEntry {
@@ -136,6 +138,7 @@ impl TenantEntry {
             }),
             refresh: Mutex::new(()),
             versions: RwLock::new(HashMap::new()),
+            swks: RwLock::new(HashMap::new()),
         }
     }
 
@@ -151,6 +154,28 @@ impl TenantEntry {
         }
         let mut w = self.versions.write().unwrap_or_else(|p| p.into_inner());
         w.entry(version).or_default().clone()
+    }
+
+    /// The cell of the subject-wrapping key `id` (created empty on first use).
+    pub fn swk(&self, id: &str) -> Arc<OnceCell<SecretKey>> {
+        if let Some(c) = self.swks.read().unwrap_or_else(|p| p.into_inner()).get(id) {
+            return c.clone();
+        }
+        let mut w = self.swks.write().unwrap_or_else(|p| p.into_inner());
+        w.entry(id.into()).or_default().clone()
+    }
+
+    /// Drops (and so zeroizes, once unused) the cached subject-wrapping keys of epochs
+    /// below `epoch`.
+    pub fn forget_swks_below(&self, epoch: u64) {
+        self.swks
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|id, _| {
+                id.split_once(':')
+                    .and_then(|(e, _)| e.parse::<u64>().ok())
+                    .is_some_and(|e| e >= epoch)
+            });
     }
 
     /// Drops (and so zeroizes, once unused) the cached key of `version`. Returns

@@ -115,6 +115,21 @@ pub enum Error {
         /// What conflicts.
         reason: String,
     },
+    /// Another process holds the key epoch roll's lease (a roll is running there).
+    #[error("a key epoch roll is running on {owner}; try again when it has finished")]
+    RollInProgress {
+        /// The lease holder.
+        owner: String,
+    },
+    /// A roll stopped short of sealing an old epoch: something live still needs its
+    /// KMS key (counts in the message); its deletion was not scheduled.
+    #[error("epoch {epoch} is still needed by live key material: {usage}")]
+    EpochStillInUse {
+        /// The epoch.
+        epoch: u64,
+        /// What still needs it.
+        usage: String,
+    },
     /// No erasure request with this id.
     #[error("erasure request {erasure} not found")]
     ErasureNotFound {

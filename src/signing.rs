@@ -131,16 +131,21 @@ impl Signer {
                         other => return other,
                     }
                 }
-                let dk = kms
-                    .generate_data_key(kms.default_key_id(), &self.context())
-                    .await?;
+                // Under the active epoch's key once epochs started (the roll carries
+                // it on), else the default key.
+                let (wrap_key, epoch) = match store.active_epoch_key().await? {
+                    Some((e, k)) => (k, Some(e)),
+                    None => (kms.default_key_id().to_owned(), None),
+                };
+                let dk = kms.generate_data_key(&wrap_key, &self.context()).await?;
                 let sk = SigningKey::from_bytes(dk.secret.expose());
                 let vk = sk.verifying_key();
                 let rec = SigningKeyRecord {
                     key_id: key_id(&vk),
                     purpose: self.purpose.into(),
                     public_key: vk.to_bytes().to_vec(),
-                    kms_key_id: kms.default_key_id().to_owned(),
+                    kms_key_id: wrap_key,
+                    epoch,
                     wrapped: dk.wrapped.as_bytes().to_vec(),
                     created_at: now_ms(),
                 };

@@ -17,6 +17,9 @@ pub(crate) const FIELD_KEY_SALT: &[u8] = b"fieldkey/v1 field-key";
 pub(crate) const SUBJECT_WRAP_SALT: &[u8] = b"fieldkey/v1 subject-wrap";
 /// Associated-data label for wrapped subject keys.
 const SUBJECT_WRAP_AD_LABEL: &[u8] = b"fieldkey/v1 subject-key";
+/// Associated-data label for subject keys wrapped under a subject-wrapping key of a
+/// key epoch (`docs/FORMAT.md` §4.3).
+const SUBJECT_EPOCH_WRAP_AD_LABEL: &[u8] = b"fieldkey/v1 subject-key-epoch";
 /// Format byte of a wrapped key ([`seal_key`]).
 const KEY_WRAP_FORMAT: u8 = 0x01;
 /// Length of a wrapped key ([`seal_key`], subject keys and local-KMS keys alike):
@@ -114,6 +117,53 @@ pub fn unwrap_subject_key(
 ) -> Result<SecretKey, CryptoError> {
     let ad = subject_wrap_ad(tenant, subject, wrap_version);
     open_key(&subject_wrap_cipher(tenant_key, tenant), &ad, wrapped)
+}
+
+fn subject_epoch_wrap_ad(tenant: &str, subject: &str, epoch: u64) -> Vec<u8> {
+    let (t, s) = (tenant.as_bytes(), subject.as_bytes());
+    let mut ad = Vec::with_capacity(SUBJECT_EPOCH_WRAP_AD_LABEL.len() + 12 + t.len() + s.len());
+    ad.extend_from_slice(SUBJECT_EPOCH_WRAP_AD_LABEL);
+    ad.extend_from_slice(&len16(t));
+    ad.extend_from_slice(t);
+    ad.extend_from_slice(&len16(s));
+    ad.extend_from_slice(s);
+    ad.extend_from_slice(&epoch.to_be_bytes());
+    ad
+}
+
+/// Wraps subject key material under the subject-wrapping key `swk` of (`tenant`,
+/// `epoch`): XAES-256-GCM keyed by the SWK itself, random 192-bit nonce, AD binding
+/// tenant, subject and epoch. Destroying the SWK (and the KMS key of its epoch, which
+/// wraps it in the store) makes every copy of the blob, in every backup, noise.
+///
+/// # Errors
+/// [`CryptoError::Rng`] if the random source fails.
+pub fn wrap_subject_key_epoch(
+    swk: &SecretKey,
+    tenant: &str,
+    subject: &str,
+    epoch: u64,
+    subject_key: &SecretKey,
+) -> Result<Vec<u8>, CryptoError> {
+    let ad = subject_epoch_wrap_ad(tenant, subject, epoch);
+    seal_key(&Xaes256Gcm::new(swk.expose()), &ad, subject_key)
+}
+
+/// Unwraps subject key material produced by [`wrap_subject_key_epoch`].
+///
+/// # Errors
+/// [`CryptoError::Malformed`] for a blob of the wrong shape;
+/// [`CryptoError::AuthenticationFailed`] for the wrong SWK, tenant, subject or epoch,
+/// or a tampered blob.
+pub fn unwrap_subject_key_epoch(
+    swk: &SecretKey,
+    tenant: &str,
+    subject: &str,
+    epoch: u64,
+    wrapped: &[u8],
+) -> Result<SecretKey, CryptoError> {
+    let ad = subject_epoch_wrap_ad(tenant, subject, epoch);
+    open_key(&Xaes256Gcm::new(swk.expose()), &ad, wrapped)
 }
 
 /// Seals a 256-bit key under `aead` in the key-wrap format shared by subject keys and

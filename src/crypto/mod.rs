@@ -27,6 +27,9 @@ pub use envelope::{
 };
 pub use error::CryptoError;
 pub use ids::{MAX_CONTEXT_LEN, MAX_ID_LEN, validate_id};
-pub use kdf::{SUBJECT_WRAPPED_LEN, open_key, seal_key, unwrap_subject_key, wrap_subject_key};
+pub use kdf::{
+    SUBJECT_WRAPPED_LEN, open_key, seal_key, unwrap_subject_key, unwrap_subject_key_epoch,
+    wrap_subject_key, wrap_subject_key_epoch,
+};
 pub use keys::{Fingerprint, KEY_LEN, SecretKey};
 pub use xaes::{AeadError, Xaes256Gcm};

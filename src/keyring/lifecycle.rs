@@ -78,22 +78,34 @@ impl Keyring {
         let key_id = kms_key_id
             .unwrap_or_else(|| self.kms.default_key_id())
             .to_owned();
-        let dk = self
-            .kms
-            .generate_data_key(&key_id, &EncryptionContext::tenant_key(tenant, 1))
-            .await?;
-        let created = self
-            .store
-            .create_tenant(
-                tenant,
-                &key_id,
-                NewKeyVersion {
-                    version: 1,
-                    kms_key_id: key_id.clone(),
-                    wrapped: dk.wrapped,
-                },
-            )
-            .await?;
+        // A tenant without a key of its own rides the epoch key (once epochs started);
+        // a roll racing the insert makes the store refuse it: try the new epoch.
+        let rides = key_id == self.kms.default_key_id();
+        let mut fresh = false;
+        let created = loop {
+            let (wrap_key, epoch) = self.key_for_new_version(rides, &key_id, fresh).await?;
+            let dk = self
+                .kms
+                .generate_data_key(&wrap_key, &EncryptionContext::tenant_key(tenant, 1))
+                .await?;
+            match self
+                .store
+                .create_tenant(
+                    tenant,
+                    &key_id,
+                    NewKeyVersion {
+                        version: 1,
+                        kms_key_id: wrap_key,
+                        epoch,
+                        wrapped: dk.wrapped,
+                    },
+                )
+                .await
+            {
+                Err(crate::store::StoreError::EpochRolled) if !fresh => fresh = true,
+                other => break other?,
+            }
+        };
         if created.was_created() {
             tracing::info!(tenant, kms_key_id = %key_id, "tenant created");
         }
@@ -173,24 +185,33 @@ impl Keyring {
             .latest_version()
             .checked_add(1)
             .ok_or_else(|| Error::Internal("key version space exhausted".into()))?;
-        let dk = self
-            .kms
-            .generate_data_key(
-                &rec.kms_key_id,
-                &EncryptionContext::tenant_key(tenant, next),
-            )
-            .await?;
-        let added = self
-            .store
-            .add_key_version(
-                tenant,
-                NewKeyVersion {
-                    version: next,
-                    kms_key_id: rec.kms_key_id.clone(),
-                    wrapped: dk.wrapped,
-                },
-            )
-            .await?;
+        let rides = self.rides_epochs(&rec);
+        let mut fresh = false;
+        let added = loop {
+            let (wrap_key, epoch) = self
+                .key_for_new_version(rides, &rec.kms_key_id, fresh)
+                .await?;
+            let dk = self
+                .kms
+                .generate_data_key(&wrap_key, &EncryptionContext::tenant_key(tenant, next))
+                .await?;
+            match self
+                .store
+                .add_key_version(
+                    tenant,
+                    NewKeyVersion {
+                        version: next,
+                        kms_key_id: wrap_key,
+                        epoch,
+                        wrapped: dk.wrapped,
+                    },
+                )
+                .await
+            {
+                Err(crate::store::StoreError::EpochRolled) if !fresh => fresh = true,
+                other => break other?,
+            }
+        };
         if added {
             tracing::info!(tenant, version = next, "tenant key rotated");
         }

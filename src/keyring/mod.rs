@@ -22,12 +22,14 @@ use crate::error::Error;
 use crate::kms::Kms;
 use crate::store::{ErasureLedger, KeyStore};
 
+mod epochs;
 mod following;
 mod index;
 mod lifecycle;
 mod resolution;
 mod rotation;
 pub use crate::model::{SubjectInfo, TenantInfo, VersionInfo};
+pub use epochs::{ActiveEpoch, swk_context};
 pub use index::{IndexProfiles, Indexed, Indexer};
 pub use resolution::Encryptor;
 use resolution::{active_version, subject_usable};
@@ -72,6 +74,8 @@ pub struct Keyring {
     /// snapshots fetched before then are re-read on next use.
     notifications_lost: std::sync::atomic::AtomicU64,
     born: Instant,
+    /// The active key epoch as last read (`epochs.rs`).
+    epoch: arc_swap::ArcSwap<epochs::EpochView>,
 }
 
 impl std::fmt::Debug for Keyring {
@@ -100,6 +104,7 @@ impl Keyring {
             indexes: IndexProfiles::default(),
             notifications_lost: std::sync::atomic::AtomicU64::new(0),
             born: Instant::now(),
+            epoch: arc_swap::ArcSwap::from_pointee(epochs::EpochView::default()),
         }
     }
 

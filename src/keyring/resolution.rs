@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use crate::cache::{Snapshot, SubjectEntry, TenantEntry, VersionEntry};
 use crate::crypto::{
-    self, Aad, Envelope, FieldCipher, Plaintext, Scope, SecretKey, unwrap_subject_key,
-    wrap_subject_key,
+    self, Aad, Envelope, FieldCipher, Plaintext, Scope, SecretKey, wrap_subject_key,
+    wrap_subject_key_epoch,
 };
 use crate::error::{Error, Result};
 use crate::kms::EncryptionContext;
@@ -141,7 +141,29 @@ impl Keyring {
                     })?;
                 self.check_not_erased(tenant, None).await?;
                 let ctx = EncryptionContext::tenant_key(tenant, version.version);
-                Ok(self.kms.unwrap(&version.kms_key_id, wrapped, &ctx).await?)
+                match self.kms.unwrap(&version.kms_key_id, wrapped, &ctx).await {
+                    Ok(k) => Ok(k),
+                    Err(e) => {
+                        let e = Error::from(e);
+                        if !super::epochs::key_gone(&e) {
+                            return Err(e);
+                        }
+                        // The snapshot may predate an epoch roll that moved this
+                        // version to the next epoch's key: look at the store again.
+                        let fresh = self.load_tenant_record(tenant).await?;
+                        match fresh.version(version.version) {
+                            Some(v) if v.kms_key_id != version.kms_key_id => {
+                                let w = v.wrapped.as_ref().ok_or_else(|| Error::KeyDestroyed {
+                                    tenant: tenant.to_owned(),
+                                    scope: Scope::Tenant,
+                                    version: Some(version.version),
+                                })?;
+                                Ok(self.kms.unwrap(&v.kms_key_id, w, &ctx).await?)
+                            }
+                            _ => Err(e),
+                        }
+                    }
+                }
             })
             .await
     }
@@ -167,22 +189,58 @@ impl Keyring {
                 // Never create a key for an erased subject whose tombstone a restored
                 // backup lost.
                 self.check_not_erased(tenant, Some(subject)).await?;
-                let active = active_version(tenant, &tsnap.record)?;
-                let ventry = tentry.version(active.version);
-                let tkey = self.version_key(tenant, &ventry, active).await?;
                 let skey = SecretKey::generate()
                     .map_err(|_| Error::Internal("random number generator failure".into()))?;
-                let wrapped = wrap_subject_key(tkey, tenant, subject, active.version, &skey)?;
-                let created = self
-                    .store
-                    .create_subject(NewSubject {
-                        tenant_id: tenant.to_owned(),
-                        subject_id: subject.to_owned(),
-                        wrap_version: active.version,
-                        wrapped,
-                    })
-                    .await?;
-                Ok(SubjectEntry::new(created.into_inner()))
+                // Under the SWK of the active epoch; a roll racing the insert makes the
+                // store refuse it, and the next try uses the new epoch.
+                let mut fresh = false;
+                for _ in 0..3 {
+                    let new = match self.active_epoch(fresh).await? {
+                        Some(epoch) => {
+                            let (id, cell) = self.swk_for(tentry, tenant, &epoch).await?;
+                            let swk = cell.get().ok_or_else(|| {
+                                Error::Internal("SWK cell empty after init".into())
+                            })?;
+                            NewSubject {
+                                tenant_id: tenant.to_owned(),
+                                subject_id: subject.to_owned(),
+                                wrap_version: 0,
+                                swk_id: Some(id),
+                                wrapped: wrap_subject_key_epoch(
+                                    swk,
+                                    tenant,
+                                    subject,
+                                    epoch.epoch,
+                                    &skey,
+                                )?,
+                            }
+                        }
+                        None => {
+                            let active = active_version(tenant, &tsnap.record)?;
+                            let ventry = tentry.version(active.version);
+                            let tkey = self.version_key(tenant, &ventry, active).await?;
+                            NewSubject {
+                                tenant_id: tenant.to_owned(),
+                                subject_id: subject.to_owned(),
+                                wrap_version: active.version,
+                                swk_id: None,
+                                wrapped: wrap_subject_key(
+                                    tkey,
+                                    tenant,
+                                    subject,
+                                    active.version,
+                                    &skey,
+                                )?,
+                            }
+                        }
+                    };
+                    match self.store.create_subject(new).await {
+                        Ok(created) => return Ok(SubjectEntry::new(created.into_inner())),
+                        Err(crate::store::StoreError::EpochRolled) => fresh = true,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Err(Error::Store(crate::store::StoreError::EpochRolled))
             })
             .await
             .map_err(unshare)
@@ -238,17 +296,31 @@ impl Keyring {
                     scope: Scope::Subject,
                     version: None,
                 })?;
-                let wv = tsnap.record.version(srec.wrap_version).ok_or_else(|| {
-                    Error::Internal(format!(
-                        "subject key wrapped under missing version {}",
-                        srec.wrap_version
-                    ))
-                })?;
                 self.check_not_erased(tenant, Some(subject)).await?;
-                let wentry = tentry.version(wv.version);
-                let wkey = self.version_key(tenant, &wentry, wv).await?;
-                unwrap_subject_key(wkey, tenant, subject, wv.version, wrapped)
-                    .map_err(|_| Error::Internal("stored subject key does not unwrap".into()))
+                match self
+                    .open_subject_key(tentry, &tsnap.record, tenant, srec, wrapped)
+                    .await
+                {
+                    Ok(k) => Ok(k),
+                    // The record in hand may predate a roll that moved this key to a
+                    // new SWK (and deleted the old one): read it again, once.
+                    Err(e) if matches!(e, Error::Store(crate::store::StoreError::EpochRolled)) || super::epochs::key_gone(&e) => {
+                        let fresh = self.store.get_subject(tenant, subject).await?.ok_or_else(|| {
+                            Error::SubjectNotFound {
+                                tenant: tenant.to_owned(),
+                            }
+                        })?;
+                        subject_usable(tenant, &fresh)?;
+                        let w = fresh.wrapped.as_ref().ok_or_else(|| Error::KeyDestroyed {
+                            tenant: tenant.to_owned(),
+                            scope: Scope::Subject,
+                            version: None,
+                        })?;
+                        let trec = self.load_tenant_record(tenant).await?;
+                        self.open_subject_key(tentry, &trec, tenant, &fresh, w).await
+                    }
+                    Err(e) => Err(e),
+                }
             })
             .await
     }

@@ -179,6 +179,12 @@ impl Keyring {
                 .set_tenant_kms_key(tenant, new_kms_key_id)
                 .await?;
         }
+        // Moved to a key of its own: its versions stay there instead of riding the
+        // epoch key. Moved back to the default key: it rides epochs again (the next
+        // roll carries its versions to the epoch key).
+        self.store
+            .set_own_kms_key(tenant, new_kms_key_id != self.kms.default_key_id())
+            .await?;
         let mut out = KekRewrap {
             tenant_id: tenant.to_owned(),
             kms_key_id: new_kms_key_id.to_owned(),

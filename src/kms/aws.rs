@@ -19,7 +19,7 @@ use aws_sdk_kms::types::DataKeySpec;
 use secrecy::{ExposeSecret, SecretString};
 use zeroize::Zeroizing;
 
-use super::{DataKey, EncryptionContext, KeyDeletion, Kms, KmsError, WrappedKey};
+use super::{DataKey, EncryptionContext, KeyDeletion, KeyStatus, Kms, KmsError, WrappedKey};
 use crate::crypto::SecretKey;
 
 /// Static credentials, for emulators and tests only; production uses the default AWS
@@ -359,4 +359,103 @@ impl Kms for AwsKms {
             },
         }
     }
+
+    /// `CreateKey` (symmetric, tagged `fieldkey:managed=true`, `fieldkey:store`,
+    /// `fieldkey:epoch`) and `CreateAlias` `alias/fieldkey/<store>/epoch-<n>`; a retry
+    /// finds the key by its alias instead of creating another. The IAM policy in
+    /// `docs/OPERATIONS.md` §3 lets the sidecar create and use only keys so tagged.
+    async fn create_epoch_key(&self, epoch: u64, store_tag: &str) -> Result<String, KmsError> {
+        use aws_sdk_kms::types::Tag;
+        let alias = epoch_alias(store_tag, epoch);
+        match self.client.describe_key().key_id(&alias).send().await {
+            Ok(out) => {
+                if let Some(m) = out.key_metadata
+                    && m.key_state != Some(aws_sdk_kms::types::KeyState::PendingDeletion)
+                    && let Some(arn) = m.arn
+                {
+                    return Ok(arn);
+                }
+            }
+            Err(e) => match map_sdk_err(&alias, e) {
+                KmsError::KeyNotFound { .. } => {}
+                other => return Err(other),
+            },
+        }
+        let tag = |k: &str, v: &str| Tag::builder().tag_key(k).tag_value(v).build();
+        let tags = [
+            tag("fieldkey:managed", "true"),
+            tag("fieldkey:store", store_tag),
+            tag("fieldkey:epoch", &epoch.to_string()),
+        ]
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| KmsError::Misconfigured(format!("cannot build key tags: {e}")))?;
+        let meta = self
+            .client
+            .create_key()
+            .description(format!("fieldkey key epoch {epoch} of store {store_tag}"))
+            .set_tags(Some(tags))
+            .send()
+            .await
+            .map_err(|e| map_sdk_err("(new key)", e))?
+            .key_metadata
+            .ok_or(KmsError::Rejected {
+                code: "CreateKey returned no key metadata".into(),
+            })?;
+        let arn = meta.arn.clone().unwrap_or_else(|| meta.key_id.clone());
+        self.client
+            .create_alias()
+            .alias_name(&alias)
+            .target_key_id(&meta.key_id)
+            .send()
+            .await
+            .map_err(|e| map_sdk_err(&alias, e))?;
+        Ok(arn)
+    }
+
+    async fn key_status(&self, key_id: &str) -> Result<KeyStatus, KmsError> {
+        use aws_sdk_kms::types::KeyState;
+        match self.client.describe_key().key_id(key_id).send().await {
+            Ok(out) => {
+                let m = out.key_metadata.ok_or(KmsError::Rejected {
+                    code: "DescribeKey returned no key metadata".into(),
+                })?;
+                Ok(match m.key_state {
+                    Some(KeyState::Enabled) => KeyStatus::Enabled,
+                    Some(KeyState::PendingDeletion) => KeyStatus::PendingDeletion {
+                        deletion_date_unix_ms: m
+                            .deletion_date
+                            .map(|d| d.to_millis().unwrap_or(i64::MAX)),
+                    },
+                    _ => KeyStatus::Disabled,
+                })
+            }
+            Err(e) => match map_sdk_err(key_id, e) {
+                KmsError::KeyNotFound { .. } => Ok(KeyStatus::Deleted),
+                other => Err(other),
+            },
+        }
+    }
+
+    /// `CancelKeyDeletion` leaves the key disabled (AWS's rule); it is enabled again.
+    async fn cancel_key_deletion(&self, key_id: &str) -> Result<(), KmsError> {
+        self.client
+            .cancel_key_deletion()
+            .key_id(key_id)
+            .send()
+            .await
+            .map_err(|e| map_sdk_err(key_id, e))?;
+        self.client
+            .enable_key()
+            .key_id(key_id)
+            .send()
+            .await
+            .map_err(|e| map_sdk_err(key_id, e))?;
+        Ok(())
+    }
+}
+
+/// The alias of a store's epoch key.
+pub fn epoch_alias(store_tag: &str, epoch: u64) -> String {
+    format!("alias/fieldkey/{store_tag}/epoch-{epoch}")
 }

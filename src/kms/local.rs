@@ -24,7 +24,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-use super::{DataKey, EncryptionContext, KeyDeletion, Kms, KmsError, WrappedKey};
+use super::{DataKey, EncryptionContext, KeyDeletion, KeyStatus, Kms, KmsError, WrappedKey};
 use crate::crypto::{
     CryptoError, KEY_LEN, NONCE_LEN, SecretKey, TAG_LEN, Xaes256Gcm, open_key, seal_key,
 };
@@ -76,6 +76,10 @@ pub struct LocalKms {
     key_id: String,
     root: Xaes256Gcm,
     path: PathBuf,
+    /// Where keys made by [`Kms::create_epoch_key`] and key states live: apart from
+    /// the data directory, so that restoring a backup of the data directory does not
+    /// bring a deleted key back.
+    keys_dir: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for LocalKms {
@@ -83,6 +87,7 @@ impl std::fmt::Debug for LocalKms {
         f.debug_struct("LocalKms")
             .field("key_id", &self.key_id)
             .field("path", &self.path)
+            .field("keys_dir", &self.keys_dir)
             .finish_non_exhaustive()
     }
 }
@@ -162,6 +167,7 @@ impl LocalKms {
             key_id,
             root: Xaes256Gcm::new(root.expose()),
             path: path.into(),
+            keys_dir: None,
         })
     }
 
@@ -219,6 +225,7 @@ impl LocalKms {
             key_id: file.key_id,
             root: Xaes256Gcm::new(&root),
             path: path.into(),
+            keys_dir: None,
         })
     }
 
@@ -238,36 +245,277 @@ impl LocalKms {
         }
     }
 
-    fn check_key(&self, key_id: &str) -> Result<(), KmsError> {
-        if key_id == self.key_id {
-            Ok(())
-        } else {
-            Err(KmsError::KeyNotFound {
-                key_id: key_id.to_owned(),
-            })
-        }
+    /// Keeps the keys this KMS creates (epoch keys) and the state of its keys in
+    /// `dir` (created, mode 0700). Keep it on other storage than the data directory.
+    ///
+    /// # Errors
+    /// [`KmsError::Misconfigured`] if the directory cannot be created.
+    pub fn with_keys_dir(mut self, dir: &Path) -> Result<Self, KmsError> {
+        create_private_dir(dir)?;
+        self.keys_dir = Some(dir.to_owned());
+        Ok(self)
     }
 
-    fn wrap_ad(&self, ctx: &EncryptionContext) -> Vec<u8> {
+    /// The key-state directory, if any.
+    pub fn keys_dir(&self) -> Option<&Path> {
+        self.keys_dir.as_deref()
+    }
+
+    fn keys_dir_or_err(&self) -> Result<&Path, KmsError> {
+        self.keys_dir.as_deref().ok_or_else(|| {
+            KmsError::Misconfigured(
+                "the local KMS has no keys directory (kms.local_keys_dir)".into(),
+            )
+        })
+    }
+
+    /// The file of a managed key or of the root key's state, or `None` for an id this
+    /// KMS cannot have made (no path tricks: ids are `[a-z0-9-]`).
+    fn key_file(&self, key_id: &str) -> Option<PathBuf> {
+        let ok = !key_id.is_empty()
+            && key_id.len() <= 128
+            && key_id
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        let dir = self.keys_dir.as_deref()?;
+        ok.then(|| dir.join(format!("{key_id}.json")))
+    }
+
+    /// Reads a key's state file, applying a deletion whose waiting period is over.
+    fn read_state(&self, key_id: &str) -> Result<Option<KeyFile>, KmsError> {
+        let Some(path) = self.key_file(key_id) else {
+            return Ok(None);
+        };
+        let raw = match std::fs::read(&path) {
+            Ok(raw) => raw,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                return Err(KmsError::Unavailable(std::sync::Arc::new(e)));
+            }
+        };
+        let mut file: KeyFile = serde_json::from_slice(&raw).map_err(|e| {
+            KmsError::Misconfigured(format!("local KMS key file {}: {e}", path.display()))
+        })?;
+        if file.format != KEY_FILE_FORMAT || file.key_id != key_id {
+            return Err(KmsError::Misconfigured(format!(
+                "local KMS key file {} is not for key {key_id}",
+                path.display()
+            )));
+        }
+        if file.state == LocalKeyState::PendingDeletion
+            && file.deletion_date_unix_ms.is_some_and(|d| crate::model::now_ms() >= d)
+        {
+            // The waiting period is over: delete for good. A managed key's file goes
+            // (and its material with it); the root key's state says deleted.
+            if key_id == self.key_id {
+                file.state = LocalKeyState::Deleted;
+                write_replace_private_file(&path, &encode_json(&file)?)?;
+            } else {
+                remove_file_durably(&path)?;
+                return Ok(None);
+            }
+        }
+        Ok(Some(file))
+    }
+
+    /// The cipher that wraps under `key_id`, if the key is usable.
+    fn cipher(&self, key_id: &str) -> Result<KeyCipher<'_>, KmsError> {
+        let not_found = || KmsError::KeyNotFound {
+            key_id: key_id.to_owned(),
+        };
+        let state = self.read_state(key_id)?;
+        match state.as_ref().map(|f| f.state) {
+            Some(LocalKeyState::PendingDeletion) => {
+                return Err(KmsError::KeyInvalidState {
+                    key_id: key_id.to_owned(),
+                });
+            }
+            Some(LocalKeyState::Deleted) => return Err(not_found()),
+            Some(LocalKeyState::Enabled) | None => {}
+        }
+        if key_id == self.key_id {
+            return Ok(KeyCipher::Root(&self.root));
+        }
+        let file = state.ok_or_else(not_found)?;
+        let bad = || KmsError::Misconfigured(format!("local KMS key file of {key_id} is corrupt"));
+        let nonce: [u8; NONCE_LEN] = STANDARD
+            .decode(file.nonce.as_deref().unwrap_or_default())
+            .ok()
+            .and_then(|n| n.try_into().ok())
+            .ok_or_else(bad)?;
+        let body = STANDARD
+            .decode(file.wrapped_key.as_deref().unwrap_or_default())
+            .map_err(|_| bad())?;
+        if body.len() != KEY_LEN + TAG_LEN {
+            return Err(bad());
+        }
+        let (ct, tag) = body.split_at(KEY_LEN);
+        let tag: [u8; TAG_LEN] = tag.try_into().map_err(|_| bad())?;
+        let mut key = Zeroizing::new([0u8; KEY_LEN]);
+        key.copy_from_slice(ct);
+        self.root
+            .decrypt_in_place_detached(&nonce, &managed_key_ad(key_id), key.as_mut(), &tag)
+            .map_err(|_| bad())?;
+        Ok(KeyCipher::Managed(Box::new(Xaes256Gcm::new(&key))))
+    }
+
+    fn wrap_ad(&self, key_id: &str, ctx: &EncryptionContext) -> Vec<u8> {
         let mut ad = WRAP_AD_LABEL.to_vec();
-        ad.extend_from_slice(
-            &u16::try_from(self.key_id.len())
-                .unwrap_or(u16::MAX)
-                .to_be_bytes(),
-        );
-        ad.extend_from_slice(self.key_id.as_bytes());
+        ad.extend_from_slice(&u16::try_from(key_id.len()).unwrap_or(u16::MAX).to_be_bytes());
+        ad.extend_from_slice(key_id.as_bytes());
         ad.extend_from_slice(&ctx.canonical_bytes());
         ad
     }
 
-    fn wrap_now(&self, key: &SecretKey, ctx: &EncryptionContext) -> Result<WrappedKey, KmsError> {
-        seal_key(&self.root, &self.wrap_ad(ctx), key)
+    fn wrap_now(
+        &self,
+        key_id: &str,
+        key: &SecretKey,
+        ctx: &EncryptionContext,
+    ) -> Result<WrappedKey, KmsError> {
+        let cipher = self.cipher(key_id)?;
+        seal_key(cipher.get(), &self.wrap_ad(key_id, ctx), key)
             .map(WrappedKey::new)
             .map_err(|e| match e {
                 CryptoError::Rng => rng_err_msg(),
                 _ => KmsError::InvalidCiphertext,
             })
     }
+
+    fn set_state(
+        &self,
+        key_id: &str,
+        state: LocalKeyState,
+        deletion_date_unix_ms: Option<i64>,
+    ) -> Result<(), KmsError> {
+        let path = self.key_file(key_id).ok_or_else(|| KmsError::KeyNotFound {
+            key_id: key_id.to_owned(),
+        })?;
+        let mut file = match self.read_state(key_id)? {
+            Some(f) => f,
+            None if key_id == self.key_id => KeyFile::root_state(key_id),
+            None => {
+                return Err(KmsError::KeyNotFound {
+                    key_id: key_id.to_owned(),
+                });
+            }
+        };
+        file.state = state;
+        file.deletion_date_unix_ms = deletion_date_unix_ms;
+        write_replace_private_file(&path, &encode_json(&file)?)
+    }
+}
+
+/// The cipher of one key: the root key's (borrowed) or a managed key's.
+enum KeyCipher<'a> {
+    Root(&'a Xaes256Gcm),
+    Managed(Box<Xaes256Gcm>),
+}
+
+impl KeyCipher<'_> {
+    fn get(&self) -> &Xaes256Gcm {
+        match self {
+            KeyCipher::Root(c) => c,
+            KeyCipher::Managed(c) => c,
+        }
+    }
+}
+
+const KEY_FILE_FORMAT: &str = "fieldkey-local-kms-key/v1";
+const MANAGED_KEY_AD_LABEL: &[u8] = b"fieldkey/v1 local-kms-key";
+
+fn managed_key_ad(key_id: &str) -> Vec<u8> {
+    let mut ad = MANAGED_KEY_AD_LABEL.to_vec();
+    ad.extend_from_slice(&u16::try_from(key_id.len()).unwrap_or(u16::MAX).to_be_bytes());
+    ad.extend_from_slice(key_id.as_bytes());
+    ad
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum LocalKeyState {
+    Enabled,
+    PendingDeletion,
+    Deleted,
+}
+
+/// A key made by this KMS (material wrapped under the root key), or the state of the
+/// root key itself (no material).
+#[derive(Serialize, Deserialize)]
+struct KeyFile {
+    format: String,
+    key_id: String,
+    state: LocalKeyState,
+    deletion_date_unix_ms: Option<i64>,
+    created_at_unix_ms: i64,
+    nonce: Option<String>,
+    wrapped_key: Option<String>,
+}
+
+impl KeyFile {
+    fn root_state(key_id: &str) -> Self {
+        Self {
+            format: KEY_FILE_FORMAT.into(),
+            key_id: key_id.into(),
+            state: LocalKeyState::Enabled,
+            deletion_date_unix_ms: None,
+            created_at_unix_ms: crate::model::now_ms(),
+            nonce: None,
+            wrapped_key: None,
+        }
+    }
+}
+
+fn encode_json<T: Serialize>(v: &T) -> Result<Vec<u8>, KmsError> {
+    serde_json::to_vec_pretty(v)
+        .map_err(|e| KmsError::Misconfigured(format!("cannot encode key file: {e}")))
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), KmsError> {
+    let mut b = std::fs::DirBuilder::new();
+    b.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        b.mode(0o700);
+    }
+    b.create(dir).map_err(|e| {
+        KmsError::Misconfigured(format!(
+            "cannot create local KMS keys directory {}: {e}",
+            dir.display()
+        ))
+    })
+}
+
+/// Replaces `path` atomically (a temporary file renamed over it, then the directory
+/// synced), mode 0600.
+fn write_replace_private_file(path: &Path, contents: &[u8]) -> Result<(), KmsError> {
+    let tmp = path.with_extension("json.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    write_new_private_file(&tmp, contents)?;
+    std::fs::rename(&tmp, path)
+        .map_err(|e| KmsError::Misconfigured(format!("cannot replace local KMS key file: {e}")))?;
+    sync_parent(path)
+}
+
+fn remove_file_durably(path: &Path) -> Result<(), KmsError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => sync_parent(path),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(KmsError::Misconfigured(format!(
+            "cannot delete local KMS key file {}: {e}",
+            path.display()
+        ))),
+    }
+}
+
+fn sync_parent(path: &Path) -> Result<(), KmsError> {
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| KmsError::Misconfigured(format!("cannot sync {}: {e}", dir.display())))?;
+    }
+    Ok(())
 }
 
 fn write_new_private_file(path: &Path, contents: &[u8]) -> Result<(), KmsError> {
@@ -305,9 +553,8 @@ impl Kms for LocalKms {
         key_id: &str,
         ctx: &EncryptionContext,
     ) -> Result<DataKey, KmsError> {
-        self.check_key(key_id)?;
         let secret = SecretKey::generate().map_err(rng_err)?;
-        let wrapped = self.wrap_now(&secret, ctx)?;
+        let wrapped = self.wrap_now(key_id, &secret, ctx)?;
         Ok(DataKey { secret, wrapped })
     }
 
@@ -317,8 +564,7 @@ impl Kms for LocalKms {
         key: &SecretKey,
         ctx: &EncryptionContext,
     ) -> Result<WrappedKey, KmsError> {
-        self.check_key(key_id)?;
-        self.wrap_now(key, ctx)
+        self.wrap_now(key_id, key, ctx)
     }
 
     async fn unwrap(
@@ -327,8 +573,8 @@ impl Kms for LocalKms {
         wrapped: &WrappedKey,
         ctx: &EncryptionContext,
     ) -> Result<SecretKey, KmsError> {
-        self.check_key(key_id)?;
-        open_key(&self.root, &self.wrap_ad(ctx), wrapped.as_bytes())
+        let cipher = self.cipher(key_id)?;
+        open_key(cipher.get(), &self.wrap_ad(key_id, ctx), wrapped.as_bytes())
             .map_err(|_| KmsError::InvalidCiphertext)
     }
 
@@ -336,17 +582,108 @@ impl Kms for LocalKms {
         Ok(())
     }
 
+    /// Like AWS: the key refuses every use at once and is deleted when the waiting
+    /// period ends (0 days: now). The root key's deletion (it is also the legacy
+    /// epoch key) stops it wrapping data; it still protects the keys this KMS made.
     async fn schedule_key_deletion(
         &self,
         key_id: &str,
-        _pending_window_days: u32,
+        pending_window_days: u32,
     ) -> Result<KeyDeletion, KmsError> {
-        // The local KMS has one root key that wraps every tenant: it is never a
-        // tenant's own key, so nothing may delete it.
-        self.check_key(key_id)?;
-        Err(KmsError::Rejected {
-            code: "the local development KMS has no per-tenant keys to delete".into(),
+        self.keys_dir_or_err()?;
+        if pending_window_days > 30 {
+            return Err(KmsError::Misconfigured(
+                "local KMS key deletion window must be 0..=30 days".into(),
+            ));
+        }
+        match self.read_state(key_id)? {
+            Some(f) if f.state == LocalKeyState::PendingDeletion => {
+                return Ok(KeyDeletion::AlreadyPending {
+                    deletion_date_unix_ms: f.deletion_date_unix_ms,
+                });
+            }
+            Some(f) if f.state == LocalKeyState::Deleted => {
+                return Err(KmsError::KeyNotFound {
+                    key_id: key_id.to_owned(),
+                });
+            }
+            None if key_id != self.key_id => {
+                return Err(KmsError::KeyNotFound {
+                    key_id: key_id.to_owned(),
+                });
+            }
+            _ => {}
+        }
+        let date = crate::model::now_ms()
+            .saturating_add(i64::from(pending_window_days).saturating_mul(86_400_000));
+        self.set_state(key_id, LocalKeyState::PendingDeletion, Some(date))?;
+        if pending_window_days == 0 {
+            // Applies the deletion now.
+            self.read_state(key_id)?;
+        }
+        Ok(KeyDeletion::Scheduled {
+            pending_window_days,
+            deletion_date_unix_ms: Some(date),
         })
+    }
+
+    async fn create_epoch_key(&self, epoch: u64, store_tag: &str) -> Result<String, KmsError> {
+        let _ = store_tag;
+        let dir = self.keys_dir_or_err()?;
+        let mut id = [0u8; 8];
+        getrandom::fill(&mut id).map_err(rng_err)?;
+        let key_id = format!("local-epoch-{epoch}-{}", hex::encode(id));
+        let key = SecretKey::generate().map_err(rng_err)?;
+        let mut nonce = [0u8; NONCE_LEN];
+        getrandom::fill(&mut nonce).map_err(rng_err)?;
+        let mut body = Zeroizing::new(key.expose().to_vec());
+        let tag = self
+            .root
+            .encrypt_in_place_detached(&nonce, &managed_key_ad(&key_id), body.as_mut_slice())
+            .map_err(|_| KmsError::Misconfigured("cannot seal a local KMS key".into()))?;
+        let mut wrapped = body.to_vec();
+        wrapped.extend_from_slice(&tag);
+        let file = KeyFile {
+            format: KEY_FILE_FORMAT.into(),
+            key_id: key_id.clone(),
+            state: LocalKeyState::Enabled,
+            deletion_date_unix_ms: None,
+            created_at_unix_ms: crate::model::now_ms(),
+            nonce: Some(STANDARD.encode(nonce)),
+            wrapped_key: Some(STANDARD.encode(&wrapped)),
+        };
+        let path = dir.join(format!("{key_id}.json"));
+        write_new_private_file(&path, &encode_json(&file)?)?;
+        sync_parent(&path)?;
+        tracing::info!(key_id, epoch, "local KMS: created an epoch key");
+        Ok(key_id)
+    }
+
+    async fn key_status(&self, key_id: &str) -> Result<KeyStatus, KmsError> {
+        Ok(match self.read_state(key_id)? {
+            Some(f) => match f.state {
+                LocalKeyState::Enabled => KeyStatus::Enabled,
+                LocalKeyState::PendingDeletion => KeyStatus::PendingDeletion {
+                    deletion_date_unix_ms: f.deletion_date_unix_ms,
+                },
+                LocalKeyState::Deleted => KeyStatus::Deleted,
+            },
+            None if key_id == self.key_id => KeyStatus::Enabled,
+            None => KeyStatus::Deleted,
+        })
+    }
+
+    async fn cancel_key_deletion(&self, key_id: &str) -> Result<(), KmsError> {
+        match self.read_state(key_id)? {
+            Some(f) if f.state == LocalKeyState::PendingDeletion => {
+                self.set_state(key_id, LocalKeyState::Enabled, None)
+            }
+            Some(f) if f.state == LocalKeyState::Enabled => Ok(()),
+            None if key_id == self.key_id => Ok(()),
+            _ => Err(KmsError::KeyNotFound {
+                key_id: key_id.to_owned(),
+            }),
+        }
     }
 }
 

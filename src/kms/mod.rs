@@ -139,6 +139,22 @@ pub enum KeyDeletion {
     },
 }
 
+/// What a KMS says of one of its keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyStatus {
+    /// Usable.
+    Enabled,
+    /// Disabled: refuses every use until enabled.
+    Disabled,
+    /// Pending deletion: refuses every use; the deletion can still be cancelled.
+    PendingDeletion {
+        /// When the KMS deletes it, Unix ms, if it said.
+        deletion_date_unix_ms: Option<i64>,
+    },
+    /// The KMS no longer has it (deleted) or never had it.
+    Deleted,
+}
+
 /// A key management service that wraps and unwraps 256-bit keys.
 #[async_trait]
 pub trait Kms: Send + Sync + 'static {
@@ -188,4 +204,36 @@ pub trait Kms: Send + Sync + 'static {
         key_id: &str,
         pending_window_days: u32,
     ) -> Result<KeyDeletion, KmsError>;
+
+    /// Creates a new symmetric key for key epoch `epoch` and returns its id
+    /// (`docs/ERASURE.md` §6). `store_tag` names the key store it serves, so keys of
+    /// several stores in one account stay apart. Idempotent per (store, epoch) where
+    /// the provider can find a key it made before (AWS: by alias).
+    ///
+    /// Default: [`KmsError::Rejected`] (a provider that cannot create keys takes them
+    /// from a pool named in the configuration).
+    async fn create_epoch_key(&self, epoch: u64, store_tag: &str) -> Result<String, KmsError> {
+        let _ = (epoch, store_tag);
+        Err(KmsError::Rejected {
+            code: format!("the {} KMS provider cannot create keys", self.provider()),
+        })
+    }
+
+    /// The state of a key. Default: [`KeyStatus::Enabled`] if it unwraps at all is not
+    /// knowable; providers override it.
+    async fn key_status(&self, key_id: &str) -> Result<KeyStatus, KmsError> {
+        let _ = key_id;
+        Err(KmsError::Rejected {
+            code: format!("the {} KMS provider cannot report key states", self.provider()),
+        })
+    }
+
+    /// Cancels a scheduled deletion (inside its waiting period) and makes the key
+    /// usable again. Default: [`KmsError::Rejected`].
+    async fn cancel_key_deletion(&self, key_id: &str) -> Result<(), KmsError> {
+        let _ = key_id;
+        Err(KmsError::Rejected {
+            code: format!("the {} KMS provider cannot cancel deletions", self.provider()),
+        })
+    }
 }

@@ -12,7 +12,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 
 use super::Metrics;
 use crate::crypto::SecretKey;
-use crate::kms::{DataKey, EncryptionContext, KeyDeletion, Kms, KmsError, WrappedKey};
+use crate::kms::{DataKey, EncryptionContext, KeyDeletion, KeyStatus, Kms, KmsError, WrappedKey};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(super) struct KmsOpOutcome {
@@ -116,5 +116,16 @@ impl Kms for MeteredKms {
                 .schedule_key_deletion(key_id, pending_window_days),
         )
         .await
+    }
+    async fn create_epoch_key(&self, epoch: u64, store_tag: &str) -> Result<String, KmsError> {
+        self.timed("create_key", self.inner.create_epoch_key(epoch, store_tag))
+            .await
+    }
+    async fn key_status(&self, key_id: &str) -> Result<KeyStatus, KmsError> {
+        self.timed("describe", self.inner.key_status(key_id)).await
+    }
+    async fn cancel_key_deletion(&self, key_id: &str) -> Result<(), KmsError> {
+        self.timed("cancel_key_deletion", self.inner.cancel_key_deletion(key_id))
+            .await
     }
 }

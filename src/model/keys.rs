@@ -97,6 +97,9 @@ pub struct KeyVersionRecord {
     pub resume_state: Option<KeyState>,
     /// KMS key that wraps this version.
     pub kms_key_id: String,
+    /// The key epoch whose KMS key wraps it (`None`: the tenant's own key, or a
+    /// store from before epochs).
+    pub epoch: Option<u64>,
     /// Wrapped material; `None` once destroyed.
     pub wrapped: Option<WrappedKey>,
     /// Fingerprint of the wrapped material (kept after destruction).
@@ -114,6 +117,9 @@ pub struct TenantRecord {
     pub tenant_id: String,
     /// KMS key for new versions (the tenant's own, or the default at creation).
     pub kms_key_id: String,
+    /// Whether the tenant brings its own KMS key (its versions stay under it instead
+    /// of riding the epoch key); `None`: not classified yet (before the first roll).
+    pub own_kms_key: Option<bool>,
     /// Creation time, Unix ms.
     pub created_at: i64,
     /// Key versions, ascending by version.
@@ -146,8 +152,11 @@ pub struct SubjectRecord {
     pub subject_id: String,
     /// `Active`, `Suspended` or `Destroyed`.
     pub state: KeyState,
-    /// Tenant key version that wraps the material.
+    /// Tenant key version that wraps the material (legacy rows; 0 when an SWK does).
     pub wrap_version: u32,
+    /// The subject-wrapping key (of a key epoch) that wraps the material; `None`:
+    /// legacy (under tenant version `wrap_version`) or destroyed.
+    pub swk_id: Option<String>,
     /// Wrapped material; `None` once destroyed.
     pub wrapped: Option<Vec<u8>>,
     /// Fingerprint of the wrapped material (kept after destruction).
@@ -165,6 +174,9 @@ pub struct NewKeyVersion {
     pub version: u32,
     /// KMS key that wrapped it.
     pub kms_key_id: String,
+    /// The epoch whose key `kms_key_id` is; the store refuses the insert unless that
+    /// epoch is still the active one (a roll raced it). `None`: the tenant's own key.
+    pub epoch: Option<u64>,
     /// Wrapped material.
     pub wrapped: WrappedKey,
 }
@@ -176,8 +188,11 @@ pub struct NewSubject {
     pub tenant_id: String,
     /// Subject id.
     pub subject_id: String,
-    /// Tenant key version that wraps it.
+    /// Tenant key version that wraps it (0 when `swk_id` does).
     pub wrap_version: u32,
+    /// The subject-wrapping key that wraps it; the store refuses the insert unless its
+    /// epoch is still the active one. `None`: legacy wrapping under `wrap_version`.
+    pub swk_id: Option<String>,
     /// Wrapped material.
     pub wrapped: Vec<u8>,
 }
@@ -218,6 +233,8 @@ pub struct SigningKeyRecord {
     pub public_key: Vec<u8>,
     /// KMS key that wraps the seed.
     pub kms_key_id: String,
+    /// The epoch whose key `kms_key_id` is (`None`: legacy default key).
+    pub epoch: Option<u64>,
     /// The wrapped seed.
     pub wrapped: Vec<u8>,
     /// Creation time, Unix ms.

@@ -8,6 +8,7 @@
 //! `crypto` (it sits below everything else).
 
 pub mod audit;
+pub mod epochs;
 pub mod erasure;
 pub mod info;
 pub mod jobs;
@@ -16,6 +17,10 @@ pub mod keys;
 pub mod time;
 
 pub use audit::{AuditEvent, AuditRecord, GENESIS, record_hash};
+pub use epochs::{
+    EpochRecord, EpochState, EpochUsage, KEPT_LEGACY, NewSwk, RollLease, RollProgress, RolledSubject,
+    SwkRecord, swk_id,
+};
 pub use erasure::{ErasureRecord, ErasureState, NewErasure};
 pub use info::{SubjectInfo, TenantInfo, VersionInfo};
 pub use jobs::{JobControl, JobProgress, JobRecord, JobState, JobUpdate, NewJob};

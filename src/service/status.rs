@@ -34,6 +34,8 @@ pub fn classify(e: &Error) -> (Code, &'static str) {
         Error::RetirementBlocked { .. } => (Code::FailedPrecondition, "RETIREMENT_BLOCKED"),
         Error::JobNotFound { .. } => (Code::NotFound, "JOB_NOT_FOUND"),
         Error::JobConflict { .. } => (Code::FailedPrecondition, "JOB_CONFLICT"),
+        Error::RollInProgress { .. } => (Code::Aborted, "EPOCH_ROLL_IN_PROGRESS"),
+        Error::EpochStillInUse { .. } => (Code::FailedPrecondition, "EPOCH_STILL_IN_USE"),
         Error::ErasureNotFound { .. } => (Code::NotFound, "ERASURE_NOT_FOUND"),
         Error::PermissionDenied { .. } => (Code::PermissionDenied, "PERMISSION_DENIED"),
         Error::IndexNotConfigured { .. } => (Code::FailedPrecondition, "INDEX_NOT_CONFIGURED"),
@@ -67,6 +69,9 @@ fn classify_kms(e: &KmsError) -> (Code, &'static str) {
 fn classify_store(e: &StoreError) -> (Code, &'static str) {
     match e {
         StoreError::Unavailable(_) => (Code::Unavailable, "STORE_UNAVAILABLE"),
+        // The keyring retries these itself; one that still surfaces lost a race with a
+        // roll twice in a row: the call may be repeated as it is.
+        StoreError::EpochRolled => (Code::Aborted, "EPOCH_ROLLED"),
         StoreError::Database(_)
         | StoreError::Corrupt(_)
         | StoreError::Migration(_)
@@ -282,6 +287,21 @@ mod tests {
                 "JOB_NOT_FOUND",
             ),
             (
+                Error::RollInProgress {
+                    owner: "host pid 1".into(),
+                },
+                Code::Aborted,
+                "EPOCH_ROLL_IN_PROGRESS",
+            ),
+            (
+                Error::EpochStillInUse {
+                    epoch: 2,
+                    usage: "1 subject".into(),
+                },
+                Code::FailedPrecondition,
+                "EPOCH_STILL_IN_USE",
+            ),
+            (
                 Error::JobConflict {
                     job: "j".into(),
                     reason: "r".into(),
@@ -402,6 +422,11 @@ mod tests {
                 Error::Store(StoreError::aborted("signing failed".into())),
                 Code::Internal,
                 "INTERNAL",
+            ),
+            (
+                Error::Store(StoreError::EpochRolled),
+                Code::Aborted,
+                "EPOCH_ROLLED",
             ),
             (
                 Error::Internal("secret detail".into()),

@@ -118,6 +118,11 @@ pub trait ErasureStore: AuditStore + Send + Sync + 'static {
         complete: &CompleteFn<'_>,
     ) -> Result<Option<ErasureRecord>, StoreError>;
 
+    /// Records, on an erasure, the key epoch that was active when its keys were
+    /// destroyed (the first one recorded is kept): backups taken up to then hold the
+    /// material under that epoch's key or an older one.
+    async fn note_destroyed_epoch(&self, erasure_id: &str, epoch: u64) -> Result<(), StoreError>;
+
     /// Destroys every key version and every subject key of a tenant (tombstones kept),
     /// in one transaction. Returns (versions, subjects) destroyed by this call.
     async fn shred_tenant(&self, tenant_id: &str) -> Result<(u64, u64), StoreError>;
@@ -446,6 +451,19 @@ impl ErasureStore for SqlStore {
         self.get_erasure(erasure_id).await
     }
 
+    async fn note_destroyed_epoch(&self, erasure_id: &str, epoch: u64) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE fk_erasures SET destroyed_epoch = COALESCE(destroyed_epoch, $2) \
+             WHERE erasure_id = $1",
+        )
+        .bind(erasure_id)
+        .bind(super::sql::i64_of(epoch)?)
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(())
+    }
+
     async fn shred_tenant(&self, tenant_id: &str) -> Result<(u64, u64), StoreError> {
         let now = now_ms();
         let mut tx = self.pool.begin().await.map_err(classify)?;
@@ -471,7 +489,7 @@ impl ErasureStore for SqlStore {
         .map_err(classify)?
         .rows_affected();
         let subjects = sqlx::query(
-            "UPDATE fk_subjects SET state = 'destroyed', wrapped = NULL, updated_at = $2 \
+            "UPDATE fk_subjects SET state = 'destroyed', wrapped = NULL, swk_id = NULL, updated_at = $2 \
              WHERE tenant_id = $1 AND state <> 'destroyed'",
         )
         .bind(tenant_id)
@@ -480,6 +498,12 @@ impl ErasureStore for SqlStore {
         .await
         .map_err(classify)?
         .rows_affected();
+        // The tenant's subject-wrapping keys guard nothing live any more.
+        sqlx::query("DELETE FROM fk_subject_wrapping_keys WHERE tenant_id = $1")
+            .bind(tenant_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
         tx.commit().await.map_err(classify)?;
         Ok((versions, subjects))
     }

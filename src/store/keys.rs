@@ -8,7 +8,10 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 
 use super::StoreError;
-use super::sql::{SqlStore, classify, fingerprint_col, lock_live_tenant, state_col, u32_col};
+use super::sql::{
+    SqlStore, classify, epoch_active, fingerprint_col, lock_live_tenant, opt_u64_col, state_col,
+    u32_col,
+};
 use crate::model::{
     Created, KeyState, KeyVersionRecord, NewKeyVersion, TenantRecord, WrappedKey, now_ms,
 };
@@ -84,6 +87,7 @@ fn version_from_row(row: &AnyRow) -> Result<KeyVersionRecord, StoreError> {
         state: state_col(row, "state")?.ok_or_else(|| StoreError::Corrupt("null state".into()))?,
         resume_state: state_col(row, "resume_state")?,
         kms_key_id: row.try_get("kms_key_id").map_err(classify)?,
+        epoch: opt_u64_col(row, "epoch")?,
         wrapped: row
             .try_get::<Option<Vec<u8>>, _>("wrapped")
             .map_err(classify)?
@@ -95,18 +99,25 @@ fn version_from_row(row: &AnyRow) -> Result<KeyVersionRecord, StoreError> {
 }
 
 const INSERT_VERSION: &str = "INSERT INTO fk_tenant_keys \
-    (tenant_id, version, state, resume_state, kms_key_id, wrapped, fingerprint, created_at, updated_at) \
-    VALUES ($1, $2, 'active', NULL, $3, $4, $5, $6, $6) \
+    (tenant_id, version, state, resume_state, kms_key_id, wrapped, fingerprint, created_at, updated_at, epoch) \
+    VALUES ($1, $2, 'active', NULL, $3, $4, $5, $6, $6, $7) \
     ON CONFLICT (tenant_id, version) DO NOTHING";
 
 /// Inserts `new` as the active version unless that version number exists; returns the
-/// number of rows inserted (0 or 1).
+/// number of rows inserted (0 or 1). [`StoreError::EpochRolled`] if `new` is wrapped
+/// under an epoch that is no longer the active one.
 async fn insert_version(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    backend: &'static str,
     tenant_id: &str,
     new: &NewKeyVersion,
     now: i64,
 ) -> Result<u64, StoreError> {
+    if let Some(e) = new.epoch
+        && !epoch_active(tx, e, backend).await?
+    {
+        return Err(StoreError::EpochRolled);
+    }
     Ok(sqlx::query(INSERT_VERSION)
         .bind(tenant_id)
         .bind(i64::from(new.version))
@@ -114,6 +125,7 @@ async fn insert_version(
         .bind(new.wrapped.as_bytes().to_vec())
         .bind(new.wrapped.fingerprint().as_bytes().to_vec())
         .bind(now)
+        .bind(new.epoch.map(i64::try_from).transpose().map_err(|_| StoreError::Corrupt("epoch out of range".into()))?)
         .execute(&mut **tx)
         .await
         .map_err(classify)?
@@ -131,18 +143,21 @@ impl TenantKeyStore for SqlStore {
         let now = now_ms();
         let mut tx = self.pool.begin().await.map_err(classify)?;
         let inserted = sqlx::query(
-            "INSERT INTO fk_tenants (tenant_id, kms_key_id, created_at) VALUES ($1, $2, $3) \
+            "INSERT INTO fk_tenants (tenant_id, kms_key_id, created_at, own_kms_key) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (tenant_id) DO NOTHING",
         )
         .bind(tenant_id)
         .bind(kms_key_id)
         .bind(now)
+        // Wrapped under an epoch key: rides epochs. Otherwise the first roll decides
+        // (the tenant's own key, or the legacy default key).
+        .bind(first.epoch.map(|_| 0i64))
         .execute(&mut *tx)
         .await
         .map_err(classify)?
         .rows_affected();
         if inserted == 1 {
-            insert_version(&mut tx, tenant_id, &first, now).await?;
+            insert_version(&mut tx, self.backend, tenant_id, &first, now).await?;
             tx.commit().await.map_err(classify)?;
         } else {
             tx.rollback().await.map_err(classify)?;
@@ -160,7 +175,7 @@ impl TenantKeyStore for SqlStore {
 
     async fn get_tenant(&self, tenant_id: &str) -> Result<Option<TenantRecord>, StoreError> {
         let Some(t) = sqlx::query(
-            "SELECT tenant_id, kms_key_id, created_at FROM fk_tenants WHERE tenant_id = $1",
+            "SELECT tenant_id, kms_key_id, created_at, own_kms_key FROM fk_tenants WHERE tenant_id = $1",
         )
         .bind(tenant_id)
         .fetch_optional(&self.pool)
@@ -170,7 +185,7 @@ impl TenantKeyStore for SqlStore {
             return Ok(None);
         };
         let rows = sqlx::query(
-            "SELECT version, state, resume_state, kms_key_id, wrapped, fingerprint, created_at, updated_at \
+            "SELECT version, state, resume_state, kms_key_id, epoch, wrapped, fingerprint, created_at, updated_at \
              FROM fk_tenant_keys WHERE tenant_id = $1 ORDER BY version",
         )
         .bind(tenant_id)
@@ -184,6 +199,10 @@ impl TenantKeyStore for SqlStore {
         Ok(Some(TenantRecord {
             tenant_id: t.try_get("tenant_id").map_err(classify)?,
             kms_key_id: t.try_get("kms_key_id").map_err(classify)?,
+            own_kms_key: t
+                .try_get::<Option<i64>, _>("own_kms_key")
+                .map_err(classify)?
+                .map(|v| v != 0),
             created_at: t.try_get("created_at").map_err(classify)?,
             versions,
         }))
@@ -231,7 +250,7 @@ impl TenantKeyStore for SqlStore {
         .execute(&mut *tx)
         .await
         .map_err(classify)?;
-        let inserted = insert_version(&mut tx, tenant_id, &new, now).await?;
+        let inserted = insert_version(&mut tx, self.backend, tenant_id, &new, now).await?;
         if inserted == 1 {
             tx.commit().await.map_err(classify)?;
             Ok(true)
@@ -293,7 +312,7 @@ impl TenantKeyStore for SqlStore {
     ) -> Result<bool, StoreError> {
         self.changed_one(
             sqlx::query(
-                "UPDATE fk_tenant_keys SET kms_key_id = $4, wrapped = $5 \
+                "UPDATE fk_tenant_keys SET kms_key_id = $4, wrapped = $5, epoch = NULL \
              WHERE tenant_id = $1 AND version = $2 AND kms_key_id = $3 \
              AND state NOT IN ('destroyed', 'retired')",
             )

@@ -15,6 +15,7 @@
 //! decides; the store applies them atomically with compare-and-set).
 
 mod audit;
+mod epochs;
 mod erasures;
 mod jobs;
 mod keys;
@@ -33,6 +34,7 @@ pub use crate::model::{
     SubjectRecord, TenantRecord, now_ms,
 };
 pub use audit::{AuditFn, AuditStore};
+pub use epochs::{EpochStore, VersionToRoll};
 pub use erasures::{CompleteFn, ErasureStore};
 pub use jobs::JobStore;
 pub use keys::TenantKeyStore;
@@ -86,6 +88,11 @@ pub enum StoreError {
     /// error, so it is reported as what it is, not as corrupt data.
     #[error("aborted by the caller: {0}")]
     Aborted(#[source] std::sync::Arc<dyn std::error::Error + Send + Sync>),
+    /// The write was refused because a key epoch roll superseded what it was based on
+    /// (new material wrapped under an epoch that is no longer the active one). Nothing
+    /// was written; the caller re-reads the active epoch and tries again.
+    #[error("a key epoch roll superseded this write; retry")]
+    EpochRolled,
 }
 
 /// The error a caller's computation inside a store transaction returns (see
@@ -109,7 +116,8 @@ impl From<DecodeError> for StoreError {
 /// the whole [`KeyStore`] and calls methods of several concerns.
 pub mod prelude {
     pub use super::{
-        AuditStore, ErasureStore, JobStore, KeyStore, SigningKeyStore, SubjectStore, TenantKeyStore,
+        AuditStore, EpochStore, ErasureStore, JobStore, KeyStore, SigningKeyStore, SubjectStore,
+        TenantKeyStore,
     };
 }
 
@@ -126,6 +134,7 @@ pub trait KeyStore:
     + ErasureStore
     + AuditStore
     + SigningKeyStore
+    + EpochStore
     + Send
     + Sync
     + 'static

@@ -21,6 +21,10 @@ pub trait SigningKeyStore: Send + Sync + 'static {
     /// still verify with its public key. Returns whether it changed.
     async fn retire_signing_key(&self, key_id: &str) -> Result<bool, StoreError>;
 
+    /// The active key epoch and its KMS key, if epochs have started: new signing keys
+    /// are wrapped under it.
+    async fn active_epoch_key(&self) -> Result<Option<(u64, String)>, StoreError>;
+
     /// Stores `key` as the active signing key for its purpose unless one exists;
     /// returns the active one (this, or the one that won a race).
     async fn create_signing_key(
@@ -31,7 +35,7 @@ pub trait SigningKeyStore: Send + Sync + 'static {
 
 macro_rules! signing_key_columns {
     () => {
-        "key_id, purpose, public_key, kms_key_id, wrapped, created_at"
+        "key_id, purpose, public_key, kms_key_id, epoch, wrapped, created_at"
     };
 }
 
@@ -41,6 +45,7 @@ fn signing_key_from_row(row: &sqlx::any::AnyRow) -> Result<SigningKeyRecord, Sto
         purpose: row.try_get("purpose").map_err(classify)?,
         public_key: row.try_get("public_key").map_err(classify)?,
         kms_key_id: row.try_get("kms_key_id").map_err(classify)?,
+        epoch: super::sql::opt_u64_col(row, "epoch")?,
         wrapped: row.try_get("wrapped").map_err(classify)?,
         created_at: row.try_get("created_at").map_err(classify)?,
     })
@@ -82,13 +87,29 @@ impl SigningKeyStore for SqlStore {
         .await
     }
 
+    async fn active_epoch_key(&self) -> Result<Option<(u64, String)>, StoreError> {
+        let row = sqlx::query(
+            "SELECT epoch, kms_key_id FROM fk_epochs WHERE state = 'active' AND kms_key_id IS NOT NULL",
+        )
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(classify)?;
+        row.map(|r| {
+            Ok((
+                super::sql::opt_u64_col(&r, "epoch")?.unwrap_or(0),
+                r.try_get("kms_key_id").map_err(classify)?,
+            ))
+        })
+        .transpose()
+    }
+
     async fn create_signing_key(
         &self,
         key: &SigningKeyRecord,
     ) -> Result<SigningKeyRecord, StoreError> {
         sqlx::query(
-            "INSERT INTO fk_signing_keys (key_id, purpose, state, public_key, kms_key_id, wrapped, created_at) \
-             VALUES ($1, $2, 'active', $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+            "INSERT INTO fk_signing_keys (key_id, purpose, state, public_key, kms_key_id, wrapped, created_at, epoch) \
+             VALUES ($1, $2, 'active', $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
         )
         .bind(&key.key_id)
         .bind(&key.purpose)
@@ -96,6 +117,7 @@ impl SigningKeyStore for SqlStore {
         .bind(&key.kms_key_id)
         .bind(key.wrapped.clone())
         .bind(key.created_at)
+        .bind(key.epoch.map(super::sql::i64_of).transpose()?)
         .execute(&self.pool)
         .await
         .map_err(classify)?;

@@ -120,6 +120,38 @@ pub(super) fn state_col(row: &AnyRow, col: &str) -> Result<Option<KeyState>, Sto
     v.map(|s| s.parse().map_err(StoreError::from)).transpose()
 }
 
+pub(super) fn opt_u64_col(row: &AnyRow, col: &str) -> Result<Option<u64>, StoreError> {
+    let v: Option<i64> = row.try_get(col).map_err(classify)?;
+    v.map(|v| u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("{col} out of range: {v}"))))
+        .transpose()
+}
+
+pub(super) fn i64_of(v: u64) -> Result<i64, StoreError> {
+    i64::try_from(v).map_err(|_| StoreError::Corrupt(format!("value out of range: {v}")))
+}
+
+/// Whether `epoch` is the active key epoch, holding (PostgreSQL) a share lock on its row
+/// for the rest of `tx`: a roll activating the next epoch (an exclusive row lock) waits
+/// for writes that wrap material under this one to commit, and they for it, so that
+/// everything the roll's sweep reads afterwards is all there is.
+pub(super) async fn epoch_active(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    epoch: u64,
+    backend: &'static str,
+) -> Result<bool, StoreError> {
+    let q = if backend == "postgres" {
+        "SELECT state FROM fk_epochs WHERE epoch = $1 FOR SHARE"
+    } else {
+        "SELECT state FROM fk_epochs WHERE epoch = $1"
+    };
+    let state: Option<String> = sqlx::query_scalar(q)
+        .bind(i64_of(epoch)?)
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(classify)?;
+    Ok(state.as_deref() == Some("active"))
+}
+
 /// Takes the tenant row's lock for the rest of `tx` and says whether the tenant is live
 /// (exists and was not erased). Rotation and subject creation call it first, so they
 /// serialize with a tenant shred (which sets `erased_at` in its first statement).

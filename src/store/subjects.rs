@@ -6,6 +6,7 @@ use sqlx::any::AnyRow;
 
 use super::StoreError;
 use super::sql::{SqlStore, classify, fingerprint_col, lock_live_tenant, state_col, u32_col};
+use crate::model::EpochState;
 use crate::crypto::Fingerprint;
 use crate::model::{Created, KeyState, NewSubject, SubjectRecord, now_ms};
 
@@ -67,12 +68,13 @@ pub trait SubjectStore: Send + Sync + 'static {
     ) -> Result<bool, StoreError>;
 }
 
-fn subject_from_row(row: &AnyRow) -> Result<SubjectRecord, StoreError> {
+pub(super) fn subject_from_row(row: &AnyRow) -> Result<SubjectRecord, StoreError> {
     Ok(SubjectRecord {
         tenant_id: row.try_get("tenant_id").map_err(classify)?,
         subject_id: row.try_get("subject_id").map_err(classify)?,
         state: state_col(row, "state")?.ok_or_else(|| StoreError::Corrupt("null state".into()))?,
         wrap_version: u32_col(row, "wrap_version")?,
+        swk_id: row.try_get("swk_id").map_err(classify)?,
         wrapped: row.try_get("wrapped").map_err(classify)?,
         fingerprint: fingerprint_col(row)?,
         created_at: row.try_get("created_at").map_err(classify)?,
@@ -83,7 +85,7 @@ fn subject_from_row(row: &AnyRow) -> Result<SubjectRecord, StoreError> {
 /// The columns `subject_from_row` reads (a macro, so queries stay `&'static str`).
 macro_rules! subject_columns {
     () => {
-        "tenant_id, subject_id, state, wrap_version, wrapped, fingerprint, created_at, updated_at"
+        "tenant_id, subject_id, state, wrap_version, swk_id, wrapped, fingerprint, created_at, updated_at"
     };
 }
 
@@ -96,19 +98,46 @@ impl SubjectStore for SqlStore {
         // An erased tenant gets a tombstone, never live material (the tenant row lock
         // serializes this with a tenant shred).
         let live = lock_live_tenant(&mut tx, &new.tenant_id, Some(self.backend)).await?;
-        let (state, wrapped, fp) = if live {
-            ("active", Some(new.wrapped.clone()), fp.as_bytes().to_vec())
+        if live && let Some(swk) = &new.swk_id {
+            // The SWK must belong to the active epoch (share-locked on PostgreSQL, so a
+            // roll activating the next epoch waits for this insert, and its sweep sees
+            // it): a replica with a stale view of the epoch retries with the new one.
+            let q = if self.backend == "postgres" {
+                "SELECT e.state FROM fk_subject_wrapping_keys w JOIN fk_epochs e ON e.epoch = w.epoch \
+                 WHERE w.swk_id = $1 FOR SHARE"
+            } else {
+                "SELECT e.state FROM fk_subject_wrapping_keys w JOIN fk_epochs e ON e.epoch = w.epoch \
+                 WHERE w.swk_id = $1"
+            };
+            let state: Option<String> = sqlx::query_scalar(q)
+                .bind(swk)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(classify)?;
+            if state.as_deref() != Some(EpochState::Active.as_str()) {
+                tx.rollback().await.map_err(classify)?;
+                return Err(StoreError::EpochRolled);
+            }
+        }
+        let (state, wrapped, fp, swk_id) = if live {
+            (
+                "active",
+                Some(new.wrapped.clone()),
+                fp.as_bytes().to_vec(),
+                new.swk_id.clone(),
+            )
         } else {
-            ("destroyed", None, vec![0u8; 32])
+            ("destroyed", None, vec![0u8; 32], None)
         };
         let n = sqlx::query(
-            "INSERT INTO fk_subjects (tenant_id, subject_id, state, wrap_version, wrapped, fingerprint, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $7) ON CONFLICT (tenant_id, subject_id) DO NOTHING",
+            "INSERT INTO fk_subjects (tenant_id, subject_id, state, wrap_version, swk_id, wrapped, fingerprint, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8) ON CONFLICT (tenant_id, subject_id) DO NOTHING",
         )
         .bind(&new.tenant_id)
         .bind(&new.subject_id)
         .bind(state)
         .bind(i64::from(new.wrap_version))
+        .bind(swk_id)
         .bind(wrapped)
         .bind(fp)
         .bind(now)
@@ -175,7 +204,7 @@ impl SubjectStore for SqlStore {
     async fn destroy_subject(&self, tenant_id: &str, subject_id: &str) -> Result<bool, StoreError> {
         self.changed_one(
             sqlx::query(
-                "UPDATE fk_subjects SET state = 'destroyed', wrapped = NULL, updated_at = $3 \
+                "UPDATE fk_subjects SET state = 'destroyed', wrapped = NULL, swk_id = NULL, updated_at = $3 \
              WHERE tenant_id = $1 AND subject_id = $2 AND state <> 'destroyed'",
             )
             .bind(tenant_id)
@@ -196,7 +225,7 @@ impl SubjectStore for SqlStore {
                 "SELECT ",
                 subject_columns!(),
                 " FROM fk_subjects WHERE tenant_id = $1 AND wrap_version = $2 \
-             AND state <> 'destroyed' ORDER BY subject_id LIMIT $3"
+             AND swk_id IS NULL AND state <> 'destroyed' ORDER BY subject_id LIMIT $3"
             ))
             .bind(tenant_id)
             .bind(i64::from(version))
@@ -239,7 +268,8 @@ impl SubjectStore for SqlStore {
     ) -> Result<bool, StoreError> {
         self.changed_one(sqlx::query(
             "UPDATE fk_subjects SET wrap_version = $4, wrapped = $5 \
-             WHERE tenant_id = $1 AND subject_id = $2 AND wrap_version = $3 AND state <> 'destroyed'",
+             WHERE tenant_id = $1 AND subject_id = $2 AND wrap_version = $3 AND swk_id IS NULL \
+             AND state <> 'destroyed'",
         )
         .bind(tenant_id)
         .bind(subject_id)

@@ -14,6 +14,7 @@
 )]
 
 pub mod grpc;
+pub mod kms_rules;
 pub mod sidecar;
 
 use std::path::PathBuf;
