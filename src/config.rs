@@ -21,6 +21,8 @@ pub struct Config {
     pub store: StoreConfig,
     /// KMS.
     pub kms: KmsConfig,
+    /// Key epochs.
+    pub epochs: EpochsSettings,
     /// Request limits.
     pub limits: Limits,
     /// Cache and freshness.
@@ -251,6 +253,9 @@ pub struct ErasureSettings {
     /// store's own database (a warning is logged: a restore of that database rolls
     /// both back).
     pub ledger: Option<String>,
+    /// Longest grace period an erasure request may ask for, in days (with the key
+    /// epochs' backup horizon it must fit in 30 days; see `[epochs]`).
+    pub max_grace_days: u32,
     /// Waiting period of a tenant's own KMS key deletion, 7..=30 days.
     pub kms_key_deletion_days: u32,
     /// An erasure left `executing` this long (its executor crashed) is taken up again.
@@ -265,11 +270,67 @@ impl Default for ErasureSettings {
     fn default() -> Self {
         Self {
             ledger: None,
+            max_grace_days: 14,
             kms_key_deletion_days: 7,
             retry_after_secs: 30,
             poll_ms: 5000,
             reconcile_secs: 600,
         }
+    }
+}
+
+/// Key epochs (see docs/ERASURE.md §6): how often the key store moves to a new KMS
+/// key so that key-store backups cannot outlive an erasure by more than the horizon.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EpochsSettings {
+    /// Length of an epoch, in days (fractions allowed).
+    pub length_days: f64,
+    /// KMS waiting period before an old epoch key is deleted, in days (AWS: 7..=30;
+    /// the local development KMS also allows 0).
+    pub kms_deletion_days: u32,
+    /// Time allowed for a roll to finish (counted in the 30-day budget), in days.
+    pub roll_time_days: f64,
+    /// Roll automatically when an epoch is due (the sidecar's worker).
+    pub auto_roll: bool,
+    /// How often the worker checks whether a roll is due, in seconds.
+    pub check_secs: u64,
+    /// Schedule the deletion of the legacy key (`kms.aws_key_id`, the key that wrapped
+    /// everything before the first roll) once nothing live needs it.
+    pub retire_legacy_key: bool,
+    /// Operator-created KMS keys to take epoch keys from (instead of `kms:CreateKey`).
+    pub key_pool: Vec<String>,
+    /// Names this key store in KMS tags and aliases (default `default`).
+    pub store_tag: Option<String>,
+    /// Local KMS: where epoch keys live (default: `<data_dir>-kms-keys`, beside the
+    /// data directory, never inside it).
+    pub local_keys_dir: Option<PathBuf>,
+}
+
+impl Default for EpochsSettings {
+    fn default() -> Self {
+        Self {
+            length_days: 7.0,
+            kms_deletion_days: 7,
+            roll_time_days: 1.0,
+            auto_roll: true,
+            check_secs: 3600,
+            retire_legacy_key: false,
+            key_pool: Vec::new(),
+            store_tag: None,
+            local_keys_dir: None,
+        }
+    }
+}
+
+impl EpochsSettings {
+    /// Days from an erasure request to the deletion of the last KMS key that can open
+    /// a key-store backup holding its keys, at worst: grace + epoch + roll + window.
+    pub fn worst_case_days(&self, max_grace_days: u32) -> f64 {
+        f64::from(max_grace_days)
+            + self.length_days
+            + self.roll_time_days
+            + f64::from(self.kms_deletion_days)
     }
 }
 
@@ -289,6 +350,7 @@ impl Default for Config {
             listen: ListenConfig::default(),
             store: StoreConfig::default(),
             kms: KmsConfig::default(),
+            epochs: EpochsSettings::default(),
             limits: Limits::default(),
             cache: CacheSettings::default(),
             policy: PolicyConfig::default(),
@@ -488,6 +550,31 @@ impl Config {
                 "erasure.kms_key_deletion_days must be 7..=30".into(),
             ));
         }
+        let ep = &self.epochs;
+        if !(ep.length_days > 0.0 && ep.roll_time_days >= 0.0) || ep.check_secs == 0 {
+            return Err(ConfigError::Invalid(
+                "epochs.length_days must be > 0, epochs.roll_time_days >= 0 and epochs.check_secs > 0"
+                    .into(),
+            ));
+        }
+        let window_ok = if self.kms.aws_key_id.is_some() {
+            (7..=30).contains(&ep.kms_deletion_days)
+        } else {
+            ep.kms_deletion_days <= 30
+        };
+        if !window_ok {
+            return Err(ConfigError::Invalid(
+                "epochs.kms_deletion_days must be 7..=30 with AWS KMS (0..=30 with the local KMS)"
+                    .into(),
+            ));
+        }
+        let worst = ep.worst_case_days(e.max_grace_days);
+        if worst > 30.0 {
+            return Err(ConfigError::Invalid(format!(
+                "erasure would not reach key-store backups within 30 days: erasure.max_grace_days                  ({}) + epochs.length_days ({}) + epochs.roll_time_days ({}) +                  epochs.kms_deletion_days ({}) = {worst} days; shorten one of them",
+                e.max_grace_days, ep.length_days, ep.roll_time_days, ep.kms_deletion_days
+            )));
+        }
         if e.poll_ms < 10 || e.retry_after_secs == 0 || e.reconcile_secs == 0 {
             return Err(ConfigError::Invalid(
                 "erasure.poll_ms must be >= 10; retry_after_secs and reconcile_secs > 0".into(),
@@ -533,6 +620,19 @@ impl Config {
             .sqlite_path
             .clone()
             .unwrap_or_else(|| self.data_dir.join("keys.db"))
+    }
+
+    /// Local KMS epoch-key directory in effect: beside the data directory, not in it.
+    pub fn local_keys_dir(&self) -> PathBuf {
+        self.epochs.local_keys_dir.clone().unwrap_or_else(|| {
+            let mut name = self
+                .data_dir
+                .file_name()
+                .map(std::ffi::OsStr::to_os_string)
+                .unwrap_or_else(|| "fieldkey-data".into());
+            name.push("-kms-keys");
+            self.data_dir.with_file_name(name)
+        })
     }
 
     /// Local KMS key file in effect.

@@ -75,6 +75,18 @@ impl Parts {
         )
     }
 
+    /// The key epoch roller with `cfg` (it signs with the receipts' key).
+    pub fn epochs(&self, cfg: crate::epochs::EpochSettings) -> crate::epochs::Epochs {
+        let actor = cfg.owner.clone();
+        crate::epochs::Epochs::new(
+            self.keyring.clone(),
+            self.store.clone(),
+            self.kms.clone(),
+            self.signing_keys().signer("erasure-receipt", actor),
+            cfg,
+        )
+    }
+
     /// The audit log with `cfg`.
     pub fn audit_log(&self, cfg: AuditConfig) -> AuditLog {
         AuditLog::new(self.store.clone(), &self.signing_keys(), cfg)
@@ -109,6 +121,7 @@ impl Parts {
             limits: crate::config::Limits::default(),
             rotation,
             erasures: Arc::new(self.erasures(ErasureConfig::default())),
+            epochs: Arc::new(self.epochs(crate::epochs::EpochSettings::default())),
             audit: Arc::new(self.audit_log(AuditConfig::default())),
             jobs: self.jobs(),
             evidence: self.evidence(),

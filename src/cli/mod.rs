@@ -8,6 +8,7 @@
 
 mod audit;
 mod client;
+mod epoch;
 mod erasure;
 mod jobs;
 mod report;
@@ -72,6 +73,12 @@ enum Command {
     Erasure {
         #[command(subcommand)]
         command: erasure::ErasureCommand,
+    },
+    /// Key epochs: roll the key store to a new KMS key so that key-store backups
+    /// cannot outlive an erasure (docs/ERASURE.md §6); status; verify a seal.
+    Epoch {
+        #[command(subcommand)]
+        command: epoch::EpochCommand,
     },
     /// The audit log: export it, verify a store or an export offline.
     Audit {
@@ -407,6 +414,7 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Jobs { command } => jobs::jobs(command).await,
             Command::Erasure { command } => erasure::erasure(command).await,
             Command::Audit { command } => audit::audit(command).await,
+            Command::Epoch { command } => epoch::epoch(command).await,
             Command::Report(args) => report::report(args).await,
             Command::Kms {
                 command: KmsCommand::InitLocal { path, passphrase },

@@ -140,11 +140,16 @@ pub(super) async fn build_keyring(
             c.endpoint_url.clone_from(&cfg.kms.aws_endpoint_url);
             Arc::new(AwsKms::new(c).await?)
         }
-        None => Arc::new(LocalKms::open_or_create(
-            &cfg.local_key_file(),
-            &local_passphrase(&cfg.data_dir)?,
-            KdfParams::default(),
-        )?),
+        None => Arc::new(
+            LocalKms::open_or_create(
+                &cfg.local_key_file(),
+                &local_passphrase(&cfg.data_dir)?,
+                KdfParams::default(),
+            )?
+            // Epoch keys live beside the data directory, never in it: restoring a
+            // backup of the data directory must not bring a deleted epoch key back.
+            .with_keys_dir(&cfg.local_keys_dir())?,
+        ),
     };
     let kms: Arc<dyn Kms> = match metrics {
         Some(m) => Arc::new(crate::metrics::MeteredKms::new(kms, m.clone())),
@@ -194,6 +199,21 @@ pub(super) async fn build_keyring(
     Ok(Parts::new(keyring, store, kms))
 }
 
+/// Key epoch settings from the configuration.
+pub(super) fn epoch_settings(cfg: &Config) -> crate::epochs::EpochSettings {
+    let e = &cfg.epochs;
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into());
+    crate::epochs::EpochSettings {
+        length: Duration::from_secs_f64(e.length_days * 86_400.0),
+        kms_deletion_days: e.kms_deletion_days,
+        retire_legacy_key: e.retire_legacy_key,
+        key_pool: e.key_pool.clone(),
+        store_tag: e.store_tag.clone().unwrap_or_else(|| "default".into()),
+        owner: format!("fieldkey@{host} pid {}", std::process::id()),
+        ..crate::epochs::EpochSettings::default()
+    }
+}
+
 /// Erasure settings from the configuration (and the crash-test fault injection
 /// variable, `FIELDKEY_FAULT_ABORT_AFTER_ERASURE_STEP`, never set in production).
 fn erasure_config(cfg: &Config) -> ErasureConfig {
@@ -207,6 +227,7 @@ fn erasure_config(cfg: &Config) -> ErasureConfig {
         );
     }
     ErasureConfig {
+        max_grace: Duration::from_secs(u64::from(e.max_grace_days) * 86_400),
         kms_key_deletion_days: e.kms_key_deletion_days,
         retry_after: Duration::from_secs(e.retry_after_secs),
         poll: Duration::from_millis(e.poll_ms),
@@ -265,6 +286,12 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let _follow = keyring.follow_changes().await?;
     let erasures = Arc::new(parts.erasures(erasure_config(&cfg)));
     let worker = erasures.clone().spawn_worker();
+    let epochs = Arc::new(parts.epochs(epoch_settings(&cfg)));
+    let epoch_worker = cfg.epochs.auto_roll.then(|| {
+        epochs
+            .clone()
+            .spawn_worker(Duration::from_secs(cfg.epochs.check_secs))
+    });
     let audit = Arc::new(parts.audit_log(AuditConfig {
         window: Duration::from_secs(cfg.audit.window_secs),
         checkpoint_every: Duration::from_secs(cfg.audit.checkpoint_secs),
@@ -295,6 +322,7 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         },
     ));
     let routes = crate::service::routes(crate::service::Context {
+        epochs: epochs.clone(),
         keyring: keyring.clone(),
         limits: cfg.limits.clone(),
         rotation,
@@ -393,6 +421,9 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         res.context("server task failed")??;
     }
     worker.abort();
+    if let Some(w) = epoch_worker {
+        w.abort();
+    }
     audit_task.abort();
     if let Some(r) = refresh {
         r.abort();

@@ -14,6 +14,8 @@ mod ids;
 mod kdf;
 mod keys;
 #[cfg(test)]
+mod subject_wrap_vectors;
+#[cfg(test)]
 mod vectors;
 mod xaes;
 

@@ -65,6 +65,10 @@ pub struct Epochs {
     kms: Arc<dyn Kms>,
     signer: Signer,
     cfg: EpochSettings,
+    /// A roll started by this process is running.
+    running: std::sync::atomic::AtomicBool,
+    /// The last roll of this process that failed, and why (cleared by a success).
+    last_error: std::sync::Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for Epochs {
@@ -83,6 +87,8 @@ pub struct EpochView {
     pub record: EpochRecord,
     /// Whether backups that need this key can still be restored with it.
     pub opens_backups: bool,
+    /// The signed "backups sealed" statement (JSON), once sealed.
+    pub seal_statement: Option<String>,
 }
 
 /// What `fieldkey epoch status` shows.
@@ -106,6 +112,10 @@ pub struct EpochStatus {
     pub progress: crate::model::RollProgress,
     /// Epoch being rolled to, if a roll is running or unfinished.
     pub rolling_to: Option<u64>,
+    /// Whether the sidecar that answered is running a roll.
+    pub rolling_here: bool,
+    /// Why that sidecar's last roll stopped, if it failed.
+    pub last_error: Option<String>,
 }
 
 impl Epochs {
@@ -124,7 +134,66 @@ impl Epochs {
             kms,
             signer,
             cfg,
+            running: std::sync::atomic::AtomicBool::new(false),
+            last_error: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Starts a roll in the background (it goes on if the caller goes away); `false`
+    /// if this process is already rolling.
+    pub fn start_roll(self: &Arc<Self>, new_epoch: bool) -> bool {
+        use std::sync::atomic::Ordering;
+        if self.running.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            let out = me.roll(new_epoch, &|_| {}).await;
+            let mut last = me.last_error.lock().unwrap_or_else(|p| p.into_inner());
+            match out {
+                Ok(_) => *last = None,
+                Err(e) => {
+                    tracing::warn!(error = %e, "key epoch roll stopped; it resumes on the next run");
+                    *last = Some(e.to_string());
+                }
+            }
+            me.running.store(false, Ordering::Release);
+        });
+        true
+    }
+
+    /// Whether a roll started by this process is running.
+    pub fn rolling_here(&self) -> bool {
+        self.running.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Why this process's last roll failed, if it did.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The worker: every `every`, rolls if one is due (a new epoch when the active one
+    /// is older than its length; finishing an unfinished roll otherwise). Replicas
+    /// running it together are serialized by the lease.
+    pub fn spawn_worker(self: Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                match self.roll_due().await {
+                    Ok(true) => {
+                        self.start_roll(true);
+                    }
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(error = %e, "cannot tell whether a key epoch roll is due"),
+                }
+            }
+        })
     }
 
     /// The settings in effect.
@@ -167,14 +236,25 @@ impl Epochs {
                 .owner
                 .filter(|_| lease.lease_until.is_some_and(|u| u > now_ms())),
             rolling_to: lease.target.filter(|_| unfinished),
+            rolling_here: self.rolling_here(),
+            last_error: self.last_error(),
             progress: lease.progress,
-            epochs: epochs
-                .into_iter()
-                .map(|record| EpochView {
-                    opens_backups: record.opens_backups(),
-                    record,
-                })
-                .collect(),
+            epochs: {
+                let mut views = Vec::with_capacity(epochs.len());
+                for record in epochs {
+                    let seal_statement = if record.state == EpochState::Sealed {
+                        self.store.epoch_seal(record.epoch).await?
+                    } else {
+                        None
+                    };
+                    views.push(EpochView {
+                        opens_backups: record.opens_backups(),
+                        seal_statement,
+                        record,
+                    });
+                }
+                views
+            },
         })
     }
 

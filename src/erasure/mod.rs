@@ -49,6 +49,10 @@ pub const SIGNING_PURPOSE: &str = "erasure-receipt";
 /// Erasure settings.
 #[derive(Debug, Clone)]
 pub struct ErasureConfig {
+    /// Longest grace period a request may ask for (at most [`MAX_GRACE`]; the
+    /// configuration keeps it short enough that grace + the backup horizon of key
+    /// epochs stays within 30 days, `docs/ERASURE.md` §6).
+    pub max_grace: Duration,
     /// Waiting period of a tenant's own KMS key deletion (AWS: 7..=30 days).
     pub kms_key_deletion_days: u32,
     /// An `executing` request untouched this long is taken up again (its executor
@@ -68,6 +72,7 @@ pub struct ErasureConfig {
 impl Default for ErasureConfig {
     fn default() -> Self {
         Self {
+            max_grace: MAX_GRACE,
             kms_key_deletion_days: 7,
             retry_after: Duration::from_secs(30),
             poll: Duration::from_secs(5),

@@ -36,10 +36,13 @@ impl Erasures {
         if let Some(s) = subject {
             validate_id("subject_id", s)?;
         }
-        if grace > MAX_GRACE {
-            return Err(Error::InvalidArgument(
-                "grace period must be at most 30 days (2592000 seconds)".into(),
-            ));
+        let max = self.cfg.max_grace.min(MAX_GRACE);
+        if grace > max {
+            return Err(Error::InvalidArgument(format!(
+                "grace period must be at most {} days ({} seconds)",
+                max.as_secs() / 86_400,
+                max.as_secs()
+            )));
         }
         let store = &self.store;
         if self.keyring.find_tenant(tenant).await?.is_none() {

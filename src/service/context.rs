@@ -31,6 +31,8 @@ pub struct Context {
     pub rotation: RotationPolicy,
     /// The erasure workflow.
     pub erasures: Arc<crate::erasure::Erasures>,
+    /// The key epoch roller.
+    pub epochs: Arc<crate::epochs::Epochs>,
     /// The audit log (export, head).
     pub audit: Arc<crate::audit::AuditLog>,
     /// Re-encryption jobs (show, list, control).
@@ -70,6 +72,7 @@ pub async fn routes(ctx: Context) -> Result<tonic::service::Routes, Error> {
         limits,
         rotation,
         erasures,
+        epochs,
         audit,
         jobs,
         evidence,
@@ -97,7 +100,7 @@ pub async fn routes(ctx: Context) -> Result<tonic::service::Routes, Error> {
         pb::crypto_server::CryptoServer::new(CryptoService::new(keyring.clone(), guard.clone()))
             .max_decoding_message_size(limits.max_message_bytes)
             .max_encoding_message_size(limits.max_message_bytes);
-    let keys = pb::keys_server::KeysServer::new(KeysService::new(keyring.clone(), guard, rotation))
+    let keys = pb::keys_server::KeysServer::new(KeysService::new(keyring.clone(), guard, rotation, epochs))
         .max_decoding_message_size(limits.max_message_bytes);
     let jobs = pb::jobs_server::JobsServer::new(JobsService::new(jobs, gate.clone()));
     let audit_svc = pb::audit_server::AuditServer::new(AuditService::new(

@@ -25,17 +25,37 @@ pub struct KeysService {
     keyring: Arc<Keyring>,
     guard: Guard,
     rotation: RotationPolicy,
+    epochs: Arc<crate::epochs::Epochs>,
 }
 
 impl KeysService {
     /// A service over `keyring`, enforcing `guard`'s limits and judging key ages by
     /// `rotation`.
-    pub fn new(keyring: Arc<Keyring>, guard: Guard, rotation: RotationPolicy) -> Self {
+    pub fn new(
+        keyring: Arc<Keyring>,
+        guard: Guard,
+        rotation: RotationPolicy,
+        epochs: Arc<crate::epochs::Epochs>,
+    ) -> Self {
         Self {
             keyring,
             guard,
             rotation,
+            epochs,
         }
+    }
+
+    async fn epoch_status(&self) -> Result<pb::EpochStatus, Error> {
+        let st = self.epochs.status().await?;
+        Ok(pb::EpochStatus {
+            active_epoch: st.active.unwrap_or(0),
+            restorable_backups_since_unix_ms: st.restorable_backups_since_unix_ms.unwrap_or(0),
+            rolling: st.rolling_here,
+            last_error: st.last_error.clone().unwrap_or_default(),
+            roll_overdue: st.roll_overdue,
+            status_json: serde_json::to_string(&st)
+                .map_err(|e| Error::Internal(format!("epoch status: {e}")))?,
+        })
     }
 }
 
@@ -125,6 +145,50 @@ impl pb::keys_server::Keys for KeysService {
             .await?;
         let fut = async { tenant_reply(self.keyring.tenant(id).await) };
         self.guard.run(fut).await.map(Response::new)
+    }
+
+    async fn roll_epoch(
+        &self,
+        req: Request<pb::RollEpochRequest>,
+    ) -> Result<Response<pb::EpochStatus>, Status> {
+        let call = (self.guard.gate)
+            .admit(&req, Action::RollEpoch, None)
+            .await?;
+        let finish_only = req.get_ref().finish_only;
+        let out = async {
+            let lease = self.epochs.status().await?;
+            if !self.epochs.rolling_here()
+                && let Some(owner) = lease.roll_owner
+            {
+                return Err(Error::RollInProgress { owner });
+            }
+            self.epochs.start_roll(!finish_only);
+            self.epoch_status().await
+        }
+        .await
+        .map_err(|e| status::to_status(&e));
+        let out = call
+            .audited(out, |st| {
+                [Record::new(
+                    "epoch.roll-started",
+                    "key-epoch",
+                    &st.active_epoch.to_string(),
+                    None,
+                    json!({ "finish_only": finish_only }),
+                )]
+            })
+            .await?;
+        Ok(Response::new(out))
+    }
+
+    async fn get_epoch_status(
+        &self,
+        req: Request<pb::GetEpochStatusRequest>,
+    ) -> Result<Response<pb::EpochStatus>, Status> {
+        (self.guard.gate)
+            .admit(&req, Action::GetEpochStatus, None)
+            .await?;
+        self.guard.run(self.epoch_status()).await.map(Response::new)
     }
 
     async fn list_tenants(

@@ -90,6 +90,8 @@ actions! {
     RewrapKmsKey => "Keys", "RewrapKmsKey", Tenant, "Rewrap a tenant's key versions under another KMS key.";
     RetireKeyVersion => "Keys", "RetireKeyVersion", Tenant, "Retire a key version no ciphertext needs.";
     WhoAmI => "Keys", "WhoAmI", Service, "Report the caller's identity and transport.";
+    RollEpoch => "Keys", "RollEpoch", Service, "Roll the key store to a new key epoch (or finish a roll).";
+    GetEpochStatus => "Keys", "GetEpochStatus", Service, "Read the key epochs and the backup horizon.";
     ListJobs => "Jobs", "ListJobs", Service, "List re-encryption jobs.";
     GetJob => "Jobs", "GetJob", Service, "Read one job.";
     WatchJob => "Jobs", "WatchJob", Service, "Stream a job's progress.";
