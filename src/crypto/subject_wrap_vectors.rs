@@ -157,6 +157,19 @@ fn vector(name: &str, wrap: Wrap, key: &[u8; KEY_LEN], rest: Value) -> Value {
     v
 }
 
+const AUTH: &str = "authentication";
+
+/// A failure vector's inputs: a valid vector's with one thing changed.
+#[derive(Clone)]
+struct Fail {
+    wrap: Wrap,
+    key: [u8; KEY_LEN],
+    tenant: String,
+    subject: String,
+    blob: Vec<u8>,
+    error: &'static str,
+}
+
 struct Case {
     name: &'static str,
     wrap: Wrap,
@@ -256,171 +269,107 @@ fn generate() -> Value {
             Wrap::Epoch(e) => Wrap::Epoch(e + 1),
         };
         let (t, s) = (base.tenant.as_str(), base.subject.as_str());
-        let mut shifted_t = t.to_owned();
-        shifted_t.push_str(&s[..1]);
-        let shifted_s = &s[1..];
-        let mut list: Vec<(&str, Wrap, [u8; KEY_LEN], String, String, Vec<u8>, &str)> = vec![
+        let same = Fail {
+            wrap: base.wrap,
+            key,
+            tenant: t.to_owned(),
+            subject: s.to_owned(),
+            blob: blob.clone(),
+            error: AUTH,
+        };
+        let with_blob = |blob: Vec<u8>, error| Fail {
+            blob,
+            error,
+            ..same.clone()
+        };
+        let mut format_byte = blob.clone();
+        format_byte[0] = 0x02;
+        let mut list = vec![
             (
                 "wrong_tenant",
-                base.wrap,
-                key,
-                format!("{t}2"),
-                s.into(),
-                blob.clone(),
-                "authentication",
+                Fail {
+                    tenant: format!("{t}2"),
+                    ..same.clone()
+                },
             ),
             (
                 "wrong_subject",
-                base.wrap,
-                key,
-                t.into(),
-                format!("{s}x"),
-                blob.clone(),
-                "authentication",
+                Fail {
+                    subject: format!("{s}x"),
+                    ..same.clone()
+                },
             ),
             (
                 "wrong_number",
-                other_number,
-                key,
-                t.into(),
-                s.into(),
-                blob.clone(),
-                "authentication",
+                Fail {
+                    wrap: other_number,
+                    ..same.clone()
+                },
             ),
             (
                 "wrong_key",
-                base.wrap,
-                pattern(base.seed.wrapping_add(1)),
-                t.into(),
-                s.into(),
-                blob.clone(),
-                "authentication",
+                Fail {
+                    key: pattern(base.seed.wrapping_add(1)),
+                    ..same.clone()
+                },
             ),
             // tenant/subject boundary moved: only the length prefixes tell them apart
             (
                 "boundary_shift",
-                base.wrap,
-                key,
-                shifted_t,
-                shifted_s.into(),
-                blob.clone(),
-                "authentication",
+                Fail {
+                    tenant: format!("{t}{}", &s[..1]),
+                    subject: s[1..].to_owned(),
+                    ..same.clone()
+                },
             ),
-            (
-                "nonce_edited",
-                base.wrap,
-                key,
-                t.into(),
-                s.into(),
-                flip(1),
-                "authentication",
-            ),
-            (
-                "nonce_tail_edited",
-                base.wrap,
-                key,
-                t.into(),
-                s.into(),
-                flip(24),
-                "authentication",
-            ),
-            (
-                "ciphertext_edited",
-                base.wrap,
-                key,
-                t.into(),
-                s.into(),
-                flip(25),
-                "authentication",
-            ),
-            (
-                "tag_edited",
-                base.wrap,
-                key,
-                t.into(),
-                s.into(),
-                flip(SUBJECT_WRAPPED_LEN - 1),
-                "authentication",
-            ),
+            ("nonce_edited", with_blob(flip(1), AUTH)),
+            ("nonce_tail_edited", with_blob(flip(24), AUTH)),
+            ("ciphertext_edited", with_blob(flip(25), AUTH)),
+            ("tag_edited", with_blob(flip(SUBJECT_WRAPPED_LEN - 1), AUTH)),
             (
                 "truncated",
-                base.wrap,
-                key,
-                t.into(),
-                s.into(),
-                blob[..blob.len() - 1].to_vec(),
-                "malformed",
+                with_blob(blob[..blob.len() - 1].to_vec(), "malformed"),
             ),
             (
                 "extended",
-                base.wrap,
-                key,
-                t.into(),
-                s.into(),
-                [blob.as_slice(), &[0]].concat(),
-                "malformed",
+                with_blob([blob.as_slice(), &[0]].concat(), "malformed"),
             ),
-            (
-                "empty",
-                base.wrap,
-                key,
-                t.into(),
-                s.into(),
-                vec![],
-                "malformed",
-            ),
+            ("empty", with_blob(vec![], "malformed")),
             (
                 "unknown_format_byte",
-                base.wrap,
-                key,
-                t.into(),
-                s.into(),
-                {
-                    let mut b = blob.clone();
-                    b[0] = 0x02;
-                    b
-                },
-                "unsupported-version",
+                with_blob(format_byte, "unsupported-version"),
             ),
         ];
-        match base.wrap {
-            Wrap::Epoch(e) => {
-                // the epoch's high 32 bits matter: a u32 encoding would accept this
-                list.push((
-                    "epoch_low_32_bits",
-                    Wrap::Epoch(e & 0xffff_ffff),
-                    key,
-                    t.into(),
-                    s.into(),
-                    blob.clone(),
-                    "authentication",
-                ));
-            }
-            Wrap::Legacy(w) => {
-                // the same key, nonce and numbers read as the other wrap: the AD labels
-                // (and widths) separate them
-                let as_epoch = spec_key(base.wrap, &key, t);
-                list.push((
-                    "read_as_epoch_wrap",
-                    Wrap::Epoch(u64::from(w)),
-                    as_epoch,
-                    t.into(),
-                    s.into(),
-                    blob.clone(),
-                    "authentication",
-                ));
-            }
-        }
-        for (name, wrap, k, tenant, subject, b, error) in list {
+        list.push(match base.wrap {
+            // the epoch's high 32 bits matter: a u32 encoding would accept this
+            Wrap::Epoch(e) => (
+                "epoch_low_32_bits",
+                Fail {
+                    wrap: Wrap::Epoch(e & 0xffff_ffff),
+                    ..same.clone()
+                },
+            ),
+            // the same AEAD key, nonce and number read as the other wrap: the AD labels
+            // (and widths) keep the two apart
+            Wrap::Legacy(w) => (
+                "read_as_epoch_wrap",
+                Fail {
+                    wrap: Wrap::Epoch(u64::from(w)),
+                    key: spec_key(base.wrap, &key, t),
+                    ..same.clone()
+                },
+            ),
+        });
+        for (name, f) in list {
             invalid.push(vector(
                 &format!("{prefix}_{name}"),
-                wrap,
-                &k,
+                f.wrap,
+                &f.key,
                 json!({
-                    "tenant": tenant,
-                    "subject": subject,
-                    "blob": hex::encode(b),
-                    "error": error,
+                    "tenant": f.tenant,
+                    "subject": f.subject,
+                    "blob": hex::encode(f.blob),
+                    "error": f.error,
                 }),
             ));
         }

@@ -150,6 +150,7 @@ pub struct RolledSubject {
 /// Counters of a roll, kept with its lease so that `epoch status` on any replica sees
 /// them.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct RollProgress {
     /// What the roll is doing (`create-key`, `tenants`, `signing-keys`, `verify`,
     /// `seal`, `done`).
