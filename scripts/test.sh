@@ -12,6 +12,7 @@ cd "$(dirname "$0")/.."
 
 CACHE="${FIELDKEY_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/fieldkey}"
 MOTO_VERSION="5.2.5"
+PG8000_VERSION="1.31.6"
 mkdir -p "$CACHE"
 WORK="$(mktemp -d)"
 PIDS=()
@@ -49,8 +50,11 @@ if ! "$VENV/bin/python" -c "import moto, cryptography" >/dev/null 2>&1; then
     log "creating Python venv with moto[server]==$MOTO_VERSION in $VENV"
     rm -rf "$VENV"
     python3 -m venv "$VENV"
-    "$VENV/bin/pip" install --quiet --disable-pip-version-check "moto[server]==$MOTO_VERSION"
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check "moto[server]==$MOTO_VERSION" "pg8000==$PG8000_VERSION"
 fi
+# pg8000: PostgreSQL driver of tests/tools/recover_subject_key.py (venvs made before it)
+"$VENV/bin/python" -c "import pg8000" >/dev/null 2>&1 \
+    || "$VENV/bin/pip" install --quiet --disable-pip-version-check "pg8000==$PG8000_VERSION"
 MOTO_PORT="$(free_port)"
 "$VENV/bin/moto_server" -H 127.0.0.1 -p "$MOTO_PORT" >"$WORK/moto.log" 2>&1 &
 PIDS+=("$!")
@@ -148,10 +152,11 @@ if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/
 fi
 
 # ---------------------------------------------------------------- tests
-# Independent (Python) implementations check the envelope, blind-index and pseudonym
-# test vectors.
+# Independent (Python) implementations check the envelope, blind-index, pseudonym and
+# subject-key wrap test vectors.
 "$VENV/bin/python" tests/vectors/check_vectors.py
 "$VENV/bin/python" tests/vectors/check_blind_vectors.py
+"$VENV/bin/python" tests/vectors/check_subject_wrap.py
 cargo test --locked "$@"
 
 # ---------------------------------------------------------------- Python client

@@ -53,7 +53,11 @@ struct Side {
 }
 
 fn side(store: Arc<dyn KeyStore>, kms: Arc<dyn Kms>, cfg: EpochSettings) -> Side {
-    let keyring = Arc::new(Keyring::new(store.clone(), kms.clone(), KeyringConfig::default()));
+    let keyring = Arc::new(Keyring::new(
+        store.clone(),
+        kms.clone(),
+        KeyringConfig::default(),
+    ));
     let parts = Parts::new(keyring.clone(), store, kms);
     Side {
         keyring,
@@ -93,7 +97,11 @@ impl Backend {
                 .arg(&db.dsn)
                 .output()?,
         };
-        ensure!(out.status.success(), "backup failed: {}", String::from_utf8_lossy(&out.stderr));
+        ensure!(
+            out.status.success(),
+            "backup failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         Ok(())
     }
 
@@ -119,7 +127,10 @@ impl Backend {
                     "pg_restore failed: {}",
                     String::from_utf8_lossy(&out.stderr)
                 );
-                Ok((Arc::new(SqlStore::connect_postgres(&db.dsn).await?), Some(db)))
+                Ok((
+                    Arc::new(SqlStore::connect_postgres(&db.dsn).await?),
+                    Some(db),
+                ))
             }
         }
     }
@@ -133,10 +144,18 @@ async fn seal_reaches_backups(backend: Backend) -> Result<()> {
     let k = &live.keyring;
     k.create_tenant("acme", None).await?;
     k.create_tenant("gone", None).await?;
-    let ct_alice = k.encrypt(&aad("acme", Some("alice"), "email", b"r1"), b"alice@x").await?;
-    let ct_bob = k.encrypt(&aad("acme", Some("bob"), "email", b"r2"), b"bob@x").await?;
-    let ct_gone = k.encrypt(&aad("gone", Some("carol"), "email", b"r3"), b"carol@x").await?;
-    let ct_tenant = k.encrypt(&aad("acme", None, "plan", b"r4"), b"gold").await?;
+    let ct_alice = k
+        .encrypt(&aad("acme", Some("alice"), "email", b"r1"), b"alice@x")
+        .await?;
+    let ct_bob = k
+        .encrypt(&aad("acme", Some("bob"), "email", b"r2"), b"bob@x")
+        .await?;
+    let ct_gone = k
+        .encrypt(&aad("gone", Some("carol"), "email", b"r3"), b"carol@x")
+        .await?;
+    let ct_tenant = k
+        .encrypt(&aad("acme", None, "plan", b"r4"), b"gold")
+        .await?;
 
     let backups = tempfile::tempdir()?;
     let backup = backups.path().join("keys.backup");
@@ -145,7 +164,8 @@ async fn seal_reaches_backups(backend: Backend) -> Result<()> {
     k.shred_subject("acme", "alice").await?;
     k.shred_tenant("gone").await?;
     assert!(matches!(
-        k.decrypt(&aad("acme", Some("alice"), "email", b"r1"), &ct_alice).await,
+        k.decrypt(&aad("acme", Some("alice"), "email", b"r1"), &ct_alice)
+            .await,
         Err(Error::KeyDestroyed { .. })
     ));
 
@@ -156,7 +176,11 @@ async fn seal_reaches_backups(backend: Backend) -> Result<()> {
         .keyring
         .decrypt(&aad("acme", Some("alice"), "email", b"r1"), &ct_alice)
         .await?;
-    assert_eq!(pt.as_bytes(), b"alice@x", "the attack must be real before the roll");
+    assert_eq!(
+        pt.as_bytes(),
+        b"alice@x",
+        "the attack must be real before the roll"
+    );
     let pt = thief
         .keyring
         .decrypt(&aad("gone", Some("carol"), "email", b"r3"), &ct_gone)
@@ -167,7 +191,12 @@ async fn seal_reaches_backups(backend: Backend) -> Result<()> {
     roll(&live).await?;
     let epochs = live.epochs.status().await?;
     assert_eq!(epochs.active, Some(2));
-    let e1 = &epochs.epochs.iter().find(|e| e.record.epoch == 1).unwrap().record;
+    let e1 = &epochs
+        .epochs
+        .iter()
+        .find(|e| e.record.epoch == 1)
+        .unwrap()
+        .record;
     assert_eq!(e1.state, EpochState::Sealed);
     assert_eq!(e1.kms_status.as_deref(), Some("scheduled"));
     assert!(e1.deletion_date.is_some());
@@ -183,9 +212,13 @@ async fn seal_reaches_backups(backend: Backend) -> Result<()> {
     assert_eq!(verified.epoch, 1);
 
     // Live data is untouched: no ciphertext moved, everything live decrypts.
-    let pt = k.decrypt(&aad("acme", Some("bob"), "email", b"r2"), &ct_bob).await?;
+    let pt = k
+        .decrypt(&aad("acme", Some("bob"), "email", b"r2"), &ct_bob)
+        .await?;
     assert_eq!(pt.as_bytes(), b"bob@x");
-    let pt = k.decrypt(&aad("acme", None, "plan", b"r4"), &ct_tenant).await?;
+    let pt = k
+        .decrypt(&aad("acme", None, "plan", b"r4"), &ct_tenant)
+        .await?;
     assert_eq!(pt.as_bytes(), b"gold");
     // A fresh keyring on the live store (cold cache) too.
     let cold = side(backend.open().await?, kms.clone(), settings(7));
@@ -251,7 +284,11 @@ async fn a_store_from_before_epochs_moves_with_the_first_roll() -> Result<()> {
     let mut cts = Vec::new();
     for i in 0..20 {
         let who = format!("u{i}");
-        cts.push((who.clone(), k.encrypt(&aad("old", Some(&who), "f", b""), who.as_bytes()).await?));
+        cts.push((
+            who.clone(),
+            k.encrypt(&aad("old", Some(&who), "f", b""), who.as_bytes())
+                .await?,
+        ));
     }
     k.rotate_tenant("old").await?; // subject keys stay under v1
     let legacy = store.get_subject("old", "u0").await?.unwrap();
@@ -259,7 +296,12 @@ async fn a_store_from_before_epochs_moves_with_the_first_roll() -> Result<()> {
 
     roll(&s).await?;
     let st = s.epochs.status().await?;
-    let e0 = &st.epochs.iter().find(|e| e.record.epoch == 0).unwrap().record;
+    let e0 = &st
+        .epochs
+        .iter()
+        .find(|e| e.record.epoch == 0)
+        .unwrap()
+        .record;
     assert_eq!(e0.kms_key_id.as_deref(), Some(kms.default_key_id()));
     assert_eq!(e0.kms_status.as_deref(), Some("kept-legacy"));
     assert!(
@@ -273,13 +315,21 @@ async fn a_store_from_before_epochs_moves_with_the_first_roll() -> Result<()> {
     assert_eq!(t.own_kms_key, Some(false));
     for (who, ct) in &cts {
         let cold = side(store.clone(), kms.clone(), settings(0));
-        let pt = cold.keyring.decrypt(&aad("old", Some(who), "f", b""), ct).await?;
+        let pt = cold
+            .keyring
+            .decrypt(&aad("old", Some(who), "f", b""), ct)
+            .await?;
         assert_eq!(pt.as_bytes(), who.as_bytes());
     }
     // Epoch 1 -> 2 with a 0-day window: epoch 1's key file is gone at once.
     roll(&s).await?;
     let st = s.epochs.status().await?;
-    let e1 = &st.epochs.iter().find(|e| e.record.epoch == 1).unwrap().record;
+    let e1 = &st
+        .epochs
+        .iter()
+        .find(|e| e.record.epoch == 1)
+        .unwrap()
+        .record;
     assert_eq!(
         kms.key_status(e1.kms_key_id.as_deref().unwrap()).await?,
         fieldkey::kms::KeyStatus::Deleted
@@ -308,17 +358,24 @@ async fn a_roll_cut_off_anywhere_finishes_when_run_again() -> Result<()> {
     for t in 0..3 {
         let tenant = format!("t{t}");
         s.keyring.create_tenant(&tenant, None).await?;
-        for i in 0..300 {
+        for i in 0u32..300 {
             let who = format!("u{i}");
-            if i % 50 == 0 {
-                cts.push((tenant.clone(), who.clone(), s.keyring.encrypt(&aad(&tenant, Some(&who), "f", b""), who.as_bytes()).await?));
+            if i.is_multiple_of(50) {
+                cts.push((
+                    tenant.clone(),
+                    who.clone(),
+                    s.keyring
+                        .encrypt(&aad(&tenant, Some(&who), "f", b""), who.as_bytes())
+                        .await?,
+                ));
             } else {
                 s.keyring.ensure_subject(&tenant, &who).await?;
             }
         }
     }
     for cut_ms in [1u64, 3, 7, 15, 30, 60] {
-        let r = tokio::time::timeout(Duration::from_millis(cut_ms), s.epochs.roll(true, &|_| {})).await;
+        let r =
+            tokio::time::timeout(Duration::from_millis(cut_ms), s.epochs.roll(true, &|_| {})).await;
         if r.is_ok() {
             continue;
         }
@@ -337,12 +394,19 @@ async fn a_roll_cut_off_anywhere_finishes_when_run_again() -> Result<()> {
             let u = store
                 .epoch_usage(e.record.epoch, e.record.kms_key_id.as_deref().unwrap())
                 .await?;
-            assert!(u.is_empty(), "sealed epoch {} still needed: {u:?}", e.record.epoch);
+            assert!(
+                u.is_empty(),
+                "sealed epoch {} still needed: {u:?}",
+                e.record.epoch
+            );
         }
     }
     for (tenant, who, ct) in &cts {
         let cold = side(store.clone(), kms.clone(), settings(7));
-        let pt = cold.keyring.decrypt(&aad(tenant, Some(who), "f", b""), ct).await?;
+        let pt = cold
+            .keyring
+            .decrypt(&aad(tenant, Some(who), "f", b""), ct)
+            .await?;
         assert_eq!(pt.as_bytes(), who.as_bytes());
     }
     Ok(())
@@ -359,7 +423,11 @@ async fn traffic_shreds_and_rotations_racing_a_roll_lose_nothing() -> Result<()>
     let roller = side(store.clone(), kms.clone(), settings(7));
     roll(&roller).await?;
     // A second "replica": its own keyring and cache on the same store.
-    let other = side(Arc::new(SqlStore::connect_postgres(&db.dsn).await?), kms.clone(), settings(7));
+    let other = side(
+        Arc::new(SqlStore::connect_postgres(&db.dsn).await?),
+        kms.clone(),
+        settings(7),
+    );
     other.keyring.create_tenant("t", None).await?;
     for i in 0..200 {
         other.keyring.ensure_subject("t", &format!("s{i}")).await?;
@@ -376,10 +444,10 @@ async fn traffic_shreds_and_rotations_racing_a_roll_lose_nothing() -> Result<()>
                 let ct = k.encrypt(&aad("t", Some(&who), "f", b""), b"v").await?;
                 k.decrypt(&aad("t", Some(&who), "f", b""), &ct).await?;
                 k.encrypt(&aad("t", Some(&new), "f", b""), b"v").await?;
-                if n % 10 == 0 {
+                if n.is_multiple_of(10) {
                     k.shred_subject("t", &format!("s{}", 100 + n / 10)).await?;
                 }
-                if n % 25 == 0 {
+                if n.is_multiple_of(25) {
                     k.rotate_tenant("t").await?;
                 }
                 n += 1;
@@ -395,16 +463,27 @@ async fn traffic_shreds_and_rotations_racing_a_roll_lose_nothing() -> Result<()>
     assert!(n > 0);
     let st = roller.epochs.status().await?;
     assert_eq!(st.active, Some(3));
-    for e in st.epochs.iter().filter(|e| e.record.state == EpochState::Sealed) {
+    for e in st
+        .epochs
+        .iter()
+        .filter(|e| e.record.state == EpochState::Sealed)
+    {
         let u = store
             .epoch_usage(e.record.epoch, e.record.kms_key_id.as_deref().unwrap())
             .await?;
-        assert!(u.is_empty(), "sealed epoch {} still needed: {u:?}", e.record.epoch);
+        assert!(
+            u.is_empty(),
+            "sealed epoch {} still needed: {u:?}",
+            e.record.epoch
+        );
     }
     // Shredded subjects were not carried forward: no material, no SWK reference.
     for i in (100..100 + n / 10).take(20) {
         let s = store.get_subject("t", &format!("s{i}")).await?.unwrap();
-        assert!(s.wrapped.is_none() && s.swk_id.is_none(), "s{i} carried forward");
+        assert!(
+            s.wrapped.is_none() && s.swk_id.is_none(),
+            "s{i} carried forward"
+        );
     }
     db.drop_db().await?;
     Ok(())

@@ -1447,6 +1447,7 @@ async fn an_erased_tenant_gets_no_new_keys(b: Backend) -> Result<()> {
             fieldkey::store::NewKeyVersion {
                 version: 99,
                 kms_key_id: "k".into(),
+                epoch: None,
                 wrapped: fieldkey::kms::WrappedKey::new(vec![1; 60]),
             },
         )
@@ -1461,6 +1462,7 @@ async fn an_erased_tenant_gets_no_new_keys(b: Backend) -> Result<()> {
             tenant_id: T.into(),
             subject_id: "late".into(),
             wrap_version: 1,
+            swk_id: None,
             wrapped: vec![7; 60],
         })
         .await?

@@ -29,6 +29,7 @@ fn nv(version: u32, tag: u8) -> NewKeyVersion {
     NewKeyVersion {
         version,
         kms_key_id: "kms-1".into(),
+        epoch: None,
         wrapped: wrapped(tag),
     }
 }
@@ -192,6 +193,7 @@ mod suite {
             tenant_id: "t".into(),
             subject_id: "alice".into(),
             wrap_version: 1,
+            swk_id: None,
             wrapped: vec![b; 73],
         };
         let mut tasks = Vec::new();
@@ -289,6 +291,7 @@ mod suite {
             tenant_id: "t".into(),
             subject_id: "alice".into(),
             wrap_version: 1,
+            swk_id: None,
             wrapped: vec![1; 73],
         })
         .await?;

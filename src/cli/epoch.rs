@@ -69,16 +69,23 @@ fn print_status(st: &pb::EpochStatus, json: bool) -> Result<(), CliError> {
     }
     if let Some(epochs) = v.get("epochs").and_then(|e| e.as_array()) {
         for e in epochs {
-            let n = e.get("epoch").and_then(serde_json::Value::as_u64).unwrap_or(0);
+            let n = e
+                .get("epoch")
+                .and_then(serde_json::Value::as_u64)
+                .unwrap_or(0);
             let state = e.get("state").and_then(|s| s.as_str()).unwrap_or("?");
             let key = e.get("kms_key_id").and_then(|s| s.as_str()).unwrap_or("-");
-            let created = e.get("created_at").and_then(serde_json::Value::as_i64).map(ms);
+            let created = e
+                .get("created_at")
+                .and_then(serde_json::Value::as_i64)
+                .map(ms);
             let deletion = e
                 .get("deletion_date")
                 .and_then(serde_json::Value::as_i64)
                 .map(|d| format!(", KMS deletion {}", ms(d)))
                 .unwrap_or_default();
-            let opens = if e.get("opens_backups").and_then(serde_json::Value::as_bool) == Some(true) {
+            let opens = if e.get("opens_backups").and_then(serde_json::Value::as_bool) == Some(true)
+            {
                 "opens backups"
             } else {
                 "sealed"
@@ -107,11 +114,20 @@ fn write_seals(st: &pb::EpochStatus, dir: &std::path::Path) -> Result<(), CliErr
         .map_err(|e| CliError::Other(anyhow!("bad status from the sidecar: {e}")))?;
     std::fs::create_dir_all(dir)
         .map_err(|e| CliError::Other(anyhow!("cannot create {}: {e}", dir.display())))?;
-    for e in v["epochs"].as_array().into_iter().flatten() {
-        if let (Some(n), Some(text)) = (e["epoch"].as_u64(), e["seal_statement"].as_str()) {
+    for e in v
+        .get("epochs")
+        .and_then(|e| e.as_array())
+        .into_iter()
+        .flatten()
+    {
+        if let (Some(n), Some(text)) = (
+            e.get("epoch").and_then(serde_json::Value::as_u64),
+            e.get("seal_statement").and_then(|t| t.as_str()),
+        ) {
             let path = dir.join(format!("epoch-{n}.seal.json"));
-            std::fs::write(&path, text)
-                .map_err(|err| CliError::Other(anyhow!("cannot write {}: {err}", path.display())))?;
+            std::fs::write(&path, text).map_err(|err| {
+                CliError::Other(anyhow!("cannot write {}: {err}", path.display()))
+            })?;
             eprintln!("seal of epoch {n} written to {}", path.display());
         }
     }
@@ -166,14 +182,21 @@ pub(super) async fn epoch(cmd: EpochCommand) -> Result<(), CliError> {
                         &bar,
                         serde_json::from_str::<serde_json::Value>(&st.status_json),
                     ) {
-                        let p = &v["progress"];
-                        b.set_length(p["tenants_total"].as_u64().unwrap_or(0));
-                        b.set_position(p["tenants_done"].as_u64().unwrap_or(0));
+                        let p = v.get("progress");
+                        let num = |k: &str| {
+                            p.and_then(|p| p.get(k))
+                                .and_then(serde_json::Value::as_u64)
+                                .unwrap_or(0)
+                        };
+                        b.set_length(num("tenants_total"));
+                        b.set_position(num("tenants_done"));
                         b.set_message(format!(
                             "{} (subject keys {}, versions {})",
-                            p["phase"].as_str().unwrap_or(""),
-                            p["subjects_rewrapped"].as_u64().unwrap_or(0),
-                            p["versions_rewrapped"].as_u64().unwrap_or(0)
+                            p.and_then(|p| p.get("phase"))
+                                .and_then(|s| s.as_str())
+                                .unwrap_or(""),
+                            num("subjects_rewrapped"),
+                            num("versions_rewrapped")
                         ));
                     }
                 }
@@ -209,7 +232,9 @@ pub(super) async fn epoch(cmd: EpochCommand) -> Result<(), CliError> {
                         s.epoch,
                         s.kms_key_id,
                         s.kms_status,
-                        s.deletion_date_unix_ms.map(ms).unwrap_or_else(|| "-".into()),
+                        s.deletion_date_unix_ms
+                            .map(ms)
+                            .unwrap_or_else(|| "-".into()),
                         s.erasures.len()
                     );
                     println!(

@@ -190,7 +190,9 @@ impl Epochs {
                         self.start_roll(true);
                     }
                     Ok(false) => {}
-                    Err(e) => tracing::warn!(error = %e, "cannot tell whether a key epoch roll is due"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot tell whether a key epoch roll is due")
+                    }
                 }
             }
         })
@@ -266,15 +268,17 @@ impl Epochs {
     pub async fn roll_due(&self) -> Result<bool> {
         let epochs = self.store.epochs().await?;
         let length_ms = i64::try_from(self.cfg.length.as_millis()).unwrap_or(i64::MAX);
-        Ok(match epochs.iter().find(|e| e.state == EpochState::Active) {
-            None => true,
-            Some(a) => {
-                epochs
-                    .iter()
-                    .any(|e| matches!(e.state, EpochState::Creating | EpochState::Retiring))
-                    || now_ms() >= a.created_at.saturating_add(length_ms)
-            }
-        })
+        Ok(
+            match epochs.iter().find(|e| e.state == EpochState::Active) {
+                None => true,
+                Some(a) => {
+                    epochs
+                        .iter()
+                        .any(|e| matches!(e.state, EpochState::Creating | EpochState::Retiring))
+                        || now_ms() >= a.created_at.saturating_add(length_ms)
+                }
+            },
+        )
     }
 
     /// The statement of a sealed epoch (signed JSON), if any.

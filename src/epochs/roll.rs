@@ -20,9 +20,7 @@ use serde_json::json;
 use crate::error::{Error, Result};
 use crate::keyring::ActiveEpoch;
 use crate::kms::{KeyDeletion, KeyStatus, KmsError};
-use crate::model::{
-    AuditEvent, EpochRecord, EpochState, KEPT_LEGACY, RollProgress, now_ms,
-};
+use crate::model::{AuditEvent, EpochRecord, EpochState, KEPT_LEGACY, RollProgress, now_ms};
 use crate::signing::key_id;
 
 use super::seal::{self, BackupSeal, SEAL_FORMAT};
@@ -76,9 +74,8 @@ impl Epochs {
                 next
             }
         };
-        let until = || {
-            now_ms().saturating_add(i64::try_from(self.cfg.lease.as_millis()).unwrap_or(60_000))
-        };
+        let until =
+            || now_ms().saturating_add(i64::try_from(self.cfg.lease.as_millis()).unwrap_or(60_000));
         if !store
             .take_roll_lease(&self.cfg.owner, until(), target)
             .await?

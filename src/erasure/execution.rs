@@ -84,7 +84,11 @@ impl Erasures {
         // Tell other replicas even if a crashed attempt already destroyed the keys.
         self.keyring.announce(tenant, subject).await;
         // Which epoch key guards the backup copies of what was just destroyed.
-        let epoch = self.keyring.active_epoch(true).await?.map_or(0, |e| e.epoch);
+        let epoch = self
+            .keyring
+            .active_epoch(true)
+            .await?
+            .map_or(0, |e| e.epoch);
         store.note_destroyed_epoch(&rec.erasure_id, epoch).await?;
         self.fault("destroy");
         // (4) The tenant's own KMS key.

@@ -11,7 +11,9 @@ use std::time::Instant;
 use tokio::sync::OnceCell;
 
 use crate::cache::TenantEntry;
-use crate::crypto::{SecretKey, unwrap_subject_key, unwrap_subject_key_epoch, wrap_subject_key_epoch};
+use crate::crypto::{
+    SecretKey, unwrap_subject_key, unwrap_subject_key_epoch, wrap_subject_key_epoch,
+};
 use crate::error::{Error, Result};
 use crate::kms::{EncryptionContext, KmsError};
 use crate::model::{NewSwk, RolledSubject, SubjectRecord, TenantRecord, swk_id};
@@ -129,17 +131,25 @@ impl Keyring {
     ) -> Result<Arc<OnceCell<SecretKey>>> {
         let cell = tentry.swk(id);
         cell.get_or_try_init(|| async {
-            let rec = self.store.swk(id).await?.ok_or_else(|| {
-                Error::Store(StoreError::EpochRolled)
-            })?;
+            let rec = self
+                .store
+                .swk(id)
+                .await?
+                .ok_or_else(|| Error::Store(StoreError::EpochRolled))?;
             if rec.tenant_id != tenant {
-                return Err(Error::Internal("subject-wrapping key of another tenant".into()));
+                return Err(Error::Internal(
+                    "subject-wrapping key of another tenant".into(),
+                ));
             }
             self.check_not_erased(tenant, None).await?;
             let ctx = swk_context(tenant, rec.epoch);
             Ok::<_, Error>(
                 self.kms
-                    .unwrap(&rec.kms_key_id, &crate::model::WrappedKey::new(rec.wrapped), &ctx)
+                    .unwrap(
+                        &rec.kms_key_id,
+                        &crate::model::WrappedKey::new(rec.wrapped),
+                        &ctx,
+                    )
                     .await?,
             )
         })
@@ -163,7 +173,11 @@ impl Keyring {
             if let Some(rec) = self.store.swk(&id).await? {
                 return Ok::<_, Error>(
                     self.kms
-                        .unwrap(&rec.kms_key_id, &crate::model::WrappedKey::new(rec.wrapped), &ctx)
+                        .unwrap(
+                            &rec.kms_key_id,
+                            &crate::model::WrappedKey::new(rec.wrapped),
+                            &ctx,
+                        )
                         .await?,
                 );
             }
@@ -184,7 +198,11 @@ impl Keyring {
                 let rec = stored.into_inner();
                 Ok(self
                     .kms
-                    .unwrap(&rec.kms_key_id, &crate::model::WrappedKey::new(rec.wrapped), &ctx)
+                    .unwrap(
+                        &rec.kms_key_id,
+                        &crate::model::WrappedKey::new(rec.wrapped),
+                        &ctx,
+                    )
                     .await?)
             }
         })
@@ -237,7 +255,10 @@ impl Keyring {
                 continue;
             };
             let ctx = EncryptionContext::tenant_key(&v.tenant_id, v.version.version);
-            let key = self.kms.unwrap(&v.version.kms_key_id, wrapped, &ctx).await?;
+            let key = self
+                .kms
+                .unwrap(&v.version.kms_key_id, wrapped, &ctx)
+                .await?;
             let new = self.kms.wrap(&target.kms_key_id, &key, &ctx).await?;
             if self
                 .store
@@ -264,7 +285,11 @@ impl Keyring {
     ///
     /// # Errors
     /// KMS and store errors (the roll stops and is resumed later).
-    pub async fn roll_subjects_of(&self, tenant: &str, target: &ActiveEpoch) -> Result<(u64, u64, u64)> {
+    pub async fn roll_subjects_of(
+        &self,
+        tenant: &str,
+        target: &ActiveEpoch,
+    ) -> Result<(u64, u64, u64)> {
         let tentry = self.tenant_entry(tenant).await?;
         let trec = self.load_tenant_record(tenant).await?;
         let target_id = swk_id(tenant, target.epoch);
@@ -289,7 +314,9 @@ impl Keyring {
             let mut batch = Vec::with_capacity(page.len());
             for s in &page {
                 let Some(wrapped) = &s.wrapped else { continue };
-                let sk = self.open_subject_key(&tentry, &trec, tenant, s, wrapped).await?;
+                let sk = self
+                    .open_subject_key(&tentry, &trec, tenant, s, wrapped)
+                    .await?;
                 batch.push(RolledSubject {
                     subject_id: s.subject_id.clone(),
                     expected_swk: s.swk_id.clone(),

@@ -304,12 +304,17 @@ impl Keyring {
                     Ok(k) => Ok(k),
                     // The record in hand may predate a roll that moved this key to a
                     // new SWK (and deleted the old one): read it again, once.
-                    Err(e) if matches!(e, Error::Store(crate::store::StoreError::EpochRolled)) || super::epochs::key_gone(&e) => {
-                        let fresh = self.store.get_subject(tenant, subject).await?.ok_or_else(|| {
-                            Error::SubjectNotFound {
-                                tenant: tenant.to_owned(),
-                            }
-                        })?;
+                    Err(e)
+                        if matches!(e, Error::Store(crate::store::StoreError::EpochRolled))
+                            || super::epochs::key_gone(&e) =>
+                    {
+                        let fresh =
+                            self.store
+                                .get_subject(tenant, subject)
+                                .await?
+                                .ok_or_else(|| Error::SubjectNotFound {
+                                    tenant: tenant.to_owned(),
+                                })?;
                         subject_usable(tenant, &fresh)?;
                         let w = fresh.wrapped.as_ref().ok_or_else(|| Error::KeyDestroyed {
                             tenant: tenant.to_owned(),
@@ -317,7 +322,8 @@ impl Keyring {
                             version: None,
                         })?;
                         let trec = self.load_tenant_record(tenant).await?;
-                        self.open_subject_key(tentry, &trec, tenant, &fresh, w).await
+                        self.open_subject_key(tentry, &trec, tenant, &fresh, w)
+                            .await
                     }
                     Err(e) => Err(e),
                 }

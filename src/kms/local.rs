@@ -303,7 +303,9 @@ impl LocalKms {
             )));
         }
         if file.state == LocalKeyState::PendingDeletion
-            && file.deletion_date_unix_ms.is_some_and(|d| crate::model::now_ms() >= d)
+            && file
+                .deletion_date_unix_ms
+                .is_some_and(|d| crate::model::now_ms() >= d)
         {
             // The waiting period is over: delete for good. A managed key's file goes
             // (and its material with it); the root key's state says deleted.
@@ -361,7 +363,11 @@ impl LocalKms {
 
     fn wrap_ad(&self, key_id: &str, ctx: &EncryptionContext) -> Vec<u8> {
         let mut ad = WRAP_AD_LABEL.to_vec();
-        ad.extend_from_slice(&u16::try_from(key_id.len()).unwrap_or(u16::MAX).to_be_bytes());
+        ad.extend_from_slice(
+            &u16::try_from(key_id.len())
+                .unwrap_or(u16::MAX)
+                .to_be_bytes(),
+        );
         ad.extend_from_slice(key_id.as_bytes());
         ad.extend_from_slice(&ctx.canonical_bytes());
         ad
@@ -426,7 +432,11 @@ const MANAGED_KEY_AD_LABEL: &[u8] = b"fieldkey/v1 local-kms-key";
 
 fn managed_key_ad(key_id: &str) -> Vec<u8> {
     let mut ad = MANAGED_KEY_AD_LABEL.to_vec();
-    ad.extend_from_slice(&u16::try_from(key_id.len()).unwrap_or(u16::MAX).to_be_bytes());
+    ad.extend_from_slice(
+        &u16::try_from(key_id.len())
+            .unwrap_or(u16::MAX)
+            .to_be_bytes(),
+    );
     ad.extend_from_slice(key_id.as_bytes());
     ad
 }

@@ -224,7 +224,10 @@ pub trait Kms: Send + Sync + 'static {
     async fn key_status(&self, key_id: &str) -> Result<KeyStatus, KmsError> {
         let _ = key_id;
         Err(KmsError::Rejected {
-            code: format!("the {} KMS provider cannot report key states", self.provider()),
+            code: format!(
+                "the {} KMS provider cannot report key states",
+                self.provider()
+            ),
         })
     }
 
@@ -233,7 +236,10 @@ pub trait Kms: Send + Sync + 'static {
     async fn cancel_key_deletion(&self, key_id: &str) -> Result<(), KmsError> {
         let _ = key_id;
         Err(KmsError::Rejected {
-            code: format!("the {} KMS provider cannot cancel deletions", self.provider()),
+            code: format!(
+                "the {} KMS provider cannot cancel deletions",
+                self.provider()
+            ),
         })
     }
 }

@@ -125,7 +125,10 @@ impl Kms for MeteredKms {
         self.timed("describe", self.inner.key_status(key_id)).await
     }
     async fn cancel_key_deletion(&self, key_id: &str) -> Result<(), KmsError> {
-        self.timed("cancel_key_deletion", self.inner.cancel_key_deletion(key_id))
-            .await
+        self.timed(
+            "cancel_key_deletion",
+            self.inner.cancel_key_deletion(key_id),
+        )
+        .await
     }
 }

@@ -85,8 +85,7 @@ impl EpochRecord {
     /// Whether backups that need this epoch's key can still be restored with it
     /// (its deletion is not scheduled).
     pub fn opens_backups(&self) -> bool {
-        !matches!(self.state, EpochState::Sealed)
-            || self.kms_status.as_deref() == Some(KEPT_LEGACY)
+        !matches!(self.state, EpochState::Sealed) || self.kms_status.as_deref() == Some(KEPT_LEGACY)
     }
 }
 

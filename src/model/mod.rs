@@ -18,8 +18,8 @@ pub mod time;
 
 pub use audit::{AuditEvent, AuditRecord, GENESIS, record_hash};
 pub use epochs::{
-    EpochRecord, EpochState, EpochUsage, KEPT_LEGACY, NewSwk, RollLease, RollProgress, RolledSubject,
-    SwkRecord, swk_id,
+    EpochRecord, EpochState, EpochUsage, KEPT_LEGACY, NewSwk, RollLease, RollProgress,
+    RolledSubject, SwkRecord, swk_id,
 };
 pub use erasure::{ErasureRecord, ErasureState, NewErasure};
 pub use info::{SubjectInfo, TenantInfo, VersionInfo};

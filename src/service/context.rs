@@ -100,8 +100,13 @@ pub async fn routes(ctx: Context) -> Result<tonic::service::Routes, Error> {
         pb::crypto_server::CryptoServer::new(CryptoService::new(keyring.clone(), guard.clone()))
             .max_decoding_message_size(limits.max_message_bytes)
             .max_encoding_message_size(limits.max_message_bytes);
-    let keys = pb::keys_server::KeysServer::new(KeysService::new(keyring.clone(), guard, rotation, epochs))
-        .max_decoding_message_size(limits.max_message_bytes);
+    let keys = pb::keys_server::KeysServer::new(KeysService::new(
+        keyring.clone(),
+        guard,
+        rotation,
+        epochs,
+    ))
+    .max_decoding_message_size(limits.max_message_bytes);
     let jobs = pb::jobs_server::JobsServer::new(JobsService::new(jobs, gate.clone()));
     let audit_svc = pb::audit_server::AuditServer::new(AuditService::new(
         evidence,

@@ -14,8 +14,8 @@ use super::erasures::CompleteFn;
 use super::sql::{Query, SqlStore, classify, fingerprint_col, i64_of, opt_u64_col, u32_col};
 use crate::crypto::Fingerprint;
 use crate::model::{
-    Created, EpochRecord, EpochUsage, KeyVersionRecord, NewSwk, RollLease,
-    RollProgress, RolledSubject, SubjectRecord, SwkRecord, WrappedKey, now_ms, swk_id,
+    Created, EpochRecord, EpochUsage, KeyVersionRecord, NewSwk, RollLease, RollProgress,
+    RolledSubject, SubjectRecord, SwkRecord, WrappedKey, now_ms, swk_id,
 };
 
 /// A tenant key version the roll must carry to the target epoch.
@@ -63,8 +63,12 @@ pub trait EpochStore: Send + Sync + 'static {
 
     /// Takes (or renews) the roll's lease for `owner` until `until` (Unix ms), rolling
     /// to `target`; `false` if another owner holds an unexpired lease.
-    async fn take_roll_lease(&self, owner: &str, until: i64, target: u64)
-    -> Result<bool, StoreError>;
+    async fn take_roll_lease(
+        &self,
+        owner: &str,
+        until: i64,
+        target: u64,
+    ) -> Result<bool, StoreError>;
 
     /// Records the roll's progress (only by the lease holder).
     async fn note_roll_progress(
@@ -542,7 +546,8 @@ impl EpochStore for SqlStore {
         let now = now_ms();
         let mut tx = self.pool.begin().await.map_err(classify)?;
         // SQLite: start with a write (see `lock_live_tenant`).
-        let live = super::sql::lock_live_tenant(&mut tx, &new.tenant_id, Some(self.backend)).await?;
+        let live =
+            super::sql::lock_live_tenant(&mut tx, &new.tenant_id, Some(self.backend)).await?;
         if !live {
             tx.rollback().await.map_err(classify)?;
             return Err(StoreError::EpochRolled);

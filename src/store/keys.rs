@@ -125,7 +125,12 @@ async fn insert_version(
         .bind(new.wrapped.as_bytes().to_vec())
         .bind(new.wrapped.fingerprint().as_bytes().to_vec())
         .bind(now)
-        .bind(new.epoch.map(i64::try_from).transpose().map_err(|_| StoreError::Corrupt("epoch out of range".into()))?)
+        .bind(
+            new.epoch
+                .map(i64::try_from)
+                .transpose()
+                .map_err(|_| StoreError::Corrupt("epoch out of range".into()))?,
+        )
         .execute(&mut **tx)
         .await
         .map_err(classify)?

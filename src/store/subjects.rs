@@ -6,8 +6,8 @@ use sqlx::any::AnyRow;
 
 use super::StoreError;
 use super::sql::{SqlStore, classify, fingerprint_col, lock_live_tenant, state_col, u32_col};
-use crate::model::EpochState;
 use crate::crypto::Fingerprint;
+use crate::model::EpochState;
 use crate::model::{Created, KeyState, NewSubject, SubjectRecord, now_ms};
 
 /// Subject (per-user) keys: creation, states, rewrap under a newer tenant version.
@@ -266,16 +266,18 @@ impl SubjectStore for SqlStore {
         new_version: u32,
         wrapped: &[u8],
     ) -> Result<bool, StoreError> {
-        self.changed_one(sqlx::query(
-            "UPDATE fk_subjects SET wrap_version = $4, wrapped = $5 \
+        self.changed_one(
+            sqlx::query(
+                "UPDATE fk_subjects SET wrap_version = $4, wrapped = $5 \
              WHERE tenant_id = $1 AND subject_id = $2 AND wrap_version = $3 AND swk_id IS NULL \
              AND state <> 'destroyed'",
+            )
+            .bind(tenant_id)
+            .bind(subject_id)
+            .bind(i64::from(expected_version))
+            .bind(i64::from(new_version))
+            .bind(wrapped.to_vec()),
         )
-        .bind(tenant_id)
-        .bind(subject_id)
-        .bind(i64::from(expected_version))
-        .bind(i64::from(new_version))
-        .bind(wrapped.to_vec()))
         .await
     }
 }
