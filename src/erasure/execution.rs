@@ -276,6 +276,16 @@ impl Erasures {
             subject_keys_destroyed,
             subject_keys_digest,
             kms_key_deletion,
+            backups: Some(match self.keyring.active_epoch(true).await? {
+                Some(e) => receipt::BackupGuard {
+                    epoch: e.epoch,
+                    kms_key_id: e.kms_key_id,
+                },
+                None => receipt::BackupGuard {
+                    epoch: 0,
+                    kms_key_id: self.kms.default_key_id().to_owned(),
+                },
+            }),
             audit_seq: 0,
             audit_prev_hash: String::new(),
             signing_key_id: String::new(),

@@ -86,6 +86,9 @@ pub struct ErasureRecord {
     pub receipt: Option<String>,
     /// The receipt's record in the audit chain.
     pub audit_seq: Option<u64>,
+    /// The key epoch active when the keys were destroyed (`docs/ERASURE.md` §6): backup
+    /// copies are sealed once that epoch's key (and every older one) is deleted.
+    pub destroyed_epoch: Option<u64>,
     /// Last change, Unix ms.
     pub updated_at: i64,
 }

@@ -161,7 +161,7 @@ macro_rules! erasure_columns {
     () => {
         "erasure_id, tenant_id, subject_id, state, requested_by, requested_at, execute_after, \
          started_at, completed_at, executed_by, cancelled_by, cancelled_at, attempts, \
-         last_error, receipt, audit_seq, updated_at"
+         last_error, receipt, audit_seq, destroyed_epoch, updated_at"
     };
 }
 
@@ -186,6 +186,7 @@ fn erasure_from_row(row: &AnyRow) -> Result<ErasureRecord, StoreError> {
         last_error: row.try_get("last_error").map_err(classify)?,
         receipt: row.try_get("receipt").map_err(classify)?,
         audit_seq: audit_seq.and_then(|s| u64::try_from(s).ok()),
+        destroyed_epoch: super::sql::opt_u64_col(row, "destroyed_epoch")?,
         updated_at: row.try_get("updated_at").map_err(classify)?,
     })
 }

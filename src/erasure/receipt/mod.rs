@@ -50,7 +50,7 @@ mod verify;
 
 pub use crate::model::{MAX_UNIX_MS, MIN_UNIX_MS, canonical_json, rfc3339_ms};
 pub use sign::{digest, key_id, public_key_pem, sign, signing_input, subjects_digest};
-pub use types::{DestroyedKey, KmsKeyDeletion, Receipt, ReceiptError, SignedReceipt};
+pub use types::{BackupGuard, DestroyedKey, KmsKeyDeletion, Receipt, ReceiptError, SignedReceipt};
 pub use verify::{parse_public_key, verify};
 
 /// Value of [`Receipt::format`] for this version of the receipt format; also the first

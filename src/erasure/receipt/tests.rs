@@ -43,6 +43,7 @@ fn subject_receipt() -> Receipt {
         subject_keys_destroyed: 1,
         subject_keys_digest: None,
         kms_key_deletion: None,
+        backups: None,
         audit_seq: 17,
         audit_prev_hash: FP_B.into(),
         signing_key_id: String::new(),
@@ -465,6 +466,7 @@ fn signing_input_is_pinned() {
     assert_eq!(digest(&r).unwrap(), d);
     // The digest covers every field.
     let r2 = Receipt {
+        backups: None,
         audit_seq: 18,
         ..r.clone()
     };

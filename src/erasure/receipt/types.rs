@@ -41,6 +41,20 @@ pub struct KmsKeyDeletion {
     pub deletion_date_unix_ms: Option<i64>,
 }
 
+/// Which KMS key guards the copies of the destroyed keys that key-store backups hold
+/// (`docs/ERASURE.md` §6): those copies open only through it (or an older epoch's key)
+/// until its deletion. A signed "backups sealed" statement of that epoch
+/// (`fieldkey epoch verify-seal`) says when the roll after it scheduled the deletion.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupGuard {
+    /// The key epoch active when the live keys were destroyed (0: before epochs: the
+    /// legacy default key).
+    pub epoch: u64,
+    /// Its KMS key.
+    pub kms_key_id: String,
+}
+
 /// The signed content of an erasure receipt.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -85,6 +99,10 @@ pub struct Receipt {
     /// Tenant scope: what happened to the tenant's KMS key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kms_key_deletion: Option<KmsKeyDeletion>,
+    /// The KMS key that guards the backup copies of what was destroyed (absent in
+    /// receipts from before key epochs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backups: Option<BackupGuard>,
     /// Position of this erasure's record in the audit chain.
     pub audit_seq: u64,
     /// Hex hash of the audit record before it.

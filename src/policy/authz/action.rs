@@ -170,7 +170,7 @@ mod tests {
 
     #[test]
     fn names_round_trip_and_indices_match_all() {
-        assert_eq!(Action::ALL.len(), 30);
+        assert_eq!(Action::ALL.len(), 32);
         for (i, a) in Action::ALL.iter().enumerate() {
             assert_eq!(a.index(), i);
             assert_eq!(Action::parse(a.as_str()), Some(*a));

@@ -102,6 +102,8 @@ fn grants() -> Vec<(&'static str, &'static str, Vec<Action>)> {
                 A::ResumeJob,
                 A::CancelJob,
                 A::WhoAmI,
+                A::RollEpoch,
+                A::GetEpochStatus,
             ],
         ),
         (
