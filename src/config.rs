@@ -305,6 +305,9 @@ pub struct EpochsSettings {
     /// Local KMS: where epoch keys live (default: `<data_dir>-kms-keys`, beside the
     /// data directory, never inside it).
     pub local_keys_dir: Option<PathBuf>,
+    /// The roll's lease, in seconds: a roller that died (a killed sidecar) is taken
+    /// over by another after this.
+    pub lease_secs: u64,
 }
 
 impl Default for EpochsSettings {
@@ -319,6 +322,7 @@ impl Default for EpochsSettings {
             key_pool: Vec::new(),
             store_tag: None,
             local_keys_dir: None,
+            lease_secs: 60,
         }
     }
 }
@@ -551,9 +555,12 @@ impl Config {
             ));
         }
         let ep = &self.epochs;
-        if !(ep.length_days > 0.0 && ep.roll_time_days >= 0.0) || ep.check_secs == 0 {
+        if !(ep.length_days > 0.0 && ep.roll_time_days >= 0.0)
+            || ep.check_secs == 0
+            || ep.lease_secs == 0
+        {
             return Err(ConfigError::Invalid(
-                "epochs.length_days must be > 0, epochs.roll_time_days >= 0 and epochs.check_secs > 0"
+                "epochs.length_days must be > 0, epochs.roll_time_days >= 0, epochs.check_secs and epochs.lease_secs > 0"
                     .into(),
             ));
         }

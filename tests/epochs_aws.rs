@@ -77,7 +77,8 @@ fn recover(
     Ok((out.status.success(), stdout))
 }
 
-#[tokio::test]
+// Multi-threaded: the recovery tool (a child process) talks to the in-process proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recovery_tool_opens_a_shredded_subject_from_a_backup_until_the_roll() -> Result<()> {
     let moto = common::moto_url();
     let rules = KmsRules::start(common::socket_addr_of(&moto)?).await?;
@@ -136,7 +137,10 @@ async fn a_recovery_tool_opens_a_shredded_subject_from_a_backup_until_the_roll()
     ensure!(out.status.success(), "sqlite3 .backup failed");
 
     keyring.shred_subject("acme", "alice").await?;
-    let (opened, said) = recover(&backup, "acme", "alice", &rules.url)?;
+    let run = |url: String, backup: std::path::PathBuf| {
+        tokio::task::spawn_blocking(move || recover(&backup, "acme", "alice", &url))
+    };
+    let (opened, said) = run(rules.url.clone(), backup.clone()).await??;
     assert!(opened, "the attack must be real before the roll: {said}");
 
     epochs.roll(true, &|_| {}).await?;
@@ -149,7 +153,7 @@ async fn a_recovery_tool_opens_a_shredded_subject_from_a_backup_until_the_roll()
         .record;
     assert_eq!(e1.state, EpochState::Sealed);
     assert_eq!(e1.kms_status.as_deref(), Some("scheduled"));
-    let (opened, said) = recover(&backup, "acme", "alice", &rules.url)?;
+    let (opened, said) = run(rules.url.clone(), backup.clone()).await??;
     assert!(
         !opened,
         "a backup revived a shredded subject after the roll: {said}"

@@ -210,7 +210,7 @@ pub(super) fn epoch_settings(cfg: &Config) -> crate::epochs::EpochSettings {
         key_pool: e.key_pool.clone(),
         store_tag: e.store_tag.clone().unwrap_or_else(|| "default".into()),
         owner: format!("fieldkey@{host} pid {}", std::process::id()),
-        ..crate::epochs::EpochSettings::default()
+        lease: Duration::from_secs(e.lease_secs),
     }
 }
 

@@ -85,7 +85,24 @@ impl Epochs {
                 owner: lease.owner.unwrap_or_default(),
             });
         }
+        // Keep the lease while a long step (one tenant's million subject keys) runs.
+        let renew = {
+            let store = self.store.clone();
+            let owner = self.cfg.owner.clone();
+            let lease = self.cfg.lease;
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(lease / 3).await;
+                    let until =
+                        now_ms().saturating_add(i64::try_from(lease.as_millis()).unwrap_or(60_000));
+                    if !matches!(store.take_roll_lease(&owner, until, target).await, Ok(true)) {
+                        break;
+                    }
+                }
+            })
+        };
         let result = self.roll_under_lease(target, report, &until).await;
+        renew.abort();
         if let Err(e) = store.release_roll_lease(&self.cfg.owner).await {
             tracing::warn!(error = %e, "could not release the epoch roll lease");
         }
