@@ -236,6 +236,12 @@ fn verify(path: &PathBuf, public_key: &str) -> Result<(), CliError> {
             if let Some(k) = &r.kms_key_deletion {
                 println!("  KMS key {}: deletion {}", k.kms_key_id, k.status);
             }
+            if let Some(b) = &r.backups {
+                println!(
+                    "  backup copies guarded by key epoch {} (KMS key {}): sealed when its deletion is scheduled (fieldkey epoch verify-seal)",
+                    b.epoch, b.kms_key_id
+                );
+            }
             println!(
                 "  audit record #{} (previous hash {}); signed by {}",
                 r.audit_seq, r.audit_prev_hash, r.signing_key_id

@@ -71,7 +71,22 @@ impl Readiness {
         {
             return r.clone();
         }
-        let kms = tokio::time::timeout(self.timeout, self.kms.check());
+        // Once key epochs started, what must be usable is the active epoch's key (the
+        // default key may be a retired legacy key); before, the default key.
+        let kms = tokio::time::timeout(self.timeout, async {
+            match self.store.active_epoch().await {
+                Ok(Some(crate::model::EpochRecord {
+                    kms_key_id: Some(k),
+                    ..
+                })) => match self.kms.key_status(&k).await? {
+                    crate::kms::KeyStatus::Enabled => Ok(()),
+                    other => Err(crate::kms::KmsError::Rejected {
+                        code: format!("the active epoch's KMS key is {other:?}"),
+                    }),
+                },
+                _ => self.kms.check().await,
+            }
+        });
         let store = tokio::time::timeout(self.timeout, self.store.ping());
         let (kms, store) = tokio::join!(kms, store);
         let (kms, store) = (
