@@ -9,34 +9,20 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{Context as _, Result, ensure};
-use secrecy::SecretString;
 
 use common::kms_rules::KmsRules;
 use fieldkey::epochs::EpochSettings;
 use fieldkey::kms::Kms;
-use fieldkey::kms::aws::{AwsKms, AwsKmsConfig, StaticCredentials};
+use fieldkey::kms::aws::{AwsKms, AwsKmsConfig};
 use fieldkey::model::EpochState;
 use fieldkey::store::{KeyStore, SqlStore};
 use fieldkey::wiring::Parts;
 use fieldkey::{Error, Keyring, KeyringConfig};
 
 fn config(endpoint: &str, key_id: &str) -> AwsKmsConfig {
-    let mut c = AwsKmsConfig::new(key_id);
-    c.region = Some("eu-west-1".into());
-    c.endpoint_url = Some(endpoint.to_owned());
-    c.operation_timeout = Duration::from_secs(30);
-    c.attempt_timeout = Duration::from_secs(10);
-    c.connect_timeout = Duration::from_secs(2);
-    c.max_attempts = 3;
-    c.initial_backoff = Duration::from_millis(10);
-    c.static_credentials = Some(StaticCredentials {
-        access_key_id: "testing".into(),
-        secret_access_key: SecretString::from("testing".to_owned()),
-    });
-    c
+    common::aws_config(endpoint, key_id)
 }
 
 /// Runs the recovery tool on a backup; `Ok(true)` if it opened the subject's key.

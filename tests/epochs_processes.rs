@@ -144,7 +144,7 @@ async fn a_roll_killed_at_random_points_resumes_and_loses_nothing() -> Result<()
                     bail!("batch item failed: {r:?}");
                 };
                 let ct = ok.ciphertext;
-                if i % 100 == 0 {
+                if i.is_multiple_of(100) {
                     samples.push((tenant.clone(), format!("s{}", chunk * 500 + i), ct));
                 }
             }
@@ -246,21 +246,22 @@ async fn a_roll_on_one_replica_while_the_other_serves_and_shreds() -> Result<()>
             kms_key_id: String::new(),
         })
         .await?;
-    let items: Vec<_> = (0..400)
-        .map(|i| item("shop", &format!("u{i}"), b"v"))
-        .collect();
-    let out = CryptoClient::new(chb.clone())
-        .encrypt_batch(pb::EncryptBatchRequest { items })
-        .await?
-        .into_inner();
-    let cts: Vec<Vec<u8>> = out
-        .results
-        .into_iter()
-        .map(|r| match r.result {
+    // 100 per call: each first use of a subject creates its key (a store transaction);
+    // keep every call well inside the server's deadline on a loaded machine.
+    let mut cts: Vec<Vec<u8>> = Vec::new();
+    for chunk in 0..4 {
+        let items: Vec<_> = (0..100)
+            .map(|i| item("shop", &format!("u{}", chunk * 100 + i), b"v"))
+            .collect();
+        let out = CryptoClient::new(chb.clone())
+            .encrypt_batch(pb::EncryptBatchRequest { items })
+            .await?
+            .into_inner();
+        cts.extend(out.results.into_iter().map(|r| match r.result {
             Some(pb::encrypt_result::Result::Ok(ok)) => ok.ciphertext,
             other => panic!("{other:?}"),
-        })
-        .collect();
+        }));
+    }
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let traffic = {
         let chb = chb.clone();
@@ -281,7 +282,7 @@ async fn a_roll_on_one_replica_while_the_other_serves_and_shreds() -> Result<()>
                     .await
                     .map_err(|e| anyhow::anyhow!("new subject: {e}"))?;
                 // Shred u200.. one by one.
-                if n % 5 == 0 && 200 + n / 5 < 400 {
+                if n.is_multiple_of(5) && 200 + n / 5 < 400 {
                     let victim = format!("u{}", 200 + n / 5);
                     ErasuresClient::new(chb.clone())
                         .shred_subject(pb::ShredSubjectRequest {
@@ -326,5 +327,156 @@ async fn a_roll_on_one_replica_while_the_other_serves_and_shreds() -> Result<()>
     pool.close().await;
     drop((a, b));
     db.drop_db().await?;
+    Ok(())
+}
+
+/// Copies the key store and the erasure ledger with `sqlite3 .backup` (a live,
+/// consistent copy, as a backup agent would take it).
+fn backup_files(data: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for f in ["keys.db", "erasure-ledger.db"] {
+        let out = std::process::Command::new("sqlite3")
+            .arg(data.join(f))
+            .arg(format!(".backup '{}'", to.join(f).display()))
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "sqlite3 .backup {f}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// Puts files back into the data directory (the sidecar is stopped), dropping the
+/// SQLite journals of the files they replace.
+fn restore_files(from: &Path, data: &Path) -> Result<()> {
+    for f in ["keys.db", "erasure-ledger.db"] {
+        for suffix in ["-wal", "-shm"] {
+            let _ = std::fs::remove_file(data.join(format!("{f}{suffix}")));
+        }
+        std::fs::copy(from.join(f), data.join(f))?;
+    }
+    Ok(())
+}
+
+/// The attack through real processes: the whole data directory's key store and ledger,
+/// backed up before a shred of a subject and of a tenant and restored, revive both
+/// before the roll, and neither after it (the local KMS's keys directory is beside the
+/// data directory, not in its backup).
+// Multi-threaded: a clean stop (blocking the test's thread) waits for our connections
+// to close, which their tasks must be able to do meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_backup_of_the_data_directory_revives_nobody_after_the_roll() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    let config = write_config(dir.path(), "")?;
+    let log = std::env::var("FIELDKEY_DEBUG_LOG").ok();
+    let start = || {
+        let b = Sidecar::builder()
+            .any_port()
+            .data_dir(&data)
+            .config(&config);
+        match &log {
+            Some(l) => b.log_file(Path::new(l)).start(),
+            None => b.start(),
+        }
+    };
+    let sc = start();
+    let ch = sc.channel().await;
+    roll_to_end(&ch, false).await?;
+    for t in ["acme", "gone"] {
+        KeysClient::new(ch.clone())
+            .create_tenant(pb::CreateTenantRequest {
+                tenant_id: t.into(),
+                kms_key_id: String::new(),
+            })
+            .await?;
+    }
+    let encrypt = |t: &'static str, s: &'static str| {
+        let ch = ch.clone();
+        async move {
+            Ok::<_, anyhow::Error>(
+                CryptoClient::new(ch)
+                    .encrypt(item(t, s, b"personal"))
+                    .await?
+                    .into_inner()
+                    .ciphertext,
+            )
+        }
+    };
+    let alice = encrypt("acme", "alice").await?;
+    let carol = encrypt("gone", "carol").await?;
+    let backup = dir.path().join("backup");
+    backup_files(&data, &backup)?;
+    ErasuresClient::new(ch.clone())
+        .shred_subject(pb::ShredSubjectRequest {
+            tenant_id: "acme".into(),
+            subject_id: "alice".into(),
+            grace_seconds: 0,
+        })
+        .await?;
+    ErasuresClient::new(ch.clone())
+        .shred_tenant(pb::ShredTenantRequest {
+            tenant_id: "gone".into(),
+            grace_seconds: 0,
+        })
+        .await?;
+    // A clean stop waits for open connections: close ours first.
+    drop(encrypt);
+    drop(ch);
+    sc.stop();
+    let live = dir.path().join("live");
+    std::fs::create_dir_all(&live)?;
+    for f in ["keys.db", "erasure-ledger.db"] {
+        let out = std::process::Command::new("sqlite3")
+            .arg(data.join(f))
+            .arg(format!(".backup '{}'", live.join(f).display()))
+            .output()?;
+        ensure!(out.status.success());
+    }
+
+    // The attack: restore the whole backup, start: both come back.
+    restore_files(&backup, &data)?;
+    let sc = start();
+    let ch = sc.channel().await;
+    assert_eq!(
+        decrypt(&ch, "acme", "alice", &alice).await?,
+        b"personal",
+        "the attack must be real"
+    );
+    assert_eq!(decrypt(&ch, "gone", "carol", &carol).await?, b"personal");
+    drop(ch);
+    sc.stop();
+
+    // Back to the live store; the roll seals epoch 1.
+    restore_files(&live, &data)?;
+    let sc = start();
+    let ch = sc.channel().await;
+    let v = roll_to_end(&ch, false).await?;
+    let e1 = v["epochs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["epoch"] == 1)
+        .unwrap();
+    assert_eq!(e1["state"], "sealed", "{v}");
+    drop(ch);
+    sc.stop();
+
+    // The same backup, restored again: nobody revives.
+    restore_files(&backup, &data)?;
+    let sc = start();
+    let ch = sc.channel().await;
+    for (t, s, ct) in [("acme", "alice", &alice), ("gone", "carol", &carol)] {
+        let e = decrypt(&ch, t, s, ct).await.unwrap_err();
+        assert_eq!(
+            e.code(),
+            tonic::Code::FailedPrecondition,
+            "{t}/{s} revived? {e}"
+        );
+    }
+    drop(ch);
+    sc.stop();
     Ok(())
 }

@@ -10,35 +10,18 @@
 
 mod common;
 
-use std::time::Duration;
-
 use anyhow::{Context as _, Result};
 use aws_sdk_kms::Client;
 use aws_sdk_kms::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_kms::primitives::Blob;
 use aws_sdk_kms::types::{DataKeySpec, KeyState, Tag};
-use secrecy::SecretString;
 
 use common::kms_rules::KmsRules;
-use fieldkey::kms::aws::{AwsKms, AwsKmsConfig, StaticCredentials};
+use fieldkey::kms::aws::{AwsKms, AwsKmsConfig};
 use fieldkey::kms::{EncryptionContext, Kms, KmsError};
 
-/// Client settings as in tests/kms_aws.rs, patient with a moto slowed by a parallel
-/// test run (no test here is about deadlines).
 fn config(endpoint: &str, key_id: &str) -> AwsKmsConfig {
-    let mut c = AwsKmsConfig::new(key_id);
-    c.region = Some("eu-west-1".into());
-    c.endpoint_url = Some(endpoint.to_owned());
-    c.operation_timeout = Duration::from_secs(30);
-    c.attempt_timeout = Duration::from_secs(10);
-    c.connect_timeout = Duration::from_secs(2);
-    c.max_attempts = 3;
-    c.initial_backoff = Duration::from_millis(10);
-    c.static_credentials = Some(StaticCredentials {
-        access_key_id: "testing".into(),
-        secret_access_key: SecretString::from("testing".to_owned()),
-    });
-    c
+    common::aws_config(endpoint, key_id)
 }
 
 /// fieldkey's AWS backend talking to moto directly.

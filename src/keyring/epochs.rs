@@ -142,19 +142,17 @@ impl Keyring {
                 ));
             }
             self.check_not_erased(tenant, None).await?;
-            let ctx = swk_context(tenant, rec.epoch);
-            Ok::<_, Error>(
-                self.kms
-                    .unwrap(
-                        &rec.kms_key_id,
-                        &crate::model::WrappedKey::new(rec.wrapped),
-                        &ctx,
-                    )
-                    .await?,
-            )
+            self.open_swk(tenant, rec).await
         })
         .await?;
         Ok(cell)
+    }
+
+    /// Unwraps a stored SWK with the KMS (its context binds tenant and epoch).
+    async fn open_swk(&self, tenant: &str, rec: crate::model::SwkRecord) -> Result<SecretKey> {
+        let ctx = swk_context(tenant, rec.epoch);
+        let wrapped = crate::model::WrappedKey::new(rec.wrapped);
+        Ok(self.kms.unwrap(&rec.kms_key_id, &wrapped, &ctx).await?)
     }
 
     /// The SWK of (`tenant`, `epoch`), created (one KMS GenerateDataKey under the
@@ -171,15 +169,7 @@ impl Keyring {
         cell.get_or_try_init(|| async {
             let ctx = swk_context(tenant, epoch.epoch);
             if let Some(rec) = self.store.swk(&id).await? {
-                return Ok::<_, Error>(
-                    self.kms
-                        .unwrap(
-                            &rec.kms_key_id,
-                            &crate::model::WrappedKey::new(rec.wrapped),
-                            &ctx,
-                        )
-                        .await?,
-                );
+                return self.open_swk(tenant, rec).await;
             }
             let dk = self.kms.generate_data_key(&epoch.kms_key_id, &ctx).await?;
             let stored = self
@@ -195,15 +185,7 @@ impl Keyring {
                 Ok(dk.secret)
             } else {
                 // Another replica made it first: use the stored one.
-                let rec = stored.into_inner();
-                Ok(self
-                    .kms
-                    .unwrap(
-                        &rec.kms_key_id,
-                        &crate::model::WrappedKey::new(rec.wrapped),
-                        &ctx,
-                    )
-                    .await?)
+                self.open_swk(tenant, stored.into_inner()).await
             }
         })
         .await?;

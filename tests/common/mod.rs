@@ -120,6 +120,25 @@ pub fn local_kms(dir: &tempfile::TempDir) -> Result<Arc<LocalKms>> {
     )?))
 }
 
+/// AWS KMS client settings for moto (region eu-west-1, static test credentials),
+/// patient with a moto slowed by a parallel test run: for tests that are not about
+/// deadlines (tests/kms_aws.rs has its own, tight ones).
+pub fn aws_config(endpoint: &str, key_id: &str) -> fieldkey::kms::aws::AwsKmsConfig {
+    let mut c = fieldkey::kms::aws::AwsKmsConfig::new(key_id);
+    c.region = Some("eu-west-1".into());
+    c.endpoint_url = Some(endpoint.to_owned());
+    c.operation_timeout = std::time::Duration::from_secs(30);
+    c.attempt_timeout = std::time::Duration::from_secs(10);
+    c.connect_timeout = std::time::Duration::from_secs(2);
+    c.max_attempts = 3;
+    c.initial_backoff = std::time::Duration::from_millis(10);
+    c.static_credentials = Some(fieldkey::kms::aws::StaticCredentials {
+        access_key_id: "testing".into(),
+        secret_access_key: SecretString::from("testing".to_owned()),
+    });
+    c
+}
+
 /// Endpoint of moto_server, started by `scripts/test.sh`.
 pub fn moto_url() -> String {
     std::env::var("FIELDKEY_TEST_MOTO_URL").expect(

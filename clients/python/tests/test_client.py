@@ -248,3 +248,23 @@ def test_unix_socket(sidecar) -> None:  # type: ignore[no-untyped-def]
     # the form the sidecar prints works as well
     with fieldkey.Client("unix://" + sidecar.addresses["unix"]) as c:
         assert c.who_am_i()[1] == "local"
+
+
+def test_an_epoch_roll_keeps_every_live_ciphertext_readable(fk: fieldkey.Client, tenant: str) -> None:
+    import json
+    import time
+
+    ct = fk.encrypt(tenant, "email", b"alice@example.com", subject="alice")
+    fk.roll_epoch()
+    deadline = time.time() + 60
+    while True:
+        st = fk.epoch_status()
+        if not st.rolling:
+            break
+        assert time.time() < deadline, "the roll did not finish"
+        time.sleep(0.1)
+    assert st.last_error == ""
+    assert st.active_epoch >= 1
+    status = json.loads(st.status_json)
+    assert any(e["state"] == "active" for e in status["epochs"])
+    assert fk.decrypt(tenant, "email", ct, subject="alice") == b"alice@example.com"

@@ -352,6 +352,14 @@ class AsyncClient:
     async def rotate_tenant_key(self, tenant: str, *, timeout: float | None = None) -> Any:
         return (await self._call(self.keys.RotateTenantKey, pb.RotateTenantKeyRequest(tenant_id=tenant), timeout))
 
+    async def roll_epoch(self, *, finish_only: bool = False, timeout: float | None = None) -> Any:
+        """Start a key epoch roll in the sidecar; returns the ``EpochStatus``."""
+        return await self._call(self.keys.RollEpoch, pb.RollEpochRequest(finish_only=finish_only), timeout)
+
+    async def epoch_status(self, *, timeout: float | None = None) -> Any:
+        """Key epochs and the restorable backup horizon (``EpochStatus``)."""
+        return await self._call(self.keys.GetEpochStatus, pb.GetEpochStatusRequest(), timeout)
+
     async def who_am_i(self, *, timeout: float | None = None) -> tuple[str, str]:
         """(identity, transport) as the sidecar sees this client."""
         r = (await self._call(self.keys.WhoAmI, pb.WhoAmIRequest(), timeout))

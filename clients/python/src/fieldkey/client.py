@@ -348,6 +348,16 @@ class Client:
     def rotate_tenant_key(self, tenant: str, *, timeout: float | None = None) -> Any:
         return self._call(self.keys.RotateTenantKey, pb.RotateTenantKeyRequest(tenant_id=tenant), timeout)
 
+    def roll_epoch(self, *, finish_only: bool = False, timeout: float | None = None) -> Any:
+        """Start a key epoch roll in the sidecar (docs/ERASURE.md §6); returns the
+        ``EpochStatus``. Follow it with :meth:`epoch_status` (``rolling`` turns false)."""
+        return self._call(self.keys.RollEpoch, pb.RollEpochRequest(finish_only=finish_only), timeout)
+
+    def epoch_status(self, *, timeout: float | None = None) -> Any:
+        """Key epochs and the restorable backup horizon (``EpochStatus``; the whole
+        status as JSON in ``status_json``)."""
+        return self._call(self.keys.GetEpochStatus, pb.GetEpochStatusRequest(), timeout)
+
     def who_am_i(self, *, timeout: float | None = None) -> tuple[str, str]:
         """(identity, transport) as the sidecar sees this client."""
         r = self._call(self.keys.WhoAmI, pb.WhoAmIRequest(), timeout)
