@@ -177,7 +177,8 @@ async fn seed(
 }
 
 /// The floor: the same pages read and rewritten with new bytes of the same size, in
-/// the same statements and transactions as the roll, with no crypto and no KMS.
+/// the same statement shape as the roll on PostgreSQL (one UPDATE ... FROM (VALUES ...)
+/// per page of 1,000), with no crypto and no KMS.
 async fn floor(pool: &PgPool, tenants: &[String]) -> (u64, f64) {
     let started = Instant::now();
     let mut n = 0u64;
@@ -195,22 +196,25 @@ async fn floor(pool: &PgPool, tenants: &[String]) -> (u64, f64) {
             .unwrap();
             let Some(last) = rows.last() else { break };
             after = last.0.clone();
-            let mut tx = pool.begin().await.unwrap();
-            for (s, swk) in &rows {
-                sqlx::query(
-                    "UPDATE fk_subjects SET swk_id = $3, wrap_version = 0, wrapped = $4 \
-                     WHERE tenant_id = $1 AND subject_id = $2 AND swk_id = $3 AND state <> 'destroyed'",
-                )
-                .bind(t)
-                .bind(s)
-                .bind(swk)
-                .bind(vec![7u8; 73])
-                .execute(&mut *tx)
-                .await
-                .unwrap();
-                n += 1;
+            let mut sql = String::from(
+                "UPDATE fk_subjects AS s SET swk_id = v.exp_swk, wrap_version = 0, wrapped = v.w FROM (VALUES ",
+            );
+            for i in 0..rows.len() {
+                let b = 2 + i * 3;
+                if i > 0 {
+                    sql.push_str(", ");
+                }
+                sql.push_str(&format!("(${b}, ${}, ${})", b + 1, b + 2));
             }
-            tx.commit().await.unwrap();
+            sql.push_str(
+                ") AS v(sid, exp_swk, w) WHERE s.tenant_id = $1 AND s.subject_id = v.sid \
+                 AND s.state <> 'destroyed' AND s.swk_id IS NOT DISTINCT FROM v.exp_swk",
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(t);
+            for (s, swk) in &rows {
+                q = q.bind(s.clone()).bind(swk.clone()).bind(vec![7u8; 73]);
+            }
+            n += q.execute(pool).await.unwrap().rows_affected();
         }
     }
     (n, started.elapsed().as_secs_f64())

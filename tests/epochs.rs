@@ -272,12 +272,21 @@ async fn a_restored_postgres_backup_revives_nobody_after_the_roll() -> Result<()
 /// A store from before epochs (tenant versions under the default key, subject keys
 /// under tenant versions) moves to epochs with the first roll; no ciphertext changes.
 #[tokio::test]
-async fn a_store_from_before_epochs_moves_with_the_first_roll() -> Result<()> {
+async fn a_sqlite_store_from_before_epochs_moves_with_the_first_roll() -> Result<()> {
     let data = tempfile::tempdir()?;
+    migrates(Arc::new(SqlStore::open_sqlite(&data.path().join("keys.db")).await?)).await
+}
+
+#[tokio::test]
+async fn a_postgres_store_from_before_epochs_moves_with_the_first_roll() -> Result<()> {
+    let db = PgDb::create().await?;
+    migrates(Arc::new(SqlStore::connect_postgres(&db.dsn).await?)).await?;
+    db.drop_db().await
+}
+
+async fn migrates(store: Arc<dyn KeyStore>) -> Result<()> {
     let kms_dir = tempfile::tempdir()?;
     let kms: Arc<dyn Kms> = kms(&kms_dir)?;
-    let store: Arc<dyn KeyStore> =
-        Arc::new(SqlStore::open_sqlite(&data.path().join("keys.db")).await?);
     let s = side(store.clone(), kms.clone(), settings(0));
     let k = &s.keyring;
     k.create_tenant("old", None).await?;

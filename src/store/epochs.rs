@@ -236,6 +236,47 @@ async fn count(q: Query<'_>, pool: &sqlx::AnyPool) -> Result<u64, StoreError> {
     Ok(u64::try_from(n).unwrap_or(0))
 }
 
+impl SqlStore {
+    /// PostgreSQL: one statement per page (the same compare-and-set per row, through
+    /// a VALUES list): a round trip per page instead of one per subject key.
+    async fn roll_subjects_pg(
+        &self,
+        tenant_id: &str,
+        new_swk: &str,
+        moved: &[RolledSubject],
+    ) -> Result<u64, StoreError> {
+        let mut sql = String::from(
+            "UPDATE fk_subjects AS s SET swk_id = $2, wrap_version = 0, wrapped = v.w FROM (VALUES ",
+        );
+        for i in 0..moved.len() {
+            let b = 3 + i * 4;
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&format!("(${b}, ${}, ${}, ${})", b + 1, b + 2, b + 3));
+        }
+        sql.push_str(
+            ") AS v(sid, exp_swk, exp_wv, w) WHERE s.tenant_id = $1 AND s.subject_id = v.sid \
+             AND s.state <> 'destroyed' AND s.swk_id IS NOT DISTINCT FROM v.exp_swk \
+             AND (v.exp_swk IS NOT NULL OR s.wrap_version = v.exp_wv)",
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(tenant_id)
+            .bind(new_swk);
+        for m in moved {
+            q = q
+                .bind(m.subject_id.clone())
+                .bind(m.expected_swk.clone())
+                .bind(i64::from(m.expected_wrap_version))
+                .bind(m.wrapped.clone());
+        }
+        Ok(q.execute(&self.pool)
+            .await
+            .map_err(classify)?
+            .rows_affected())
+    }
+}
+
 #[async_trait]
 impl EpochStore for SqlStore {
     async fn epochs(&self) -> Result<Vec<EpochRecord>, StoreError> {
@@ -632,6 +673,9 @@ impl EpochStore for SqlStore {
         new_swk: &str,
         moved: &[RolledSubject],
     ) -> Result<u64, StoreError> {
+        if self.backend == "postgres" && !moved.is_empty() {
+            return self.roll_subjects_pg(tenant_id, new_swk, moved).await;
+        }
         let mut tx = self.pool.begin().await.map_err(classify)?;
         let mut n = 0;
         for m in moved {
