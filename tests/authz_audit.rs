@@ -288,7 +288,7 @@ async fn each_example_identity_gets_exactly_its_policy() -> Result<()> {
         .into_inner();
     assert_eq!(rep.content_type, "application/json");
     let json: serde_json::Value = serde_json::from_str(&rep.body)?;
-    assert_eq!(json["format"], "fieldkey-compliance-report/1");
+    assert_eq!(json["format"], "fieldkey-compliance-report/2");
     assert_eq!(json["summary"]["all_met"], rep.all_met);
     // the sidecar reports the policy set it enforces
     assert_eq!(json["configuration"]["authorization"]["enabled"], true);

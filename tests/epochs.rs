@@ -274,7 +274,10 @@ async fn a_restored_postgres_backup_revives_nobody_after_the_roll() -> Result<()
 #[tokio::test]
 async fn a_sqlite_store_from_before_epochs_moves_with_the_first_roll() -> Result<()> {
     let data = tempfile::tempdir()?;
-    migrates(Arc::new(SqlStore::open_sqlite(&data.path().join("keys.db")).await?)).await
+    migrates(Arc::new(
+        SqlStore::open_sqlite(&data.path().join("keys.db")).await?,
+    ))
+    .await
 }
 
 #[tokio::test]
@@ -343,7 +346,7 @@ async fn migrates(store: Arc<dyn KeyStore>) -> Result<()> {
         kms.key_status(e1.kms_key_id.as_deref().unwrap()).await?,
         fieldkey::kms::KeyStatus::Deleted
     );
-    let (who, ct) = &cts[3];
+    let (who, ct) = cts.get(3).unwrap();
     let pt = side(store.clone(), kms.clone(), settings(0))
         .keyring
         .decrypt(&aad("old", Some(who), "f", b""), ct)

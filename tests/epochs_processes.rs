@@ -423,7 +423,6 @@ async fn a_restored_backup_of_the_data_directory_revives_nobody_after_the_roll()
         })
         .await?;
     // A clean stop waits for open connections: close ours first.
-    drop(encrypt);
     drop(ch);
     sc.stop();
     let live = dir.path().join("live");

@@ -5,7 +5,11 @@
 //! verdict rule, each on its own copy of that situation ([`situation`]); then the JSON
 //! (against the JSON Schema in docs/ too), the CLI, the tampered store, and the HTML
 //! page rendered in headless Chromium (screenshot kept under `$CARGO_TARGET_DIR/tmp/`),
-//! and that neither form holds key material or plaintext.
+//! and that neither form holds key material or plaintext. Then the backup stage of
+//! erasures over key epochs rolled for real (local KMS with a keys directory): met only
+//! once the key-store backups are sealed within 30 days, late when they are not, a
+//! forged seal caught, and the backup horizon before and after rolls, with and without
+//! the legacy key kept.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -28,10 +32,13 @@ use sqlx::Row as _;
 
 use fieldkey::audit::AuditConfig;
 use fieldkey::crypto::Aad;
+use fieldkey::epochs::{EpochSettings, Epochs};
 use fieldkey::erasure::{Actor, ErasureConfig};
+use fieldkey::kms::local::LocalKms;
+use fieldkey::model::rfc3339_ms;
 use fieldkey::policy::RotationPolicy;
 use fieldkey::policy::authz::Authorizer;
-use fieldkey::report::{self, Configuration, ErasureStatus, Options, Verdict};
+use fieldkey::report::{self, BackupsStatus, Configuration, ErasureStatus, Options, Verdict};
 use fieldkey::store::{ErasureLedger, KeyStore, NewJob, SqlStore, now_ms};
 use fieldkey::{Keyring, KeyringConfig};
 
@@ -512,7 +519,30 @@ async fn erasure_judges_each_request_against_30_days_and_its_receipt() -> Result
         rc.verified && rc.chained && rc.keys_destroyed == 1,
         "{rc:?}"
     );
+    // Live keys destroyed on time, but no key epoch was ever rolled: the key-store
+    // backups holding copies of them are not sealed yet. Inside the 30 days that is
+    // pending (attention), not met.
+    assert_eq!(e("on-time").backup_epoch, Some(0));
+    assert_eq!(e("on-time").backups_status, Some(BackupsStatus::Pending));
+    assert_eq!(e("on-time").backups_sealed_at, None);
+    assert_eq!(e("on-time").verdict, Verdict::Attention);
+    let findings = &promise(&r, "erasure").findings;
+    assert!(
+        findings
+            .iter()
+            .any(|f| f.starts_with(&format!("{} (", s.ids["on-time"]))
+                && f.contains("key-store backups not sealed yet")),
+        "{findings:?}"
+    );
+    assert!(
+        findings
+            .iter()
+            .any(|f| f.starts_with("backup horizon: unbounded: no key epoch yet")),
+        "{findings:?}"
+    );
     assert_eq!(e("late").status, ErasureStatus::Late);
+    assert_eq!(e("late").backups_status, Some(BackupsStatus::Late));
+    assert_eq!(e("late").verdict, Verdict::NotMet);
     assert!((31.0..31.1).contains(&e("late").days), "{}", e("late").days);
     assert!(
         e("late").receipt.as_ref().unwrap().verified,
@@ -523,7 +553,16 @@ async fn erasure_judges_each_request_against_30_days_and_its_receipt() -> Result
     assert_eq!(e("overdue").status, ErasureStatus::Overdue);
     assert_eq!(e("pending").status, ErasureStatus::Pending);
     assert_eq!(e("pending").verdict, Verdict::Attention);
+    for open in ["pending", "overdue", "cancel"] {
+        assert_eq!(
+            (e(open).backup_epoch, e(open).backups_status),
+            (None, None),
+            "{open}: no backup stage before the keys are destroyed"
+        );
+    }
     assert_eq!(e("tampered").status, ErasureStatus::OnTime);
+    assert_eq!(r.backups.restorable_since, None, "no key epoch: unbounded");
+    assert!(r.backups.epochs.is_empty());
     Ok(())
 }
 
@@ -839,9 +878,390 @@ async fn html_renders_in_chromium_with_the_alerts_first() -> Result<()> {
             && html_ok.contains("u-&lt;script&gt;alert(1)&lt;/script&gt;"),
         "ids are escaped in the HTML"
     );
+    assert!(
+        html_ok.contains("<h2 id=\"backups\">Key-store backups</h2>")
+            && html_ok.contains("unbounded: no key epoch yet"),
+        "the backup horizon is on the page"
+    );
     let alerts_at = html_bad.find("AUDIT LOG DOES NOT VERIFY").unwrap();
     let promises_at = html_bad.find("id=\"promises\"").unwrap();
     assert!(alerts_at < promises_at, "the alerts come before the detail");
+    Ok(())
+}
+
+/// A key store whose local KMS keeps epoch keys in a keys directory, with its keyring,
+/// erasure workflow and audit log: for the backup stage of erasures.
+struct EpochSituation {
+    dir: tempfile::TempDir,
+    store: Arc<dyn KeyStore>,
+    raw: sqlx::SqlitePool,
+    parts: fieldkey::wiring::Parts,
+    erasures: fieldkey::erasure::Erasures,
+}
+
+async fn epoch_situation() -> Result<EpochSituation> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("keys.db");
+    let store: Arc<dyn KeyStore> = Arc::new(SqlStore::open_sqlite(&path).await?);
+    let kms = Arc::new(
+        LocalKms::open_or_create(
+            &dir.path().join("local-kms.json"),
+            &secrecy::SecretString::from("test passphrase 123".to_owned()),
+            common::FAST_KDF,
+        )?
+        .with_keys_dir(&dir.path().join("kms-keys"))?,
+    );
+    let keyring = Arc::new(Keyring::new(
+        store.clone(),
+        kms.clone(),
+        KeyringConfig::default(),
+    ));
+    let parts = fieldkey::wiring::Parts::new(keyring, store.clone(), kms);
+    let erasures = parts.erasures(ErasureConfig::default());
+    let raw = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display())).await?;
+    Ok(EpochSituation {
+        dir,
+        store,
+        raw,
+        parts,
+        erasures,
+    })
+}
+
+impl EpochSituation {
+    /// A roller whose old keys the KMS deletes `deletion_days` after the roll.
+    fn epochs(&self, deletion_days: u32, retire_legacy_key: bool) -> Epochs {
+        self.parts.epochs(EpochSettings {
+            kms_deletion_days: deletion_days,
+            retire_legacy_key,
+            store_tag: "report-test".into(),
+            ..EpochSettings::default()
+        })
+    }
+
+    async fn roll(&self, deletion_days: u32, retire_legacy_key: bool) -> Result<()> {
+        self.epochs(deletion_days, retire_legacy_key)
+            .roll(true, &|_| {})
+            .await?;
+        Ok(())
+    }
+
+    /// A tenant with subjects holding data.
+    async fn tenant(&self, tenant: &str, subjects: &[&str]) -> Result<()> {
+        let keyring = &self.parts.keyring;
+        keyring.create_tenant(tenant, None).await?;
+        for s in subjects {
+            keyring
+                .encrypt(&aad(tenant, Some(s)), SECRET_VALUES[0].as_bytes())
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Erases `subject` now; its id.
+    async fn erase(&self, tenant: &str, subject: &str) -> Result<String> {
+        let e = self
+            .erasures
+            .request(&actor(), tenant, Some(subject), Duration::ZERO)
+            .await?;
+        assert_eq!(e.state.as_str(), "completed", "grace 0 erases at once");
+        Ok(e.erasure_id)
+    }
+
+    /// The report as made at `now`.
+    async fn report_at(&self, now: i64) -> Result<report::Report> {
+        Ok(report::build(
+            self.store.as_ref(),
+            configuration(),
+            &RotationPolicy::default(),
+            &Options {
+                now_ms: now,
+                ..Options::default()
+            },
+        )
+        .await?)
+    }
+
+    /// The deletion date the store records for `epoch`'s key.
+    async fn deletion_date(&self, epoch: u64) -> Result<Option<i64>> {
+        let all = self.store.epochs().await?;
+        Ok(all.iter().find(|e| e.epoch == epoch).unwrap().deletion_date)
+    }
+
+    /// When `epoch` became active.
+    async fn epoch_start(&self, epoch: u64) -> Result<i64> {
+        let all = self.store.epochs().await?;
+        Ok(all.iter().find(|e| e.epoch == epoch).unwrap().created_at)
+    }
+}
+
+fn epoch_entry(r: &report::Report, epoch: u64) -> &report::EpochEntry {
+    r.backups.epochs.iter().find(|e| e.epoch == epoch).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erasure_is_met_once_its_backups_are_sealed_within_30_days() -> Result<()> {
+    let s = epoch_situation().await?;
+    s.roll(0, false).await?; // epoch 1 (an empty store has no legacy epoch 0)
+    s.tenant("acme", &["alice", "bob"]).await?;
+    let id = s.erase("acme", "alice").await?;
+
+    // Live keys destroyed, receipt verified; epoch 1's key still opens the backups.
+    let before = s.report_at(now_ms()).await?;
+    let e = erasure(&before, &id);
+    assert_eq!(e.status, ErasureStatus::OnTime);
+    assert_eq!(e.backup_epoch, Some(1));
+    assert_eq!(
+        (e.backups_status, e.verdict),
+        (Some(BackupsStatus::Pending), Verdict::Attention)
+    );
+    assert_eq!(verdict(&before, "erasure"), Verdict::Attention);
+
+    // The roll seals epoch 1: its key's deletion is scheduled (window 0 days).
+    s.roll(0, false).await?;
+    let after = s.report_at(now_ms()).await?;
+    let e = erasure(&after, &id);
+    let deleted = s.deletion_date(1).await?.unwrap();
+    assert_eq!(
+        (e.backups_status, e.verdict),
+        (Some(BackupsStatus::Sealed), Verdict::Met),
+        "{e:?}"
+    );
+    assert_eq!(
+        e.backups_sealed_at.as_deref(),
+        Some(rfc3339_ms(deleted).as_str())
+    );
+    assert!(e.backups_days.unwrap() < 0.1, "{e:?}");
+    assert_eq!(e.problem, None);
+    assert_eq!(verdict(&after, "erasure"), Verdict::Met);
+    let findings = &promise(&after, "erasure").findings;
+    assert!(
+        findings.iter().any(|f| f.starts_with("1 erasure(s) met")),
+        "{findings:?}"
+    );
+    let e1 = epoch_entry(&after, 1);
+    assert_eq!(
+        (e1.state.as_str(), e1.seal_verified, e1.opens_backups),
+        ("sealed", Some(true), false)
+    );
+    assert_eq!(after.backups.active_epoch, Some(2));
+    assert!(
+        !after
+            .summary
+            .alerts
+            .iter()
+            .any(|a| a.starts_with("BACKUP SEAL")),
+        "{:?}",
+        after.summary.alerts
+    );
+    // The epochs in the JSON match the schema; the page shows them.
+    check_schema(&serde_json::to_string_pretty(&after)?, s.dir.path())?;
+    let html = report::html::render(&after);
+    let dom = render_in_chromium("compliance-report-epochs", &html)?;
+    assert!(
+        dom.contains("id=\"backups\"")
+            && dom.contains("data-epoch=\"1\"")
+            && dom.contains("verified, chained into the audit log"),
+        "the epochs and their seals are on the page"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erasure_whose_backups_are_not_sealed_within_30_days_is_not_met() -> Result<()> {
+    let s = epoch_situation().await?;
+    s.roll(0, false).await?; // epoch 1
+    s.tenant("acme", &["alice", "bob"]).await?;
+    let alice = s.erase("acme", "alice").await?;
+
+    // No roll since: 29 days on it is still pending; 31 days on it is late.
+    let r29 = s.report_at(now_ms() + 29 * DAY).await?;
+    assert_eq!(
+        erasure(&r29, &alice).backups_status,
+        Some(BackupsStatus::Pending)
+    );
+    let r31 = s.report_at(now_ms() + 31 * DAY).await?;
+    let e = erasure(&r31, &alice);
+    assert_eq!(
+        e.status,
+        ErasureStatus::OnTime,
+        "the live keys were on time"
+    );
+    assert_eq!(
+        (e.backups_status, e.verdict),
+        (Some(BackupsStatus::Late), Verdict::NotMet)
+    );
+    assert!(
+        e.problem
+            .as_deref()
+            .unwrap_or("")
+            .contains("still not sealed 31.0 days after the request"),
+        "{e:?}"
+    );
+    assert_eq!(verdict(&r31, "erasure"), Verdict::NotMet);
+    assert!(
+        r31.summary
+            .alerts
+            .iter()
+            .any(|a| a.starts_with("NOT MET: Erasure of a user")),
+        "{:?}",
+        r31.summary.alerts
+    );
+
+    // Sealed, but the KMS deletes the key 30 days after the roll: past the limit.
+    let bob = s.erase("acme", "bob").await?;
+    s.roll(30, false).await?;
+    let r = s.report_at(now_ms()).await?;
+    let e = erasure(&r, &bob);
+    let deleted = s.deletion_date(1).await?.unwrap();
+    assert_eq!(
+        e.backups_sealed_at.as_deref(),
+        Some(rfc3339_ms(deleted).as_str())
+    );
+    assert_eq!(
+        (e.backups_status, e.verdict),
+        (Some(BackupsStatus::Late), Verdict::NotMet),
+        "{e:?}"
+    );
+    assert!(
+        e.problem
+            .as_deref()
+            .unwrap_or("")
+            .contains("sealed 30.0 days after the request"),
+        "{e:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edited_epoch_record_does_not_seal_backups() -> Result<()> {
+    let s = epoch_situation().await?;
+    s.roll(0, false).await?;
+    s.tenant("acme", &["alice"]).await?;
+    let id = s.erase("acme", "alice").await?;
+    s.roll(0, false).await?;
+    // Epoch 1's deletion brought forward, and the active epoch 2 made to look sealed:
+    // neither matches a signed statement.
+    sqlx::query("UPDATE fk_epochs SET deletion_date = deletion_date - 1000 WHERE epoch = 1")
+        .execute(&s.raw)
+        .await?;
+    sqlx::query(
+        "UPDATE fk_epochs SET state = 'sealed', kms_status = 'scheduled', \
+         sealed_at = $1, deletion_date = $1 WHERE epoch = 2",
+    )
+    .bind(now_ms())
+    .execute(&s.raw)
+    .await?;
+    let r = s.report_at(now_ms()).await?;
+    let e2 = epoch_entry(&r, 2);
+    assert_eq!((e2.seal_verified, e2.opens_backups), (Some(false), true));
+    assert_eq!(
+        e2.seal_error.as_deref(),
+        Some("sealed, but no signed statement is stored")
+    );
+    let e1 = epoch_entry(&r, 1);
+    assert_eq!((e1.seal_verified, e1.opens_backups), (Some(false), true));
+    assert!(
+        e1.seal_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("does not match the epoch's record"),
+        "{e1:?}"
+    );
+    assert!(
+        r.summary.alerts[0].starts_with("BACKUP SEAL FAILED VERIFICATION: key epoch 1: "),
+        "{:?}",
+        r.summary.alerts
+    );
+    assert!(!r.summary.all_met);
+    let e = erasure(&r, &id);
+    assert_eq!(
+        (e.backups_status, e.backups_sealed_at.clone()),
+        (Some(BackupsStatus::Pending), None),
+        "an unproven seal seals nothing"
+    );
+    assert_eq!(
+        r.backups.restorable_since,
+        Some(rfc3339_ms(s.epoch_start(1).await?)),
+        "an unproven seal leaves the epoch's backups restorable"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backup_horizon_follows_the_rolls_and_a_kept_legacy_key_keeps_it_unbounded()
+-> Result<()> {
+    // A store that starts with epochs: bounded from the first roll.
+    let s = epoch_situation().await?;
+    let r = s.report_at(now_ms()).await?;
+    assert_eq!(r.backups.restorable_since, None);
+    assert!(r.backups.finding.starts_with("unbounded: no key epoch yet"));
+    s.roll(0, false).await?;
+    let r = s.report_at(now_ms()).await?;
+    assert_eq!(
+        r.backups.restorable_since,
+        Some(rfc3339_ms(s.epoch_start(1).await?))
+    );
+    s.roll(0, false).await?;
+    let r = s.report_at(now_ms()).await?;
+    assert_eq!(
+        r.backups.restorable_since,
+        Some(rfc3339_ms(s.epoch_start(2).await?)),
+        "epoch 1's key is pending deletion: only backups since epoch 2 restore"
+    );
+    assert!(!epoch_entry(&r, 1).opens_backups && epoch_entry(&r, 2).opens_backups);
+
+    // A store from before epochs, its legacy key kept: unbounded, and an erasure from
+    // before the first roll never has its backups sealed.
+    let s = epoch_situation().await?;
+    s.tenant("old", &["alice", "bob"]).await?;
+    let id = s.erase("old", "alice").await?;
+    s.roll(0, false).await?;
+    s.roll(0, false).await?;
+    let r = s.report_at(now_ms()).await?;
+    let e0 = epoch_entry(&r, 0);
+    assert_eq!(
+        (e0.kms_status.as_deref(), e0.opens_backups, e0.seal_verified),
+        (Some("kept-legacy"), true, None)
+    );
+    assert_eq!(epoch_entry(&r, 1).seal_verified, Some(true));
+    assert_eq!(r.backups.restorable_since, None);
+    assert!(
+        r.backups
+            .finding
+            .starts_with("unbounded: the legacy key of epoch 0")
+            && r.backups.finding.contains("kept-legacy"),
+        "{}",
+        r.backups.finding
+    );
+    let e = erasure(&r, &id);
+    assert_eq!(
+        (e.backup_epoch, e.backups_status),
+        (Some(0), Some(BackupsStatus::Pending))
+    );
+    let late = s.report_at(now_ms() + 31 * DAY).await?;
+    assert_eq!(
+        erasure(&late, &id).backups_status,
+        Some(BackupsStatus::Late),
+        "the kept legacy key still opens backups holding alice's key"
+    );
+
+    // The same with the legacy key retired: bounded at epoch 1, and the erasure met.
+    let s = epoch_situation().await?;
+    s.tenant("old", &["alice", "bob"]).await?;
+    let id = s.erase("old", "alice").await?;
+    s.roll(0, true).await?;
+    let r = s.report_at(now_ms()).await?;
+    assert_eq!(
+        r.backups.restorable_since,
+        Some(rfc3339_ms(s.epoch_start(1).await?))
+    );
+    let e = erasure(&r, &id);
+    assert_eq!(
+        (e.backups_status, e.verdict),
+        (Some(BackupsStatus::Sealed), Verdict::Met),
+        "{e:?}"
+    );
     Ok(())
 }
 

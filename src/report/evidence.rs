@@ -1,5 +1,5 @@
 //! The evidence a report is built from, as a handle: read access to the key store's
-//! tenants, jobs, erasures, audit chain and signing keys.
+//! tenants, jobs, erasures, key epochs, audit chain and signing keys.
 //!
 //! The Audit service holds one to build a report on request; it never writes, and it
 //! does not give its holder the store (the service reaches no store methods).

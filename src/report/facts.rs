@@ -2,8 +2,9 @@
 //! [`Config`] into [`Configuration`] (the envelope, the key store, the KMS, the rotation
 //! policy, transport security, authorization, audit settings and where the erasure
 //! ledger lives), and what the collectors gather from the store for the verdict rules:
-//! what the audit chain says about erasures and restrictions ([`AuditIndex`]) and a
-//! tenant's suspended subjects ([`SuspendedSubjects`]).
+//! what the audit chain says about erasures, restrictions and sealed key epochs
+//! ([`AuditIndex`]), a tenant's suspended subjects ([`SuspendedSubjects`]) and the key
+//! epochs with their signed statements ([`EpochFacts`]).
 //!
 //! Does not: read the key store (the collectors do) or judge a fact (the verdict rules
 //! do); it states what is there, nothing more. The facts' serialized types are in
@@ -13,6 +14,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use crate::config::Config;
+use crate::model::EpochRecord;
 use crate::policy::RotationPolicy;
 use crate::policy::authz::PolicyStatus;
 
@@ -115,7 +117,7 @@ impl Configuration {
     }
 }
 
-/// What the audit chain says about erasures and restrictions.
+/// What the audit chain says about erasures, restrictions and sealed key epochs.
 #[derive(Default)]
 pub(super) struct AuditIndex {
     /// erasure id -> (seq, receipt digest) of its `erasure.completed` record.
@@ -129,6 +131,8 @@ pub(super) struct AuditIndex {
     pub(super) restored: HashSet<String>,
     /// (tenant, resource type, resource id) -> seq of the latest suspension record.
     pub(super) suspended: HashMap<(String, String, String), u64>,
+    /// key epoch -> (seq, statement digest) of its `epoch.sealed` record.
+    pub(super) sealed: HashMap<u64, (u64, String)>,
     /// Records written in the period.
     pub(super) in_period: u64,
 }
@@ -149,6 +153,15 @@ impl AuditIndex {
             ))
             .copied()
     }
+}
+
+/// A key epoch as the store keeps it, with its signed "backups sealed" statement (read
+/// for sealed epochs whose key is not kept).
+pub(super) struct EpochFacts {
+    /// The record.
+    pub(super) record: EpochRecord,
+    /// The statement (JSON), if stored.
+    pub(super) statement: Option<String>,
 }
 
 /// A tenant's suspended subjects, read from the store and matched to the audit chain.

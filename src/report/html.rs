@@ -4,13 +4,12 @@
 //! Must not: add anything that is not in the [`Report`] (the page shows exactly what the
 //! JSON holds), or emit any text unescaped.
 
+mod erasure_tables;
+
 use std::fmt::Write as _;
 
 use super::{ErasureStatus, Report, Verdict};
-
-/// The columns of the erasure table.
-const ERASURE_COLUMNS: &str =
-    "Request|Tenant / subject|Requested|Scheduled for|Completed|Days|Status|Receipt";
+use erasure_tables::{backups, erasures};
 
 /// The columns of the job table.
 const JOB_COLUMNS: &str =
@@ -209,6 +208,7 @@ pub fn render(r: &Report) -> String {
     audit(&mut h, r);
     tenants(&mut h, r);
     erasures(&mut h, r);
+    backups(&mut h, r);
     jobs(&mut h, r);
     h.push_str(
         "<p class=\"legend\">Ids and times only: this report holds no key material and no \
@@ -253,7 +253,8 @@ fn key_age_chart(h: &mut String, r: &Report) {
     chart.render(h, &legend, rows);
 }
 
-/// Horizontal bars: one per erasure, days from request to completion (or to now).
+/// Horizontal bars: one per erasure, days from request to its backups sealed (or to the
+/// destruction of its live keys while they are not, or to now while open).
 fn erasure_chart(h: &mut String, r: &Report) {
     let who: Vec<String> = r
         .erasures
@@ -269,12 +270,12 @@ fn erasure_chart(h: &mut String, r: &Report) {
         .zip(&who)
         .filter(|(e, _)| e.status != ErasureStatus::Cancelled)
         .map(|(e, w)| {
-            let c = match e.status {
-                ErasureStatus::OnTime => "#1b7f3b",
-                ErasureStatus::Pending => "#a86400",
+            let c = match e.verdict {
+                Verdict::Met => "#1b7f3b",
+                Verdict::Attention => "#a86400",
                 _ => "#b3261e",
             };
-            (w.as_str(), e.days, c)
+            (w.as_str(), e.backups_days.unwrap_or(e.days), c)
         })
         .collect();
     let chart = Chart {
@@ -283,8 +284,9 @@ fn erasure_chart(h: &mut String, r: &Report) {
         longest: "longest",
         limit: 30.0,
     };
-    let legend = "Days from request to completion (open requests: to now); the red line is \
-                  the 30-day limit.";
+    let legend = "Days from request to key-store backups sealed (backups not yet sealed: to \
+                  the destruction of the live keys; open requests: to now); green met, amber \
+                  pending; the red line is the 30-day limit.";
     chart.render(h, legend, rows);
 }
 
@@ -595,57 +597,6 @@ fn tenants(h: &mut String, r: &Report) {
             }
         }
     }
-}
-
-fn erasures(h: &mut String, r: &Report) {
-    let rows = r.erasures.len();
-    if !section_table(h, "erasures", "Erasure requests", rows, ERASURE_COLUMNS) {
-        return;
-    }
-    for e in &r.erasures {
-        let receipt = match (&e.receipt, &e.problem) {
-            (_, Some(p)) => format!("<b style=\"color:var(--bad)\">FAILED: {}</b>", esc(p)),
-            (None, None) => "—".to_owned(),
-            (Some(c), None) if c.verified && c.chained => format!(
-                "verified, signed by <span class=\"mono\">{}</span>, audit record {}; {} key(s) destroyed",
-                opt(c.signing_key_id.as_deref()),
-                c.audit_seq
-                    .map_or_else(|| "—".to_owned(), |s| s.to_string()),
-                c.keys_destroyed
-            ),
-            (Some(c), None) => format!(
-                "<b style=\"color:var(--bad)\">FAILED: {}</b>",
-                opt(c.error.as_deref())
-            ),
-        };
-        let status = serde_json::to_value(e.status)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_owned))
-            .unwrap_or_default();
-        let _ = write!(
-            h,
-            "<tr data-erasure=\"{}\"><td class=\"mono\">{}</td><td>{}{}</td><td>{}</td><td>{}</td>\
-             <td>{}</td><td class=\"num\">{:.1}</td><td>{} {}</td><td>{}</td></tr>",
-            esc(&e.erasure_id),
-            esc(&e.erasure_id),
-            esc(&e.tenant_id),
-            e.subject_id
-                .as_deref()
-                .map(|s| format!(" / {}", esc(s)))
-                .unwrap_or_default(),
-            esc(&e.requested_at),
-            esc(&e.scheduled_for),
-            opt(e
-                .completed_at
-                .as_deref()
-                .or(e.cancelled_at.as_deref().map(|_| "cancelled"))),
-            e.days,
-            badge(e.verdict),
-            esc(&status),
-            receipt
-        );
-    }
-    h.push_str("</table>\n");
 }
 
 fn jobs(h: &mut String, r: &Report) {

@@ -6,7 +6,9 @@
 //! processing agreement that fieldkey supports ([`PromiseId`]), and how they are derived:
 //! key ages against the rotation policy, ciphertexts left on old key versions by
 //! re-encryption jobs, erasure requests against the 30-day limit with their receipts
-//! verified and matched to the audit chain, restricted subjects, the audit chain verified
+//! verified and matched to the audit chain (met only once the key-store backups holding
+//! the destroyed keys are sealed: key epochs and their signed "backups sealed"
+//! statements, and the backup horizon), restricted subjects, the audit chain verified
 //! to its last signed checkpoint, and the configuration facts. [`html`] renders it.
 //!
 //! Must not: write anything, call the KMS, or put key material or personal data beyond
@@ -27,9 +29,9 @@ mod verdicts;
 pub use collectors::build;
 pub use evidence::Evidence;
 pub use model::{
-    AuditFacts, AuditSection, AuthzFacts, CompletionEntry, Configuration, ERASURE_LIMIT_DAYS,
-    ErasureEntry, ErasureStatus, FORMAT, JobEntry, KmsFacts, MAX_LISTED_SUBJECTS, OldVersion,
-    Options, Period, PromiseId, PromiseResult, ReceiptCheck, Report, RestrictedSubject,
-    RestrictionEntry, RotationEntry, RotationFacts, Summary, TenantSection, TlsFacts, Verdict,
-    VersionEntry,
+    AuditFacts, AuditSection, AuthzFacts, BackupsSection, BackupsStatus, CompletionEntry,
+    Configuration, ERASURE_LIMIT_DAYS, EpochEntry, ErasureEntry, ErasureStatus, FORMAT, JobEntry,
+    KmsFacts, MAX_LISTED_SUBJECTS, OldVersion, Options, Period, PromiseId, PromiseResult,
+    ReceiptCheck, Report, RestrictedSubject, RestrictionEntry, RotationEntry, RotationFacts,
+    Summary, TenantSection, TlsFacts, Verdict, VersionEntry,
 };

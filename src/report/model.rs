@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::erasure::receipt::rfc3339_ms;
 
 /// Format tag of the JSON report; changes only with an incompatible change.
-pub const FORMAT: &str = "fieldkey-compliance-report/1";
+pub const FORMAT: &str = "fieldkey-compliance-report/2";
 
 /// The agreements' erasure limit.
 pub const ERASURE_LIMIT_DAYS: i64 = 30;
@@ -165,6 +165,9 @@ pub struct Report {
     pub tenants: Vec<TenantSection>,
     /// Erasure requests in the period.
     pub erasures: Vec<ErasureEntry>,
+    /// Key epochs and the key-store backup horizon (`docs/ERASURE.md` §6): which
+    /// key-store backups can still be restored.
+    pub backups: BackupsSection,
     /// Re-encryption jobs in the period.
     pub jobs: Vec<JobEntry>,
 }
@@ -376,7 +379,8 @@ pub struct RestrictedSubject {
     pub audit_seq: Option<u64>,
 }
 
-/// How an erasure request stands against the 30-day limit.
+/// How an erasure request stands against the 30-day limit: its live-key stage (the
+/// keys destroyed and the receipt issued). The backup stage is [`BackupsStatus`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ErasureStatus {
@@ -396,6 +400,21 @@ pub enum ErasureStatus {
     /// Completed with a valid receipt, but the erased keys hold material again (a
     /// restored key-store backup the erasure ledger has not been reconciled with).
     KeysLive,
+}
+
+/// The backup stage of a completed erasure: the key-store backups that hold copies of
+/// the destroyed keys are sealed once the KMS key of the epoch active at destruction,
+/// and of every older epoch, is scheduled for deletion (`docs/ERASURE.md` §6.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackupsStatus {
+    /// Sealed within 30 days of the request, by verified "backups sealed" statements.
+    Sealed,
+    /// Not sealed yet; the 30 days are not over.
+    Pending,
+    /// Sealed more than 30 days after the request, or not sealed and the 30 days are
+    /// over.
+    Late,
 }
 
 /// One erasure request.
@@ -427,16 +446,77 @@ pub struct ErasureEntry {
     pub days: f64,
     /// Execution attempts.
     pub attempts: u32,
-    /// Against the limit.
+    /// The live-key stage against the limit.
     pub status: ErasureStatus,
+    /// Completed requests: the key epoch active when the keys were destroyed (the
+    /// larger of the verified receipt's and the request's; 0 before epochs). Key-store
+    /// backups hold copies of the destroyed keys under that epoch's key or an older one.
+    pub backup_epoch: Option<u64>,
+    /// When those backups are sealed (RFC 3339): the latest deletion date of the KMS
+    /// keys of epochs 0 to `backup_epoch`, once every one of them is sealed by a
+    /// verified statement (a date in the future: scheduled).
+    pub backups_sealed_at: Option<String>,
+    /// Days from request to `backups_sealed_at`.
+    pub backups_days: Option<f64>,
+    /// The backup stage against the limit (completed requests).
+    pub backups_status: Option<BackupsStatus>,
     /// The promise it supports.
     pub promise: PromiseId,
     /// How it stands.
     pub verdict: Verdict,
     /// The receipt check (completed requests).
     pub receipt: Option<ReceiptCheck>,
-    /// Why the evidence fails (`proof-failed`, `keys-live`), if it does.
+    /// Why the evidence fails (`proof-failed`, `keys-live`), or why the backups are
+    /// late, if they are.
     pub problem: Option<String>,
+}
+
+/// Key epochs and the key-store backup horizon.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackupsSection {
+    /// The promise it supports.
+    pub promise: PromiseId,
+    /// Key-store backups taken at or after this time (RFC 3339) can be restored: the
+    /// oldest epoch whose key still opens backups became active then. `None`:
+    /// unbounded (no epoch yet, or the legacy key of epoch 0 still opens backups).
+    pub restorable_since: Option<String>,
+    /// The horizon in words.
+    pub finding: String,
+    /// The active epoch, if epochs have started.
+    pub active_epoch: Option<u64>,
+    /// Every epoch, ascending.
+    pub epochs: Vec<EpochEntry>,
+}
+
+/// One key epoch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpochEntry {
+    /// Epoch number (0: the legacy default key of a store from before epochs).
+    pub epoch: u64,
+    /// Its KMS key.
+    pub kms_key_id: Option<String>,
+    /// `creating`, `active`, `retiring` or `sealed`.
+    pub state: String,
+    /// When it became active (RFC 3339): backups taken from then on need its key.
+    pub created_at: String,
+    /// When the next epoch replaced it (RFC 3339).
+    pub rolled_at: Option<String>,
+    /// When its key's deletion was scheduled (RFC 3339).
+    pub sealed_at: Option<String>,
+    /// When the KMS deletes its key (RFC 3339).
+    pub deletion_date: Option<String>,
+    /// What scheduling the deletion did (`scheduled`, `already-scheduled`,
+    /// `already-deleted`, `kept-legacy`).
+    pub kms_status: Option<String>,
+    /// Whether backups that need its key can still be restored: true unless its
+    /// deletion is scheduled and proven by a verified statement.
+    pub opens_backups: bool,
+    /// Sealed epochs whose key is deleted: whether the signed "backups sealed"
+    /// statement verifies with a receipt key, matches this epoch and is recorded in the
+    /// audit chain (`epoch.sealed` with its digest). `None`: not sealed, or kept.
+    pub seal_verified: Option<bool>,
+    /// Why it does not.
+    pub seal_error: Option<String>,
 }
 
 /// A receipt, checked.

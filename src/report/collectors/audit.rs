@@ -1,6 +1,7 @@
 //! Reads the audit chain: verifies it to its last signed checkpoint with the checkpoint
 //! keys (pinned, or read from the store), and indexes what later sections look up in it
-//! (erasure requests, completions, cancellations and restorations, suspensions).
+//! (erasure requests, completions, cancellations and restorations, suspensions, sealed
+//! key epochs).
 //!
 //! Does not: judge the chain's freshness (the verdict rules do) or write anything.
 
@@ -100,6 +101,12 @@ fn index_record(index: &mut AuditIndex, period: &Period, r: &AuditRecord) {
         }
         ("erasure.restored", Some(id)) => {
             index.restored.insert(id.to_owned());
+        }
+        ("epoch.sealed", _) => {
+            let digest = r.event.details.get("seal_sha256").and_then(|v| v.as_str());
+            if let (Ok(epoch), Some(d)) = (r.event.resource_id.parse::<u64>(), digest) {
+                index.sealed.insert(epoch, (r.seq, d.to_owned()));
+            }
         }
         ("subject.suspended" | "tenant.suspended", _) => {
             index.suspended.insert(resource(), r.seq);

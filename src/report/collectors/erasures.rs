@@ -1,20 +1,22 @@
-//! Reads the erasure requests of the period, page by page, with the receipt keys
-//! (pinned, or read from the store) and, for each request proven erased, how many of
-//! its keys hold material again; and the requests the audit chain records that the
-//! erasure table lost.
+//! Reads the erasure requests of the period, page by page, judges each with the receipt
+//! keys and the key epochs judged (whether its key-store backups are sealed) and, for
+//! each request proven erased, how many of its keys hold material again; and the
+//! requests the audit chain records that the erasure table lost.
 //!
 //! Does not: judge a request (the verdict rules do) or write anything.
 
 use std::collections::HashSet;
+
+use ed25519_dalek::VerifyingKey;
 
 use crate::error::Result;
 use crate::store::KeyStore;
 
 use super::super::facts::AuditIndex;
 use super::super::model::{ErasureEntry, ErasureStatus, Options, Period};
+use super::super::verdicts::backups::JudgedEpoch;
 use super::super::verdicts::erasures::{erasure_entry, keys_live};
 use super::super::verdicts::who;
-use super::audit::store_keys;
 
 /// The erasure requests of `period` judged, and the requests missing from the table
 /// (`id (tenant[/subject])`, sorted).
@@ -23,13 +25,10 @@ pub(in crate::report) async fn read_erasures(
     opts: &Options,
     period: &Period,
     index: &AuditIndex,
-    unreadable: &mut Vec<String>,
+    receipt_keys: &[VerifyingKey],
+    epochs: &[JudgedEpoch],
 ) -> Result<(Vec<ErasureEntry>, Vec<String>)> {
     let now = opts.now_ms;
-    let receipt_keys = match &opts.receipt_keys {
-        Some(k) => k.clone(),
-        None => store_keys(store, crate::erasure::SIGNING_PURPOSE, unreadable).await?,
-    };
     let mut erasures = Vec::new();
     let mut rows = HashSet::new();
     let mut after = String::new();
@@ -45,7 +44,7 @@ pub(in crate::report) async fn read_erasures(
             if !period.overlaps(e.requested_at, end) {
                 continue;
             }
-            let mut entry = erasure_entry(e, &receipt_keys, index, now);
+            let mut entry = erasure_entry(e, receipt_keys, index, epochs, now);
             // Proven erased: the keys must still be gone (a restored backup brings
             // them back until the erasure ledger is reconciled).
             if entry.status == ErasureStatus::OnTime || entry.status == ErasureStatus::Late {

@@ -1,11 +1,12 @@
 //! Builds the report: reads the key store (read only) into facts, one collector per
-//! concern (the audit chain, tenants and their keys, re-encryption jobs, erasure
-//! requests), hands them to the verdict rules, and assembles the [`Report`].
+//! concern (the audit chain, tenants and their keys, re-encryption jobs, key epochs,
+//! erasure requests), hands them to the verdict rules, and assembles the [`Report`].
 //!
 //! Does not: write anything, call the KMS, or decide a verdict itself (the rules live
 //! in `verdicts`).
 
 mod audit;
+mod epochs;
 mod erasures;
 mod jobs;
 mod keys;
@@ -17,7 +18,7 @@ use crate::store::KeyStore;
 
 use super::model::Configuration;
 use super::model::{FORMAT, Options, Period, Report};
-use super::verdicts::{self, tenants as tenant_rules};
+use super::verdicts::{self, backups as backup_rules, tenants as tenant_rules};
 
 /// Builds the report from `store` (read only) and the configuration facts.
 ///
@@ -60,9 +61,18 @@ pub async fn build(
         ));
     }
 
-    // Erasures.
+    // Key epochs, their "backups sealed" statements verified with the receipt keys
+    // (pinned, or read from the store); then erasures, with when their backups are
+    // sealed.
+    let receipt_keys = match &opts.receipt_keys {
+        Some(k) => k.clone(),
+        None => audit::store_keys(store, crate::erasure::SIGNING_PURPOSE, &mut unreadable).await?,
+    };
+    let epoch_facts = epochs::read_epochs(store, &mut unreadable).await?;
+    let judged = backup_rules::judge_epochs(&epoch_facts, &receipt_keys, &index);
+    let backups = backup_rules::backups_section(&judged);
     let (erasures, missing) =
-        erasures::read_erasures(store, opts, &period, &index, &mut unreadable).await?;
+        erasures::read_erasures(store, opts, &period, &index, &receipt_keys, &judged).await?;
     let jobs = jobs::job_entries(&jobs, opts, &period);
 
     let summary = verdicts::summarize(
@@ -70,8 +80,11 @@ pub async fn build(
         rotation,
         &audit_log,
         &tenants,
-        &erasures,
-        &missing,
+        &verdicts::ErasureEvidence {
+            entries: &erasures,
+            missing: &missing,
+            backups: &backups,
+        },
         &unreadable,
     );
     Ok(Report {
@@ -85,6 +98,7 @@ pub async fn build(
         audit_log,
         tenants,
         erasures,
+        backups,
         jobs,
     })
 }

@@ -1,10 +1,12 @@
 //! The verdict rules of an erasure request: its receipt verified (signature, the request
 //! it names, its record in the audit chain), its time against the 30-day limit, the
 //! request matched to its own audit records (a row edited to look cancelled, or
-//! requested later than it was, must not pass), and keys that hold material again.
+//! requested later than it was, must not pass), keys that hold material again, and the
+//! key-store backups holding its destroyed keys: met only once they are sealed within
+//! the 30 days.
 //!
-//! Does not: read the store (the collectors hand it the request, the receipt keys and
-//! the count of live keys) or write anything.
+//! Does not: read the store (the collectors hand it the request, the receipt keys, the
+//! key epochs judged and the count of live keys) or write anything.
 
 use ed25519_dalek::VerifyingKey;
 
@@ -13,8 +15,10 @@ use crate::model::{ErasureRecord, ErasureState};
 
 use super::super::facts::AuditIndex;
 use super::super::model::{
-    ERASURE_LIMIT_DAYS, ErasureEntry, ErasureStatus, PromiseId, ReceiptCheck, Verdict,
+    BackupsStatus, ERASURE_LIMIT_DAYS, ErasureEntry, ErasureStatus, PromiseId, ReceiptCheck,
+    Verdict,
 };
+use super::backups::{JudgedEpoch, backups_sealed};
 use super::{DAY_MS, days};
 
 /// An erasure proven erased whose keys hold `live` key material again (a restored
@@ -113,17 +117,68 @@ fn check_receipt(
     (check, Some(r))
 }
 
-/// The request judged against the 30-day limit and its evidence.
+/// The backup stage of a completed request: when its key-store backups are sealed, how
+/// that stands against the limit, and the problem when late.
+struct BackupStage {
+    sealed: Option<i64>,
+    status: BackupsStatus,
+    problem: Option<String>,
+}
+
+/// The backup stage of a request made at `requested_at` whose keys were destroyed
+/// while `epoch` was active.
+fn backup_stage(
+    epochs: &[JudgedEpoch],
+    epoch: u64,
+    requested_at: i64,
+    deadline: i64,
+    now: i64,
+) -> BackupStage {
+    let sealed = backups_sealed(epochs, epoch);
+    let (status, problem) = match sealed {
+        Some(at) if at <= deadline => (BackupsStatus::Sealed, None),
+        Some(at) => (
+            BackupsStatus::Late,
+            Some(format!(
+                "key-store backups holding the destroyed keys are sealed {:.1} days after the request ({}), past the {ERASURE_LIMIT_DAYS}-day limit",
+                days(at.saturating_sub(requested_at)),
+                rfc3339_ms(at)
+            )),
+        ),
+        None if now > deadline => (
+            BackupsStatus::Late,
+            Some(format!(
+                "key-store backups holding the destroyed keys are still not sealed {:.1} days after the request (the KMS key of epoch {epoch} or an older one still opens them), past the {ERASURE_LIMIT_DAYS}-day limit",
+                days(now.saturating_sub(requested_at))
+            )),
+        ),
+        None => (BackupsStatus::Pending, None),
+    };
+    BackupStage {
+        sealed,
+        status,
+        problem,
+    }
+}
+
+/// The request judged against the 30-day limit and its evidence: the live keys
+/// destroyed with a verified receipt, then the key-store backups sealed (`epochs`).
 pub(in crate::report) fn erasure_entry(
     e: &ErasureRecord,
     receipt_keys: &[VerifyingKey],
     index: &AuditIndex,
+    epochs: &[JudgedEpoch],
     now: i64,
 ) -> ErasureEntry {
     let deadline = e.requested_at.saturating_add(ERASURE_LIMIT_DAYS * DAY_MS);
+    let mut backup_epoch = None;
     let (status, receipt, completed_at, elapsed) = match e.state {
         ErasureState::Completed => {
             let (check, r) = check_receipt(e, receipt_keys, index);
+            // The epoch active at destruction, as the signed receipt and the request
+            // record it (the later one: more epochs must be sealed).
+            let signed = r.as_ref().and_then(|r| r.backups.as_ref()).map(|b| b.epoch);
+            backup_epoch = Some(signed.unwrap_or(0).max(e.destroyed_epoch.unwrap_or(0)));
             // Times come from the signed receipt when it verifies.
             let done = r
                 .as_ref()
@@ -190,8 +245,17 @@ pub(in crate::report) fn erasure_entry(
         }
         None => status,
     };
+    let stage = backup_epoch.map(|ep| backup_stage(epochs, ep, e.requested_at, deadline, now));
+    let backups_status = stage.as_ref().map(|b| b.status);
+    if status == ErasureStatus::OnTime && problem.is_none() {
+        problem = stage.as_ref().and_then(|b| b.problem.clone());
+    }
     let verdict = match status {
-        ErasureStatus::OnTime => Verdict::Met,
+        ErasureStatus::OnTime => match backups_status {
+            Some(BackupsStatus::Sealed) => Verdict::Met,
+            Some(BackupsStatus::Late) => Verdict::NotMet,
+            Some(BackupsStatus::Pending) | None => Verdict::Attention,
+        },
         ErasureStatus::Pending => Verdict::Attention,
         ErasureStatus::Cancelled => Verdict::NotApplicable,
         ErasureStatus::Late
@@ -218,6 +282,13 @@ pub(in crate::report) fn erasure_entry(
         days: days(elapsed.max(0)),
         attempts: e.attempts,
         status,
+        backup_epoch,
+        backups_sealed_at: stage.as_ref().and_then(|b| b.sealed).map(rfc3339_ms),
+        backups_days: stage
+            .as_ref()
+            .and_then(|b| b.sealed)
+            .map(|at| days(at.saturating_sub(e.requested_at).max(0))),
+        backups_status,
         promise: PromiseId::Erasure,
         verdict,
         receipt,

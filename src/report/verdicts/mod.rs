@@ -1,11 +1,13 @@
 //! The verdict rules: how the facts the collectors gathered become the verdict of each
 //! promise ([`summarize`]), with the integrity alerts first and the broken promises
 //! after them. The rules of a tenant live in [`tenants`], of an erasure request in
-//! [`erasures`], of each promise in `promises`.
+//! [`erasures`], of key epochs and backups in [`backups`], of each promise in
+//! `promises`.
 //!
 //! Does not: read the store or the configuration (the collectors and `facts` do), or
 //! render anything.
 
+pub(super) mod backups;
 pub(super) mod erasures;
 mod promises;
 pub(super) mod tenants;
@@ -14,8 +16,8 @@ use crate::policy::RotationPolicy;
 
 use super::model::Configuration;
 use super::model::{
-    AuditSection, ErasureEntry, ErasureStatus, PromiseId, PromiseResult, Summary, TenantSection,
-    Verdict,
+    AuditSection, BackupsSection, ErasureEntry, ErasureStatus, PromiseId, PromiseResult, Summary,
+    TenantSection, Verdict,
 };
 pub(super) use promises::audit_freshness;
 
@@ -38,6 +40,18 @@ pub(super) fn who(erasure_id: &str, tenant: &str, subject: Option<&str>) -> Stri
     )
 }
 
+/// The erasure evidence judged: the requests of the period, the requests the audit log
+/// records that the erasure table lost (`id (tenant[/subject])`), and the key-store
+/// backups.
+pub(super) struct ErasureEvidence<'a> {
+    /// The requests.
+    pub(super) entries: &'a [ErasureEntry],
+    /// The lost ones.
+    pub(super) missing: &'a [String],
+    /// Key epochs and the backup horizon.
+    pub(super) backups: &'a BackupsSection,
+}
+
 /// The verdicts: every promise in [`PromiseId::ALL`] order, integrity failures first
 /// among the alerts, then the broken promises.
 pub(super) fn summarize(
@@ -45,11 +59,10 @@ pub(super) fn summarize(
     policy: &RotationPolicy,
     audit: &AuditSection,
     tenants: &[TenantSection],
-    erasures: &[ErasureEntry],
-    missing_erasures: &[String],
+    erasures: &ErasureEvidence<'_>,
     unreadable: &[String],
 ) -> Summary {
-    let mut alerts = integrity_alerts(audit, erasures, missing_erasures, unreadable);
+    let mut alerts = integrity_alerts(audit, erasures, unreadable);
     let promises: Vec<PromiseResult> = PromiseId::ALL
         .into_iter()
         .map(|id| {
@@ -58,7 +71,7 @@ pub(super) fn summarize(
                 PromiseId::KmsProtection => promises::kms_protection(cfg, tenants),
                 PromiseId::KeyRotation => promises::key_rotation(policy, tenants),
                 PromiseId::RotationCompletion => promises::rotation_completion(tenants),
-                PromiseId::Erasure => promises::erasure(erasures, missing_erasures),
+                PromiseId::Erasure => promises::erasure(erasures),
                 PromiseId::Restriction => promises::restriction(tenants),
                 PromiseId::AuditLog => promises::audit_log(cfg, audit),
                 PromiseId::TransportSecurity => promises::transport_security(cfg),
@@ -98,12 +111,11 @@ pub(super) fn summarize(
 }
 
 /// Integrity failures, most serious first: a chain that does not verify, erasure
-/// evidence that fails, store records that do not decode, requests the erasure table
-/// lost.
+/// evidence that fails, "backups sealed" statements that fail, store records that do
+/// not decode, requests the erasure table lost.
 fn integrity_alerts(
     audit: &AuditSection,
-    erasures: &[ErasureEntry],
-    missing_erasures: &[String],
+    erasures: &ErasureEvidence<'_>,
     unreadable: &[String],
 ) -> Vec<String> {
     let mut alerts = Vec::new();
@@ -113,7 +125,7 @@ fn integrity_alerts(
             audit.error.as_deref().unwrap_or("unknown")
         ));
     }
-    for e in erasures.iter().filter(|e| {
+    for e in erasures.entries.iter().filter(|e| {
         matches!(
             e.status,
             ErasureStatus::ProofFailed | ErasureStatus::KeysLive
@@ -130,10 +142,22 @@ fn integrity_alerts(
             e.problem.as_deref().unwrap_or("no receipt")
         ));
     }
+    for e in erasures
+        .backups
+        .epochs
+        .iter()
+        .filter(|e| e.seal_verified == Some(false))
+    {
+        alerts.push(format!(
+            "BACKUP SEAL FAILED VERIFICATION: key epoch {}: {}",
+            e.epoch,
+            e.seal_error.as_deref().unwrap_or("-")
+        ));
+    }
     for u in unreadable {
         alerts.push(format!("KEY STORE RECORD UNREADABLE: {u}"));
     }
-    for m in missing_erasures {
+    for m in erasures.missing {
         alerts.push(format!(
             "ERASURE REQUEST MISSING FROM THE ERASURE TABLE: {m} is in the audit log"
         ));

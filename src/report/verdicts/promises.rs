@@ -8,9 +8,9 @@ use crate::policy::RotationPolicy;
 
 use super::super::model::Configuration;
 use super::super::model::{
-    AuditSection, ERASURE_LIMIT_DAYS, ErasureEntry, ErasureStatus, TenantSection, Verdict,
+    AuditSection, BackupsStatus, ERASURE_LIMIT_DAYS, ErasureStatus, TenantSection, Verdict,
 };
-use super::who;
+use super::{ErasureEvidence, who};
 
 /// Key ids of the local development KMS start with this.
 const LOCAL_KMS_PREFIX: &str = "local-";
@@ -121,8 +121,10 @@ pub(super) fn rotation_completion(tenants: &[TenantSection]) -> Judged {
     (v, findings)
 }
 
-/// Every request of the period, and the requests the erasure table lost.
-pub(super) fn erasure(erasures: &[ErasureEntry], missing_erasures: &[String]) -> Judged {
+/// Every request of the period (live keys destroyed, then key-store backups sealed),
+/// the requests the erasure table lost, and the backup horizon.
+pub(super) fn erasure(evidence: &ErasureEvidence<'_>) -> Judged {
+    let (erasures, missing_erasures) = (evidence.entries, evidence.missing);
     let mut v = Verdict::NotApplicable;
     let mut findings = Vec::new();
     for e in erasures {
@@ -148,7 +150,20 @@ pub(super) fn erasure(erasures: &[ErasureEntry], missing_erasures: &[String]) ->
             ErasureStatus::Pending => {
                 findings.push(format!("{who}: pending, due by {}", e.deadline));
             }
-            ErasureStatus::OnTime | ErasureStatus::Cancelled => {}
+            ErasureStatus::OnTime => match e.backups_status {
+                Some(BackupsStatus::Late) => findings.push(format!(
+                    "{who}: {}",
+                    e.problem.as_deref().unwrap_or("key-store backups sealed late")
+                )),
+                Some(BackupsStatus::Pending) => findings.push(format!(
+                    "{who}: live keys destroyed after {:.1} days; key-store backups not sealed yet (the KMS key of epoch {} or an older one still opens them), due by {}",
+                    e.days,
+                    e.backup_epoch.unwrap_or(0),
+                    e.deadline
+                )),
+                Some(BackupsStatus::Sealed) | None => {}
+            },
+            ErasureStatus::Cancelled => {}
         }
     }
     if !missing_erasures.is_empty() {
@@ -159,15 +174,16 @@ pub(super) fn erasure(erasures: &[ErasureEntry], missing_erasures: &[String]) ->
             missing_erasures.join(", ")
         ));
     }
-    let on_time = erasures
+    let met = erasures
         .iter()
-        .filter(|e| e.status == ErasureStatus::OnTime)
+        .filter(|e| e.verdict == Verdict::Met)
         .count();
-    if on_time > 0 {
+    if met > 0 {
         findings.push(format!(
-            "{on_time} erasure(s) completed within {ERASURE_LIMIT_DAYS} days, each with a verified receipt chained into the audit log"
+            "{met} erasure(s) met: live keys destroyed and key-store backups sealed within {ERASURE_LIMIT_DAYS} days of the request, each with a verified receipt chained into the audit log and verified \"backups sealed\" statements"
         ));
     }
+    findings.push(format!("backup horizon: {}", evidence.backups.finding));
     (v, findings)
 }
 
