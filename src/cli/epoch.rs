@@ -97,7 +97,9 @@ fn print_status(st: &pb::EpochStatus, json: bool) -> Result<(), CliError> {
         }
     }
     match st.restorable_backups_since_unix_ms {
-        0 => println!("restorable key-store backups: all (no epoch key retired yet)"),
+        0 => println!(
+            "restorable key-store backups: all (no epoch yet, or the legacy key is kept: epochs.retire_legacy_key)"
+        ),
         t => println!("restorable key-store backups: those taken since {}", ms(t)),
     }
     if st.roll_overdue {

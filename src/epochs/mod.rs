@@ -99,8 +99,9 @@ pub struct EpochStatus {
     /// The active epoch, if epochs started.
     pub active: Option<u64>,
     /// Key-store backups taken at or after this time (Unix ms) can be restored (the
-    /// oldest epoch key still alive became active then); `None` before the first roll
-    /// (no bound: every backup is restorable while the default key lives).
+    /// oldest epoch key still alive became active then); `None`: no bound (before the
+    /// first roll, or while the legacy key is kept: every backup from before epochs is
+    /// restorable while it lives).
     pub restorable_backups_since_unix_ms: Option<i64>,
     /// When the active epoch is due to roll, Unix ms.
     pub next_roll_due_unix_ms: Option<i64>,
@@ -211,7 +212,10 @@ impl Epochs {
         let epochs = self.store.epochs().await?;
         let lease: RollLease = self.store.roll_lease().await?;
         let active = epochs.iter().find(|e| e.state == EpochState::Active);
-        let horizon = if epochs.is_empty() {
+        // Unbounded before the first roll, and while the legacy key (epoch 0) is kept:
+        // backups from before epochs need only it.
+        let legacy_open = epochs.iter().any(|e| e.epoch == 0 && e.opens_backups());
+        let horizon = if epochs.is_empty() || legacy_open {
             None
         } else {
             epochs
