@@ -163,6 +163,14 @@ async fn a_recovery_tool_opens_a_shredded_subject_from_a_backup_until_the_roll()
         cold.decrypt(&aad("alice"), &ct_alice).await,
         Err(Error::KeyDestroyed { .. })
     ));
+    // What epochs do NOT protect against (ERASURE.md §6.2): whoever may cancel the
+    // deletion inside its window revives the backup. The IAM policy denies it.
+    kms.cancel_key_deletion(&e1_key).await?;
+    let (opened, said) = run(rules.url.clone(), backup.clone()).await??;
+    assert!(
+        opened,
+        "a cancelled deletion must make the backup readable again: {said}"
+    );
     rules.stop().await;
     Ok(())
 }

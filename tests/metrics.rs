@@ -168,6 +168,12 @@ async fn metrics_move_with_traffic_and_readiness_follows_the_key_store() -> Resu
     let age = sample(&text, "fieldkey_key_age_seconds{tenant=\"acme\"}").expect("key age of acme");
     assert!((0.0..60.0).contains(&age), "{age}");
     assert_eq!(sample(&text, "fieldkey_tenants{status=\"ok\"}"), Some(1.0));
+    // No epoch rolled in this sidecar: epochs not started, horizon unbounded.
+    assert_eq!(sample(&text, "fieldkey_epoch_active"), Some(0.0));
+    assert_eq!(
+        sample(&text, "fieldkey_backup_horizon_seconds"),
+        Some(f64::INFINITY)
+    );
     // nothing secret or personal in the exposition
     for bad in ["v0", "v1", "garbage", "passphrase"] {
         assert!(!text.contains(&format!("\"{bad}\"")), "{bad} in metrics");

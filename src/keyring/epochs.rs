@@ -102,6 +102,14 @@ impl Keyring {
         }
     }
 
+    /// Every key epoch as stored (for gauges and status).
+    ///
+    /// # Errors
+    /// [`Error::Store`].
+    pub async fn epoch_records(&self) -> Result<Vec<crate::model::EpochRecord>> {
+        Ok(self.store.epochs().await?)
+    }
+
     /// Whether a tenant's versions ride the epoch key (rather than its own KMS key).
     pub(super) fn rides_epochs(&self, rec: &TenantRecord) -> bool {
         rec.own_kms_key

@@ -133,6 +133,22 @@ impl AwsKms {
         })
     }
 
+    /// The key id behind an id, ARN or alias (ScheduleKeyDeletion and
+    /// CancelKeyDeletion take an id or ARN, not an alias).
+    async fn key_id_of(&self, key_id: &str) -> Result<String, KmsError> {
+        self.client
+            .describe_key()
+            .key_id(key_id)
+            .send()
+            .await
+            .map_err(|e| map_sdk_err(key_id, e))?
+            .key_metadata
+            .map(|m| m.key_id)
+            .ok_or(KmsError::Rejected {
+                code: "DescribeKey returned no key metadata".into(),
+            })
+    }
+
     /// The underlying SDK client (for administrative tooling and tests).
     pub fn client(&self) -> &aws_sdk_kms::Client {
         &self.client
@@ -301,18 +317,7 @@ impl Kms for AwsKms {
                 KmsError::Misconfigured("AWS KMS key deletion window must be 7..=30 days".into())
             })?;
         // ScheduleKeyDeletion takes a key id or ARN, not an alias: resolve it first.
-        let resolved = self
-            .client
-            .describe_key()
-            .key_id(key_id)
-            .send()
-            .await
-            .map_err(|e| map_sdk_err(key_id, e))?
-            .key_metadata
-            .map(|m| m.key_id)
-            .ok_or(KmsError::Rejected {
-                code: "DescribeKey returned no key metadata".into(),
-            })?;
+        let resolved = self.key_id_of(key_id).await?;
         match self
             .client
             .schedule_key_deletion()
@@ -439,6 +444,8 @@ impl Kms for AwsKms {
 
     /// `CancelKeyDeletion` leaves the key disabled (AWS's rule); it is enabled again.
     async fn cancel_key_deletion(&self, key_id: &str) -> Result<(), KmsError> {
+        let resolved = self.key_id_of(key_id).await?;
+        let key_id = resolved.as_str();
         self.client
             .cancel_key_deletion()
             .key_id(key_id)

@@ -40,6 +40,8 @@ pub struct Readiness {
     timeout: Duration,
     cache_for: Duration,
     last: Mutex<Option<(Instant, Result<(), String>)>>,
+    /// The active epoch's KMS key, as the last store check read it.
+    epoch_key: Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for Readiness {
@@ -61,6 +63,7 @@ impl Readiness {
             timeout: Duration::from_secs(2),
             cache_for: Duration::from_secs(2),
             last: Mutex::new(None),
+            epoch_key: Mutex::new(None),
         }
     }
 
@@ -72,22 +75,32 @@ impl Readiness {
             return r.clone();
         }
         // Once key epochs started, what must be usable is the active epoch's key (the
-        // default key may be a retired legacy key); before, the default key.
+        // default key may be a retired legacy key). Which key that is comes from the
+        // store check (the last one that answered), so that a key-store outage never
+        // makes the KMS look down.
+        let epoch_key = self
+            .epoch_key
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let kms = tokio::time::timeout(self.timeout, async {
-            match self.store.active_epoch().await {
-                Ok(Some(crate::model::EpochRecord {
-                    kms_key_id: Some(k),
-                    ..
-                })) => match self.kms.key_status(&k).await? {
+            match epoch_key {
+                Some(k) => match self.kms.key_status(&k).await? {
                     crate::kms::KeyStatus::Enabled => Ok(()),
                     other => Err(crate::kms::KmsError::Rejected {
                         code: format!("the active epoch's KMS key is {other:?}"),
                     }),
                 },
-                _ => self.kms.check().await,
+                None => self.kms.check().await,
             }
         });
-        let store = tokio::time::timeout(self.timeout, self.store.ping());
+        let store = tokio::time::timeout(self.timeout, async {
+            self.store.ping().await?;
+            if let Ok(Some(e)) = self.store.active_epoch().await {
+                *self.epoch_key.lock().unwrap_or_else(|p| p.into_inner()) = e.kms_key_id;
+            }
+            Ok::<_, crate::store::StoreError>(())
+        });
         let (kms, store) = tokio::join!(kms, store);
         let (kms, store) = (
             why_down("KMS", kms, self.timeout),

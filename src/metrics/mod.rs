@@ -60,6 +60,9 @@ pub struct Metrics {
     job_values_failed: Family<JobLabel, Gauge>,
     job_state: Family<JobStateLabel, Gauge>,
     up: Family<Dependency, Gauge>,
+    epoch_active: Gauge,
+    epoch_age: Gauge<f64, AtomicU64>,
+    backup_horizon: Gauge<f64, AtomicU64>,
     refreshed: Gauge,
     /// The series the last refresh set (to remove those that disappear).
     last_refresh: Mutex<LastRefresh>,
@@ -153,6 +156,24 @@ impl Metrics {
                 "fieldkey_dependency_up",
                 "Whether the KMS and the key store answered the last readiness check",
                 Family::default(),
+            ),
+            epoch_active: registered(
+                &mut r,
+                "fieldkey_epoch_active",
+                "The active key epoch (0: epochs not started)",
+                Gauge::default(),
+            ),
+            epoch_age: registered(
+                &mut r,
+                "fieldkey_epoch_age_seconds",
+                "Age of the active key epoch (a roll is due at epochs.length_days)",
+                Gauge::default(),
+            ),
+            backup_horizon: registered(
+                &mut r,
+                "fieldkey_backup_horizon_seconds",
+                "Age of the oldest key-store backup that can still be restored (+Inf: unbounded, before the first roll or while the legacy key is kept)",
+                Gauge::default(),
             ),
             refreshed: registered(
                 &mut r,

@@ -108,6 +108,7 @@ impl Metrics {
             job_ids.insert(j.record.job_id);
             job_states.insert(state);
         }
+        self.refresh_epochs(keyring).await?;
         let mut last = self.last_refresh.lock().unwrap_or_else(|p| p.into_inner());
         for tenant in last.tenants.difference(&tenants) {
             self.key_age.remove(&TenantLabel {
@@ -129,6 +130,31 @@ impl Metrics {
             job_states,
         };
         self.refreshed.set(now_ms() / 1000);
+        Ok(())
+    }
+
+    /// The key epoch gauges: the active epoch, its age, and the backup horizon.
+    async fn refresh_epochs(&self, keyring: &Keyring) -> crate::error::Result<()> {
+        use crate::model::EpochState;
+        let epochs = keyring.epoch_records().await?;
+        let now = now_ms();
+        #[allow(clippy::cast_precision_loss, reason = "ages in ms fit an f64")]
+        let secs = |t: i64| now.saturating_sub(t) as f64 / 1000.0;
+        let active = epochs.iter().find(|e| e.state == EpochState::Active);
+        self.epoch_active
+            .set(active.map_or(0, |a| i64::try_from(a.epoch).unwrap_or(i64::MAX)));
+        self.epoch_age
+            .set(active.map_or(0.0, |a| secs(a.created_at)));
+        let legacy_open = epochs.iter().any(|e| e.epoch == 0 && e.opens_backups());
+        let oldest = epochs
+            .iter()
+            .filter(|e| e.opens_backups())
+            .map(|e| e.created_at)
+            .min();
+        self.backup_horizon.set(match oldest {
+            Some(t) if !legacy_open => secs(t),
+            _ => f64::INFINITY,
+        });
         Ok(())
     }
 

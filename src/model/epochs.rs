@@ -168,7 +168,8 @@ pub struct RollProgress {
     pub swks_deleted: u64,
     /// Signing keys rewrapped.
     pub signing_keys_rewrapped: u64,
-    /// KMS calls made by this roll (all kinds).
+    /// KMS calls made by this roll, estimated from its steps (an upper bound: an SWK
+    /// already cached counts as one call; `benches/epoch_roll.rs` counts them exactly).
     pub kms_calls: u64,
 }
 
