@@ -582,6 +582,15 @@ impl Config {
                 e.max_grace_days, ep.length_days, ep.roll_time_days, ep.kms_deletion_days
             )));
         }
+        if self.kms.aws_key_id.is_none()
+            && normalized(&self.local_keys_dir()).starts_with(normalized(&self.data_dir))
+        {
+            return Err(ConfigError::Invalid(
+                "epochs.local_keys_dir must not be inside data_dir: a restored backup of the \
+                 data directory would bring deleted epoch keys back"
+                    .into(),
+            ));
+        }
         if e.poll_ms < 10 || e.retry_after_secs == 0 || e.reconcile_secs == 0 {
             return Err(ConfigError::Invalid(
                 "erasure.poll_ms must be >= 10; retry_after_secs and reconcile_secs > 0".into(),
@@ -629,16 +638,17 @@ impl Config {
             .unwrap_or_else(|| self.data_dir.join("keys.db"))
     }
 
-    /// Local KMS epoch-key directory in effect: beside the data directory, not in it.
+    /// Local KMS epoch-key directory in effect: beside the data directory, not in it
+    /// (`<data_dir>-kms-keys` by default).
     pub fn local_keys_dir(&self) -> PathBuf {
         self.epochs.local_keys_dir.clone().unwrap_or_else(|| {
-            let mut name = self
-                .data_dir
+            let data = normalized(&self.data_dir);
+            let mut name = data
                 .file_name()
                 .map(std::ffi::OsStr::to_os_string)
                 .unwrap_or_else(|| "fieldkey-data".into());
             name.push("-kms-keys");
-            self.data_dir.with_file_name(name)
+            data.with_file_name(name)
         })
     }
 
@@ -651,9 +661,42 @@ impl Config {
     }
 }
 
+/// `path` made absolute (against the working directory) without `.` components, for
+/// comparing directories that may not exist yet.
+fn normalized(path: &std::path::Path) -> PathBuf {
+    let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    abs.components()
+        .filter(|c| !matches!(c, std::path::Component::CurDir))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn epochs_must_fit_30_days_and_keep_local_keys_out_of_the_data_directory() {
+        let c: Config = toml::from_str("[epochs]\nlength_days = 10\n").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("within 30 days") && e.contains("max_grace_days"),
+            "{e}"
+        );
+        let c: Config =
+            toml::from_str("[epochs]\nlocal_keys_dir = \"fieldkey-data/keys\"\n").unwrap();
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("inside data_dir")
+        );
+        let c: Config = toml::from_str("data_dir = \".\"\n").unwrap();
+        c.validate().unwrap();
+        assert!(
+            !c.local_keys_dir()
+                .starts_with(std::path::absolute(".").unwrap())
+        );
+    }
 
     #[test]
     fn empty_file_gives_working_defaults() {

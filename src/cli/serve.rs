@@ -209,7 +209,13 @@ pub(super) fn epoch_settings(cfg: &Config) -> crate::epochs::EpochSettings {
         retire_legacy_key: e.retire_legacy_key,
         key_pool: e.key_pool.clone(),
         store_tag: e.store_tag.clone().unwrap_or_else(|| "default".into()),
-        owner: format!("fieldkey@{host} pid {}", std::process::id()),
+        // A random part: two processes must never share a lease owner (HOSTNAME may be
+        // unset, pids repeat across containers).
+        owner: format!(
+            "fieldkey@{host} pid {} {}",
+            std::process::id(),
+            hex::encode(rand::random::<[u8; 4]>())
+        ),
         lease: Duration::from_secs(e.lease_secs),
     }
 }

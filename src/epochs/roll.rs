@@ -48,6 +48,10 @@ impl Epochs {
         report: &(dyn Fn(&RollProgress) + Send + Sync),
     ) -> Result<EpochStatus> {
         let store = &self.store;
+        if self.cfg.retire_legacy_key {
+            // Turned on after the legacy key was kept: retire it now.
+            store.reopen_kept_legacy().await?;
+        }
         let mut epochs = store.epochs().await?;
         if epochs.is_empty() {
             // A store from before epochs: if anything is wrapped under the default
@@ -136,11 +140,20 @@ impl Epochs {
         // 1. The new epoch and its key.
         let rec = store.begin_epoch(target).await?;
         let kms_key_id = match (rec.state, rec.kms_key_id) {
-            (EpochState::Creating, _) => {
+            (EpochState::Creating, recorded) => {
                 p.phase = "create-key".into();
                 note(p.clone()).await?;
-                let key = self.new_epoch_key(target).await?;
-                p.kms_calls += 1;
+                // A key recorded by a run that died before activating is used as is;
+                // otherwise a new one, recorded at once (fieldkey never adopts a key
+                // it did not record: an alias is only a label for operators).
+                let key = match recorded {
+                    Some(k) => k,
+                    None => {
+                        let made = self.new_epoch_key(target).await?;
+                        p.kms_calls += 1;
+                        store.record_epoch_key(target, &made).await?
+                    }
+                };
                 store.activate_epoch(target, &key).await?;
                 tracing::info!(epoch = target, kms_key_id = %key, "key epoch active");
                 key
@@ -180,7 +193,11 @@ impl Epochs {
                     Ok(r) => r,
                     // Erased (or a newer roll) meanwhile: nothing of it to carry; the
                     // next pass and the verification look again.
-                    Err(Error::Store(crate::store::StoreError::EpochRolled)) => (0, 0, 0),
+                    Err(
+                        Error::Store(crate::store::StoreError::EpochRolled)
+                        | Error::KeyDestroyed { .. }
+                        | Error::TenantNotFound { .. },
+                    ) => (0, 0, 0),
                     Err(e) => return Err(e),
                 };
                 p.subjects_rewrapped += moved;
@@ -269,18 +286,10 @@ impl Epochs {
             return Ok(());
         }
         let default = self.kms.default_key_id().to_owned();
-        let canonical_default = self
-            .kms
-            .canonical_key_id(&default)
-            .await
-            .unwrap_or_else(|_| default.clone());
+        // A KMS error stops the roll (it is decided once and kept): never guess.
+        let canonical_default = self.kms.canonical_key_id(&default).await?;
         for (tenant, key) in todo {
-            let own = key != default
-                && self
-                    .kms
-                    .canonical_key_id(&key)
-                    .await
-                    .map_or(true, |c| c != canonical_default);
+            let own = key != default && self.kms.canonical_key_id(&key).await? != canonical_default;
             self.store.set_own_kms_key(&tenant, own).await?;
         }
         Ok(())

@@ -276,7 +276,7 @@ impl Erasures {
             subject_keys_destroyed,
             subject_keys_digest,
             kms_key_deletion,
-            backups: Some(match self.keyring.active_epoch(true).await? {
+            backups: Some(match self.keyring.active_epoch_now().await? {
                 Some(e) => receipt::BackupGuard {
                     epoch: e.epoch,
                     kms_key_id: e.kms_key_id,

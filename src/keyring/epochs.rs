@@ -77,29 +77,37 @@ impl Keyring {
                 return Ok(view.active.clone());
             }
         }
-        match self.store.active_epoch().await {
-            Ok(rec) => {
-                let active = rec.and_then(|r| {
-                    r.kms_key_id.map(|k| ActiveEpoch {
-                        epoch: r.epoch,
-                        kms_key_id: k,
-                    })
-                });
-                self.epoch.store(Arc::new(EpochView {
-                    active: active.clone(),
-                    fetched: Some(Instant::now()),
-                }));
-                Ok(active)
-            }
+        match self.active_epoch_now().await {
+            Ok(active) => Ok(active),
             Err(e) => {
                 let view = self.epoch.load();
                 if view.fetched.is_some() {
                     Ok(view.active.clone())
                 } else {
-                    Err(e.into())
+                    Err(e)
                 }
             }
         }
+    }
+
+    /// The active epoch read from the store now, without falling back on the last
+    /// view (for what is recorded as evidence: the epoch of an erasure).
+    ///
+    /// # Errors
+    /// [`Error::Store`].
+    pub async fn active_epoch_now(&self) -> Result<Option<ActiveEpoch>> {
+        let rec = self.store.active_epoch().await?;
+        let active = rec.and_then(|r| {
+            r.kms_key_id.map(|k| ActiveEpoch {
+                epoch: r.epoch,
+                kms_key_id: k,
+            })
+        });
+        self.epoch.store(Arc::new(EpochView {
+            active: active.clone(),
+            fetched: Some(Instant::now()),
+        }));
+        Ok(active)
     }
 
     /// Every key epoch as stored (for gauges and status).

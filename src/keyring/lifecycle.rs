@@ -87,7 +87,16 @@ impl Keyring {
             let dk = self
                 .kms
                 .generate_data_key(&wrap_key, &EncryptionContext::tenant_key(tenant, 1))
-                .await?;
+                .await
+                .map_err(Error::from);
+            // Our view of the epoch may predate a roll that sealed its key: look again.
+            let dk = match dk {
+                Err(e) if !fresh && super::epochs::key_gone(&e) && epoch.is_some() => {
+                    fresh = true;
+                    continue;
+                }
+                other => other?,
+            };
             match self
                 .store
                 .create_tenant(
@@ -194,7 +203,16 @@ impl Keyring {
             let dk = self
                 .kms
                 .generate_data_key(&wrap_key, &EncryptionContext::tenant_key(tenant, next))
-                .await?;
+                .await
+                .map_err(Error::from);
+            // Our view of the epoch may predate a roll that sealed its key: look again.
+            let dk = match dk {
+                Err(e) if !fresh && super::epochs::key_gone(&e) && epoch.is_some() => {
+                    fresh = true;
+                    continue;
+                }
+                other => other?,
+            };
             match self
                 .store
                 .add_key_version(

@@ -197,7 +197,21 @@ impl Keyring {
                 for _ in 0..3 {
                     let new = match self.active_epoch(fresh).await? {
                         Some(epoch) => {
-                            let (id, cell) = self.swk_for(tentry, tenant, &epoch).await?;
+                            let (id, cell) = match self.swk_for(tentry, tenant, &epoch).await {
+                                Ok(v) => v,
+                                // A roll moved on since our view (the SWK's epoch is no
+                                // longer active, or its key already pending deletion).
+                                Err(e)
+                                    if matches!(
+                                        e,
+                                        Error::Store(crate::store::StoreError::EpochRolled)
+                                    ) || super::epochs::key_gone(&e) =>
+                                {
+                                    fresh = true;
+                                    continue;
+                                }
+                                Err(e) => return Err(e),
+                            };
                             let swk = cell.get().ok_or_else(|| {
                                 Error::Internal("SWK cell empty after init".into())
                             })?;

@@ -366,26 +366,15 @@ impl Kms for AwsKms {
     }
 
     /// `CreateKey` (symmetric, tagged `fieldkey:managed=true`, `fieldkey:store`,
-    /// `fieldkey:epoch`) and `CreateAlias` `alias/fieldkey/<store>/epoch-<n>`; a retry
-    /// finds the key by its alias instead of creating another. The IAM policy in
-    /// `docs/OPERATIONS.md` §3 lets the sidecar create and use only keys so tagged.
+    /// `fieldkey:epoch`), then the alias `alias/fieldkey/<store>/epoch-<n>` as a label
+    /// for operators. The caller records the key id at once; an existing alias (a
+    /// store cloned from another with the same tag, or a restored store behind its
+    /// original) is left alone, never adopted: adopting another store's key would let
+    /// this store schedule its deletion. The IAM policy in `docs/OPERATIONS.md` §3.1
+    /// lets the sidecar create and use only keys so tagged.
     async fn create_epoch_key(&self, epoch: u64, store_tag: &str) -> Result<String, KmsError> {
         use aws_sdk_kms::types::Tag;
         let alias = epoch_alias(store_tag, epoch);
-        match self.client.describe_key().key_id(&alias).send().await {
-            Ok(out) => {
-                if let Some(m) = out.key_metadata
-                    && m.key_state != Some(aws_sdk_kms::types::KeyState::PendingDeletion)
-                    && let Some(arn) = m.arn
-                {
-                    return Ok(arn);
-                }
-            }
-            Err(e) => match map_sdk_err(&alias, e) {
-                KmsError::KeyNotFound { .. } => {}
-                other => return Err(other),
-            },
-        }
         let tag = |k: &str, v: &str| Tag::builder().tag_key(k).tag_value(v).build();
         let tags = [
             tag("fieldkey:managed", "true"),
@@ -408,13 +397,17 @@ impl Kms for AwsKms {
                 code: "CreateKey returned no key metadata".into(),
             })?;
         let arn = meta.arn.clone().unwrap_or_else(|| meta.key_id.clone());
-        self.client
+        if let Err(e) = self
+            .client
             .create_alias()
             .alias_name(&alias)
             .target_key_id(&meta.key_id)
             .send()
             .await
-            .map_err(|e| map_sdk_err(&alias, e))?;
+        {
+            tracing::warn!(alias, kms_key_id = %arn, error = %map_sdk_err(&alias, e),
+                "epoch key created, but its alias could not be set (another store with the same epochs.store_tag?); the key is recorded by id");
+        }
         Ok(arn)
     }
 

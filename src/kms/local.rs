@@ -253,7 +253,29 @@ impl LocalKms {
     pub fn with_keys_dir(mut self, dir: &Path) -> Result<Self, KmsError> {
         create_private_dir(dir)?;
         self.keys_dir = Some(dir.to_owned());
+        self.sweep();
         Ok(self)
+    }
+
+    /// Deletes every key whose deletion window is over (at open, and whenever a key
+    /// is created or scheduled for deletion: a sealed epoch key is not read again, so
+    /// it would otherwise stay on disk, pending, past its date).
+    fn sweep(&self) {
+        let Some(dir) = self.keys_dir.as_deref() else {
+            return;
+        };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
+                continue;
+            };
+            if let Err(e) = self.read_state(id) {
+                tracing::warn!(key_id = id, error = %e, "local KMS: cannot check a key's deletion date");
+            }
+        }
     }
 
     /// The key-state directory, if any.
@@ -601,6 +623,7 @@ impl Kms for LocalKms {
         pending_window_days: u32,
     ) -> Result<KeyDeletion, KmsError> {
         self.keys_dir_or_err()?;
+        self.sweep();
         if pending_window_days > 30 {
             return Err(KmsError::Misconfigured(
                 "local KMS key deletion window must be 0..=30 days".into(),
@@ -640,6 +663,7 @@ impl Kms for LocalKms {
     async fn create_epoch_key(&self, epoch: u64, store_tag: &str) -> Result<String, KmsError> {
         let _ = store_tag;
         let dir = self.keys_dir_or_err()?;
+        self.sweep();
         let mut id = [0u8; 8];
         getrandom::fill(&mut id).map_err(rng_err)?;
         let key_id = format!("local-epoch-{epoch}-{}", hex::encode(id));
@@ -757,5 +781,55 @@ mod tests {
         assert!(LocalKms::create(&path, &pass("correct horse battery"), FAST).is_err());
         assert!(LocalKms::create(&dir.path().join("x"), &pass("short"), FAST).is_err());
         Ok(())
+    }
+
+    #[tokio::test]
+    async fn an_epoch_key_pending_deletion_refuses_at_once_and_is_gone_after_its_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("keys");
+        let kms = LocalKms::create(
+            &dir.path().join("root.json"),
+            &pass("correct horse battery"),
+            FAST,
+        )
+        .unwrap()
+        .with_keys_dir(&keys)
+        .unwrap();
+        let id = kms.create_epoch_key(1, "t").await.unwrap();
+        let ctx = EncryptionContext::tenant_key("t1", 1);
+        let dk = kms.generate_data_key(&id, &ctx).await.unwrap();
+        kms.schedule_key_deletion(&id, 7).await.unwrap();
+        assert!(matches!(
+            kms.unwrap(&id, &dk.wrapped, &ctx).await,
+            Err(KmsError::KeyInvalidState { .. })
+        ));
+        // Cancellable inside the window.
+        kms.cancel_key_deletion(&id).await.unwrap();
+        assert!(kms.unwrap(&id, &dk.wrapped, &ctx).await.is_ok());
+        // The window ends (the date moved into the past): the next open sweeps it away.
+        kms.schedule_key_deletion(&id, 7).await.unwrap();
+        let path = keys.join(format!("{id}.json"));
+        let mut f: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        f["deletion_date_unix_ms"] = serde_json::json!(1);
+        std::fs::write(&path, serde_json::to_vec(&f).unwrap()).unwrap();
+        let again = LocalKms::open(
+            &dir.path().join("root.json"),
+            &pass("correct horse battery"),
+        )
+        .unwrap()
+        .with_keys_dir(&keys)
+        .unwrap();
+        assert!(!path.exists(), "the key file outlived its deletion date");
+        assert_eq!(again.key_status(&id).await.unwrap(), KeyStatus::Deleted);
+        assert!(matches!(
+            again.unwrap(&id, &dk.wrapped, &ctx).await,
+            Err(KmsError::KeyNotFound { .. })
+        ));
+        // No path tricks through key ids.
+        assert!(matches!(
+            again.unwrap("../root", &dk.wrapped, &ctx).await,
+            Err(KmsError::KeyNotFound { .. })
+        ));
     }
 }

@@ -84,14 +84,28 @@ impl Readiness {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         let kms = tokio::time::timeout(self.timeout, async {
-            match epoch_key {
-                Some(k) => match self.kms.key_status(&k).await? {
-                    crate::kms::KeyStatus::Enabled => Ok(()),
-                    other => Err(crate::kms::KmsError::Rejected {
+            let Some(k) = epoch_key else {
+                return self.kms.check().await;
+            };
+            match self.kms.key_status(&k).await? {
+                crate::kms::KeyStatus::Enabled => Ok(()),
+                other => {
+                    // A roll may have sealed that key since the last store check:
+                    // look at the active epoch again before saying the KMS is down.
+                    if let Ok(Some(e)) = self.store.active_epoch().await
+                        && let Some(now) = e.kms_key_id
+                        && now != k
+                    {
+                        *self.epoch_key.lock().unwrap_or_else(|p| p.into_inner()) =
+                            Some(now.clone());
+                        if self.kms.key_status(&now).await? == crate::kms::KeyStatus::Enabled {
+                            return Ok(());
+                        }
+                    }
+                    Err(crate::kms::KmsError::Rejected {
                         code: format!("the active epoch's KMS key is {other:?}"),
-                    }),
-                },
-                None => self.kms.check().await,
+                    })
+                }
             }
         });
         let store = tokio::time::timeout(self.timeout, async {

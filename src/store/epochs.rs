@@ -43,6 +43,11 @@ pub trait EpochStore: Send + Sync + 'static {
     /// store from before epochs holds material under it.
     async fn register_legacy_epoch(&self, kms_key_id: &str) -> Result<(), StoreError>;
 
+    /// Records the KMS key just made (or taken from the pool) for a `creating` epoch,
+    /// unless one is recorded already; the recorded one either way. A roll resumed
+    /// after a crash uses it instead of making another.
+    async fn record_epoch_key(&self, epoch: u64, kms_key_id: &str) -> Result<String, StoreError>;
+
     /// Gives a `creating` epoch its KMS key and makes it the active one; the epoch
     /// active before becomes `retiring`. Atomic; `false` if `epoch` is not creating.
     async fn activate_epoch(&self, epoch: u64, kms_key_id: &str) -> Result<bool, StoreError>;
@@ -57,6 +62,10 @@ pub trait EpochStore: Send + Sync + 'static {
         deletion_date: Option<i64>,
         statement: Option<&CompleteFn<'_>>,
     ) -> Result<bool, StoreError>;
+
+    /// Makes a kept legacy key (epoch 0, `kept-legacy`) `retiring` again, so that the
+    /// next roll schedules its deletion (`epochs.retire_legacy_key` turned on later).
+    async fn reopen_kept_legacy(&self) -> Result<(), StoreError>;
 
     /// The signed "backups sealed" statement of an epoch, if any.
     async fn epoch_seal(&self, epoch: u64) -> Result<Option<String>, StoreError>;
@@ -341,11 +350,37 @@ impl EpochStore for SqlStore {
         Ok(())
     }
 
+    async fn record_epoch_key(&self, epoch: u64, kms_key_id: &str) -> Result<String, StoreError> {
+        sqlx::query(
+            "UPDATE fk_epochs SET kms_key_id = $2, updated_at = $3 \
+             WHERE epoch = $1 AND state = 'creating' AND kms_key_id IS NULL",
+        )
+        .bind(i64_of(epoch)?)
+        .bind(kms_key_id)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?;
+        let key: Option<String> =
+            sqlx::query_scalar("SELECT kms_key_id FROM fk_epochs WHERE epoch = $1")
+                .bind(i64_of(epoch)?)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(classify)?
+                .flatten();
+        key.ok_or_else(|| StoreError::Corrupt(format!("epoch {epoch} has no KMS key recorded")))
+    }
+
     async fn activate_epoch(&self, epoch: u64, kms_key_id: &str) -> Result<bool, StoreError> {
         let now = now_ms();
         let mut tx = self.pool.begin().await.map_err(classify)?;
-        // First the old active row (its exclusive row lock waits for writes that
-        // share-locked it, see `epoch_active`), then the new one.
+        // First the legacy row (writes under the legacy key share-lock it, see
+        // `legacy_key_retiring`), then the old active row (its exclusive row lock waits
+        // for writes that share-locked it, see `epoch_active`), then the new one.
+        sqlx::query("UPDATE fk_epochs SET updated_at = updated_at WHERE epoch = 0")
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
         sqlx::query(
             "UPDATE fk_epochs SET state = 'retiring', rolled_at = $2, updated_at = $2 \
              WHERE state = 'active' AND epoch < $1",
@@ -422,6 +457,18 @@ impl EpochStore for SqlStore {
         }
         tx.commit().await.map_err(classify)?;
         Ok(true)
+    }
+
+    async fn reopen_kept_legacy(&self) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE fk_epochs SET state = 'retiring', sealed_at = NULL, kms_status = NULL, \
+             updated_at = $1 WHERE epoch = 0 AND state = 'sealed' AND kms_status = 'kept-legacy'",
+        )
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(())
     }
 
     async fn epoch_seal(&self, epoch: u64) -> Result<Option<String>, StoreError> {

@@ -591,6 +591,9 @@ impl ErasureStore for SqlStore {
                WHERE k.tenant_id = t.tenant_id AND k.state NOT IN ('destroyed', 'retired')) \
              UNION SELECT kms_key_id FROM fk_tenant_keys WHERE state NOT IN ('destroyed', 'retired') \
              UNION SELECT kms_key_id FROM fk_signing_keys \
+             UNION SELECT kms_key_id FROM fk_subject_wrapping_keys \
+             UNION SELECT kms_key_id FROM fk_epochs WHERE state IN ('creating', 'active', 'retiring') \
+               AND kms_key_id IS NOT NULL \
              ORDER BY 1",
         )
         .fetch_all(&self.pool)

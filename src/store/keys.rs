@@ -113,10 +113,16 @@ async fn insert_version(
     new: &NewKeyVersion,
     now: i64,
 ) -> Result<u64, StoreError> {
-    if let Some(e) = new.epoch
-        && !epoch_active(tx, e, backend).await?
-    {
-        return Err(StoreError::EpochRolled);
+    match new.epoch {
+        Some(e) if !epoch_active(tx, e, backend).await? => return Err(StoreError::EpochRolled),
+        Some(_) => {}
+        // Not under an epoch key: refused if it is the legacy key and epochs started
+        // (a replica whose view predates the first roll), so that nothing new appears
+        // under a key a roll may retire after counting what needs it.
+        None if super::sql::legacy_key_retiring(tx, &new.kms_key_id, backend).await? => {
+            return Err(StoreError::EpochRolled);
+        }
+        None => {}
     }
     Ok(sqlx::query(INSERT_VERSION)
         .bind(tenant_id)

@@ -152,6 +152,36 @@ pub(super) async fn epoch_active(
     Ok(state.as_deref() == Some("active"))
 }
 
+/// Whether `kms_key_id` is the legacy key (epoch 0) while an epoch is active: then
+/// nothing new may be wrapped under it. Holds (PostgreSQL) a share lock on the legacy
+/// row, which the roll's activation takes exclusively first, so the two serialize.
+pub(super) async fn legacy_key_retiring(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    kms_key_id: &str,
+    backend: &'static str,
+) -> Result<bool, StoreError> {
+    let q = if backend == "postgres" {
+        "SELECT 1 FROM fk_epochs WHERE epoch = 0 AND kms_key_id = $1 FOR SHARE"
+    } else {
+        "SELECT 1 FROM fk_epochs WHERE epoch = 0 AND kms_key_id = $1"
+    };
+    let legacy = sqlx::query(q)
+        .bind(kms_key_id)
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(classify)?
+        .is_some();
+    if !legacy {
+        return Ok(false);
+    }
+    let active = sqlx::query("SELECT 1 FROM fk_epochs WHERE state = 'active'")
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(classify)?
+        .is_some();
+    Ok(active)
+}
+
 /// Takes the tenant row's lock for the rest of `tx` and says whether the tenant is live
 /// (exists and was not erased). Rotation and subject creation call it first, so they
 /// serialize with a tenant shred (which sets `erased_at` in its first statement).

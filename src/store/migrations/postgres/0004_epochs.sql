@@ -8,7 +8,7 @@
 -- before epochs.
 CREATE TABLE fk_epochs (
     epoch         BIGINT PRIMARY KEY CHECK (epoch >= 0),
-    kms_key_id    TEXT NULL,             -- NULL only while 'creating'
+    kms_key_id    TEXT NULL,             -- recorded as soon as the KMS made it (still 'creating')
     state         TEXT NOT NULL CHECK (state IN ('creating', 'active', 'retiring', 'sealed')),
     created_at    BIGINT NOT NULL,
     rolled_at     BIGINT NULL,           -- when its successor became active
@@ -16,7 +16,7 @@ CREATE TABLE fk_epochs (
     deletion_date BIGINT NULL,           -- when the KMS deletes it (Unix ms)
     kms_status    TEXT NULL,             -- what scheduling its deletion did
     updated_at    BIGINT NOT NULL,
-    CHECK ((state = 'creating') = (kms_key_id IS NULL))
+    CHECK (state = 'creating' OR kms_key_id IS NOT NULL)
 );
 -- at most one epoch wraps new material
 CREATE UNIQUE INDEX fk_epochs_one_active ON fk_epochs (state) WHERE state = 'active';
