@@ -500,3 +500,55 @@ async fn traffic_shreds_and_rotations_racing_a_roll_lose_nothing() -> Result<()>
     db.drop_db().await?;
     Ok(())
 }
+
+/// A replica whose view of the epochs predates the first roll (revalidation 60 s)
+/// rotates a tenant right after the roll: whether the legacy key was kept (the store
+/// refuses a new version under it once an epoch is active) or retired (the KMS refuses
+/// it), the keyring retries under the epoch key; nothing new needs the legacy key.
+#[tokio::test]
+async fn a_stale_replica_cannot_wrap_new_keys_under_the_legacy_key_after_the_first_roll()
+-> Result<()> {
+    for retire in [false, true] {
+        let data = tempfile::tempdir()?;
+        let kms_dir = tempfile::tempdir()?;
+        let kms: Arc<dyn Kms> = kms(&kms_dir)?;
+        let store: Arc<dyn KeyStore> =
+            Arc::new(SqlStore::open_sqlite(&data.path().join("keys.db")).await?);
+        let roller = side(
+            store.clone(),
+            kms.clone(),
+            EpochSettings {
+                retire_legacy_key: retire,
+                ..settings(7)
+            },
+        );
+        roller.keyring.create_tenant("old", None).await?;
+        let stale = Keyring::new(
+            store.clone(),
+            kms.clone(),
+            KeyringConfig {
+                revalidate_after: Duration::from_secs(60),
+                ..KeyringConfig::default()
+            },
+        );
+        assert_eq!(stale.active_epoch(false).await?, None);
+        roll(&roller).await?;
+        assert_eq!(stale.active_epoch(false).await?, None, "the view is stale");
+        stale.rotate_tenant("old").await?;
+        let t = store.get_tenant("old").await?.unwrap();
+        let v2 = t.version(2).unwrap();
+        assert_eq!(v2.epoch, Some(1), "retire={retire}: v2 must ride epoch 1");
+        assert_ne!(v2.kms_key_id, kms.default_key_id());
+        let st = roller.epochs.status().await?;
+        let e0 = &st
+            .epochs
+            .iter()
+            .find(|e| e.record.epoch == 0)
+            .unwrap()
+            .record;
+        assert_eq!(e0.state, EpochState::Sealed);
+        let want = if retire { "scheduled" } else { "kept-legacy" };
+        assert_eq!(e0.kms_status.as_deref(), Some(want));
+    }
+    Ok(())
+}

@@ -91,7 +91,7 @@ impl Keyring {
                 .map_err(Error::from);
             // Our view of the epoch may predate a roll that sealed its key: look again.
             let dk = match dk {
-                Err(e) if !fresh && super::epochs::key_gone(&e) && epoch.is_some() => {
+                Err(e) if !fresh && super::epochs::key_gone(&e) => {
                     fresh = true;
                     continue;
                 }
@@ -207,7 +207,7 @@ impl Keyring {
                 .map_err(Error::from);
             // Our view of the epoch may predate a roll that sealed its key: look again.
             let dk = match dk {
-                Err(e) if !fresh && super::epochs::key_gone(&e) && epoch.is_some() => {
+                Err(e) if !fresh && super::epochs::key_gone(&e) => {
                     fresh = true;
                     continue;
                 }
