@@ -8,7 +8,7 @@
 use crate::crypto::{Scope, validate_id};
 use crate::error::{Error, Result};
 use crate::kms::EncryptionContext;
-use crate::model::{KeyState, KeyVersionRecord, NewKeyVersion};
+use crate::model::{KeyState, NewKeyVersion};
 
 use super::{Keyring, SubjectInfo, TenantInfo};
 
@@ -232,6 +232,20 @@ impl Keyring {
         };
         if added {
             tracing::info!(tenant, version = next, "tenant key rotated");
+        } else if let Some(v) = self
+            .load_tenant_record(tenant)
+            .await?
+            .versions
+            .iter()
+            .find(|v| v.state == KeyState::Suspended)
+        {
+            // A suspension won the race (the store refuses a suspended tenant).
+            self.tenant_changed(tenant).await;
+            return Err(Error::KeySuspended {
+                tenant: tenant.to_owned(),
+                scope: Scope::Tenant,
+                version: Some(v.version),
+            });
         }
         self.tenant_changed(tenant).await;
         self.tenant(tenant).await
@@ -243,11 +257,7 @@ impl Keyring {
     /// # Errors
     /// [`Error::TenantNotFound`]; [`Error::Store`].
     pub async fn suspend_tenant(&self, tenant: &str) -> Result<TenantInfo> {
-        self.set_version_states(tenant, |v| {
-            matches!(v.state, KeyState::Active | KeyState::DecryptOnly)
-                .then_some((KeyState::Suspended, Some(v.state)))
-        })
-        .await
+        self.set_suspended(tenant, true).await
     }
 
     /// Lifts a tenant suspension, restoring each version's previous state. Idempotent.
@@ -255,30 +265,16 @@ impl Keyring {
     /// # Errors
     /// [`Error::TenantNotFound`]; [`Error::Store`].
     pub async fn resume_tenant(&self, tenant: &str) -> Result<TenantInfo> {
-        self.set_version_states(tenant, |v| {
-            (v.state == KeyState::Suspended)
-                .then(|| (v.resume_state.unwrap_or(KeyState::DecryptOnly), None))
-        })
-        .await
+        self.set_suspended(tenant, false).await
     }
 
-    /// Moves each version of `tenant` for which `change` names a new state (and the
-    /// state to resume to, kept for a suspension) from its current state to that one,
-    /// then drops the cached entry and tells other replicas.
-    async fn set_version_states(
-        &self,
-        tenant: &str,
-        change: impl Fn(&KeyVersionRecord) -> Option<(KeyState, Option<KeyState>)>,
-    ) -> Result<TenantInfo> {
+    /// Suspends or resumes every version of `tenant` in one store transaction
+    /// (serialized with rotations by the tenant row lock), then drops the cached entry
+    /// and tells other replicas.
+    async fn set_suspended(&self, tenant: &str, suspended: bool) -> Result<TenantInfo> {
         validate_id("tenant_id", tenant)?;
-        let rec = self.load_tenant_record(tenant).await?;
-        for v in &rec.versions {
-            if let Some((to, resume)) = change(v) {
-                self.store
-                    .update_key_state(tenant, v.version, v.state, to, resume)
-                    .await?;
-            }
-        }
+        self.load_tenant_record(tenant).await?;
+        self.store.set_tenant_suspended(tenant, suspended).await?;
         self.tenant_changed(tenant).await;
         self.tenant(tenant).await
     }

@@ -54,6 +54,18 @@ pub trait TenantKeyStore: Send + Sync + 'static {
         resume_state: Option<KeyState>,
     ) -> Result<bool, StoreError>;
 
+    /// Suspends (`true`: every active or decrypt-only version becomes suspended,
+    /// remembering its state) or resumes (`false`: every suspended version goes back)
+    /// a whole tenant, in one transaction holding the tenant row's lock, so that a
+    /// rotation (which takes the same lock and refuses a suspended tenant) can never
+    /// interleave and leave an active version behind a suspension. Returns the number
+    /// of versions changed.
+    async fn set_tenant_suspended(
+        &self,
+        tenant_id: &str,
+        suspended: bool,
+    ) -> Result<u64, StoreError>;
+
     /// Erases a version's wrapped material and marks it destroyed (tombstone kept).
     /// Idempotent: returns whether this call destroyed it.
     async fn destroy_key_version(&self, tenant_id: &str, version: u32) -> Result<bool, StoreError>;
@@ -241,6 +253,20 @@ impl TenantKeyStore for SqlStore {
             tx.rollback().await.map_err(classify)?;
             return Ok(false);
         }
+        // A suspended tenant gets no new version (a rotation racing a suspension is
+        // serialized with it by the tenant row lock taken above).
+        let suspended = sqlx::query(
+            "SELECT 1 FROM fk_tenant_keys WHERE tenant_id = $1 AND state = 'suspended'",
+        )
+        .bind(tenant_id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(classify)?
+        .is_some();
+        if suspended {
+            tx.rollback().await.map_err(classify)?;
+            return Ok(false);
+        }
         // Demote first: the partial unique index allows one active version per tenant.
         sqlx::query(
             "UPDATE fk_tenant_keys SET state = 'decrypt-only', updated_at = $3 \
@@ -300,6 +326,34 @@ impl TenantKeyStore for SqlStore {
             .bind(now_ms()),
         )
         .await
+    }
+
+    async fn set_tenant_suspended(
+        &self,
+        tenant_id: &str,
+        suspended: bool,
+    ) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        if !lock_live_tenant(&mut tx, tenant_id, None).await? {
+            tx.rollback().await.map_err(classify)?;
+            return Ok(0);
+        }
+        let sql = if suspended {
+            "UPDATE fk_tenant_keys SET resume_state = state, state = 'suspended', updated_at = $2 \
+             WHERE tenant_id = $1 AND state IN ('active', 'decrypt-only')"
+        } else {
+            "UPDATE fk_tenant_keys SET state = COALESCE(resume_state, 'decrypt-only'), \
+             resume_state = NULL, updated_at = $2 WHERE tenant_id = $1 AND state = 'suspended'"
+        };
+        let n = sqlx::query(sql)
+            .bind(tenant_id)
+            .bind(now_ms())
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?
+            .rows_affected();
+        tx.commit().await.map_err(classify)?;
+        Ok(n)
     }
 
     async fn destroy_key_version(&self, tenant_id: &str, version: u32) -> Result<bool, StoreError> {
