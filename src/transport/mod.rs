@@ -48,19 +48,47 @@ pub async fn bind_tcp(addr: &str) -> Result<TcpListener, TransportError> {
         })
 }
 
-/// Binds a Unix socket at `path`, replacing a stale socket file left by a previous run.
+/// Mode of the Unix socket: the sidecar's user and group (the application container
+/// shares the pod's group), nobody else.
+pub const UNIX_SOCKET_MODE: u32 = 0o660;
+
+/// Binds a Unix socket at `path` with mode [`UNIX_SOCKET_MODE`] whatever the umask,
+/// replacing a stale socket left by a previous run. Anything else at `path` (a file, a
+/// directory, a link) is refused, never removed. The socket is bound under a temporary
+/// name, given its mode, then renamed into place, so that it is never reachable with
+/// the umask's mode.
 ///
 /// # Errors
 /// [`TransportError::Bind`].
 pub fn bind_unix(path: &Path) -> Result<UnixListener, TransportError> {
+    use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
     let bind_err = |source| TransportError::Bind {
         what: path.display().to_string(),
         source,
     };
-    if path.exists() {
-        std::fs::remove_file(path).map_err(bind_err)?;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path).map_err(bind_err)?,
+        Ok(_) => {
+            return Err(bind_err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "the path exists and is not a socket; refusing to remove it",
+            )));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(bind_err(e)),
     }
-    UnixListener::bind(path).map_err(bind_err)
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    let tmp = std::path::PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp).map_err(bind_err)?;
+    let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(UNIX_SOCKET_MODE))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(bind_err(e));
+    }
+    Ok(listener)
 }
 
 /// Serves `routes` on `listener` until `shutdown` completes, then drains in-flight calls.
@@ -114,4 +142,36 @@ where
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
+
+    use super::*;
+
+    // Review finding 5 (issue 19): the socket took the umask's mode, and anything at
+    // its path was removed.
+    #[tokio::test]
+    async fn the_unix_socket_has_its_own_mode_and_never_removes_what_is_not_a_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fk.sock");
+        let l = bind_unix(&path).unwrap();
+        let m = std::fs::symlink_metadata(&path).unwrap();
+        assert!(m.file_type().is_socket());
+        assert_eq!(m.permissions().mode() & 0o777, UNIX_SOCKET_MODE);
+        drop(l);
+        // A stale socket from a previous run is replaced.
+        let l = bind_unix(&path).unwrap();
+        drop(l);
+        // Anything else is refused and left alone.
+        let file = dir.path().join("precious");
+        std::fs::write(&file, b"data").unwrap();
+        assert!(matches!(bind_unix(&file), Err(TransportError::Bind { .. })));
+        assert_eq!(std::fs::read(&file).unwrap(), b"data");
+        let sub = dir.path().join("a-directory");
+        std::fs::create_dir(&sub).unwrap();
+        assert!(bind_unix(&sub).is_err());
+        assert!(sub.is_dir());
+    }
 }
