@@ -133,9 +133,9 @@ impl AwsKms {
         })
     }
 
-    /// The key id behind an id, ARN or alias (ScheduleKeyDeletion and
-    /// CancelKeyDeletion take an id or ARN, not an alias).
-    async fn key_id_of(&self, key_id: &str) -> Result<String, KmsError> {
+    /// DescribeKey: the metadata of a key named by id, ARN or alias (every lookup of a
+    /// key's id, ARN or state goes through here).
+    async fn describe(&self, key_id: &str) -> Result<aws_sdk_kms::types::KeyMetadata, KmsError> {
         self.client
             .describe_key()
             .key_id(key_id)
@@ -143,10 +143,15 @@ impl AwsKms {
             .await
             .map_err(|e| map_sdk_err(key_id, e))?
             .key_metadata
-            .map(|m| m.key_id)
             .ok_or(KmsError::Rejected {
                 code: "DescribeKey returned no key metadata".into(),
             })
+    }
+
+    /// The key id behind an id, ARN or alias (ScheduleKeyDeletion and
+    /// CancelKeyDeletion take an id or ARN, not an alias).
+    async fn key_id_of(&self, key_id: &str) -> Result<String, KmsError> {
+        Ok(self.describe(key_id).await?.key_id)
     }
 
     /// The underlying SDK client (for administrative tooling and tests).
@@ -282,27 +287,13 @@ impl Kms for AwsKms {
     }
 
     async fn check(&self) -> Result<(), KmsError> {
-        self.client
-            .describe_key()
-            .key_id(&self.default_key_id)
-            .send()
-            .await
-            .map(|_| ())
-            .map_err(|e| map_sdk_err(&self.default_key_id, e))
+        self.describe(&self.default_key_id).await.map(|_| ())
     }
 
     async fn canonical_key_id(&self, key_id: &str) -> Result<String, KmsError> {
-        self.client
-            .describe_key()
-            .key_id(key_id)
-            .send()
-            .await
-            .map_err(|e| map_sdk_err(key_id, e))?
-            .key_metadata
-            .and_then(|m| m.arn)
-            .ok_or(KmsError::Rejected {
-                code: "DescribeKey returned no ARN".into(),
-            })
+        self.describe(key_id).await?.arn.ok_or(KmsError::Rejected {
+            code: "DescribeKey returned no ARN".into(),
+        })
     }
 
     async fn schedule_key_deletion(
@@ -335,31 +326,18 @@ impl Kms for AwsKms {
             }),
             Err(e) => match map_sdk_err(key_id, e) {
                 // Already pending deletion (or another non-deletable state): look.
-                KmsError::KeyInvalidState { .. } => {
-                    let meta = self
-                        .client
-                        .describe_key()
-                        .key_id(&resolved)
-                        .send()
-                        .await
-                        .map_err(|e| map_sdk_err(key_id, e))?
-                        .key_metadata;
-                    match meta {
-                        Some(m)
-                            if m.key_state
-                                == Some(aws_sdk_kms::types::KeyState::PendingDeletion) =>
-                        {
-                            Ok(KeyDeletion::AlreadyPending {
-                                deletion_date_unix_ms: m
-                                    .deletion_date
-                                    .map(|d| d.to_millis().unwrap_or(i64::MAX)),
-                            })
-                        }
-                        _ => Err(KmsError::KeyInvalidState {
-                            key_id: key_id.to_owned(),
-                        }),
+                KmsError::KeyInvalidState { .. } => match self.describe(&resolved).await? {
+                    m if m.key_state == Some(aws_sdk_kms::types::KeyState::PendingDeletion) => {
+                        Ok(KeyDeletion::AlreadyPending {
+                            deletion_date_unix_ms: m
+                                .deletion_date
+                                .map(|d| d.to_millis().unwrap_or(i64::MAX)),
+                        })
                     }
-                }
+                    _ => Err(KmsError::KeyInvalidState {
+                        key_id: key_id.to_owned(),
+                    }),
+                },
                 other => Err(other),
             },
         }
@@ -413,25 +391,18 @@ impl Kms for AwsKms {
 
     async fn key_status(&self, key_id: &str) -> Result<KeyStatus, KmsError> {
         use aws_sdk_kms::types::KeyState;
-        match self.client.describe_key().key_id(key_id).send().await {
-            Ok(out) => {
-                let m = out.key_metadata.ok_or(KmsError::Rejected {
-                    code: "DescribeKey returned no key metadata".into(),
-                })?;
-                Ok(match m.key_state {
-                    Some(KeyState::Enabled) => KeyStatus::Enabled,
-                    Some(KeyState::PendingDeletion) => KeyStatus::PendingDeletion {
-                        deletion_date_unix_ms: m
-                            .deletion_date
-                            .map(|d| d.to_millis().unwrap_or(i64::MAX)),
-                    },
-                    _ => KeyStatus::Disabled,
-                })
-            }
-            Err(e) => match map_sdk_err(key_id, e) {
-                KmsError::KeyNotFound { .. } => Ok(KeyStatus::Deleted),
-                other => Err(other),
-            },
+        match self.describe(key_id).await {
+            Ok(m) => Ok(match m.key_state {
+                Some(KeyState::Enabled) => KeyStatus::Enabled,
+                Some(KeyState::PendingDeletion) => KeyStatus::PendingDeletion {
+                    deletion_date_unix_ms: m
+                        .deletion_date
+                        .map(|d| d.to_millis().unwrap_or(i64::MAX)),
+                },
+                _ => KeyStatus::Disabled,
+            }),
+            Err(KmsError::KeyNotFound { .. }) => Ok(KeyStatus::Deleted),
+            Err(e) => Err(e),
         }
     }
 

@@ -108,9 +108,9 @@ impl Readiness {
                 }
             }
         });
+        // One query: reading the active epoch is the reachability check too.
         let store = tokio::time::timeout(self.timeout, async {
-            self.store.ping().await?;
-            if let Ok(Some(e)) = self.store.active_epoch().await {
+            if let Some(e) = self.store.active_epoch().await? {
                 *self.epoch_key.lock().unwrap_or_else(|p| p.into_inner()) = e.kms_key_id;
             }
             Ok::<_, crate::store::StoreError>(())
