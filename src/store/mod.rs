@@ -3,7 +3,8 @@
 //! Owns: one trait per concern, each in its own file with its SQL —
 //! [`TenantKeyStore`] (`keys.rs`), [`SubjectStore`] (`subjects.rs`), [`JobStore`]
 //! (`jobs.rs`), [`ErasureStore`] (`erasures.rs`, with the [`ErasureLedger`] in
-//! `ledger.rs`), [`AuditStore`] (`audit.rs`), [`SigningKeyStore`] (`signing.rs`) —
+//! `ledger.rs`), [`AuditStore`] (`audit.rs`), [`SigningKeyStore`] (`signing.rs`),
+//! [`EpochStore`] (`epochs.rs`), [`EpochMoveStore`] (`moves.rs`) —
 //! and [`KeyStore`], all of them together plus reachability and change propagation,
 //! with its two backends, SQLite ([`SqlStore::open_sqlite`],
 //! the embedded default, one file) and PostgreSQL ([`SqlStore::connect_postgres`],
@@ -20,6 +21,7 @@ mod erasures;
 mod jobs;
 mod keys;
 mod ledger;
+mod moves;
 mod postgres;
 mod signing;
 mod sql;
@@ -34,11 +36,12 @@ pub use crate::model::{
     SubjectRecord, TenantRecord, now_ms,
 };
 pub use audit::{AuditFn, AuditStore};
-pub use epochs::{EpochStore, VersionToRoll};
+pub use epochs::EpochStore;
 pub use erasures::{CompleteFn, ErasureStore};
 pub use jobs::JobStore;
 pub use keys::TenantKeyStore;
 pub use ledger::{ErasureLedger, LedgerEntry};
+pub use moves::{EpochMoveStore, VersionToRoll};
 pub use signing::SigningKeyStore;
 pub use sql::SqlStore;
 pub(crate) use sql::is_unavailable;
@@ -116,8 +119,8 @@ impl From<DecodeError> for StoreError {
 /// the whole [`KeyStore`] and calls methods of several concerns.
 pub mod prelude {
     pub use super::{
-        AuditStore, EpochStore, ErasureStore, JobStore, KeyStore, SigningKeyStore, SubjectStore,
-        TenantKeyStore,
+        AuditStore, EpochMoveStore, EpochStore, ErasureStore, JobStore, KeyStore, SigningKeyStore,
+        SubjectStore, TenantKeyStore,
     };
 }
 
@@ -135,6 +138,7 @@ pub trait KeyStore:
     + AuditStore
     + SigningKeyStore
     + EpochStore
+    + EpochMoveStore
     + Send
     + Sync
     + 'static
