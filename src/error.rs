@@ -162,6 +162,9 @@ pub enum Error {
     /// The caller's decrypt-rate ceiling is exhausted (policy `limits.toml`).
     #[error("{0}")]
     RateLimited(String),
+    /// The caller's blind index/pseudonym budget is exhausted (policy `limits.toml`).
+    #[error("{0}")]
+    IndexRateLimited(String),
     /// The KMS failed (unavailable, timed out, throttled, key disabled, access denied...).
     #[error("KMS error: {0}")]
     Kms(#[source] KmsError),

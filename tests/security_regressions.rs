@@ -209,3 +209,171 @@ async fn a_rotation_racing_a_suspension_never_leaves_an_active_version() -> Resu
     db.drop_db().await?;
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------
+// Finding 4 of the review: a caller denied Decrypt (the analytics identity) could
+// invert a low-entropy field by hashing a dictionary through BlindIndexBatch (or
+// enumerate subject ids through PseudonymizeBatch) at HMAC speed.
+
+const ANALYTICS: &str = "spiffe://example.org/ns/analytics/sa/export";
+const APP: &str = "spiffe://example.org/ns/shop/sa/web";
+
+/// A sidecar over a real socket, serving the shipped example policies and
+/// `limits.toml`, whose local listener's identity is `who`.
+async fn sidecar_as(
+    who: &str,
+    tmp: &tempfile::TempDir,
+) -> Result<(common::sidecar::InProcess, Arc<Keyring>)> {
+    use fieldkey::crypto::{IndexProfile, Normalization};
+    use fieldkey::keyring::IndexProfiles;
+    use fieldkey::policy::Authorizer;
+    use fieldkey::service::gate::{Gate, IdentityConfig};
+    let dir = tmp.path();
+    let policies = dir.join("policies");
+    std::fs::create_dir_all(&policies)?;
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+    for e in std::fs::read_dir(shipped)? {
+        let e = e?;
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if name.ends_with(".cedar") || name == "limits.toml" {
+            std::fs::copy(e.path(), policies.join(&*name))?;
+        }
+    }
+    let store: Arc<dyn KeyStore> = Arc::new(SqlStore::open_sqlite(&dir.join("k.db")).await?);
+    let kms = common::local_kms(tmp)?;
+    let profiles = IndexProfiles::new(
+        [(
+            "dob".to_owned(),
+            IndexProfile::hmac(64, Normalization::default()),
+        )]
+        .into(),
+        2,
+    );
+    let keyring = Arc::new(
+        Keyring::new(store.clone(), kms.clone(), KeyringConfig::default())
+            .with_index_profiles(profiles),
+    );
+    let gate = Arc::new(Gate::new(
+        Some(Arc::new(Authorizer::load(&policies)?)),
+        None,
+        IdentityConfig {
+            local_identity: Arc::from(who),
+            ..IdentityConfig::default()
+        },
+    ));
+    let ctx = fieldkey::wiring::Parts::new(keyring.clone(), store, kms)
+        .context()
+        .with_gate(gate);
+    Ok((common::sidecar::InProcess::start(ctx).await?, keyring))
+}
+
+/// Every birth date of a century as `YYYY-MM-DD`, the dictionary of the attack.
+fn birth_dates(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            format!(
+                "{}-{:02}-{:02}",
+                1925 + i / 372,
+                i / 31 % 12 + 1,
+                i % 31 + 1
+            )
+        })
+        .collect()
+}
+
+/// (served, refused with INDEX_RATE_LIMITED) of a dictionary run as `who`; any other
+/// outcome fails the test.
+async fn invert_dictionary(ch: tonic::transport::Channel, n: usize) -> Result<(usize, usize)> {
+    use fieldkey::proto::pb::{
+        self, BlindIndexRequest, IndexFormat, PseudonymizeRequest, blind_index_result,
+        pseudonymize_result,
+    };
+    let mut c = pb::crypto_client::CryptoClient::new(ch);
+    // Each item's outcome: None (served) or the reason it failed.
+    let mut outcomes: Vec<Option<String>> = Vec::new();
+    let dates = birth_dates(n);
+    for chunk in dates.chunks(1000) {
+        let items = chunk
+            .iter()
+            .map(|d| BlindIndexRequest {
+                tenant_id: "acme".into(),
+                field: "dob".into(),
+                value: d.as_bytes().to_vec(),
+                format: IndexFormat::Binary as i32,
+                lookup: false,
+            })
+            .collect();
+        let out = c
+            .blind_index_batch(pb::BlindIndexBatchRequest { items })
+            .await?
+            .into_inner();
+        for r in out.results {
+            match r.result {
+                Some(blind_index_result::Result::Ok(_)) => outcomes.push(None),
+                Some(blind_index_result::Result::Error(e)) => outcomes.push(Some(e.reason)),
+                None => anyhow::bail!("an empty result"),
+            }
+        }
+        let items = chunk
+            .iter()
+            .map(|d| PseudonymizeRequest {
+                tenant_id: "acme".into(),
+                subject_id: d.clone(),
+                purpose: "analytics".into(),
+            })
+            .collect();
+        let out = c
+            .pseudonymize_batch(pb::PseudonymizeBatchRequest { items })
+            .await?
+            .into_inner();
+        for r in out.results {
+            match r.result {
+                Some(pseudonymize_result::Result::Ok(_)) => outcomes.push(None),
+                Some(pseudonymize_result::Result::Error(e)) => outcomes.push(Some(e.reason)),
+                None => anyhow::bail!("an empty result"),
+            }
+        }
+    }
+    let served = outcomes.iter().filter(|o| o.is_none()).count();
+    let refused = outcomes
+        .iter()
+        .filter(|o| o.as_deref() == Some("INDEX_RATE_LIMITED"))
+        .count();
+    if let Some(other) = outcomes
+        .iter()
+        .flatten()
+        .find(|r| *r != "INDEX_RATE_LIMITED")
+    {
+        anyhow::bail!("an item failed with {other}");
+    }
+    Ok((served, refused))
+}
+
+#[tokio::test]
+async fn a_caller_denied_decrypt_cannot_invert_an_index_at_hmac_speed() -> Result<()> {
+    const DICTIONARY: usize = 3_000;
+    let dir = tempfile::tempdir()?;
+    let (analytics, keyring) = sidecar_as(ANALYTICS, &dir).await?;
+    keyring.create_tenant("acme", None).await?;
+    let started = std::time::Instant::now();
+    let (served, refused) = invert_dictionary(analytics.channel().await?, DICTIONARY).await?;
+    let elapsed = started.elapsed().as_secs_f64();
+    // limits.toml: analytics 200/s with a burst of 2000, index and pseudonym items
+    // from one budget.
+    let ceiling = 2000.0 + 200.0 * elapsed + 1.0;
+    assert!(
+        (served as f64) <= ceiling,
+        "{served} items served in {elapsed:.2}s, over the budget's {ceiling:.0}"
+    );
+    assert_eq!(served + refused, 2 * DICTIONARY);
+    assert!(refused >= 2 * DICTIONARY - ceiling as usize);
+
+    // The application, which may decrypt the field, is not held by the index budget.
+    let app_dir = tempfile::tempdir()?;
+    let (app, keyring) = sidecar_as(APP, &app_dir).await?;
+    keyring.create_tenant("acme", None).await?;
+    let (served, refused) = invert_dictionary(app.channel().await?, DICTIONARY).await?;
+    assert_eq!((served, refused), (2 * DICTIONARY, 0));
+    Ok(())
+}

@@ -29,7 +29,10 @@ use cedar_policy::PolicySet;
 use sha2::{Digest, Sha256};
 
 pub use action::{Action, Scope};
-pub use limits::{DecryptGuard, DecryptLimits, MAX_PER_SECOND, RateLimit, RateLimited};
+pub use limits::{
+    Budget, DEFAULT_INDEX_LIMIT, DecryptGuard, DecryptLimits, MAX_PER_SECOND, RateLimit,
+    RateLimited,
+};
 
 use super::PolicyError;
 use cache::DecisionCache;

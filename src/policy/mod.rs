@@ -8,7 +8,8 @@ pub mod authz;
 mod rotation;
 
 pub use authz::{
-    Action, Authorizer, AuthzRequest, Decision, DecryptGuard, PolicyStatus, RateLimit, RateLimited,
+    Action, Authorizer, AuthzRequest, Budget, Decision, DecryptGuard, PolicyStatus, RateLimit,
+    RateLimited,
 };
 pub use rotation::{KeyAge, RotationPolicy, RotationStatus};
 

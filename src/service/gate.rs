@@ -81,7 +81,7 @@ fn outcome<T>(r: &Result<T, Error>) -> &'static str {
     match r {
         Ok(_) => "ok",
         Err(Error::PermissionDenied { .. }) => "denied",
-        Err(Error::RateLimited(_)) => "rate_limited",
+        Err(Error::RateLimited(_) | Error::IndexRateLimited(_)) => "rate_limited",
         Err(_) => "failed",
     }
 }
@@ -204,24 +204,62 @@ impl Gate {
         let Some(g) = &self.decrypt_guard else {
             return Ok(());
         };
-        match g.check(&c.identity, n) {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                if let Some(a) = &self.audit {
-                    a.event(AuditEvent {
-                        action: "authz.rate_limited".into(),
-                        resource_type: "tenant".into(),
-                        resource_id: tenant.to_owned(),
-                        actor: c.identity.to_string(),
-                        tenant_id: Some(tenant.to_owned()),
-                        caller_ip: c.ip.clone(),
-                        details: json!({ "action": Action::Decrypt.to_string(), "reason": e.to_string() }),
-                    })
-                    .await;
-                }
-                Err(Error::RateLimited(e.to_string()))
-            }
+        let r = g.check(&c.identity, n);
+        self.rate_limited(c, Action::Decrypt, tenant, r).await
+    }
+
+    /// Takes `n` items of `action` ([`Action::BlindIndex`] or [`Action::Pseudonymize`])
+    /// on `tenant`/`field` from `c`'s index budget: identities that may not decrypt
+    /// `field` (by the policies in force) are held to the index budget of
+    /// `limits.toml`, whose built-in default is low (a keyed hash inverted by a
+    /// dictionary is a decryption).
+    ///
+    /// # Errors
+    /// [`Error::RateLimited`] (also recorded at once in the audit log).
+    pub async fn index_quota(
+        &self,
+        c: &Caller,
+        action: Action,
+        tenant: &str,
+        field: &str,
+        n: u32,
+    ) -> Result<(), Error> {
+        let Some(g) = &self.decrypt_guard else {
+            return Ok(());
+        };
+        let may_decrypt = || {
+            self.decide(c, Action::Decrypt, Some(tenant), Some(field))
+                .is_ok()
+        };
+        let r = g.check_index(&c.identity, may_decrypt, n);
+        self.rate_limited(c, action, tenant, r).await
+    }
+
+    /// A refusal of the guard: one audit record, and [`Error::RateLimited`].
+    async fn rate_limited(
+        &self,
+        c: &Caller,
+        action: Action,
+        tenant: &str,
+        r: Result<(), crate::policy::RateLimited>,
+    ) -> Result<(), Error> {
+        let Err(e) = r else { return Ok(()) };
+        if let Some(a) = &self.audit {
+            a.event(AuditEvent {
+                action: "authz.rate_limited".into(),
+                resource_type: "tenant".into(),
+                resource_id: tenant.to_owned(),
+                actor: c.identity.to_string(),
+                tenant_id: Some(tenant.to_owned()),
+                caller_ip: c.ip.clone(),
+                details: json!({ "action": action.to_string(), "reason": e.to_string() }),
+            })
+            .await;
         }
+        Err(match e.budget {
+            crate::policy::Budget::Decrypt => Error::RateLimited(e.to_string()),
+            crate::policy::Budget::Index => Error::IndexRateLimited(e.to_string()),
+        })
     }
 
     /// Counts a batch's finished items in the audit window, by outcome: runs of items

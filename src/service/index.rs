@@ -50,6 +50,9 @@ impl CryptoService {
             .gate
             .data(c, Action::BlindIndex, &r.tenant_id, &r.field)?;
         self.guard.check_field("value", r.value.len())?;
+        (self.guard.gate)
+            .index_quota(c, Action::BlindIndex, &r.tenant_id, &r.field, 1)
+            .await?;
         let key = (r.tenant_id.as_str(), r.field.as_str(), r.lookup);
         let at = match resolved.iter().position(|(k, _)| *k == key) {
             Some(i) => i,
@@ -161,6 +164,9 @@ impl CryptoService {
         let call = (self.guard.gate).data_call(c, Action::Pseudonymize, &r.tenant_id, &r.purpose);
         let result = async {
             call.authorize()?;
+            (self.guard.gate)
+                .index_quota(c, Action::Pseudonymize, &r.tenant_id, &r.purpose, 1)
+                .await?;
             let p = self
                 .keyring
                 .pseudonymize(&r.tenant_id, &r.subject_id, &r.purpose)

@@ -40,6 +40,7 @@ pub fn classify(e: &Error) -> (Code, &'static str) {
         Error::PermissionDenied { .. } => (Code::PermissionDenied, "PERMISSION_DENIED"),
         Error::IndexNotConfigured { .. } => (Code::FailedPrecondition, "INDEX_NOT_CONFIGURED"),
         Error::RateLimited(_) => (Code::ResourceExhausted, "DECRYPT_RATE_LIMITED"),
+        Error::IndexRateLimited(_) => (Code::ResourceExhausted, "INDEX_RATE_LIMITED"),
         Error::ErasureNotCancellable { .. } => {
             (Code::FailedPrecondition, "ERASURE_NOT_CANCELLABLE")
         }
@@ -318,6 +319,11 @@ mod tests {
                 Error::RateLimited("r".into()),
                 Code::ResourceExhausted,
                 "DECRYPT_RATE_LIMITED",
+            ),
+            (
+                Error::IndexRateLimited("r".into()),
+                Code::ResourceExhausted,
+                "INDEX_RATE_LIMITED",
             ),
             (
                 Error::IndexNotConfigured {

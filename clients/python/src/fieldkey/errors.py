@@ -28,6 +28,7 @@ __all__ = [
     "FailedPrecondition",
     "FieldkeyError",
     "IndexNotConfigured",
+    "IndexRateLimited",
     "InternalError",
     "InvalidArgument",
     "JobConflict",
@@ -233,6 +234,10 @@ class DecryptRateLimited(ResourceExhausted):
     """DECRYPT_RATE_LIMITED: the caller's decrypt-rate ceiling is used up."""
 
 
+class IndexRateLimited(ResourceExhausted):
+    """INDEX_RATE_LIMITED: the caller's blind index/pseudonym budget is used up."""
+
+
 class KmsThrottled(ResourceExhausted):
     """KMS_THROTTLED: the KMS throttled the sidecar after its own retries."""
 
@@ -297,6 +302,7 @@ REASONS: Final[dict[str, type[FieldkeyError]]] = {
     "INDEX_NOT_CONFIGURED": IndexNotConfigured,
     "PERMISSION_DENIED": PermissionDenied,
     "DECRYPT_RATE_LIMITED": DecryptRateLimited,
+    "INDEX_RATE_LIMITED": IndexRateLimited,
     "KMS_UNAVAILABLE": KmsUnavailable,
     "KMS_THROTTLED": KmsThrottled,
     "KMS_KEY_UNUSABLE": KmsKeyUnusable,
