@@ -231,6 +231,12 @@ pub struct AuditSettings {
     pub window_secs: u64,
     /// A signed checkpoint is appended this often, in seconds.
     pub checkpoint_secs: u64,
+    /// Trust anchors of the compliance report: files with the public keys that verify
+    /// audit checkpoints (PEM blocks or one hex/base64 key per line). Empty: the report
+    /// verifies with keys read from the key store, and the audit promise is never met.
+    pub checkpoint_public_keys: Vec<PathBuf>,
+    /// Trust anchors of erasure receipts and "backups sealed" statements, as above.
+    pub receipt_public_keys: Vec<PathBuf>,
 }
 
 impl Default for AuditSettings {
@@ -238,6 +244,8 @@ impl Default for AuditSettings {
         Self {
             window_secs: 10,
             checkpoint_secs: 60,
+            checkpoint_public_keys: Vec::new(),
+            receipt_public_keys: Vec::new(),
         }
     }
 }

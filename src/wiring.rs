@@ -133,6 +133,7 @@ impl Parts {
                     None,
                 ),
                 rotation,
+                anchors: crate::service::audit::Anchors::default(),
             }),
         }
     }

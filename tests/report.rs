@@ -280,15 +280,39 @@ fn configuration() -> Configuration {
     )
 }
 
+/// The public keys of `purpose` as the operator exported them when the sidecar made
+/// them: the test made these keys itself, so it may trust what the store says of them
+/// now (an operator pins them in `[audit]` of the configuration).
+async fn genuine_keys(
+    store: &dyn KeyStore,
+    purpose: &str,
+) -> Result<Option<Vec<ed25519_dalek::VerifyingKey>>> {
+    let mut out = Vec::new();
+    for k in store.signing_keys(purpose).await? {
+        out.push(ed25519_dalek::VerifyingKey::from_bytes(
+            &k.public_key.as_slice().try_into()?,
+        )?);
+    }
+    Ok(Some(out))
+}
+
+/// Options for a report at `now` that trusts the store's current signing keys (taken
+/// as genuine trust anchors, see [`genuine_keys`]).
+async fn anchored(store: &dyn KeyStore, now: i64) -> Result<Options> {
+    Ok(Options {
+        now_ms: now,
+        audit_keys: genuine_keys(store, fieldkey::audit::CHECKPOINT_PURPOSE).await?,
+        receipt_keys: genuine_keys(store, fieldkey::erasure::SIGNING_PURPOSE).await?,
+        ..Options::default()
+    })
+}
+
 async fn build(store: &dyn KeyStore) -> Result<report::Report> {
     Ok(report::build(
         store,
         configuration(),
         &RotationPolicy::default(),
-        &Options {
-            now_ms: now_ms(),
-            ..Options::default()
-        },
+        &anchored(store, now_ms()).await?,
     )
     .await?)
 }
@@ -590,7 +614,8 @@ async fn audit_log_is_met_on_a_verified_checkpointed_chain() -> Result<()> {
     assert_eq!(verdict(&r, "audit-log"), Verdict::Met);
     assert!(r.audit_log.verified);
     assert!(r.audit_log.checkpoints >= 1);
-    assert_eq!(r.audit_log.key_source, "key-store");
+    assert_eq!(r.audit_log.key_source, "pinned");
+    assert_eq!(r.trust_anchors.audit, "pinned");
     Ok(())
 }
 
@@ -644,9 +669,39 @@ async fn json_report_matches_the_schema_and_holds_no_secrets() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_reads_the_same_store_offline_and_says_the_same() -> Result<()> {
     let (s, r) = situation_report().await?;
+    // The trust anchors in a configuration file, as an operator pins them.
+    let pem = |keys: Option<Vec<ed25519_dalek::VerifyingKey>>| -> String {
+        keys.unwrap()
+            .iter()
+            .map(|k| fieldkey::erasure::receipt::public_key_pem(k).unwrap())
+            .collect()
+    };
+    let anchors = s.dir.path().join("anchors");
+    std::fs::create_dir_all(&anchors)?;
+    let audit_pem = anchors.join("audit.pem");
+    let receipt_pem = anchors.join("receipts.pem");
+    std::fs::write(
+        &audit_pem,
+        pem(genuine_keys(s.store.as_ref(), fieldkey::audit::CHECKPOINT_PURPOSE).await?),
+    )?;
+    std::fs::write(
+        &receipt_pem,
+        pem(genuine_keys(s.store.as_ref(), fieldkey::erasure::SIGNING_PURPOSE).await?),
+    )?;
+    let config = s.dir.path().join("fieldkey.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[audit]\ncheckpoint_public_keys = [{:?}]\nreceipt_public_keys = [{:?}]\n",
+            audit_pem.display().to_string(),
+            receipt_pem.display().to_string()
+        ),
+    )?;
     let out_json = s.dir.path().join("report.json");
     let cli = Command::new(BIN)
-        .args(["report", "--data-dir"])
+        .args(["report", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
         .arg(s.dir.path())
         .arg("--policies")
         .arg(repo_policies())
@@ -974,10 +1029,7 @@ impl EpochSituation {
             self.store.as_ref(),
             configuration(),
             &RotationPolicy::default(),
-            &Options {
-                now_ms: now,
-                ..Options::default()
-            },
+            &anchored(self.store.as_ref(), now).await?,
         )
         .await?)
     }
@@ -1355,4 +1407,89 @@ fn render_in_chromium(name: &str, html: &str) -> Result<String> {
     );
     eprintln!("screenshot: {} ({size} bytes)", png.display());
     Ok(dom)
+}
+
+/// Review finding 3 (issue 19): the report verified signatures with keys read from the
+/// store it checks, so a writer of the key store could add a signing key of its own,
+/// sign a checkpoint with it (over a tail it rewrote, say) and have the audit promise
+/// met. Now: without pinned trust anchors the signed promises are never met, and with
+/// them the forged checkpoint fails verification.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signing_key_written_into_the_store_cannot_vouch_for_the_report() -> Result<()> {
+    let s = situation().await?;
+    let store = s.store.as_ref();
+    let genuine = anchored(store, now_ms()).await?;
+
+    // The attacker: a key of its own, recorded as the checkpoint key (the genuine one
+    // retired, as a key rotation would leave it), and a checkpoint signed with it.
+    let forger = ed25519_dalek::SigningKey::from_bytes(&[7u8; 32]);
+    let public = forger.verifying_key();
+    let genuine_key = store
+        .signing_key(fieldkey::audit::CHECKPOINT_PURPOSE)
+        .await?
+        .unwrap();
+    store.retire_signing_key(&genuine_key.key_id).await?;
+    store
+        .create_signing_key(&fieldkey::model::SigningKeyRecord {
+            key_id: fieldkey::signing::key_id(&public),
+            purpose: fieldkey::audit::CHECKPOINT_PURPOSE.into(),
+            public_key: public.as_bytes().to_vec(),
+            kms_key_id: genuine_key.kms_key_id.clone(),
+            epoch: genuine_key.epoch,
+            wrapped: vec![0; 48],
+            created_at: now_ms(),
+        })
+        .await?;
+    let forge = move |seq: u64, prev: &[u8; 32]| {
+        Ok(fieldkey::model::AuditEvent {
+            action: "audit.checkpoint".into(),
+            resource_type: "audit".into(),
+            resource_id: "fieldkey".into(),
+            actor: "fieldkey".into(),
+            tenant_id: None,
+            caller_ip: None,
+            details: fieldkey::audit::verify::checkpoint_details(seq - 1, prev, &forger),
+        })
+    };
+    store.append_audit_fn(&forge).await?;
+
+    // Keys from the store: the forged checkpoint verifies, but the promise is not met
+    // and says why.
+    let unanchored = report::build(
+        store,
+        configuration(),
+        &RotationPolicy::default(),
+        &Options {
+            now_ms: now_ms(),
+            ..Options::default()
+        },
+    )
+    .await?;
+    assert!(unanchored.audit_log.verified, "{:?}", unanchored.audit_log);
+    assert_eq!(unanchored.trust_anchors.audit, "key-store");
+    assert_eq!(verdict(&unanchored, "audit-log"), Verdict::NotMet);
+    assert_eq!(verdict(&unanchored, "erasure"), Verdict::NotMet);
+    assert!(
+        promise(&unanchored, "audit-log").findings[0].contains("pin the trust anchors"),
+        "{:?}",
+        promise(&unanchored, "audit-log").findings
+    );
+    assert!(!unanchored.summary.all_met);
+
+    // Pinned genuine keys: the forged checkpoint does not verify.
+    let pinned =
+        report::build(store, configuration(), &RotationPolicy::default(), &genuine).await?;
+    assert!(!pinned.audit_log.verified);
+    assert_eq!(verdict(&pinned, "audit-log"), Verdict::NotMet);
+    assert!(
+        pinned
+            .summary
+            .alerts
+            .iter()
+            .any(|a| a.starts_with("AUDIT LOG DOES NOT VERIFY")),
+        "{:?}",
+        pinned.summary.alerts
+    );
+    assert_eq!(pinned.trust_anchors.audit, "pinned");
+    Ok(())
 }

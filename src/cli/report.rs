@@ -52,11 +52,13 @@ pub(super) struct ReportArgs {
     #[arg(long, env = "FIELDKEY_POLICIES")]
     policies: Option<PathBuf>,
     /// Pin the public key(s) that verify audit checkpoints (PEM file, hex or base64);
-    /// default: those recorded in the key store.
+    /// default: `[audit] checkpoint_public_keys` of the configuration, else those
+    /// recorded in the key store (and then the audit promise is never met).
     #[arg(long = "audit-public-key")]
     audit_public_keys: Vec<String>,
-    /// Pin the public key(s) that verify erasure receipts; default: those recorded in
-    /// the key store.
+    /// Pin the public key(s) that verify erasure receipts; default: `[audit]
+    /// receipt_public_keys` of the configuration, else those recorded in the key store
+    /// (and then the erasure promise is never met).
     #[arg(long = "receipt-public-key")]
     receipt_public_keys: Vec<String>,
     /// Exit with status 4 when a promise is not met or an integrity check failed.
@@ -169,13 +171,15 @@ pub(super) async fn report(a: ReportArgs) -> Result<(), CliError> {
             super::audit::read_keys(keys).map(Some)
         }
     };
+    // Keys given on the command line, else the configuration's trust anchors.
+    let anchors = super::serve::trust_anchors(&cfg).map_err(CliError::Other)?;
     let opts = report::Options {
         tenant: a.tenant.clone(),
         since_ms: since,
         until_ms: until,
         now_ms: now_ms(),
-        audit_keys: pinned(&a.audit_public_keys)?,
-        receipt_keys: pinned(&a.receipt_public_keys)?,
+        audit_keys: pinned(&a.audit_public_keys)?.or(anchors.audit),
+        receipt_keys: pinned(&a.receipt_public_keys)?.or(anchors.receipts),
     };
     let built = report::build(store.as_ref(), configuration, &rotation, &opts)
         .await

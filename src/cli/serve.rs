@@ -200,6 +200,29 @@ pub(super) async fn build_keyring(
 }
 
 /// Key epoch settings from the configuration.
+/// The report's trust anchors from `[audit]` (checkpoints, receipts): `None` for a
+/// list left empty.
+pub(super) fn trust_anchors(cfg: &Config) -> anyhow::Result<crate::service::audit::Anchors> {
+    let read = |files: &[std::path::PathBuf]| -> anyhow::Result<_> {
+        if files.is_empty() {
+            return Ok(None);
+        }
+        let mut keys = Vec::new();
+        for f in files {
+            let text = std::fs::read_to_string(f)
+                .with_context(|| format!("trust anchor {}", f.display()))?;
+            let found = crate::erasure::receipt::parse_public_keys(&text)
+                .with_context(|| format!("trust anchor {}", f.display()))?;
+            keys.extend(found);
+        }
+        Ok(Some(keys))
+    };
+    Ok(crate::service::audit::Anchors {
+        audit: read(&cfg.audit.checkpoint_public_keys)?,
+        receipts: read(&cfg.audit.receipt_public_keys)?,
+    })
+}
+
 pub(super) fn epoch_settings(cfg: &Config) -> crate::epochs::EpochSettings {
     let e = &cfg.epochs;
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into());
@@ -319,6 +342,9 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<()> {
             (None, None)
         }
     };
+    // Read before serving: a trust anchor that is configured but unreadable stops the
+    // start rather than letting reports fall back to the store's keys.
+    let anchors = trust_anchors(&cfg)?;
     let gate = Arc::new(Gate::new(
         authz,
         Some(audit.clone()),
@@ -340,6 +366,7 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         report: Arc::new(crate::service::audit::ReportFacts {
             configuration: crate::report::Configuration::from_config(&cfg, &rotation, None),
             rotation,
+            anchors,
         }),
     })
     .await?;

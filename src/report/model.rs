@@ -170,6 +170,30 @@ pub struct Report {
     pub backups: BackupsSection,
     /// Re-encryption jobs in the period.
     pub jobs: Vec<JobEntry>,
+    /// Where the public keys that verified the signatures came from.
+    pub trust_anchors: TrustAnchors,
+}
+
+/// `pinned`: public keys given by the operator (configuration or command line),
+/// trusted independently of the key store. `key-store`: read from the store the report
+/// checks, so a writer of that store could have added a key and signed with it.
+pub const ANCHORS_PINNED: &str = "pinned";
+/// See [`ANCHORS_PINNED`].
+pub const ANCHORS_KEY_STORE: &str = "key-store";
+
+/// The keys signatures were verified with, and where they came from. A promise whose
+/// evidence is signed is never met on keys read from the key store alone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrustAnchors {
+    /// Source of the audit checkpoint keys: [`ANCHORS_PINNED`] or
+    /// [`ANCHORS_KEY_STORE`].
+    pub audit: String,
+    /// Their key ids (`ed25519:` and the first 8 bytes of the key's SHA-256, hex).
+    pub audit_key_ids: Vec<String>,
+    /// Source of the keys of erasure receipts and "backups sealed" statements.
+    pub receipts: String,
+    /// Their key ids.
+    pub receipt_key_ids: Vec<String>,
 }
 
 /// A time range; either end open.
@@ -577,9 +601,13 @@ pub struct Options {
     pub until_ms: Option<i64>,
     /// Now, Unix ms.
     pub now_ms: i64,
-    /// Pinned public keys of the audit checkpoints; `None`: read from the store.
+    /// Trust anchors: the public keys of the audit checkpoints, from the
+    /// configuration or the command line; `None`: read from the store (and then the
+    /// audit promise is never met).
     pub audit_keys: Option<Vec<VerifyingKey>>,
-    /// Pinned public keys of erasure receipts; `None`: read from the store.
+    /// Trust anchors: the public keys of erasure receipts and "backups sealed"
+    /// statements; `None`: read from the store (and then the erasure promise is never
+    /// met).
     pub receipt_keys: Option<Vec<VerifyingKey>>,
 }
 

@@ -29,6 +29,19 @@ pub struct ReportFacts {
     pub configuration: Configuration,
     /// The rotation policy in force.
     pub rotation: RotationPolicy,
+    /// The public keys the report trusts, from the configuration.
+    pub anchors: Anchors,
+}
+
+/// Trust anchors of the compliance report (`[audit] checkpoint_public_keys`,
+/// `receipt_public_keys`): never read from the key store the report checks. `None`: not
+/// configured (the signed promises are then never met).
+#[derive(Debug, Clone, Default)]
+pub struct Anchors {
+    /// Keys of the audit checkpoints.
+    pub audit: Option<Vec<ed25519_dalek::VerifyingKey>>,
+    /// Keys of erasure receipts and "backups sealed" statements.
+    pub receipts: Option<Vec<ed25519_dalek::VerifyingKey>>,
 }
 
 /// The Audit service.
@@ -183,8 +196,8 @@ impl pb::audit_server::Audit for AuditService {
             since_ms: since,
             until_ms: until,
             now_ms: now_ms(),
-            audit_keys: None,
-            receipt_keys: None,
+            audit_keys: self.facts.anchors.audit.clone(),
+            receipt_keys: self.facts.anchors.receipts.clone(),
         };
         let built = self
             .evidence

@@ -51,7 +51,7 @@ mod verify;
 pub use crate::model::{MAX_UNIX_MS, MIN_UNIX_MS, canonical_json, rfc3339_ms};
 pub use sign::{digest, key_id, public_key_pem, sign, signing_input, subjects_digest};
 pub use types::{BackupGuard, DestroyedKey, KmsKeyDeletion, Receipt, ReceiptError, SignedReceipt};
-pub use verify::{parse_public_key, verify};
+pub use verify::{parse_public_key, parse_public_keys, verify};
 
 /// Value of [`Receipt::format`] for this version of the receipt format; also the first
 /// line of the signing input (domain separation).

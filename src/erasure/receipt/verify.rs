@@ -68,6 +68,42 @@ pub fn parse_public_key(text: &str) -> Result<VerifyingKey, ReceiptError> {
     Ok(key)
 }
 
+/// Every public key of a trust-anchor file: PEM blocks, or one key per line (hex or
+/// base64); blank lines and lines starting with `#` are skipped.
+///
+/// # Errors
+/// [`ReceiptError::PublicKey`] for the first key that does not parse, or when there is
+/// none.
+pub fn parse_public_keys(text: &str) -> Result<Vec<VerifyingKey>, ReceiptError> {
+    const END: &str = "-----END PUBLIC KEY-----";
+    let mut keys = Vec::new();
+    let mut rest = text;
+    loop {
+        let trimmed = rest.trim_start();
+        if trimmed.is_empty() {
+            break;
+        }
+        if trimmed.starts_with("-----BEGIN") {
+            let (block, after) = match trimmed.find(END) {
+                Some(at) => trimmed.split_at(at + END.len()),
+                None => (trimmed, ""),
+            };
+            keys.push(parse_public_key(block)?);
+            rest = after;
+        } else {
+            let (line, after) = trimmed.split_once('\n').unwrap_or((trimmed, ""));
+            if !line.trim_start().starts_with('#') {
+                keys.push(parse_public_key(line)?);
+            }
+            rest = after;
+        }
+    }
+    if keys.is_empty() {
+        return Err(ReceiptError::PublicKey("no public key in the file".into()));
+    }
+    Ok(keys)
+}
+
 /// Verifies a receipt file and returns the receipt it vouches for.
 ///
 /// Accepts any whitespace and member order (and a leading UTF-8 byte order mark);

@@ -14,7 +14,9 @@ use crate::error::Result;
 use crate::store::KeyStore;
 
 use super::super::facts::AuditIndex;
-use super::super::model::{AuditSection, Options, Period, PromiseId, Verdict};
+use super::super::model::{
+    ANCHORS_KEY_STORE, ANCHORS_PINNED, AuditSection, Options, Period, PromiseId, Verdict,
+};
 
 /// The public keys the store records for `purpose`; a malformed one is reported in
 /// `unreadable` (and verifies nothing) instead of failing the report.
@@ -48,10 +50,10 @@ pub(in crate::report) async fn read_chain(
     unreadable: &mut Vec<String>,
 ) -> Result<(AuditSection, AuditIndex)> {
     let (audit_keys, key_source) = match &opts.audit_keys {
-        Some(k) => (k.clone(), "pinned"),
+        Some(k) => (k.clone(), ANCHORS_PINNED),
         None => (
             store_keys(store, crate::audit::CHECKPOINT_PURPOSE, unreadable).await?,
-            "key-store",
+            ANCHORS_KEY_STORE,
         ),
     };
     let mut index = AuditIndex::default();

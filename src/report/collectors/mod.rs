@@ -17,7 +17,9 @@ use crate::policy::RotationPolicy;
 use crate::store::KeyStore;
 
 use super::model::Configuration;
-use super::model::{FORMAT, Options, Period, Report};
+use super::model::{
+    ANCHORS_KEY_STORE, ANCHORS_PINNED, FORMAT, Options, Period, Report, TrustAnchors,
+};
 use super::verdicts::{self, backups as backup_rules, tenants as tenant_rules};
 
 /// Builds the report from `store` (read only) and the configuration facts.
@@ -64,9 +66,18 @@ pub async fn build(
     // Key epochs, their "backups sealed" statements verified with the receipt keys
     // (pinned, or read from the store); then erasures, with when their backups are
     // sealed.
-    let receipt_keys = match &opts.receipt_keys {
-        Some(k) => k.clone(),
-        None => audit::store_keys(store, crate::erasure::SIGNING_PURPOSE, &mut unreadable).await?,
+    let (receipt_keys, receipt_source) = match &opts.receipt_keys {
+        Some(k) => (k.clone(), ANCHORS_PINNED),
+        None => (
+            audit::store_keys(store, crate::erasure::SIGNING_PURPOSE, &mut unreadable).await?,
+            ANCHORS_KEY_STORE,
+        ),
+    };
+    let trust_anchors = TrustAnchors {
+        audit: audit_log.key_source.clone(),
+        audit_key_ids: audit_log.key_ids.clone(),
+        receipts: receipt_source.into(),
+        receipt_key_ids: receipt_keys.iter().map(crate::signing::key_id).collect(),
     };
     let epoch_facts = epochs::read_epochs(store, &mut unreadable).await?;
     let judged = backup_rules::judge_epochs(&epoch_facts, &receipt_keys, &index);
@@ -85,6 +96,7 @@ pub async fn build(
             missing: &missing,
             backups: &backups,
         },
+        &trust_anchors,
         &unreadable,
     );
     Ok(Report {
@@ -100,5 +112,6 @@ pub async fn build(
         erasures,
         backups,
         jobs,
+        trust_anchors,
     })
 }

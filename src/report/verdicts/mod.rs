@@ -16,8 +16,8 @@ use crate::policy::RotationPolicy;
 
 use super::model::Configuration;
 use super::model::{
-    AuditSection, BackupsSection, ErasureEntry, ErasureStatus, PromiseId, PromiseResult, Summary,
-    TenantSection, Verdict,
+    ANCHORS_PINNED, AuditSection, BackupsSection, ErasureEntry, ErasureStatus, PromiseId,
+    PromiseResult, Summary, TenantSection, TrustAnchors, Verdict,
 };
 pub(super) use promises::audit_freshness;
 
@@ -60,6 +60,7 @@ pub(super) fn summarize(
     audit: &AuditSection,
     tenants: &[TenantSection],
     erasures: &ErasureEvidence<'_>,
+    anchors: &TrustAnchors,
     unreadable: &[String],
 ) -> Summary {
     let mut alerts = integrity_alerts(audit, erasures, unreadable);
@@ -77,6 +78,7 @@ pub(super) fn summarize(
                 PromiseId::TransportSecurity => promises::transport_security(cfg),
                 PromiseId::AccessControl => promises::access_control(cfg),
             };
+            let (verdict, findings) = anchored(id, (verdict, findings), anchors, audit, erasures);
             PromiseResult {
                 id,
                 promise: id.text().into(),
@@ -113,6 +115,55 @@ pub(super) fn summarize(
 /// Integrity failures, most serious first: a chain that does not verify, erasure
 /// evidence that fails, "backups sealed" statements that fail, store records that do
 /// not decode, requests the erasure table lost.
+/// A promise proven by signatures is never met when the signatures were verified only
+/// with keys read from the key store under examination: a writer of that store could
+/// have added a signing key and forged the checkpoints, receipts or "backups sealed"
+/// statements (review finding 3). `Met` becomes `NotMet`, with the reason first.
+fn anchored(
+    id: PromiseId,
+    (verdict, mut findings): promises::Judged,
+    anchors: &TrustAnchors,
+    audit: &AuditSection,
+    erasures: &ErasureEvidence<'_>,
+) -> promises::Judged {
+    let unanchored = match id {
+        PromiseId::AuditLog => anchors.audit != ANCHORS_PINNED && audit.records > 0,
+        PromiseId::Erasure => {
+            anchors.receipts != ANCHORS_PINNED
+                && (erasures.entries.iter().any(|e| e.receipt.is_some())
+                    || erasures
+                        .backups
+                        .epochs
+                        .iter()
+                        .any(|e| e.seal_verified.is_some()))
+        }
+        _ => false,
+    };
+    if !unanchored || verdict == Verdict::NotMet {
+        return (verdict, findings);
+    }
+    let (what, setting, flag) = if id == PromiseId::AuditLog {
+        (
+            "audit checkpoint signatures",
+            "audit.checkpoint_public_keys",
+            "--audit-public-key",
+        )
+    } else {
+        (
+            "erasure receipt and \"backups sealed\" signatures",
+            "audit.receipt_public_keys",
+            "--receipt-public-key",
+        )
+    };
+    findings.insert(
+        0,
+        format!(
+            "{what} were verified only with keys read from the key store under examination, which a writer of the store could have added: pin the trust anchors ({setting} in the configuration, {flag} on the command line)"
+        ),
+    );
+    (Verdict::NotMet.worst(verdict), findings)
+}
+
 fn integrity_alerts(
     audit: &AuditSection,
     erasures: &ErasureEvidence<'_>,

@@ -16,7 +16,7 @@ use super::{ErasureEvidence, who};
 const LOCAL_KMS_PREFIX: &str = "local-";
 
 /// A promise's verdict and its findings.
-type Judged = (Verdict, Vec<String>);
+pub(super) type Judged = (Verdict, Vec<String>);
 
 /// Met as soon as there is a tenant: every tenant has its own key versions.
 pub(super) fn encryption_at_rest(cfg: &Configuration, tenants: &[TenantSection]) -> Judged {
