@@ -39,6 +39,25 @@ pub struct Config {
     pub blind_index: BlindIndexSettings,
     /// Metrics and health endpoints.
     pub metrics: MetricsSettings,
+    /// Fields whose values must be bound to their row.
+    pub row_binding: RowBindingSettings,
+}
+
+/// Fields whose Encrypt, Decrypt and Rewrap must carry a `context` (the row's primary
+/// key, say): bound into the associated data, it stops a value from being copied into
+/// another row of the same tenant (docs/FORMAT.md §3). `required = ["*"]`: every field.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RowBindingSettings {
+    /// Field names, or `"*"` for all.
+    pub required: Vec<String>,
+}
+
+impl RowBindingSettings {
+    /// Whether `field` must carry a context.
+    pub fn requires(&self, field: &str) -> bool {
+        self.required.iter().any(|f| f == "*" || f == field)
+    }
 }
 
 /// Prometheus metrics and the health endpoints (docs/OPERATIONS.md §8).
@@ -371,6 +390,7 @@ impl Default for Config {
             audit: AuditSettings::default(),
             blind_index: BlindIndexSettings::default(),
             metrics: MetricsSettings::default(),
+            row_binding: RowBindingSettings::default(),
         }
     }
 }
@@ -534,6 +554,11 @@ impl Config {
     /// # Errors
     /// [`ConfigError::Invalid`] naming the setting.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.row_binding.required.iter().any(String::is_empty) {
+            return Err(ConfigError::Invalid(
+                "row_binding.required: a field name must not be empty".into(),
+            ));
+        }
         let l = &self.limits;
         if l.max_batch_items == 0 || l.max_field_bytes == 0 || l.max_concurrent_requests == 0 {
             return Err(ConfigError::Invalid("limits must be positive".into()));

@@ -153,6 +153,15 @@ pub enum Error {
         /// Field name.
         field: String,
     },
+    /// The field must be bound to its row (`[row_binding]`), and the request has no
+    /// `context`.
+    #[error(
+        "field {field} requires a context (the row's id) so that its values cannot be moved to another row ([row_binding] of the configuration)"
+    )]
+    ContextRequired {
+        /// Field name.
+        field: String,
+    },
     /// The caller's identity may not do this (authorization policies, default deny).
     #[error("permission denied: {reason}")]
     PermissionDenied {

@@ -135,6 +135,7 @@ impl Parts {
                 rotation,
                 anchors: crate::service::audit::Anchors::default(),
             }),
+            row_binding: Arc::default(),
         }
     }
 }

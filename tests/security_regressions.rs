@@ -377,3 +377,130 @@ async fn a_caller_denied_decrypt_cannot_invert_an_index_at_hmac_speed() -> Resul
     assert_eq!((served, refused), (2 * DICTIONARY, 0));
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------
+// Finding 6 of the review: without a context, a tenant-scoped value fits every row of
+// the tenant: a writer swaps their own encrypted email into a victim's row, and the
+// password reset goes to them.
+
+/// Encrypt then Decrypt over gRPC as a client of `server`: mallory's email, encrypted
+/// for mallory's row, read back as if it were the victim's. `Ok(plaintext)` when the
+/// swap works.
+async fn swap_into_victims_row(
+    server: &common::sidecar::InProcess,
+    mallory_row: &[u8],
+    victim_row: &[u8],
+) -> Result<std::result::Result<Vec<u8>, tonic::Status>> {
+    use fieldkey::proto::pb::{self, DecryptRequest, EncryptRequest};
+    let mut c = pb::crypto_client::CryptoClient::new(server.channel().await?);
+    let ct = match c
+        .encrypt(EncryptRequest {
+            tenant_id: "acme".into(),
+            field: "email".into(),
+            plaintext: b"mallory@evil.example".to_vec(),
+            context: mallory_row.to_vec(),
+            ..Default::default()
+        })
+        .await
+    {
+        Ok(r) => r.into_inner().ciphertext,
+        Err(s) => return Ok(Err(s)),
+    };
+    Ok(c.decrypt(DecryptRequest {
+        tenant_id: "acme".into(),
+        field: "email".into(),
+        ciphertext: ct,
+        context: victim_row.to_vec(),
+        ..Default::default()
+    })
+    .await
+    .map(|r| r.into_inner().plaintext))
+}
+
+#[tokio::test]
+async fn a_field_bound_to_its_row_cannot_be_swapped_into_another_row() -> Result<()> {
+    use fieldkey::config::RowBindingSettings;
+    let dir = tempfile::tempdir()?;
+    let store: Arc<dyn KeyStore> = Arc::new(SqlStore::open_sqlite(&dir.path().join("k.db")).await?);
+    let kms = common::local_kms(&dir)?;
+    let keyring = Arc::new(Keyring::new(
+        store.clone(),
+        kms.clone(),
+        KeyringConfig::default(),
+    ));
+    keyring.create_tenant("acme", None).await?;
+    let parts = fieldkey::wiring::Parts::new(keyring, store.clone(), kms);
+    let audit = Arc::new(parts.audit_log(fieldkey::audit::AuditConfig::default()));
+    let gate = Arc::new(fieldkey::service::gate::Gate::new(
+        None,
+        Some(audit.clone()),
+        fieldkey::service::gate::IdentityConfig::default(),
+    ));
+
+    // Unbound (the field not required to carry a context): the swap works.
+    let open = common::sidecar::InProcess::start(parts.context().with_gate(gate.clone())).await?;
+    let swapped = swap_into_victims_row(&open, b"", b"").await?;
+    assert_eq!(
+        swapped.as_deref().ok(),
+        Some(&b"mallory@evil.example"[..]),
+        "the attack this defends against"
+    );
+    // ... and the compliance report says the field is used without a row context.
+    audit.flush().await?;
+    let r = fieldkey::report::build(
+        store.as_ref(),
+        fieldkey::report::Configuration::from_config(
+            &fieldkey::config::Config::default(),
+            &fieldkey::policy::RotationPolicy::default(),
+            None,
+        ),
+        &fieldkey::policy::RotationPolicy::default(),
+        &fieldkey::report::Options {
+            now_ms: fieldkey::store::now_ms(),
+            ..Default::default()
+        },
+    )
+    .await?;
+    let at_rest = r
+        .summary
+        .promises
+        .iter()
+        .find(|p| p.id.as_str() == "encryption-at-rest")
+        .ok_or_else(|| anyhow::anyhow!("no encryption-at-rest promise"))?;
+    assert_eq!(at_rest.verdict, fieldkey::report::Verdict::Attention);
+    assert!(
+        at_rest.findings[0].starts_with("acme/email: 1 value(s) encrypted without a row context"),
+        "{:?}",
+        at_rest.findings
+    );
+
+    // Bound: a request without a context is refused, for Encrypt and Decrypt alike...
+    let bound =
+        common::sidecar::InProcess::start(parts.context().with_gate(gate).with_row_binding(
+            RowBindingSettings {
+                required: vec!["email".into()],
+            },
+        ))
+        .await?;
+    let refused = swap_into_victims_row(&bound, b"", b"").await?.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert_eq!(common::grpc::reason(&refused), "CONTEXT_REQUIRED");
+    let refused = swap_into_victims_row(&bound, b"row-mallory", b"")
+        .await?
+        .unwrap_err();
+    assert_eq!(
+        common::grpc::reason(&refused),
+        "CONTEXT_REQUIRED",
+        "{refused:?}"
+    );
+    // ... and a value bound to mallory's row does not open in the victim's.
+    let refused = swap_into_victims_row(&bound, b"row-mallory", b"row-victim")
+        .await?
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::DataLoss);
+    assert_eq!(common::grpc::reason(&refused), "AUTHENTICATION_FAILED");
+    // Its own row still reads it.
+    let own = swap_into_victims_row(&bound, b"row-mallory", b"row-mallory").await?;
+    assert_eq!(own.as_deref().ok(), Some(&b"mallory@evil.example"[..]));
+    Ok(())
+}

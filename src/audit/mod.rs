@@ -16,6 +16,10 @@ pub mod verify;
 pub use crate::model::audit::{AuditEvent, AuditRecord, GENESIS, record_hash};
 pub use log::{AuditConfig, AuditLog, CHECKPOINT_PURPOSE};
 
+/// The outcome of a data record that counts, among the `ok` calls of its window, those
+/// that carried no row context (an Encrypt whose value any row of the tenant accepts).
+pub const OUTCOME_UNBOUND: &str = "unbound";
+
 use std::net::IpAddr;
 
 /// Where and why a chain does not verify.

@@ -368,6 +368,7 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<()> {
             rotation,
             anchors,
         }),
+        row_binding: Arc::new(cfg.row_binding.clone()),
     })
     .await?;
     // Every call counted and timed, when the metrics are served.

@@ -135,6 +135,8 @@ pub(super) struct AuditIndex {
     pub(super) sealed: HashMap<u64, (u64, String)>,
     /// Records written in the period.
     pub(super) in_period: u64,
+    /// (tenant, field) -> values encrypted without a row context in the period.
+    pub(super) unbound: std::collections::BTreeMap<(String, String), u64>,
 }
 
 impl AuditIndex {

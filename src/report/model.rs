@@ -174,6 +174,17 @@ pub struct Report {
     pub trust_anchors: TrustAnchors,
 }
 
+/// A field used without a row context.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnboundField {
+    /// Tenant.
+    pub tenant_id: String,
+    /// Field.
+    pub field: String,
+    /// Values encrypted without a context in the period.
+    pub encrypted_without_context: u64,
+}
+
 /// `pinned`: public keys given by the operator (configuration or command line),
 /// trusted independently of the key store. `key-store`: read from the store the report
 /// checks, so a writer of that store could have added a key and signed with it.
@@ -291,6 +302,9 @@ pub struct AuditSection {
     pub key_source: String,
     /// Their ids.
     pub key_ids: Vec<String>,
+    /// Fields whose values were encrypted without a row context in the period (any
+    /// row of the tenant accepts such a value: docs/FORMAT.md §3).
+    pub unbound_fields: Vec<UnboundField>,
 }
 
 /// One tenant.

@@ -43,6 +43,8 @@ pub struct Context {
     pub gate: Arc<Gate>,
     /// What the compliance report states about the configuration.
     pub report: Arc<audit::ReportFacts>,
+    /// Fields that must carry a context (bound to their row).
+    pub row_binding: Arc<crate::config::RowBindingSettings>,
 }
 
 impl Context {
@@ -50,6 +52,13 @@ impl Context {
     #[must_use]
     pub fn with_limits(mut self, limits: Limits) -> Self {
         self.limits = limits;
+        self
+    }
+
+    /// With these fields bound to their rows.
+    #[must_use]
+    pub fn with_row_binding(mut self, row_binding: crate::config::RowBindingSettings) -> Self {
+        self.row_binding = Arc::new(row_binding);
         self
     }
 
@@ -78,6 +87,7 @@ pub async fn routes(ctx: Context) -> Result<tonic::service::Routes, Error> {
         evidence,
         gate,
         report,
+        row_binding,
     } = ctx;
     let limits = &limits;
     let guard = Guard::with_gate(limits.clone(), gate.clone());
@@ -96,10 +106,13 @@ pub async fn routes(ctx: Context) -> Result<tonic::service::Routes, Error> {
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| Error::Internal(format!("reflection descriptor: {e}")))?;
-    let crypto =
-        pb::crypto_server::CryptoServer::new(CryptoService::new(keyring.clone(), guard.clone()))
-            .max_decoding_message_size(limits.max_message_bytes)
-            .max_encoding_message_size(limits.max_message_bytes);
+    let crypto = pb::crypto_server::CryptoServer::new(CryptoService::new(
+        keyring.clone(),
+        guard.clone(),
+        row_binding,
+    ))
+    .max_decoding_message_size(limits.max_message_bytes)
+    .max_encoding_message_size(limits.max_message_bytes);
     let keys = pb::keys_server::KeysServer::new(KeysService::new(
         keyring.clone(),
         guard,

@@ -12,6 +12,7 @@ use zeroize::Zeroize as _;
 use super::gate::Caller;
 use super::guard::Guard;
 use super::status::ItemResult as _;
+use crate::config::RowBindingSettings;
 use crate::crypto::{Aad, to_text};
 use crate::error::Error;
 use crate::keyring::{Encryptor, Keyring, Rewrapped};
@@ -53,12 +54,42 @@ fn seal_response(enc: &Encryptor<'_>, r: &EncryptRequest) -> Result<EncryptRespo
 pub struct CryptoService {
     pub(super) keyring: Arc<Keyring>,
     pub(super) guard: Guard,
+    row_binding: Arc<RowBindingSettings>,
 }
 
 impl CryptoService {
-    /// A service over `keyring`, enforcing `guard`'s limits.
-    pub fn new(keyring: Arc<Keyring>, guard: Guard) -> Self {
-        Self { keyring, guard }
+    /// A service over `keyring`, enforcing `guard`'s limits and `row_binding`.
+    pub fn new(keyring: Arc<Keyring>, guard: Guard, row_binding: Arc<RowBindingSettings>) -> Self {
+        Self {
+            keyring,
+            guard,
+            row_binding,
+        }
+    }
+
+    /// A field bound to its row needs a context (review finding 6: without one, a value
+    /// of the tenant could be copied into any row of it).
+    fn check_context(&self, field: &str, context: &[u8]) -> Result<(), Error> {
+        if context.is_empty() && self.row_binding.requires(field) {
+            return Err(Error::ContextRequired {
+                field: field.to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Counts an encryption that bound no row (the compliance report lists such fields).
+    fn note_unbound(
+        &self,
+        c: &Caller,
+        r: &EncryptRequest,
+        result: &Result<EncryptResponse, Error>,
+    ) {
+        if r.context.is_empty() && result.is_ok() {
+            self.guard
+                .gate
+                .data_unbound(c, Action::Encrypt, &r.tenant_id, &r.field);
+        }
     }
 
     async fn encrypt_one(
@@ -69,6 +100,7 @@ impl CryptoService {
         let call = (self.guard.gate).data_call(c, Action::Encrypt, &r.tenant_id, &r.field);
         let result = async {
             call.authorize()?;
+            self.check_context(&r.field, &r.context)?;
             self.guard.check_field("plaintext", r.plaintext.len())?;
             let enc = self
                 .keyring
@@ -78,6 +110,7 @@ impl CryptoService {
         }
         .await;
         r.plaintext.zeroize();
+        self.note_unbound(c, &r, &result);
         call.counted(result)
     }
 
@@ -90,6 +123,7 @@ impl CryptoService {
         let call = (self.guard.gate).data_call(c, Action::Encrypt, &r.tenant_id, &r.field);
         let result = async {
             call.authorize()?;
+            self.check_context(&r.field, &r.context)?;
             self.guard.check_field("plaintext", r.plaintext.len())?;
             let key = (
                 r.tenant_id.as_str(),
@@ -109,6 +143,7 @@ impl CryptoService {
             seal_response(&enc, r)
         }
         .await;
+        self.note_unbound(c, r, &result);
         call.counted(result)
     }
 
@@ -116,6 +151,7 @@ impl CryptoService {
         let call = (self.guard.gate).data_call(c, Action::Rewrap, &r.tenant_id, &r.field);
         let result = async {
             call.authorize()?;
+            self.check_context(&r.field, &r.context)?;
             self.guard.check_field("ciphertext", r.ciphertext.len())?;
             let aad = Aad {
                 tenant: &r.tenant_id,
@@ -139,6 +175,7 @@ impl CryptoService {
         let call = (self.guard.gate).data_call(c, Action::Decrypt, &r.tenant_id, &r.field);
         let result = async {
             call.authorize()?;
+            self.check_context(&r.field, &r.context)?;
             self.guard.gate.decrypt_quota(c, &r.tenant_id, 1).await?;
             self.guard.check_field("ciphertext", r.ciphertext.len())?;
             let aad = Aad {

@@ -77,6 +77,8 @@ impl std::fmt::Debug for Gate {
     }
 }
 
+use crate::audit::OUTCOME_UNBOUND;
+
 fn outcome<T>(r: &Result<T, Error>) -> &'static str {
     match r {
         Ok(_) => "ok",
@@ -298,6 +300,22 @@ impl Gate {
         }
         if let Some(r) = run {
             flush(r);
+        }
+    }
+
+    /// Counts, beside its `ok` outcome, a data operation that carried no row context
+    /// (outcome `unbound` in the audit window; the compliance report lists the fields).
+    pub fn data_unbound(&self, c: &Caller, action: Action, tenant: &str, field: &str) {
+        if let Some(a) = &self.audit {
+            a.data(
+                &c.identity,
+                c.ip.as_deref(),
+                tenant,
+                field,
+                action.as_str(),
+                OUTCOME_UNBOUND,
+                1,
+            );
         }
     }
 

@@ -39,6 +39,7 @@ pub fn classify(e: &Error) -> (Code, &'static str) {
         Error::ErasureNotFound { .. } => (Code::NotFound, "ERASURE_NOT_FOUND"),
         Error::PermissionDenied { .. } => (Code::PermissionDenied, "PERMISSION_DENIED"),
         Error::IndexNotConfigured { .. } => (Code::FailedPrecondition, "INDEX_NOT_CONFIGURED"),
+        Error::ContextRequired { .. } => (Code::InvalidArgument, "CONTEXT_REQUIRED"),
         Error::RateLimited(_) => (Code::ResourceExhausted, "DECRYPT_RATE_LIMITED"),
         Error::IndexRateLimited(_) => (Code::ResourceExhausted, "INDEX_RATE_LIMITED"),
         Error::ErasureNotCancellable { .. } => {
@@ -324,6 +325,13 @@ mod tests {
                 Error::IndexRateLimited("r".into()),
                 Code::ResourceExhausted,
                 "INDEX_RATE_LIMITED",
+            ),
+            (
+                Error::ContextRequired {
+                    field: "email".into(),
+                },
+                Code::InvalidArgument,
+                "CONTEXT_REQUIRED",
             ),
             (
                 Error::IndexNotConfigured {

@@ -15,7 +15,8 @@ use crate::store::KeyStore;
 
 use super::super::facts::AuditIndex;
 use super::super::model::{
-    ANCHORS_KEY_STORE, ANCHORS_PINNED, AuditSection, Options, Period, PromiseId, Verdict,
+    ANCHORS_KEY_STORE, ANCHORS_PINNED, AuditSection, Options, Period, PromiseId, UnboundField,
+    Verdict,
 };
 
 /// The public keys the store records for `purpose`; a malformed one is reported in
@@ -61,7 +62,17 @@ pub(in crate::report) async fn read_chain(
         index_record(&mut index, period, r);
     })
     .await?;
-    let section = audit_section(verified, key_source, &audit_keys, index.in_period);
+    let mut section = audit_section(verified, key_source, &audit_keys, index.in_period);
+    section.unbound_fields = index
+        .unbound
+        .iter()
+        .filter(|((t, _), _)| opts.tenant.as_ref().is_none_or(|only| only == t))
+        .map(|((tenant, field), n)| UnboundField {
+            tenant_id: tenant.clone(),
+            field: field.clone(),
+            encrypted_without_context: *n,
+        })
+        .collect();
     Ok((section, index))
 }
 
@@ -69,6 +80,18 @@ pub(in crate::report) async fn read_chain(
 fn index_record(index: &mut AuditIndex, period: &Period, r: &AuditRecord) {
     if period.contains(r.ts) {
         index.in_period += 1;
+        let d = &r.event.details;
+        if r.event.resource_type == "field"
+            && d.get("outcome").and_then(|v| v.as_str()) == Some(crate::audit::OUTCOME_UNBOUND)
+            && let (Some(tenant), Some(count)) =
+                (&r.event.tenant_id, d.get("count").and_then(|v| v.as_u64()))
+            && let Some(field) = r.event.resource_id.strip_prefix(&format!("{tenant}/"))
+        {
+            *index
+                .unbound
+                .entry((tenant.clone(), field.to_owned()))
+                .or_default() += count;
+        }
     }
     let erasure_id = r.event.details.get("erasure_id").and_then(|v| v.as_str());
     let resource = || {
@@ -152,6 +175,7 @@ fn audit_section(
                 records_in_period: in_period,
                 key_source: key_source.into(),
                 key_ids,
+                unbound_fields: Vec::new(),
             }
         }
         Err(e) => AuditSection {
@@ -169,6 +193,7 @@ fn audit_section(
             records_in_period: in_period,
             key_source: key_source.into(),
             key_ids,
+            unbound_fields: Vec::new(),
         },
     }
 }

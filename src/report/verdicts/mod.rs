@@ -68,7 +68,7 @@ pub(super) fn summarize(
         .into_iter()
         .map(|id| {
             let (verdict, findings) = match id {
-                PromiseId::EncryptionAtRest => promises::encryption_at_rest(cfg, tenants),
+                PromiseId::EncryptionAtRest => promises::encryption_at_rest(cfg, tenants, audit),
                 PromiseId::KmsProtection => promises::kms_protection(cfg, tenants),
                 PromiseId::KeyRotation => promises::key_rotation(policy, tenants),
                 PromiseId::RotationCompletion => promises::rotation_completion(tenants),

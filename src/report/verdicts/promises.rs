@@ -19,19 +19,32 @@ const LOCAL_KMS_PREFIX: &str = "local-";
 pub(super) type Judged = (Verdict, Vec<String>);
 
 /// Met as soon as there is a tenant: every tenant has its own key versions.
-pub(super) fn encryption_at_rest(cfg: &Configuration, tenants: &[TenantSection]) -> Judged {
+/// Fields used without a row context need attention: their values can be moved
+/// between rows of the tenant.
+pub(super) fn encryption_at_rest(
+    cfg: &Configuration,
+    tenants: &[TenantSection],
+    audit: &AuditSection,
+) -> Judged {
     let keyed = tenants.iter().filter(|t| t.state != "erased").count();
-    (
-        if tenants.is_empty() {
-            Verdict::NotApplicable
-        } else {
-            Verdict::Met
-        },
-        vec![format!(
-            "{keyed} tenant(s) with their own key versions; envelope {}",
-            cfg.envelope
-        )],
-    )
+    let mut v = if tenants.is_empty() {
+        Verdict::NotApplicable
+    } else {
+        Verdict::Met
+    };
+    let mut findings = Vec::new();
+    for u in &audit.unbound_fields {
+        v = v.worst(Verdict::Attention);
+        findings.push(format!(
+            "{}/{}: {} value(s) encrypted without a row context in the period: any row of the tenant accepts them; bind the row (context) and require it ([row_binding] required)",
+            u.tenant_id, u.field, u.encrypted_without_context
+        ));
+    }
+    findings.push(format!(
+        "{keyed} tenant(s) with their own key versions; envelope {}",
+        cfg.envelope
+    ));
+    (v, findings)
 }
 
 /// The configuration, and what the stored key versions say wraps them: the local

@@ -20,6 +20,7 @@ __all__ = [
     "BatchError",
     "BatchTooLarge",
     "ConfigurationError",
+    "ContextRequired",
     "DecodeError",
     "DecryptRateLimited",
     "DeadlineExceeded",
@@ -119,6 +120,10 @@ class BatchTooLarge(InvalidArgument):
 
 class MalformedCiphertext(InvalidArgument):
     """MALFORMED_CIPHERTEXT: not a fieldkey envelope, or an unsupported version/suite."""
+
+
+class ContextRequired(InvalidArgument):
+    """CONTEXT_REQUIRED: the field must be bound to its row: pass context= (the row's id)."""
 
 
 class ScopeMismatch(InvalidArgument):
@@ -300,6 +305,7 @@ REASONS: Final[dict[str, type[FieldkeyError]]] = {
     "ERASURE_NOT_FOUND": ErasureNotFound,
     "ERASURE_NOT_CANCELLABLE": ErasureNotCancellable,
     "INDEX_NOT_CONFIGURED": IndexNotConfigured,
+    "CONTEXT_REQUIRED": ContextRequired,
     "PERMISSION_DENIED": PermissionDenied,
     "DECRYPT_RATE_LIMITED": DecryptRateLimited,
     "INDEX_RATE_LIMITED": IndexRateLimited,
