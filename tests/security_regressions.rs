@@ -504,3 +504,108 @@ async fn a_field_bound_to_its_row_cannot_be_swapped_into_another_row() -> Result
     assert_eq!(own.as_deref().ok(), Some(&b"mallory@evil.example"[..]));
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------
+// Finding 5 of the review (authorization): restricting a whole tenant was reachable
+// through SuspendSubject with an empty subject under the subject action, and erasures
+// were read and cancelled service-wide, whatever tenant they belong to.
+
+const TENANT_OPS: &str = "spiffe://example.org/ns/acme/sa/privacy";
+
+/// A policy for an identity that handles acme's data subjects, and nothing else.
+const ACME_ONLY: &str = r#"
+@id("acme-subjects")
+permit (
+  principal == Identity::"spiffe://example.org/ns/acme/sa/privacy",
+  action in [
+    Action::"Erasures::ShredSubject",
+    Action::"Erasures::GetErasure",
+    Action::"Erasures::CancelErasure",
+    Action::"Erasures::SuspendSubject",
+    Action::"Erasures::ResumeSubject"
+  ],
+  resource in Tenant::"acme"
+);
+"#;
+
+#[tokio::test]
+async fn subject_grants_reach_neither_the_whole_tenant_nor_other_tenants_erasures() -> Result<()> {
+    use fieldkey::policy::Authorizer;
+    use fieldkey::proto::pb::{self, ErasureIdRequest, RestrictionRequest, ShredSubjectRequest};
+    use fieldkey::service::gate::{Gate, IdentityConfig};
+    let dir = tempfile::tempdir()?;
+    let policies = dir.path().join("policies");
+    std::fs::create_dir_all(&policies)?;
+    std::fs::write(policies.join("acme.cedar"), ACME_ONLY)?;
+    let store: Arc<dyn KeyStore> = Arc::new(SqlStore::open_sqlite(&dir.path().join("k.db")).await?);
+    let kms = common::local_kms(&dir)?;
+    let keyring = Arc::new(Keyring::new(
+        store.clone(),
+        kms.clone(),
+        KeyringConfig::default(),
+    ));
+    for t in ["acme", "rival"] {
+        keyring.create_tenant(t, None).await?;
+    }
+    let parts = fieldkey::wiring::Parts::new(keyring.clone(), store, kms);
+    let open = common::sidecar::InProcess::start(parts.context()).await?;
+    let gate = Arc::new(Gate::new(
+        Some(Arc::new(Authorizer::load(&policies)?)),
+        None,
+        IdentityConfig {
+            local_identity: Arc::from(TENANT_OPS),
+            ..IdentityConfig::default()
+        },
+    ));
+    let guarded = common::sidecar::InProcess::start(parts.context().with_gate(gate)).await?;
+    let mut admin = pb::erasures_client::ErasuresClient::new(open.channel().await?);
+    let mut acme_ops = pb::erasures_client::ErasuresClient::new(guarded.channel().await?);
+    let shred = |tenant: &str| ShredSubjectRequest {
+        tenant_id: tenant.into(),
+        subject_id: "u-1".into(),
+        grace_seconds: 86_400,
+    };
+    let rivals = admin.shred_subject(shred("rival")).await?.into_inner();
+    let own = acme_ops.shred_subject(shred("acme")).await?.into_inner();
+    let id = |e: &pb::Erasure| ErasureIdRequest {
+        erasure_id: e.erasure_id.clone(),
+    };
+
+    // Its own tenant's erasure: readable.
+    acme_ops.get_erasure(id(&own)).await?;
+    // Another tenant's: neither readable nor cancellable, and still pending.
+    for refused in [
+        acme_ops.get_erasure(id(&rivals)).await.unwrap_err(),
+        acme_ops.cancel_erasure(id(&rivals)).await.unwrap_err(),
+    ] {
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+        assert_eq!(common::grpc::reason(&refused), "PERMISSION_DENIED");
+    }
+    let still = admin.get_erasure(id(&rivals)).await?.into_inner();
+    assert_eq!(still.state, rivals.state, "not cancelled");
+
+    // A subject of its tenant: may be restricted. The whole tenant: not with a grant
+    // for subjects.
+    acme_ops
+        .suspend_subject(RestrictionRequest {
+            tenant_id: "acme".into(),
+            subject_id: "u-2".into(),
+        })
+        .await?;
+    let refused = acme_ops
+        .suspend_subject(RestrictionRequest {
+            tenant_id: "acme".into(),
+            subject_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(
+        refused.message().contains("Erasures::SuspendTenant"),
+        "{refused:?}"
+    );
+    keyring
+        .encrypt(&aad("acme", None, "email", b"r1"), b"still served")
+        .await?;
+    Ok(())
+}

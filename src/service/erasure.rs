@@ -92,15 +92,27 @@ impl ErasuresService {
         }
     }
 
+    /// The tenant of erasure `id`, to authorize against (review finding 5: a caller
+    /// granted erasures of one tenant must not read or cancel another's). `None` when it
+    /// cannot be read: the call is then authorized service-wide, and the handler's own
+    /// lookup reports why (not found, store down).
+    async fn tenant_of(&self, id: &str) -> Option<String> {
+        self.erasures.get(id).await.ok().map(|e| e.tenant_id)
+    }
+
     async fn restriction(
         &self,
         req: Request<pb::RestrictionRequest>,
         suspend: bool,
     ) -> Result<Response<pb::Restriction>, Status> {
-        let action = if suspend {
-            Action::SuspendSubject
-        } else {
-            Action::ResumeSubject
+        // A whole tenant is its own action (review finding 5): a grant to restrict
+        // subjects does not stop a tenant.
+        let whole_tenant = req.get_ref().subject_id.is_empty();
+        let action = match (suspend, whole_tenant) {
+            (true, false) => Action::SuspendSubject,
+            (false, false) => Action::ResumeSubject,
+            (true, true) => Action::SuspendTenant,
+            (false, true) => Action::ResumeTenant,
         };
         let tenant = Some(req.get_ref().tenant_id.as_str());
         let actor = self
@@ -174,7 +186,10 @@ impl pb::erasures_server::Erasures for ErasuresService {
         &self,
         req: Request<pb::ErasureIdRequest>,
     ) -> Result<Response<pb::Erasure>, Status> {
-        let call = self.gate.admit(&req, Action::CancelErasure, None).await?;
+        let tenant = self.tenant_of(&req.get_ref().erasure_id).await;
+        let call = (self.gate)
+            .admit(&req, Action::CancelErasure, tenant.as_deref())
+            .await?;
         let actor = call.caller().actor();
         let id = req.into_inner().erasure_id;
         reply(self.erasures.cancel(&actor, &id).await)
@@ -184,7 +199,10 @@ impl pb::erasures_server::Erasures for ErasuresService {
         &self,
         req: Request<pb::ErasureIdRequest>,
     ) -> Result<Response<pb::Erasure>, Status> {
-        self.gate.admit(&req, Action::GetErasure, None).await?;
+        let tenant = self.tenant_of(&req.get_ref().erasure_id).await;
+        (self.gate)
+            .admit(&req, Action::GetErasure, tenant.as_deref())
+            .await?;
         reply(self.erasures.get(&req.into_inner().erasure_id).await)
     }
 

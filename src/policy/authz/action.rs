@@ -100,11 +100,13 @@ actions! {
     CancelJob => "Jobs", "CancelJob", Service, "Cancel a job.";
     ShredSubject => "Erasures", "ShredSubject", Tenant, "Request the erasure of a subject's key.";
     ShredTenant => "Erasures", "ShredTenant", Tenant, "Request the erasure of a whole tenant.";
-    CancelErasure => "Erasures", "CancelErasure", Service, "Cancel a pending erasure.";
-    GetErasure => "Erasures", "GetErasure", Service, "Read one erasure and its receipt.";
+    CancelErasure => "Erasures", "CancelErasure", TenantOrService, "Cancel a pending erasure (authorized against the erasure's tenant).";
+    GetErasure => "Erasures", "GetErasure", TenantOrService, "Read one erasure and its receipt (authorized against the erasure's tenant).";
     ListErasures => "Erasures", "ListErasures", TenantOrService, "List erasures (optionally of one tenant).";
     SuspendSubject => "Erasures", "SuspendSubject", Tenant, "Restrict a subject's key (GDPR Art. 18).";
     ResumeSubject => "Erasures", "ResumeSubject", Tenant, "Lift a subject's restriction.";
+    SuspendTenant => "Erasures", "SuspendTenant", Tenant, "Restrict a whole tenant (`SuspendSubject` without a subject).";
+    ResumeTenant => "Erasures", "ResumeTenant", Tenant, "Lift a whole tenant's restriction (`ResumeSubject` without a subject).";
     GetReceiptKey => "Erasures", "GetReceiptKey", Service, "Read the public key that verifies erasure receipts.";
     ExportAudit => "Audit", "ExportAudit", Service, "Export audit records.";
     GetAuditHead => "Audit", "GetAuditHead", Service, "Read the audit chain's head (signed checkpoint).";
@@ -170,7 +172,7 @@ mod tests {
 
     #[test]
     fn names_round_trip_and_indices_match_all() {
-        assert_eq!(Action::ALL.len(), 32);
+        assert_eq!(Action::ALL.len(), 34);
         for (i, a) in Action::ALL.iter().enumerate() {
             assert_eq!(a.index(), i);
             assert_eq!(Action::parse(a.as_str()), Some(*a));

@@ -117,6 +117,8 @@ fn grants() -> Vec<(&'static str, &'static str, Vec<Action>)> {
                 A::ListErasures,
                 A::SuspendSubject,
                 A::ResumeSubject,
+                A::SuspendTenant,
+                A::ResumeTenant,
                 A::GetReceiptKey,
                 A::GetTenant,
                 A::WhoAmI,
