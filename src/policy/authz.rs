@@ -130,6 +130,15 @@ impl Snapshot {
             path: path.display().to_string(),
             source,
         };
+        // A mounted ConfigMap is updated by writing a new `..<timestamp>` directory and
+        // swapping the `..data` symlink to it at once; the visible files are symlinks
+        // through `..data`. Read file by file through them, a read that spans a swap
+        // would mix old and new files (a `forbid` of the old set missing beside a
+        // `permit` of the new). So `..data` is resolved once and every file is read
+        // from that one directory (review finding 5). If the old directory is removed
+        // under the read, the read fails and the last good set keeps serving.
+        let resolved = std::fs::canonicalize(dir.join("..data")).ok();
+        let dir = resolved.as_deref().filter(|d| d.is_dir()).unwrap_or(dir);
         let mut names = Vec::new();
         for entry in std::fs::read_dir(dir).map_err(|e| read_err(dir, e))? {
             let entry = entry.map_err(|e| read_err(dir, e))?;
@@ -444,3 +453,65 @@ impl Authorizer {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod configmap_tests {
+    use super::Snapshot;
+    use std::path::Path;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// Version `v` of a two-file set, in its own `..<v>` directory.
+    fn version(root: &Path, v: &str) {
+        let d = root.join(format!("..{v}"));
+        std::fs::create_dir_all(&d).unwrap();
+        for f in ["a.cedar", "b.cedar"] {
+            std::fs::write(d.join(f), format!("// {v}\n")).unwrap();
+        }
+    }
+
+    /// Points `..data` at `..<v>` atomically (a new symlink renamed over the old).
+    fn swap(root: &Path, v: &str) {
+        let tmp = root.join("..data_tmp");
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(format!("..{v}"), &tmp).unwrap();
+        std::fs::rename(&tmp, root.join("..data")).unwrap();
+    }
+
+    #[test]
+    fn a_configmap_swap_never_yields_a_mixed_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        version(root, "v1");
+        version(root, "v2");
+        swap(root, "v1");
+        for f in ["a.cedar", "b.cedar"] {
+            std::os::unix::fs::symlink(format!("..data/{f}"), root.join(f)).unwrap();
+        }
+        /// Stops the swapper however the reader ends (a failed assertion included).
+        struct Stop<'a>(&'a AtomicBool);
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+        let stop = AtomicBool::new(false);
+        let mixed = std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    swap(root, if n.is_multiple_of(2) { "v1" } else { "v2" });
+                }
+            });
+            let _stop = Stop(&stop);
+            (0..3000)
+                .filter_map(|_| {
+                    let snap = Snapshot::read(root).ok()?;
+                    let texts: Vec<String> = snap.cedar.into_iter().map(|(_, t)| t).collect();
+                    (texts.len() != 2 || texts[0] != texts[1]).then_some(texts)
+                })
+                .next()
+        });
+        assert_eq!(mixed, None, "a snapshot mixed two versions");
+    }
+}
