@@ -13,6 +13,7 @@
     clippy::unwrap_used,
     clippy::expect_used,
     clippy::panic,
+    clippy::indexing_slicing,
     reason = "test code fails by panicking"
 )]
 
@@ -223,8 +224,40 @@ enum Listener {
 /// `0.0.0.0:<free port>`; stops when dropped.
 struct Server {
     port: u16,
+    store: Arc<dyn fieldkey::store::KeyStore>,
     _stop: tokio::sync::oneshot::Sender<()>,
     _dir: tempfile::TempDir,
+}
+
+impl Server {
+    /// The audit records of refused identities, once there are `n` of them.
+    async fn refusals(&self, n: usize) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let found: Vec<_> = self
+                .store
+                .audit_records(0, 100_000)
+                .await
+                .unwrap()
+                .into_iter()
+                .filter(|r| r.event.action == "authz.unauthenticated")
+                .map(|r| {
+                    let mut d = r.event.details.clone();
+                    d["actor"] = r.event.actor.clone().into();
+                    d["caller_ip"] = r.event.caller_ip.clone().into();
+                    d
+                })
+                .collect();
+            if found.len() >= n {
+                return found;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{n} refusals not audited in 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
 }
 
 async fn serve(listener: Listener, trust_linkerd: bool) -> Result<Server> {
@@ -236,10 +269,15 @@ async fn serve(listener: Listener, trust_linkerd: bool) -> Result<Server> {
         kms.clone(),
         KeyringConfig::default(),
     ));
-    let parts = fieldkey::wiring::Parts::new(keyring, store, kms);
+    let parts = fieldkey::wiring::Parts::new(keyring, store.clone(), kms);
+    let audit = Arc::new(parts.audit_log(fieldkey::audit::AuditConfig {
+        window: Duration::from_secs(3600),
+        checkpoint_every: Duration::from_secs(3600),
+        executor: "test".into(),
+    }));
     let gate = Arc::new(Gate::new(
         None,
-        None,
+        Some(audit),
         IdentityConfig {
             local_identity: Arc::from(LOCAL),
             trust_linkerd,
@@ -264,6 +302,7 @@ async fn serve(listener: Listener, trust_linkerd: bool) -> Result<Server> {
     }
     Ok(Server {
         port,
+        store,
         _stop: tx,
         _dir: dir,
     })
@@ -313,6 +352,16 @@ async fn a_forged_header_from_another_pod_is_refused_on_the_plain_listener() -> 
     refused(who(&ch, Some(OPERATOR)).await, "IDENTITY_HEADER_UNTRUSTED");
     // Also an empty one: any header is refused where it is not trusted.
     refused(who(&ch, Some("")).await, "IDENTITY_HEADER_UNTRUSTED");
+    // Each attempt is an audit record naming the identity claimed, not served.
+    let audited = s.refusals(2).await;
+    assert_eq!(audited[0]["reason"], "IDENTITY_HEADER_UNTRUSTED");
+    assert_eq!(audited[0]["claimed_identity"], OPERATOR);
+    assert_eq!(audited[0]["actor"], "fieldkey:refused-identity");
+    assert!(
+        audited[0]["caller_ip"]
+            .as_str()
+            .is_some_and(|ip| !ip.is_empty())
+    );
     Ok(())
 }
 

@@ -201,9 +201,52 @@ impl Gate {
             Ok(_) => Ok(()),
             Err((refusal, ip)) => {
                 tracing::warn!(caller_ip = ip.as_deref().unwrap_or("-"), reason = %refusal, "caller identity refused");
-                Err(super::status::to_status(&Error::Unauthenticated(refusal)))
+                let status = super::status::to_status(&Error::Unauthenticated(refusal));
+                self.record_refusal(req, &status, ip);
+                Err(status)
             }
         }
+    }
+
+    /// One `authz.unauthenticated` audit record of a refused identity (written off the
+    /// request path), with the identity claimed, cut to 255 bytes: an attempt to pose
+    /// as an operator belongs in the tamper-evident log, not only in the process log.
+    fn record_refusal<T>(&self, req: &Request<T>, status: &tonic::Status, ip: Option<String>) {
+        let (Some(audit), Ok(rt)) = (&self.audit, tokio::runtime::Handle::try_current()) else {
+            return;
+        };
+        let claimed = req
+            .metadata()
+            .get(LINKERD_ID_HEADER)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .map(|mut c| {
+                let mut end = c.len().min(255);
+                while !c.is_char_boundary(end) {
+                    end -= 1;
+                }
+                c.truncate(end);
+                c
+            });
+        let reason = status
+            .metadata()
+            .get(super::status::REASON_KEY)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let audit = audit.clone();
+        rt.spawn(async move {
+            audit
+                .event(AuditEvent {
+                    action: "authz.unauthenticated".into(),
+                    resource_type: "service".into(),
+                    resource_id: "fieldkey".into(),
+                    actor: REFUSED_IDENTITY.into(),
+                    tenant_id: None,
+                    caller_ip: ip,
+                    details: json!({ "reason": reason, "claimed_identity": claimed }),
+                })
+                .await;
+        });
     }
 
     /// Who is calling (a call refused by [`Gate::screen`] gets an identity no policy
