@@ -329,7 +329,7 @@ fn main() {
     std::fs::write(
         &cfg_on,
         format!(
-            "[authz]\npolicies = {:?}\nlocal_identity = \"spiffe://example.org/ns/shop/sa/web\"\ntrust_linkerd_identity = true\n",
+            "[listen]\ntcp_behind_linkerd = true\n[authz]\npolicies = {:?}\nlocal_identity = \"spiffe://example.org/ns/shop/sa/web\"\ntrust_linkerd_identity = true\n",
             concat!(env!("CARGO_MANIFEST_DIR"), "/policies")
         ),
     )

@@ -10,7 +10,7 @@
 #      (K8S_VERSION below); Linkerd policy objects instead pass jsonschema against their
 #      CRD schemas in deploy/k8s/schemas/;
 #   4. the fieldkey configuration files parse as TOML and use only keys that
-#      src/config.rs declares; with a fieldkey binary (FIELDKEY_BIN, else a debug build
+#      src/config.rs (and src/config/*.rs) declares; with a fieldkey binary (FIELDKEY_BIN, else a debug build
 #      of the working tree, the one `cargo test` reuses), the containers' command lines
 #      pass the CLI's parser, and `fieldkey serve` starts on every rendered configuration
 #      with the rendered policies ConfigMap (config keys, Cedar policies against the
@@ -198,7 +198,9 @@ print(f"  jsonschema (Linkerd): {js['passed']} passed, {js['failed']} failed")
 # 4. fieldkey configuration and command lines ----------------------------------------
 section("fieldkey: configuration keys and command lines")
 declared = set()
-for src in ("src/config.rs", "src/transport/mtls.rs"):
+config_sources = ["src/config.rs", "src/transport/mtls.rs"]
+config_sources += sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "src/config").glob("*.rs"))
+for src in config_sources:
     declared |= set(re.findall(r"^\s*pub (\w+):", (ROOT / src).read_text(), re.M))
 
 

@@ -9,6 +9,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+mod listen;
+pub use listen::ListenConfig;
+
 /// Everything `fieldkey serve` needs.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -226,8 +229,10 @@ pub struct AuthzSettings {
     pub reload_secs: u64,
     /// Identity of callers on the loopback and Unix-socket listeners (the pod's own).
     pub local_identity: String,
-    /// Take the caller identity from Linkerd's `l5d-client-id` header on the local
-    /// listeners (only behind a Linkerd proxy).
+    /// Take the caller identity from Linkerd's `l5d-client-id` header, on the TCP
+    /// listener declared behind the pod's Linkerd proxy (`listen.tcp_behind_linkerd`,
+    /// required with this) and from peers inside the pod only; the other plaintext
+    /// listeners then refuse requests carrying it (UNAUTHENTICATED).
     pub trust_linkerd_identity: bool,
 }
 
@@ -391,28 +396,6 @@ impl Default for Config {
             blind_index: BlindIndexSettings::default(),
             metrics: MetricsSettings::default(),
             row_binding: RowBindingSettings::default(),
-        }
-    }
-}
-
-/// Where the sidecar listens.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ListenConfig {
-    /// Plaintext gRPC on TCP; keep it on loopback (the application in the same pod).
-    pub tcp: Option<String>,
-    /// Plaintext gRPC on a Unix socket.
-    pub unix: Option<PathBuf>,
-    /// mTLS gRPC for remote callers (admin, erasure workflow, jobs).
-    pub mtls: Option<crate::transport::mtls::MtlsConfig>,
-}
-
-impl Default for ListenConfig {
-    fn default() -> Self {
-        Self {
-            tcp: Some("127.0.0.1:7450".into()),
-            unix: None,
-            mtls: None,
         }
     }
 }
@@ -640,12 +623,7 @@ impl Config {
             ));
         }
         self.index_profiles()?;
-        if self.listen.tcp.is_none() && self.listen.unix.is_none() && self.listen.mtls.is_none() {
-            return Err(ConfigError::Invalid(
-                "configure at least one listener (listen.tcp or listen.unix)".into(),
-            ));
-        }
-        Ok(())
+        self.listen.validate(&self.authz)
     }
 
     /// The blind-index profiles, checked.

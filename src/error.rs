@@ -168,6 +168,11 @@ pub enum Error {
         /// Which rule decided (identities, tenants and fields only).
         reason: String,
     },
+    /// The caller's identity cannot be established as presented: an identity header
+    /// where it is not trusted, or a call that bypassed the mesh proxy the listener is
+    /// declared behind. Refused before any authorization.
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(IdentityRefusal),
     /// The caller's decrypt-rate ceiling is exhausted (policy `limits.toml`).
     #[error("{0}")]
     RateLimited(String),
@@ -215,4 +220,23 @@ impl From<CryptoError> for Error {
             other => Error::MalformedEnvelope(other),
         }
     }
+}
+
+/// Why a plaintext caller's identity was refused (docs/AUDIT.md §1, docs/THREAT_MODEL.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum IdentityRefusal {
+    /// Linkerd's `l5d-client-id` arrived on a plaintext listener that is not declared as
+    /// behind the Linkerd proxy (`listen.tcp_behind_linkerd`) while the header is
+    /// trusted: anyone reaching that listener could have written it.
+    #[error(
+        "l5d-client-id is trusted only on the TCP listener declared behind the Linkerd proxy (listen.tcp_behind_linkerd); this listener refuses it"
+    )]
+    HeaderOnUndeclaredListener,
+    /// A call on the listener declared behind the Linkerd proxy came from outside the
+    /// pod: the proxy connects from inside it, so this caller bypassed the proxy.
+    #[error(
+        "this listener is declared behind the Linkerd proxy and serves only connections from inside the pod (the proxy's); the caller is outside it"
+    )]
+    NotThroughProxy,
 }

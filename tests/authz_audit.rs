@@ -90,7 +90,8 @@ async fn env(limits: &str) -> Result<Env> {
     ));
     let mut ctx = parts.context().with_gate(gate);
     ctx.audit = audit.clone();
-    let server = common::sidecar::InProcess::start(ctx).await?;
+    // The mesh listener: the header is trusted there only (review finding 2, issue 19).
+    let server = common::sidecar::InProcess::start_behind_linkerd(ctx).await?;
     let ch = server.channel().await?;
     Ok(Env {
         _dir: dir,

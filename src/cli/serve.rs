@@ -411,13 +411,22 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(addr) = &cfg.listen.tcp {
         let listener = crate::transport::bind_tcp(addr).await?;
         let local = listener.local_addr()?;
-        tracing::info!(%local, "serving gRPC on TCP");
         println!("fieldkey listening on tcp://{local}");
-        servers.spawn(crate::transport::serve_tcp(
-            routes.clone(),
-            listener,
-            wait(stop_rx.clone()),
-        ));
+        if cfg.listen.tcp_behind_linkerd {
+            tracing::info!(%local, trust_linkerd_identity = cfg.authz.trust_linkerd_identity, "serving gRPC on TCP behind the Linkerd proxy (callers from outside the pod are refused)");
+            servers.spawn(crate::transport::linkerd::serve_tcp_behind_linkerd(
+                routes.clone(),
+                listener,
+                wait(stop_rx.clone()),
+            ));
+        } else {
+            tracing::info!(%local, "serving gRPC on TCP");
+            servers.spawn(crate::transport::serve_tcp(
+                routes.clone(),
+                listener,
+                wait(stop_rx.clone()),
+            ));
+        }
     }
     if let Some(path) = &cfg.listen.unix {
         let listener = crate::transport::bind_unix(path)?;

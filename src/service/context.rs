@@ -7,6 +7,8 @@
 
 use std::sync::Arc;
 
+use tonic::service::interceptor::{InterceptedService, Interceptor};
+
 use super::audit::{self, AuditService};
 use super::crypto::CryptoService;
 use super::erasure::ErasuresService;
@@ -70,6 +72,16 @@ impl Context {
     }
 }
 
+/// The gate's identity screen as a tonic interceptor ([`Gate::screen`]).
+#[derive(Debug, Clone)]
+struct Screen(Arc<Gate>);
+
+impl Interceptor for Screen {
+    fn call(&mut self, req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        self.0.screen(&req).map(|()| req)
+    }
+}
+
 /// The full set of gRPC services: Crypto, Keys, Jobs, Erasures, Audit, standard
 /// health and reflection.
 ///
@@ -106,28 +118,46 @@ pub async fn routes(ctx: Context) -> Result<tonic::service::Routes, Error> {
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| Error::Internal(format!("reflection descriptor: {e}")))?;
-    let crypto = pb::crypto_server::CryptoServer::new(CryptoService::new(
-        keyring.clone(),
-        guard.clone(),
-        row_binding,
-    ))
-    .max_decoding_message_size(limits.max_message_bytes)
-    .max_encoding_message_size(limits.max_message_bytes);
-    let keys = pb::keys_server::KeysServer::new(KeysService::new(
-        keyring.clone(),
-        guard,
-        rotation,
-        epochs,
-    ))
-    .max_decoding_message_size(limits.max_message_bytes);
-    let jobs = pb::jobs_server::JobsServer::new(JobsService::new(jobs, gate.clone()));
-    let audit_svc = pb::audit_server::AuditServer::new(AuditService::new(
-        evidence,
-        audit,
-        gate.clone(),
-        report,
-    ));
-    let erasures = pb::erasures_server::ErasuresServer::new(ErasuresService::new(erasures, gate));
+    // Every call's identity is screened before its handler runs: a forged or misrouted
+    // `l5d-client-id` refuses the whole call (a batch too), never one item at a time.
+    let screen = Screen(gate.clone());
+    let crypto = InterceptedService::new(
+        pb::crypto_server::CryptoServer::new(CryptoService::new(
+            keyring.clone(),
+            guard.clone(),
+            row_binding,
+        ))
+        .max_decoding_message_size(limits.max_message_bytes)
+        .max_encoding_message_size(limits.max_message_bytes),
+        screen.clone(),
+    );
+    let keys = InterceptedService::new(
+        pb::keys_server::KeysServer::new(KeysService::new(
+            keyring.clone(),
+            guard,
+            rotation,
+            epochs,
+        ))
+        .max_decoding_message_size(limits.max_message_bytes),
+        screen.clone(),
+    );
+    let jobs = InterceptedService::new(
+        pb::jobs_server::JobsServer::new(JobsService::new(jobs, gate.clone())),
+        screen.clone(),
+    );
+    let audit_svc = InterceptedService::new(
+        pb::audit_server::AuditServer::new(AuditService::new(
+            evidence,
+            audit,
+            gate.clone(),
+            report,
+        )),
+        screen.clone(),
+    );
+    let erasures = InterceptedService::new(
+        pb::erasures_server::ErasuresServer::new(ErasuresService::new(erasures, gate)),
+        screen,
+    );
     Ok(tonic::service::Routes::new(crypto)
         .add_service(keys)
         .add_service(jobs)

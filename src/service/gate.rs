@@ -1,8 +1,22 @@
 //! Who is calling, may they, and the audit trail of it: the caller identity (mTLS
 //! SAN; the configured local identity on the loopback and Unix-socket listeners;
-//! Linkerd's `l5d-client-id` only when configured to trust it), the authorization
-//! decision (Cedar policies, default deny), the decrypt-rate guard, and the audit
-//! records (data operations counted per window; administration one record each).
+//! Linkerd's `l5d-client-id` only when configured to trust it, and then only on the
+//! TCP listener declared behind the Linkerd proxy and from a peer inside the pod), the
+//! authorization decision (Cedar policies, default deny), the decrypt-rate guard, and
+//! the audit records (data operations counted per window; administration one record
+//! each).
+//!
+//! Identity rules ([`Gate::screen`] refuses, before any handler runs; [`Gate::caller`]
+//! names the caller of a screened call):
+//! - mTLS: the client certificate's typed SAN; an `l5d-client-id` header is ignored.
+//! - The listener declared behind the Linkerd proxy (`transport::linkerd`): a peer
+//!   outside the pod is refused (`NOT_THROUGH_MESH_PROXY`, UNAUTHENTICATED), header or
+//!   not: the proxy connects from inside the pod, so this caller went around it. From
+//!   inside, the header names the caller when trusted, else the local identity.
+//! - Any other plaintext listener: with the header trusted, a request carrying it is
+//!   refused (`IDENTITY_HEADER_UNTRUSTED`, UNAUTHENTICATED): a forged identity is
+//!   refused loudly, not served quietly as the local identity. With the header not
+//!   trusted, it is ignored.
 
 use std::sync::Arc;
 
@@ -11,12 +25,20 @@ use tonic::Request;
 
 use crate::audit::{AuditEvent, AuditLog, mask_ip};
 use crate::erasure::Actor;
-use crate::error::Error;
+use crate::error::{Error, IdentityRefusal};
 use crate::policy::authz::{
     Action, Authorizer, AuthzRequest, DecryptGuard, TRANSPORT_LINKERD, TRANSPORT_LOCAL,
     TRANSPORT_MTLS,
 };
+use crate::transport::linkerd::ProxiedConnInfo;
 use crate::transport::mtls::CallerInfo;
+
+/// Linkerd's header naming the meshed caller.
+const LINKERD_ID_HEADER: &str = "l5d-client-id";
+
+/// The identity given to a refused call if it ever reached a handler unscreened (no
+/// policy names it; [`Gate::screen`] refuses such calls first).
+const REFUSED_IDENTITY: &str = "fieldkey:refused-identity";
 
 /// Where identities come from.
 #[derive(Debug, Clone)]
@@ -24,8 +46,10 @@ pub struct IdentityConfig {
     /// The identity of callers on the loopback TCP and Unix-socket listeners (the
     /// pod's own identity: they are in the pod).
     pub local_identity: Arc<str>,
-    /// Take the identity from Linkerd's `l5d-client-id` header on the local listeners
-    /// (only behind a Linkerd proxy, which sets it and strips it from clients).
+    /// Take the identity from Linkerd's `l5d-client-id` header, on the TCP listener
+    /// declared behind the pod's Linkerd proxy only (which sets it and strips it from
+    /// clients' requests), from peers inside the pod only. Elsewhere a request carrying
+    /// it is refused.
     pub trust_linkerd: bool,
 }
 
@@ -125,34 +149,116 @@ impl Gate {
         self.audit.as_ref()
     }
 
-    /// Who is calling.
-    pub fn caller<T>(&self, req: &Request<T>) -> Caller {
+    /// Who is calling, or why the identity presented is refused (the rules are in
+    /// the module documentation).
+    fn identify<T>(&self, req: &Request<T>) -> Result<Caller, (IdentityRefusal, Option<String>)> {
         if let Some(c) = req.extensions().get::<CallerInfo>() {
-            return Caller {
+            // The certificate names the caller; a header cannot override it.
+            return Ok(Caller {
                 identity: Arc::from(c.identity.as_str()),
                 transport: TRANSPORT_MTLS,
                 ip: c.remote_addr.map(|a| mask_ip(a.ip())),
-            };
+            });
         }
-        let ip = req.remote_addr().map(|a| mask_ip(a.ip()));
-        if self.ids.trust_linkerd
-            && let Some(id) = req
-                .metadata()
-                .get("l5d-client-id")
-                .and_then(|v| v.to_str().ok())
-                .filter(|v| !v.is_empty())
-        {
-            return Caller {
-                identity: Arc::from(id),
-                transport: TRANSPORT_LINKERD,
-                ip,
-            };
-        }
-        Caller {
+        let header = req
+            .metadata()
+            .get(LINKERD_ID_HEADER)
+            .map(|v| v.to_str().unwrap_or_default());
+        let local = |ip| Caller {
             identity: self.ids.local_identity.clone(),
             transport: TRANSPORT_LOCAL,
             ip,
+        };
+        if let Some(conn) = req.extensions().get::<ProxiedConnInfo>() {
+            let ip = conn.remote_addr.map(|a| mask_ip(a.ip()));
+            if !conn.peer_in_pod() {
+                return Err((IdentityRefusal::NotThroughProxy, ip));
+            }
+            return Ok(
+                match header.filter(|v| self.ids.trust_linkerd && !v.is_empty()) {
+                    Some(id) => Caller {
+                        identity: Arc::from(id),
+                        transport: TRANSPORT_LINKERD,
+                        ip,
+                    },
+                    None => local(ip),
+                },
+            );
         }
+        let ip = req.remote_addr().map(|a| mask_ip(a.ip()));
+        if self.ids.trust_linkerd && header.is_some() {
+            return Err((IdentityRefusal::HeaderOnUndeclaredListener, ip));
+        }
+        Ok(local(ip))
+    }
+
+    /// Refuses a call whose identity cannot be established as presented (run on every
+    /// call before its handler, as an interceptor).
+    ///
+    /// # Errors
+    /// UNAUTHENTICATED with reason `IDENTITY_HEADER_UNTRUSTED` or
+    /// `NOT_THROUGH_MESH_PROXY`.
+    pub fn screen<T>(&self, req: &Request<T>) -> Result<(), tonic::Status> {
+        match self.identify(req) {
+            Ok(_) => Ok(()),
+            Err((refusal, ip)) => {
+                tracing::warn!(caller_ip = ip.as_deref().unwrap_or("-"), reason = %refusal, "caller identity refused");
+                let status = super::status::to_status(&Error::Unauthenticated(refusal));
+                self.record_refusal(req, &status, ip);
+                Err(status)
+            }
+        }
+    }
+
+    /// One `authz.unauthenticated` audit record of a refused identity (written off the
+    /// request path), with the identity claimed, cut to 255 bytes: an attempt to pose
+    /// as an operator belongs in the tamper-evident log, not only in the process log.
+    fn record_refusal<T>(&self, req: &Request<T>, status: &tonic::Status, ip: Option<String>) {
+        let (Some(audit), Ok(rt)) = (&self.audit, tokio::runtime::Handle::try_current()) else {
+            return;
+        };
+        let claimed = req
+            .metadata()
+            .get(LINKERD_ID_HEADER)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .map(|mut c| {
+                let mut end = c.len().min(255);
+                while !c.is_char_boundary(end) {
+                    end -= 1;
+                }
+                c.truncate(end);
+                c
+            });
+        let reason = status
+            .metadata()
+            .get(super::status::REASON_KEY)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let audit = audit.clone();
+        rt.spawn(async move {
+            audit
+                .event(AuditEvent {
+                    action: "authz.unauthenticated".into(),
+                    resource_type: "service".into(),
+                    resource_id: "fieldkey".into(),
+                    actor: REFUSED_IDENTITY.into(),
+                    tenant_id: None,
+                    caller_ip: ip,
+                    details: json!({ "reason": reason, "claimed_identity": claimed }),
+                })
+                .await;
+        });
+    }
+
+    /// Who is calling (a call refused by [`Gate::screen`] gets an identity no policy
+    /// names).
+    pub fn caller<T>(&self, req: &Request<T>) -> Caller {
+        self.identify(req).unwrap_or_else(|(_, ip)| Caller {
+            identity: Arc::from(REFUSED_IDENTITY),
+            transport: TRANSPORT_LOCAL,
+            ip,
+        })
     }
 
     fn decide(

@@ -8,7 +8,7 @@
 
 use tonic::{Code, Status};
 
-use crate::error::{Error, KmsError, StoreError};
+use crate::error::{Error, IdentityRefusal, KmsError, StoreError};
 use crate::proto::pb::{self, ItemError};
 
 /// Metadata key carrying the machine-readable reason.
@@ -40,6 +40,13 @@ pub fn classify(e: &Error) -> (Code, &'static str) {
         Error::PermissionDenied { .. } => (Code::PermissionDenied, "PERMISSION_DENIED"),
         Error::IndexNotConfigured { .. } => (Code::FailedPrecondition, "INDEX_NOT_CONFIGURED"),
         Error::ContextRequired { .. } => (Code::InvalidArgument, "CONTEXT_REQUIRED"),
+        Error::Unauthenticated(r) => (
+            Code::Unauthenticated,
+            match r {
+                IdentityRefusal::HeaderOnUndeclaredListener => "IDENTITY_HEADER_UNTRUSTED",
+                IdentityRefusal::NotThroughProxy => "NOT_THROUGH_MESH_PROXY",
+            },
+        ),
         Error::RateLimited(_) => (Code::ResourceExhausted, "DECRYPT_RATE_LIMITED"),
         Error::IndexRateLimited(_) => (Code::ResourceExhausted, "INDEX_RATE_LIMITED"),
         Error::ErasureNotCancellable { .. } => {
@@ -315,6 +322,16 @@ mod tests {
                 Error::PermissionDenied { reason: "r".into() },
                 Code::PermissionDenied,
                 "PERMISSION_DENIED",
+            ),
+            (
+                Error::Unauthenticated(IdentityRefusal::HeaderOnUndeclaredListener),
+                Code::Unauthenticated,
+                "IDENTITY_HEADER_UNTRUSTED",
+            ),
+            (
+                Error::Unauthenticated(IdentityRefusal::NotThroughProxy),
+                Code::Unauthenticated,
+                "NOT_THROUGH_MESH_PROXY",
             ),
             (
                 Error::RateLimited("r".into()),

@@ -1,9 +1,11 @@
 //! Listeners: plaintext gRPC on loopback TCP and on a Unix socket, for the application
-//! in the same pod; mTLS for remote callers ([`mtls`]).
+//! in the same pod; plaintext TCP behind the pod's Linkerd proxy ([`linkerd`]); mTLS
+//! for remote callers ([`mtls`]).
 //!
 //! Owns: binding, serving and graceful shutdown (stop accepting, drain in-flight calls).
 //! Must not: interpret requests (the service does).
 
+pub mod linkerd;
 pub mod mtls;
 
 use std::future::Future;

@@ -15,6 +15,7 @@
 
 pub mod grpc;
 pub mod kms_rules;
+pub mod pki;
 pub mod sidecar;
 
 use std::path::PathBuf;

@@ -314,16 +314,34 @@ pub struct InProcess {
 impl InProcess {
     /// Serves the routes of `ctx`.
     pub async fn start(ctx: fieldkey::service::Context) -> Result<Self> {
+        Self::start_on(ctx, false).await
+    }
+
+    /// Serves the routes of `ctx` on a listener declared behind the Linkerd proxy (the
+    /// only one where a trusted `l5d-client-id` names the caller; the test's loopback
+    /// client stands for the proxy).
+    pub async fn start_behind_linkerd(ctx: fieldkey::service::Context) -> Result<Self> {
+        Self::start_on(ctx, true).await
+    }
+
+    async fn start_on(ctx: fieldkey::service::Context, behind_linkerd: bool) -> Result<Self> {
         let routes = fieldkey::service::routes(ctx).await?;
         let listener = fieldkey::transport::bind_tcp("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
-            fieldkey::transport::serve_tcp(routes, listener, async {
+            let stop = async {
                 let _ = rx.await;
-            })
-            .await
-            .unwrap();
+            };
+            if behind_linkerd {
+                fieldkey::transport::linkerd::serve_tcp_behind_linkerd(routes, listener, stop)
+                    .await
+                    .unwrap();
+            } else {
+                fieldkey::transport::serve_tcp(routes, listener, stop)
+                    .await
+                    .unwrap();
+            }
         });
         Ok(Self {
             addr,
