@@ -10,8 +10,11 @@ use std::process::{Command, Output};
 use common::sidecar::{BIN, Sidecar};
 
 /// `fieldkey serve` on the embedded defaults under `data_dir`, without a passphrase.
+/// Authorization OFF on purpose: the embedded defaults are the development mode these
+/// tests are about (every caller may do everything; the sidecar warns at start).
 fn start(data_dir: &Path) -> Sidecar {
     Sidecar::builder()
+        .authz_off()
         .any_port()
         .data_dir(data_dir)
         .env_remove("FIELDKEY_LOCAL_KMS_PASSPHRASE")

@@ -20,9 +20,11 @@ fn start(dir: &std::path::Path, pg: &str) -> Sidecar {
         &cfg,
         format!(
             "data_dir = {:?}\n[store]\npostgres_url = {pg:?}\n[erasure]\nledger = {:?}\n\
-             [metrics]\nlisten = \"127.0.0.1:0\"\nrefresh_secs = 1\n[cache]\nmax_stale_ms = 0\n",
+             [metrics]\nlisten = \"127.0.0.1:0\"\nrefresh_secs = 1\n[cache]\nmax_stale_ms = 0\n\
+             {}",
             dir,
-            dir.join("ledger.db")
+            dir.join("ledger.db"),
+            common::sidecar::TRUST_MESH,
         ),
     )
     .unwrap();

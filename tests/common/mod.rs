@@ -92,6 +92,50 @@ impl PgDb {
     }
 }
 
+/// How often [`eventually`] looks again.
+pub const POLL_EVERY: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Polls `check` until it returns `Some` (its value is returned) or `within` has
+/// passed, then fails the test naming `what`. For waiting on an effect another task or
+/// process brings about (a job finished, a file picked up, a checkpoint written): no
+/// fixed sleep that is too short on a loaded machine and too long everywhere else.
+pub async fn eventually<T, F, Fut>(what: &str, within: std::time::Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not within {within:?}: {what}"
+        );
+        tokio::time::sleep(POLL_EVERY).await;
+    }
+}
+
+/// [`eventually`] for blocking code (threads, child processes).
+pub fn eventually_blocking<T>(
+    what: &str,
+    within: std::time::Duration,
+    mut check: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not within {within:?}: {what}"
+        );
+        std::thread::sleep(POLL_EVERY);
+    }
+}
+
 pub fn rand_bytes<const N: usize>() -> [u8; N] {
     let mut b = [0u8; N];
     getrandom::fill(&mut b).expect("rng");
