@@ -1,0 +1,647 @@
+//! A `fieldkey serve` process at `RUST_LOG=trace` (every crate, every level) through
+//! traffic (encrypt, decrypt, batches, blind index, pseudonyms), client errors
+//! (tampered ciphertext, denied identities, unknown tenant, scope mismatch, a shredded
+//! subject), a rotation, a key epoch roll and a subject erasure with its receipt. Then
+//! every line it logged is scanned for what a log reader must never see
+//! (`docs/THREAT_MODEL.md`, "log reader"): the plaintexts, the subject ids, the local
+//! KMS passphrase, and every key the test can recover from the data directory the way
+//! an owner of the passphrase could: the root key, the epoch keys, every tenant key
+//! version, subject-wrapping key, subject key and signing-key seed, and the field keys
+//! derived from them (`docs/FORMAT.md` §4), each in hex (both cases), base64 (standard
+//! and URL-safe, padded or not), as a Rust byte-array `Debug`, and by prefix.
+#![expect(
+    clippy::unwrap_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "test code fails by panicking"
+)]
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
+use common::grpc::{as_id, create_tenant, ids, reason};
+use common::sidecar::{Sidecar, TRUST_MESH};
+use fieldkey::crypto::{SecretKey, Xaes256Gcm, unwrap_subject_key, unwrap_subject_key_epoch};
+use fieldkey::kms::local::LocalKms;
+use fieldkey::kms::{EncryptionContext, Kms as _, WrappedKey};
+use fieldkey::proto::pb::{
+    self, crypto_client::CryptoClient, erasures_client::ErasuresClient, keys_client::KeysClient,
+};
+use secrecy::SecretString;
+use sqlx::Row as _;
+use tonic::Code;
+use tonic::transport::Channel;
+
+const PASSPHRASE: &str = "canary-passphrase-Qx7vR2mK9w";
+const TENANT: &str = "acme";
+/// Subject ids: shredded, kept, and one only pseudonymized.
+const SUBJECTS: [&str; 3] = [
+    "subj-canary-alpha-5521",
+    "subj-canary-bravo-7734",
+    "subj-canary-charlie-9045",
+];
+const PLAINTEXTS: [&str; 4] = [
+    "pt-canary-email-8c41@example.org",
+    "pt-canary-phone-+33612349876",
+    "pt-canary-tenantwide-3f9e",
+    "pt-canary-indexed-b7d2@example.org",
+];
+
+/// Every form of `b` that a log line might carry.
+fn forms(b: &[u8]) -> Vec<String> {
+    let mut out = vec![
+        hex::encode(b),
+        hex::encode_upper(b),
+        STANDARD.encode(b),
+        STANDARD_NO_PAD.encode(b),
+        URL_SAFE.encode(b),
+        URL_SAFE_NO_PAD.encode(b),
+        format!("{b:?}").trim_end_matches(']').to_owned(),
+    ];
+    if b.len() >= 16 {
+        let p = &b[..15];
+        out.extend([
+            hex::encode(&b[..12]),
+            hex::encode_upper(&b[..12]),
+            STANDARD.encode(p),
+            URL_SAFE.encode(p),
+            format!("{:?}", &b[..8]).trim_end_matches(']').to_owned(),
+        ]);
+    }
+    out
+}
+
+/// A key `name` with `bytes`.
+type Secret = (String, Vec<u8>);
+
+fn xaes_open(key: &[u8; 32], nonce: &[u8], ad: &[u8], body: &[u8]) -> Vec<u8> {
+    let (ct, tag) = body.split_at(body.len() - 16);
+    let mut buf = ct.to_vec();
+    Xaes256Gcm::new(key)
+        .decrypt_in_place_detached(
+            nonce.try_into().unwrap(),
+            ad,
+            &mut buf,
+            tag.try_into().unwrap(),
+        )
+        .unwrap();
+    buf
+}
+
+fn lp16(b: &[u8]) -> Vec<u8> {
+    let mut v = u16::try_from(b.len()).unwrap().to_be_bytes().to_vec();
+    v.extend_from_slice(b);
+    v
+}
+
+/// FK of FORMAT.md §4.
+fn field_key(tk: &[u8], sk: Option<(&str, &[u8])>, field: &str) -> Vec<u8> {
+    let (ikm, info) = match sk {
+        None => (
+            tk.to_vec(),
+            [vec![0], lp16(TENANT.as_bytes()), lp16(field.as_bytes())].concat(),
+        ),
+        Some((subject, sk)) => (
+            [tk, sk].concat(),
+            [
+                vec![1],
+                lp16(TENANT.as_bytes()),
+                lp16(subject.as_bytes()),
+                lp16(field.as_bytes()),
+            ]
+            .concat(),
+        ),
+    };
+    let mut okm = [0u8; 32];
+    hkdf::Hkdf::<sha2::Sha256>::new(Some(b"fieldkey/v1 field-key"), &ikm)
+        .expand(&info, &mut okm)
+        .unwrap();
+    okm.to_vec()
+}
+
+/// Every key recoverable from `data` and `keys_dir` with the passphrase, added to `out`.
+async fn recover_keys(data: &Path, keys_dir: &Path, out: &mut Vec<Secret>) {
+    // The root key, from local-kms.json (kms/local.rs: Argon2id KEK, XAES-256-GCM).
+    let file: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(data.join("local-kms.json")).unwrap()).unwrap();
+    let a = &file["argon2id"];
+    let salt = STANDARD.decode(a["salt"].as_str().unwrap()).unwrap();
+    let params = argon2::Params::new(
+        u32::try_from(a["m_cost_kib"].as_u64().unwrap()).unwrap(),
+        u32::try_from(a["t_cost"].as_u64().unwrap()).unwrap(),
+        u32::try_from(a["p_cost"].as_u64().unwrap()).unwrap(),
+        Some(32),
+    )
+    .unwrap();
+    let mut kek = [0u8; 32];
+    argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params)
+        .hash_password_into(PASSPHRASE.as_bytes(), &salt, &mut kek)
+        .unwrap();
+    out.push(("local KMS key-encryption key".into(), kek.to_vec()));
+    let root_id = file["key_id"].as_str().unwrap();
+    let root_ad = [b"fieldkey-local-kms/v1\0".as_slice(), root_id.as_bytes()].concat();
+    let root = xaes_open(
+        &kek,
+        &STANDARD.decode(file["nonce"].as_str().unwrap()).unwrap(),
+        &root_ad,
+        &STANDARD
+            .decode(file["wrapped_root_key"].as_str().unwrap())
+            .unwrap(),
+    );
+    let root: [u8; 32] = root.try_into().unwrap();
+    out.push(("local KMS root key".into(), root.to_vec()));
+    // Epoch keys (kms/local/keys.rs: wrapped under the root key).
+    if let Ok(entries) = std::fs::read_dir(keys_dir) {
+        for e in entries {
+            let v: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(e.unwrap().path()).unwrap()).unwrap();
+            if let (Some(n), Some(w)) = (v["nonce"].as_str(), v["wrapped_key"].as_str()) {
+                let id = v["key_id"].as_str().unwrap();
+                let ad = [
+                    b"fieldkey/v1 local-kms-key".as_slice(),
+                    &lp16(id.as_bytes()),
+                ]
+                .concat();
+                let k = xaes_open(
+                    &root,
+                    &STANDARD.decode(n).unwrap(),
+                    &ad,
+                    &STANDARD.decode(w).unwrap(),
+                );
+                out.push((format!("epoch key {id}"), k));
+            }
+        }
+    }
+    // Everything the key store holds, unwrapped by the local KMS.
+    let kms = LocalKms::open(
+        &data.join("local-kms.json"),
+        &SecretString::from(PASSPHRASE.to_owned()),
+    )
+    .unwrap()
+    .with_keys_dir(keys_dir)
+    .unwrap();
+    let db = sqlx::SqlitePool::connect(&format!(
+        "sqlite://{}?mode=ro",
+        data.join("keys.db").display()
+    ))
+    .await
+    .unwrap();
+    let unwrap = |key_id: String, wrapped: Vec<u8>, ctx: EncryptionContext| {
+        let kms = &kms;
+        async move {
+            kms.unwrap(&key_id, &WrappedKey::new(wrapped), &ctx)
+                .await
+                .unwrap()
+        }
+    };
+    let mut tks = std::collections::BTreeMap::new();
+    for r in sqlx::query(
+        "SELECT tenant_id, version, kms_key_id, wrapped FROM fk_tenant_keys WHERE wrapped IS NOT NULL",
+    )
+    .fetch_all(&db)
+    .await
+    .unwrap()
+    {
+        let (t, v): (String, i64) = (r.get(0), r.get(1));
+        let v = u32::try_from(v).unwrap();
+        let k = unwrap(r.get(2), r.get(3), EncryptionContext::tenant_key(&t, v)).await;
+        out.push((format!("tenant key {t} v{v}"), k.expose().to_vec()));
+        for field in ["email", "phone", "notes"] {
+            out.push((
+                format!("field key {t} v{v} {field}"),
+                field_key(k.expose(), None, field),
+            ));
+        }
+        tks.insert(v, k);
+    }
+    let mut swks = std::collections::BTreeMap::new();
+    for r in sqlx::query(
+        "SELECT swk_id, tenant_id, epoch, kms_key_id, wrapped FROM fk_subject_wrapping_keys",
+    )
+    .fetch_all(&db)
+    .await
+    .unwrap()
+    {
+        let (id, t, e): (String, String, i64) = (r.get(0), r.get(1), r.get(2));
+        let ctx = EncryptionContext::default()
+            .with("fieldkey:purpose", "subject-wrapping-key")
+            .with("fieldkey:tenant", &t)
+            .with("fieldkey:epoch", &e.to_string());
+        let k = unwrap(r.get(3), r.get(4), ctx).await;
+        out.push((format!("subject-wrapping key {id}"), k.expose().to_vec()));
+        swks.insert(id, (u64::try_from(e).unwrap(), k));
+    }
+    for r in sqlx::query(
+        "SELECT subject_id, wrap_version, wrapped, swk_id FROM fk_subjects WHERE wrapped IS NOT NULL",
+    )
+    .fetch_all(&db)
+    .await
+    .unwrap()
+    {
+        let (s, w, blob, swk): (String, i64, Vec<u8>, Option<String>) =
+            (r.get(0), r.get(1), r.get(2), r.get(3));
+        let sk: SecretKey = match swk {
+            Some(id) => {
+                let (e, k) = &swks[&id];
+                unwrap_subject_key_epoch(k, TENANT, &s, *e, &blob).unwrap()
+            }
+            None => {
+                let w = u32::try_from(w).unwrap();
+                unwrap_subject_key(&tks[&w], TENANT, &s, w, &blob).unwrap()
+            }
+        };
+        out.push((format!("subject key of {s}"), sk.expose().to_vec()));
+        for (v, tk) in &tks {
+            for field in ["email", "phone"] {
+                out.push((
+                    format!("field key v{v} {field} of {s}"),
+                    field_key(tk.expose(), Some((&s, sk.expose())), field),
+                ));
+            }
+        }
+    }
+    for r in sqlx::query("SELECT key_id, purpose, kms_key_id, wrapped FROM fk_signing_keys")
+        .fetch_all(&db)
+        .await
+        .unwrap()
+    {
+        let (id, purpose): (String, String) = (r.get(0), r.get(1));
+        let ctx = EncryptionContext::default()
+            .with("fieldkey:purpose", "signing-key")
+            .with("fieldkey:usage", &purpose);
+        let k = unwrap(r.get(2), r.get(3), ctx).await;
+        out.push((
+            format!("signing seed {id} ({purpose})"),
+            k.expose().to_vec(),
+        ));
+    }
+    db.close().await;
+}
+
+fn enc(subject: &str, field: &str, context: &[u8], pt: &str) -> pb::EncryptRequest {
+    pb::EncryptRequest {
+        tenant_id: TENANT.into(),
+        subject_id: subject.into(),
+        field: field.into(),
+        context: context.to_vec(),
+        plaintext: pt.as_bytes().to_vec(),
+        format: pb::CiphertextFormat::Text as i32,
+    }
+}
+
+fn dec(subject: &str, field: &str, context: &[u8], ct: &[u8]) -> pb::DecryptRequest {
+    pb::DecryptRequest {
+        tenant_id: TENANT.into(),
+        subject_id: subject.into(),
+        field: field.into(),
+        context: context.to_vec(),
+        ciphertext: ct.to_vec(),
+    }
+}
+
+async fn refused<T: std::fmt::Debug>(
+    r: Result<tonic::Response<T>, tonic::Status>,
+    code: Code,
+    why: &str,
+) {
+    let s = r.unwrap_err();
+    assert_eq!((s.code(), reason(&s).as_str()), (code, why), "{s:?}");
+}
+
+/// The traffic: data operations, errors, a rotation, a roll, a shred with its receipt.
+/// The keys in the data directory are recovered into `secrets` at three points:
+/// before the rotation, after the roll, after the shred.
+async fn traffic(ch: &Channel, data: &Path, keys_dir: &Path, secrets: &mut Vec<Secret>) {
+    let mut c = CryptoClient::new(ch.clone());
+    let mut keys = KeysClient::new(ch.clone());
+    create_tenant(ch, TENANT).await.unwrap();
+    let mut made = Vec::new();
+    for (s, field, pt) in [
+        (SUBJECTS[0], "email", PLAINTEXTS[0]),
+        (SUBJECTS[1], "phone", PLAINTEXTS[1]),
+        ("", "notes", PLAINTEXTS[2]),
+    ] {
+        let ct = c
+            .encrypt(as_id(ids::APP, enc(s, field, b"row-1", pt)))
+            .await
+            .unwrap()
+            .into_inner()
+            .ciphertext;
+        let back = c
+            .decrypt(as_id(ids::APP, dec(s, field, b"row-1", &ct)))
+            .await
+            .unwrap()
+            .into_inner()
+            .plaintext;
+        assert_eq!(back, pt.as_bytes());
+        made.push((s, field, ct));
+    }
+    let batch = c
+        .encrypt_batch(as_id(
+            ids::APP,
+            pb::EncryptBatchRequest {
+                items: vec![
+                    enc(SUBJECTS[1], "email", b"row-2", PLAINTEXTS[0]),
+                    enc(SUBJECTS[1], "email", &[0xff; 2000], PLAINTEXTS[1]),
+                ],
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    let Some(pb::encrypt_result::Result::Ok(ok)) = &batch[0].result else {
+        panic!("{batch:?}")
+    };
+    let items = vec![
+        dec(SUBJECTS[1], "email", b"row-2", &ok.ciphertext),
+        dec(SUBJECTS[1], "email", b"row-3", &ok.ciphertext),
+    ];
+    c.decrypt_batch(as_id(ids::APP, pb::DecryptBatchRequest { items }))
+        .await
+        .unwrap();
+    c.blind_index(as_id(
+        ids::APP,
+        pb::BlindIndexRequest {
+            tenant_id: TENANT.into(),
+            field: "email".into(),
+            value: PLAINTEXTS[3].as_bytes().to_vec(),
+            format: 0,
+            lookup: true,
+        },
+    ))
+    .await
+    .unwrap();
+    c.blind_index_batch(as_id(
+        ids::ANALYTICS,
+        pb::BlindIndexBatchRequest {
+            items: vec![pb::BlindIndexRequest {
+                tenant_id: TENANT.into(),
+                field: "email".into(),
+                value: PLAINTEXTS[0].as_bytes().to_vec(),
+                format: 1,
+                lookup: false,
+            }],
+        },
+    ))
+    .await
+    .unwrap();
+    for s in SUBJECTS {
+        c.pseudonymize(as_id(
+            ids::ANALYTICS,
+            pb::PseudonymizeRequest {
+                tenant_id: TENANT.into(),
+                subject_id: s.into(),
+                purpose: "analytics".into(),
+            },
+        ))
+        .await
+        .unwrap();
+    }
+    // Client errors.
+    let (s0, f0, ct0) = &made[0];
+    let mut bad = ct0.clone();
+    let last = bad.len() - 2;
+    bad[last] = if bad[last] == b'A' { b'B' } else { b'A' };
+    refused(
+        c.decrypt(as_id(ids::APP, dec(s0, f0, b"row-1", &bad)))
+            .await,
+        Code::DataLoss,
+        "AUTHENTICATION_FAILED",
+    )
+    .await;
+    refused(
+        c.decrypt(as_id(ids::APP, dec(s0, f0, b"row-9", ct0))).await,
+        Code::DataLoss,
+        "AUTHENTICATION_FAILED",
+    )
+    .await;
+    refused(
+        c.decrypt(as_id(ids::APP, dec("", f0, b"row-1", ct0))).await,
+        Code::InvalidArgument,
+        "SCOPE_MISMATCH",
+    )
+    .await;
+    refused(
+        c.decrypt(as_id(ids::ANALYTICS, dec(s0, f0, b"row-1", ct0)))
+            .await,
+        Code::PermissionDenied,
+        "PERMISSION_DENIED",
+    )
+    .await;
+    refused(
+        c.encrypt(as_id(ids::STRANGER, enc(s0, f0, b"", PLAINTEXTS[0])))
+            .await,
+        Code::PermissionDenied,
+        "PERMISSION_DENIED",
+    )
+    .await;
+    let mut other = enc(s0, f0, b"", PLAINTEXTS[0]);
+    other.tenant_id = "no-such-tenant".into();
+    refused(
+        c.encrypt(as_id(ids::APP, other)).await,
+        Code::NotFound,
+        "TENANT_NOT_FOUND",
+    )
+    .await;
+    refused(
+        c.encrypt(as_id(
+            ids::APP,
+            enc(s0, "unindexed field", b"", PLAINTEXTS[0]),
+        ))
+        .await,
+        Code::InvalidArgument,
+        "INVALID_ARGUMENT",
+    )
+    .await;
+    recover_keys(data, keys_dir, secrets).await;
+
+    // A rotation and an epoch roll (everything rewrapped under a new epoch key).
+    keys.rotate_tenant_key(as_id(
+        ids::OPS,
+        pb::RotateTenantKeyRequest {
+            tenant_id: TENANT.into(),
+        },
+    ))
+    .await
+    .unwrap();
+    c.encrypt(as_id(
+        ids::APP,
+        enc(SUBJECTS[1], "email", b"row-4", PLAINTEXTS[0]),
+    ))
+    .await
+    .unwrap();
+    keys.roll_epoch(as_id(ids::OPS, pb::RollEpochRequest { finish_only: false }))
+        .await
+        .unwrap();
+    common::eventually("the epoch roll finishes", Duration::from_secs(60), || {
+        let mut keys = keys.clone();
+        async move {
+            let st = keys
+                .get_epoch_status(as_id(ids::OPS, pb::GetEpochStatusRequest {}))
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(st.last_error.is_empty(), "{}", st.last_error);
+            (!st.rolling && st.active_epoch >= 1).then_some(())
+        }
+    })
+    .await;
+    recover_keys(data, keys_dir, secrets).await;
+
+    // Erasure of the first subject, with its receipt.
+    let mut er = ErasuresClient::new(ch.clone());
+    let e = er
+        .shred_subject(as_id(
+            ids::ERASURE,
+            pb::ShredSubjectRequest {
+                tenant_id: TENANT.into(),
+                subject_id: SUBJECTS[0].into(),
+                grace_seconds: 0,
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let done = common::eventually("the erasure completes", Duration::from_secs(60), || {
+        let mut er = er.clone();
+        let id = e.erasure_id.clone();
+        async move {
+            let g = er
+                .get_erasure(as_id(ids::ERASURE, pb::ErasureIdRequest { erasure_id: id }))
+                .await
+                .unwrap()
+                .into_inner();
+            (g.state == pb::ErasureState::Completed as i32).then_some(g)
+        }
+    })
+    .await;
+    assert!(!done.receipt.is_empty());
+    refused(
+        c.decrypt(as_id(ids::APP, dec(s0, f0, b"row-1", ct0))).await,
+        Code::FailedPrecondition,
+        "KEY_DESTROYED",
+    )
+    .await;
+    refused(
+        c.pseudonymize(as_id(
+            ids::ANALYTICS,
+            pb::PseudonymizeRequest {
+                tenant_id: TENANT.into(),
+                subject_id: SUBJECTS[0].into(),
+                purpose: "analytics".into(),
+            },
+        ))
+        .await,
+        Code::FailedPrecondition,
+        "KEY_DESTROYED",
+    )
+    .await;
+    recover_keys(data, keys_dir, secrets).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trace_level_log_holds_no_plaintext_subject_id_passphrase_or_key() {
+    scan("text").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trace_level_json_log_holds_no_plaintext_subject_id_passphrase_or_key() {
+    scan("json").await;
+}
+
+/// Serves at trace level with the log format `format` through [`traffic`], then scans.
+async fn scan(format: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let keys_dir = dir.path().join("kms-keys");
+    std::fs::create_dir_all(&data).unwrap();
+    let config = format!(
+        "{TRUST_MESH}\n[epochs]\nauto_roll = false\nlocal_keys_dir = \"{}\"\n\n[blind_index.fields.email]\nbits = 64\n",
+        keys_dir.display()
+    );
+    let log = dir.path().join("sidecar.log");
+    let sc = Sidecar::builder()
+        .any_port()
+        .data_dir(&data)
+        .config_text(dir.path(), &config)
+        .env("FIELDKEY_LOCAL_KMS_PASSPHRASE", PASSPHRASE)
+        .log_level("trace")
+        .arg("--log-format")
+        .arg(format)
+        .log_file(&log)
+        .start();
+    let ch = sc.channel().await;
+    let mut secrets: Vec<Secret> = Vec::new();
+    traffic(&ch, &data, &keys_dir, &mut secrets).await;
+    drop(ch);
+    let (status, text) = sc.terminate();
+    assert!(status.success(), "exit {status:?}");
+    secrets.sort();
+    secrets.dedup();
+
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(
+        lines.len() > 1000 && lines.iter().any(|l| l.contains("TRACE")),
+        "the log is at trace level: {} lines",
+        lines.len()
+    );
+    let mut needles: Vec<(String, String)> = Vec::new();
+    for pt in PLAINTEXTS {
+        needles.push((format!("plaintext {pt}"), pt.to_owned()));
+        for f in forms(pt.as_bytes()) {
+            needles.push((format!("plaintext {pt} encoded"), f));
+        }
+    }
+    for s in SUBJECTS {
+        needles.push((format!("subject id {s}"), s.to_owned()));
+        for f in forms(s.as_bytes()) {
+            needles.push((format!("subject id {s} encoded"), f));
+        }
+    }
+    needles.push(("the passphrase".into(), PASSPHRASE.into()));
+    let kinds: std::collections::BTreeSet<&str> = secrets
+        .iter()
+        .map(|(n, _)| n.split(' ').next().unwrap())
+        .collect();
+    for (name, bytes) in &secrets {
+        for f in forms(bytes) {
+            needles.push((name.clone(), f));
+        }
+    }
+    let mut found = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        for (what, needle) in &needles {
+            if line.contains(needle.as_str()) {
+                found.push(format!("line {}: {what} ({needle}): {line}", i + 1));
+            }
+        }
+    }
+    eprintln!(
+        "{} log lines ({} bytes) scanned for {} needles from {} keys ({kinds:?}), 4 plaintexts, 3 subject ids and the passphrase",
+        lines.len(),
+        text.len(),
+        needles.len(),
+        secrets.len()
+    );
+    assert!(
+        secrets.len() >= 20,
+        "keys recovered: {:?}",
+        secrets.iter().map(|s| &s.0).collect::<Vec<_>>()
+    );
+    assert!(
+        found.is_empty(),
+        "{} leaks, first ones:\n{}",
+        found.len(),
+        found
+            .iter()
+            .take(20)
+            .map(|f| f.chars().take(600).collect::<String>())
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
