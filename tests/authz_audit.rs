@@ -43,6 +43,7 @@ struct Env {
     policies: std::path::PathBuf,
     store: Arc<dyn KeyStore>,
     audit: Arc<AuditLog>,
+    authz: Arc<Authorizer>,
     ch: Channel,
     _server: common::sidecar::InProcess,
 }
@@ -81,7 +82,7 @@ async fn env(limits: &str) -> Result<Env> {
         executor: "test".into(),
     }));
     let gate = Arc::new(Gate::new(
-        Some(authz),
+        Some(authz.clone()),
         Some(audit.clone()),
         IdentityConfig {
             local_identity: Arc::from(APP),
@@ -97,6 +98,7 @@ async fn env(limits: &str) -> Result<Env> {
         policies,
         store,
         audit,
+        authz,
         ch,
         _server: server,
     })
@@ -422,25 +424,31 @@ async fn policies_reload_and_a_broken_file_keeps_the_last_good_set() -> Result<(
             "permit (principal == Identity::\"{STRANGER}\", action == Action::\"Keys::WhoAmI\", resource);\n"
         ),
     )?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        if keys.who_am_i(who(STRANGER)).await.is_ok() {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "new policy not picked up"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let me = keys.who_am_i(who(STRANGER)).await?.into_inner();
+    let me = common::eventually(
+        "the new policy is picked up",
+        Duration::from_secs(5),
+        || {
+            let mut keys = keys.clone();
+            async move { keys.who_am_i(who(STRANGER)).await.ok() }
+        },
+    )
+    .await
+    .into_inner();
     assert_eq!(
         (me.identity.as_str(), me.transport.as_str()),
         (STRANGER, "linkerd")
     );
     // A broken file: the last good set (with the stranger's permit) stays in force.
+    let generation = e.authz.status().generation;
     std::fs::write(e.policies.join("broken.cedar"), "permit (principal ==;")?;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let refused = common::eventually(
+        "the broken file is read and refused",
+        Duration::from_secs(5),
+        || async { e.authz.status().last_error },
+    )
+    .await;
+    assert!(refused.contains("broken.cedar"), "{refused}");
+    assert_eq!(e.authz.status().generation, generation, "nothing installed");
     keys.who_am_i(who(STRANGER)).await?;
     denied(
         keys.rotate_tenant_key(as_id(

@@ -223,9 +223,15 @@ async fn an_erasure_interrupted_after_any_step_completes_after_a_restart() -> Re
         let ch = b.channel().await;
         let subject = (!tenant_scope).then_some("alice");
         let call = shred_now(&ch, &tenant, subject).await;
+        // Dies with the process: the transport fails, no answer (no reason) came back.
+        let st = call.expect_err("the call should die with the process");
         assert!(
-            call.is_err(),
-            "step {step}: the call should die with the process"
+            reason(&st).is_empty()
+                && matches!(
+                    st.code(),
+                    Code::Unavailable | Code::Unknown | Code::Cancelled
+                ),
+            "step {step}: {st:?}"
         );
         let status = b.wait_dead();
         assert!(!status.success(), "step {step}: {status:?}");

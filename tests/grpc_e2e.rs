@@ -459,7 +459,13 @@ async fn decrypt_after_restart_with_postgres_store() -> Result<()> {
 
 // ------------------------------------------------------------------ limits
 
-async fn limited(dir: &tempfile::TempDir, limits: Limits, kms_delay_ms: u64) -> Result<InProcess> {
+/// A server on a cold cache whose KMS answers unwraps after `kms_delay_ms`, and that
+/// KMS (its `unwraps` count a call as soon as it reaches the KMS).
+async fn limited(
+    dir: &tempfile::TempDir,
+    limits: Limits,
+    kms_delay_ms: u64,
+) -> Result<(InProcess, Arc<common::CountingKms>)> {
     let store: Arc<dyn KeyStore> =
         Arc::new(SqlStore::open_sqlite(&dir.path().join("keys.db")).await?);
     // Create the tenants through a separate keyring so the server starts cold.
@@ -473,13 +479,23 @@ async fn limited(dir: &tempfile::TempDir, limits: Limits, kms_delay_ms: u64) -> 
         common::local_kms(dir)?,
         std::time::Duration::from_millis(kms_delay_ms),
     );
-    start_with(store, kms, limits).await
+    Ok((start_with(store, kms.clone(), limits).await?, kms))
+}
+
+/// Waits until a call has reached `kms` (and sits in its delay).
+async fn in_the_kms(kms: &common::CountingKms) {
+    common::eventually(
+        "a call reaches the KMS",
+        std::time::Duration::from_secs(5),
+        || async { (kms.unwraps.load(std::sync::atomic::Ordering::SeqCst) > 0).then_some(()) },
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn oversized_request_message_is_out_of_range() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let server = limited(
+    let (server, _kms) = limited(
         &dir,
         Limits {
             max_message_bytes: 64 * 1024,
@@ -501,7 +517,7 @@ async fn oversized_request_message_is_out_of_range() -> Result<()> {
 #[tokio::test]
 async fn too_many_batch_items_are_refused_whole() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let server = limited(
+    let (server, _kms) = limited(
         &dir,
         Limits {
             max_batch_items: 3,
@@ -536,7 +552,7 @@ async fn too_many_batch_items_are_refused_whole() -> Result<()> {
 #[tokio::test]
 async fn oversized_field_value_is_refused_per_item() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let server = limited(
+    let (server, _kms) = limited(
         &dir,
         Limits {
             max_field_bytes: 16,
@@ -575,7 +591,7 @@ async fn oversized_field_value_is_refused_per_item() -> Result<()> {
 async fn a_call_past_the_server_deadline_is_deadline_exceeded() -> Result<()> {
     let dir = tempfile::tempdir()?;
     // a cold cache and a KMS that takes 600 ms against a 150 ms deadline
-    let server = limited(
+    let (server, _kms) = limited(
         &dir,
         Limits {
             request_timeout_ms: 150,
@@ -602,7 +618,7 @@ async fn a_call_past_the_server_deadline_is_deadline_exceeded() -> Result<()> {
 #[tokio::test]
 async fn calls_beyond_the_concurrency_limit_are_refused_at_once() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let server = limited(
+    let (server, kms) = limited(
         &dir,
         Limits {
             max_concurrent_requests: 1,
@@ -615,7 +631,7 @@ async fn calls_beyond_the_concurrency_limit_are_refused_at_once() -> Result<()> 
     let mut a = CryptoClient::new(ch.clone());
     let mut b = CryptoClient::new(ch);
     let first = tokio::spawn(async move { a.encrypt(enc("acme", "", "f", b"", b"x")).await });
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await; // first is waiting on the KMS
+    in_the_kms(&kms).await; // the first call waits on the KMS
     let err = b
         .encrypt(enc("acme", "", "f", b"", b"y"))
         .await
@@ -633,10 +649,10 @@ async fn calls_beyond_the_concurrency_limit_are_refused_at_once() -> Result<()> 
 async fn shutdown_drains_calls_in_flight() -> Result<()> {
     let dir = tempfile::tempdir()?;
     // cold cache + a KMS taking 500 ms: the call is in flight when shutdown starts
-    let server = limited(&dir, Limits::default(), 500).await?;
+    let (server, kms) = limited(&dir, Limits::default(), 500).await?;
     let mut c = CryptoClient::new(server.channel().await?);
     let call = tokio::spawn(async move { c.encrypt(enc("acme", "", "f", b"", b"x")).await });
-    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    in_the_kms(&kms).await;
     let addr = server.addr;
     server.stop().await; // returns only after in-flight calls finished
     let out = call.await?;
@@ -645,7 +661,9 @@ async fn shutdown_drains_calls_in_flight() -> Result<()> {
         "in-flight call completed during drain: {out:?}"
     );
     assert!(
-        tokio::net::TcpStream::connect(addr).await.is_err(),
+        tokio::net::TcpStream::connect(addr)
+            .await
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused),
         "no longer accepting after shutdown"
     );
     Ok(())

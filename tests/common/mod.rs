@@ -117,6 +117,31 @@ where
     }
 }
 
+/// The wall clock, Unix ms.
+pub fn now_ms() -> i64 {
+    i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap()
+}
+
+/// Waits until the wall clock is past `unix_ms` (a time the code under test compares
+/// with the clock: a grace period's end, a rotation plus a staleness bound). Exact,
+/// unlike a fixed sleep guessed to be long enough.
+pub async fn clock_past(unix_ms: i64) {
+    loop {
+        let now = now_ms();
+        if now > unix_ms {
+            return;
+        }
+        let left = u64::try_from(unix_ms - now).unwrap_or(0);
+        tokio::time::sleep(std::time::Duration::from_millis(left + 1)).await;
+    }
+}
+
 /// [`eventually`] for blocking code (threads, child processes).
 pub fn eventually_blocking<T>(
     what: &str,
