@@ -275,10 +275,12 @@ async fn a_roll_on_one_replica_while_the_other_serves_and_shreds() -> Result<()>
         }));
     }
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let rounds = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let traffic = {
         let chb = chb.clone();
         let stop = stop.clone();
         let cts = cts.clone();
+        let rounds = rounds.clone();
         tokio::spawn(async move {
             let (mut ok, mut shredded) = (0u32, Vec::new());
             let mut n = 0usize;
@@ -311,14 +313,24 @@ async fn a_roll_on_one_replica_while_the_other_serves_and_shreds() -> Result<()>
                 }
                 ok += 1;
                 n += 1;
+                rounds.store(n, std::sync::atomic::Ordering::Relaxed);
             }
             Ok::<_, anyhow::Error>((ok, shredded))
         })
     };
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Traffic flowing (a shred done) before the rolls, and still after them.
+    let flowing = |at_least: usize| {
+        let rounds = rounds.clone();
+        common::eventually("traffic is flowing", Duration::from_secs(30), move || {
+            let n = rounds.load(std::sync::atomic::Ordering::Relaxed);
+            async move { (n >= at_least).then_some(n) }
+        })
+    };
+    flowing(6).await;
     roll_to_end(&cha, false).await?;
     roll_to_end(&cha, false).await?;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let after_rolls = rounds.load(std::sync::atomic::Ordering::Relaxed);
+    flowing(after_rolls + 6).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (ok, shredded) = traffic.await??;
     assert!(ok > 0 && !shredded.is_empty());

@@ -27,6 +27,8 @@ use sqlx::postgres::PgPool;
 const BIN: &str = env!("CARGO_BIN_EXE_fieldkey");
 const PASSPHRASE: &str = "test passphrase 123";
 const TENANTS: [&str; 2] = ["acme", "globex"];
+/// Revalidation bound of the fixture's keyring.
+const REVALIDATE: Duration = Duration::from_millis(200);
 
 fn tenant_of(id: i64) -> &'static str {
     TENANTS[(id % 2) as usize]
@@ -67,7 +69,7 @@ impl Fixture {
             store.clone(),
             kms.clone(),
             KeyringConfig {
-                revalidate_after: Duration::from_millis(200),
+                revalidate_after: REVALIDATE,
                 ..KeyringConfig::default()
             },
         ));
@@ -334,7 +336,9 @@ async fn job_survives_sigkill_and_concurrent_runners_without_losing_a_write() ->
     // a row the application writes during the job is never overwritten by the job
     // past every replica's revalidation interval (the runner binary's is 1 s), as
     // retirement requires of the job that proves it
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    for t in TENANTS {
+        common::past_version_change(f.store.as_ref(), t, 1, Duration::from_secs(1)).await;
+    }
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = start_app_writer(&f, "users-v2", stop.clone());
 
@@ -452,7 +456,10 @@ async fn jobs_pause_resume_cancel_and_report_what_they_could_not_move() -> Resul
         .await?;
     // user-1's key is shredded: rows 1 and 1001 hold data nobody can read any more
     f.keyring.destroy_subject(tenant_of(1), "user-1").await?;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // the job starts past the keyring's revalidation bound since the rotation
+    for t in TENANTS {
+        common::past_version_change(f.store.as_ref(), t, 1, REVALIDATE).await;
+    }
     let db = PgPool::connect(&f.app_db.dsn).await?;
     let spec =
         JobSpec::from_toml(&f.spec("small", "batch_size = 100\nrate_limit_rows_per_sec = 2000"))?;
@@ -506,6 +513,8 @@ async fn jobs_pause_resume_cancel_and_report_what_they_could_not_move() -> Resul
         }
     }
     let paused_at = paused_at.expect("runner never reported paused");
+    // Not a wait for an effect: a paused job must show no progress over a while (ten
+    // of the runner's 50 ms polls).
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (state, p, _) = f.progress("small").await;
     assert_eq!(
@@ -583,7 +592,9 @@ async fn jobs_pause_resume_cancel_and_report_what_they_could_not_move() -> Resul
     for t in TENANTS {
         f.keyring.rotate_tenant(t).await?;
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    for t in TENANTS {
+        common::past_version_change(f.store.as_ref(), t, 2, REVALIDATE).await;
+    }
     let spec3 =
         JobSpec::from_toml(&f.spec("to-v3", "batch_size = 100\nrate_limit_rows_per_sec = 1000"))?;
     let (runner, mut rx) = Runner::new(
@@ -660,7 +671,9 @@ async fn a_slow_batch_keeps_its_lease() -> Result<()> {
     for t in TENANTS {
         f.keyring.rotate_tenant(t).await?;
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    for t in TENANTS {
+        common::past_version_change(f.store.as_ref(), t, 1, REVALIDATE).await;
+    }
     // a fresh keyring whose every KMS unwrap takes 1.5 s: the first batch needs four
     let slow_kms = common::CountingKms::with_delay(f.kms.clone(), Duration::from_millis(1500));
     let slow = Arc::new(Keyring::new(
@@ -675,6 +688,8 @@ async fn a_slow_batch_keeps_its_lease() -> Result<()> {
     let (a, _) = Runner::new(slow, f.store.clone(), db.clone(), spec.clone(), cfg.clone());
     let t0 = Instant::now();
     let first = tokio::spawn(async move { a.run().await });
+    // Not a wait for an effect: the second runner comes past the first one's 1 s lease,
+    // which only its renewal during the slow batch keeps.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let mut cfg_b = RunnerConfig::new(Duration::from_secs(1));
     cfg_b.poll = Duration::from_millis(50);

@@ -142,6 +142,21 @@ pub async fn clock_past(unix_ms: i64) {
     }
 }
 
+/// Waits until the clock is `bound` past the last state change of `tenant`'s key
+/// `version` (when it stopped encrypting, at the rotation): a re-encryption job started
+/// later, by a runner whose keyring revalidates within `bound`, counts towards the
+/// version's retirement (`Keyring::retire_key_version`).
+pub async fn past_version_change(
+    store: &dyn KeyStore,
+    tenant: &str,
+    version: u32,
+    bound: std::time::Duration,
+) {
+    let t = store.get_tenant(tenant).await.unwrap().unwrap();
+    let v = t.versions.iter().find(|v| v.version == version).unwrap();
+    clock_past(v.updated_at + i64::try_from(bound.as_millis()).unwrap()).await;
+}
+
 /// [`eventually`] for blocking code (threads, child processes).
 pub fn eventually_blocking<T>(
     what: &str,
