@@ -91,7 +91,7 @@ async fn env(limits: &str) -> Result<Env> {
     ));
     let mut ctx = parts.context().with_gate(gate);
     ctx.audit = audit.clone();
-    let server = common::sidecar::InProcess::start(ctx).await?;
+    let server = common::sidecar::InProcess::start_as_given(ctx).await?;
     let ch = server.channel().await?;
     Ok(Env {
         _dir: dir,

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::grpc::reason;
+use common::grpc::{as_id, ids, reason};
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -147,10 +147,13 @@ async fn pseudonym(
 }
 
 async fn create(keys: &mut KeysClient<Channel>, t: &str) {
-    keys.create_tenant(pb::CreateTenantRequest {
-        tenant_id: t.into(),
-        kms_key_id: String::new(),
-    })
+    keys.create_tenant(as_id(
+        ids::OPS,
+        pb::CreateTenantRequest {
+            tenant_id: t.into(),
+            kms_key_id: String::new(),
+        },
+    ))
     .await
     .unwrap();
 }
@@ -344,9 +347,12 @@ async fn lookups_span_key_versions_and_key_states_are_honoured() -> Result<()> {
     lookup.lookup = true;
     let before = c.blind_index(lookup.clone()).await?.into_inner();
     assert_eq!(before.lookup_indexes, vec![v1.clone()]);
-    keys.rotate_tenant_key(pb::RotateTenantKeyRequest {
-        tenant_id: "acme".into(),
-    })
+    keys.rotate_tenant_key(as_id(
+        ids::OPS,
+        pb::RotateTenantKeyRequest {
+            tenant_id: "acme".into(),
+        },
+    ))
     .await?;
     let after = c
         .blind_index(req("acme", "email", b"ann@example.org"))
@@ -375,10 +381,13 @@ async fn lookups_span_key_versions_and_key_states_are_honoured() -> Result<()> {
 
     // restriction of the tenant: nothing indexes; lifted: same values again
     let mut er = ErasuresClient::new(s.channel().await?);
-    er.suspend_subject(pb::RestrictionRequest {
-        tenant_id: "acme".into(),
-        subject_id: String::new(),
-    })
+    er.suspend_subject(as_id(
+        ids::ERASURE,
+        pb::RestrictionRequest {
+            tenant_id: "acme".into(),
+            subject_id: String::new(),
+        },
+    ))
     .await?;
     refused(
         &mut c,
@@ -387,19 +396,25 @@ async fn lookups_span_key_versions_and_key_states_are_honoured() -> Result<()> {
         "KEY_SUSPENDED",
     )
     .await;
-    er.resume_subject(pb::RestrictionRequest {
-        tenant_id: "acme".into(),
-        subject_id: String::new(),
-    })
+    er.resume_subject(as_id(
+        ids::ERASURE,
+        pb::RestrictionRequest {
+            tenant_id: "acme".into(),
+            subject_id: String::new(),
+        },
+    ))
     .await?;
     assert_eq!(c.blind_index(lookup.clone()).await?.into_inner(), both);
 
     // erasure of the tenant: index keys are gone with its key versions
     let e = er
-        .shred_tenant(pb::ShredTenantRequest {
-            tenant_id: "acme".into(),
-            grace_seconds: 0,
-        })
+        .shred_tenant(as_id(
+            ids::ERASURE,
+            pb::ShredTenantRequest {
+                tenant_id: "acme".into(),
+                grace_seconds: 0,
+            },
+        ))
         .await?
         .into_inner();
     assert_eq!(e.state, pb::ErasureState::Completed as i32);
@@ -442,9 +457,12 @@ async fn pseudonyms_are_stable_unlinkable_and_end_with_the_subject_key() -> Resu
     // derives from: encrypting for the subject later does not change it
     s.keyring.subject("acme", "user-1").await?;
     // stable across a tenant key rotation (subject keys are only rewrapped)
-    keys.rotate_tenant_key(pb::RotateTenantKeyRequest {
-        tenant_id: "acme".into(),
-    })
+    keys.rotate_tenant_key(as_id(
+        ids::OPS,
+        pb::RotateTenantKeyRequest {
+            tenant_id: "acme".into(),
+        },
+    ))
     .await?;
     assert_eq!(p, pseudonym(&mut c, "acme", "user-1", "analytics").await?);
 
@@ -465,7 +483,7 @@ async fn pseudonyms_are_stable_unlinkable_and_end_with_the_subject_key() -> Resu
         tenant_id: "acme".into(),
         subject_id: "user-1".into(),
     };
-    er.suspend_subject(r.clone()).await?;
+    er.suspend_subject(as_id(ids::ERASURE, r.clone())).await?;
     let e = pseudonym(&mut c, "acme", "user-1", "analytics")
         .await
         .unwrap_err();
@@ -473,17 +491,20 @@ async fn pseudonyms_are_stable_unlinkable_and_end_with_the_subject_key() -> Resu
         (e.code(), reason(&e).as_str()),
         (Code::FailedPrecondition, "KEY_SUSPENDED")
     );
-    er.resume_subject(r).await?;
+    er.resume_subject(as_id(ids::ERASURE, r)).await?;
     assert_eq!(p, pseudonym(&mut c, "acme", "user-1", "analytics").await?);
 
     // erasure: once shredded the pseudonym can never be computed again, for any
     // purpose, so it cannot be linked to new data; other subjects are unaffected
     let e = er
-        .shred_subject(pb::ShredSubjectRequest {
-            tenant_id: "acme".into(),
-            subject_id: "user-1".into(),
-            grace_seconds: 0,
-        })
+        .shred_subject(as_id(
+            ids::ERASURE,
+            pb::ShredSubjectRequest {
+                tenant_id: "acme".into(),
+                subject_id: "user-1".into(),
+                grace_seconds: 0,
+            },
+        ))
         .await?
         .into_inner();
     assert_eq!(e.state, pb::ErasureState::Completed as i32);
@@ -497,11 +518,14 @@ async fn pseudonyms_are_stable_unlinkable_and_end_with_the_subject_key() -> Resu
         );
     }
     // a subject erased before it ever had a key never gets one either
-    er.shred_subject(pb::ShredSubjectRequest {
-        tenant_id: "acme".into(),
-        subject_id: "user-9".into(),
-        grace_seconds: 0,
-    })
+    er.shred_subject(as_id(
+        ids::ERASURE,
+        pb::ShredSubjectRequest {
+            tenant_id: "acme".into(),
+            subject_id: "user-9".into(),
+            grace_seconds: 0,
+        },
+    ))
     .await?;
     let e = pseudonym(&mut c, "acme", "user-9", "analytics")
         .await

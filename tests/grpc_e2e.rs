@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::grpc::{create_tenant, reason};
+use common::grpc::{as_id, create_tenant, ids, reason};
 
 use std::path::Path;
 use std::sync::Arc;
@@ -168,10 +168,13 @@ async fn another_tenant_cannot_decrypt_and_gets_its_own_status() -> Result<()> {
     let ch = server.channel().await?;
     let mut keys = KeysClient::new(ch.clone());
     for t in ["tenant-a", "tenant-b"] {
-        keys.create_tenant(CreateTenantRequest {
-            tenant_id: t.into(),
-            kms_key_id: String::new(),
-        })
+        keys.create_tenant(as_id(
+            ids::OPS,
+            CreateTenantRequest {
+                tenant_id: t.into(),
+                kms_key_id: String::new(),
+            },
+        ))
         .await?;
     }
     let mut c = CryptoClient::new(ch);
@@ -197,10 +200,13 @@ async fn errors_have_specific_statuses_and_no_secrets() -> Result<()> {
     let server = sqlite_server(&dir).await?;
     let ch = server.channel().await?;
     let mut keys = KeysClient::new(ch.clone());
-    keys.create_tenant(CreateTenantRequest {
-        tenant_id: "acme".into(),
-        kms_key_id: String::new(),
-    })
+    keys.create_tenant(as_id(
+        ids::OPS,
+        CreateTenantRequest {
+            tenant_id: "acme".into(),
+            kms_key_id: String::new(),
+        },
+    ))
     .await?;
     let mut c = CryptoClient::new(ch);
     let subj_ct = c
@@ -249,9 +255,12 @@ async fn errors_have_specific_statuses_and_no_secrets() -> Result<()> {
             "SUBJECT_NOT_FOUND",
         ),
         (
-            keys.get_tenant(GetTenantRequest {
-                tenant_id: "ghost".into(),
-            })
+            keys.get_tenant(as_id(
+                ids::OPS,
+                GetTenantRequest {
+                    tenant_id: "ghost".into(),
+                },
+            ))
             .await
             .unwrap_err(),
             Code::NotFound,
@@ -277,26 +286,35 @@ async fn keys_service_creates_shows_and_rotates() -> Result<()> {
     let ch = server.channel().await?;
     let mut keys = KeysClient::new(ch.clone());
     let t = keys
-        .create_tenant(CreateTenantRequest {
-            tenant_id: "acme".into(),
-            kms_key_id: String::new(),
-        })
+        .create_tenant(as_id(
+            ids::OPS,
+            CreateTenantRequest {
+                tenant_id: "acme".into(),
+                kms_key_id: String::new(),
+            },
+        ))
         .await?
         .into_inner();
     assert_eq!((t.active_version, t.versions.len()), (1, 1));
     assert!(t.versions[0].fingerprint.starts_with("sha256:"));
     let r = keys
-        .rotate_tenant_key(RotateTenantKeyRequest {
-            tenant_id: "acme".into(),
-        })
+        .rotate_tenant_key(as_id(
+            ids::OPS,
+            RotateTenantKeyRequest {
+                tenant_id: "acme".into(),
+            },
+        ))
         .await?
         .into_inner();
     assert_eq!(r.active_version, 2);
     assert_eq!(r.versions[0].state, pb::KeyState::DecryptOnly as i32);
     let g = keys
-        .get_tenant(GetTenantRequest {
-            tenant_id: "acme".into(),
-        })
+        .get_tenant(as_id(
+            ids::OPS,
+            GetTenantRequest {
+                tenant_id: "acme".into(),
+            },
+        ))
         .await?
         .into_inner();
     assert_eq!(g, r);
@@ -677,10 +695,13 @@ async fn rewrap_rotation_retirement_and_jobs_over_grpc() -> Result<()> {
     let ch = server.channel().await?;
     let mut keys = KeysClient::new(ch.clone());
     let mut crypto = CryptoClient::new(ch.clone());
-    keys.create_tenant(CreateTenantRequest {
-        tenant_id: "acme".into(),
-        kms_key_id: String::new(),
-    })
+    keys.create_tenant(as_id(
+        ids::OPS,
+        CreateTenantRequest {
+            tenant_id: "acme".into(),
+            kms_key_id: String::new(),
+        },
+    ))
     .await?;
     let mut text_req = enc("acme", "u1", "email", b"r1", b"hello");
     text_req.format = CiphertextFormat::Text as i32;
@@ -699,9 +720,12 @@ async fn rewrap_rotation_retirement_and_jobs_over_grpc() -> Result<()> {
     };
     let same = crypto.rewrap(rw("u1", "email", &text)).await?.into_inner();
     assert!(!same.changed && same.ciphertext == text && same.key_version == 1);
-    keys.rotate_tenant_key(RotateTenantKeyRequest {
-        tenant_id: "acme".into(),
-    })
+    keys.rotate_tenant_key(as_id(
+        ids::OPS,
+        RotateTenantKeyRequest {
+            tenant_id: "acme".into(),
+        },
+    ))
     .await?;
     let moved = crypto.rewrap(rw("u1", "email", &text)).await?.into_inner();
     assert!(moved.changed);
@@ -738,22 +762,25 @@ async fn rewrap_rotation_retirement_and_jobs_over_grpc() -> Result<()> {
         }
     }
     let tenants = keys
-        .list_tenants(pb::ListTenantsRequest {})
+        .list_tenants(as_id(ids::OPS, pb::ListTenantsRequest {}))
         .await?
         .into_inner();
     assert_eq!(tenants.tenant_ids, vec!["acme"]);
     let check = keys
-        .check_rotation(pb::CheckRotationRequest { dry_run: true })
+        .check_rotation(as_id(ids::OPS, pb::CheckRotationRequest { dry_run: true }))
         .await?
         .into_inner();
     assert_eq!((check.max_key_age_days, check.warn_days), (365, 30));
     assert_eq!(check.tenants[0].status, pb::RotationStatus::Ok as i32);
     assert_eq!(check.tenants[0].active_version, 2);
     let e = keys
-        .retire_key_version(pb::RetireKeyVersionRequest {
-            tenant_id: "acme".into(),
-            version: 1,
-        })
+        .retire_key_version(as_id(
+            ids::OPS,
+            pb::RetireKeyVersionRequest {
+                tenant_id: "acme".into(),
+                version: 1,
+            },
+        ))
         .await
         .unwrap_err();
     assert_eq!(
@@ -766,10 +793,13 @@ async fn rewrap_rotation_retirement_and_jobs_over_grpc() -> Result<()> {
         e.message()
     );
     let e = keys
-        .rewrap_kms_key(pb::RewrapKmsKeyRequest {
-            tenant_id: "acme".into(),
-            kms_key_id: "some-other-key".into(),
-        })
+        .rewrap_kms_key(as_id(
+            ids::OPS,
+            pb::RewrapKmsKeyRequest {
+                tenant_id: "acme".into(),
+                kms_key_id: "some-other-key".into(),
+            },
+        ))
         .await
         .unwrap_err();
     assert_eq!(
@@ -779,27 +809,36 @@ async fn rewrap_rotation_retirement_and_jobs_over_grpc() -> Result<()> {
 
     let mut jobs = JobsClient::new(ch);
     assert!(
-        jobs.list_jobs(pb::ListJobsRequest {})
+        jobs.list_jobs(as_id(ids::OPS, pb::ListJobsRequest {}))
             .await?
             .into_inner()
             .jobs
             .is_empty()
     );
     for e in [
-        jobs.get_job(pb::JobRequest {
-            job_id: "nope".into(),
-        })
+        jobs.get_job(as_id(
+            ids::OPS,
+            pb::JobRequest {
+                job_id: "nope".into(),
+            },
+        ))
         .await
         .unwrap_err(),
-        jobs.pause_job(pb::JobRequest {
-            job_id: "nope".into(),
-        })
+        jobs.pause_job(as_id(
+            ids::OPS,
+            pb::JobRequest {
+                job_id: "nope".into(),
+            },
+        ))
         .await
         .unwrap_err(),
-        jobs.watch_job(pb::WatchJobRequest {
-            job_id: "nope".into(),
-            interval_ms: 0,
-        })
+        jobs.watch_job(as_id(
+            ids::OPS,
+            pb::WatchJobRequest {
+                job_id: "nope".into(),
+                interval_ms: 0,
+            },
+        ))
         .await
         .map(|_| ())
         .unwrap_err(),
@@ -810,10 +849,13 @@ async fn rewrap_rotation_retirement_and_jobs_over_grpc() -> Result<()> {
         );
     }
     let e = jobs
-        .watch_job(pb::WatchJobRequest {
-            job_id: "x".into(),
-            interval_ms: 5,
-        })
+        .watch_job(as_id(
+            ids::OPS,
+            pb::WatchJobRequest {
+                job_id: "x".into(),
+                interval_ms: 5,
+            },
+        ))
         .await
         .map(|_| ())
         .unwrap_err();

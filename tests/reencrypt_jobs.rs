@@ -10,6 +10,8 @@
 
 mod common;
 
+use common::grpc::{as_id, ids};
+
 use std::collections::HashMap;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -484,10 +486,13 @@ async fn jobs_pause_resume_cancel_and_report_what_they_could_not_move() -> Resul
         rx.wait_for(|p| p.rows_scanned > 0).await?;
         let mut c = pb::jobs_client::JobsClient::connect(server.url()).await?;
         let mut stream = c
-            .watch_job(pb::WatchJobRequest {
-                job_id: "small".into(),
-                interval_ms: 100,
-            })
+            .watch_job(as_id(
+                ids::OPS,
+                pb::WatchJobRequest {
+                    job_id: "small".into(),
+                    interval_ms: 100,
+                },
+            ))
             .await?
             .into_inner();
         tokio::spawn(async move {

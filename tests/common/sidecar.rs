@@ -406,8 +406,29 @@ pub struct InProcess {
 }
 
 impl InProcess {
-    /// Serves the routes of `ctx`.
+    /// Serves the routes of `ctx` with authorization ON, as production runs: the
+    /// example policies, callers on loopback are the application (`policies/app.cedar`)
+    /// unless they name another identity in `l5d-client-id` (trusted here, see
+    /// [`super::grpc::as_id`]), decisions audited to `ctx.audit`.
     pub async fn start(ctx: fieldkey::service::Context) -> Result<Self> {
+        let authz = Arc::new(fieldkey::policy::authz::Authorizer::load(
+            &example_policies(),
+        )?);
+        let gate = Arc::new(fieldkey::service::gate::Gate::new(
+            Some(authz),
+            Some(ctx.audit.clone()),
+            fieldkey::service::gate::IdentityConfig {
+                local_identity: Arc::from(super::grpc::ids::APP),
+                trust_linkerd: true,
+            },
+        ));
+        Self::start_as_given(ctx.with_gate(gate)).await
+    }
+
+    /// Serves the routes of `ctx` with the gate it carries: a test's own authorization
+    /// set-up, or none at all (the context of `Parts::context()` lets every caller do
+    /// everything; a test using that says why).
+    pub async fn start_as_given(ctx: fieldkey::service::Context) -> Result<Self> {
         let routes = fieldkey::service::routes(ctx).await?;
         let listener = fieldkey::transport::bind_tcp("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
