@@ -95,6 +95,10 @@ fn serve_on_embedded_defaults_then_round_trip_rotate_restart_and_sigterm() {
     let (status, log) = s.terminate();
     assert!(status.success(), "SIGTERM exits 0: {status:?}\n{log}");
     assert!(log.contains("stopped; cached keys wiped"), "{log}");
+    assert!(
+        log.contains("AUTHORIZATION IS OFF"),
+        "the development defaults say authorization is off: {log}"
+    );
     assert!(!log.contains("alice@example.com"), "plaintext never logged");
 
     // the embedded store and local KMS survive a restart
