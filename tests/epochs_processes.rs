@@ -341,7 +341,11 @@ async fn a_roll_on_one_replica_while_the_other_serves_and_shreds() -> Result<()>
         let s = format!("u{i}");
         for ch in [&cha, &chb] {
             let e = decrypt(ch, "shop", &s, &cts[i]).await.unwrap_err();
-            assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{s}: {e}");
+            assert_eq!(
+                (e.code(), common::grpc::reason(&e).as_str()),
+                (tonic::Code::FailedPrecondition, "KEY_DESTROYED"),
+                "{s}: {e}"
+            );
         }
     }
     let pool = sqlx::PgPool::connect(&db.dsn).await?;

@@ -102,7 +102,10 @@ async fn metrics_move_with_traffic_and_readiness_follows_the_key_store() -> Resu
         })
         .await
         .unwrap_err();
-    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert_eq!(
+        (e.code(), common::grpc::reason(&e).as_str()),
+        (tonic::Code::InvalidArgument, "MALFORMED_CIPHERTEXT")
+    );
 
     // key ages are refreshed every second
     let text = common::eventually("the key age gauge", Duration::from_secs(10), || {
