@@ -112,6 +112,7 @@ async fn traffic(
     data: &Path,
     keys_dir: &Path,
     backend: &Backend,
+    db_url: &str,
     secrets: &mut Vec<Secret>,
 ) {
     let mut c = CryptoClient::new(ch.clone());
@@ -256,7 +257,7 @@ async fn traffic(
         "INVALID_ARGUMENT",
     )
     .await;
-    recover_keys(data, keys_dir, backend, secrets).await;
+    recover_keys(data, keys_dir, backend, db_url, secrets).await;
 
     // A rotation and an epoch roll (everything rewrapped under a new epoch key).
     keys.rotate_tenant_key(as_id(
@@ -289,7 +290,7 @@ async fn traffic(
         }
     })
     .await;
-    recover_keys(data, keys_dir, backend, secrets).await;
+    recover_keys(data, keys_dir, backend, db_url, secrets).await;
 
     // Erasure of the first subject, with its receipt.
     let mut er = ErasuresClient::new(ch.clone());
@@ -339,7 +340,7 @@ async fn traffic(
         "KEY_DESTROYED",
     )
     .await;
-    recover_keys(data, keys_dir, backend, secrets).await;
+    recover_keys(data, keys_dir, backend, db_url, secrets).await;
 }
 
 /// AWS credentials given to the sidecar (moto checks none): they must not be logged.
@@ -349,12 +350,21 @@ const AWS_SESSION_TOKEN: &str = "canary-aws-session-token-Mf2Ka7Qs4Wc9";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trace_level_log_holds_no_plaintext_subject_id_passphrase_or_key() {
-    scan("text", Backend::Local).await;
+    scan("text", Backend::Local, None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trace_level_json_log_holds_no_plaintext_subject_id_passphrase_or_key() {
-    scan("json", Backend::Local).await;
+    scan("json", Backend::Local, None).await;
+}
+
+/// With the key store on PostgreSQL: key changes are announced with NOTIFY, whose
+/// payload names the subject, and the driver logs at trace level too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trace_level_log_with_postgresql_holds_no_subject_id_or_key() {
+    let db = common::PgDb::create().await.unwrap();
+    scan("text", Backend::Local, Some(&db.dsn)).await;
+    db.drop_db().await.unwrap();
 }
 
 /// With AWS KMS (moto_server; run through scripts/test.sh): the SDK at trace level sees
@@ -375,12 +385,13 @@ async fn a_trace_level_log_with_aws_kms_holds_no_key_or_credential() {
         .key_metadata
         .unwrap()
         .key_id;
-    scan("text", Backend::Aws { url, key }).await;
+    scan("text", Backend::Aws { url, key }, None).await;
 }
 
-/// Serves at trace level with the log format `format` and the KMS `backend` through
-/// [`traffic`], then scans every line.
-async fn scan(format: &str, backend: Backend) {
+/// Serves at trace level with the log format `format`, the KMS `backend` and the key
+/// store on PostgreSQL at `postgres` (else SQLite) through [`traffic`], then scans
+/// every line.
+async fn scan(format: &str, backend: Backend, postgres: Option<&str>) {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let keys_dir = dir.path().join("kms-keys");
@@ -399,6 +410,13 @@ async fn scan(format: &str, backend: Backend) {
         .arg("--log-format")
         .arg(format)
         .log_file(&log);
+    let db_url = match postgres {
+        Some(dsn) => {
+            b = b.arg("--postgres-url").arg(dsn);
+            dsn.to_owned()
+        }
+        None => format!("sqlite://{}?mode=ro", data.join("keys.db").display()),
+    };
     if let Backend::Aws { url, key } = &backend {
         b = b
             .arg("--aws-kms-key-id")
@@ -414,7 +432,7 @@ async fn scan(format: &str, backend: Backend) {
     let sc = b.start();
     let ch = sc.channel().await;
     let mut secrets: Vec<Secret> = Vec::new();
-    traffic(&ch, &data, &keys_dir, &backend, &mut secrets).await;
+    traffic(&ch, &data, &keys_dir, &backend, &db_url, &mut secrets).await;
     drop(ch);
     let (status, text) = sc.terminate();
     assert!(status.success(), "exit {status:?}");

@@ -138,12 +138,13 @@ pub(crate) fn recover_local_kms_files(data: &Path, keys_dir: &Path, out: &mut Ve
     }
 }
 
-/// Every key recoverable from the files in `data` and `keys_dir` (with the passphrase,
-/// or the AWS KMS), added to `out`.
+/// Every key recoverable from the files in `data` and `keys_dir` and the key store at
+/// `db_url` (SQLite or PostgreSQL), with the passphrase or the AWS KMS, added to `out`.
 pub(crate) async fn recover_keys(
     data: &Path,
     keys_dir: &Path,
     backend: &Backend,
+    db_url: &str,
     out: &mut Vec<Secret>,
 ) {
     let kms: Arc<dyn Kms> = match backend {
@@ -163,12 +164,8 @@ pub(crate) async fn recover_keys(
             Arc::new(AwsKms::new(common::aws_config(url, key)).await.unwrap())
         }
     };
-    let db = sqlx::SqlitePool::connect(&format!(
-        "sqlite://{}?mode=ro",
-        data.join("keys.db").display()
-    ))
-    .await
-    .unwrap();
+    sqlx::any::install_default_drivers();
+    let db = sqlx::AnyPool::connect(db_url).await.unwrap();
     let unwrap = |key_id: String, wrapped: Vec<u8>, ctx: EncryptionContext| {
         let kms = kms.clone();
         async move {
@@ -179,7 +176,7 @@ pub(crate) async fn recover_keys(
     };
     let mut tks = std::collections::BTreeMap::new();
     for r in sqlx::query(
-        "SELECT tenant_id, version, kms_key_id, wrapped FROM fk_tenant_keys WHERE wrapped IS NOT NULL",
+        "SELECT tenant_id, CAST(version AS BIGINT), kms_key_id, wrapped FROM fk_tenant_keys WHERE wrapped IS NOT NULL",
     )
     .fetch_all(&db)
     .await
@@ -199,7 +196,7 @@ pub(crate) async fn recover_keys(
     }
     let mut swks = std::collections::BTreeMap::new();
     for r in sqlx::query(
-        "SELECT swk_id, tenant_id, epoch, kms_key_id, wrapped FROM fk_subject_wrapping_keys",
+        "SELECT swk_id, tenant_id, CAST(epoch AS BIGINT), kms_key_id, wrapped FROM fk_subject_wrapping_keys",
     )
     .fetch_all(&db)
     .await
@@ -215,7 +212,7 @@ pub(crate) async fn recover_keys(
         swks.insert(id, (u64::try_from(e).unwrap(), k));
     }
     for r in sqlx::query(
-        "SELECT subject_id, wrap_version, wrapped, swk_id FROM fk_subjects WHERE wrapped IS NOT NULL",
+        "SELECT subject_id, CAST(wrap_version AS BIGINT), wrapped, swk_id FROM fk_subjects WHERE wrapped IS NOT NULL",
     )
     .fetch_all(&db)
     .await
