@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
-use fieldkey::audit::verify::verify_export;
+use fieldkey::audit::verify::{Failure, verify_export};
 use fieldkey::audit::{AuditConfig, AuditLog, AuditRecord};
 use fieldkey::policy::authz::Authorizer;
 use fieldkey::proto::pb::{
@@ -530,41 +530,48 @@ async fn the_audit_export_verifies_and_every_tampering_is_detected() -> Result<(
         let err = r.expect_err(what);
         eprintln!("{what}: {err}");
         assert!(err.to_string().contains(expect), "{what}: {err}");
+        err.kind
     };
     // edited: record 3's actor changed
     let mut edited = lines.clone();
     edited[2] = edited[2].replace(OPS, "spiffe://example.org/ns/ops/sa/someone-else");
-    check(
+    let kind = check(
         "edited",
         edited,
         "audit record 3: content does not match its hash",
     );
+    assert_eq!(kind, Failure::Altered);
     // deleted: record 4 removed
     let mut deleted = lines.clone();
     deleted.remove(3);
-    check("deleted", deleted, "audit record 5: expected record 4 next");
+    let kind = check("deleted", deleted, "audit record 5: expected record 4 next");
+    assert_eq!(kind, Failure::Chain);
     // reordered: records 2 and 3 swapped
     let mut reordered = lines.clone();
     reordered.swap(1, 2);
-    check(
+    let kind = check(
         "reordered",
         reordered,
         "audit record 3: expected record 2 next",
     );
+    assert_eq!(kind, Failure::Chain);
     // truncated: the last records and the trailer cut off
     let truncated: Vec<String> = lines[..n - 2].to_vec();
-    check("truncated", truncated, "truncated");
+    let kind = check("truncated", truncated, "truncated");
+    assert_eq!(kind, Failure::Incomplete);
     // truncated but keeping the trailer: the count no longer matches
     let mut cut = lines[..n - 2].to_vec();
     cut.push(lines[n].clone());
-    check("truncated (trailer kept)", cut, "truncated");
+    let kind = check("truncated (trailer kept)", cut, "truncated");
+    assert_eq!(kind, Failure::Incomplete);
     // the beginning cut off (records 1 and 2), trailer kept
     let headless: Vec<String> = lines[2..].to_vec();
-    check(
+    let kind = check(
         "beginning deleted",
         headless,
         "records at the beginning are missing",
     );
+    assert_eq!(kind, Failure::Incomplete);
     // a forged checkpoint signature
     let forged: Vec<String> = lines
         .iter()
@@ -578,11 +585,14 @@ async fn the_audit_export_verifies_and_every_tampering_is_detected() -> Result<(
             }
         })
         .collect();
-    check(
+    // (its record's hash covers the signature: caught as an edit; a forgery that
+    // recomputes the hashes is refused on the signature, tests/audit_forgery.rs)
+    let kind = check(
         "forged checkpoint",
         forged,
         "content does not match its hash",
     );
+    assert_eq!(kind, Failure::Altered);
     let _ = write_lines;
 
     // The key store itself, offline, with the CLI: intact, then edited, then truncated.
