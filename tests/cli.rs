@@ -10,8 +10,11 @@ use std::process::{Command, Output};
 use common::sidecar::{BIN, Sidecar};
 
 /// `fieldkey serve` on the embedded defaults under `data_dir`, without a passphrase.
+/// Authorization OFF on purpose: the embedded defaults are the development mode these
+/// tests are about (every caller may do everything; the sidecar warns at start).
 fn start(data_dir: &Path) -> Sidecar {
     Sidecar::builder()
+        .authz_off()
         .any_port()
         .data_dir(data_dir)
         .env_remove("FIELDKEY_LOCAL_KMS_PASSPHRASE")
@@ -92,6 +95,10 @@ fn serve_on_embedded_defaults_then_round_trip_rotate_restart_and_sigterm() {
     let (status, log) = s.terminate();
     assert!(status.success(), "SIGTERM exits 0: {status:?}\n{log}");
     assert!(log.contains("stopped; cached keys wiped"), "{log}");
+    assert!(
+        log.contains("AUTHORIZATION IS OFF"),
+        "the development defaults say authorization is off: {log}"
+    );
     assert!(!log.contains("alice@example.com"), "plaintext never logged");
 
     // the embedded store and local KMS survive a restart

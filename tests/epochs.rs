@@ -445,9 +445,11 @@ async fn traffic_shreds_and_rotations_racing_a_roll_lose_nothing() -> Result<()>
         other.keyring.ensure_subject("t", &format!("s{i}")).await?;
     }
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let rounds = Arc::new(std::sync::atomic::AtomicU32::new(0));
     let traffic = {
         let k = other.keyring.clone();
         let stop = stop.clone();
+        let rounds = rounds.clone();
         tokio::spawn(async move {
             let mut n = 0u32;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -463,11 +465,16 @@ async fn traffic_shreds_and_rotations_racing_a_roll_lose_nothing() -> Result<()>
                     k.rotate_tenant("t").await?;
                 }
                 n += 1;
+                rounds.store(n, std::sync::atomic::Ordering::Relaxed);
             }
             Ok::<_, Error>(n)
         })
     };
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The roll starts once traffic is flowing (its first shred and rotation done).
+    common::eventually("traffic is flowing", Duration::from_secs(30), || async {
+        (rounds.load(std::sync::atomic::Ordering::Relaxed) >= 2).then_some(())
+    })
+    .await;
     roll(&roller).await?;
     roll(&roller).await?;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);

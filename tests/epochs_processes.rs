@@ -15,7 +15,8 @@ use anyhow::{Result, bail, ensure};
 use tonic::transport::Channel;
 
 use common::PgDb;
-use common::sidecar::Sidecar;
+use common::grpc::{as_id, ids};
+use common::sidecar::{Sidecar, TRUST_MESH};
 use fieldkey::proto::pb::{
     self, crypto_client::CryptoClient, erasures_client::ErasuresClient, keys_client::KeysClient,
 };
@@ -24,14 +25,16 @@ fn write_config(dir: &Path, extra: &str) -> Result<std::path::PathBuf> {
     let path = dir.join("fieldkey.toml");
     std::fs::write(
         &path,
-        format!("[epochs]\nauto_roll = false\nlease_secs = 2\nkms_deletion_days = 7\n{extra}"),
+        format!(
+            "{TRUST_MESH}[epochs]\nauto_roll = false\nlease_secs = 2\nkms_deletion_days = 7\n{extra}"
+        ),
     )?;
     Ok(path)
 }
 
 async fn status(ch: &Channel) -> Result<(pb::EpochStatus, serde_json::Value)> {
     let st = KeysClient::new(ch.clone())
-        .get_epoch_status(pb::GetEpochStatusRequest {})
+        .get_epoch_status(as_id(ids::OPS, pb::GetEpochStatusRequest {}))
         .await?
         .into_inner();
     let v = serde_json::from_str(&st.status_json)?;
@@ -44,7 +47,7 @@ async fn roll_to_end(ch: &Channel, finish_only: bool) -> Result<serde_json::Valu
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         match KeysClient::new(ch.clone())
-            .roll_epoch(pb::RollEpochRequest { finish_only })
+            .roll_epoch(as_id(ids::OPS, pb::RollEpochRequest { finish_only }))
             .await
         {
             Ok(_) => break,
@@ -126,10 +129,13 @@ async fn a_roll_killed_at_random_points_resumes_and_loses_nothing() -> Result<()
     for t in 0..3 {
         let tenant = format!("t{t}");
         KeysClient::new(ch.clone())
-            .create_tenant(pb::CreateTenantRequest {
-                tenant_id: tenant.clone(),
-                kms_key_id: String::new(),
-            })
+            .create_tenant(as_id(
+                ids::OPS,
+                pb::CreateTenantRequest {
+                    tenant_id: tenant.clone(),
+                    kms_key_id: String::new(),
+                },
+            ))
             .await?;
         for chunk in 0..3 {
             let items: Vec<_> = (0..500)
@@ -157,9 +163,12 @@ async fn a_roll_killed_at_random_points_resumes_and_loses_nothing() -> Result<()
         let mut resumed = false;
         for _ in 0..40 {
             match KeysClient::new(ch_of(&sc).await)
-                .roll_epoch(pb::RollEpochRequest {
-                    finish_only: round > 0,
-                })
+                .roll_epoch(as_id(
+                    ids::OPS,
+                    pb::RollEpochRequest {
+                        finish_only: round > 0,
+                    },
+                ))
                 .await
             {
                 Ok(_) => {
@@ -241,10 +250,13 @@ async fn a_roll_on_one_replica_while_the_other_serves_and_shreds() -> Result<()>
         .start();
     let chb = b.channel().await;
     KeysClient::new(chb.clone())
-        .create_tenant(pb::CreateTenantRequest {
-            tenant_id: "shop".into(),
-            kms_key_id: String::new(),
-        })
+        .create_tenant(as_id(
+            ids::OPS,
+            pb::CreateTenantRequest {
+                tenant_id: "shop".into(),
+                kms_key_id: String::new(),
+            },
+        ))
         .await?;
     // 100 per call: each first use of a subject creates its key (a store transaction);
     // keep every call well inside the server's deadline on a loaded machine.
@@ -263,10 +275,12 @@ async fn a_roll_on_one_replica_while_the_other_serves_and_shreds() -> Result<()>
         }));
     }
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let rounds = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let traffic = {
         let chb = chb.clone();
         let stop = stop.clone();
         let cts = cts.clone();
+        let rounds = rounds.clone();
         tokio::spawn(async move {
             let (mut ok, mut shredded) = (0u32, Vec::new());
             let mut n = 0usize;
@@ -285,25 +299,38 @@ async fn a_roll_on_one_replica_while_the_other_serves_and_shreds() -> Result<()>
                 if n.is_multiple_of(5) && 200 + n / 5 < 400 {
                     let victim = format!("u{}", 200 + n / 5);
                     ErasuresClient::new(chb.clone())
-                        .shred_subject(pb::ShredSubjectRequest {
-                            tenant_id: "shop".into(),
-                            subject_id: victim.clone(),
-                            grace_seconds: 0,
-                        })
+                        .shred_subject(as_id(
+                            ids::ERASURE,
+                            pb::ShredSubjectRequest {
+                                tenant_id: "shop".into(),
+                                subject_id: victim.clone(),
+                                grace_seconds: 0,
+                            },
+                        ))
                         .await
                         .map_err(|e| anyhow::anyhow!("shred {victim}: {e}"))?;
                     shredded.push(200 + n / 5);
                 }
                 ok += 1;
                 n += 1;
+                rounds.store(n, std::sync::atomic::Ordering::Relaxed);
             }
             Ok::<_, anyhow::Error>((ok, shredded))
         })
     };
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Traffic flowing (a shred done) before the rolls, and still after them.
+    let flowing = |at_least: usize| {
+        let rounds = rounds.clone();
+        common::eventually("traffic is flowing", Duration::from_secs(30), move || {
+            let n = rounds.load(std::sync::atomic::Ordering::Relaxed);
+            async move { (n >= at_least).then_some(n) }
+        })
+    };
+    flowing(6).await;
     roll_to_end(&cha, false).await?;
     roll_to_end(&cha, false).await?;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let after_rolls = rounds.load(std::sync::atomic::Ordering::Relaxed);
+    flowing(after_rolls + 6).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (ok, shredded) = traffic.await??;
     assert!(ok > 0 && !shredded.is_empty());
@@ -314,7 +341,11 @@ async fn a_roll_on_one_replica_while_the_other_serves_and_shreds() -> Result<()>
         let s = format!("u{i}");
         for ch in [&cha, &chb] {
             let e = decrypt(ch, "shop", &s, &cts[i]).await.unwrap_err();
-            assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{s}: {e}");
+            assert_eq!(
+                (e.code(), common::grpc::reason(&e).as_str()),
+                (tonic::Code::FailedPrecondition, "KEY_DESTROYED"),
+                "{s}: {e}"
+            );
         }
     }
     let pool = sqlx::PgPool::connect(&db.dsn).await?;
@@ -387,10 +418,13 @@ async fn a_restored_backup_of_the_data_directory_revives_nobody_after_the_roll()
     roll_to_end(&ch, false).await?;
     for t in ["acme", "gone"] {
         KeysClient::new(ch.clone())
-            .create_tenant(pb::CreateTenantRequest {
-                tenant_id: t.into(),
-                kms_key_id: String::new(),
-            })
+            .create_tenant(as_id(
+                ids::OPS,
+                pb::CreateTenantRequest {
+                    tenant_id: t.into(),
+                    kms_key_id: String::new(),
+                },
+            ))
             .await?;
     }
     let encrypt = |t: &'static str, s: &'static str| {
@@ -410,17 +444,23 @@ async fn a_restored_backup_of_the_data_directory_revives_nobody_after_the_roll()
     let backup = dir.path().join("backup");
     backup_files(&data, &backup)?;
     ErasuresClient::new(ch.clone())
-        .shred_subject(pb::ShredSubjectRequest {
-            tenant_id: "acme".into(),
-            subject_id: "alice".into(),
-            grace_seconds: 0,
-        })
+        .shred_subject(as_id(
+            ids::ERASURE,
+            pb::ShredSubjectRequest {
+                tenant_id: "acme".into(),
+                subject_id: "alice".into(),
+                grace_seconds: 0,
+            },
+        ))
         .await?;
     ErasuresClient::new(ch.clone())
-        .shred_tenant(pb::ShredTenantRequest {
-            tenant_id: "gone".into(),
-            grace_seconds: 0,
-        })
+        .shred_tenant(as_id(
+            ids::ERASURE,
+            pb::ShredTenantRequest {
+                tenant_id: "gone".into(),
+                grace_seconds: 0,
+            },
+        ))
         .await?;
     // A clean stop waits for open connections: close ours first.
     drop(ch);

@@ -538,7 +538,8 @@ async fn grace_cancel_reschedule_and_the_worker() -> Result<()> {
         .await?;
     assert_eq!(soon.state, ErasureState::Scheduled);
     assert_eq!(&*k.decrypt(&a2, &c2).await?, b"bob");
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // the worker's pass executes it once its grace period is over
+    common::clock_past(soon.execute_after).await;
     assert_eq!(e.erasures.run_due().await?, 1);
     let done = e.erasures.get(&soon.erasure_id).await?;
     assert_eq!(done.state, ErasureState::Completed);
@@ -1389,7 +1390,7 @@ async fn concurrent_executions_issue_exactly_one_receipt(b: Backend) -> Result<(
         .request(&actor(), T, Some("s1"), Duration::from_millis(300))
         .await?;
     assert_eq!(rec.state, ErasureState::Scheduled);
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    common::clock_past(rec.execute_after).await;
     let (x, y) = tokio::join!(
         e.erasures.execute(&rec.erasure_id),
         other.execute(&rec.erasure_id)
@@ -1487,7 +1488,7 @@ async fn cancel_after_the_grace_period_is_refused(b: Backend) -> Result<()> {
         .request(&actor(), T, Some("s1"), Duration::from_millis(300))
         .await?;
     assert_eq!(rec.state, ErasureState::Scheduled);
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    common::clock_past(rec.execute_after).await;
     let r = e.erasures.cancel(&actor(), &rec.erasure_id).await;
     assert!(
         matches!(&r, Err(Error::ErasureNotCancellable { state, .. }) if state.contains("due")),

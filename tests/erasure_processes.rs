@@ -14,7 +14,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use common::sidecar::{BIN, Sidecar};
+use common::grpc::{as_id, ids};
+use common::sidecar::{BIN, Sidecar, TRUST_MESH, example_policies_plus};
 use fieldkey::proto::pb::{self, crypto_client::CryptoClient, erasures_client::ErasuresClient};
 use sqlx::Connection as _;
 use tonic::Code;
@@ -22,11 +23,36 @@ use tonic::transport::Channel;
 
 const PASSPHRASE: &str = "erasure test passphrase";
 
-/// A `fieldkey serve` process on `config`; stderr goes to the log file `log`, and with
-/// `fault` it aborts right after that erasure step.
+/// Test-only grant (with the example policies): the `fieldkey erasure` client commands
+/// run in the application pod, over the local listener whose identity is the
+/// application's, may shred and fetch receipts there.
+const LOCAL_ERASURE_CLI: &str = r#"@id("local-erasure-cli")
+permit (
+  principal == Identity::"spiffe://example.org/ns/shop/sa/web",
+  action in [
+    Action::"Erasures::ShredSubject",
+    Action::"Erasures::GetErasure",
+    Action::"Erasures::GetReceiptKey"
+  ],
+  resource
+)
+when { context.transport == "local" };
+"#;
+
+/// A `fieldkey serve` process on `config` under the example policies; stderr goes to
+/// the log file `log`, and with `fault` it aborts right after that erasure step.
 fn start(config: &Path, log: &Path, fault: Option<&str>) -> Sidecar {
-    Sidecar::builder()
-        .config(config)
+    start_with(config, log, fault, None)
+}
+
+/// [`start`], under the policies in `policies` when given.
+fn start_with(config: &Path, log: &Path, fault: Option<&str>, policies: Option<&Path>) -> Sidecar {
+    let b = Sidecar::builder();
+    let b = match policies {
+        Some(p) => b.policies(p),
+        None => b,
+    };
+    b.config(config)
         .env("FIELDKEY_LOCAL_KMS_PASSPHRASE", PASSPHRASE)
         .env_opt("FIELDKEY_FAULT_ABORT_AFTER_ERASURE_STEP", fault)
         .log_file(log)
@@ -39,7 +65,7 @@ fn write_config(dir: &Path, name: &str, extra: &str) -> PathBuf {
         "data_dir = {data:?}\n\
          [listen]\ntcp = \"127.0.0.1:0\"\n\
          [kms]\nlocal_key_file = {kms:?}\n\
-         {extra}\n",
+         {TRUST_MESH}{extra}\n",
         data = dir.join("data").display().to_string(),
         kms = dir.join("local-kms.json").display().to_string(),
     );
@@ -97,9 +123,12 @@ async fn decrypt(
 
 async fn get_erasure(ch: &Channel, id: &str) -> pb::Erasure {
     ErasuresClient::new(ch.clone())
-        .get_erasure(pb::ErasureIdRequest {
-            erasure_id: id.into(),
-        })
+        .get_erasure(as_id(
+            ids::ERASURE,
+            pb::ErasureIdRequest {
+                erasure_id: id.into(),
+            },
+        ))
         .await
         .unwrap()
         .into_inner()
@@ -145,19 +174,25 @@ async fn shred_now(
     match subject {
         None => {
             client
-                .shred_tenant(pb::ShredTenantRequest {
-                    tenant_id: tenant.into(),
-                    grace_seconds: 0,
-                })
+                .shred_tenant(as_id(
+                    ids::ERASURE,
+                    pb::ShredTenantRequest {
+                        tenant_id: tenant.into(),
+                        grace_seconds: 0,
+                    },
+                ))
                 .await
         }
         Some(subject) => {
             client
-                .shred_subject(pb::ShredSubjectRequest {
-                    tenant_id: tenant.into(),
-                    subject_id: subject.into(),
-                    grace_seconds: 0,
-                })
+                .shred_subject(as_id(
+                    ids::ERASURE,
+                    pb::ShredSubjectRequest {
+                        tenant_id: tenant.into(),
+                        subject_id: subject.into(),
+                        grace_seconds: 0,
+                    },
+                ))
                 .await
         }
     }
@@ -188,9 +223,15 @@ async fn an_erasure_interrupted_after_any_step_completes_after_a_restart() -> Re
         let ch = b.channel().await;
         let subject = (!tenant_scope).then_some("alice");
         let call = shred_now(&ch, &tenant, subject).await;
+        // Dies with the process: the transport fails, no answer (no reason) came back.
+        let st = call.expect_err("the call should die with the process");
         assert!(
-            call.is_err(),
-            "step {step}: the call should die with the process"
+            reason(&st).is_empty()
+                && matches!(
+                    st.code(),
+                    Code::Unavailable | Code::Unknown | Code::Cancelled
+                ),
+            "step {step}: {st:?}"
         );
         let status = b.wait_dead();
         assert!(!status.success(), "step {step}: {status:?}");
@@ -225,7 +266,12 @@ async fn an_erasure_interrupted_after_any_step_completes_after_a_restart() -> Re
         conn.close().await?;
 
         // Restart without the fault: the worker finishes the abandoned request.
-        let c = start(&config, &dir.path().join("c.log"), None);
+        // Its receipt key is fetched with the CLI, as the local identity.
+        let policies = example_policies_plus(
+            dir.path(),
+            &[("local-erasure-cli.cedar", LOCAL_ERASURE_CLI)],
+        );
+        let c = start_with(&config, &dir.path().join("c.log"), None, Some(&policies));
         let ch = c.channel().await;
         let deadline = Instant::now() + Duration::from_secs(15);
         let done = loop {
@@ -284,7 +330,12 @@ async fn an_edited_receipt_fails_verification() -> Result<()> {
     let dir = tempfile::tempdir()?;
     init_kms(dir.path());
     let config = write_config(dir.path(), "sidecar", FAST_WORKER);
-    let s = start(&config, &dir.path().join("s.log"), None);
+    // The CLI shreds and fetches the receipt key as the local identity.
+    let policies = example_policies_plus(
+        dir.path(),
+        &[("local-erasure-cli.cedar", LOCAL_ERASURE_CLI)],
+    );
+    let s = start_with(&config, &dir.path().join("s.log"), None, Some(&policies));
     let ch = s.channel().await;
     create_tenant(&ch, "acme").await?;
     encrypt(&ch, "acme", "bob", "bob@example.org").await;
@@ -404,16 +455,22 @@ async fn shred_and_suspend_reach_the_other_sidecar_within_a_second() -> Result<(
     shred_now(&cha, "acme", Some("u1")).await?;
     let shred = until(&chb, "u1", &ct1, Some("KEY_DESTROYED"), Instant::now()).await;
 
-    ea.suspend_subject(pb::RestrictionRequest {
-        tenant_id: "acme".into(),
-        subject_id: "u2".into(),
-    })
+    ea.suspend_subject(as_id(
+        ids::ERASURE,
+        pb::RestrictionRequest {
+            tenant_id: "acme".into(),
+            subject_id: "u2".into(),
+        },
+    ))
     .await?;
     let suspend = until(&chb, "u2", &ct2, Some("KEY_SUSPENDED"), Instant::now()).await;
-    ea.resume_subject(pb::RestrictionRequest {
-        tenant_id: "acme".into(),
-        subject_id: "u2".into(),
-    })
+    ea.resume_subject(as_id(
+        ids::ERASURE,
+        pb::RestrictionRequest {
+            tenant_id: "acme".into(),
+            subject_id: "u2".into(),
+        },
+    ))
     .await?;
     let resume = until(&chb, "u2", &ct2, None, Instant::now()).await;
 
@@ -515,9 +572,12 @@ async fn a_restored_key_store_backup_does_not_bring_shredded_keys_back() -> Resu
     let deadline = Instant::now() + Duration::from_secs(15);
     let again = loop {
         let e = ErasuresClient::new(ch.clone())
-            .get_erasure(pb::ErasureIdRequest {
-                erasure_id: shred.erasure_id.clone(),
-            })
+            .get_erasure(as_id(
+                ids::ERASURE,
+                pb::ErasureIdRequest {
+                    erasure_id: shred.erasure_id.clone(),
+                },
+            ))
             .await;
         if let Ok(e) = e
             && e.get_ref().state == pb::ErasureState::Completed as i32

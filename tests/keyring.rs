@@ -555,8 +555,18 @@ async fn cached_keys_expire_after_key_ttl_and_are_unwrapped_again() -> Result<()
     let after_first = f.kms.unwrap_calls();
     f.keyring.decrypt(&a, &env).await?;
     assert_eq!(f.kms.unwrap_calls(), after_first, "served from cache");
-    tokio::time::sleep(Duration::from_millis(450)).await;
-    f.keyring.decrypt(&a, &env).await?;
+    let cached_at = std::time::Instant::now();
+    // Decrypt until the KMS is asked again: only once the entry has expired.
+    common::eventually("the entry expires", Duration::from_secs(10), || async {
+        f.keyring.decrypt(&a, &env).await.unwrap();
+        (f.kms.unwrap_calls() > after_first).then_some(())
+    })
+    .await;
+    assert!(
+        cached_at.elapsed() >= Duration::from_millis(250),
+        "expired early: {:?}",
+        cached_at.elapsed()
+    );
     assert_eq!(
         f.kms.unwrap_calls(),
         after_first + 1,

@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Result;
 use common::sidecar::Sidecar;
@@ -20,9 +20,11 @@ fn start(dir: &std::path::Path, pg: &str) -> Sidecar {
         &cfg,
         format!(
             "data_dir = {:?}\n[store]\npostgres_url = {pg:?}\n[erasure]\nledger = {:?}\n\
-             [metrics]\nlisten = \"127.0.0.1:0\"\nrefresh_secs = 1\n[cache]\nmax_stale_ms = 0\n",
+             [metrics]\nlisten = \"127.0.0.1:0\"\nrefresh_secs = 1\n[cache]\nmax_stale_ms = 0\n\
+             {}",
             dir,
-            dir.join("ledger.db")
+            dir.join("ledger.db"),
+            common::sidecar::TRUST_MESH,
         ),
     )
     .unwrap();
@@ -100,19 +102,17 @@ async fn metrics_move_with_traffic_and_readiness_follows_the_key_store() -> Resu
         })
         .await
         .unwrap_err();
-    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert_eq!(
+        (e.code(), common::grpc::reason(&e).as_str()),
+        (tonic::Code::InvalidArgument, "MALFORMED_CIPHERTEXT")
+    );
 
     // key ages are refreshed every second
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let text = loop {
+    let text = common::eventually("the key age gauge", Duration::from_secs(10), || {
         let t = s.get("/metrics").1;
-        if sample(&t, "fieldkey_key_age_seconds{tenant=\"acme\"}").is_some()
-            || Instant::now() > deadline
-        {
-            break t;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+        async move { sample(&t, "fieldkey_key_age_seconds{tenant=\"acme\"}").map(|_| t) }
+    })
+    .await;
     eprintln!("{text}");
     let enc_ok = sample(
         &text,
@@ -194,8 +194,12 @@ async fn metrics_move_with_traffic_and_readiness_follows_the_key_store() -> Resu
 
     // the key store goes away: not ready (and says why), still live
     proxy.stop().await;
-    tokio::time::sleep(Duration::from_secs(3)).await; // past the cached verdict
-    let (code, body) = s.get("/readyz");
+    // once the cached verdict (a few seconds) has run out
+    let (code, body) = common::eventually("/readyz reports 503", Duration::from_secs(15), || {
+        let r = s.get("/readyz");
+        async move { (r.0 == 503).then_some(r) }
+    })
+    .await;
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("key store"), "{body}");
     assert_eq!(s.get("/healthz").0, 200);

@@ -255,6 +255,15 @@ async fn completed_job_full(
     Ok(())
 }
 
+/// Waits until the clock is `ms` past the creation of acme's key `version` (the
+/// runners' revalidation bound that retirement checks a job against).
+async fn past_rotation(store: &dyn KeyStore, version: u32, ms: i64) -> Result<()> {
+    let t = store.get_tenant("acme").await?.unwrap();
+    let v = t.versions.iter().find(|v| v.version == version).unwrap();
+    common::clock_past(v.created_at + ms).await;
+    Ok(())
+}
+
 fn blocked(r: Result<fieldkey::keyring::TenantInfo, Error>, needle: &str) {
     match r {
         Err(Error::RetirementBlocked { reason, .. }) => {
@@ -275,14 +284,14 @@ async fn retirement_requires_a_clean_completed_job_for_every_table() -> Result<(
     let old = k.encrypt(&aad(Some("alice"), b""), b"x").await?;
     // a job finished before the rotation proves nothing about v1
     completed_job(store.as_ref(), "early", "public.users", None, &[]).await?;
-    tokio::time::sleep(Duration::from_millis(5)).await;
+    common::clock_past(common::now_ms()).await; // the rotation comes a millisecond later
     k.rotate_tenant("acme").await?;
     blocked(k.retire_key_version("acme", 2).await, "active version");
     blocked(k.retire_key_version("acme", 1).await, "public.users");
     let e = k.retire_key_version("acme", 9).await.unwrap_err();
     assert!(matches!(e, Error::UnknownKeyVersion { .. }), "{e:?}");
     // wait out the revalidation interval: writes by stale replicas may still use v1
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    past_rotation(store.as_ref(), 2, 1000).await?;
     // a job that left a v1 ciphertext of acme behind does not count
     completed_job(
         store.as_ref(),
@@ -368,9 +377,9 @@ async fn retirement_needs_a_clean_job_for_every_column_ever_covered() -> Result<
         &cols(&["email", "phone"]),
     )
     .await?;
-    tokio::time::sleep(Duration::from_millis(5)).await;
+    common::clock_past(common::now_ms()).await; // the rotation comes a millisecond later
     k.rotate_tenant("acme").await?;
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    past_rotation(store.as_ref(), 2, 1000).await?;
     // re-encrypting email alone does not prove phone moved
     completed_job_over(
         store.as_ref(),
@@ -418,7 +427,7 @@ async fn retirement_waits_out_the_runners_own_staleness_bound() -> Result<()> {
     let (k, store, _) = sqlite_keyring_and_store(&dir).await?;
     k.create_tenant("acme", None).await?;
     k.rotate_tenant("acme").await?;
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    past_rotation(store.as_ref(), 2, 1000).await?;
     // a runner that revalidates only every 60 s may have missed the rotation
     completed_job_full(store.as_ref(), "lazy", "DB:t", None, &[], "{}", 60_000).await?;
     blocked(k.retire_key_version("acme", 1).await, "table DB:t");

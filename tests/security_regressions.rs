@@ -265,7 +265,10 @@ async fn sidecar_as(
     let ctx = fieldkey::wiring::Parts::new(keyring.clone(), store, kms)
         .context()
         .with_gate(gate);
-    Ok((common::sidecar::InProcess::start(ctx).await?, keyring))
+    Ok((
+        common::sidecar::InProcess::start_as_given(ctx).await?,
+        keyring,
+    ))
 }
 
 /// Every birth date of a century as `YYYY-MM-DD`, the dictionary of the attack.
@@ -438,7 +441,8 @@ async fn a_field_bound_to_its_row_cannot_be_swapped_into_another_row() -> Result
     ));
 
     // Unbound (the field not required to carry a context): the swap works.
-    let open = common::sidecar::InProcess::start(parts.context().with_gate(gate.clone())).await?;
+    let open =
+        common::sidecar::InProcess::start_as_given(parts.context().with_gate(gate.clone())).await?;
     let swapped = swap_into_victims_row(&open, b"", b"").await?;
     assert_eq!(
         swapped.as_deref().ok(),
@@ -475,13 +479,15 @@ async fn a_field_bound_to_its_row_cannot_be_swapped_into_another_row() -> Result
     );
 
     // Bound: a request without a context is refused, for Encrypt and Decrypt alike...
-    let bound =
-        common::sidecar::InProcess::start(parts.context().with_gate(gate).with_row_binding(
-            RowBindingSettings {
+    let bound = common::sidecar::InProcess::start_as_given(
+        parts
+            .context()
+            .with_gate(gate)
+            .with_row_binding(RowBindingSettings {
                 required: vec!["email".into()],
-            },
-        ))
-        .await?;
+            }),
+    )
+    .await?;
     let refused = swap_into_victims_row(&bound, b"", b"").await?.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::InvalidArgument);
     assert_eq!(common::grpc::reason(&refused), "CONTEXT_REQUIRED");
@@ -548,7 +554,7 @@ async fn subject_grants_reach_neither_the_whole_tenant_nor_other_tenants_erasure
         keyring.create_tenant(t, None).await?;
     }
     let parts = fieldkey::wiring::Parts::new(keyring.clone(), store, kms);
-    let open = common::sidecar::InProcess::start(parts.context()).await?;
+    let open = common::sidecar::InProcess::start_as_given(parts.context()).await?;
     let gate = Arc::new(Gate::new(
         Some(Arc::new(Authorizer::load(&policies)?)),
         None,
@@ -557,7 +563,8 @@ async fn subject_grants_reach_neither_the_whole_tenant_nor_other_tenants_erasure
             ..IdentityConfig::default()
         },
     ));
-    let guarded = common::sidecar::InProcess::start(parts.context().with_gate(gate)).await?;
+    let guarded =
+        common::sidecar::InProcess::start_as_given(parts.context().with_gate(gate)).await?;
     let mut admin = pb::erasures_client::ErasuresClient::new(open.channel().await?);
     let mut acme_ops = pb::erasures_client::ErasuresClient::new(guarded.channel().await?);
     let shred = |tenant: &str| ShredSubjectRequest {

@@ -82,6 +82,36 @@ pub fn trailer_line(t: &Trailer) -> String {
     json!({ "export_end": t }).to_string()
 }
 
+/// What kind of failure a verification found (the reason says the details).
+///
+/// A forger who edits records must recompute their hashes and re-sign what covers them;
+/// without the operator's signing key that ends in [`Failure::UntrustedKey`] or
+/// [`Failure::BadSignature`], whatever the hashes say: the keys a verifier trusts are
+/// given by the operator (trust anchors), never read from the export or the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Failure {
+    /// A line of an export is not a record or a trailer (not JSON, unknown fields,
+    /// lines after the trailer).
+    Syntax,
+    /// A record's content does not match its own hash (edited in place).
+    Altered,
+    /// A record is not the one after its predecessor, or does not chain to it
+    /// (deleted, reordered or inserted records; a chain not starting at genesis).
+    Chain,
+    /// A checkpoint does not cover exactly the records before it.
+    CheckpointCoverage,
+    /// A checkpoint or trailer names a signing key that is not among the trusted
+    /// public keys given to the verifier.
+    UntrustedKey,
+    /// A checkpoint or trailer signature does not verify under the trusted key it
+    /// names (malformed, altered, or made by another key).
+    BadSignature,
+    /// Records are missing at the start or the end, or were added after the trailer's
+    /// count (a truncated or padded export, a store shorter than its chain head).
+    Incomplete,
+}
+
 /// Where verification failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{}{reason}", .seq.map(|s| format!("audit record {s}: ")).or_else(|| .line.map(|l| format!("line {l}: "))).unwrap_or_default())]
@@ -90,6 +120,8 @@ pub struct VerifyError {
     pub seq: Option<u64>,
     /// The line of an export, if it is a line.
     pub line: Option<usize>,
+    /// What kind of failure.
+    pub kind: Failure,
     /// What is wrong.
     pub reason: String,
 }
@@ -118,25 +150,38 @@ pub struct Verifier {
     summary: Summary,
 }
 
-fn err(seq: u64, reason: impl Into<String>) -> VerifyError {
+fn err(seq: u64, kind: Failure, reason: impl Into<String>) -> VerifyError {
     VerifyError {
         seq: Some(seq),
         line: None,
+        kind,
         reason: reason.into(),
     }
 }
 
-fn verify_sig(keys: &[VerifyingKey], kid: &str, msg: &[u8], sig_b64: &str) -> Result<(), String> {
-    let key = keys
-        .iter()
-        .find(|k| key_id(k) == kid)
-        .ok_or_else(|| format!("signed by key {kid}, which is not among the public keys given"))?;
+/// Checks `sig_b64` over `msg` against the trusted key whose id is `kid`. The id only
+/// selects among the trusted keys: an id naming no trusted key is refused, whatever
+/// the signature.
+fn verify_sig(
+    keys: &[VerifyingKey],
+    kid: &str,
+    msg: &[u8],
+    sig_b64: &str,
+) -> Result<(), (Failure, String)> {
+    let key = keys.iter().find(|k| key_id(k) == kid).ok_or_else(|| {
+        (
+            Failure::UntrustedKey,
+            format!("signed by key {kid}, which is not among the trusted public keys given"),
+        )
+    })?;
+    let bad = |why: &str| (Failure::BadSignature, why.to_owned());
     let bytes = STANDARD
         .decode(sig_b64)
-        .map_err(|_| "signature is not base64".to_owned())?;
-    let sig = Signature::from_slice(&bytes).map_err(|_| "signature is not 64 bytes".to_owned())?;
-    key.verify_strict(msg, &sig)
-        .map_err(|_| "signature does not verify (altered)".to_owned())
+        .map_err(|_| bad("signature is not base64"))?;
+    let sig = Signature::from_slice(&bytes).map_err(|_| bad("signature is not 64 bytes"))?;
+    key.verify_strict(msg, &sig).map_err(|_| {
+        bad("signature does not verify under the trusted key it names (altered, or signed by another key)")
+    })
 }
 
 impl Verifier {
@@ -157,7 +202,11 @@ impl Verifier {
         match s.first_seq {
             None => {
                 if r.seq == 1 && r.prev_hash != GENESIS {
-                    return Err(err(1, "the first record does not start the chain"));
+                    return Err(err(
+                        1,
+                        Failure::Chain,
+                        "the first record does not start the chain",
+                    ));
                 }
                 s.first_seq = Some(r.seq);
             }
@@ -166,18 +215,27 @@ impl Verifier {
                 if r.seq != expected {
                     return Err(err(
                         r.seq,
+                        Failure::Chain,
                         format!(
                             "expected record {expected} next (a record was deleted, reordered or inserted)"
                         ),
                     ));
                 }
                 if r.prev_hash != s.last_hash {
-                    return Err(err(r.seq, "does not chain to the record before it"));
+                    return Err(err(
+                        r.seq,
+                        Failure::Chain,
+                        "does not chain to the record before it",
+                    ));
                 }
             }
         }
         if record_hash(r.seq, r.ts, &r.event, &r.prev_hash) != r.hash {
-            return Err(err(r.seq, "content does not match its hash (edited)"));
+            return Err(err(
+                r.seq,
+                Failure::Altered,
+                "content does not match its hash (edited)",
+            ));
         }
         if r.event.action == CHECKPOINT_ACTION {
             let d = &r.event.details;
@@ -186,6 +244,7 @@ impl Verifier {
             if covers_seq != r.seq.saturating_sub(1) || covers_hash != hex::encode(r.prev_hash) {
                 return Err(err(
                     r.seq,
+                    Failure::CheckpointCoverage,
                     "checkpoint does not cover the records before it",
                 ));
             }
@@ -195,7 +254,7 @@ impl Verifier {
                 &checkpoint_message(covers_seq, &r.prev_hash),
                 d["signature"].as_str().unwrap_or_default(),
             )
-            .map_err(|e| err(r.seq, format!("checkpoint {e}")))?;
+            .map_err(|(kind, e)| err(r.seq, kind, format!("checkpoint {e}")))?;
             s.checkpoints += 1;
             s.last_checkpoint = Some((r.seq, r.ts));
         }
@@ -216,34 +275,44 @@ impl Verifier {
     /// A missing, altered or mismatching trailer (a truncated or padded export).
     pub fn finish_export(&self, trailer: Option<&Trailer>) -> Result<(), VerifyError> {
         let s = &self.summary;
-        let fail = |reason: String| VerifyError {
+        let fail = |kind: Failure, reason: String| VerifyError {
             seq: None,
             line: None,
+            kind,
             reason,
         };
         let Some(t) = trailer else {
-            return Err(fail(format!(
-                "the export has no signed trailer after record {}: it was truncated",
-                s.last_seq
-            )));
+            return Err(fail(
+                Failure::Incomplete,
+                format!(
+                    "the export has no signed trailer after record {}: it was truncated",
+                    s.last_seq
+                ),
+            ));
         };
         verify_sig(&self.keys, &t.key_id, &trailer_message(t), &t.signature)
-            .map_err(|e| fail(format!("export trailer {e}")))?;
+            .map_err(|(kind, e)| fail(kind, format!("export trailer {e}")))?;
         if s.records > 0 && s.first_seq != Some(t.from_seq) {
-            return Err(fail(format!(
-                "the export's trailer says it starts at record {}, but the first record is {}: records at the beginning are missing",
-                t.from_seq,
-                s.first_seq.unwrap_or(0)
-            )));
+            return Err(fail(
+                Failure::Incomplete,
+                format!(
+                    "the export's trailer says it starts at record {}, but the first record is {}: records at the beginning are missing",
+                    t.from_seq,
+                    s.first_seq.unwrap_or(0)
+                ),
+            ));
         }
         if t.records != s.records
             || t.last_seq != s.last_seq
             || t.last_hash != hex::encode(s.last_hash)
         {
-            return Err(fail(format!(
-                "the export's trailer says {} records up to {}, but {} records up to {} were read: records are missing (truncated) or were added",
-                t.records, t.last_seq, s.records, s.last_seq
-            )));
+            return Err(fail(
+                Failure::Incomplete,
+                format!(
+                    "the export's trailer says {} records up to {}, but {} records up to {} were read: records are missing (truncated) or were added",
+                    t.records, t.last_seq, s.records, s.last_seq
+                ),
+            ));
         }
         Ok(())
     }
@@ -264,6 +333,7 @@ pub fn verify_export(text: &str, keys: Vec<VerifyingKey>) -> Result<Summary, Ver
         let bad = |reason: String| VerifyError {
             seq: None,
             line: Some(n),
+            kind: Failure::Syntax,
             reason,
         };
         if trailer.is_some() {
@@ -324,6 +394,7 @@ pub async fn verify_store(
         return Ok(Err(VerifyError {
             seq: s.first_seq,
             line: None,
+            kind: Failure::Incomplete,
             reason: format!(
                 "the log starts at record {} instead of 1: records at the beginning were deleted",
                 s.first_seq.unwrap_or(0)
@@ -334,6 +405,7 @@ pub async fn verify_store(
         return Ok(Err(VerifyError {
             seq: Some(s.last_seq.saturating_add(1)),
             line: None,
+            kind: Failure::Incomplete,
             reason: format!(
                 "missing: the chain head says {head_seq} records, the log ends at {} (truncated)",
                 s.last_seq

@@ -93,6 +93,90 @@ impl PgDb {
     }
 }
 
+/// How often [`eventually`] looks again.
+pub const POLL_EVERY: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Polls `check` until it returns `Some` (its value is returned) or `within` has
+/// passed, then fails the test naming `what`. For waiting on an effect another task or
+/// process brings about (a job finished, a file picked up, a checkpoint written): no
+/// fixed sleep that is too short on a loaded machine and too long everywhere else.
+pub async fn eventually<T, F, Fut>(what: &str, within: std::time::Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not within {within:?}: {what}"
+        );
+        tokio::time::sleep(POLL_EVERY).await;
+    }
+}
+
+/// The wall clock, Unix ms.
+pub fn now_ms() -> i64 {
+    i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap()
+}
+
+/// Waits until the wall clock is past `unix_ms` (a time the code under test compares
+/// with the clock: a grace period's end, a rotation plus a staleness bound). Exact,
+/// unlike a fixed sleep guessed to be long enough.
+pub async fn clock_past(unix_ms: i64) {
+    loop {
+        let now = now_ms();
+        if now > unix_ms {
+            return;
+        }
+        let left = u64::try_from(unix_ms - now).unwrap_or(0);
+        tokio::time::sleep(std::time::Duration::from_millis(left + 1)).await;
+    }
+}
+
+/// Waits until the clock is `bound` past the last state change of `tenant`'s key
+/// `version` (when it stopped encrypting, at the rotation): a re-encryption job started
+/// later, by a runner whose keyring revalidates within `bound`, counts towards the
+/// version's retirement (`Keyring::retire_key_version`).
+pub async fn past_version_change(
+    store: &dyn KeyStore,
+    tenant: &str,
+    version: u32,
+    bound: std::time::Duration,
+) {
+    let t = store.get_tenant(tenant).await.unwrap().unwrap();
+    let v = t.versions.iter().find(|v| v.version == version).unwrap();
+    clock_past(v.updated_at + i64::try_from(bound.as_millis()).unwrap()).await;
+}
+
+/// [`eventually`] for blocking code (threads, child processes).
+pub fn eventually_blocking<T>(
+    what: &str,
+    within: std::time::Duration,
+    mut check: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not within {within:?}: {what}"
+        );
+        std::thread::sleep(POLL_EVERY);
+    }
+}
+
 pub fn rand_bytes<const N: usize>() -> [u8; N] {
     let mut b = [0u8; N];
     getrandom::fill(&mut b).expect("rng");

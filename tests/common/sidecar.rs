@@ -4,9 +4,16 @@
 //! of a [`fieldkey::service::Context`] served on loopback TCP inside the test process.
 //! Also the `fieldkey` client commands run as processes ([`run_cli`]).
 //!
-//! What it does NOT do: write configuration files, create key stores or make
-//! certificates (each test states its own setup), or assert anything about what the
-//! sidecar answers; the only checks here are that it started and stopped.
+//! Authorization is ON by default, as production runs: a sidecar process serves the
+//! repository's example policies (`policies/`) with the application's identity on the
+//! local listener (`policies/app.cedar`). A test that needs other grants names its own
+//! policy directory ([`Builder::policies`]); one about authorization being off says so
+//! ([`Builder::authz_off`]). Other identities reach a sidecar through `l5d-client-id`
+//! when its configuration has [`TRUST_MESH`] (as the admin sidecar behind Linkerd).
+//!
+//! What it does NOT do: create key stores or make certificates (each test states its
+//! own setup), or assert anything about what the sidecar answers; the only checks here
+//! are that it started and stopped.
 
 use std::ffi::OsString;
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
@@ -24,6 +31,49 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_fieldkey");
 
 /// How long a sidecar may take to stop on SIGTERM or to die at an injected fault.
 const STOP_WITHIN: Duration = Duration::from_secs(10);
+
+/// The repository's example policies (`policies/`): what most tests run under.
+pub fn example_policies() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("policies")
+}
+
+/// A policy directory for one test, `dir/policies`: the example policies and `extra`
+/// files (name, content), for a test that needs a grant the examples do not give.
+pub fn example_policies_plus(dir: &Path, extra: &[(&str, &str)]) -> PathBuf {
+    let to = dir.join("policies");
+    std::fs::create_dir_all(&to).unwrap();
+    for e in std::fs::read_dir(example_policies()).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension()
+            .is_some_and(|x| x == "cedar" || x == "cedarschema" || x == "toml")
+        {
+            std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    for (name, text) in extra {
+        std::fs::write(to.join(name), text).unwrap();
+    }
+    to
+}
+
+/// Configuration that makes a sidecar take the caller's identity from `l5d-client-id`
+/// (as the admin sidecar behind Linkerd does, `deploy/k8s/base/config/admin.toml`), so
+/// a test can call as the operator, erasure or auditor identity
+/// ([`super::grpc::as_id`]); calls without the header keep the local identity.
+pub const TRUST_MESH: &str =
+    "[authz]\ntrust_linkerd_identity = true\n[listen]\ntcp_behind_linkerd = true\n";
+
+/// The authorization a sidecar process runs with.
+#[derive(Debug, Clone)]
+enum Authz {
+    /// The example policies, the local listener as the application (the default).
+    Examples,
+    /// A test's own policy directory, the local listener as the application.
+    Dir(PathBuf),
+    /// Off: whatever the configuration says (no `authz.policies`: every caller may do
+    /// everything). Only for tests about that mode.
+    Off,
+}
 
 /// Runs a `fieldkey` client command, against the sidecar at `addr` (`FIELDKEY_ADDR`) or
 /// offline, and returns its output.
@@ -43,9 +93,38 @@ pub struct Builder {
     env: Vec<(String, Option<OsString>)>,
     log_file: Option<PathBuf>,
     metrics: bool,
+    authz: Authz,
+    log_level: &'static str,
 }
 
 impl Builder {
+    /// Authorization by the policies in `dir` (a test's own set, for a test that needs
+    /// grants the example policies do not give) instead of the example policies.
+    pub fn policies(mut self, dir: &Path) -> Self {
+        self.authz = Authz::Dir(dir.to_owned());
+        self
+    }
+
+    /// No policy directory from the builder: the configuration decides (authorization
+    /// off unless it names one). For tests about authorization being off.
+    pub fn authz_off(mut self) -> Self {
+        self.authz = Authz::Off;
+        self
+    }
+
+    /// `RUST_LOG` of the process (default `info`).
+    pub fn log_level(mut self, level: &'static str) -> Self {
+        self.log_level = level;
+        self
+    }
+
+    /// Writes `text` as `dir/fieldkey.toml` and serves with it (`--config`).
+    pub fn config_text(self, dir: &Path, text: &str) -> Self {
+        let path = dir.join("fieldkey.toml");
+        std::fs::write(&path, text).unwrap();
+        self.config(&path)
+    }
+
     /// `--listen 127.0.0.1:0`: gRPC on a free port of loopback TCP.
     pub fn any_port(self) -> Self {
         self.arg("--listen").arg("127.0.0.1:0")
@@ -104,8 +183,22 @@ impl Builder {
         let mut cmd = Command::new(BIN);
         cmd.arg("serve")
             .args(&self.args)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", self.log_level)
             .stdout(Stdio::piped());
+        let policies = match &self.authz {
+            Authz::Examples => Some(example_policies()),
+            Authz::Dir(d) => Some(d.clone()),
+            Authz::Off => None,
+        };
+        match policies {
+            Some(dir) => {
+                cmd.env("FIELDKEY_POLICIES", dir)
+                    .env("FIELDKEY_LOCAL_IDENTITY", super::grpc::ids::APP);
+            }
+            None => {
+                cmd.env_remove("FIELDKEY_POLICIES");
+            }
+        }
         for (k, v) in &self.env {
             match v {
                 Some(v) => cmd.env(k, v),
@@ -198,6 +291,8 @@ impl Sidecar {
             env: Vec::new(),
             log_file: None,
             metrics: false,
+            authz: Authz::Examples,
+            log_level: "info",
         }
     }
 
@@ -312,14 +407,37 @@ pub struct InProcess {
 }
 
 impl InProcess {
-    /// Serves the routes of `ctx`.
+    /// Serves the routes of `ctx` with authorization ON, as production runs: the
+    /// example policies, callers on loopback are the application (`policies/app.cedar`)
+    /// unless they name another identity in `l5d-client-id` (trusted here, see
+    /// [`super::grpc::as_id`]), decisions audited to `ctx.audit`.
     pub async fn start(ctx: fieldkey::service::Context) -> Result<Self> {
+        let authz = Arc::new(fieldkey::policy::authz::Authorizer::load(
+            &example_policies(),
+        )?);
+        let gate = Arc::new(fieldkey::service::gate::Gate::new(
+            Some(authz),
+            Some(ctx.audit.clone()),
+            fieldkey::service::gate::IdentityConfig {
+                local_identity: Arc::from(super::grpc::ids::APP),
+                trust_linkerd: true,
+            },
+        ));
+        // Behind the (test's stand-in for the) Linkerd proxy: the only listener where a
+        // trusted `l5d-client-id` names the caller.
+        Self::start_on(ctx.with_gate(gate), true).await
+    }
+
+    /// Serves the routes of `ctx` with the gate it carries: a test's own authorization
+    /// set-up, or none at all (the context of `Parts::context()` lets every caller do
+    /// everything; a test using that says why). On a plain loopback listener.
+    pub async fn start_as_given(ctx: fieldkey::service::Context) -> Result<Self> {
         Self::start_on(ctx, false).await
     }
 
-    /// Serves the routes of `ctx` on a listener declared behind the Linkerd proxy (the
-    /// only one where a trusted `l5d-client-id` names the caller; the test's loopback
-    /// client stands for the proxy).
+    /// Serves the routes of `ctx` with the gate it carries on a listener declared behind
+    /// the Linkerd proxy (the only one where a trusted `l5d-client-id` names the caller;
+    /// the test's loopback client stands for the proxy).
     pub async fn start_behind_linkerd(ctx: fieldkey::service::Context) -> Result<Self> {
         Self::start_on(ctx, true).await
     }
