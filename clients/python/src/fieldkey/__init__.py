@@ -6,6 +6,10 @@
 >>> fk.decrypt_text("acme", "email", ct, subject="user-42", context=7)
 'alice@example.com'
 
+``context`` (the row's id) is required by default: without one, encrypt and decrypt
+raise ``fieldkey.ContextRequired`` before sending anything (``require_context=False``
+or ``context=fieldkey.UNBOUND`` for a deliberately unbound value).
+
 See docs/CLIENTS.md in the fieldkey repository.
 """
 
@@ -23,6 +27,8 @@ from ._core import (
     Result,
     RetryPolicy,
     TlsConfig,
+    UNBOUND,
+    Unbound,
     unwrap_all,
 )
 from .aio import AsyncClient
@@ -46,6 +52,8 @@ __all__ = [
     "Result",
     "RetryPolicy",
     "TlsConfig",
+    "UNBOUND",
+    "Unbound",
     "unwrap_all",
     *_errors_all,
 ]

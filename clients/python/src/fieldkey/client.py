@@ -47,6 +47,15 @@ class Client:
     ``interceptors``: ``grpc`` client interceptors (metrics, tracing, call counting);
     they see every attempt. ``options``: extra gRPC channel options.
 
+    ``require_context`` (default True): encrypt, decrypt and their text and batch forms
+    refuse a value without a ``context`` (None or empty; in a batch, any item without
+    one) with :class:`fieldkey.ContextRequired`, raised here before anything is sent.
+    Pass the row's id as ``context=`` so that a ciphertext copied into another row fails
+    to decrypt (AuthenticationFailed). ``require_context=False`` (or
+    ``context=fieldkey.UNBOUND`` for one value) sends values without a context, which a
+    sidecar whose ``[row_binding] required`` lists the field still refuses
+    (ContextRequired). Blind indexes and pseudonyms take no context.
+
     Errors: every failure raises a subclass of :class:`fieldkey.FieldkeyError` named
     after the sidecar's reason (``KeyDestroyed``, ``AuthenticationFailed``, ...).
     Batch methods return one :class:`Result` per item instead: a bad item fails alone.
@@ -63,10 +72,12 @@ class Client:
         interceptors: Sequence[grpc.UnaryUnaryClientInterceptor] = (),
         options: Sequence[tuple[str, Any]] = (),
         metadata: Sequence[tuple[str, str]] = (),
+        require_context: bool = True,
     ) -> None:
         self.target = c.normalize_target(target)
         self.tls = tls
         self.timeout = timeout
+        self.require_context = require_context
         self.retry = retry if retry is not None else RetryPolicy()
         self.batch = batch if batch is not None else BatchLimits()
         self._interceptors = tuple(interceptors)
@@ -122,7 +133,7 @@ class Client:
         self.close()
 
     def __repr__(self) -> str:
-        return f"Client(target={self.target!r}, tls={self.tls is not None})"
+        return f"Client(target={self.target!r}, tls={self.tls is not None}, require_context={self.require_context})"
 
     # ------------------------------------------------------------------ calls
 
@@ -176,7 +187,7 @@ class Client:
         timeout: float | None = None,
     ) -> bytes:
         """Encrypt one value (``str`` as UTF-8) to a binary envelope (for BYTEA/BLOB)."""
-        req = c.encrypt_request(tenant, field, value, subject, context, False)
+        req = c.encrypt_request(tenant, field, value, subject, context, False, self.require_context)
         return bytes(self._call(self.crypto.Encrypt, req, timeout).ciphertext)
 
     def encrypt_text(
@@ -190,7 +201,7 @@ class Client:
         timeout: float | None = None,
     ) -> str:
         """Encrypt one value to the text envelope ``fk1:...`` (for text columns)."""
-        req = c.encrypt_request(tenant, field, value, subject, context, True)
+        req = c.encrypt_request(tenant, field, value, subject, context, True, self.require_context)
         return str(self._call(self.crypto.Encrypt, req, timeout).ciphertext.decode("ascii"))
 
     def decrypt(
@@ -205,7 +216,7 @@ class Client:
     ) -> bytes:
         """Decrypt an envelope (binary or ``fk1:`` text) to bytes. Tenant, subject, field
         and context must be those it was encrypted with (else AuthenticationFailed)."""
-        req = c.decrypt_request(tenant, field, ciphertext, subject, context)
+        req = c.decrypt_request(tenant, field, ciphertext, subject, context, self.require_context)
         return bytes(self._call(self.crypto.Decrypt, req, timeout).plaintext)
 
     def decrypt_text(
@@ -239,7 +250,7 @@ class Client:
         return self._batch(
             self.crypto.EncryptBatch,
             lambda ch: pb.EncryptBatchRequest(items=ch),
-            c.encrypt_requests(items, text),
+            c.encrypt_requests(items, text, self.require_context),
             lambda r, out: c.encrypt_results(r, text, out),
             timeout,
         )
@@ -261,7 +272,7 @@ class Client:
         return self._batch(
             self.crypto.DecryptBatch,
             lambda ch: pb.DecryptBatchRequest(items=ch),
-            c.decrypt_requests(items),
+            c.decrypt_requests(items, self.require_context),
             lambda r, out: c.decrypt_results(r, as_text, out),
             timeout,
         )
