@@ -146,6 +146,7 @@ async def test_async_client_refuses_a_missing_context_before_sending(sidecar: Si
         assert sum(counter.calls.values()) == 0
         assert await c.decrypt_text(t, "email", ct, context=1) == "v"
         assert await c.blind_index(t, "email", "a@b.c", text=True)
+    counter.calls.clear()
     async with fieldkey.AsyncClient(sidecar.tcp, interceptors=[counter], require_context=False) as u:
         assert await u.decrypt_text(t, "email", await u.encrypt_text(t, "email", "w")) == "w"
         assert counter.calls["Encrypt"] == 1 and counter.calls["Decrypt"] == 1
