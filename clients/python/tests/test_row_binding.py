@@ -13,7 +13,7 @@ import pytest
 
 import fieldkey
 from conftest import AsyncCallCounter, CallCounter, new_tenant
-from fieldkey import BlindIndexItem, DecryptItem, EncryptItem, PseudonymizeItem
+from fieldkey import BlindIndexItem, DecryptItem, EncryptItem, PseudonymizeItem, RewrapItem
 from sidecar import Sidecar
 
 # Every way of leaving a value without a context: None and empty text or bytes.
@@ -45,6 +45,10 @@ def _ops(fk: fieldkey.Client, t: str, ctx: Any, ct: str) -> dict[str, Callable[[
         ),
         "decrypt_batch as_text": lambda: fk.decrypt_batch(
             [DecryptItem(t, "email", ct, context=1), DecryptItem(t, "email", ct, context=ctx)], as_text=True
+        ),
+        "rewrap": lambda: fk.rewrap(t, "email", ct, context=ctx),
+        "rewrap_batch": lambda: fk.rewrap_batch(
+            [RewrapItem(t, "email", ct, context=1), RewrapItem(t, "email", ct, context=ctx)]
         ),
     }
 
@@ -138,6 +142,8 @@ async def test_async_client_refuses_a_missing_context_before_sending(sidecar: Si
                 lambda: c.decrypt_batch(
                     [DecryptItem(t, "email", ct, context=1), DecryptItem(t, "email", ct, context=ctx)], as_text=True
                 ),
+                lambda: c.rewrap(t, "email", ct, context=ctx),
+                lambda: c.rewrap_batch([RewrapItem(t, "email", ct, context=1), RewrapItem(t, "email", ct, context=ctx)]),
             ]
             for op in ops:
                 with pytest.raises(fieldkey.ContextRequired) as e:
@@ -176,6 +182,12 @@ def test_a_sidecar_requiring_the_context_refuses_even_an_opted_out_client(bound_
             c.decrypt_text(t, "email", victim)
         dres = c.decrypt_batch([DecryptItem(t, "email", victim, context=1001), DecryptItem(t, "email", victim)])
         assert dres[0].unwrap() == b"victim@example.com" and isinstance(dres[1].error, fieldkey.ContextRequired)
+        counter.reset()
+        with pytest.raises(fieldkey.ContextRequired):
+            c.rewrap(t, "email", victim)
+        assert counter.calls["Rewrap"] == 1
+        rres = c.rewrap_batch([RewrapItem(t, "email", victim, context=1001), RewrapItem(t, "email", victim)])
+        assert rres[0].ok and isinstance(rres[1].error, fieldkey.ContextRequired)
         # a field the sidecar does not list stays optional
         note = c.encrypt_text(t, "note", "unbound note")
         assert c.decrypt_text(t, "note", note) == "unbound note"
@@ -189,9 +201,47 @@ def test_a_sidecar_requiring_the_context_refuses_even_an_opted_out_client(bound_
         assert "attacker" not in str(e2.value)
         swapped = c.decrypt_batch([DecryptItem(t, "email", attacker, context=1001)], as_text=True)
         assert isinstance(swapped[0].error, fieldkey.AuthenticationFailed)
+        # nor can a rewrap launder it into the victim's row. On the active version the
+        # sidecar may return it as it was (review finding 5: not authenticated), still bound
+        # to row 2002; after a rotation the rewrap must decrypt it, and fails.
+        try:
+            same = c.rewrap(t, "email", attacker, context=1001)
+        except fieldkey.AuthenticationFailed:
+            pass
+        else:
+            assert not same.changed
+            with pytest.raises(fieldkey.AuthenticationFailed):
+                c.decrypt_text(t, "email", same.ciphertext, context=1001)
+        c.rotate_tenant_key(t)
+        with pytest.raises(fieldkey.AuthenticationFailed):
+            c.rewrap(t, "email", attacker, context=1001)
     # the default client refuses the same call without sending it
     with fieldkey.Client(bound_sidecar.tcp, interceptors=[counter]) as d:
         counter.reset()
         with pytest.raises(fieldkey.ContextRequired):
             d.encrypt_text(t, "email", "alice@example.com")
         assert sum(counter.calls.values()) == 0
+
+
+def test_rewrap_moves_a_bound_value_to_the_active_version(fk: fieldkey.Client, tenant: str) -> None:
+    text = fk.encrypt_text(tenant, "email", "r@example.com", subject="u", context=5)
+    blob = fk.encrypt(tenant, "email", b"blob", context=6)
+    same = fk.rewrap(tenant, "email", text, subject="u", context=5)
+    assert same == fieldkey.Rewrapped(text, 1, 1, False)
+    fk.rotate_tenant_key(tenant)
+    r = fk.rewrap(tenant, "email", text, subject="u", context=5)
+    assert isinstance(r.ciphertext, str) and r.ciphertext.startswith("fk1:") and r.ciphertext != text
+    assert (r.key_version, r.previous_key_version, r.changed) == (2, 1, True)
+    assert fk.decrypt_text(tenant, "email", r.ciphertext, subject="u", context=5) == "r@example.com"
+    res = fk.rewrap_batch(
+        [
+            RewrapItem(tenant, "email", blob, context=6),
+            RewrapItem(tenant, "email", r.ciphertext, subject="u", context=5),
+            RewrapItem(tenant, "email", blob, context=7),  # another row: fails alone
+        ]
+    )
+    b = res[0].unwrap()
+    assert isinstance(b.ciphertext, bytes) and b.changed and res[0].key_version == 2
+    assert fk.decrypt(tenant, "email", b.ciphertext, context=6) == b"blob"
+    assert res[1].unwrap().changed is False and res[1].unwrap().ciphertext == r.ciphertext
+    assert isinstance(res[2].error, fieldkey.AuthenticationFailed)

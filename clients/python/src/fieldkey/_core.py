@@ -85,6 +85,30 @@ class DecryptItem:
 
 
 @dataclass(frozen=True, slots=True)
+class RewrapItem:
+    """One envelope to move to the tenant's active key version in a batch, with the
+    ``context`` it was encrypted with."""
+
+    tenant: str
+    field: str
+    ciphertext: str | bytes
+    subject: str | None = None
+    context: Context = None
+
+
+@dataclass(frozen=True, slots=True)
+class Rewrapped:
+    """A rewrapped envelope, in the input's form (``fk1:`` ``str`` for a ``str`` input,
+    else ``bytes``): ``key_version`` it is on now, ``previous_key_version`` it was on,
+    ``changed`` False when it was already on the active version (returned as it was)."""
+
+    ciphertext: bytes | str
+    key_version: int
+    previous_key_version: int
+    changed: bool
+
+
+@dataclass(frozen=True, slots=True)
 class BlindIndexItem:
     """One value to index in a batch (blind indexes are tenant-scoped: no subject)."""
 
@@ -350,6 +374,26 @@ def decrypt_request(
     )
 
 
+def rewrap_request(
+    tenant: str,
+    field: str,
+    ciphertext: str | bytes,
+    subject: str | None,
+    context: Context,
+    require: bool,
+    item: int | None = None,
+) -> Any:
+    if require:
+        check_context("Rewrap", tenant, field, context, item)
+    return pb.RewrapRequest(
+        tenant_id=_id("tenant", tenant),
+        subject_id=_subject(subject),
+        field=_id("field", field),
+        context=context_bytes(context),
+        ciphertext=_bytes("ciphertext", ciphertext),
+    )
+
+
 def blind_index_request(tenant: str, field: str, value: str | bytes, text: bool, lookup: bool) -> Any:
     return pb.BlindIndexRequest(
         tenant_id=_id("tenant", tenant),
@@ -388,6 +432,14 @@ def decrypt_requests(items: Iterable[DecryptItem], require: bool) -> list[Any]:
     return [
         decrypt_request(it.tenant, it.field, it.ciphertext, it.subject, it.context, require, i)
         for i, it in enumerate(_item(items, DecryptItem))
+    ]
+
+
+def rewrap_requests(items: Iterable[RewrapItem], require: bool) -> list[Any]:
+    """Every item's request (all checked before the caller sends any)."""
+    return [
+        rewrap_request(it.tenant, it.field, it.ciphertext, it.subject, it.context, require, i)
+        for i, it in enumerate(_item(items, RewrapItem))
     ]
 
 
@@ -462,6 +514,23 @@ def decrypt_results(resp: Any, as_text: bool, out: list[Result[Any]]) -> None:
                     )
             else:
                 out.append(Result(pt, None, r.ok.key_version))
+        else:
+            out.append(Result(None, _fail(r)))
+
+
+def rewrapped(resp: Any, text: bool) -> Rewrapped:
+    ct = bytes(resp.ciphertext)
+    return Rewrapped(
+        ct.decode("ascii") if text else ct, resp.key_version, resp.previous_key_version, bool(resp.changed)
+    )
+
+
+def rewrap_results(resp: Any, texts: Sequence[bool], out: list[Result[Any]]) -> None:
+    """``texts``: for each item of the whole call, whether its input was ``str``."""
+    for r in resp.results:
+        text = texts[len(out)]
+        if r.WhichOneof("result") == "ok":
+            out.append(Result(rewrapped(r.ok, text), None, r.ok.key_version))
         else:
             out.append(Result(None, _fail(r)))
 

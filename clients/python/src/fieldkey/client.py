@@ -20,6 +20,8 @@ from ._core import (
     PseudonymizeItem,
     Result,
     RetryPolicy,
+    RewrapItem,
+    Rewrapped,
     TlsConfig,
 )
 from .errors import DeadlineExceeded, FieldkeyError, Unavailable, error_from_rpc
@@ -47,8 +49,8 @@ class Client:
     ``interceptors``: ``grpc`` client interceptors (metrics, tracing, call counting);
     they see every attempt. ``options``: extra gRPC channel options.
 
-    ``require_context`` (default True): encrypt, decrypt and their text and batch forms
-    refuse a value without a ``context`` (None or empty; in a batch, any item without
+    ``require_context`` (default True): encrypt, decrypt, rewrap and their text and batch
+    forms refuse a value without a ``context`` (None or empty; in a batch, any item without
     one) with :class:`fieldkey.ContextRequired`, raised here before anything is sent.
     Pass the row's id as ``context=`` so that a ciphertext copied into another row fails
     to decrypt (AuthenticationFailed). ``require_context=False`` (or
@@ -274,6 +276,35 @@ class Client:
             lambda ch: pb.DecryptBatchRequest(items=ch),
             c.decrypt_requests(items, self.require_context),
             lambda r, out: c.decrypt_results(r, as_text, out),
+            timeout,
+        )
+
+    def rewrap(
+        self,
+        tenant: str,
+        field: str,
+        ciphertext: str | bytes,
+        *,
+        subject: str | None = None,
+        context: Context = None,
+        timeout: float | None = None,
+    ) -> Rewrapped:
+        """Move an envelope to the tenant's active key version inside the sidecar (the
+        plaintext never leaves it); same scope and context as :meth:`decrypt`. The result
+        has the input's form (``str`` in, ``fk1:`` ``str`` out)."""
+        req = c.rewrap_request(tenant, field, ciphertext, subject, context, self.require_context)
+        return c.rewrapped(self._call(self.crypto.Rewrap, req, timeout), isinstance(ciphertext, str))
+
+    def rewrap_batch(self, items: Iterable[RewrapItem], *, timeout: float | None = None) -> list[Result[Rewrapped]]:
+        """Rewrap many envelopes; one :class:`Result` of :class:`Rewrapped` per item."""
+        todo = list(items)
+        reqs = c.rewrap_requests(todo, self.require_context)
+        texts = [isinstance(it.ciphertext, str) for it in todo]
+        return self._batch(
+            self.crypto.RewrapBatch,
+            lambda ch: pb.RewrapBatchRequest(items=ch),
+            reqs,
+            lambda r, out: c.rewrap_results(r, texts, out),
             timeout,
         )
 
