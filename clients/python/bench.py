@@ -179,7 +179,7 @@ def bench_fieldkey_async(target: str, seconds: float, inflight: int) -> tuple[st
         async with fieldkey.AsyncClient(target) as c:
             tenant = "bench-" + secrets.token_hex(4)
             await c.create_tenant(tenant)
-            ct = await c.encrypt(tenant, "email", value)
+            ct = await c.encrypt(tenant, "email", value, context=b"row-1")
 
             async def loop(op: Callable[[], object]) -> Rate:
                 n = 0
@@ -196,9 +196,9 @@ def bench_fieldkey_async(target: str, seconds: float, inflight: int) -> tuple[st
                 await asyncio.gather(*(worker() for _ in range(inflight)))
                 return Rate(n, time.perf_counter() - t0, time.process_time() - c0, sidecar_cpu() - s0)
 
-            await loop(lambda: c.encrypt(tenant, "email", value))  # warm-up
-            e = await loop(lambda: c.encrypt(tenant, "email", value))
-            d = await loop(lambda: c.decrypt(tenant, "email", ct))
+            await loop(lambda: c.encrypt(tenant, "email", value, context=b"row-1"))  # warm-up
+            e = await loop(lambda: c.encrypt(tenant, "email", value, context=b"row-1"))
+            d = await loop(lambda: c.decrypt(tenant, "email", ct, context=b"row-1"))
             return e, d
 
     e, d = asyncio.run(run())

@@ -80,6 +80,23 @@ def sidecar(workdir: Path) -> Iterator[Sidecar]:
     s.stop()
 
 
+#: The sidecar of the row-binding tests requires a context for these fields.
+ROW_BINDING_CONFIG = """
+[row_binding]
+required = ["email", "shop_customer.email", "shop_ticket.summary"]
+"""
+
+
+@pytest.fixture(scope="session")
+def bound_sidecar(workdir: Path) -> Iterator[Sidecar]:
+    """A second sidecar whose [row_binding] requires a context for ``email`` and the
+    Django test project's ``shop_customer.email`` and ``shop_ticket.summary``."""
+    s = Sidecar(workdir / "row-binding", SIDECAR_CONFIG, extra_config=ROW_BINDING_CONFIG)
+    s.start()
+    yield s
+    s.stop()
+
+
 @pytest.fixture(scope="session")
 def counter() -> CallCounter:
     return CallCounter()

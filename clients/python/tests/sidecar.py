@@ -39,13 +39,22 @@ def env() -> dict[str, str]:
 
 class Sidecar:
     """``fieldkey serve`` with a data dir and a config file; ``start()`` waits for the
-    listening lines it prints and records the addresses."""
+    listening lines it prints and records the addresses. ``extra_config`` is appended to
+    ``config`` (TOML tables such as ``[row_binding]`` for one test's sidecar)."""
 
-    def __init__(self, data_dir: Path, config: str, *, listen: str = "127.0.0.1:0", unix_socket: Path | None = None):
+    def __init__(
+        self,
+        data_dir: Path,
+        config: str,
+        *,
+        listen: str = "127.0.0.1:0",
+        unix_socket: Path | None = None,
+        extra_config: str = "",
+    ):
         self.data_dir = data_dir
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.config_path = data_dir / "fieldkey.toml"
-        self.config_path.write_text(config)
+        self.config_path.write_text(config + ("\n" + extra_config if extra_config else ""))
         self.listen = listen
         self.unix_socket = unix_socket
         self.proc: subprocess.Popen[str] | None = None

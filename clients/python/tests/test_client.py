@@ -27,17 +27,17 @@ def test_round_trip_text_and_binary_forms(fk: fieldkey.Client, tenant: str) -> N
     text = "fk1:" + base64.urlsafe_b64encode(blob).decode().rstrip("=")
     assert fk.decrypt(tenant, "photo", text, context=b"row-1") == b"\x00\xff binary"
     # unicode and the empty string
-    ct = fk.encrypt_text(tenant, "name", "Zoë 😀")
-    assert fk.decrypt_text(tenant, "name", ct) == "Zoë 😀"
-    assert fk.decrypt_text(tenant, "name", fk.encrypt_text(tenant, "name", "")) == ""
+    ct = fk.encrypt_text(tenant, "name", "Zoë 😀", context=1)
+    assert fk.decrypt_text(tenant, "name", ct, context=1) == "Zoë 😀"
+    assert fk.decrypt_text(tenant, "name", fk.encrypt_text(tenant, "name", "", context=1), context=1) == ""
 
 
 def test_ciphertext_is_bound_to_tenant_subject_field_and_context(fk: fieldkey.Client, tenant: str) -> None:
     other = new_tenant(fk)
     ct = fk.encrypt_text(tenant, "email", "bob@example.com", subject="u1", context=7)
     # give the subjects keys, so that only the binding can fail
-    fk.encrypt(other, "email", "x", subject="u1")
-    fk.encrypt(tenant, "email", "x", subject="u2")
+    fk.encrypt(other, "email", "x", subject="u1", context=7)
+    fk.encrypt(tenant, "email", "x", subject="u2", context=7)
     with pytest.raises(fieldkey.SubjectNotFound):
         fk.decrypt_text(tenant, "email", ct, subject="never-seen", context=7)
     wrong = [
@@ -60,31 +60,31 @@ def test_ciphertext_is_bound_to_tenant_subject_field_and_context(fk: fieldkey.Cl
 
 
 def test_tampered_and_malformed_ciphertexts(fk: fieldkey.Client, tenant: str) -> None:
-    blob = bytearray(fk.encrypt(tenant, "email", b"carol@example.com"))
+    blob = bytearray(fk.encrypt(tenant, "email", b"carol@example.com", context=1))
     blob[40] ^= 0x01  # a ciphertext byte
     with pytest.raises(fieldkey.AuthenticationFailed):
-        fk.decrypt(tenant, "email", bytes(blob))
+        fk.decrypt(tenant, "email", bytes(blob), context=1)
     blob[40] ^= 0x01
     blob[10] ^= 0x80  # the nonce, inside the header
     with pytest.raises(fieldkey.AuthenticationFailed):
-        fk.decrypt(tenant, "email", bytes(blob))
+        fk.decrypt(tenant, "email", bytes(blob), context=1)
     for bad in ("not an envelope", "fk1:!!!", b"fk\x01\x01"):
         with pytest.raises(fieldkey.MalformedCiphertext) as e:
-            fk.decrypt(tenant, "email", bad)
+            fk.decrypt(tenant, "email", bad, context=1)
         assert isinstance(e.value, fieldkey.InvalidArgument) and isinstance(e.value, ValueError)
 
 
 def test_bad_arguments_raise_named_exceptions(fk: fieldkey.Client, tenant: str) -> None:
     with pytest.raises(fieldkey.InvalidArgument):
-        fk.encrypt(tenant, "", "x")  # empty field
+        fk.encrypt(tenant, "", "x", context=1)  # empty field
     with pytest.raises(fieldkey.InvalidArgument):
-        fk.encrypt(tenant, "email", "x", subject="has space")
+        fk.encrypt(tenant, "email", "x", subject="has space", context=1)
     with pytest.raises(fieldkey.InvalidArgument):
         fk.encrypt(tenant, "email", "x", context=b"c" * 1025)
     with pytest.raises(TypeError, match="value must be str or bytes"):
-        fk.encrypt(tenant, "email", 12)  # type: ignore[arg-type]
+        fk.encrypt(tenant, "email", 12, context=1)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="batch item 1 must be a fieldkey.EncryptItem"):
-        fk.encrypt_batch([EncryptItem(tenant, "email", "a"), ("tuple",)])  # type: ignore[list-item]
+        fk.encrypt_batch([EncryptItem(tenant, "email", "a", context=1), ("tuple",)])  # type: ignore[list-item]
     with pytest.raises(fieldkey.ConfigurationError):
         fieldkey.Client("unix://relative/path")
     with pytest.raises(fieldkey.ConfigurationError, match="cannot read the TLS root CA"):
@@ -121,23 +121,23 @@ def test_batch_results_one_per_item_and_a_bad_item_fails_alone(
     assert sorted(e.value.errors) == [3, 7, 9]
     assert "3 of 50 batch items failed" in str(e.value)
     # a non-UTF-8 plaintext asked for as text fails alone too
-    raw = fk.encrypt(tenant, "blob", b"\xff\xfe")
-    mixed = fk.decrypt_batch([DecryptItem(tenant, "blob", raw), DecryptItem(tenant, "email", cts[0], "s0", 0)], as_text=True)
+    raw = fk.encrypt(tenant, "blob", b"\xff\xfe", context=1)
+    mixed = fk.decrypt_batch([DecryptItem(tenant, "blob", raw, context=1), DecryptItem(tenant, "email", cts[0], "s0", 0)], as_text=True)
     assert isinstance(mixed[0].error, fieldkey.DecodeError) and mixed[1].value == values[0]
 
 
 def test_large_batches_are_chunked_by_items_and_bytes(fk: fieldkey.Client, tenant: str, sidecar, counter) -> None:  # type: ignore[no-untyped-def]
-    items = [EncryptItem(tenant, "email", f"v{i}") for i in range(2500)]
+    items = [EncryptItem(tenant, "email", f"v{i}", context=i) for i in range(2500)]
     with fieldkey.Client(sidecar.tcp, interceptors=[counter], batch=fieldkey.BatchLimits(max_items=1000)) as c:
         counter.reset()
         res = c.encrypt_batch(items)
         assert counter.calls["EncryptBatch"] == 3
         assert [len(r.unwrap()) for r in res] == [49 + len(f"v{i}") for i in range(2500)]
-        dec = c.decrypt_batch([DecryptItem(tenant, "email", r.unwrap()) for r in res])
+        dec = c.decrypt_batch([DecryptItem(tenant, "email", r.unwrap(), context=i) for i, r in enumerate(res)])
         assert counter.calls["DecryptBatch"] == 3
         assert [d.unwrap() for d in dec] == [f"v{i}".encode() for i in range(2500)]
     # by bytes: 20 values of 100 KiB with a 512 KiB budget -> 5 per request
-    big = [EncryptItem(tenant, "doc", bytes([i]) * 100 * 1024) for i in range(20)]
+    big = [EncryptItem(tenant, "doc", bytes([i]) * 100 * 1024, context=i) for i in range(20)]
     with fieldkey.Client(
         sidecar.tcp, interceptors=[counter], batch=fieldkey.BatchLimits(max_bytes=512 * 1024)
     ) as c:
@@ -151,10 +151,10 @@ def test_whole_call_errors_raise(fk: fieldkey.Client, tenant: str, sidecar) -> N
     # More items than the sidecar's limits.max_batch_items (10,000): refused as a whole.
     with fieldkey.Client(sidecar.tcp, batch=fieldkey.BatchLimits(max_items=20_000, max_bytes=1 << 30)) as c:
         with pytest.raises(fieldkey.BatchTooLarge) as e:
-            c.encrypt_batch([EncryptItem(tenant, "f", "x")] * 10_001)
+            c.encrypt_batch([EncryptItem(tenant, "f", "x", context=1)] * 10_001)
         assert e.value.reason == "BATCH_TOO_LARGE"
     # the default limits split the same input instead
-    assert len(fk.encrypt_batch([EncryptItem(tenant, "f", "x")] * 10_001)) == 10_001
+    assert len(fk.encrypt_batch([EncryptItem(tenant, "f", "x", context=1)] * 10_001)) == 10_001
 
 
 def test_blind_indexes_normalize_and_follow_rotation(fk: fieldkey.Client, tenant: str) -> None:
@@ -189,62 +189,67 @@ def test_pseudonyms(fk: fieldkey.Client, tenant: str) -> None:
 
 
 def test_shredded_subject_raises_key_destroyed(fk: fieldkey.Client, tenant: str, calls: dict[str, int]) -> None:
-    ct = fk.encrypt_text(tenant, "email", "dave@example.com", subject="dave")
-    keep = fk.encrypt_text(tenant, "email", "erin@example.com", subject="erin")
+    ct = fk.encrypt_text(tenant, "email", "dave@example.com", subject="dave", context=1)
+    keep = fk.encrypt_text(tenant, "email", "erin@example.com", subject="erin", context=2)
     erasure = fk.shred_subject(tenant, "dave")
     assert erasure.receipt
     calls.clear()
     with pytest.raises(fieldkey.KeyDestroyed) as e:
-        fk.decrypt_text(tenant, "email", ct, subject="dave")
+        fk.decrypt_text(tenant, "email", ct, subject="dave", context=1)
     assert isinstance(e.value, fieldkey.FailedPrecondition) and e.value.reason == "KEY_DESTROYED"
     assert calls["Decrypt"] == 1  # not retried
     with pytest.raises(fieldkey.KeyDestroyed):
-        fk.encrypt_text(tenant, "email", "new", subject="dave")
+        fk.encrypt_text(tenant, "email", "new", subject="dave", context=1)
     with pytest.raises(fieldkey.KeyDestroyed):
         fk.pseudonymize(tenant, "dave", "analytics")
     res = fk.decrypt_batch(
-        [DecryptItem(tenant, "email", ct, subject="dave"), DecryptItem(tenant, "email", keep, subject="erin")],
+        [
+            DecryptItem(tenant, "email", ct, subject="dave", context=1),
+            DecryptItem(tenant, "email", keep, subject="erin", context=2),
+        ],
         as_text=True,
     )
     assert isinstance(res[0].error, fieldkey.KeyDestroyed) and res[1].value == "erin@example.com"
 
 
 def test_suspended_subject_and_tenant(fk: fieldkey.Client, tenant: str) -> None:
-    ct = fk.encrypt_text(tenant, "email", "frank@example.com", subject="frank")
+    ct = fk.encrypt_text(tenant, "email", "frank@example.com", subject="frank", context=1)
     fk.suspend_subject(tenant, "frank")
     with pytest.raises(fieldkey.KeySuspended):
-        fk.decrypt_text(tenant, "email", ct, subject="frank")
+        fk.decrypt_text(tenant, "email", ct, subject="frank", context=1)
     fk.resume_subject(tenant, "frank")
-    assert fk.decrypt_text(tenant, "email", ct, subject="frank") == "frank@example.com"
-    tct = fk.encrypt_text(tenant, "note", "tenant-scoped")
+    assert fk.decrypt_text(tenant, "email", ct, subject="frank", context=1) == "frank@example.com"
+    tct = fk.encrypt_text(tenant, "note", "tenant-scoped", context=1)
     fk.suspend_subject(tenant)
     with pytest.raises(fieldkey.KeySuspended):
-        fk.decrypt_text(tenant, "note", tct)
+        fk.decrypt_text(tenant, "note", tct, context=1)
     fk.resume_subject(tenant)
-    assert fk.decrypt_text(tenant, "note", tct) == "tenant-scoped"
+    assert fk.decrypt_text(tenant, "note", tct, context=1) == "tenant-scoped"
 
 
 def test_rotation_keeps_old_ciphertexts_readable(fk: fieldkey.Client, tenant: str) -> None:
-    old = fk.encrypt_batch([EncryptItem(tenant, "email", "v1")])[0]
+    old = fk.encrypt_batch([EncryptItem(tenant, "email", "v1", context=1)])[0]
     assert old.key_version == 1
     fk.rotate_tenant_key(tenant)
-    new = fk.encrypt_batch([EncryptItem(tenant, "email", "v2")])[0]
+    new = fk.encrypt_batch([EncryptItem(tenant, "email", "v2", context=2)])[0]
     assert new.key_version == 2
-    res = fk.decrypt_batch([DecryptItem(tenant, "email", old.unwrap()), DecryptItem(tenant, "email", new.unwrap())])
+    res = fk.decrypt_batch(
+        [DecryptItem(tenant, "email", old.unwrap(), context=1), DecryptItem(tenant, "email", new.unwrap(), context=2)]
+    )
     assert [(r.value, r.key_version) for r in res] == [(b"v1", 1), (b"v2", 2)]
 
 
 def test_deadline(fk: fieldkey.Client, tenant: str) -> None:
     with pytest.raises(fieldkey.DeadlineExceeded):
-        fk.encrypt_batch([EncryptItem(tenant, "f", "x" * 1000)] * 5000, timeout=0.0001)
+        fk.encrypt_batch([EncryptItem(tenant, "f", "x" * 1000, context=1)] * 5000, timeout=0.0001)
 
 
 def test_unix_socket(sidecar) -> None:  # type: ignore[no-untyped-def]
     with fieldkey.Client("unix:" + sidecar.addresses["unix"]) as c:
         assert c.who_am_i() == ("local", "local")
         t = new_tenant(c)
-        ct = c.encrypt_text(t, "email", "over a socket")
-        assert c.decrypt_text(t, "email", ct) == "over a socket"
+        ct = c.encrypt_text(t, "email", "over a socket", context=1)
+        assert c.decrypt_text(t, "email", ct, context=1) == "over a socket"
     # the form the sidecar prints works as well
     with fieldkey.Client("unix://" + sidecar.addresses["unix"]) as c:
         assert c.who_am_i()[1] == "local"
@@ -254,7 +259,7 @@ def test_an_epoch_roll_keeps_every_live_ciphertext_readable(fk: fieldkey.Client,
     import json
     import time
 
-    ct = fk.encrypt(tenant, "email", b"alice@example.com", subject="alice")
+    ct = fk.encrypt(tenant, "email", b"alice@example.com", subject="alice", context=1)
     fk.roll_epoch()
     deadline = time.time() + 60
     while True:
@@ -267,4 +272,4 @@ def test_an_epoch_roll_keeps_every_live_ciphertext_readable(fk: fieldkey.Client,
     assert st.active_epoch >= 1
     status = json.loads(st.status_json)
     assert any(e["state"] == "active" for e in status["epochs"])
-    assert fk.decrypt(tenant, "email", ct, subject="alice") == b"alice@example.com"
+    assert fk.decrypt(tenant, "email", ct, subject="alice", context=1) == b"alice@example.com"

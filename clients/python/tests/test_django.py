@@ -120,7 +120,7 @@ def test_uuid_pk_and_scope_method_need_one_statement(shop, fk: fieldkey.Client, 
     body, summary = raw("SELECT body, summary FROM shop_ticket WHERE org = %s", [t])[0]
     # fieldkey_field="ticket-body", context = str(uuid); summary: bind_pk=False
     assert fk.decrypt_text(t, "ticket-body", body, context=str(tk.pk)) == "printer on fire"
-    assert fk.decrypt_text(t, "shop_ticket.summary", summary) == "fire"
+    assert fk.decrypt_text(t, "shop_ticket.summary", summary, context=fieldkey.UNBOUND) == "fire"
     # select_related: both models' values in one DecryptBatch
     calls.clear()
     got = list(shop.Ticket.objects.select_related("customer").filter(org=t))
@@ -338,3 +338,54 @@ def test_scope_from_settings_client_is_reset(shop, sidecar) -> None:  # type: ig
 
         with pytest.raises(ImproperlyConfigured):
             get_client()
+
+
+def test_the_fields_bind_the_pk_and_never_send_a_value_unbound_by_accident(shop) -> None:  # type: ignore[no-untyped-def]
+    from django.core.checks import Warning as CheckWarning
+
+    from fieldkey.django import MissingScope, get_client
+    from fieldkey.django._crypto import row_context
+
+    # the settings client keeps the default: a missing context is refused before sending
+    assert get_client().require_context is True
+    email = shop.Customer._meta.get_field("email")
+    summary = shop.Ticket._meta.get_field("summary")
+    assert row_context(shop.Customer, email, 17) == b"17"
+    for pk in (None, ""):
+        with pytest.raises(MissingScope, match="binds the primary key"):
+            row_context(shop.Customer, email, pk)
+    # bind_pk=False is declared in the model: sent as UNBOUND, flagged by a system check
+    assert row_context(shop.Ticket, summary, None) is fieldkey.UNBOUND
+    warnings = [m for m in summary.check() if m.id == "fieldkey.W002"]
+    assert len(warnings) == 1 and isinstance(warnings[0], CheckWarning)
+    assert not [m for m in email.check() if m.id == "fieldkey.W002"]
+
+
+def test_a_sidecar_requiring_row_binding_accepts_the_fields_and_refuses_bind_pk_false(  # type: ignore[no-untyped-def]
+    shop, bound_sidecar, counter
+) -> None:
+    from django.test import override_settings
+
+    with override_settings(FIELDKEY={"TARGET": bound_sidecar.tcp, "INTERCEPTORS": [counter], "TIMEOUT": 20.0}):
+        from fieldkey.django import get_client
+
+        t = new_tenant(get_client())
+        # pk-bound on insert (one- or two-step), bulk_create, bulk_update and reads
+        a = shop.Customer.objects.create(tenant=t, user_id="a", email="a@example.com")
+        made = shop.Customer.objects.bulk_create(
+            [shop.Customer(tenant=t, user_id=f"u{i}", email=f"u{i}@example.com") for i in range(3)]
+        )
+        for m in made:
+            m.email = m.email.upper()
+        shop.Customer.objects.bulk_update(made, ["email"])
+        got = {c.user_id: c.email for c in shop.Customer.objects.filter(tenant=t)}
+        assert got == {"a": "a@example.com", **{f"u{i}": f"U{i}@EXAMPLE.COM" for i in range(3)}}
+        # a row swap fails authentication
+        raw("UPDATE shop_customer SET email = (SELECT email FROM shop_customer WHERE id = %s), user_id = 'a' "
+            "WHERE id = %s", [a.pk, made[0].pk])
+        with pytest.raises(fieldkey.AuthenticationFailed):
+            shop.Customer.objects.get(pk=made[0].pk).email
+        # Ticket.summary has bind_pk=False, which this sidecar's [row_binding] refuses
+        with pytest.raises(fieldkey.ContextRequired):
+            shop.Ticket.objects.create(customer=a, org=t, body="b", summary="s")
+        assert not shop.Ticket.objects.filter(org=t).exists()

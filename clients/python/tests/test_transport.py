@@ -28,14 +28,14 @@ def test_unavailable_is_retried_a_bounded_number_of_times() -> None:
     with fieldkey.Client(f"127.0.0.1:{port}", interceptors=[counter], retry=FAST_RETRY, timeout=10) as c:
         t0 = time.monotonic()
         with pytest.raises(fieldkey.Unavailable) as e:
-            c.encrypt("t", "f", "x")
+            c.encrypt("t", "f", "x", context=1)
         assert counter.calls["Encrypt"] == 5
         assert e.value.attempts == 5  # type: ignore[attr-defined]
         assert time.monotonic() - t0 < 5
     counter.calls.clear()
     with fieldkey.Client(f"127.0.0.1:{port}", interceptors=[counter], retry=fieldkey.NO_RETRY) as c:
         with pytest.raises(fieldkey.Unavailable):
-            c.encrypt("t", "f", "x")
+            c.encrypt("t", "f", "x", context=1)
         assert counter.calls["Encrypt"] == 1
 
 
@@ -45,7 +45,7 @@ def test_retries_stop_at_the_deadline() -> None:
     with fieldkey.Client(f"127.0.0.1:{free_port()}", interceptors=[counter], retry=slow, timeout=0.5) as c:
         t0 = time.monotonic()
         with pytest.raises((fieldkey.Unavailable, fieldkey.DeadlineExceeded)):
-            c.encrypt("t", "f", "x")
+            c.encrypt("t", "f", "x", context=1)
         assert time.monotonic() - t0 < 1.5
         assert 1 <= counter.calls["Encrypt"] <= 5
 
@@ -59,13 +59,13 @@ def test_a_restarted_sidecar_is_reached_by_retrying(workdir: Path) -> None:
     try:
         with fieldkey.Client(s.tcp, interceptors=[counter], retry=policy, timeout=30) as c:
             t = new_tenant(c)
-            ct = c.encrypt_text(t, "email", "survives a restart")
+            ct = c.encrypt_text(t, "email", "survives a restart", context=1)
             s.stop()
             s.listen = f"127.0.0.1:{port}"
             restarter = threading.Timer(0.8, s.start)
             restarter.start()
             counter.calls.clear()
-            assert c.decrypt_text(t, "email", ct) == "survives a restart"
+            assert c.decrypt_text(t, "email", ct, context=1) == "survives a restart"
             restarter.join()
             assert counter.calls["Decrypt"] >= 2  # it failed with UNAVAILABLE first
     finally:
@@ -179,8 +179,8 @@ def test_mtls_identity_is_the_certificate_san(mtls_sidecar, pki, workdir: Path) 
     with fieldkey.Client(addr, tls=tls) as c:
         assert c.who_am_i() == ("spiffe://example.org/ns/test/sa/pyclient", "mtls")
         t = new_tenant(c)
-        ct = c.encrypt_text(t, "email", "over mTLS")
-        assert c.decrypt_text(t, "email", ct) == "over mTLS"
+        ct = c.encrypt_text(t, "email", "over mTLS", context=1)
+        assert c.decrypt_text(t, "email", ct, context=1) == "over mTLS"
         c.reconnect()  # re-reads the files
         assert c.who_am_i()[1] == "mtls"
     # from PEM bytes, by host name
@@ -228,10 +228,11 @@ async def test_async_client(sidecar, fk: fieldkey.Client) -> None:  # type: igno
         assert await c.decrypt_text(tenant, "email", ct, subject="u", context=1) == "async@example.com"
         with pytest.raises(fieldkey.AuthenticationFailed):
             await c.decrypt_text(tenant, "email", ct, subject="u", context=2)
-        res = await c.encrypt_batch([fieldkey.EncryptItem(tenant, "email", f"a{i}") for i in range(250)], text=True)
+        res = await c.encrypt_batch([fieldkey.EncryptItem(tenant, "email", f"a{i}", context=i) for i in range(250)], text=True)
         assert counter.calls["EncryptBatch"] == 3
         dec = await c.decrypt_batch(
-            [fieldkey.DecryptItem(tenant, "email", r.unwrap()) for r in res] + [fieldkey.DecryptItem(tenant, "email", "x")],
+            [fieldkey.DecryptItem(tenant, "email", r.unwrap(), context=i) for i, r in enumerate(res)]
+            + [fieldkey.DecryptItem(tenant, "email", "x", context=1)],
             as_text=True,
         )
         assert [d.value for d in dec[:250]] == [f"a{i}" for i in range(250)]
@@ -251,5 +252,5 @@ async def test_async_retries_unavailable_only() -> None:
     counter = AsyncCallCounter()
     async with fieldkey.AsyncClient(f"127.0.0.1:{free_port()}", interceptors=[counter], retry=FAST_RETRY) as c:
         with pytest.raises(fieldkey.Unavailable):
-            await c.encrypt("t", "f", "x")
+            await c.encrypt("t", "f", "x", context=1)
     assert counter.calls["Encrypt"] == 5

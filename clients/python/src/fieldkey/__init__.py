@@ -6,6 +6,10 @@
 >>> fk.decrypt_text("acme", "email", ct, subject="user-42", context=7)
 'alice@example.com'
 
+``context`` (the row's id) is required by default: without one, encrypt and decrypt
+raise ``fieldkey.ContextRequired`` before sending anything (``require_context=False``
+or ``context=fieldkey.UNBOUND`` for a deliberately unbound value).
+
 See docs/CLIENTS.md in the fieldkey repository.
 """
 
@@ -22,7 +26,11 @@ from ._core import (
     PseudonymizeItem,
     Result,
     RetryPolicy,
+    RewrapItem,
+    Rewrapped,
     TlsConfig,
+    UNBOUND,
+    Unbound,
     unwrap_all,
 )
 from .aio import AsyncClient
@@ -45,7 +53,11 @@ __all__ = [
     "PseudonymizeItem",
     "Result",
     "RetryPolicy",
+    "RewrapItem",
+    "Rewrapped",
     "TlsConfig",
+    "UNBOUND",
+    "Unbound",
     "unwrap_all",
     *_errors_all,
 ]

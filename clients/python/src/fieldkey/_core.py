@@ -3,6 +3,7 @@ channel configuration and request building. No I/O here."""
 
 from __future__ import annotations
 
+import enum
 import os
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -14,6 +15,7 @@ import grpc
 from .errors import (
     BatchError,
     ConfigurationError,
+    ContextRequired,
     DecodeError,
     FieldkeyError,
     error_from_item,
@@ -22,9 +24,25 @@ from .v1 import fieldkey_pb2 as pb
 
 T = TypeVar("T")
 
+class Unbound(enum.Enum):
+    """The type of :data:`UNBOUND`."""
+
+    UNBOUND = "UNBOUND"
+
+    def __repr__(self) -> str:
+        return "fieldkey.UNBOUND"
+
+
+#: ``context=fieldkey.UNBOUND``: this one value is deliberately not bound to a row (sent
+#: without a context) even though the client requires a context (``require_context``).
+#: The value can then be copied into any other row of the tenant and still decrypt.
+UNBOUND: Final = Unbound.UNBOUND
+
 #: A record context: bytes as they are, ``str`` as UTF-8, ``int`` (a primary key) as its
-#: decimal text. ``None`` = no context. Must be the same at decryption.
-Context = Union[bytes, str, int, None]
+#: decimal text. ``None`` (or empty) = no context, refused by a client with
+#: ``require_context=True`` (the default); :data:`UNBOUND` = deliberately none. Must be
+#: the same at decryption.
+Context = Union[bytes, str, int, Unbound, None]
 PathOrPem = Union[str, bytes, "os.PathLike[str]"]
 
 DEFAULT_TARGET: Final = "127.0.0.1:7450"
@@ -43,7 +61,9 @@ _MAX_RECEIVE: Final = 64 * 1024 * 1024
 
 @dataclass(frozen=True, slots=True)
 class EncryptItem:
-    """One value to encrypt in a batch. ``subject=None`` = tenant-scoped."""
+    """One value to encrypt in a batch. ``subject=None`` = tenant-scoped. ``context``:
+    the row's id (required unless the client has ``require_context=False`` or it is
+    :data:`UNBOUND`)."""
 
     tenant: str
     field: str
@@ -54,13 +74,38 @@ class EncryptItem:
 
 @dataclass(frozen=True, slots=True)
 class DecryptItem:
-    """One envelope (binary ``bytes`` or ``fk1:`` text) to decrypt in a batch."""
+    """One envelope (binary ``bytes`` or ``fk1:`` text) to decrypt in a batch, with the
+    ``context`` it was encrypted with."""
 
     tenant: str
     field: str
     ciphertext: str | bytes
     subject: str | None = None
     context: Context = None
+
+
+@dataclass(frozen=True, slots=True)
+class RewrapItem:
+    """One envelope to move to the tenant's active key version in a batch, with the
+    ``context`` it was encrypted with."""
+
+    tenant: str
+    field: str
+    ciphertext: str | bytes
+    subject: str | None = None
+    context: Context = None
+
+
+@dataclass(frozen=True, slots=True)
+class Rewrapped:
+    """A rewrapped envelope, in the input's form (``fk1:`` ``str`` for a ``str`` input,
+    else ``bytes``): ``key_version`` it is on now, ``previous_key_version`` it was on,
+    ``changed`` False when it was already on the active version (returned as it was)."""
+
+    ciphertext: bytes | str
+    key_version: int
+    previous_key_version: int
+    changed: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,13 +294,28 @@ def _bytes(what: str, v: str | bytes) -> bytes:
 
 
 def context_bytes(ctx: Context) -> bytes:
-    if ctx is None:
+    if ctx is None or ctx is UNBOUND:
         return b""
     if isinstance(ctx, bool):
         raise TypeError("context must be bytes, str or int, not bool")
     if isinstance(ctx, int):
         return str(ctx).encode()
     return _bytes("context", ctx)
+
+
+def check_context(op: str, tenant: str, field: str, ctx: Context, item: int | None = None) -> None:
+    """Raise :class:`ContextRequired` for a missing (None or empty) context; the caller
+    checks every item before sending anything."""
+    if ctx is UNBOUND:
+        return
+    if ctx is None or (isinstance(ctx, (str, bytes, bytearray, memoryview)) and len(ctx) == 0):
+        where = f"batch item {item}: " if item is not None else ""
+        raise ContextRequired(
+            f"{where}{op} of field {field!r} (tenant {tenant!r}) without a context: pass context= "
+            "(the row's id) to bind the value to its row, or construct the client with "
+            "require_context=False (or pass context=fieldkey.UNBOUND) for a deliberately unbound value",
+            reason="CONTEXT_REQUIRED",
+        )
 
 
 def _id(what: str, v: object) -> str:
@@ -273,8 +333,17 @@ _BINARY = pb.CIPHERTEXT_FORMAT_BINARY
 
 
 def encrypt_request(
-    tenant: str, field: str, value: str | bytes, subject: str | None, context: Context, text: bool
+    tenant: str,
+    field: str,
+    value: str | bytes,
+    subject: str | None,
+    context: Context,
+    text: bool,
+    require: bool,
+    item: int | None = None,
 ) -> Any:
+    if require:
+        check_context("Encrypt", tenant, field, context, item)
     return pb.EncryptRequest(
         tenant_id=_id("tenant", tenant),
         subject_id=_subject(subject),
@@ -286,9 +355,37 @@ def encrypt_request(
 
 
 def decrypt_request(
-    tenant: str, field: str, ciphertext: str | bytes, subject: str | None, context: Context
+    tenant: str,
+    field: str,
+    ciphertext: str | bytes,
+    subject: str | None,
+    context: Context,
+    require: bool,
+    item: int | None = None,
 ) -> Any:
+    if require:
+        check_context("Decrypt", tenant, field, context, item)
     return pb.DecryptRequest(
+        tenant_id=_id("tenant", tenant),
+        subject_id=_subject(subject),
+        field=_id("field", field),
+        context=context_bytes(context),
+        ciphertext=_bytes("ciphertext", ciphertext),
+    )
+
+
+def rewrap_request(
+    tenant: str,
+    field: str,
+    ciphertext: str | bytes,
+    subject: str | None,
+    context: Context,
+    require: bool,
+    item: int | None = None,
+) -> Any:
+    if require:
+        check_context("Rewrap", tenant, field, context, item)
+    return pb.RewrapRequest(
         tenant_id=_id("tenant", tenant),
         subject_id=_subject(subject),
         field=_id("field", field),
@@ -322,17 +419,27 @@ def _item(items: Iterable[object], cls: type[T]) -> Iterator[T]:
         yield it
 
 
-def encrypt_requests(items: Iterable[EncryptItem], text: bool) -> list[Any]:
+def encrypt_requests(items: Iterable[EncryptItem], text: bool, require: bool) -> list[Any]:
+    """Every item's request (all checked before the caller sends any)."""
     return [
-        encrypt_request(it.tenant, it.field, it.value, it.subject, it.context, text)
-        for it in _item(items, EncryptItem)
+        encrypt_request(it.tenant, it.field, it.value, it.subject, it.context, text, require, i)
+        for i, it in enumerate(_item(items, EncryptItem))
     ]
 
 
-def decrypt_requests(items: Iterable[DecryptItem]) -> list[Any]:
+def decrypt_requests(items: Iterable[DecryptItem], require: bool) -> list[Any]:
+    """Every item's request (all checked before the caller sends any)."""
     return [
-        decrypt_request(it.tenant, it.field, it.ciphertext, it.subject, it.context)
-        for it in _item(items, DecryptItem)
+        decrypt_request(it.tenant, it.field, it.ciphertext, it.subject, it.context, require, i)
+        for i, it in enumerate(_item(items, DecryptItem))
+    ]
+
+
+def rewrap_requests(items: Iterable[RewrapItem], require: bool) -> list[Any]:
+    """Every item's request (all checked before the caller sends any)."""
+    return [
+        rewrap_request(it.tenant, it.field, it.ciphertext, it.subject, it.context, require, i)
+        for i, it in enumerate(_item(items, RewrapItem))
     ]
 
 
@@ -407,6 +514,23 @@ def decrypt_results(resp: Any, as_text: bool, out: list[Result[Any]]) -> None:
                     )
             else:
                 out.append(Result(pt, None, r.ok.key_version))
+        else:
+            out.append(Result(None, _fail(r)))
+
+
+def rewrapped(resp: Any, text: bool) -> Rewrapped:
+    ct = bytes(resp.ciphertext)
+    return Rewrapped(
+        ct.decode("ascii") if text else ct, resp.key_version, resp.previous_key_version, bool(resp.changed)
+    )
+
+
+def rewrap_results(resp: Any, texts: Sequence[bool], out: list[Result[Any]]) -> None:
+    """``texts``: for each item of the whole call, whether its input was ``str``."""
+    for r in resp.results:
+        text = texts[len(out)]
+        if r.WhichOneof("result") == "ok":
+            out.append(Result(rewrapped(r.ok, text), None, r.ok.key_version))
         else:
             out.append(Result(None, _fail(r)))
 

@@ -20,6 +20,8 @@ from ._core import (
     PseudonymizeItem,
     Result,
     RetryPolicy,
+    RewrapItem,
+    Rewrapped,
     TlsConfig,
 )
 from .errors import DeadlineExceeded, FieldkeyError, Unavailable, error_from_rpc
@@ -50,6 +52,15 @@ class AsyncClient:
     ``interceptors``: ``grpc`` client interceptors (metrics, tracing, call counting);
     they see every attempt. ``options``: extra gRPC channel options.
 
+    ``require_context`` (default True): encrypt, decrypt, rewrap and their text and batch
+    forms refuse a value without a ``context`` (None or empty; in a batch, any item without
+    one) with :class:`fieldkey.ContextRequired`, raised here before anything is sent.
+    Pass the row's id as ``context=`` so that a ciphertext copied into another row fails
+    to decrypt (AuthenticationFailed). ``require_context=False`` (or
+    ``context=fieldkey.UNBOUND`` for one value) sends values without a context, which a
+    sidecar whose ``[row_binding] required`` lists the field still refuses
+    (ContextRequired). Blind indexes and pseudonyms take no context.
+
     Errors: every failure raises a subclass of :class:`fieldkey.FieldkeyError` named
     after the sidecar's reason (``KeyDestroyed``, ``AuthenticationFailed``, ...).
     Batch methods return one :class:`Result` per item instead: a bad item fails alone.
@@ -66,10 +77,12 @@ class AsyncClient:
         interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
         options: Sequence[tuple[str, Any]] = (),
         metadata: Sequence[tuple[str, str]] = (),
+        require_context: bool = True,
     ) -> None:
         self.target = c.normalize_target(target)
         self.tls = tls
         self.timeout = timeout
+        self.require_context = require_context
         self.retry = retry if retry is not None else RetryPolicy()
         self.batch = batch if batch is not None else BatchLimits()
         self._interceptors = tuple(interceptors)
@@ -126,7 +139,7 @@ class AsyncClient:
         await self.close()
 
     def __repr__(self) -> str:
-        return f"AsyncClient(target={self.target!r}, tls={self.tls is not None})"
+        return f"AsyncClient(target={self.target!r}, tls={self.tls is not None}, require_context={self.require_context})"
 
     # ------------------------------------------------------------------ calls
 
@@ -180,7 +193,7 @@ class AsyncClient:
         timeout: float | None = None,
     ) -> bytes:
         """Encrypt one value (``str`` as UTF-8) to a binary envelope (for BYTEA/BLOB)."""
-        req = c.encrypt_request(tenant, field, value, subject, context, False)
+        req = c.encrypt_request(tenant, field, value, subject, context, False, self.require_context)
         return bytes((await self._call(self.crypto.Encrypt, req, timeout)).ciphertext)
 
     async def encrypt_text(
@@ -194,7 +207,7 @@ class AsyncClient:
         timeout: float | None = None,
     ) -> str:
         """Encrypt one value to the text envelope ``fk1:...`` (for text columns)."""
-        req = c.encrypt_request(tenant, field, value, subject, context, True)
+        req = c.encrypt_request(tenant, field, value, subject, context, True, self.require_context)
         return str((await self._call(self.crypto.Encrypt, req, timeout)).ciphertext.decode("ascii"))
 
     async def decrypt(
@@ -209,7 +222,7 @@ class AsyncClient:
     ) -> bytes:
         """Decrypt an envelope (binary or ``fk1:`` text) to bytes. Tenant, subject, field
         and context must be those it was encrypted with (else AuthenticationFailed)."""
-        req = c.decrypt_request(tenant, field, ciphertext, subject, context)
+        req = c.decrypt_request(tenant, field, ciphertext, subject, context, self.require_context)
         return bytes((await self._call(self.crypto.Decrypt, req, timeout)).plaintext)
 
     async def decrypt_text(
@@ -243,7 +256,7 @@ class AsyncClient:
         return await self._batch(
             self.crypto.EncryptBatch,
             lambda ch: pb.EncryptBatchRequest(items=ch),
-            c.encrypt_requests(items, text),
+            c.encrypt_requests(items, text, self.require_context),
             lambda r, out: c.encrypt_results(r, text, out),
             timeout,
         )
@@ -265,8 +278,37 @@ class AsyncClient:
         return await self._batch(
             self.crypto.DecryptBatch,
             lambda ch: pb.DecryptBatchRequest(items=ch),
-            c.decrypt_requests(items),
+            c.decrypt_requests(items, self.require_context),
             lambda r, out: c.decrypt_results(r, as_text, out),
+            timeout,
+        )
+
+    async def rewrap(
+        self,
+        tenant: str,
+        field: str,
+        ciphertext: str | bytes,
+        *,
+        subject: str | None = None,
+        context: Context = None,
+        timeout: float | None = None,
+    ) -> Rewrapped:
+        """Move an envelope to the tenant's active key version inside the sidecar (the
+        plaintext never leaves it); same scope and context as :meth:`decrypt`. The result
+        has the input's form (``str`` in, ``fk1:`` ``str`` out)."""
+        req = c.rewrap_request(tenant, field, ciphertext, subject, context, self.require_context)
+        return c.rewrapped(await self._call(self.crypto.Rewrap, req, timeout), isinstance(ciphertext, str))
+
+    async def rewrap_batch(self, items: Iterable[RewrapItem], *, timeout: float | None = None) -> list[Result[Rewrapped]]:
+        """Rewrap many envelopes; one :class:`Result` of :class:`Rewrapped` per item."""
+        todo = list(items)
+        reqs = c.rewrap_requests(todo, self.require_context)
+        texts = [isinstance(it.ciphertext, str) for it in todo]
+        return await self._batch(
+            self.crypto.RewrapBatch,
+            lambda ch: pb.RewrapBatchRequest(items=ch),
+            reqs,
+            lambda r, out: c.rewrap_results(r, texts, out),
             timeout,
         )
 

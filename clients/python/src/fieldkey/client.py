@@ -20,6 +20,8 @@ from ._core import (
     PseudonymizeItem,
     Result,
     RetryPolicy,
+    RewrapItem,
+    Rewrapped,
     TlsConfig,
 )
 from .errors import DeadlineExceeded, FieldkeyError, Unavailable, error_from_rpc
@@ -47,6 +49,15 @@ class Client:
     ``interceptors``: ``grpc`` client interceptors (metrics, tracing, call counting);
     they see every attempt. ``options``: extra gRPC channel options.
 
+    ``require_context`` (default True): encrypt, decrypt, rewrap and their text and batch
+    forms refuse a value without a ``context`` (None or empty; in a batch, any item without
+    one) with :class:`fieldkey.ContextRequired`, raised here before anything is sent.
+    Pass the row's id as ``context=`` so that a ciphertext copied into another row fails
+    to decrypt (AuthenticationFailed). ``require_context=False`` (or
+    ``context=fieldkey.UNBOUND`` for one value) sends values without a context, which a
+    sidecar whose ``[row_binding] required`` lists the field still refuses
+    (ContextRequired). Blind indexes and pseudonyms take no context.
+
     Errors: every failure raises a subclass of :class:`fieldkey.FieldkeyError` named
     after the sidecar's reason (``KeyDestroyed``, ``AuthenticationFailed``, ...).
     Batch methods return one :class:`Result` per item instead: a bad item fails alone.
@@ -63,10 +74,12 @@ class Client:
         interceptors: Sequence[grpc.UnaryUnaryClientInterceptor] = (),
         options: Sequence[tuple[str, Any]] = (),
         metadata: Sequence[tuple[str, str]] = (),
+        require_context: bool = True,
     ) -> None:
         self.target = c.normalize_target(target)
         self.tls = tls
         self.timeout = timeout
+        self.require_context = require_context
         self.retry = retry if retry is not None else RetryPolicy()
         self.batch = batch if batch is not None else BatchLimits()
         self._interceptors = tuple(interceptors)
@@ -122,7 +135,7 @@ class Client:
         self.close()
 
     def __repr__(self) -> str:
-        return f"Client(target={self.target!r}, tls={self.tls is not None})"
+        return f"Client(target={self.target!r}, tls={self.tls is not None}, require_context={self.require_context})"
 
     # ------------------------------------------------------------------ calls
 
@@ -176,7 +189,7 @@ class Client:
         timeout: float | None = None,
     ) -> bytes:
         """Encrypt one value (``str`` as UTF-8) to a binary envelope (for BYTEA/BLOB)."""
-        req = c.encrypt_request(tenant, field, value, subject, context, False)
+        req = c.encrypt_request(tenant, field, value, subject, context, False, self.require_context)
         return bytes(self._call(self.crypto.Encrypt, req, timeout).ciphertext)
 
     def encrypt_text(
@@ -190,7 +203,7 @@ class Client:
         timeout: float | None = None,
     ) -> str:
         """Encrypt one value to the text envelope ``fk1:...`` (for text columns)."""
-        req = c.encrypt_request(tenant, field, value, subject, context, True)
+        req = c.encrypt_request(tenant, field, value, subject, context, True, self.require_context)
         return str(self._call(self.crypto.Encrypt, req, timeout).ciphertext.decode("ascii"))
 
     def decrypt(
@@ -205,7 +218,7 @@ class Client:
     ) -> bytes:
         """Decrypt an envelope (binary or ``fk1:`` text) to bytes. Tenant, subject, field
         and context must be those it was encrypted with (else AuthenticationFailed)."""
-        req = c.decrypt_request(tenant, field, ciphertext, subject, context)
+        req = c.decrypt_request(tenant, field, ciphertext, subject, context, self.require_context)
         return bytes(self._call(self.crypto.Decrypt, req, timeout).plaintext)
 
     def decrypt_text(
@@ -239,7 +252,7 @@ class Client:
         return self._batch(
             self.crypto.EncryptBatch,
             lambda ch: pb.EncryptBatchRequest(items=ch),
-            c.encrypt_requests(items, text),
+            c.encrypt_requests(items, text, self.require_context),
             lambda r, out: c.encrypt_results(r, text, out),
             timeout,
         )
@@ -261,8 +274,37 @@ class Client:
         return self._batch(
             self.crypto.DecryptBatch,
             lambda ch: pb.DecryptBatchRequest(items=ch),
-            c.decrypt_requests(items),
+            c.decrypt_requests(items, self.require_context),
             lambda r, out: c.decrypt_results(r, as_text, out),
+            timeout,
+        )
+
+    def rewrap(
+        self,
+        tenant: str,
+        field: str,
+        ciphertext: str | bytes,
+        *,
+        subject: str | None = None,
+        context: Context = None,
+        timeout: float | None = None,
+    ) -> Rewrapped:
+        """Move an envelope to the tenant's active key version inside the sidecar (the
+        plaintext never leaves it); same scope and context as :meth:`decrypt`. The result
+        has the input's form (``str`` in, ``fk1:`` ``str`` out)."""
+        req = c.rewrap_request(tenant, field, ciphertext, subject, context, self.require_context)
+        return c.rewrapped(self._call(self.crypto.Rewrap, req, timeout), isinstance(ciphertext, str))
+
+    def rewrap_batch(self, items: Iterable[RewrapItem], *, timeout: float | None = None) -> list[Result[Rewrapped]]:
+        """Rewrap many envelopes; one :class:`Result` of :class:`Rewrapped` per item."""
+        todo = list(items)
+        reqs = c.rewrap_requests(todo, self.require_context)
+        texts = [isinstance(it.ciphertext, str) for it in todo]
+        return self._batch(
+            self.crypto.RewrapBatch,
+            lambda ch: pb.RewrapBatchRequest(items=ch),
+            reqs,
+            lambda r, out: c.rewrap_results(r, texts, out),
             timeout,
         )
 

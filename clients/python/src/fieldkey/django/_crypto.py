@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from .._core import BlindIndexItem, DecryptItem, EncryptItem
+from .._core import UNBOUND, BlindIndexItem, DecryptItem, EncryptItem, Unbound
 from ..errors import FieldkeyError
 from .conf import get_client
 from .fields import Ciphertext, _EncryptedMixin, _Failed, _Pending, encrypted_fields, index_fields
@@ -13,7 +13,8 @@ from .fields import Ciphertext, _EncryptedMixin, _Failed, _Pending, encrypted_fi
 __all__ = ["MissingScope", "decrypt_instances", "scope_of", "seal_instances"]
 
 _MISSING = object()
-Scope = tuple[str, "str | None", bytes]
+#: (tenant, subject or None, context): the pk's text, or UNBOUND for a bind_pk=False field.
+Scope = tuple[str, "str | None", "bytes | Unbound"]
 
 
 class MissingScope(FieldkeyError, ValueError):
@@ -40,14 +41,28 @@ def scope_of(instance: Any, field: _EncryptedMixin) -> Scope:
         subject = None
     elif not isinstance(subject, str):
         subject = str(subject)
-    ctx = b""
-    if field.bind_pk:
-        if instance.pk is None:
-            raise MissingScope(
-                f"{type(instance).__name__}.{field.name} binds the primary key, which is not known yet"  # type: ignore[attr-defined]
-            )
-        ctx = str(instance.pk).encode()
+    ctx = row_context(type(instance), field, instance.pk)
     return tenant, subject, ctx
+
+
+def row_context(model: Any, field: _EncryptedMixin, pk: Any) -> bytes | Unbound:
+    """The context of a field's value in the row with primary key ``pk``: the pk's text,
+    or :data:`fieldkey.UNBOUND` for a ``bind_pk=False`` field (declared unbound in the
+    model). Never an empty context by accident: a pk-bound value of a row without a
+    primary key (or with an empty one) raises :class:`MissingScope`."""
+    if not field.bind_pk:
+        return UNBOUND
+    if pk is None:
+        raise MissingScope(
+            f"{model.__name__}.{field.name} binds the primary key, which is not known yet"  # type: ignore[attr-defined]
+        )
+    ctx = str(pk).encode()
+    if not ctx:
+        raise MissingScope(
+            f"{model.__name__}.{field.name} binds the primary key, which is empty: its value "  # type: ignore[attr-defined]
+            "could be copied into any row"
+        )
+    return ctx
 
 
 def reserve_pks(model: Any, n: int, using: str) -> list[Any] | None:

@@ -27,6 +27,7 @@ from typing import Any
 from django.db import connections, transaction
 
 from .._core import BlindIndexItem, EncryptItem
+from ._crypto import row_context
 from .conf import get_client
 from .fields import BlindIndexField, Ciphertext, encrypted_fields
 
@@ -109,7 +110,7 @@ def encrypt_column(
                     field.fieldkey_name,
                     v,
                     s if field.per_subject else None,
-                    str(pk) if field.bind_pk else None,
+                    row_context(model, field, pk),
                 )
                 for (pk, t, s, v) in todo
             ],

@@ -16,7 +16,9 @@
     }
 
 Every key is optional. The client is made on first use and remade when the setting
-changes (``override_settings`` in tests).
+changes (``override_settings`` in tests). It requires a context (``require_context``
+on, not configurable here): the fields bind the primary key, or pass
+``fieldkey.UNBOUND`` for a ``bind_pk=False`` field.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ def client_from_settings() -> Client:
         ),
         interceptors=interceptors,
         metadata=cfg.get("METADATA", ()),
+        require_context=True,
     )
 
 

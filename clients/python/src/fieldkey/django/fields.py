@@ -14,7 +14,12 @@ What a value is bound to (docs/CLIENTS.md):
   also the blind-index profile name and the ``field`` of a re-encryption job spec);
 * context: the row's primary key as text (``str(pk)``, the re-encryption job's
   ``context_column``) unless ``bind_pk=False``. A ciphertext copied into another row
-  then fails to decrypt (AuthenticationFailed).
+  then fails to decrypt (AuthenticationFailed). A pk-bound value is never sent without
+  its pk: before the database assigns one it is encrypted after the INSERT (see
+  :class:`~fieldkey.django.FieldkeyModel`), and a missing or empty pk raises
+  ``MissingScope``. ``bind_pk=False`` sends ``context=fieldkey.UNBOUND`` (deliberately
+  unbound; system check fieldkey.W002), which a sidecar listing the field in
+  ``[row_binding] required`` refuses (``ContextRequired``).
 """
 
 from __future__ import annotations
@@ -188,6 +193,18 @@ class _EncryptedMixin:
                     hint="use fieldkey.django.FieldkeyManager (or FieldkeyQuerySet.as_manager())",
                     obj=self,
                     id="fieldkey.W001",
+                )
+            )
+        if not self.bind_pk:
+            errors.append(
+                checks.Warning(
+                    f"{model.__name__}.{self.name} has bind_pk=False: its values are not bound to "  # type: ignore[attr-defined]
+                    "their row, so a ciphertext copied into another row of the tenant decrypts there",
+                    hint="remove bind_pk=False (the primary key is the context), or silence "
+                    "fieldkey.W002 for a value that is deliberately shared across rows; a sidecar "
+                    "whose [row_binding] required lists this field refuses it",
+                    obj=self,
+                    id="fieldkey.W002",
                 )
             )
         if not _FIELD_NAME.match(self.fieldkey_name):
