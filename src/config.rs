@@ -422,6 +422,11 @@ pub struct KmsConfig {
     pub aws_endpoint_url: Option<String>,
     /// Local KMS key file; default `<data_dir>/local-kms.json`.
     pub local_key_file: Option<PathBuf>,
+    /// KMS keys a tenant may name (CreateTenant, RewrapKmsKey `kms_key_id`) besides
+    /// the default key: exact key ids/ARNs/aliases, or prefixes ending in `*`. Empty
+    /// (the default): tenants use the default key only. A caller could otherwise put a
+    /// tenant on an unrelated key, whose deletion `ShredTenant` would then schedule.
+    pub tenant_keys: Vec<String>,
 }
 
 /// Request limits; each violation has its own status (see the proto).

@@ -153,6 +153,13 @@ pub enum Error {
         /// Field name.
         field: String,
     },
+    /// The KMS key named for a tenant is not one the configuration allows
+    /// (`kms.tenant_keys`).
+    #[error("KMS key {key} is not allowed for tenants (kms.tenant_keys of the configuration)")]
+    KmsKeyNotAllowed {
+        /// The key named.
+        key: String,
+    },
     /// The field must be bound to its row (`[row_binding]`), and the request has no
     /// `context`.
     #[error(

@@ -55,6 +55,50 @@ async fn moto_key() -> Result<String> {
     Ok(out.key_metadata().unwrap().key_id().to_owned())
 }
 
+/// Review finding 5 (issue 19): CreateTenant took any `kms_key_id`, so a caller could put
+/// a tenant on a KMS key fieldkey does not own (another team's, in the same account),
+/// and ShredTenant would then schedule that key's deletion. Now a tenant names only the
+/// default key or one `kms.tenant_keys` lists; the unrelated key is never touched.
+#[tokio::test]
+async fn a_tenant_cannot_be_put_on_a_kms_key_the_configuration_does_not_list() -> Result<()> {
+    let (default, listed, unrelated) = (moto_key().await?, moto_key().await?, moto_key().await?);
+    let kms = Arc::new(AwsKms::new(config(&common::moto_url(), &default)).await?);
+    let dir = tempfile::tempdir()?;
+    let store: Arc<dyn KeyStore> = Arc::new(SqlStore::open_sqlite(&dir.path().join("k.db")).await?);
+    let k = Keyring::new(
+        store,
+        kms.clone(),
+        KeyringConfig {
+            tenant_kms_keys: Some(vec![listed.clone()]),
+            ..KeyringConfig::default()
+        },
+    );
+    let r = k.create_tenant("acme", Some(&unrelated)).await;
+    assert!(
+        matches!(&r, Err(Error::KmsKeyNotAllowed { key }) if *key == unrelated),
+        "{r:?}"
+    );
+    assert_eq!(
+        k.create_tenant("acme", Some(&listed)).await?.kms_key_id,
+        listed
+    );
+    k.create_tenant("globex", None).await?;
+    let r = k.rewrap_kms_key("globex", &unrelated).await;
+    assert!(matches!(r, Err(Error::KmsKeyNotAllowed { .. })), "{r:?}");
+    // Back onto the default key is always allowed.
+    k.rewrap_kms_key("acme", &default).await?;
+    let state = kms
+        .client()
+        .describe_key()
+        .key_id(&unrelated)
+        .send()
+        .await?
+        .key_metadata()
+        .and_then(|m| m.key_state().cloned());
+    assert_eq!(state, Some(aws_sdk_kms::types::KeyState::Enabled));
+    Ok(())
+}
+
 #[tokio::test]
 async fn generate_and_unwrap_round_trip_with_encryption_context() -> Result<()> {
     let key_id = moto_key().await?;

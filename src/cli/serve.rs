@@ -168,6 +168,7 @@ pub(super) async fn build_keyring(
         },
         revalidate_after: Duration::from_millis(cfg.cache.revalidate_ms),
         max_stale: Duration::from_millis(cfg.cache.max_stale_ms),
+        tenant_kms_keys: Some(cfg.kms.tenant_keys.clone()),
         ..KeyringConfig::default()
     };
     let ledger = Arc::new(match (&cfg.erasure.ledger, &cfg.store.postgres_url) {

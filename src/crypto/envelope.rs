@@ -216,11 +216,35 @@ pub fn seal(
     aad: &Aad<'_>,
     plaintext: &[u8],
 ) -> Result<Vec<u8>, CryptoError> {
-    // ThreadRng is a ChaCha12 CSPRNG seeded and periodically reseeded from the OS; a
-    // syscall per message would cost more than the encryption itself.
-    let mut nonce = [0u8; NONCE_LEN];
-    rand::rng().fill_bytes(&mut nonce);
+    let nonce = fresh_nonce()?;
     seal_with_nonce(cipher, key_version, aad, plaintext, &nonce)
+}
+
+std::thread_local! {
+    /// The process this thread's `ThreadRng` was last seeded in (0: not yet).
+    static SEEDED_IN: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// A random nonce from the thread's CSPRNG, reseeded from the OS in a new process.
+///
+/// `ThreadRng` is a ChaCha12 CSPRNG seeded and periodically reseeded from the OS (a
+/// syscall per message would cost more than the encryption itself), but it is not
+/// reseeded on `fork`: a child process would draw the same nonces as its parent, under
+/// the same keys (review finding 5). So each thread remembers the process id its
+/// generator was seeded in and reseeds when it differs (`getpid` is a cheap syscall; a
+/// forked child runs only the forking thread, whose memory says the parent's pid).
+/// Does NOT cover a VM snapshot restored twice: the pid is the same in both clones
+/// (docs/THREAT_MODEL.md, residual risks).
+fn fresh_nonce() -> Result<[u8; NONCE_LEN], CryptoError> {
+    let mut rng = rand::rng();
+    let pid = std::process::id();
+    if SEEDED_IN.get() != pid {
+        rng.reseed().map_err(|_| CryptoError::Rng)?;
+        SEEDED_IN.set(pid);
+    }
+    let mut nonce = [0u8; NONCE_LEN];
+    rng.fill_bytes(&mut nonce);
+    Ok(nonce)
 }
 
 /// [`seal`] with a caller-chosen nonce. Crate-private: only test vectors may fix a nonce.

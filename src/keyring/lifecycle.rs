@@ -13,6 +13,30 @@ use crate::model::{KeyState, NewKeyVersion};
 use super::{Keyring, SubjectInfo, TenantInfo};
 
 impl Keyring {
+    /// Whether a tenant may be put on KMS key `key`: the default key always; another
+    /// only if `tenant_kms_keys` lists it (or a prefix of it ending in `*`). Review
+    /// finding 5: a caller naming any key could have `ShredTenant` schedule the deletion
+    /// of a KMS key fieldkey does not own.
+    ///
+    /// # Errors
+    /// [`Error::KmsKeyNotAllowed`].
+    pub(super) fn check_tenant_kms_key(&self, key: &str) -> Result<()> {
+        let Some(allowed) = &self.cfg.tenant_kms_keys else {
+            return Ok(());
+        };
+        let listed = allowed.iter().any(|a| match a.strip_suffix('*') {
+            Some(prefix) => key.starts_with(prefix),
+            None => a == key,
+        });
+        if listed || key == self.kms.default_key_id() {
+            Ok(())
+        } else {
+            Err(Error::KmsKeyNotAllowed {
+                key: key.to_owned(),
+            })
+        }
+    }
+
     /// Fails closed if the erasure ledger records `tenant` (or `subject`) as erased;
     /// then destroys the key material again if a restored store brought it back.
     pub(super) async fn check_not_erased(&self, tenant: &str, subject: Option<&str>) -> Result<()> {
@@ -71,6 +95,9 @@ impl Keyring {
             return Err(Error::InvalidArgument(
                 "kms_key_id must be 1..=2048 bytes".into(),
             ));
+        }
+        if let Some(k) = kms_key_id {
+            self.check_tenant_kms_key(k)?;
         }
         if let Some(existing) = self.store.get_tenant(tenant).await? {
             return Ok(TenantInfo::from(&existing));

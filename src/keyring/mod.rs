@@ -48,6 +48,10 @@ pub struct KeyringConfig {
     /// After a failed refresh, wait this long before trying the store again
     /// (requests meanwhile use the stale snapshot instead of each waiting on a timeout).
     pub store_retry_after: Duration,
+    /// KMS keys a tenant may be created on or moved to besides the default key (exact
+    /// ids, or prefixes ending in `*`); `None`: any (the library's default; `fieldkey
+    /// serve` always sets it from `kms.tenant_keys`).
+    pub tenant_kms_keys: Option<Vec<String>>,
 }
 
 impl Default for KeyringConfig {
@@ -57,6 +61,7 @@ impl Default for KeyringConfig {
             revalidate_after: Duration::from_secs(1),
             max_stale: Duration::from_secs(300),
             store_retry_after: Duration::from_secs(1),
+            tenant_kms_keys: None,
         }
     }
 }

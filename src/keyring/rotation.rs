@@ -173,6 +173,7 @@ impl Keyring {
                 "kms_key_id must be 1..=2048 bytes".into(),
             ));
         }
+        self.check_tenant_kms_key(new_kms_key_id)?;
         let rec = self.load_tenant_record(tenant).await?;
         if rec.kms_key_id != new_kms_key_id {
             self.store

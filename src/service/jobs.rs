@@ -146,7 +146,14 @@ impl pb::jobs_server::Jobs for JobsService {
                 if finished {
                     return;
                 }
-                tokio::time::sleep(interval).await;
+                // A job that does not change (paused, or pending with no runner) sends
+                // nothing, so a send never fails: watch for the client leaving instead
+                // (review finding 5: a task per abandoned stream polled the store for
+                // ever).
+                tokio::select! {
+                    () = tx.closed() => return,
+                    () = tokio::time::sleep(interval) => {}
+                }
                 next = jobs.get(&r.job_id).await;
             }
         });

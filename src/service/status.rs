@@ -40,6 +40,7 @@ pub fn classify(e: &Error) -> (Code, &'static str) {
         Error::PermissionDenied { .. } => (Code::PermissionDenied, "PERMISSION_DENIED"),
         Error::IndexNotConfigured { .. } => (Code::FailedPrecondition, "INDEX_NOT_CONFIGURED"),
         Error::ContextRequired { .. } => (Code::InvalidArgument, "CONTEXT_REQUIRED"),
+        Error::KmsKeyNotAllowed { .. } => (Code::PermissionDenied, "KMS_KEY_NOT_ALLOWED"),
         Error::Unauthenticated(r) => (
             Code::Unauthenticated,
             match r {
@@ -349,6 +350,11 @@ mod tests {
                 },
                 Code::InvalidArgument,
                 "CONTEXT_REQUIRED",
+            ),
+            (
+                Error::KmsKeyNotAllowed { key: "k".into() },
+                Code::PermissionDenied,
+                "KMS_KEY_NOT_ALLOWED",
             ),
             (
                 Error::IndexNotConfigured {
