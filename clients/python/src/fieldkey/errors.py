@@ -37,6 +37,7 @@ __all__ = [
     "KeyDestroyed",
     "KeyRetired",
     "KeySuspended",
+    "KmsKeyNotAllowed",
     "KmsKeyUnusable",
     "KmsThrottled",
     "KmsUnavailable",
@@ -239,6 +240,10 @@ class DecryptRateLimited(ResourceExhausted):
     """DECRYPT_RATE_LIMITED: the caller's decrypt-rate ceiling is used up."""
 
 
+class KmsKeyNotAllowed(PermissionDenied):
+    """KMS_KEY_NOT_ALLOWED: the kms_key_id named for a tenant is not in the sidecar's kms.tenant_keys."""
+
+
 class IndexRateLimited(ResourceExhausted):
     """INDEX_RATE_LIMITED: the caller's blind index/pseudonym budget is used up."""
 
@@ -307,6 +312,7 @@ REASONS: Final[dict[str, type[FieldkeyError]]] = {
     "INDEX_NOT_CONFIGURED": IndexNotConfigured,
     "CONTEXT_REQUIRED": ContextRequired,
     "PERMISSION_DENIED": PermissionDenied,
+    "KMS_KEY_NOT_ALLOWED": KmsKeyNotAllowed,
     "DECRYPT_RATE_LIMITED": DecryptRateLimited,
     "INDEX_RATE_LIMITED": IndexRateLimited,
     "KMS_UNAVAILABLE": KmsUnavailable,
