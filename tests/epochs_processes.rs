@@ -106,7 +106,7 @@ async fn decrypt(
             context: Vec::new(),
         })
         .await
-        .map(|r| r.into_inner().plaintext)
+        .map(|r| r.into_inner().plaintext.to_vec())
 }
 
 #[tokio::test]

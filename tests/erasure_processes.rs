@@ -118,7 +118,7 @@ async fn decrypt(
             ciphertext: ct.to_vec(),
         })
         .await
-        .map(|r| r.into_inner().plaintext)
+        .map(|r| r.into_inner().plaintext.to_vec())
 }
 
 async fn get_erasure(ch: &Channel, id: &str) -> pb::Erasure {

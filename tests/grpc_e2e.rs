@@ -94,7 +94,7 @@ async fn encrypt_decrypt_round_trip_over_tcp_in_both_forms() -> Result<()> {
             .decrypt(dec("acme", "user-1", "email", b"row:1", &out.ciphertext))
             .await?
             .into_inner();
-        assert_eq!(back.plaintext, b"alice@example.com");
+        assert_eq!(&back.plaintext[..], b"alice@example.com");
         assert_eq!(back.key_version, 1);
     }
     server.stop().await;
@@ -423,7 +423,7 @@ async fn unix_socket_round_trip() -> Result<()> {
         .await?
         .into_inner()
         .plaintext;
-    assert_eq!(pt, b"over a unix socket");
+    assert_eq!(&pt[..], b"over a unix socket");
     let _ = tx.send(());
     task.await??;
     assert!(Path::new(&path).exists());
@@ -450,7 +450,7 @@ async fn restart_round_trip(
         .await?
         .into_inner()
         .plaintext;
-    assert_eq!(pt, b"persisted");
+    assert_eq!(&pt[..], b"persisted");
     server.stop().await;
     Ok(())
 }
@@ -527,10 +527,7 @@ async fn rewrap_rotation_retirement_and_jobs_over_grpc() -> Result<()> {
         .decrypt(dec("acme", "u1", "email", b"r1", &moved.ciphertext))
         .await?
         .into_inner();
-    assert_eq!(
-        (back.plaintext.as_slice(), back.key_version),
-        (&b"hello"[..], 2)
-    );
+    assert_eq!((&back.plaintext[..], back.key_version), (&b"hello"[..], 2));
     let batch = crypto
         .rewrap_batch(pb::RewrapBatchRequest {
             items: vec![

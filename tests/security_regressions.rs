@@ -417,7 +417,7 @@ async fn swap_into_victims_row(
         ..Default::default()
     })
     .await
-    .map(|r| r.into_inner().plaintext))
+    .map(|r| r.into_inner().plaintext.to_vec()))
 }
 
 #[tokio::test]

@@ -414,6 +414,12 @@ impl Plaintext {
     }
 }
 
+impl AsRef<[u8]> for Plaintext {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
 impl std::ops::Deref for Plaintext {
     type Target = [u8];
     fn deref(&self) -> &[u8] {

@@ -186,7 +186,8 @@ impl CryptoService {
             };
             let (pt, key_version) = self.keyring.decrypt_versioned(&aad, &r.ciphertext).await?;
             Ok(DecryptResponse {
-                plaintext: pt.to_vec(),
+                // No copy: the reply owns the self-wiping buffer (see build.rs).
+                plaintext: bytes::Bytes::from_owner(pt),
                 key_version,
             })
         }

@@ -77,7 +77,10 @@ pub async fn build(
         audit: audit_log.key_source.clone(),
         audit_key_ids: audit_log.key_ids.clone(),
         receipts: receipt_source.into(),
-        receipt_key_ids: receipt_keys.iter().map(crate::signing::key_id).collect(),
+        receipt_key_ids: receipt_keys
+            .iter()
+            .map(crate::erasure::receipt::key_id)
+            .collect(),
     };
     let epoch_facts = epochs::read_epochs(store, &mut unreadable).await?;
     let judged = backup_rules::judge_epochs(&epoch_facts, &receipt_keys, &index);
