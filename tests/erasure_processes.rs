@@ -63,9 +63,8 @@ fn write_config(dir: &Path, name: &str, extra: &str) -> PathBuf {
     let path = dir.join(format!("{name}.toml"));
     let text = format!(
         "data_dir = {data:?}\n\
-         [listen]\ntcp = \"127.0.0.1:0\"\n\
          [kms]\nlocal_key_file = {kms:?}\n\
-         {TRUST_MESH}{extra}\n",
+         {TRUST_MESH}tcp = \"127.0.0.1:0\"\n{extra}\n",
         data = dir.join("data").display().to_string(),
         kms = dir.join("local-kms.json").display().to_string(),
     );

@@ -509,6 +509,7 @@ async fn rewrap_rotation_retirement_and_jobs_over_grpc() -> Result<()> {
         field: field.into(),
         context: b"r1".to_vec(),
         ciphertext: ct.to_vec(),
+        verify: false,
     };
     let same = crypto.rewrap(rw("u1", "email", &text)).await?.into_inner();
     assert!(!same.changed && same.ciphertext == text && same.key_version == 1);

@@ -616,3 +616,65 @@ async fn subject_grants_reach_neither_the_whole_tenant_nor_other_tenants_erasure
         .await?;
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------
+// Finding 5 of the review (census): Rewrap returns a ciphertext that names the active
+// version unchanged without authenticating it, so a value copied into another row
+// passes a re-encryption as "current". `verify` authenticates it.
+
+#[tokio::test]
+async fn a_verifying_rewrap_reports_a_value_moved_to_another_row() -> Result<()> {
+    use fieldkey::proto::pb::{self, EncryptRequest, RewrapRequest};
+    let dir = tempfile::tempdir()?;
+    let store: Arc<dyn KeyStore> = Arc::new(SqlStore::open_sqlite(&dir.path().join("k.db")).await?);
+    let kms = common::local_kms(&dir)?;
+    let keyring = Arc::new(Keyring::new(
+        store.clone(),
+        kms.clone(),
+        KeyringConfig::default(),
+    ));
+    keyring.create_tenant("acme", None).await?;
+    // No authorization: this is about what Rewrap checks, not who may call it.
+    let server = common::sidecar::InProcess::start_as_given(
+        fieldkey::wiring::Parts::new(keyring, store, kms).context(),
+    )
+    .await?;
+    let mut c = pb::crypto_client::CryptoClient::new(server.channel().await?);
+    let ct = c
+        .encrypt(EncryptRequest {
+            tenant_id: "acme".into(),
+            field: "email".into(),
+            plaintext: b"mallory@evil.example".to_vec(),
+            context: b"row-mallory".to_vec(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .ciphertext;
+    let moved = |verify| RewrapRequest {
+        tenant_id: "acme".into(),
+        field: "email".into(),
+        context: b"row-victim".to_vec(),
+        ciphertext: ct.clone(),
+        verify,
+        ..Default::default()
+    };
+    // Without verify: "current", unchanged, although it belongs to another row.
+    let unchecked = c.rewrap(moved(false)).await?.into_inner();
+    assert!(!unchecked.changed);
+    // With verify: refused as what it is.
+    let e = c.rewrap(moved(true)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::DataLoss, "{e:?}");
+    assert_eq!(common::grpc::reason(&e), "AUTHENTICATION_FAILED");
+    // In its own row it verifies and stays as it is.
+    let own = c
+        .rewrap(RewrapRequest {
+            context: b"row-mallory".to_vec(),
+            ..moved(true)
+        })
+        .await?
+        .into_inner();
+    assert!(!own.changed);
+    assert_eq!(own.ciphertext, ct);
+    Ok(())
+}

@@ -64,6 +64,12 @@ pub struct JobSpec {
     pub rate_limit_rows_per_sec: u32,
     /// The encrypted columns.
     pub columns: Vec<ColumnSpec>,
+    /// A census: authenticate values already on the active version too, so that a
+    /// misplaced (copied from another row, tenant or field) or corrupt value is counted
+    /// in `values_failed` instead of `values_current`. Costs a decryption per current
+    /// value. Columns with a blind index are always decrypted.
+    #[serde(default)]
+    pub verify: bool,
 }
 
 /// Checks a SQL identifier: letters, digits and `_`, not starting with a digit, at

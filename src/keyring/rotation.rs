@@ -73,6 +73,23 @@ impl Keyring {
     /// # Errors
     /// As [`Keyring::decrypt`], and as [`Keyring::encrypt`] for the active version.
     pub async fn rewrap(&self, aad: &Aad<'_>, envelope: &[u8]) -> Result<Rewrapped> {
+        self.rewrap_checked(aad, envelope, false).await
+    }
+
+    /// [`Keyring::rewrap`], and with `verify` a ciphertext already on the active
+    /// version is authenticated too (decrypted, the plaintext discarded) instead of being
+    /// returned unchecked: a census that reports misplaced or corrupt values
+    /// (`AuthenticationFailed`) rather than passing them as current (review finding 5).
+    ///
+    /// # Errors
+    /// As [`Keyring::rewrap`]; with `verify`, as [`Keyring::decrypt`] for current
+    /// ciphertexts too.
+    pub async fn rewrap_checked(
+        &self,
+        aad: &Aad<'_>,
+        envelope: &[u8],
+        verify: bool,
+    ) -> Result<Rewrapped> {
         let from = {
             let bytes = crypto::decode_any(envelope)?;
             Envelope::parse(&bytes)?.key_version()
@@ -86,6 +103,9 @@ impl Keyring {
         if from >= active {
             // Current (or newer than our snapshot, which only a rotation elsewhere in
             // the last revalidation interval can cause): never move a value backwards.
+            if verify {
+                drop(self.decrypt_versioned(aad, envelope).await?);
+            }
             return Ok(Rewrapped {
                 ciphertext: envelope.to_vec(),
                 from_version: from,

@@ -159,7 +159,10 @@ impl CryptoService {
                 field: &r.field,
                 context: &r.context,
             };
-            let rw: Rewrapped = self.keyring.rewrap(&aad, &r.ciphertext).await?;
+            let rw: Rewrapped = self
+                .keyring
+                .rewrap_checked(&aad, &r.ciphertext, r.verify)
+                .await?;
             Ok(RewrapResponse {
                 changed: rw.changed(),
                 key_version: rw.to_version,

@@ -60,6 +60,7 @@ pub fn example_policies_plus(dir: &Path, extra: &[(&str, &str)]) -> PathBuf {
 /// (as the admin sidecar behind Linkerd does, `deploy/k8s/base/config/admin.toml`), so
 /// a test can call as the operator, erasure or auditor identity
 /// ([`super::grpc::as_id`]); calls without the header keep the local identity.
+/// It ends inside its `[listen]` table: a test may add keys of that table right after it.
 pub const TRUST_MESH: &str =
     "[authz]\ntrust_linkerd_identity = true\n[listen]\ntcp_behind_linkerd = true\n";
 

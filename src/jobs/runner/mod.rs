@@ -138,6 +138,8 @@ pub struct Runner {
     db: PgPool,
     spec: JobSpec,
     columns: Arc<[ColumnSpec]>,
+    /// Authenticate current values too (`verify` of the spec: a census).
+    verify: bool,
     cfg: RunnerConfig,
     progress_tx: watch::Sender<JobProgress>,
 }
@@ -160,6 +162,7 @@ impl Runner {
                 jobs,
                 db,
                 columns: spec.columns.clone().into(),
+                verify: spec.verify,
                 spec,
                 cfg,
                 progress_tx,

@@ -52,14 +52,14 @@ impl Runner {
         // thread, so both cores are used while the database is busy with the write.
         let second = if rows.len() >= PARALLEL_MIN_ROWS {
             let tail = rows.split_off(rows.len() / 2);
-            let (k, cols) = (self.keyring.clone(), self.columns.clone());
-            Some(Task::spawn(
-                async move { rewrap_rows(&k, &cols, tail).await },
-            ))
+            let (k, cols, verify) = (self.keyring.clone(), self.columns.clone(), self.verify);
+            Some(Task::spawn(async move {
+                rewrap_rows(&k, &cols, verify, tail).await
+            }))
         } else {
             None
         };
-        let mut done = rewrap_rows(&self.keyring, &self.columns, rows).await?;
+        let mut done = rewrap_rows(&self.keyring, &self.columns, self.verify, rows).await?;
         if let Some(mut h) = second {
             let more = h.join("rewrap").await??;
             done.extend(more);
@@ -79,11 +79,12 @@ impl Runner {
 async fn rewrap_rows(
     keyring: &Keyring,
     columns: &[ColumnSpec],
+    verify: bool,
     rows: Vec<DbRow>,
 ) -> BatchResult<Vec<Rewrapped>> {
     let mut out = Vec::with_capacity(rows.len());
     for row in rows {
-        let (nv, tally) = rewrap_row(keyring, columns, &row).await?;
+        let (nv, tally) = rewrap_row(keyring, columns, verify, &row).await?;
         out.push((row, nv, tally));
     }
     Ok(out)
@@ -104,6 +105,7 @@ enum IndexOutcome {
 async fn rewrap_row(
     keyring: &Keyring,
     columns: &[ColumnSpec],
+    verify: bool,
     row: &DbRow,
 ) -> std::result::Result<(Option<Vec<Option<Value>>>, RowTally), BatchError> {
     let mut tally = RowTally::default();
@@ -131,7 +133,10 @@ async fn rewrap_row(
             context: &row.context,
         };
         let (rewrapped, index) = match stored_index {
-            None => (keyring.rewrap(&aad, v.bytes()).await, IndexOutcome::Keep),
+            None => (
+                keyring.rewrap_checked(&aad, v.bytes(), verify).await,
+                IndexOutcome::Keep,
+            ),
             Some(_) => match keyring.rewrap_and_index(&aad, v.bytes()).await {
                 Ok((r, ix)) => (Ok(r), IndexOutcome::Set(ix)),
                 Err(e @ Error::KeyDestroyed { .. }) => (Err(e), IndexOutcome::Clear),
