@@ -106,7 +106,7 @@ for t in "${targets[@]}"; do
     fi
     limit=(-max_total_time="$seconds")
     [ -z "$runs" ] || limit=(-runs="$runs")
-    echo "== $t (${runs:+$runs runs}${runs:-$seconds s})"
+    if [ -n "$runs" ]; then echo "== $t ($runs runs)"; else echo "== $t ($seconds s)"; fi
     start=$SECONDS
     set +e
     cargo fuzz run --sanitizer "$sanitizer" --target-dir "$target_dir" "$t" \
