@@ -677,18 +677,50 @@ impl Config {
     }
 }
 
-/// `path` made absolute (against the working directory) without `.` components, for
-/// comparing directories that may not exist yet.
+/// `path` made absolute (against the working directory) with `.` and `..` resolved
+/// lexically, for comparing directories that may not exist yet (symbolic links are not
+/// followed). `std::path::absolute` keeps `..`, and a `..` left in either path let a
+/// keys directory inside the data directory pass the check (found with the `config`
+/// fuzz target's property, docs/FUZZING.md).
 fn normalized(path: &std::path::Path) -> PathBuf {
+    use std::path::Component;
     let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-    abs.components()
-        .filter(|c| !matches!(c, std::path::Component::CurDir))
-        .collect()
+    let mut out = PathBuf::new();
+    for c in abs.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn local_keys_cannot_sit_inside_the_data_directory_behind_dot_dot() {
+        for (data, keys) in [
+            ("a/../fieldkey-data", "fieldkey-data/keys"),
+            ("fieldkey-data", "x/../fieldkey-data/keys"),
+            ("./fieldkey-data/", "fieldkey-data/sub/../keys"),
+        ] {
+            let c: Config = toml::from_str(&format!(
+                "data_dir = {data:?}\n[epochs]\nlocal_keys_dir = {keys:?}\n"
+            ))
+            .unwrap();
+            let e = c.validate().map(|()| "accepted".to_owned());
+            assert!(
+                e.as_ref()
+                    .is_err_and(|e| e.to_string().contains("inside data_dir")),
+                "data_dir {data:?}, local_keys_dir {keys:?}: {e:?}"
+            );
+        }
+    }
 
     #[test]
     fn epochs_must_fit_30_days_and_keep_local_keys_out_of_the_data_directory() {

@@ -10,6 +10,7 @@
 //! erasure and restriction records (that is what those records are about).
 
 pub mod aggregate;
+mod export_line;
 mod log;
 pub mod verify;
 

@@ -8,6 +8,7 @@ use ed25519_dalek::{Signature, Signer as _, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use super::export_line::Line;
 use super::{AuditRecord, GENESIS, record_hash};
 use crate::model::canonical_json;
 use crate::signing::key_id;
@@ -318,7 +319,8 @@ impl Verifier {
     }
 }
 
-/// Verifies an export (JSON lines: records, then the trailer).
+/// Verifies an export (JSON lines: records, then the trailer). Each line is read
+/// strictly (`export_line.rs`): no unknown or repeated members, hashes in lowercase hex.
 ///
 /// # Errors
 /// The first bad line or record.
@@ -339,17 +341,10 @@ pub fn verify_export(text: &str, keys: Vec<VerifyingKey>) -> Result<Summary, Ver
         if trailer.is_some() {
             return Err(bad("lines after the export trailer".into()));
         }
-        let value: serde_json::Value =
-            serde_json::from_str(line).map_err(|e| bad(format!("not JSON: {e}")))?;
-        if let Some(t) = value.get("export_end") {
-            trailer = Some(
-                serde_json::from_value(t.clone()).map_err(|e| bad(format!("bad trailer: {e}")))?,
-            );
-            continue;
+        match super::export_line::parse(line).map_err(bad)? {
+            Line::Trailer(t) => trailer = Some(t),
+            Line::Record(rec) => v.push(&rec)?,
         }
-        let rec: AuditRecord =
-            serde_json::from_value(value).map_err(|e| bad(format!("not an audit record: {e}")))?;
-        v.push(&rec)?;
     }
     v.finish_export(trailer.as_ref())?;
     Ok(v.summary().clone())
@@ -413,4 +408,131 @@ pub async fn verify_store(
         }));
     }
     Ok(Ok(s.clone()))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+    use serde_json::Value;
+
+    use super::*;
+    use crate::audit::AuditEvent;
+
+    fn key() -> SigningKey {
+        SigningKey::from_bytes(&[11u8; 32])
+    }
+
+    /// An export of three records (the third a checkpoint) with its signed trailer, one
+    /// JSON line each, as `ExportAudit` writes it.
+    fn export() -> Vec<String> {
+        let mut prev = GENESIS;
+        let mut lines = Vec::new();
+        for seq in 1..=3u64 {
+            let event = AuditEvent {
+                action: if seq == 3 {
+                    CHECKPOINT_ACTION
+                } else {
+                    "tenant.created"
+                }
+                .into(),
+                resource_type: "tenant".into(),
+                resource_id: "acme".into(),
+                actor: "admin".into(),
+                tenant_id: Some("acme".into()),
+                caller_ip: None,
+                details: if seq == 3 {
+                    checkpoint_details(2, &prev, &key())
+                } else {
+                    json!({"reason": "onboarding", "n": seq})
+                },
+            };
+            let hash = record_hash(seq, 1000, &event, &prev);
+            let r = AuditRecord {
+                seq,
+                ts: 1000,
+                event,
+                prev_hash: prev,
+                hash,
+            };
+            lines.push(serde_json::to_string(&r).unwrap());
+            prev = hash;
+        }
+        let t = Trailer {
+            from_seq: 1,
+            last_seq: 3,
+            last_hash: hex::encode(prev),
+            records: 3,
+            exported_at_unix_ms: 2000,
+            key_id: String::new(),
+            signature: String::new(),
+        };
+        lines.push(trailer_line(&sign_trailer(t, &key())));
+        lines
+    }
+
+    fn verify(lines: &[String]) -> Result<Summary, VerifyError> {
+        verify_export(&lines.join("\n"), vec![key().verifying_key()])
+    }
+
+    /// Line `i` with `edit` applied to its text.
+    fn edited(i: usize, edit: impl Fn(&str) -> String) -> Vec<String> {
+        let mut lines = export();
+        lines[i] = edit(&lines[i]);
+        lines
+    }
+
+    #[test]
+    fn a_verified_export_carries_nothing_that_was_not_verified() {
+        assert_eq!(verify(&export()).unwrap().records, 3);
+        let hash_of_2 = serde_json::from_str::<Value>(&export()[1]).unwrap()["hash"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let cases: Vec<(&str, usize, Vec<String>)> = vec![
+            // The fuzz target's first find: a hash spelled in uppercase hex verified.
+            (
+                "a hash in uppercase hex",
+                2,
+                edited(1, |l| l.replace(&hash_of_2, &hash_of_2.to_uppercase())),
+            ),
+            (
+                "a member the hash does not cover",
+                1,
+                edited(0, |l| {
+                    l.replacen('{', r#"{"note":"approved by the DPO","#, 1)
+                }),
+            ),
+            (
+                "an unknown member set to null",
+                1,
+                edited(0, |l| l.replacen('{', r#"{"calli_rep":null,"#, 1)),
+            ),
+            (
+                "a member repeated (read as its first value elsewhere)",
+                1,
+                edited(0, |l| l.replacen('{', r#"{"actor":"mallory","#, 1)),
+            ),
+            (
+                "a member repeated inside details",
+                2,
+                edited(1, |l| {
+                    l.replacen(r#""reason":"#, r#""reason":"fraud","reason":"#, 1)
+                }),
+            ),
+            (
+                "a member beside the trailer",
+                4,
+                edited(3, |l| l.replacen('{', r#"{"note":"all good","#, 1)),
+            ),
+        ];
+        let mut accepted = Vec::new();
+        for (what, line, lines) in cases {
+            match verify(&lines) {
+                Ok(_) => accepted.push(what),
+                Err(e) => assert_eq!(e.line, Some(line), "{what}: {e}"),
+            }
+        }
+        assert!(accepted.is_empty(), "verified: {accepted:?}");
+    }
 }
