@@ -5,7 +5,7 @@
 #   scripts/fuzz.sh                 each target for $FUZZ_SECONDS (default 20) seconds,
 #                                   no sanitizer: the short run CI does
 #   scripts/fuzz.sh --long          each target for $FUZZ_SECONDS (default 600) seconds,
-#                                   keeping what it learns in fuzz/work/<target>
+#                                   keeping what it learns in fuzz/scratch/<target>
 #   scripts/fuzz.sh --write-seeds   rewrites fuzz/corpus/<target> from the real code
 #   scripts/fuzz.sh [options] TARGET...   only these targets
 #
@@ -98,7 +98,7 @@ failed=()
 summary=()
 for t in "${targets[@]}"; do
     if [ "$mode" = long ]; then
-        work="fuzz/work/$t"
+        work="fuzz/scratch/$t"
         mkdir -p "$work"
     else
         work="$logs/corpus-$t"
