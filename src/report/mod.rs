@@ -33,5 +33,5 @@ pub use model::{
     Configuration, ERASURE_LIMIT_DAYS, EpochEntry, ErasureEntry, ErasureStatus, FORMAT, JobEntry,
     KmsFacts, MAX_LISTED_SUBJECTS, OldVersion, Options, Period, PromiseId, PromiseResult,
     ReceiptCheck, Report, RestrictedSubject, RestrictionEntry, RotationEntry, RotationFacts,
-    Summary, TenantSection, TlsFacts, Verdict, VersionEntry,
+    Summary, TenantSection, TlsFacts, TrustAnchors, UnboundField, Verdict, VersionEntry,
 };
