@@ -20,6 +20,26 @@ async fn keyring() -> Result<(tempfile::TempDir, Keyring)> {
     Ok((dir, k))
 }
 
+/// A keyring on its own SQLite store and local KMS in `dir`, with `tenants` created:
+/// the store, the keyring and the parts services are built from.
+async fn parts_with(
+    dir: &tempfile::TempDir,
+    tenants: &[&str],
+) -> Result<(Arc<dyn KeyStore>, Arc<Keyring>, fieldkey::wiring::Parts)> {
+    let store: Arc<dyn KeyStore> = Arc::new(SqlStore::open_sqlite(&dir.path().join("k.db")).await?);
+    let kms = common::local_kms(dir)?;
+    let keyring = Arc::new(Keyring::new(
+        store.clone(),
+        kms.clone(),
+        KeyringConfig::default(),
+    ));
+    for t in tenants {
+        keyring.create_tenant(t, None).await?;
+    }
+    let parts = fieldkey::wiring::Parts::new(keyring.clone(), store.clone(), kms);
+    Ok((store, keyring, parts))
+}
+
 async fn assert_auth_fails(k: &Keyring, a: &Aad<'_>, env: &[u8]) {
     let r = k.decrypt(a, env).await;
     assert!(
@@ -424,15 +444,7 @@ async fn swap_into_victims_row(
 async fn a_field_bound_to_its_row_cannot_be_swapped_into_another_row() -> Result<()> {
     use fieldkey::config::RowBindingSettings;
     let dir = tempfile::tempdir()?;
-    let store: Arc<dyn KeyStore> = Arc::new(SqlStore::open_sqlite(&dir.path().join("k.db")).await?);
-    let kms = common::local_kms(&dir)?;
-    let keyring = Arc::new(Keyring::new(
-        store.clone(),
-        kms.clone(),
-        KeyringConfig::default(),
-    ));
-    keyring.create_tenant("acme", None).await?;
-    let parts = fieldkey::wiring::Parts::new(keyring, store.clone(), kms);
+    let (store, _, parts) = parts_with(&dir, &["acme"]).await?;
     let audit = Arc::new(parts.audit_log(fieldkey::audit::AuditConfig::default()));
     let gate = Arc::new(fieldkey::service::gate::Gate::new(
         None,
@@ -543,17 +555,7 @@ async fn subject_grants_reach_neither_the_whole_tenant_nor_other_tenants_erasure
     let policies = dir.path().join("policies");
     std::fs::create_dir_all(&policies)?;
     std::fs::write(policies.join("acme.cedar"), ACME_ONLY)?;
-    let store: Arc<dyn KeyStore> = Arc::new(SqlStore::open_sqlite(&dir.path().join("k.db")).await?);
-    let kms = common::local_kms(&dir)?;
-    let keyring = Arc::new(Keyring::new(
-        store.clone(),
-        kms.clone(),
-        KeyringConfig::default(),
-    ));
-    for t in ["acme", "rival"] {
-        keyring.create_tenant(t, None).await?;
-    }
-    let parts = fieldkey::wiring::Parts::new(keyring.clone(), store, kms);
+    let (_, keyring, parts) = parts_with(&dir, &["acme", "rival"]).await?;
     let open = common::sidecar::InProcess::start_as_given(parts.context()).await?;
     let gate = Arc::new(Gate::new(
         Some(Arc::new(Authorizer::load(&policies)?)),
@@ -626,19 +628,9 @@ async fn subject_grants_reach_neither_the_whole_tenant_nor_other_tenants_erasure
 async fn a_verifying_rewrap_reports_a_value_moved_to_another_row() -> Result<()> {
     use fieldkey::proto::pb::{self, EncryptRequest, RewrapRequest};
     let dir = tempfile::tempdir()?;
-    let store: Arc<dyn KeyStore> = Arc::new(SqlStore::open_sqlite(&dir.path().join("k.db")).await?);
-    let kms = common::local_kms(&dir)?;
-    let keyring = Arc::new(Keyring::new(
-        store.clone(),
-        kms.clone(),
-        KeyringConfig::default(),
-    ));
-    keyring.create_tenant("acme", None).await?;
+    let (_, _, parts) = parts_with(&dir, &["acme"]).await?;
     // No authorization: this is about what Rewrap checks, not who may call it.
-    let server = common::sidecar::InProcess::start_as_given(
-        fieldkey::wiring::Parts::new(keyring, store, kms).context(),
-    )
-    .await?;
+    let server = common::sidecar::InProcess::start_as_given(parts.context()).await?;
     let mut c = pb::crypto_client::CryptoClient::new(server.channel().await?);
     let ct = c
         .encrypt(EncryptRequest {

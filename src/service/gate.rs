@@ -412,17 +412,7 @@ impl Gate {
     /// Counts, beside its `ok` outcome, a data operation that carried no row context
     /// (outcome `unbound` in the audit window; the compliance report lists the fields).
     pub fn data_unbound(&self, c: &Caller, action: Action, tenant: &str, field: &str) {
-        if let Some(a) = &self.audit {
-            a.data(
-                &c.identity,
-                c.ip.as_deref(),
-                tenant,
-                field,
-                action.as_str(),
-                OUTCOME_UNBOUND,
-                1,
-            );
-        }
+        self.count(c, action, tenant, field, OUTCOME_UNBOUND);
     }
 
     /// Counts a finished data operation in the audit window, by outcome.
@@ -434,6 +424,11 @@ impl Gate {
         field: &str,
         result: &Result<T, Error>,
     ) {
+        self.count(c, action, tenant, field, outcome(result));
+    }
+
+    /// One data operation of `c` counted in the audit window under `outcome`.
+    fn count(&self, c: &Caller, action: Action, tenant: &str, field: &str, outcome: &'static str) {
         if let Some(a) = &self.audit {
             a.data(
                 &c.identity,
@@ -441,7 +436,7 @@ impl Gate {
                 tenant,
                 field,
                 action.as_str(),
-                outcome(result),
+                outcome,
                 1,
             );
         }
