@@ -13,6 +13,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         prost::Message::encode_to_vec(&fds),
     )?;
     tonic_prost_build::configure()
+        // A request that does not decode is the caller's fault (INVALID_ARGUMENT,
+        // DECODE_FAILED), not prost's INTERNAL.
+        .codec_path("crate::proto::codec::Codec")
         // A decrypted value leaves the service as `Bytes` that own the keyring's
         // self-wiping plaintext buffer: wiped once tonic has encoded the reply, with no
         // unwiped copy in between (review finding 5).

@@ -5,11 +5,12 @@
 //! and local KMS under `data_dir`, listening on 127.0.0.1:7450.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use serde::Deserialize;
 
+mod limits;
 mod listen;
+pub use limits::{CacheSettings, Limits};
 pub use listen::ListenConfig;
 
 /// Everything `fieldkey serve` needs.
@@ -429,71 +430,6 @@ pub struct KmsConfig {
     pub tenant_keys: Vec<String>,
 }
 
-/// Request limits; each violation has its own status (see the proto).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Limits {
-    /// Largest gRPC request message, bytes.
-    pub max_message_bytes: usize,
-    /// Most items in one batch request.
-    pub max_batch_items: usize,
-    /// Largest plaintext or ciphertext of one field, bytes.
-    pub max_field_bytes: usize,
-    /// Server-side deadline of one call, milliseconds.
-    pub request_timeout_ms: u64,
-    /// Calls in flight across all connections; more are refused at once.
-    pub max_concurrent_requests: usize,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            max_message_bytes: 16 << 20,
-            max_batch_items: 10_000,
-            max_field_bytes: 1 << 20,
-            request_timeout_ms: 10_000,
-            max_concurrent_requests: 4096,
-        }
-    }
-}
-
-impl Limits {
-    /// The deadline as a duration.
-    pub fn request_timeout(&self) -> Duration {
-        Duration::from_millis(self.request_timeout_ms)
-    }
-}
-
-/// Cache bounds and freshness.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct CacheSettings {
-    /// Unwrapped key lifetime in memory, seconds.
-    pub key_ttl_secs: u64,
-    /// Tenants with cached keys.
-    pub max_tenants: u64,
-    /// Subjects with cached keys.
-    pub max_subjects: u64,
-    /// Metadata re-read interval (cross-replica propagation bound), milliseconds.
-    pub revalidate_ms: u64,
-    /// While the key store is unreachable, cached key states up to this old keep
-    /// serving (availability through a database outage); also how long a replica cut
-    /// off from the store may miss a shred made elsewhere. 0 = never serve stale.
-    pub max_stale_ms: u64,
-}
-
-impl Default for CacheSettings {
-    fn default() -> Self {
-        Self {
-            key_ttl_secs: 900,
-            max_tenants: 10_000,
-            max_subjects: 100_000,
-            revalidate_ms: 1000,
-            max_stale_ms: 300_000,
-        }
-    }
-}
-
 /// Why the configuration is unusable.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -547,15 +483,7 @@ impl Config {
                 "row_binding.required: a field name must not be empty".into(),
             ));
         }
-        let l = &self.limits;
-        if l.max_batch_items == 0 || l.max_field_bytes == 0 || l.max_concurrent_requests == 0 {
-            return Err(ConfigError::Invalid("limits must be positive".into()));
-        }
-        if l.max_message_bytes < 1024 || l.request_timeout_ms == 0 {
-            return Err(ConfigError::Invalid(
-                "limits.max_message_bytes must be >= 1024 and request_timeout_ms > 0".into(),
-            ));
-        }
+        self.limits.validate()?;
         if self.authz.reload_secs == 0
             || self.audit.window_secs == 0
             || self.audit.checkpoint_secs == 0

@@ -5,10 +5,19 @@
 //! Both sides of the wire import from here: the handlers in `crate::service` and the
 //! command-line clients in `crate::cli`. Does NOT: hold handlers, map errors to
 //! statuses (`crate::service::status` does), or add hand-written types to the
-//! generated ones. The modules stay nested (`proto::pb`, `proto::echo_pb`) so that the
-//! generated names never mix with one another or with this module's own items.
-// Everything below is generated (or, for the descriptor set, included) code.
-#![allow(
+//! generated ones. The hand-written pieces are the codec the stubs are generated with
+//! ([`codec`]: a request that does not decode is the caller's fault) and the name of
+//! the trailer entry that carries a refusal's reason ([`REASON_KEY`]). The modules
+//! stay nested (`proto::pb`, `proto::echo_pb`) so that the generated names never mix
+//! with one another or with this module's own items.
+pub mod codec;
+
+/// The trailer (metadata) entry that names why a call was refused, e.g.
+/// `fieldkey-error: KEY_DESTROYED` (the reasons are listed in `proto/`).
+pub const REASON_KEY: &str = "fieldkey-error";
+
+/// Generated protobuf and gRPC code for `fieldkey.v1`.
+#[allow(
     missing_docs,
     clippy::all,
     clippy::pedantic,
@@ -18,8 +27,6 @@
     clippy::indexing_slicing,
     reason = "generated code"
 )]
-
-/// Generated protobuf and gRPC code for `fieldkey.v1`.
 pub mod pb {
     tonic::include_proto!("fieldkey.v1");
 
@@ -31,6 +38,16 @@ pub mod pb {
 /// The bare echo service used as the transport floor by the load generator
 /// (`benches/loadgen.rs`). Not part of the API; never served by `fieldkey serve`.
 #[doc(hidden)]
+#[allow(
+    missing_docs,
+    clippy::all,
+    clippy::pedantic,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "generated code"
+)]
 pub mod echo_pb {
     tonic::include_proto!("fieldkey.bench.v1");
 }

@@ -136,6 +136,7 @@ impl Parts {
                 anchors: crate::service::audit::Anchors::default(),
             }),
             row_binding: Arc::default(),
+            budget: None,
         }
     }
 }

@@ -354,6 +354,9 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<()> {
             trust_linkerd: cfg.authz.trust_linkerd_identity,
         },
     ));
+    // One memory budget for every listener; the metrics report how much of it is used.
+    let budget = crate::transport::budget::MemoryBudget::new(cfg.limits.memory_budget_bytes);
+    metrics.watch_budget(budget.clone());
     let routes = crate::service::routes(crate::service::Context {
         epochs: epochs.clone(),
         keyring: keyring.clone(),
@@ -370,6 +373,7 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<()> {
             anchors,
         }),
         row_binding: Arc::new(cfg.row_binding.clone()),
+        budget: Some(budget.clone()),
     })
     .await?;
     // Every call counted and timed, when the metrics are served.

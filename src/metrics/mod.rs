@@ -64,6 +64,13 @@ pub struct Metrics {
     epoch_age: Gauge<f64, AtomicU64>,
     backup_horizon: Gauge<f64, AtomicU64>,
     refreshed: Gauge,
+    budget_in_flight: Gauge,
+    budget_total: Gauge,
+    budget_refused: Counter,
+    /// The memory budget the gauges above read at each scrape.
+    budget: std::sync::OnceLock<Arc<crate::transport::budget::MemoryBudget>>,
+    /// The refusals already added to `budget_refused`.
+    budget_refused_seen: std::sync::atomic::AtomicU64,
     /// The series the last refresh set (to remove those that disappear).
     last_refresh: Mutex<LastRefresh>,
     /// Per-RPC handles into `requests` and `latency`, resolved on first use, so that a
@@ -181,6 +188,26 @@ impl Metrics {
                 "When key ages and job gauges were last refreshed from the key store",
                 Gauge::default(),
             ),
+            budget_in_flight: registered(
+                &mut r,
+                "fieldkey_request_bytes_in_flight",
+                "Bytes of request messages held in memory now (charged to the memory budget)",
+                Gauge::default(),
+            ),
+            budget_total: registered(
+                &mut r,
+                "fieldkey_request_bytes_budget",
+                "The memory budget of request messages (limits.memory_budget_bytes)",
+                Gauge::default(),
+            ),
+            budget_refused: registered(
+                &mut r,
+                "fieldkey_requests_over_memory_budget",
+                "Request messages refused because the memory budget was full (RESOURCE_EXHAUSTED, MEMORY_BUDGET)",
+                Counter::default(),
+            ),
+            budget: std::sync::OnceLock::new(),
+            budget_refused_seen: std::sync::atomic::AtomicU64::new(0),
             registry: {
                 r.register_collector(Box::new(CacheCollector(cache_source.clone())));
                 r
@@ -191,8 +218,27 @@ impl Metrics {
         })
     }
 
+    /// Reports the use of `budget` (the serving routes' memory budget) at each scrape.
+    pub fn watch_budget(&self, budget: Arc<crate::transport::budget::MemoryBudget>) {
+        let _ = self.budget.set(budget);
+    }
+
+    /// Copies the memory budget's counters into its metrics.
+    fn read_budget(&self) {
+        let Some(b) = self.budget.get() else { return };
+        let as_i64 = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        self.budget_in_flight.set(as_i64(b.in_flight()));
+        self.budget_total.set(as_i64(b.total()));
+        let now = b.refused();
+        let seen = self
+            .budget_refused_seen
+            .swap(now, std::sync::atomic::Ordering::Relaxed);
+        self.budget_refused.inc_by(now.saturating_sub(seen));
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
+        self.read_budget();
         let mut out = String::new();
         if let Err(e) =
             prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)

@@ -21,6 +21,7 @@ use crate::error::Error;
 use crate::keyring::Keyring;
 use crate::policy::RotationPolicy;
 use crate::proto::pb;
+use crate::transport::budget::MemoryBudget;
 
 /// Everything the services are built from.
 #[derive(Debug, Clone)]
@@ -47,6 +48,9 @@ pub struct Context {
     pub report: Arc<audit::ReportFacts>,
     /// Fields that must carry a context (bound to their row).
     pub row_binding: Arc<crate::config::RowBindingSettings>,
+    /// The memory budget of request bytes (shared with the metrics); `None`: one of
+    /// `limits.memory_budget_bytes` is made for these routes.
+    pub budget: Option<Arc<MemoryBudget>>,
 }
 
 impl Context {
@@ -100,8 +104,10 @@ pub async fn routes(ctx: Context) -> Result<tonic::service::Routes, Error> {
         gate,
         report,
         row_binding,
+        budget,
     } = ctx;
     let limits = &limits;
+    let budget = budget.unwrap_or_else(|| MemoryBudget::new(limits.memory_budget_bytes));
     let guard = Guard::with_gate(limits.clone(), gate.clone());
     let (reporter, health) = tonic_health::server::health_reporter();
     for name in [
@@ -158,11 +164,19 @@ pub async fn routes(ctx: Context) -> Result<tonic::service::Routes, Error> {
         pb::erasures_server::ErasuresServer::new(ErasuresService::new(erasures, gate)),
         screen,
     );
-    Ok(tonic::service::Routes::new(crypto)
+    let routes = tonic::service::Routes::new(crypto)
         .add_service(keys)
         .add_service(jobs)
         .add_service(erasures)
         .add_service(audit_svc)
         .add_service(health)
-        .add_service(reflection))
+        .add_service(reflection);
+    // Every request body is screened (framing, size, memory budget, arrival deadline)
+    // before tonic buffers a byte of it.
+    Ok(super::screen::screened(
+        routes,
+        budget,
+        limits.max_message_bytes,
+        limits.request_timeout(),
+    ))
 }

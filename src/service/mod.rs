@@ -17,6 +17,7 @@ mod guard;
 mod index;
 mod jobs;
 mod keys;
+mod screen;
 pub mod status;
 
 pub use context::{Context, routes};

@@ -12,7 +12,7 @@ use crate::error::{Error, IdentityRefusal, KmsError, StoreError};
 use crate::proto::pb::{self, ItemError};
 
 /// Metadata key carrying the machine-readable reason.
-pub const REASON_KEY: &str = "fieldkey-error";
+pub use crate::proto::REASON_KEY;
 
 /// Status code and stable reason for an error.
 ///

@@ -2,9 +2,11 @@
 //! in the same pod; plaintext TCP behind the pod's Linkerd proxy ([`linkerd`]); mTLS
 //! for remote callers ([`mtls`]).
 //!
-//! Owns: binding, serving and graceful shutdown (stop accepting, drain in-flight calls).
+//! Owns: binding, serving and graceful shutdown (stop accepting, drain in-flight calls);
+//! the memory budget of request bytes in flight across them ([`budget`]).
 //! Must not: interpret requests (the service does).
 
+pub mod budget;
 pub mod linkerd;
 pub mod mtls;
 

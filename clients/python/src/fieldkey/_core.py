@@ -49,7 +49,7 @@ DEFAULT_TARGET: Final = "127.0.0.1:7450"
 #: The sidecar's default limits.max_batch_items.
 DEFAULT_MAX_BATCH_ITEMS: Final = 10_000
 #: Bytes of item payload per request; the sidecar refuses requests over
-#: limits.max_message_bytes (16 MiB by default) with OUT_OF_RANGE.
+#: limits.max_message_bytes (16 MiB by default) with INVALID_ARGUMENT/MESSAGE_TOO_LARGE.
 DEFAULT_MAX_BATCH_BYTES: Final = 4 * 1024 * 1024
 #: Per-item protobuf overhead assumed when chunking (tags, lengths, the item wrapper).
 _ITEM_OVERHEAD: Final = 24

@@ -42,6 +42,7 @@ __all__ = [
     "KmsThrottled",
     "KmsUnavailable",
     "MalformedCiphertext",
+    "MemoryBudgetExceeded",
     "MessageTooLarge",
     "NotFound",
     "PermissionDenied",
@@ -131,10 +132,11 @@ class ScopeMismatch(InvalidArgument):
     """SCOPE_MISMATCH: subject-scoped ciphertext decrypted without subject, or the reverse."""
 
 
-class MessageTooLarge(FieldkeyError):
-    """OUT_OF_RANGE: the request message is over limits.max_message_bytes."""
+class MessageTooLarge(InvalidArgument):
+    """MESSAGE_TOO_LARGE: the request message is over limits.max_message_bytes.
 
-    default_code = grpc.StatusCode.OUT_OF_RANGE
+    (Sidecars before issue 20 answered OUT_OF_RANGE without a reason; mapped here too.)
+    """
 
 
 class DeadlineExceeded(FieldkeyError):
@@ -236,6 +238,10 @@ class TooManyRequests(ResourceExhausted):
     """TOO_MANY_REQUESTS: limits.max_concurrent_requests calls already in flight."""
 
 
+class MemoryBudgetExceeded(ResourceExhausted):
+    """MEMORY_BUDGET: the sidecar's memory budget of requests in flight is full; retry later."""
+
+
 class DecryptRateLimited(ResourceExhausted):
     """DECRYPT_RATE_LIMITED: the caller's decrypt-rate ceiling is used up."""
 
@@ -295,6 +301,12 @@ REASONS: Final[dict[str, type[FieldkeyError]]] = {
     "BATCH_TOO_LARGE": BatchTooLarge,
     "DEADLINE_EXCEEDED": DeadlineExceeded,
     "TOO_MANY_REQUESTS": TooManyRequests,
+    "MEMORY_BUDGET": MemoryBudgetExceeded,
+    "MESSAGE_TOO_LARGE": MessageTooLarge,
+    "DECODE_FAILED": InvalidArgument,
+    "COMPRESSED_MESSAGE": InvalidArgument,
+    "TRUNCATED_MESSAGE": InvalidArgument,
+    "REQUEST_BODY_TIMEOUT": DeadlineExceeded,
     "MALFORMED_CIPHERTEXT": MalformedCiphertext,
     "SCOPE_MISMATCH": ScopeMismatch,
     "AUTHENTICATION_FAILED": AuthenticationFailed,

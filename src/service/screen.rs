@@ -1,0 +1,295 @@
+//! The request screen: every request body passes through it before tonic buffers and
+//! decodes it (issue 20, findings 1 and 2). Per gRPC message it reads the 5-byte frame
+//! header (compressed flag, big-endian length) and, before one byte of the message is
+//! passed on:
+//!
+//! - refuses a compressed message (the server accepts no compression):
+//!   INVALID_ARGUMENT, `COMPRESSED_MESSAGE`;
+//! - refuses a message longer than `limits.max_message_bytes`: INVALID_ARGUMENT,
+//!   `MESSAGE_TOO_LARGE`;
+//! - charges the message's length to the [`MemoryBudget`], refusing at once when it
+//!   does not fit: RESOURCE_EXHAUSTED, `MEMORY_BUDGET` (retry later; nothing was
+//!   buffered). The charge is held until the call's response has been sent or dropped.
+//!
+//! A body must also arrive within the call's deadline (`limits.request_timeout_ms`,
+//! DEADLINE_EXCEEDED, `REQUEST_BODY_TIMEOUT`), so that a slow sender cannot hold budget,
+//! and must not end inside a message (INVALID_ARGUMENT, `TRUNCATED_MESSAGE`). Each
+//! refusal is a [`Status`] with its reason in the `fieldkey-error` trailer, counted by
+//! the metrics layer under its code like any other call.
+//!
+//! Does NOT: look inside a message (the codec decodes, the handlers validate), or bound
+//! memory that is not a request message (see `transport::budget`).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, Response};
+use bytes::Bytes;
+use http_body::Frame;
+use tonic::{Code, Status};
+
+use super::status::limit_status;
+use crate::transport::budget::{Charge, MemoryBudget};
+
+/// gRPC's message frame header: a compressed flag and a 4-byte length.
+const HEADER: usize = 5;
+
+/// Wraps `routes` so that every request body is screened.
+pub fn screened(
+    routes: tonic::service::Routes,
+    budget: Arc<MemoryBudget>,
+    max_message_bytes: usize,
+    body_timeout: Duration,
+) -> tonic::service::Routes {
+    let router = routes.into_axum_router().layer(ScreenLayer {
+        budget,
+        max_message_bytes,
+        body_timeout,
+    });
+    tonic::service::Routes::from(router)
+}
+
+#[derive(Clone)]
+struct ScreenLayer {
+    budget: Arc<MemoryBudget>,
+    max_message_bytes: usize,
+    body_timeout: Duration,
+}
+
+impl<S> tower::Layer<S> for ScreenLayer {
+    type Service = Screening<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Screening {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Screening<S> {
+    inner: S,
+    layer: ScreenLayer,
+}
+
+impl<S> tower::Service<Request<Body>> for Screening<S>
+where
+    S: tower::Service<Request<Body>, Response = Response<Body>> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let charge = Charge::default();
+        let l = &self.layer;
+        let req = req.map(|inner| {
+            Body::new(Screened {
+                inner,
+                framing: Framing::default(),
+                budget: l.budget.clone(),
+                charge: charge.clone(),
+                max_message_bytes: l.max_message_bytes,
+                deadline: Box::pin(tokio::time::sleep(l.body_timeout)),
+                body_timeout: l.body_timeout,
+                done: false,
+            })
+        });
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let res = fut.await?;
+            // The charge stays with the response until its last byte is sent.
+            Ok(res.map(|inner| {
+                Body::new(Holding {
+                    inner,
+                    _charge: charge,
+                })
+            }))
+        })
+    }
+}
+
+/// Where the reader is in the stream of length-prefixed messages.
+#[derive(Default)]
+struct Framing {
+    header: [u8; HEADER],
+    /// Header bytes read of the next message.
+    have: usize,
+    /// Bytes of the current message still to come.
+    remaining: usize,
+}
+
+/// A request body read through the screen.
+struct Screened {
+    inner: Body,
+    framing: Framing,
+    budget: Arc<MemoryBudget>,
+    charge: Charge,
+    max_message_bytes: usize,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    body_timeout: Duration,
+    /// A refusal was returned (or the body ended): nothing more is read.
+    done: bool,
+}
+
+impl Screened {
+    /// Walks the frame headers in `data`, checking and charging each message whose
+    /// header completes in it.
+    fn screen(&mut self, data: &[u8]) -> Result<(), Status> {
+        let f = &mut self.framing;
+        let mut rest = data;
+        while !rest.is_empty() {
+            if f.remaining > 0 {
+                let n = f.remaining.min(rest.len());
+                f.remaining -= n;
+                rest = rest.get(n..).unwrap_or_default();
+                continue;
+            }
+            let n = (HEADER - f.have).min(rest.len());
+            if let (Some(dst), Some(src)) = (f.header.get_mut(f.have..f.have + n), rest.get(..n)) {
+                dst.copy_from_slice(src);
+            }
+            f.have += n;
+            rest = rest.get(n..).unwrap_or_default();
+            if f.have < HEADER {
+                break;
+            }
+            f.have = 0;
+            let [flag, l0, l1, l2, l3] = f.header;
+            let len = usize::try_from(u32::from_be_bytes([l0, l1, l2, l3])).unwrap_or(usize::MAX);
+            if flag != 0 {
+                return Err(limit_status(
+                    Code::InvalidArgument,
+                    "COMPRESSED_MESSAGE",
+                    "compressed messages are not accepted; send them uncompressed".into(),
+                ));
+            }
+            if len > self.max_message_bytes {
+                return Err(limit_status(
+                    Code::InvalidArgument,
+                    "MESSAGE_TOO_LARGE",
+                    format!(
+                        "the message is {len} bytes; the limit is {} (limits.max_message_bytes)",
+                        self.max_message_bytes
+                    ),
+                ));
+            }
+            if !self
+                .budget
+                .try_charge(&self.charge, len.saturating_add(HEADER))
+            {
+                return Err(limit_status(
+                    Code::ResourceExhausted,
+                    "MEMORY_BUDGET",
+                    format!(
+                        "{} bytes of requests are already in memory (limits.memory_budget_bytes); retry later",
+                        self.budget.in_flight()
+                    ),
+                ));
+            }
+            f.remaining = len;
+        }
+        Ok(())
+    }
+
+    fn refuse(&mut self, status: Status) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        self.done = true;
+        Poll::Ready(Some(Err(status)))
+    }
+}
+
+impl http_body::Body for Screened {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let Poll::Ready(frame) = polled else {
+            if self.deadline.as_mut().poll(cx).is_ready() {
+                let ms = self.body_timeout.as_millis();
+                return self.refuse(limit_status(
+                    Code::DeadlineExceeded,
+                    "REQUEST_BODY_TIMEOUT",
+                    format!("the request did not arrive within the server deadline of {ms} ms"),
+                ));
+            }
+            return Poll::Pending;
+        };
+        match frame {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref()
+                    && let Err(status) = self.screen(&data.clone())
+                {
+                    return self.refuse(status);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Some(Err(e)) => {
+                self.done = true;
+                // The caller's stream failed (reset, protocol error): tonic maps it.
+                Poll::Ready(Some(Err(Status::from_error(e.into()))))
+            }
+            None => {
+                self.done = true;
+                if self.framing.have > 0 || self.framing.remaining > 0 {
+                    return self.refuse(limit_status(
+                        Code::InvalidArgument,
+                        "TRUNCATED_MESSAGE",
+                        "the request ended inside a message".into(),
+                    ));
+                }
+                Poll::Ready(None)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A response body holding its call's charge until it is sent or dropped.
+struct Holding {
+    inner: Body,
+    _charge: Charge,
+}
+
+impl http_body::Body for Holding {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        Poll::Ready(ready!(Pin::new(&mut self.inner).poll_frame(cx)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
