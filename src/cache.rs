@@ -120,8 +120,8 @@ impl VersionEntry {
 pub struct TenantEntry {
     /// Stored metadata (versions, states, wrapped keys).
     pub meta: ArcSwap<Snapshot<TenantRecord>>,
-    /// Single-flight guard for metadata refreshes.
-    pub refresh: Mutex<()>,
+    /// Single-flight guard for metadata refreshes (owned by a background refresh).
+    pub refresh: Arc<Mutex<()>>,
     versions: RwLock<HashMap<u32, Arc<VersionEntry>>>,
     /// Unwrapped subject-wrapping keys by SWK id (`<epoch>:<tenant>`).
     swks: RwLock<HashMap<Box<str>, Arc<OnceCell<SecretKey>>>>,
@@ -136,7 +136,7 @@ impl TenantEntry {
                 fetched: Instant::now(),
                 failed_refresh: None,
             }),
-            refresh: Mutex::new(()),
+            refresh: Arc::new(Mutex::new(())),
             versions: RwLock::new(HashMap::new()),
             swks: RwLock::new(HashMap::new()),
         }
@@ -193,8 +193,8 @@ impl TenantEntry {
 pub struct SubjectEntry {
     /// Stored subject record.
     pub meta: ArcSwap<Snapshot<SubjectRecord>>,
-    /// Single-flight guard for metadata refreshes.
-    pub refresh: Mutex<()>,
+    /// Single-flight guard for metadata refreshes (owned by a background refresh).
+    pub refresh: Arc<Mutex<()>>,
     /// The unwrapped subject key material.
     pub key: OnceCell<SecretKey>,
     fields: RwLock<HashMap<u32, FieldCiphers>>,
@@ -209,7 +209,7 @@ impl SubjectEntry {
                 fetched: Instant::now(),
                 failed_refresh: None,
             }),
-            refresh: Mutex::new(()),
+            refresh: Arc::new(Mutex::new(())),
             key: OnceCell::new(),
             fields: RwLock::new(HashMap::new()),
         }
@@ -251,7 +251,8 @@ pub struct CacheStats {
     pub evictions: AtomicU64,
 }
 
-/// The hot-key cache.
+/// The hot-key cache (a handle: clones share the same entries).
+#[derive(Clone)]
 pub struct KeyCache {
     tenants: Cache<String, Arc<TenantEntry>>,
     subjects: Cache<(String, String), Arc<SubjectEntry>>,
@@ -281,6 +282,22 @@ impl KeyCache {
                 .build(),
             stats,
         }
+    }
+
+    /// Every cached tenant entry now (for revalidating them all at once).
+    pub fn tenant_entries(&self) -> Vec<(String, Arc<TenantEntry>)> {
+        self.tenants
+            .iter()
+            .map(|(k, v)| (k.as_ref().clone(), v))
+            .collect()
+    }
+
+    /// Every cached subject entry now, by (tenant, subject).
+    pub fn subject_entries(&self) -> Vec<((String, String), Arc<SubjectEntry>)> {
+        self.subjects
+            .iter()
+            .map(|(k, v)| (k.as_ref().clone(), v))
+            .collect()
     }
 
     /// Counters.

@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod breaker;
 pub mod cache;
 pub mod cli;
 pub mod config;

@@ -155,6 +155,10 @@ pub(super) async fn build_keyring(
         Some(m) => Arc::new(crate::metrics::MeteredKms::new(kms, m.clone())),
         None => kms,
     };
+    // A breaker per KMS key in front (outside the metering, so the metrics count the
+    // calls that reached the KMS): while the KMS is down, calls fail at once and one
+    // probe at a time finds out when it is back.
+    let kms: Arc<dyn Kms> = Arc::new(crate::kms::guarded::GuardedKms::new(kms));
     tracing::info!(
         store = store.backend(),
         kms = kms.provider(),

@@ -1,24 +1,28 @@
 //! Keeping cached key metadata fresh: the cache's tenant and subject entries, their
-//! revalidation against the store (single-flight, bounded by `revalidate_after`; a
-//! stale snapshot serves for up to `max_stale` while the store is unreachable), and
-//! following the store's change feed so other replicas' shreds and suspensions apply
-//! here at once.
+//! revalidation against the store (stale-while-revalidate: single-flight background
+//! re-reads, bounded by `revalidate_after`; a stale snapshot serves for up to
+//! `max_stale` while the store is unreachable, and a call never waits more than
+//! [`STALE_WAIT`] on a store that does not answer), reads through a circuit breaker
+//! towards the store, and following the store's change feed so other replicas'
+//! shreds and suspensions apply here at once (a lost feed revalidates everything).
 //!
 //! Does not decide which key encrypts or may decrypt (`resolution.rs`) nor change key
 //! states (`lifecycle.rs`).
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, oneshot};
 
-use crate::cache::{Snapshot, SubjectEntry, TenantEntry};
+use crate::breaker::Breaker;
+use crate::cache::{KeyCache, Snapshot, SubjectEntry, TenantEntry};
 use crate::crypto::Scope;
 use crate::error::{Error, Result};
 use crate::model::{KeyState, SubjectRecord, TenantRecord};
-use crate::store::{Change, StoreError};
+use crate::store::{Change, KeyStore, StoreError};
 
 use super::{Keyring, unshare};
 
@@ -63,7 +67,7 @@ impl Keyring {
                         keyring.cache.invalidate_subjects_of(&tenant).await;
                     }
                     // Notifications may have been missed: every cached snapshot is
-                    // re-read on its next use.
+                    // re-read before its next use serves it, and all of them now.
                     Change::Lost => {
                         let ns = u64::try_from(keyring.born.elapsed().as_nanos())
                             .unwrap_or(u64::MAX)
@@ -71,6 +75,7 @@ impl Keyring {
                         keyring
                             .notifications_lost
                             .store(ns, std::sync::atomic::Ordering::Release);
+                        keyring.revalidate_all();
                     }
                 }
             }
@@ -112,8 +117,7 @@ impl Keyring {
     }
 
     pub(super) async fn load_tenant_record(&self, tenant: &str) -> Result<TenantRecord> {
-        self.store
-            .get_tenant(tenant)
+        read_through(&self.store_breaker, self.store.get_tenant(tenant))
             .await?
             .ok_or_else(|| Error::TenantNotFound {
                 tenant: tenant.to_owned(),
@@ -129,115 +133,194 @@ impl Keyring {
             .map_err(unshare)
     }
 
-    /// Re-reads a snapshot when older than `revalidate_after` (single-flight); serves a
-    /// stale one while the store is unavailable, up to `max_stale`.
-    async fn fresh<T, F, Fut>(
+    /// Every cached tenant and subject re-read from the store now, in the background
+    /// (a few at a time): after notifications were lost, a shred or suspension made
+    /// elsewhere meanwhile applies as soon as the store answers, not on each entry's
+    /// next use.
+    pub(super) fn revalidate_all(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let Some(k) = weak.upgrade() else { return };
+            let tenants = k.cache.tenant_entries();
+            let subjects = k.cache.subject_entries();
+            drop(k);
+            let sweep = tokio_stream::iter(
+                tenants
+                    .into_iter()
+                    .map(|(t, e)| (t, None, Some(e), None))
+                    .chain(
+                        subjects
+                            .into_iter()
+                            .map(|((t, s), e)| (t, Some(s), None, Some(e))),
+                    ),
+            );
+            use tokio_stream::StreamExt as _;
+            let mut sweep = std::pin::pin!(sweep);
+            while let Some((tenant, subject, tentry, sentry)) = sweep.next().await {
+                let Some(k) = weak.upgrade() else { return };
+                let r = match (tentry, sentry, subject) {
+                    (Some(e), _, _) => k.tenant_snapshot(&e, &tenant, false).await.map(drop),
+                    (_, Some(e), Some(s)) => k.subject_snapshot(&e, &tenant, &s).await.map(drop),
+                    _ => Ok(()),
+                };
+                if let Err(Error::Store(_)) = r {
+                    // The store is down again: the entries' own refreshes take over.
+                    return;
+                }
+            }
+        });
+    }
+
+    /// The snapshot to use now, with stale-while-revalidate:
+    ///
+    /// - younger than half of `revalidate_after`: as it is;
+    /// - older: still served, and re-read in the background (one read per entry at a
+    ///   time), so that entries in use are refreshed before they expire;
+    /// - older than `revalidate_after`, or fetched before notifications were lost, or
+    ///   `force`d: the call starts (or joins) a re-read and waits for it, but while a
+    ///   stale snapshot may serve (younger than `max_stale`, not forced) for at most
+    ///   [`STALE_WAIT`]: a store that does not answer that fast keeps being waited for
+    ///   in the background, never on the request path. Once a read has failed, calls
+    ///   serve the stale snapshot at once until `store_retry_after` has passed.
+    async fn fresh<E: Followed>(
         &self,
-        meta: &ArcSwap<Snapshot<T>>,
-        lock: &Mutex<()>,
+        entry: &Arc<E>,
+        key: &EntryKey,
         force: bool,
-        fetch: F,
-    ) -> Result<Fresh<T>>
-    where
-        T: Clone,
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = std::result::Result<Option<T>, StoreError>>,
-    {
-        let snap = meta.load_full();
-        let force = force || self.missed_changes_since(snap.fetched);
-        if !force && snap.fetched.elapsed() < self.cfg.revalidate_after {
-            return Ok(Fresh::Found(snap));
-        }
-        let started = Instant::now();
-        let _guard = lock.lock().await;
-        let snap = meta.load_full();
-        let refreshed_meanwhile = snap.fetched >= started;
-        if refreshed_meanwhile || (!force && snap.fetched.elapsed() < self.cfg.revalidate_after) {
-            return Ok(Fresh::Found(snap));
-        }
-        let stale_ok = snap.fetched.elapsed() < self.cfg.max_stale;
-        if let Some(failed) = snap.failed_refresh
-            && stale_ok
-            && failed.elapsed() < self.cfg.store_retry_after
-        {
-            return Ok(Fresh::Found(snap));
-        }
-        match fetch().await {
-            Ok(Some(record)) => {
-                let new = Arc::new(Snapshot {
-                    record,
-                    fetched: Instant::now(),
-                    failed_refresh: None,
-                });
-                meta.store(new.clone());
-                Ok(Fresh::Refreshed(new))
+    ) -> Result<Fresh<E::Record>> {
+        let snap = entry.meta().load_full();
+        let age = snap.fetched.elapsed();
+        let hard =
+            force || self.missed_changes_since(snap.fetched) || age >= self.cfg.revalidate_after;
+        let stale_ok = !force && age < self.cfg.max_stale;
+        let failed_recently = snap
+            .failed_refresh
+            .is_some_and(|f| f.elapsed() < self.cfg.store_retry_after);
+        if !hard {
+            if age >= self.cfg.revalidate_after / 2 && !failed_recently {
+                // Refresh-ahead; nobody waits for it.
+                drop(self.start_refresh(entry, key));
             }
-            Ok(None) => Ok(Fresh::Gone),
-            Err(StoreError::Unavailable(e)) if stale_ok => {
-                tracing::warn!(error = %e, age_ms = snap.fetched.elapsed().as_millis() as u64,
-                    "key store unavailable; serving cached key metadata");
-                let stale = Arc::new(Snapshot {
-                    record: snap.record.clone(),
-                    fetched: snap.fetched,
-                    failed_refresh: Some(Instant::now()),
-                });
-                meta.store(stale.clone());
-                Ok(Fresh::Found(stale))
-            }
-            Err(e) => Err(e.into()),
+            return Ok(Fresh::Found(snap));
         }
+        if stale_ok && failed_recently {
+            return Ok(Fresh::Found(snap));
+        }
+        let Some(done) = self.start_refresh(entry, key) else {
+            // A re-read is already under way.
+            if stale_ok {
+                return Ok(Fresh::Found(snap));
+            }
+            // Nothing stale may serve: wait for that read, then use what it stored.
+            let started = Instant::now();
+            drop(entry.refresh_lock().lock().await);
+            let now = entry.meta().load_full();
+            return match now.failed_refresh {
+                Some(f) if f >= started => Err(Error::Store(StoreError::circuit_open(
+                    self.cfg.store_retry_after,
+                ))),
+                _ => Ok(Fresh::Found(now)),
+            };
+        };
+        let outcome = if stale_ok {
+            match tokio::time::timeout(STALE_WAIT, done).await {
+                Ok(o) => o,
+                Err(_) => return Ok(Fresh::Found(snap)),
+            }
+        } else {
+            done.await
+        };
+        match outcome {
+            Ok(Refreshed::Record(new)) => Ok(Fresh::Refreshed(new)),
+            Ok(Refreshed::Gone) => Ok(Fresh::Gone),
+            Ok(Refreshed::Failed(StoreError::Unavailable(_))) if stale_ok => Ok(Fresh::Found(snap)),
+            Ok(Refreshed::Failed(e)) => Err(e.into()),
+            // The refresh task was dropped (runtime shutting down).
+            Err(_) => Ok(Fresh::Found(snap)),
+        }
+    }
+
+    /// Starts a background re-read of `entry` unless one is under way; the receiver
+    /// gets its outcome.
+    fn start_refresh<E: Followed>(
+        &self,
+        entry: &Arc<E>,
+        key: &EntryKey,
+    ) -> Option<oneshot::Receiver<Refreshed<E::Record>>> {
+        let guard = entry.refresh_lock().clone().try_lock_owned().ok()?;
+        let (tx, rx) = oneshot::channel();
+        let (entry, key) = (entry.clone(), key.clone());
+        let (store, breaker, cache) = (
+            self.store.clone(),
+            self.store_breaker.clone(),
+            self.cache.clone(),
+        );
+        tokio::spawn(async move {
+            let _guard = guard;
+            let read = E::read(&store, &key);
+            let outcome = match read_through(&breaker, read).await {
+                Ok(Some(record)) => {
+                    let new = Arc::new(Snapshot {
+                        record,
+                        fetched: Instant::now(),
+                        failed_refresh: None,
+                    });
+                    entry.meta().store(new.clone());
+                    entry.after_refresh(&new.record, &cache, &key).await;
+                    Refreshed::Record(new)
+                }
+                Ok(None) => {
+                    E::forget(&cache, &key).await;
+                    Refreshed::Gone
+                }
+                Err(e) => {
+                    let old = entry.meta().load_full();
+                    if matches!(e, StoreError::Unavailable(_)) {
+                        tracing::warn!(error = %e, age_ms = old.fetched.elapsed().as_millis() as u64,
+                            "key store unavailable; serving cached key metadata");
+                    }
+                    entry.meta().store(Arc::new(Snapshot {
+                        record: old.record.clone(),
+                        fetched: old.fetched,
+                        failed_refresh: Some(Instant::now()),
+                    }));
+                    Refreshed::Failed(e)
+                }
+            };
+            let _ = tx.send(outcome);
+        });
+        Some(rx)
     }
 
     pub(super) async fn tenant_snapshot(
         &self,
-        entry: &TenantEntry,
+        entry: &Arc<TenantEntry>,
         tenant: &str,
         force: bool,
     ) -> Result<Arc<Snapshot<TenantRecord>>> {
-        match self
-            .fresh(&entry.meta, &entry.refresh, force, || {
-                self.store.get_tenant(tenant)
-            })
-            .await?
-        {
-            Fresh::Found(snap) => Ok(snap),
-            Fresh::Refreshed(snap) => {
-                // Only a re-read can reveal a version destroyed elsewhere (local
-                // destruction drops the whole entry), so this stays off the hot path.
-                let mut newly_destroyed = false;
-                for v in &snap.record.versions {
-                    if matches!(v.state, KeyState::Destroyed | KeyState::Retired) {
-                        newly_destroyed |= entry.forget_version(v.version);
-                    }
-                }
-                if newly_destroyed {
-                    // Subject entries hold ciphers derived from that version: drop them
-                    // too, so no derived copy of a destroyed key stays in memory.
-                    self.cache.invalidate_subjects_of(tenant).await;
-                }
-                Ok(snap)
-            }
-            Fresh::Gone => {
-                self.cache.invalidate_tenant(tenant).await;
-                Err(Error::TenantNotFound {
-                    tenant: tenant.to_owned(),
-                })
-            }
+        let key = EntryKey {
+            tenant: tenant.to_owned(),
+            subject: None,
+        };
+        match self.fresh(entry, &key, force).await? {
+            Fresh::Found(snap) | Fresh::Refreshed(snap) => Ok(snap),
+            Fresh::Gone => Err(Error::TenantNotFound {
+                tenant: tenant.to_owned(),
+            }),
         }
     }
 
     pub(super) async fn subject_snapshot(
         &self,
-        entry: &SubjectEntry,
+        entry: &Arc<SubjectEntry>,
         tenant: &str,
         subject: &str,
     ) -> Result<Arc<Snapshot<SubjectRecord>>> {
-        match self
-            .fresh(&entry.meta, &entry.refresh, false, || {
-                self.store.get_subject(tenant, subject)
-            })
-            .await?
-        {
+        let key = EntryKey {
+            tenant: tenant.to_owned(),
+            subject: Some(subject.to_owned()),
+        };
+        match self.fresh(entry, &key, false).await? {
             Fresh::Found(snap) | Fresh::Refreshed(snap)
                 if snap.record.state == KeyState::Destroyed =>
             {
@@ -251,12 +334,135 @@ impl Keyring {
                 })
             }
             Fresh::Found(snap) | Fresh::Refreshed(snap) => Ok(snap),
-            Fresh::Gone => {
-                self.cache.invalidate_subject(tenant, subject).await;
-                Err(Error::SubjectNotFound {
-                    tenant: tenant.to_owned(),
-                })
+            Fresh::Gone => Err(Error::SubjectNotFound {
+                tenant: tenant.to_owned(),
+            }),
+        }
+    }
+}
+
+/// How long a call waits for a re-read of a snapshot it could serve stale (the
+/// store's normal answer takes about a millisecond).
+pub const STALE_WAIT: Duration = Duration::from_millis(5);
+
+/// Which entry a refresh reads.
+#[derive(Debug, Clone)]
+pub(super) struct EntryKey {
+    tenant: String,
+    subject: Option<String>,
+}
+
+/// The outcome of a background re-read.
+enum Refreshed<T> {
+    Record(Arc<Snapshot<T>>),
+    Gone,
+    Failed(StoreError),
+}
+
+type StoreRead<T> =
+    Pin<Box<dyn Future<Output = std::result::Result<Option<T>, StoreError>> + Send>>;
+
+/// A store read through the keyring's breaker towards the store: refused at once
+/// while it is open; unavailability counts against it, any answer closes it.
+pub(super) async fn read_through<T>(
+    breaker: &Breaker,
+    read: impl Future<Output = std::result::Result<T, StoreError>>,
+) -> std::result::Result<T, StoreError> {
+    let ticket = breaker
+        .admit()
+        .map_err(|o| StoreError::circuit_open(o.retry_after))?;
+    let out = read.await;
+    match &out {
+        Err(StoreError::Unavailable(_)) => ticket.failed(),
+        _ => ticket.succeeded(),
+    }
+    out
+}
+
+/// A cache entry whose metadata snapshot is kept fresh from the store.
+trait Followed: Send + Sync + 'static {
+    type Record: Clone + Send + Sync + 'static;
+    fn meta(&self) -> &ArcSwap<Snapshot<Self::Record>>;
+    fn refresh_lock(&self) -> &Arc<Mutex<()>>;
+    /// The store read of this entry's record.
+    fn read(store: &Arc<dyn KeyStore>, key: &EntryKey) -> StoreRead<Self::Record>;
+    /// After a re-read: drop what the new record makes obsolete.
+    fn after_refresh(
+        &self,
+        record: &Self::Record,
+        cache: &KeyCache,
+        key: &EntryKey,
+    ) -> impl Future<Output = ()> + Send;
+    /// The record no longer exists: drop the entry.
+    fn forget(cache: &KeyCache, key: &EntryKey) -> impl Future<Output = ()> + Send;
+}
+
+impl Followed for TenantEntry {
+    type Record = TenantRecord;
+
+    fn meta(&self) -> &ArcSwap<Snapshot<TenantRecord>> {
+        &self.meta
+    }
+
+    fn refresh_lock(&self) -> &Arc<Mutex<()>> {
+        &self.refresh
+    }
+
+    fn read(store: &Arc<dyn KeyStore>, key: &EntryKey) -> StoreRead<TenantRecord> {
+        let (store, tenant) = (store.clone(), key.tenant.clone());
+        Box::pin(async move { store.get_tenant(&tenant).await })
+    }
+
+    async fn after_refresh(&self, record: &TenantRecord, cache: &KeyCache, key: &EntryKey) {
+        // Only a re-read can reveal a version destroyed elsewhere (local destruction
+        // drops the whole entry), so this stays off the hot path.
+        let mut newly_destroyed = false;
+        for v in &record.versions {
+            if matches!(v.state, KeyState::Destroyed | KeyState::Retired) {
+                newly_destroyed |= self.forget_version(v.version);
             }
+        }
+        if newly_destroyed {
+            // Subject entries hold ciphers derived from that version: drop them too, so
+            // no derived copy of a destroyed key stays in memory.
+            cache.invalidate_subjects_of(&key.tenant).await;
+        }
+    }
+
+    async fn forget(cache: &KeyCache, key: &EntryKey) {
+        cache.invalidate_tenant(&key.tenant).await;
+    }
+}
+
+impl Followed for SubjectEntry {
+    type Record = SubjectRecord;
+
+    fn meta(&self) -> &ArcSwap<Snapshot<SubjectRecord>> {
+        &self.meta
+    }
+
+    fn refresh_lock(&self) -> &Arc<Mutex<()>> {
+        &self.refresh
+    }
+
+    fn read(store: &Arc<dyn KeyStore>, key: &EntryKey) -> StoreRead<SubjectRecord> {
+        let (store, tenant, subject) = (
+            store.clone(),
+            key.tenant.clone(),
+            key.subject.clone().unwrap_or_default(),
+        );
+        Box::pin(async move { store.get_subject(&tenant, &subject).await })
+    }
+
+    async fn after_refresh(&self, record: &SubjectRecord, cache: &KeyCache, key: &EntryKey) {
+        if record.state == KeyState::Destroyed {
+            Self::forget(cache, key).await;
+        }
+    }
+
+    async fn forget(cache: &KeyCache, key: &EntryKey) {
+        if let Some(subject) = &key.subject {
+            cache.invalidate_subject(&key.tenant, subject).await;
         }
     }
 }

@@ -81,6 +81,8 @@ pub struct Keyring {
     born: Instant,
     /// The active key epoch as last read (`epochs.rs`).
     epoch: arc_swap::ArcSwap<epochs::EpochView>,
+    /// Circuit breaker of the keyring's reads of key metadata (`following.rs`).
+    store_breaker: Arc<crate::breaker::Breaker>,
 }
 
 impl std::fmt::Debug for Keyring {
@@ -110,6 +112,9 @@ impl Keyring {
             notifications_lost: std::sync::atomic::AtomicU64::new(0),
             born: Instant::now(),
             epoch: arc_swap::ArcSwap::from_pointee(epochs::EpochView::default()),
+            store_breaker: Arc::new(crate::breaker::Breaker::new(
+                crate::breaker::BreakerConfig::default(),
+            )),
         }
     }
 

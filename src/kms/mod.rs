@@ -7,6 +7,7 @@
 //! be unwrapped as another tenant's or another version's key.
 
 pub mod aws;
+pub mod guarded;
 pub mod local;
 
 use std::collections::BTreeMap;

@@ -157,3 +157,17 @@ pub trait KeyStore:
     /// has none (SQLite: revalidation alone bounds propagation).
     async fn changes(&self) -> Result<Option<tokio::sync::mpsc::Receiver<Change>>, StoreError>;
 }
+
+impl StoreError {
+    /// A read refused at once because the reader's circuit breaker towards the store is
+    /// open (the store failed repeatedly; one probe at a time finds out when it is
+    /// back). Reported as unavailability: the caller retries later.
+    pub fn circuit_open(retry_after: std::time::Duration) -> Self {
+        Self::Unavailable(std::sync::Arc::new(sqlx::Error::Io(std::io::Error::other(
+            format!(
+                "circuit open: the key store failed repeatedly; next attempt in {} ms",
+                retry_after.as_millis()
+            ),
+        ))))
+    }
+}
