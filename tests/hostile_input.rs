@@ -274,6 +274,14 @@ async fn a_burst_of_large_requests_stays_inside_the_memory_budget() -> Result<()
         peak >> 20,
         CEILING >> 20
     );
+    // Memory given back after the burst (figures for BENCHMARKS.md; the allocator's).
+    for wait_s in [0, 3, 10] {
+        tokio::time::sleep(std::time::Duration::from_secs(wait_s)).await;
+        eprintln!(
+            "RSS {} MiB after {wait_s} s more",
+            proc_kib(s.child.id(), "VmRSS:") >> 20
+        );
+    }
     // Nothing was lost: the sidecar still serves.
     let one = CryptoClient::new(ch)
         .encrypt(EncryptRequest {
