@@ -209,6 +209,10 @@ async fn a_cold_tenant_during_a_kms_outage_costs_a_few_probes_not_an_attempt_per
         attempts <= 15.0,
         "{attempts} KMS attempts for {calls} calls: no back-off"
     );
+    assert!(
+        text.contains("fieldkey_breaker_open{dependency=\"kms\"} 1"),
+        "{text}"
+    );
     proxy.pass();
     let mut c = CryptoClient::new(ch);
     common::eventually(

@@ -1,6 +1,6 @@
 //! Keeping cached key metadata fresh: the cache's tenant and subject entries, their
 //! revalidation against the store (stale-while-revalidate: single-flight background
-//! re-reads, bounded by `revalidate_after`; a stale snapshot serves for up to
+//! re-reads from three quarters of `revalidate_after`, bounded by it; a stale snapshot serves for up to
 //! `max_stale` while the store is unreachable, and a call never waits more than
 //! [`STALE_WAIT`] on a store that does not answer), reads through a circuit breaker
 //! towards the store, and following the store's change feed so other replicas'
@@ -133,10 +133,11 @@ impl Keyring {
             .map_err(unshare)
     }
 
-    /// Every cached tenant and subject re-read from the store now, in the background
-    /// (a few at a time): after notifications were lost, a shred or suspension made
+    /// Every cached tenant and subject re-read from the store now, in the background,
+    /// one after the other: after notifications were lost, a shred or suspension made
     /// elsewhere meanwhile applies as soon as the store answers, not on each entry's
-    /// next use.
+    /// next use. Stops at the first store failure (each entry's own re-reads take over
+    /// then, through the breaker).
     pub(super) fn revalidate_all(self: &Arc<Self>) {
         let weak = Arc::downgrade(self);
         tokio::spawn(async move {
@@ -144,27 +145,23 @@ impl Keyring {
             let tenants = k.cache.tenant_entries();
             let subjects = k.cache.subject_entries();
             drop(k);
-            let sweep = tokio_stream::iter(
-                tenants
-                    .into_iter()
-                    .map(|(t, e)| (t, None, Some(e), None))
-                    .chain(
-                        subjects
-                            .into_iter()
-                            .map(|((t, s), e)| (t, Some(s), None, Some(e))),
-                    ),
-            );
-            use tokio_stream::StreamExt as _;
-            let mut sweep = std::pin::pin!(sweep);
-            while let Some((tenant, subject, tentry, sentry)) = sweep.next().await {
+            for (tenant, entry) in tenants {
                 let Some(k) = weak.upgrade() else { return };
-                let r = match (tentry, sentry, subject) {
-                    (Some(e), _, _) => k.tenant_snapshot(&e, &tenant, false).await.map(drop),
-                    (_, Some(e), Some(s)) => k.subject_snapshot(&e, &tenant, &s).await.map(drop),
-                    _ => Ok(()),
+                let key = EntryKey {
+                    tenant,
+                    subject: None,
                 };
-                if let Err(Error::Store(_)) = r {
-                    // The store is down again: the entries' own refreshes take over.
+                if let Err(Error::Store(_)) = k.fresh(&entry, &key, true).await {
+                    return;
+                }
+            }
+            for ((tenant, subject), entry) in subjects {
+                let Some(k) = weak.upgrade() else { return };
+                let key = EntryKey {
+                    tenant,
+                    subject: Some(subject),
+                };
+                if let Err(Error::Store(_)) = k.fresh(&entry, &key, true).await {
                     return;
                 }
             }
@@ -173,7 +170,7 @@ impl Keyring {
 
     /// The snapshot to use now, with stale-while-revalidate:
     ///
-    /// - younger than half of `revalidate_after`: as it is;
+    /// - younger than three quarters of `revalidate_after`: as it is;
     /// - older: still served, and re-read in the background (one read per entry at a
     ///   time), so that entries in use are refreshed before they expire;
     /// - older than `revalidate_after`, or fetched before notifications were lost, or
@@ -197,7 +194,7 @@ impl Keyring {
             .failed_refresh
             .is_some_and(|f| f.elapsed() < self.cfg.store_retry_after);
         if !hard {
-            if age >= self.cfg.revalidate_after / 2 && !failed_recently {
+            if age >= self.cfg.revalidate_after * 3 / 4 && !failed_recently {
                 // Refresh-ahead; nobody waits for it.
                 drop(self.start_refresh(entry, key));
             }

@@ -137,6 +137,11 @@ impl Keyring {
         self.cache.stats()
     }
 
+    /// Circuit breakers open now: KMS keys, and whether the key store's is (metrics).
+    pub fn open_breakers(&self) -> (usize, bool) {
+        (self.kms.open_breakers(), self.store_breaker.is_open())
+    }
+
     /// Number of cached tenants and subjects (approximate, for metrics).
     pub fn cache_sizes(&self) -> (u64, u64) {
         self.cache.sizes()

@@ -178,7 +178,8 @@ impl Keyring {
     ) -> Result<Arc<SubjectEntry>> {
         self.cache
             .subject(tenant, subject, async {
-                if let Some(r) = self.store.get_subject(tenant, subject).await? {
+                let read = self.store.get_subject(tenant, subject);
+                if let Some(r) = super::following::read_through(&self.store_breaker, read).await? {
                     return Ok(SubjectEntry::new(r));
                 }
                 if !create {

@@ -70,11 +70,6 @@ impl GuardedKms {
         }
     }
 
-    /// Keys whose breaker is open now (for metrics).
-    pub fn open_keys(&self) -> usize {
-        self.map().values().filter(|b| b.is_open()).count()
-    }
-
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Breaker>>> {
         self.breakers.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -118,6 +113,10 @@ impl Kms for GuardedKms {
 
     fn default_key_id(&self) -> &str {
         self.inner.default_key_id()
+    }
+
+    fn open_breakers(&self) -> usize {
+        self.map().values().filter(|b| b.is_open()).count()
     }
 
     async fn generate_data_key(

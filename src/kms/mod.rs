@@ -191,6 +191,12 @@ pub trait Kms: Send + Sync + 'static {
     /// Cheap reachability check of the default key (for readiness).
     async fn check(&self) -> Result<(), KmsError>;
 
+    /// KMS keys whose circuit breaker is open now ([`guarded::GuardedKms`]; a provider
+    /// without breakers: 0). For metrics.
+    fn open_breakers(&self) -> usize {
+        0
+    }
+
     /// The KMS's own name for a key id (AWS: the key ARN behind an alias, id or ARN),
     /// to tell whether two ids name the same key. Default: the id itself.
     async fn canonical_key_id(&self, key_id: &str) -> Result<String, KmsError> {

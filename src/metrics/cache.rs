@@ -65,6 +65,22 @@ impl prometheus_client::collector::Collector for CacheCollector {
             ConstGauge::new(i64::try_from(n).unwrap_or(i64::MAX))
                 .encode(e.encode_family(&labels)?)?;
         }
+        drop(e);
+        let (kms_open, store_open) = keyring.open_breakers();
+        let mut e = encoder.encode_descriptor(
+            "fieldkey_breaker_open",
+            "Circuit breakers open now: KMS keys whose calls fail at once, and the key store's (0 or 1)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (dependency, n) in [("kms", kms_open), ("key_store", usize::from(store_open))] {
+            #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+            struct Dependency {
+                dependency: &'static str,
+            }
+            ConstGauge::new(i64::try_from(n).unwrap_or(i64::MAX))
+                .encode(e.encode_family(&Dependency { dependency })?)?;
+        }
         Ok(())
     }
 }

@@ -181,7 +181,10 @@ impl Builder {
 
     /// Starts the process and waits until it prints the addresses it serves on.
     pub fn start(self) -> Sidecar {
-        let mut cmd = Command::new(BIN);
+        // FIELDKEY_TEST_BIN runs another build (an older release, to watch a test fail
+        // on the code before its fix); the one built with the tests by default.
+        let bin = std::env::var_os("FIELDKEY_TEST_BIN").unwrap_or_else(|| BIN.into());
+        let mut cmd = Command::new(bin);
         cmd.arg("serve")
             .args(&self.args)
             .env("RUST_LOG", self.log_level)
