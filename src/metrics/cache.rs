@@ -65,7 +65,6 @@ impl prometheus_client::collector::Collector for CacheCollector {
             ConstGauge::new(i64::try_from(n).unwrap_or(i64::MAX))
                 .encode(e.encode_family(&labels)?)?;
         }
-        drop(e);
         let (kms_open, store_open) = keyring.open_breakers();
         let mut e = encoder.encode_descriptor(
             "fieldkey_breaker_open",
