@@ -395,7 +395,7 @@ async fn state_changes_on_another_replica_are_enforced_within_revalidate_after()
 async fn cached_keys_keep_serving_through_a_key_store_outage() -> Result<()> {
     let db = common::PgDb::create().await?;
     let upstream = common::socket_addr_of(&db.dsn)?;
-    let proxy = common::TcpProxy::start(upstream).await?;
+    let proxy = common::proxy::TcpProxy::start(upstream).await?;
     let dsn_via_proxy = db
         .dsn
         .replace(&format!("{}", upstream.port()), &proxy.port.to_string());

@@ -469,7 +469,8 @@ async fn dead_endpoint_is_unavailable() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cached_keys_keep_serving_while_the_kms_is_down() -> Result<()> {
     let key_id = moto_key().await?;
-    let proxy = common::TcpProxy::start(common::socket_addr_of(&common::moto_url())?).await?;
+    let proxy =
+        common::proxy::TcpProxy::start(common::socket_addr_of(&common::moto_url())?).await?;
     let kms =
         Arc::new(AwsKms::new(config(&format!("http://127.0.0.1:{}", proxy.port), &key_id)).await?);
     let dir = tempfile::tempdir()?;

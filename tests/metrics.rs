@@ -49,7 +49,7 @@ fn sample(text: &str, name_and_labels: &str) -> Option<f64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_move_with_traffic_and_readiness_follows_the_key_store() -> Result<()> {
     let keys_db = common::PgDb::create().await?;
-    let proxy = common::TcpProxy::start(common::socket_addr_of(&keys_db.dsn)?).await?;
+    let proxy = common::proxy::TcpProxy::start(common::socket_addr_of(&keys_db.dsn)?).await?;
     let dsn = keys_db.dsn.replacen(
         &common::socket_addr_of(&keys_db.dsn)?.to_string(),
         &format!("127.0.0.1:{}", proxy.port),

@@ -1,6 +1,7 @@
 //! Shared test fixtures: real SQLite files, real PostgreSQL databases, the local KMS,
-//! moto_server and the sidecar itself ([`sidecar`]). Nothing here mocks a component that
-//! can run for real.
+//! moto_server, the sidecar itself ([`sidecar`]) and a TCP proxy that cuts or black-holes
+//! the path to a real server ([`proxy`]). Nothing here mocks a component that can run
+//! for real.
 #![allow(
     dead_code,
     reason = "each test crate compiles all of common and uses only some of it, so an unused item in one crate is not dead"
@@ -16,6 +17,7 @@
 pub mod grpc;
 pub mod kms_rules;
 pub mod pki;
+pub mod proxy;
 pub mod sidecar;
 
 use std::path::PathBuf;
@@ -303,56 +305,6 @@ impl fieldkey::kms::Kms for CountingKms {
         days: u32,
     ) -> Result<fieldkey::kms::KeyDeletion, fieldkey::kms::KmsError> {
         self.inner.schedule_key_deletion(key_id, days).await
-    }
-}
-
-/// A TCP proxy on 127.0.0.1 in front of a real server (PostgreSQL, moto_server) that a
-/// test can stop, to produce a real outage: refused connections, dropped sockets.
-pub struct TcpProxy {
-    pub port: u16,
-    stop: Arc<tokio::sync::Notify>,
-    task: tokio::task::JoinHandle<()>,
-    conns: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
-}
-
-impl TcpProxy {
-    pub async fn start(upstream: std::net::SocketAddr) -> Result<Self> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let port = listener.local_addr()?.port();
-        let stop = Arc::new(tokio::sync::Notify::new());
-        let conns: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> = Default::default();
-        let (stop2, conns2) = (stop.clone(), conns.clone());
-        let task = tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = stop2.notified() => break,
-                    acc = listener.accept() => {
-                        let Ok((mut inbound, _)) = acc else { continue };
-                        let h = tokio::spawn(async move {
-                            if let Ok(mut out) = tokio::net::TcpStream::connect(upstream).await {
-                                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
-                            }
-                        });
-                        conns2.lock().unwrap().push(h.abort_handle());
-                    }
-                }
-            }
-        });
-        Ok(Self {
-            port,
-            stop,
-            task,
-            conns,
-        })
-    }
-
-    /// Stops listening and cuts every open connection.
-    pub async fn stop(self) {
-        self.stop.notify_one();
-        let _ = self.task.await;
-        for c in self.conns.lock().unwrap().drain(..) {
-            c.abort();
-        }
     }
 }
 
