@@ -402,13 +402,28 @@ impl Default for Config {
 }
 
 /// Which key store.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     /// PostgreSQL DSN; when set, PostgreSQL is used instead of SQLite.
     pub postgres_url: Option<String>,
     /// SQLite file; default `<data_dir>/keys.db`.
     pub sqlite_path: Option<PathBuf>,
+    /// PostgreSQL: the change feed's (`LISTEN`) connection is pinged this often, ms.
+    pub change_feed_ping_ms: u64,
+    /// PostgreSQL: a ping unanswered after this long counts as a lost connection, ms.
+    pub change_feed_timeout_ms: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            postgres_url: None,
+            sqlite_path: None,
+            change_feed_ping_ms: 250,
+            change_feed_timeout_ms: 500,
+        }
+    }
 }
 
 /// Which KMS.
@@ -543,6 +558,11 @@ impl Config {
         if e.poll_ms < 10 || e.retry_after_secs == 0 || e.reconcile_secs == 0 {
             return Err(ConfigError::Invalid(
                 "erasure.poll_ms must be >= 10; retry_after_secs and reconcile_secs > 0".into(),
+            ));
+        }
+        if self.store.change_feed_ping_ms < 10 || self.store.change_feed_timeout_ms < 10 {
+            return Err(ConfigError::Invalid(
+                "store.change_feed_ping_ms and change_feed_timeout_ms must be >= 10".into(),
             ));
         }
         if self.metrics.refresh_secs == 0 {
@@ -747,6 +767,8 @@ mod tests {
     fn unknown_keys_and_bad_limits_are_refused() {
         assert!(toml::from_str::<Config>("nonsense = 1").is_err());
         let c: Config = toml::from_str("[limits]\nmax_batch_items = 0").unwrap();
+        assert!(c.validate().is_err());
+        let c: Config = toml::from_str("[store]\nchange_feed_ping_ms = 0").unwrap();
         assert!(c.validate().is_err());
     }
 }

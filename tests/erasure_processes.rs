@@ -1,7 +1,8 @@
 //! Erasure across real processes: `fieldkey serve` killed half-way through an erasure
 //! (fault injection aborts it right after each step) and finishing after a restart;
 //! two sidecars sharing one PostgreSQL store, measuring how fast a shred or suspension
-//! made on one is enforced by the other; a key-store backup restored after a shred;
+//! made on one is enforced by the other, also when the other's change-feed connection
+//! died silently; a key-store backup restored after a shred;
 //! and `fieldkey erasure verify` on a genuine and an edited receipt.
 #![expect(clippy::unwrap_used, reason = "test code fails by panicking")]
 
@@ -398,6 +399,33 @@ async fn an_edited_receipt_fails_verification() -> Result<()> {
     Ok(())
 }
 
+/// How long after `from` a decrypt of `ct` (tenant acme) through `chb` first answers
+/// `want` (a reason code, or success for `None`); fails the test after 10 s.
+async fn until(
+    chb: &Channel,
+    subject: &str,
+    ct: &[u8],
+    want: Option<&str>,
+    from: Instant,
+) -> Duration {
+    loop {
+        let r = decrypt(chb, "acme", subject, ct).await;
+        let reached = match (&r, want) {
+            (Ok(_), None) => true,
+            (Err(e), Some(w)) => reason(e) == w,
+            _ => false,
+        };
+        if reached {
+            return from.elapsed();
+        }
+        assert!(
+            from.elapsed() < Duration::from_secs(10),
+            "never reached {want:?}: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
 /// Two sidecars on one PostgreSQL store: a shred, a suspension and a resumption made
 /// through one are enforced by the other within 1 s. Both revalidate cached state only
 /// every 60 s here, so only the LISTEN/NOTIFY path can explain a fast effect.
@@ -423,31 +451,6 @@ async fn shred_and_suspend_reach_the_other_sidecar_within_a_second() -> Result<(
     // B has everything cached.
     for (s, ct) in [("u1", &ct1), ("u2", &ct2), ("", &ctt)] {
         decrypt(&chb, "acme", s, ct).await.unwrap();
-    }
-
-    async fn until(
-        chb: &Channel,
-        subject: &str,
-        ct: &[u8],
-        want: Option<&str>,
-        from: Instant,
-    ) -> Duration {
-        loop {
-            let r = decrypt(chb, "acme", subject, ct).await;
-            let reached = match (&r, want) {
-                (Ok(_), None) => true,
-                (Err(e), Some(w)) => reason(e) == w,
-                _ => false,
-            };
-            if reached {
-                return from.elapsed();
-            }
-            assert!(
-                from.elapsed() < Duration::from_secs(10),
-                "never reached {want:?}: {r:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
     }
 
     let mut ea = ErasuresClient::new(cha.clone());
@@ -496,6 +499,112 @@ async fn shred_and_suspend_reach_the_other_sidecar_within_a_second() -> Result<(
     }
     a.stop();
     b.stop();
+    db.drop_db().await?;
+    ledger_db.drop_db().await?;
+    Ok(())
+}
+
+/// The value of the sample `name` (a family without labels) in `s`'s metrics.
+fn metric(s: &Sidecar, name: &str) -> Option<f64> {
+    let (_, text) = s.get("/metrics");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// A sidecar whose change-feed connection died silently (its path to PostgreSQL
+/// black-holes that connection: no reset, no error, as when a firewall forgets it)
+/// notices by pinging the connection, counts it lost and re-reads what it cached, so a
+/// shred made through the other sidecar is enforced within seconds, not at the 60 s
+/// revalidation configured here. When the path comes back, the feed reconnects and a
+/// later shred arrives by notification again (within 1 s, as in
+/// `shred_and_suspend_reach_the_other_sidecar_within_a_second`). While the store is
+/// unreachable, attempts to reconnect back off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silently_dead_listen_connection_is_noticed_and_replaced() -> Result<()> {
+    let db = common::PgDb::create().await?;
+    let ledger_db = common::PgDb::create().await?;
+    // B reaches the key store through the proxy, A directly.
+    let proxy = common::proxy::TcpProxy::start(common::socket_addr_of(&db.dsn)?).await?;
+    let dir = tempfile::tempdir()?;
+    init_kms(dir.path());
+    let config = |name: &str, dsn: &str, more: &str| {
+        let extra = format!(
+            "[store]\npostgres_url = {dsn:?}\n[cache]\nrevalidate_ms = 60000\n{FAST_WORKER}ledger = {:?}\n{more}",
+            ledger_db.dsn
+        );
+        write_config(dir.path(), name, &extra)
+    };
+    let a = start(&config("a", &db.dsn, ""), &dir.path().join("a.log"), None);
+    let b = Sidecar::builder()
+        .config(&config(
+            "b",
+            &proxy.via(&db.dsn),
+            "[metrics]\nlisten = \"127.0.0.1:0\"\n",
+        ))
+        .env("FIELDKEY_LOCAL_KMS_PASSPHRASE", PASSPHRASE)
+        .log_file(&dir.path().join("b.log"))
+        .with_metrics()
+        .start();
+    let (cha, chb) = (a.channel().await, b.channel().await);
+    create_tenant(&cha, "acme").await?;
+    let ct1 = encrypt(&cha, "acme", "u1", "one").await;
+    let ct2 = encrypt(&cha, "acme", "u2", "two").await;
+    // B has both subjects cached.
+    decrypt(&chb, "acme", "u1", &ct1).await.unwrap();
+    decrypt(&chb, "acme", "u2", &ct2).await.unwrap();
+
+    // B's LISTEN connection goes silent; its other connections to the store work.
+    proxy.black_hole_matching(b"LISTEN");
+    shred_now(&cha, "acme", Some("u1")).await?;
+    let noticed = until(&chb, "u1", &ct1, Some("KEY_DESTROYED"), Instant::now()).await;
+    let lost = metric(&b, "fieldkey_change_feed_lost_total").unwrap();
+    assert!(lost >= 1.0, "{lost}");
+    // Still black-holed: every new connection goes silent at its LISTEN.
+    assert_eq!(metric(&b, "fieldkey_change_feed_up"), Some(0.0));
+
+    // The path comes back: the feed reconnects by itself.
+    proxy.pass();
+    let from = Instant::now();
+    common::eventually(
+        "B's change feed reconnects",
+        Duration::from_secs(20),
+        || async { (metric(&b, "fieldkey_change_feed_up") == Some(1.0)).then_some(()) },
+    )
+    .await;
+    let reconnected = from.elapsed();
+    // u2 read again after the reconnection; then shredded through A: with revalidation
+    // at 60 s, only a notification can tell B now.
+    decrypt(&chb, "acme", "u2", &ct2).await.unwrap();
+    shred_now(&cha, "acme", Some("u2")).await?;
+    let notified = until(&chb, "u2", &ct2, Some("KEY_DESTROYED"), Instant::now()).await;
+    eprintln!(
+        "dead LISTEN connection: shred enforced by B after {} ms (lost {lost}); feed back {} ms after the path; next shred by notification in {} ms",
+        noticed.as_secs_f64() * 1e3,
+        reconnected.as_secs_f64() * 1e3,
+        notified.as_secs_f64() * 1e3,
+    );
+    assert!(
+        notified < Duration::from_secs(1),
+        "after reconnecting, a shred took {notified:?} to reach B"
+    );
+    assert!(metric(&b, "fieldkey_change_feed_reconnects_total").unwrap() >= 1.0);
+
+    // The store unreachable for B (every connection reset at once): B tries again with
+    // back-off, it does not spin.
+    let attempts = |b: &Sidecar| b.log().matches("cannot reconnect").count();
+    let before = attempts(&b);
+    proxy.cut();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let failed = attempts(&b) - before;
+    proxy.pass();
+    eprintln!("store cut for 4 s: {failed} failed attempts to reconnect the change feed");
+    assert!(
+        (1..=12).contains(&failed),
+        "{failed} attempts to reconnect in 4 s"
+    );
+    a.stop();
+    b.stop();
+    proxy.stop().await;
     db.drop_db().await?;
     ledger_db.drop_db().await?;
     Ok(())

@@ -19,7 +19,7 @@ use crate::kms::local::{KdfParams, LocalKms};
 use crate::policy::RotationPolicy;
 use crate::policy::authz::Authorizer;
 use crate::service::gate::{Gate, IdentityConfig};
-use crate::store::{ErasureLedger, KeyStore, SqlStore};
+use crate::store::{ErasureLedger, FeedHealth, KeyStore, SqlStore};
 use crate::wiring::Parts;
 
 fn config_from(serve: &ServeArgs) -> anyhow::Result<Config> {
@@ -119,7 +119,12 @@ fn local_passphrase(data_dir: &Path) -> anyhow::Result<SecretString> {
 /// The configured key store (no KMS needed: offline audit verification uses it too).
 pub(super) async fn open_store(cfg: &Config) -> anyhow::Result<Arc<dyn KeyStore>> {
     Ok(match &cfg.store.postgres_url {
-        Some(dsn) => Arc::new(SqlStore::connect_postgres(dsn).await?),
+        Some(dsn) => Arc::new(SqlStore::connect_postgres(dsn).await?.with_feed_health(
+            FeedHealth {
+                ping_every: Duration::from_millis(cfg.store.change_feed_ping_ms),
+                ping_timeout: Duration::from_millis(cfg.store.change_feed_timeout_ms),
+            },
+        )),
         None => Arc::new(SqlStore::open_sqlite(&cfg.sqlite_path()).await?),
     })
 }
@@ -301,6 +306,7 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let keyring = parts.keyring.clone();
     let jobs = parts.jobs();
     metrics.attach(&keyring);
+    metrics.attach_store(&parts.store);
     for (field, f) in &cfg.blind_index.fields {
         tracing::info!(
             field = %field,

@@ -13,11 +13,13 @@
 //!
 //! The rooms: `histogram` (the lock-free latency histogram), `grpc` (the tower layer
 //! over the gRPC routes), `kms` (the KMS decorator), `cache` (the key-cache collector),
+//! `feed` (the key store's change-feed collector),
 //! `refresh` (gauges refreshed from the key store) and `endpoints` (the HTTP server and
 //! readiness). This file holds the registry and every family.
 
 mod cache;
 mod endpoints;
+mod feed;
 mod grpc;
 mod histogram;
 mod kms;
@@ -38,6 +40,7 @@ pub use refresh::spawn_refresh;
 
 use cache::{CacheCollector, CacheSource};
 use endpoints::Dependency;
+use feed::{FeedCollector, FeedSource};
 use grpc::{Rpc, RpcCode, RpcSlot, all_slots};
 use histogram::{LatencyFamily, latency_family};
 use kms::{KmsOp, KmsOpOutcome};
@@ -48,6 +51,7 @@ use refresh::{JobLabel, JobStateLabel, LastRefresh, StatusLabel, TenantLabel};
 pub struct Metrics {
     registry: Registry,
     cache_source: CacheSource,
+    feed_source: FeedSource,
     requests: Family<RpcCode, Counter>,
     latency: LatencyFamily<Rpc>,
     kms_calls: Family<KmsOpOutcome, Counter>,
@@ -89,8 +93,9 @@ impl Metrics {
     pub fn new() -> Arc<Self> {
         let mut r = Registry::default();
         let cache_source = CacheSource::default();
+        let feed_source = FeedSource::default();
         // Fields are evaluated in the order written: the exposition lists the families
-        // in this order, the cache collector's last.
+        // in this order, then the change feed's and the cache's.
         Arc::new(Self {
             requests: registered(
                 &mut r,
@@ -209,10 +214,12 @@ impl Metrics {
             budget: std::sync::OnceLock::new(),
             budget_refused_seen: std::sync::atomic::AtomicU64::new(0),
             registry: {
+                r.register_collector(Box::new(FeedCollector(feed_source.clone())));
                 r.register_collector(Box::new(CacheCollector(cache_source.clone())));
                 r
             },
             cache_source,
+            feed_source,
             slots: all_slots(),
             last_refresh: Mutex::new(LastRefresh::default()),
         })

@@ -42,6 +42,7 @@ pub use jobs::JobStore;
 pub use keys::TenantKeyStore;
 pub use ledger::{ErasureLedger, LedgerEntry};
 pub use moves::{EpochMoveStore, VersionToRoll};
+pub use postgres::FeedHealth;
 pub use signing::SigningKeyStore;
 pub use sql::SqlStore;
 pub(crate) use sql::is_unavailable;
@@ -62,9 +63,24 @@ pub enum Change {
         /// Subject, if only a subject's key changed.
         subject: Option<String>,
     },
-    /// The notification connection was lost (and is being re-established):
-    /// notifications may have been missed; revalidation bounds the delay.
+    /// Notifications may have been missed: the notification connection was lost
+    /// (closed, failed, or a ping went unanswered), an attempt to replace it failed, or
+    /// it has just been replaced. Sent at each of these, so that what was read from the
+    /// store before is not trusted to be current.
     Lost,
+}
+
+/// What the change feed's connection went through since the process started (for the
+/// metrics): whether it is connected now, how often it was lost (closed, failed, or a
+/// ping unanswered) and how often a new one was opened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChangeFeedState {
+    /// Connected and listening (and answering pings).
+    pub up: bool,
+    /// Connections lost.
+    pub lost: u64,
+    /// Connections re-established after a loss.
+    pub reconnects: u64,
 }
 
 /// Why a key-store operation failed.
@@ -156,6 +172,11 @@ pub trait KeyStore:
     /// A stream of changes announced by other processes, or `None` if this backend
     /// has none (SQLite: revalidation alone bounds propagation).
     async fn changes(&self) -> Result<Option<tokio::sync::mpsc::Receiver<Change>>, StoreError>;
+
+    /// The state of the change feed, or `None` if this backend has none.
+    fn change_feed_state(&self) -> Option<ChangeFeedState> {
+        None
+    }
 }
 
 impl StoreError {

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use sqlx::any::AnyRow;
 use sqlx::{AnyPool, Row};
 
-use super::{Change, KeyStore, StoreError};
+use super::{Change, ChangeFeedState, KeyStore, StoreError};
 use crate::crypto::Fingerprint;
 use crate::model::KeyState;
 
@@ -19,8 +19,8 @@ use crate::model::KeyState;
 pub struct SqlStore {
     pub(super) pool: AnyPool,
     pub(super) backend: &'static str,
-    /// PostgreSQL DSN for the `LISTEN` connection (`None` for SQLite).
-    pub(super) listen_dsn: Option<std::sync::Arc<secrecy::SecretString>>,
+    /// The change feed, PostgreSQL's `LISTEN` connection (`None` for SQLite).
+    pub(super) feed: Option<std::sync::Arc<super::postgres::Feed>>,
 }
 
 /// A statement with its arguments bound, ready to run.
@@ -232,7 +232,7 @@ impl KeyStore for SqlStore {
     }
 
     async fn announce(&self, tenant_id: &str, subject_id: Option<&str>) -> Result<(), StoreError> {
-        if self.listen_dsn.is_none() {
+        if self.feed.is_none() {
             return Ok(());
         }
         let payload = format!("{tenant_id}\t{}", subject_id.unwrap_or(""));
@@ -246,9 +246,13 @@ impl KeyStore for SqlStore {
     }
 
     async fn changes(&self) -> Result<Option<tokio::sync::mpsc::Receiver<Change>>, StoreError> {
-        match &self.listen_dsn {
+        match &self.feed {
             None => Ok(None),
-            Some(dsn) => super::postgres::listen(dsn).await.map(Some),
+            Some(feed) => super::postgres::listen(feed.clone()).await.map(Some),
         }
+    }
+
+    fn change_feed_state(&self) -> Option<ChangeFeedState> {
+        self.feed.as_ref().map(|f| f.state())
     }
 }

@@ -67,7 +67,7 @@ impl SqlStore {
         Ok(Self {
             pool,
             backend: "sqlite",
-            listen_dsn: None,
+            feed: None,
         })
     }
 }
