@@ -1,5 +1,5 @@
-"""Retries on UNAVAILABLE (and nothing else), mTLS with certificates made here, and the
-asyncio client."""
+"""Retries on UNAVAILABLE and a full memory budget (and nothing else), mTLS with
+certificates made here, and the asyncio client."""
 
 from __future__ import annotations
 
@@ -68,6 +68,61 @@ def test_a_restarted_sidecar_is_reached_by_retrying(workdir: Path) -> None:
             assert c.decrypt_text(t, "email", ct, context=1) == "survives a restart"
             restarter.join()
             assert counter.calls["Decrypt"] >= 2  # it failed with UNAVAILABLE first
+    finally:
+        s.stop()
+
+
+def test_a_full_memory_budget_is_retried_and_nothing_else_is(workdir: Path) -> None:
+    # A budget that holds one 600 kB message at a time: of four callers at once, the
+    # others are refused with MEMORY_BUDGET (nothing buffered) and get in on a retry.
+    s = Sidecar(
+        workdir / "budget",
+        "",
+        extra_config="[limits]\nmax_message_bytes = 1048576\nmemory_budget_bytes = 1048581\n",
+    )
+    s.start()
+    try:
+        value = "x" * 600_000
+        counter = CallCounter()
+        patient = fieldkey.RetryPolicy(max_attempts=50, initial_backoff=0.01, max_backoff=0.05)
+        with fieldkey.Client(s.tcp, interceptors=[counter], retry=patient, timeout=30) as c:
+            t = new_tenant(c)
+            out: list[bytes] = []
+            start = threading.Barrier(4)
+
+            def retried() -> None:
+                start.wait()
+                out.append(c.encrypt_text(t, "essay", value, context=1))
+
+            workers = [threading.Thread(target=retried) for _ in range(4)]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+            assert len(out) == 4
+            assert counter.calls["Encrypt"] > 4  # some were refused first, then retried
+            assert all(c.decrypt_text(t, "essay", ct, context=1) == value for ct in out)
+        # Without retries the refusal is raised as what it is.
+        with fieldkey.Client(s.tcp, retry=fieldkey.NO_RETRY, timeout=30) as c:
+            t = new_tenant(c)
+            errors: list[BaseException] = []
+            together = threading.Barrier(8)
+
+            def once() -> None:
+                together.wait()
+                try:
+                    c.encrypt_text(t, "essay", value, context=1)
+                except fieldkey.FieldkeyError as e:
+                    errors.append(e)
+
+            workers = [threading.Thread(target=once) for _ in range(8)]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+            assert errors, "eight 600 kB calls at once fit a 1 MiB budget"
+            assert all(isinstance(e, fieldkey.MemoryBudgetExceeded) for e in errors), errors
+            assert all(e.reason == "MEMORY_BUDGET" for e in errors)  # type: ignore[attr-defined]
     finally:
         s.stop()
 

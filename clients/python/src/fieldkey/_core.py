@@ -175,9 +175,10 @@ def unwrap_all(results: Sequence[Result[T]]) -> list[T]:
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    """Retries of calls that failed with UNAVAILABLE (and only those): the sidecar is
-    restarting or unreachable, or its KMS / key store is (KMS_UNAVAILABLE,
-    STORE_UNAVAILABLE). Every fieldkey RPC is safe to repeat (an Encrypt repeated makes
+    """Retries of calls that failed with UNAVAILABLE: the sidecar is restarting or
+    unreachable, or its KMS / key store is (KMS_UNAVAILABLE, STORE_UNAVAILABLE); and
+    of RESOURCE_EXHAUSTED/MEMORY_BUDGET (the sidecar's memory budget was full and
+    nothing of the call was kept). Nothing else. Every fieldkey RPC is safe to repeat (an Encrypt repeated makes
     another valid ciphertext; erasure and tenant calls are idempotent).
 
     Attempt ``n`` (from 1) that fails waits ``uniform(d/2, d)`` with

@@ -24,7 +24,7 @@ from ._core import (
     Rewrapped,
     TlsConfig,
 )
-from .errors import DeadlineExceeded, FieldkeyError, Unavailable, error_from_rpc
+from .errors import RETRYABLE, DeadlineExceeded, FieldkeyError, error_from_rpc
 from .v1 import fieldkey_pb2 as pb
 from .v1 import fieldkey_pb2_grpc as pbg
 
@@ -157,7 +157,7 @@ class AsyncClient:
             except grpc.aio.AioRpcError as e:
                 err = error_from_rpc(e)
                 err.attempts = attempt  # type: ignore[attr-defined]
-                if not isinstance(err, Unavailable) or attempt >= self.retry.max_attempts:
+                if not isinstance(err, RETRYABLE) or attempt >= self.retry.max_attempts:
                     raise err from e
                 delay = self.retry.backoff(attempt)
                 if deadline is not None and time.monotonic() + delay >= deadline:

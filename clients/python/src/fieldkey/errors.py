@@ -353,6 +353,10 @@ _CODE_BY_NUMBER: Final[dict[int, grpc.StatusCode]] = {c.value[0]: c for c in grp
 
 REASON_TRAILER: Final = "fieldkey-error"
 
+#: What a client's RetryPolicy retries: the sidecar (or its KMS / key store) is
+#: unreachable, or its memory budget is full (nothing of the call was kept): both pass.
+RETRYABLE: Final = (Unavailable, MemoryBudgetExceeded)
+
 
 def make_error(code: grpc.StatusCode | None, reason: str, message: str) -> FieldkeyError:
     """The exception for a status: by reason first, then by code."""
