@@ -38,9 +38,18 @@ impl Default for BreakerConfig {
 
 #[derive(Debug, Clone, Copy)]
 enum State {
-    Closed { failures: u32 },
-    Open { until: Instant, backoff: Duration },
-    Probing { backoff: Duration },
+    Closed {
+        failures: u32,
+    },
+    Open {
+        until: Instant,
+        backoff: Duration,
+    },
+    /// `probe` names the ticket probing, so that an older, abandoned one cannot end it.
+    Probing {
+        backoff: Duration,
+        probe: u64,
+    },
 }
 
 /// One breaker.
@@ -48,6 +57,8 @@ enum State {
 pub struct Breaker {
     cfg: BreakerConfig,
     state: Mutex<State>,
+    /// Probes handed out so far (each probe's number).
+    probes: std::sync::atomic::AtomicU64,
 }
 
 /// The breaker is open: fail at once; the next probe is allowed after `retry_after`.
@@ -63,7 +74,8 @@ pub struct Open {
 #[derive(Debug)]
 pub struct Ticket<'a> {
     breaker: &'a Breaker,
-    probe: bool,
+    /// The probe's number, if this call is the probe.
+    probe: Option<u64>,
     reported: bool,
 }
 
@@ -73,6 +85,7 @@ impl Breaker {
         Self {
             cfg,
             state: Mutex::new(State::Closed { failures: 0 }),
+            probes: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -92,7 +105,7 @@ impl Breaker {
     pub fn admit(&self) -> Result<Ticket<'_>, Open> {
         let mut s = self.state();
         match *s {
-            State::Closed { .. } => Ok(self.ticket(false)),
+            State::Closed { .. } => Ok(self.ticket(None)),
             State::Open { until, backoff } => {
                 let now = Instant::now();
                 if now < until {
@@ -100,8 +113,11 @@ impl Breaker {
                         retry_after: until - now,
                     });
                 }
-                *s = State::Probing { backoff };
-                Ok(self.ticket(true))
+                let probe = self
+                    .probes
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                *s = State::Probing { backoff, probe };
+                Ok(self.ticket(Some(probe)))
             }
             State::Probing { .. } => Err(Open {
                 retry_after: Duration::ZERO,
@@ -109,7 +125,7 @@ impl Breaker {
         }
     }
 
-    fn ticket(&self, probe: bool) -> Ticket<'_> {
+    fn ticket(&self, probe: Option<u64>) -> Ticket<'_> {
         Ticket {
             breaker: self,
             probe,
@@ -152,7 +168,9 @@ impl Ticket<'_> {
                     *s = State::Closed { failures };
                 }
             }
-            State::Probing { backoff } if self.probe => b.open(&mut s, backoff.saturating_mul(2)),
+            State::Probing { backoff, probe } if self.probe == Some(probe) => {
+                b.open(&mut s, backoff.saturating_mul(2));
+            }
             // A call admitted before the breaker opened: the breaker already knows.
             State::Open { .. } | State::Probing { .. } => {}
         }
@@ -161,9 +179,11 @@ impl Ticket<'_> {
 
 impl Drop for Ticket<'_> {
     fn drop(&mut self) {
-        if self.probe && !self.reported {
+        if let (Some(mine), false) = (self.probe, self.reported) {
             let mut s = self.breaker.state();
-            if let State::Probing { backoff } = *s {
+            if let State::Probing { backoff, probe } = *s
+                && probe == mine
+            {
                 *s = State::Open {
                     until: Instant::now(),
                     backoff,

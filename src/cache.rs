@@ -284,20 +284,36 @@ impl KeyCache {
         }
     }
 
-    /// Every cached tenant entry now (for revalidating them all at once).
-    pub fn tenant_entries(&self) -> Vec<(String, Arc<TenantEntry>)> {
+    /// The ids of every cached tenant now (for revalidating them all at once).
+    pub fn tenant_keys(&self) -> Vec<String> {
         self.tenants
             .iter()
-            .map(|(k, v)| (k.as_ref().clone(), v))
+            .map(|(k, _)| k.as_ref().clone())
             .collect()
     }
 
-    /// Every cached subject entry now, by (tenant, subject).
-    pub fn subject_entries(&self) -> Vec<((String, String), Arc<SubjectEntry>)> {
+    /// The (tenant, subject) ids of every cached subject now.
+    pub fn subject_keys(&self) -> Vec<(String, String)> {
         self.subjects
             .iter()
-            .map(|(k, v)| (k.as_ref().clone(), v))
+            .map(|(k, _)| k.as_ref().clone())
             .collect()
+    }
+
+    /// The tenant's entry if it is cached (never loads).
+    pub async fn tenant_if_cached(&self, tenant: &str) -> Option<Arc<TenantEntry>> {
+        self.tenants.get(tenant).await
+    }
+
+    /// The subject's entry if it is cached (never loads).
+    pub async fn subject_if_cached(
+        &self,
+        tenant: &str,
+        subject: &str,
+    ) -> Option<Arc<SubjectEntry>> {
+        self.subjects
+            .get(&(tenant.to_owned(), subject.to_owned()))
+            .await
     }
 
     /// Counters.

@@ -147,6 +147,11 @@ async fn client_faults_are_invalid_argument_with_a_reason_and_never_count_as_ser
             answer(Code::InvalidArgument, "TRUNCATED_MESSAGE"),
         ),
         (
+            "no message at all",
+            vec![],
+            answer(Code::InvalidArgument, "MISSING_MESSAGE"),
+        ),
+        (
             "a declared length over the limit (nothing more sent)",
             frame(0, 17 << 20, &[0x0a]),
             answer(Code::InvalidArgument, "MESSAGE_TOO_LARGE"),

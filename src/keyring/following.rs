@@ -133,37 +133,27 @@ impl Keyring {
             .map_err(unshare)
     }
 
-    /// Every cached tenant and subject re-read from the store now, in the background,
-    /// one after the other: after notifications were lost, a shred or suspension made
-    /// elsewhere meanwhile applies as soon as the store answers, not on each entry's
-    /// next use. Stops at the first store failure (each entry's own re-reads take over
-    /// then, through the breaker).
+    /// Every cached tenant and subject read before the loss re-read from the store now,
+    /// in the background, one after the other: after notifications were lost, a shred or
+    /// suspension made elsewhere meanwhile applies as soon as the store answers, not on
+    /// each entry's next use. One sweep at a time (a loss during a sweep is covered by
+    /// it: entries are looked up as it reaches them and skipped if read since the loss);
+    /// it stops at the first store failure (each entry's own re-reads take over then,
+    /// through the breaker).
     pub(super) fn revalidate_all(self: &Arc<Self>) {
+        use std::sync::atomic::Ordering;
+        if self.sweeping.swap(true, Ordering::AcqRel) {
+            return;
+        }
         let weak = Arc::downgrade(self);
         tokio::spawn(async move {
             let Some(k) = weak.upgrade() else { return };
-            let tenants = k.cache.tenant_entries();
-            let subjects = k.cache.subject_entries();
+            let tenants = k.cache.tenant_keys();
+            let subjects = k.cache.subject_keys();
             drop(k);
-            for (tenant, entry) in tenants {
-                let Some(k) = weak.upgrade() else { return };
-                let key = EntryKey {
-                    tenant,
-                    subject: None,
-                };
-                if let Err(Error::Store(_)) = k.fresh(&entry, &key, true).await {
-                    return;
-                }
-            }
-            for ((tenant, subject), entry) in subjects {
-                let Some(k) = weak.upgrade() else { return };
-                let key = EntryKey {
-                    tenant,
-                    subject: Some(subject),
-                };
-                if let Err(Error::Store(_)) = k.fresh(&entry, &key, true).await {
-                    return;
-                }
+            let _ = sweep(&weak, tenants, subjects).await;
+            if let Some(k) = weak.upgrade() {
+                k.sweeping.store(false, Ordering::Release);
             }
         });
     }
@@ -213,9 +203,9 @@ impl Keyring {
             drop(entry.refresh_lock().lock().await);
             let now = entry.meta().load_full();
             return match now.failed_refresh {
-                Some(f) if f >= started => Err(Error::Store(StoreError::circuit_open(
-                    self.cfg.store_retry_after,
-                ))),
+                Some(f) if f >= started => {
+                    Err(Error::Store(StoreError::no_answer(STORE_READ_TIMEOUT)))
+                }
                 _ => Ok(Fresh::Found(now)),
             };
         };
@@ -270,12 +260,13 @@ impl Keyring {
                     E::forget(&cache, &key).await;
                     Refreshed::Gone
                 }
-                Err(e) => {
+                // Unavailable: the snapshot may serve stale (within max_stale) and the store
+                // is left alone until store_retry_after. Any other failure (a query
+                // error, corrupt data) is no reason to serve stale: the next use re-reads.
+                Err(e @ StoreError::Unavailable(_)) => {
                     let old = entry.meta().load_full();
-                    if matches!(e, StoreError::Unavailable(_)) {
-                        tracing::warn!(error = %e, age_ms = old.fetched.elapsed().as_millis() as u64,
-                            "key store unavailable; serving cached key metadata");
-                    }
+                    tracing::warn!(error = %e, age_ms = old.fetched.elapsed().as_millis() as u64,
+                        "key store unavailable; serving cached key metadata");
                     entry.meta().store(Arc::new(Snapshot {
                         record: old.record.clone(),
                         fetched: old.fetched,
@@ -283,6 +274,7 @@ impl Keyring {
                     }));
                     Refreshed::Failed(e)
                 }
+                Err(e) => Refreshed::Failed(e),
             };
             let _ = tx.send(outcome);
         });
@@ -338,6 +330,48 @@ impl Keyring {
     }
 }
 
+/// The sweep of [`Keyring::revalidate_all`]: each entry still cached and read before
+/// the loss, re-read and waited for. `Err` at the first store failure.
+async fn sweep(
+    weak: &std::sync::Weak<Keyring>,
+    tenants: Vec<String>,
+    subjects: Vec<(String, String)>,
+) -> Result<()> {
+    for tenant in tenants {
+        let Some(k) = weak.upgrade() else {
+            return Ok(());
+        };
+        if let Some(entry) = k.cache.tenant_if_cached(&tenant).await
+            && k.missed_changes_since(entry.meta.load().fetched)
+        {
+            let key = EntryKey {
+                tenant,
+                subject: None,
+            };
+            if let Err(e @ Error::Store(_)) = k.fresh(&entry, &key, true).await {
+                return Err(e);
+            }
+        }
+    }
+    for (tenant, subject) in subjects {
+        let Some(k) = weak.upgrade() else {
+            return Ok(());
+        };
+        if let Some(entry) = k.cache.subject_if_cached(&tenant, &subject).await
+            && k.missed_changes_since(entry.meta.load().fetched)
+        {
+            let key = EntryKey {
+                tenant,
+                subject: Some(subject),
+            };
+            if let Err(e @ Error::Store(_)) = k.fresh(&entry, &key, true).await {
+                return Err(e);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// How long a call waits for a re-read of a snapshot it could serve stale (the
 /// store's normal answer takes about a millisecond).
 pub const STALE_WAIT: Duration = Duration::from_millis(5);
@@ -359,8 +393,14 @@ enum Refreshed<T> {
 type StoreRead<T> =
     Pin<Box<dyn Future<Output = std::result::Result<Option<T>, StoreError>> + Send>>;
 
-/// A store read through the keyring's breaker towards the store: refused at once
-/// while it is open; unavailability counts against it, any answer closes it.
+/// How long a keyring read of key metadata may take: past it the read counts as
+/// unavailable (a pooled connection that died silently would otherwise hold it until
+/// TCP gives up).
+pub const STORE_READ_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A store read through the keyring's breaker towards the store, within
+/// [`STORE_READ_TIMEOUT`]: refused at once while the breaker is open; unavailability
+/// (and no answer in time) counts against it, any answer closes it.
 pub(super) async fn read_through<T>(
     breaker: &Breaker,
     read: impl Future<Output = std::result::Result<T, StoreError>>,
@@ -368,7 +408,9 @@ pub(super) async fn read_through<T>(
     let ticket = breaker
         .admit()
         .map_err(|o| StoreError::circuit_open(o.retry_after))?;
-    let out = read.await;
+    let out = tokio::time::timeout(STORE_READ_TIMEOUT, read)
+        .await
+        .unwrap_or_else(|_| Err(StoreError::no_answer(STORE_READ_TIMEOUT)));
     match &out {
         Err(StoreError::Unavailable(_)) => ticket.failed(),
         _ => ticket.succeeded(),

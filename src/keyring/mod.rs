@@ -83,6 +83,8 @@ pub struct Keyring {
     epoch: arc_swap::ArcSwap<epochs::EpochView>,
     /// Circuit breaker of the keyring's reads of key metadata (`following.rs`).
     store_breaker: Arc<crate::breaker::Breaker>,
+    /// A sweep of every cached entry after a lost change feed is under way.
+    sweeping: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Keyring {
@@ -115,6 +117,7 @@ impl Keyring {
             store_breaker: Arc::new(crate::breaker::Breaker::new(
                 crate::breaker::BreakerConfig::default(),
             )),
+            sweeping: std::sync::atomic::AtomicBool::new(false),
         }
     }
 

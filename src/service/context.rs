@@ -148,7 +148,8 @@ pub async fn routes(ctx: Context) -> Result<tonic::service::Routes, Error> {
         screen.clone(),
     );
     let jobs = InterceptedService::new(
-        pb::jobs_server::JobsServer::new(JobsService::new(jobs, gate.clone())),
+        pb::jobs_server::JobsServer::new(JobsService::new(jobs, gate.clone()))
+            .max_decoding_message_size(limits.max_message_bytes),
         screen.clone(),
     );
     let audit_svc = InterceptedService::new(
@@ -157,11 +158,13 @@ pub async fn routes(ctx: Context) -> Result<tonic::service::Routes, Error> {
             audit,
             gate.clone(),
             report,
-        )),
+        ))
+        .max_decoding_message_size(limits.max_message_bytes),
         screen.clone(),
     );
     let erasures = InterceptedService::new(
-        pb::erasures_server::ErasuresServer::new(ErasuresService::new(erasures, gate)),
+        pb::erasures_server::ErasuresServer::new(ErasuresService::new(erasures, gate))
+            .max_decoding_message_size(limits.max_message_bytes),
         screen,
     );
     let routes = tonic::service::Routes::new(crypto)

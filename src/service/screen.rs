@@ -1,30 +1,35 @@
 //! The request screen: every request body passes through it before tonic buffers and
 //! decodes it (issue 20, findings 1 and 2). Per gRPC message it reads the 5-byte frame
-//! header (compressed flag, big-endian length) and, before one byte of the message is
-//! passed on:
+//! header (compressed flag, big-endian length) and:
 //!
 //! - refuses a compressed message (the server accepts no compression):
 //!   INVALID_ARGUMENT, `COMPRESSED_MESSAGE`;
 //! - refuses a message longer than `limits.max_message_bytes`: INVALID_ARGUMENT,
 //!   `MESSAGE_TOO_LARGE`;
 //! - charges the message's length to the [`MemoryBudget`], refusing at once when it
-//!   does not fit: RESOURCE_EXHAUSTED, `MEMORY_BUDGET` (retry later; nothing was
-//!   buffered). The charge is held until the call's response has been sent or dropped.
+//!   does not fit (RESOURCE_EXHAUSTED, `MEMORY_BUDGET`; retry later; nothing was
+//!   buffered). The charge is held until the call's response has been taken by
+//!   the connection or dropped (the response is built from the request: its memory is
+//!   what the charge stands for). Server-streaming calls (`WatchJob`, `ExportAudit`,
+//!   health `Watch`) give their charge back when their response starts.
 //!
 //! A body must also arrive within the call's deadline (`limits.request_timeout_ms`,
-//! DEADLINE_EXCEEDED, `REQUEST_BODY_TIMEOUT`), so that a slow sender cannot hold budget,
-//! and must not end inside a message (INVALID_ARGUMENT, `TRUNCATED_MESSAGE`). Each
-//! refusal is a [`Status`] with its reason in the `fieldkey-error` trailer, counted by
-//! the metrics layer under its code like any other call.
+//! DEADLINE_EXCEEDED, `REQUEST_BODY_TIMEOUT`), must hold a message (INVALID_ARGUMENT,
+//! `MISSING_MESSAGE`) and must not end inside one (INVALID_ARGUMENT,
+//! `TRUNCATED_MESSAGE`); gRPC reflection, whose requests are a stream, is exempt from
+//! these three. Each refusal is a [`Status`] with its reason in the `fieldkey-error`
+//! trailer, counted by the metrics layer under its code like any other call.
 //!
-//! Does NOT: look inside a message (the codec decodes, the handlers validate), or bound
-//! memory that is not a request message (see `transport::budget`).
+//! Does NOT: look inside a message (the codec decodes, the handlers validate), bound
+//! memory that is not a request message (see `transport::budget`), or stop a caller
+//! that keeps its HTTP/2 window shut from holding its own calls' charges (and their
+//! responses' memory) until its connection closes: per-connection shares are not built.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
-use std::time::Duration;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::http::{Request, Response};
@@ -93,6 +98,8 @@ where
     fn call(&mut self, req: Request<Body>) -> Self::Future {
         let charge = Charge::default();
         let l = &self.layer;
+        let kind = CallKind::of(req.uri().path());
+        let started = Instant::now();
         let req = req.map(|inner| {
             Body::new(Screened {
                 inner,
@@ -100,15 +107,25 @@ where
                 budget: l.budget.clone(),
                 charge: charge.clone(),
                 max_message_bytes: l.max_message_bytes,
-                deadline: Box::pin(tokio::time::sleep(l.body_timeout)),
+                deadline: None,
+                due: started + l.body_timeout,
                 body_timeout: l.body_timeout,
+                kind,
+                messages: 0,
                 done: false,
             })
         });
         let fut = self.inner.call(req);
         Box::pin(async move {
             let res = fut.await?;
-            // The charge stays with the response until its last byte is sent.
+            if kind != CallKind::Unary {
+                // A stream lives as long as its caller wants: its small request gives its
+                // charge back now.
+                drop(charge);
+                return Ok(res);
+            }
+            // The charge stays with the response (built from the request) until the
+            // connection has taken its last frame.
             Ok(res.map(|inner| {
                 Body::new(Holding {
                     inner,
@@ -116,6 +133,35 @@ where
                 })
             }))
         })
+    }
+}
+
+/// How a call's messages flow, from its path: what the screen may expect of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CallKind {
+    /// One request, one response (every fieldkey RPC but those below).
+    Unary,
+    /// One request, a stream of responses (`WatchJob`, `ExportAudit`, health `Watch`).
+    ServerStreaming,
+    /// Streams both ways (gRPC reflection): no deadline on the request stream, and it
+    /// may be empty.
+    Bidirectional,
+}
+
+impl CallKind {
+    fn of(path: &str) -> Self {
+        const SERVER_STREAMING: [&str; 3] = [
+            "/fieldkey.v1.Jobs/WatchJob",
+            "/fieldkey.v1.Audit/ExportAudit",
+            "/grpc.health.v1.Health/Watch",
+        ];
+        if path.starts_with("/grpc.reflection.") {
+            Self::Bidirectional
+        } else if SERVER_STREAMING.contains(&path) {
+            Self::ServerStreaming
+        } else {
+            Self::Unary
+        }
     }
 }
 
@@ -136,8 +182,13 @@ struct Screened {
     budget: Arc<MemoryBudget>,
     charge: Charge,
     max_message_bytes: usize,
-    deadline: Pin<Box<tokio::time::Sleep>>,
+    /// The arrival deadline's timer, made the first time the body is not ready.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    due: Instant,
     body_timeout: Duration,
+    kind: CallKind,
+    /// Messages whose header has been read.
+    messages: u64,
     /// A refusal was returned (or the body ended): nothing more is read.
     done: bool,
 }
@@ -165,6 +216,7 @@ impl Screened {
                 break;
             }
             f.have = 0;
+            self.messages += 1;
             let [flag, l0, l1, l2, l3] = f.header;
             let len = usize::try_from(u32::from_be_bytes([l0, l1, l2, l3])).unwrap_or(usize::MAX);
             if flag != 0 {
@@ -184,22 +236,30 @@ impl Screened {
                     ),
                 ));
             }
+            // The whole message is charged now: tonic reserves its buffer for the
+            // declared length as soon as it reads this header, so that is the memory it
+            // takes (charging bytes only as they arrive let 160 callers past this point
+            // at once: 395 MiB).
             if !self
                 .budget
                 .try_charge(&self.charge, len.saturating_add(HEADER))
             {
-                return Err(limit_status(
-                    Code::ResourceExhausted,
-                    "MEMORY_BUDGET",
-                    format!(
-                        "{} bytes of requests are already in memory (limits.memory_budget_bytes); retry later",
-                        self.budget.in_flight()
-                    ),
-                ));
+                return Err(self.over_budget());
             }
             f.remaining = len;
         }
         Ok(())
+    }
+
+    fn over_budget(&self) -> Status {
+        limit_status(
+            Code::ResourceExhausted,
+            "MEMORY_BUDGET",
+            format!(
+                "{} bytes of requests are already in memory (limits.memory_budget_bytes); retry later",
+                self.budget.in_flight()
+            ),
+        )
     }
 
     fn refuse(&mut self, status: Status) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
@@ -221,22 +281,29 @@ impl http_body::Body for Screened {
         }
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         let Poll::Ready(frame) = polled else {
-            if self.deadline.as_mut().poll(cx).is_ready() {
-                let ms = self.body_timeout.as_millis();
-                return self.refuse(limit_status(
-                    Code::DeadlineExceeded,
-                    "REQUEST_BODY_TIMEOUT",
-                    format!("the request did not arrive within the server deadline of {ms} ms"),
-                ));
+            if self.kind != CallKind::Bidirectional {
+                let due = self.due;
+                let timer = self
+                    .deadline
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due.into())));
+                if timer.as_mut().poll(cx).is_ready() {
+                    let ms = self.body_timeout.as_millis();
+                    return self.refuse(limit_status(
+                        Code::DeadlineExceeded,
+                        "REQUEST_BODY_TIMEOUT",
+                        format!("the request did not arrive within the server deadline of {ms} ms"),
+                    ));
+                }
             }
             return Poll::Pending;
         };
         match frame {
             Some(Ok(frame)) => {
-                if let Some(data) = frame.data_ref()
-                    && let Err(status) = self.screen(&data.clone())
-                {
-                    return self.refuse(status);
+                if let Some(data) = frame.data_ref() {
+                    let data = data.clone();
+                    if let Err(status) = self.screen(&data) {
+                        return self.refuse(status);
+                    }
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -254,13 +321,26 @@ impl http_body::Body for Screened {
                         "the request ended inside a message".into(),
                     ));
                 }
+                if self.messages == 0 && self.kind != CallKind::Bidirectional {
+                    return self.refuse(limit_status(
+                        Code::InvalidArgument,
+                        "MISSING_MESSAGE",
+                        "the request holds no message".into(),
+                    ));
+                }
                 Poll::Ready(None)
             }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.done || self.inner.is_end_stream()
+        // Not while a message is incomplete or none came: the end is where those are
+        // refused.
+        self.done
+            || (self.inner.is_end_stream()
+                && self.framing.have == 0
+                && self.framing.remaining == 0
+                && (self.messages > 0 || self.kind == CallKind::Bidirectional))
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
@@ -268,7 +348,8 @@ impl http_body::Body for Screened {
     }
 }
 
-/// A response body holding its call's charge until it is sent or dropped.
+/// A unary response body holding its call's charge until its last frame has been taken
+/// by the connection or it is dropped.
 struct Holding {
     inner: Body,
     _charge: Charge,
@@ -282,7 +363,7 @@ impl http_body::Body for Holding {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
-        Poll::Ready(ready!(Pin::new(&mut self.inner).poll_frame(cx)))
+        Pin::new(&mut self.inner).poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {

@@ -184,11 +184,24 @@ impl StoreError {
     /// open (the store failed repeatedly; one probe at a time finds out when it is
     /// back). Reported as unavailability: the caller retries later.
     pub fn circuit_open(retry_after: std::time::Duration) -> Self {
+        Self::unavailable(format!(
+            "circuit open: the key store failed repeatedly; next attempt in {} ms",
+            retry_after.as_millis()
+        ))
+    }
+
+    /// A read that got no answer in time (a connection that died silently, a store
+    /// that stopped answering): unavailability.
+    pub fn no_answer(within: std::time::Duration) -> Self {
+        Self::unavailable(format!(
+            "the key store did not answer within {} ms",
+            within.as_millis()
+        ))
+    }
+
+    fn unavailable(why: String) -> Self {
         Self::Unavailable(std::sync::Arc::new(sqlx::Error::Io(std::io::Error::other(
-            format!(
-                "circuit open: the key store failed repeatedly; next attempt in {} ms",
-                retry_after.as_millis()
-            ),
+            why,
         ))))
     }
 }

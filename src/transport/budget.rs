@@ -3,8 +3,9 @@
 //!
 //! A byte-weighted semaphore: a request's messages are charged before any of their
 //! bytes are buffered (the service's request screen reads each message's length from
-//! its gRPC frame header and charges it whole), and the charge is given back when the
-//! call's response has been sent or dropped. A charge that does not fit is refused at
+//! its gRPC frame header and charges it whole: tonic reserves that much as soon as it
+//! reads the header), and the charge is given back when the call's response has been
+//! sent or dropped. A charge that does not fit is refused at
 //! once, never queued: waiting would hold the connection's buffers and the caller's
 //! deadline for memory that may not come.
 //!
@@ -58,6 +59,9 @@ impl MemoryBudget {
 
     /// Adds `bytes` to `charge` if they fit now; `false` (and a refusal counted) if not.
     pub fn try_charge(&self, charge: &Charge, bytes: usize) -> bool {
+        if bytes == 0 {
+            return true;
+        }
         let got = u32::try_from(bytes)
             .ok()
             .and_then(|n| self.permits.clone().try_acquire_many_owned(n).ok());

@@ -142,6 +142,10 @@ where
 {
     Server::builder()
         .tcp_nodelay(true)
+        // A connection whose peer stopped answering is closed (and the memory-budget
+        // charges of its calls given back) instead of lingering.
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;

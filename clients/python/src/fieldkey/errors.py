@@ -306,6 +306,7 @@ REASONS: Final[dict[str, type[FieldkeyError]]] = {
     "DECODE_FAILED": InvalidArgument,
     "COMPRESSED_MESSAGE": InvalidArgument,
     "TRUNCATED_MESSAGE": InvalidArgument,
+    "MISSING_MESSAGE": InvalidArgument,
     "REQUEST_BODY_TIMEOUT": DeadlineExceeded,
     "MALFORMED_CIPHERTEXT": MalformedCiphertext,
     "SCOPE_MISMATCH": ScopeMismatch,
