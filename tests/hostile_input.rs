@@ -18,6 +18,7 @@ use std::sync::Arc;
 use anyhow::Result;
 use bytes::Bytes;
 use common::grpc::{create_tenant, reason};
+use common::sample;
 use common::sidecar::{Sidecar, TRUST_MESH};
 use fieldkey::proto::pb::crypto_client::CryptoClient;
 use fieldkey::proto::pb::{CiphertextFormat, EncryptBatchRequest, EncryptRequest};
@@ -90,16 +91,6 @@ fn answer(code: Code, reason: &str) -> Answer {
         status: (code as i32).to_string(),
         reason: reason.into(),
     }
-}
-
-/// The value of the sample `name{labels}` in a metrics text, if present.
-fn sample(text: &str, name_and_labels: &str) -> Option<f64> {
-    text.lines().find_map(|l| {
-        l.strip_prefix(name_and_labels)?
-            .strip_prefix(' ')?
-            .parse()
-            .ok()
-    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::sample;
+
 use std::time::Duration;
 
 use anyhow::Result;
@@ -34,16 +36,6 @@ fn start(dir: &std::path::Path, pg: &str) -> Sidecar {
         .env("FIELDKEY_LOCAL_KMS_PASSPHRASE", "test passphrase 123")
         .with_metrics()
         .start()
-}
-
-/// The value of the sample `name{labels}` (labels exactly as exposed), if present.
-fn sample(text: &str, name_and_labels: &str) -> Option<f64> {
-    text.lines().find_map(|l| {
-        l.strip_prefix(name_and_labels)?
-            .strip_prefix(' ')?
-            .parse()
-            .ok()
-    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

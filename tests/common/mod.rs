@@ -308,6 +308,17 @@ impl fieldkey::kms::Kms for CountingKms {
     }
 }
 
+/// The value of the metrics sample `name{labels}` (labels exactly as exposed) in a
+/// Prometheus text exposition, if present.
+pub fn sample(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(name_and_labels)?
+            .strip_prefix(' ')?
+            .parse()
+            .ok()
+    })
+}
+
 /// host:port of a DSN or URL such as postgres://u@127.0.0.1:5432/db or http://127.0.0.1:5000
 pub fn socket_addr_of(url: &str) -> Result<std::net::SocketAddr> {
     let after_scheme = url.split("://").nth(1).context("no scheme")?;
