@@ -527,18 +527,25 @@ async fn a_silently_dead_listen_connection_is_noticed_and_replaced() -> Result<(
     let proxy = common::proxy::TcpProxy::start(common::socket_addr_of(&db.dsn)?).await?;
     let dir = tempfile::tempdir()?;
     init_kms(dir.path());
-    let config = |name: &str, dsn: &str, more: &str| {
+    let config = |name: &str, dsn: &str, worker: &str, more: &str| {
         let extra = format!(
-            "[store]\npostgres_url = {dsn:?}\n[cache]\nrevalidate_ms = 60000\n{FAST_WORKER}ledger = {:?}\n{more}",
+            "[store]\npostgres_url = {dsn:?}\n[cache]\nrevalidate_ms = 60000\n{worker}ledger = {:?}\n{more}",
             ledger_db.dsn
         );
         write_config(dir.path(), name, &extra)
     };
-    let a = start(&config("a", &db.dsn, ""), &dir.path().join("a.log"), None);
+    let a = start(
+        &config("a", &db.dsn, FAST_WORKER, ""),
+        &dir.path().join("a.log"),
+        None,
+    );
+    // B's erasure worker polls too rarely to take up A's erasure: had B executed the
+    // shred itself, it would know without its change feed (seen once under load).
     let b = Sidecar::builder()
         .config(&config(
             "b",
             &proxy.via(&db.dsn),
+            "[erasure]\nretry_after_secs = 1\npoll_ms = 3600000\n",
             "[metrics]\nlisten = \"127.0.0.1:0\"\n",
         ))
         .env("FIELDKEY_LOCAL_KMS_PASSPHRASE", PASSPHRASE)
