@@ -26,12 +26,11 @@ use crate::store::{Change, KeyStore, StoreError};
 
 use super::{Keyring, unshare};
 
+/// What [`Keyring::fresh`] found. (Whether the snapshot was just re-read matters to
+/// nobody since the re-read's consequences moved into the background refresh.)
 enum Fresh<T> {
-    /// The snapshot in hand (still fresh, refreshed by another task, or stale during a
-    /// store outage).
+    /// The snapshot to use (fresh, just re-read, or stale within `max_stale`).
     Found(Arc<Snapshot<T>>),
-    /// A snapshot this call just re-read from the store.
-    Refreshed(Arc<Snapshot<T>>),
     /// The record no longer exists.
     Gone,
 }
@@ -218,7 +217,7 @@ impl Keyring {
             done.await
         };
         match outcome {
-            Ok(Refreshed::Record(new)) => Ok(Fresh::Refreshed(new)),
+            Ok(Refreshed::Record(new)) => Ok(Fresh::Found(new)),
             Ok(Refreshed::Gone) => Ok(Fresh::Gone),
             Ok(Refreshed::Failed(StoreError::Unavailable(_))) if stale_ok => Ok(Fresh::Found(snap)),
             Ok(Refreshed::Failed(e)) => Err(e.into()),
@@ -292,7 +291,7 @@ impl Keyring {
             subject: None,
         };
         match self.fresh(entry, &key, force).await? {
-            Fresh::Found(snap) | Fresh::Refreshed(snap) => Ok(snap),
+            Fresh::Found(snap) => Ok(snap),
             Fresh::Gone => Err(Error::TenantNotFound {
                 tenant: tenant.to_owned(),
             }),
@@ -310,9 +309,7 @@ impl Keyring {
             subject: Some(subject.to_owned()),
         };
         match self.fresh(entry, &key, false).await? {
-            Fresh::Found(snap) | Fresh::Refreshed(snap)
-                if snap.record.state == KeyState::Destroyed =>
-            {
+            Fresh::Found(snap) if snap.record.state == KeyState::Destroyed => {
                 // Shredded (possibly on another replica): drop the cached entry so its
                 // unwrapped key is wiped, and report the tombstone.
                 self.cache.invalidate_subject(tenant, subject).await;
@@ -322,7 +319,7 @@ impl Keyring {
                     version: None,
                 })
             }
-            Fresh::Found(snap) | Fresh::Refreshed(snap) => Ok(snap),
+            Fresh::Found(snap) => Ok(snap),
             Fresh::Gone => Err(Error::SubjectNotFound {
                 tenant: tenant.to_owned(),
             }),
