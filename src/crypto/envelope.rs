@@ -268,16 +268,74 @@ pub(crate) fn seal_with_nonce(
         )));
     }
     let mut out = Vec::with_capacity(OVERHEAD + plaintext.len());
-    write_header(&mut out, aad.scope(), key_version, nonce);
-    out.extend_from_slice(plaintext);
-    let (header, body) = out.split_at_mut(HEADER_LEN);
-    let tag = aad
-        .with_encoded(header, |ad| {
-            cipher.aead.encrypt_in_place_detached(nonce, ad, body)
-        })
-        .map_err(|_| CryptoError::InvalidArgument("plaintext too long for AES-GCM".into()))?;
-    out.extend_from_slice(&tag);
+    seal_into_with_nonce(cipher, key_version, aad, plaintext, nonce, &mut out)?;
     Ok(out)
+}
+
+/// [`seal`], appending the envelope to `out` (batches build all their envelopes into
+/// one buffer). On an error `out` is left as it was.
+///
+/// # Errors
+/// As [`seal`].
+pub fn seal_into(
+    cipher: &FieldCipher,
+    key_version: u32,
+    aad: &Aad<'_>,
+    plaintext: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), CryptoError> {
+    let nonce = fresh_nonce()?;
+    seal_into_with_nonce(cipher, key_version, aad, plaintext, &nonce, out)
+}
+
+fn seal_into_with_nonce(
+    cipher: &FieldCipher,
+    key_version: u32,
+    aad: &Aad<'_>,
+    plaintext: &[u8],
+    nonce: &[u8; NONCE_LEN],
+    out: &mut Vec<u8>,
+) -> Result<(), CryptoError> {
+    aad.validate()?;
+    if key_version == 0 {
+        return Err(CryptoError::InvalidArgument(
+            "key version must be >= 1".into(),
+        ));
+    }
+    if plaintext.len() > MAX_PLAINTEXT_LEN {
+        return Err(CryptoError::InvalidArgument(format!(
+            "plaintext is {} bytes; the limit is {MAX_PLAINTEXT_LEN}",
+            plaintext.len()
+        )));
+    }
+    let start = out.len();
+    out.reserve(OVERHEAD + plaintext.len());
+    write_header(out, aad.scope(), key_version, nonce);
+    out.extend_from_slice(plaintext);
+    let sealed = match out.get_mut(start..) {
+        Some(envelope) => {
+            let (header, body) = envelope.split_at_mut(HEADER_LEN);
+            aad.with_encoded(header, |ad| {
+                cipher.aead.encrypt_in_place_detached(nonce, ad, body)
+            })
+            .map_err(|_| CryptoError::InvalidArgument("plaintext too long for AES-GCM".into()))
+        }
+        None => Err(CryptoError::Malformed("envelope buffer")),
+    };
+    match sealed {
+        Ok(tag) => {
+            out.extend_from_slice(&tag);
+            Ok(())
+        }
+        Err(e) => {
+            // The plaintext copied in was not encrypted: wipe it before giving it up.
+            if let Some(tail) = out.get_mut(start..) {
+                tail.zeroize();
+            }
+            out.truncate(start);
+            Err(e)
+        }
+    }
 }
 
 /// A parsed (not yet authenticated) binary envelope.
@@ -401,6 +459,48 @@ pub fn open(
     Ok(buf)
 }
 
+/// [`open`], appending the plaintext to `out` (batches decrypt all their values into
+/// one self-wiping buffer). Returns where in `out` the plaintext is. On an error `out`
+/// is left as it was (nothing is decrypted before the tag is checked).
+///
+/// # Errors
+/// As [`open`].
+pub fn open_into(
+    cipher: &FieldCipher,
+    envelope: &Envelope<'_>,
+    aad: &Aad<'_>,
+    out: &mut Plaintext,
+) -> Result<std::ops::Range<usize>, CryptoError> {
+    aad.validate()?;
+    if aad.scope() != envelope.scope {
+        return Err(CryptoError::ScopeMismatch {
+            envelope: envelope.scope,
+            request: aad.scope(),
+        });
+    }
+    out.reserve(envelope.ciphertext.len());
+    let start = out.0.len();
+    out.0.extend_from_slice(envelope.ciphertext);
+    let end = out.0.len();
+    let opened = match out.0.get_mut(start..) {
+        Some(body) => aad
+            .with_encoded(envelope.header, |ad| {
+                cipher
+                    .aead
+                    .decrypt_in_place_detached(&envelope.nonce, ad, body, &envelope.tag)
+            })
+            .map_err(|_| CryptoError::AuthenticationFailed),
+        None => Err(CryptoError::Malformed("plaintext buffer")),
+    };
+    match opened {
+        Ok(()) => Ok(start..end),
+        Err(e) => {
+            out.0.truncate(start);
+            Err(e)
+        }
+    }
+}
+
 /// Decrypted plaintext. Wiped when dropped.
 ///
 /// (`zeroize::Zeroizing<Vec<u8>>` wipes byte by byte through an iterator, which cost
@@ -411,6 +511,35 @@ impl Plaintext {
     /// The bytes.
     pub fn as_bytes(&self) -> &[u8] {
         &self.0
+    }
+
+    /// Wipes the bytes and empties the buffer (keeping its allocation).
+    pub fn clear(&mut self) {
+        self.0.as_mut_slice().zeroize();
+        self.0.clear();
+    }
+
+    /// An empty buffer for [`open_into`] with room for `capacity` bytes.
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self(Vec::with_capacity(capacity))
+    }
+
+    /// Room for `additional` more bytes. When the buffer must grow, the bytes move to a
+    /// new allocation and the old one is wiped (a `Vec` growing by itself would free
+    /// its old allocation unwiped).
+    fn reserve(&mut self, additional: usize) {
+        if self.0.capacity() - self.0.len() >= additional {
+            return;
+        }
+        let wanted = self
+            .0
+            .len()
+            .saturating_add(additional)
+            .max(self.0.capacity().saturating_mul(2));
+        let mut grown = Vec::with_capacity(wanted);
+        grown.extend_from_slice(&self.0);
+        // The old buffer is wiped when `old` drops.
+        let _old = Self(std::mem::replace(&mut self.0, grown));
     }
 }
 

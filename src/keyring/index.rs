@@ -83,6 +83,11 @@ impl Indexer {
         self.keys.first().map_or(0, |k| k.version())
     }
 
+    /// The versions of the keys a lookup computes, active first.
+    pub fn versions(&self) -> Vec<u32> {
+        self.keys.iter().map(|k| k.version()).collect()
+    }
+
     /// Whether computing a value is slow (Argon2id).
     pub fn is_slow(&self) -> bool {
         self.slow.is_some()

@@ -22,6 +22,7 @@ use crate::error::Error;
 use crate::kms::Kms;
 use crate::store::{ErasureLedger, KeyStore};
 
+mod column;
 mod epochs;
 mod following;
 mod index;
@@ -29,6 +30,7 @@ mod lifecycle;
 mod resolution;
 mod rotation;
 pub use crate::model::{SubjectInfo, TenantInfo, VersionInfo};
+pub use column::ColumnKeys;
 pub use epochs::{ActiveEpoch, swk_context};
 pub use index::{IndexProfiles, Indexed, Indexer};
 pub use resolution::Encryptor;

@@ -374,7 +374,43 @@ pub struct Encryptor<'a> {
     field: &'a str,
 }
 
-impl Encryptor<'_> {
+impl<'a> Encryptor<'a> {
+    pub(super) fn new(
+        cipher: Arc<FieldCipher>,
+        version: u32,
+        tenant: &'a str,
+        subject: Option<&'a str>,
+        field: &'a str,
+    ) -> Self {
+        Self {
+            cipher,
+            version,
+            tenant,
+            subject,
+            field,
+        }
+    }
+
+    /// [`Encryptor::seal`], appending the envelope to `out`.
+    ///
+    /// # Errors
+    /// As [`Encryptor::seal`]; `out` is then as it was.
+    pub fn seal_into(&self, context: &[u8], plaintext: &[u8], out: &mut Vec<u8>) -> Result<()> {
+        let aad = Aad {
+            tenant: self.tenant,
+            subject: self.subject,
+            field: self.field,
+            context,
+        };
+        Ok(crypto::seal_into(
+            &self.cipher,
+            self.version,
+            &aad,
+            plaintext,
+            out,
+        )?)
+    }
+
     /// The tenant key version new envelopes carry.
     pub fn key_version(&self) -> u32 {
         self.version

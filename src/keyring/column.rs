@@ -1,0 +1,218 @@
+//! Keys resolved once for a column of values: one tenant snapshot, one encryption
+//! key per subject, one decryption key per (subject, version), shared by every value
+//! of a columnar call (or any batch of one tenant and field). The per-value work left
+//! is the cipher itself.
+//!
+//! Reflects key states at the time it was made: a suspension or shred that lands
+//! while a column is being processed takes effect for the next call (as for
+//! [`Encryptor`]); do not keep one.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::Arc;
+
+use crate::cache::{Snapshot, TenantEntry};
+use crate::crypto::{self, Aad, Envelope, FieldCipher, Plaintext};
+use crate::error::{Error, Result};
+use crate::model::TenantRecord;
+
+use super::resolution::{active_version, usable_for_decrypt};
+use super::{Encryptor, Keyring};
+
+/// A tenant's cache entry and the snapshot of its record a column uses throughout.
+type TenantKeys = (Arc<TenantEntry>, Arc<Snapshot<TenantRecord>>);
+
+/// The keys of one (tenant, field), resolved once: see [`Keyring::column`].
+pub struct ColumnKeys<'k, 'a> {
+    keyring: &'k Keyring,
+    tenant: &'a str,
+    field: &'a str,
+    /// The tenant's cache entry and snapshot, read on first use (so that a value's own
+    /// faults are found first, in the order [`Keyring::decrypt`] finds them).
+    tenant_keys: Option<Result<TenantKeys>>,
+    /// A fresher snapshot, read when a ciphertext named a version newer than the
+    /// snapshot's latest (a rotation on another replica).
+    fresh: Option<Arc<Snapshot<TenantRecord>>>,
+    encryptors: HashMap<Option<&'a str>, Result<Encryptor<'a>>>,
+    ciphers: HashMap<(Option<&'a str>, u32), Result<Arc<FieldCipher>>>,
+}
+
+impl std::fmt::Debug for ColumnKeys<'_, '_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ColumnKeys")
+            .field("tenant", &self.tenant)
+            .field("field", &self.field)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Keyring {
+    /// The keys of many values of one tenant and field, each resolved once, on first
+    /// use: the tenant's key versions (one snapshot for the whole column), each
+    /// subject's key. Errors are each value's (as [`Keyring::encrypt`] and
+    /// [`Keyring::decrypt`] would give them), remembered for the next value.
+    pub fn column<'a>(&self, tenant: &'a str, field: &'a str) -> ColumnKeys<'_, 'a> {
+        ColumnKeys {
+            keyring: self,
+            tenant,
+            field,
+            tenant_keys: None,
+            fresh: None,
+            encryptors: HashMap::new(),
+            ciphers: HashMap::new(),
+        }
+    }
+}
+
+impl<'a> ColumnKeys<'_, 'a> {
+    /// The active version's encryptor for `subject` (created on first use, as for
+    /// [`Keyring::encryptor`]), all subjects on the same tenant version.
+    ///
+    /// # Errors
+    /// As [`Keyring::encryptor`].
+    pub async fn encryptor(&mut self, subject: Option<&'a str>) -> Result<&Encryptor<'a>> {
+        if !self.encryptors.contains_key(&subject) {
+            let made = self.make_encryptor(subject).await;
+            self.encryptors.insert(subject, made);
+        }
+        match self.encryptors.get(&subject) {
+            Some(Ok(e)) => Ok(e),
+            Some(Err(e)) => Err(e.clone()),
+            None => Err(Error::Internal("column encryptor lost".into())),
+        }
+    }
+
+    async fn make_encryptor(&mut self, subject: Option<&'a str>) -> Result<Encryptor<'a>> {
+        let probe = Aad {
+            tenant: self.tenant,
+            subject,
+            field: self.field,
+            context: &[],
+        };
+        probe.validate()?;
+        let (tentry, tsnap) = self.tenant_keys().await?;
+        let active = active_version(self.tenant, &tsnap.record)?;
+        let cipher = (self.keyring)
+            .cipher(&tentry, &tsnap, active, &probe, true)
+            .await?;
+        Ok(Encryptor::new(
+            cipher,
+            active.version,
+            self.tenant,
+            subject,
+            self.field,
+        ))
+    }
+
+    /// Checks the ids and `context` of a value of `subject` (as every call does first).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`].
+    pub fn check(&self, subject: Option<&str>, context: &[u8]) -> Result<()> {
+        Aad {
+            tenant: self.tenant,
+            subject,
+            field: self.field,
+            context,
+        }
+        .validate()?;
+        Ok(())
+    }
+
+    /// The tenant's entry and snapshot, read once.
+    async fn tenant_keys(&mut self) -> Result<TenantKeys> {
+        if let Some(known) = &self.tenant_keys {
+            return known.clone();
+        }
+        let read = async {
+            let tentry = self.keyring.tenant_entry(self.tenant).await?;
+            let tsnap = (self.keyring)
+                .tenant_snapshot(&tentry, self.tenant, false)
+                .await?;
+            Ok((tentry, tsnap))
+        }
+        .await;
+        self.tenant_keys = Some(read.clone());
+        read
+    }
+
+    /// The tenant's active version in this column's snapshot.
+    ///
+    /// # Errors
+    /// As [`Keyring::encryptor`] for the tenant: [`Error::TenantNotFound`],
+    /// [`Error::KeySuspended`] / [`Error::KeyDestroyed`] when no version is active.
+    pub async fn active_version(&mut self) -> Result<u32> {
+        let (_, tsnap) = self.tenant_keys().await?;
+        Ok(active_version(self.tenant, &tsnap.record)?.version)
+    }
+
+    /// Decrypts `envelope` (binary or `fk1:` text) of `subject` with `context`,
+    /// appending the plaintext to `out`; returns where it is and the version that had
+    /// encrypted it.
+    ///
+    /// # Errors
+    /// As [`Keyring::decrypt`].
+    pub async fn open_into(
+        &mut self,
+        subject: Option<&'a str>,
+        context: &[u8],
+        envelope: &[u8],
+        out: &mut Plaintext,
+    ) -> Result<(Range<usize>, u32)> {
+        let bytes = crypto::decode_any(envelope)?;
+        let env = Envelope::parse(&bytes)?;
+        let aad = Aad {
+            tenant: self.tenant,
+            subject,
+            field: self.field,
+            context,
+        };
+        aad.validate()?;
+        if env.scope() != aad.scope() {
+            return Err(Error::ScopeMismatch {
+                envelope: env.scope(),
+                request: aad.scope(),
+            });
+        }
+        let version = env.key_version();
+        let cipher = match self.ciphers.get(&(subject, version)) {
+            Some(known) => known.clone()?,
+            None => {
+                // At most one entry per value of the call: bounded by its size.
+                let resolved = self.version_cipher(&aad, version).await;
+                self.ciphers.insert((subject, version), resolved.clone());
+                resolved?
+            }
+        };
+        let range = crypto::open_into(&cipher, &env, &aad, out)?;
+        Ok((range, version))
+    }
+
+    /// The field cipher of `version` for `aad`'s subject, as [`Keyring::decrypt`]
+    /// resolves it.
+    async fn version_cipher(&mut self, aad: &Aad<'_>, version: u32) -> Result<Arc<FieldCipher>> {
+        let (tentry, tsnap) = self.tenant_keys().await?;
+        let mut snap = self.fresh.clone().unwrap_or(tsnap);
+        if snap.record.version(version).is_none()
+            && version > snap.record.latest_version()
+            && self.fresh.is_none()
+        {
+            // Possibly rotated on another replica since our snapshot: look again, once.
+            snap = (self.keyring)
+                .tenant_snapshot(&tentry, self.tenant, true)
+                .await?;
+            self.fresh = Some(snap.clone());
+        }
+        let record = snap
+            .record
+            .version(version)
+            .ok_or_else(|| Error::UnknownKeyVersion {
+                tenant: self.tenant.to_owned(),
+                version,
+            })?;
+        usable_for_decrypt(self.tenant, record)?;
+        (self.keyring)
+            .cipher(&tentry, &snap, record, aad, false)
+            .await
+    }
+}
