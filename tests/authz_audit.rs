@@ -672,3 +672,85 @@ fn base64_zero() -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode([0u8; 64])
 }
+
+/// A column is one authorization decision for all its values, takes all of them from
+/// the decrypt budget at once (a column cannot slip past the guard), and is counted in
+/// the audit window with the number of its values, by outcome.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_column_is_authorized_rate_limited_and_counted_per_value() -> Result<()> {
+    use bytes::Bytes;
+    let e = env(&format!(
+        "[[decrypt]]\nidentity = \"{APP}\"\nper_second = 1\nburst = 5\n"
+    ))
+    .await?;
+    KeysClient::new(e.ch.clone())
+        .create_tenant(as_id(
+            OPS,
+            pb::CreateTenantRequest {
+                tenant_id: "acme".into(),
+                kms_key_id: String::new(),
+            },
+        ))
+        .await?;
+    let mut c = CryptoClient::new(e.ch.clone());
+    let enc = c
+        .encrypt_column(as_id(
+            APP,
+            pb::EncryptColumnRequest {
+                tenant_id: "acme".into(),
+                field: "email".into(),
+                subject_id: "u1".into(),
+                plaintexts: (0..6).map(|i| Bytes::from(format!("v{i}"))).collect(),
+                ..Default::default()
+            },
+        ))
+        .await?
+        .into_inner();
+    assert!(enc.errors.is_empty(), "{:?}", enc.errors);
+    let column = |n: usize| pb::DecryptColumnRequest {
+        tenant_id: "acme".into(),
+        field: "email".into(),
+        subject_id: "u1".into(),
+        ciphertexts: enc.ciphertexts[..n].to_vec(),
+        ..Default::default()
+    };
+    // Analytics may not decrypt: every value refused, nothing decrypted.
+    let denied = c
+        .decrypt_column(as_id(ANALYTICS, column(3)))
+        .await?
+        .into_inner();
+    assert_eq!(denied.errors.len(), 3);
+    assert!(denied.errors.iter().all(|x| {
+        let ie = x.error.as_ref().unwrap();
+        ie.reason == "PERMISSION_DENIED" && ie.code == Code::PermissionDenied as i32
+    }));
+    assert!(denied.plaintexts.iter().all(Bytes::is_empty));
+    // Burst 5: a column of 6 does not fit and is refused whole; one of 5 fits.
+    let over = c.decrypt_column(as_id(APP, column(6))).await?.into_inner();
+    assert_eq!(over.errors.len(), 6, "{:?}", over.errors);
+    assert_eq!(
+        over.errors[0].error.as_ref().unwrap().reason,
+        "DECRYPT_RATE_LIMITED"
+    );
+    let fits = c.decrypt_column(as_id(APP, column(5))).await?.into_inner();
+    assert!(fits.errors.is_empty(), "{:?}", fits.errors);
+    let after = c.decrypt_column(as_id(APP, column(1))).await?.into_inner();
+    assert_eq!(after.errors.len(), 1, "the budget is spent");
+    e.audit.flush().await?;
+    let recs = all_audit(&*e.store).await;
+    let count = |actor: &str, action: &str, outcome: &str| -> u64 {
+        recs.iter()
+            .filter(|r| {
+                r.event.actor == actor
+                    && r.event.action == action
+                    && r.event.details["outcome"] == outcome
+            })
+            .map(|r| r.event.details["count"].as_u64().unwrap())
+            .sum()
+    };
+    assert_eq!(count(APP, "Crypto::Encrypt", "ok"), 6);
+    assert_eq!(count(ANALYTICS, "Crypto::Decrypt", "denied"), 3);
+    assert_eq!(count(APP, "Crypto::Decrypt", "ok"), 5);
+    assert_eq!(count(APP, "Crypto::Decrypt", "rate_limited"), 7);
+    Ok(())
+}

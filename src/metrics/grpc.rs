@@ -54,12 +54,16 @@ const CANCELLED: usize = 1;
 const UNKNOWN: usize = 2;
 
 /// Batch RPCs of `Crypto`: their own labels (their action is the single-item one).
-const BATCH_RPCS: [&str; 5] = [
+const BATCH_RPCS: [&str; 9] = [
     "EncryptBatch",
     "DecryptBatch",
     "RewrapBatch",
     "BlindIndexBatch",
     "PseudonymizeBatch",
+    "EncryptColumn",
+    "DecryptColumn",
+    "RewrapColumn",
+    "BlindIndexColumn",
 ];
 
 /// One RPC's label and its lazily created series.

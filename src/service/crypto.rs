@@ -27,9 +27,43 @@ use crate::proto::pb::{
 /// (tenant, subject, field) of a batch item.
 type BatchKey<'a> = (&'a str, &'a str, &'a str);
 
+/// An authorization decision for a (tenant, field).
+type Decision<'a> = ((&'a str, &'a str), Result<(), Error>);
+
 /// Distinct (tenant, subject, field) keys remembered per batch; beyond, items resolve
 /// their key individually.
 pub(super) const MAX_RESOLVED_PER_BATCH: usize = 16;
+
+/// What a batch decides and resolves once per distinct key of its items.
+#[derive(Default)]
+struct BatchMemo<'a> {
+    /// Authorization decisions per (tenant, field).
+    decisions: Vec<Decision<'a>>,
+    /// Encryption keys per (tenant, subject, field).
+    encryptors: Vec<(BatchKey<'a>, Result<Encryptor<'a>, Error>)>,
+}
+
+impl<'a> BatchMemo<'a> {
+    /// [`super::gate::Gate::data`], decided once per distinct (tenant, field) of the batch
+    /// (the first [`MAX_RESOLVED_PER_BATCH`] of them; beyond, per item).
+    fn authorize(
+        &mut self,
+        gate: &super::gate::Gate,
+        c: &Caller,
+        action: Action,
+        tenant: &'a str,
+        field: &'a str,
+    ) -> Result<(), Error> {
+        if let Some((_, d)) = self.decisions.iter().find(|(k, _)| *k == (tenant, field)) {
+            return d.clone();
+        }
+        let d = gate.data(c, action, tenant, field);
+        if self.decisions.len() < MAX_RESOLVED_PER_BATCH {
+            self.decisions.push(((tenant, field), d.clone()));
+        }
+        d
+    }
+}
 
 fn subject(s: &str) -> Option<&str> {
     (!s.is_empty()).then_some(s)
@@ -69,7 +103,7 @@ impl CryptoService {
 
     /// A field bound to its row needs a context (review finding 6: without one, a value
     /// of the tenant could be copied into any row of it).
-    fn check_context(&self, field: &str, context: &[u8]) -> Result<(), Error> {
+    pub(super) fn check_context(&self, field: &str, context: &[u8]) -> Result<(), Error> {
         if context.is_empty() && self.row_binding.requires(field) {
             return Err(Error::ContextRequired {
                 field: field.to_owned(),
@@ -114,37 +148,34 @@ impl CryptoService {
         call.counted(result)
     }
 
+    /// One item of an EncryptBatch: authorized once per distinct (tenant, field) of
+    /// the batch (the decision depends on nothing else), its key resolved once per
+    /// distinct (tenant, subject, field); counted by the caller, per run of items.
     async fn encrypt_batch_item<'a>(
         &self,
         c: &Caller,
         r: &'a EncryptRequest,
-        resolved: &mut Vec<(BatchKey<'a>, Result<Encryptor<'a>, Error>)>,
+        memo: &mut BatchMemo<'a>,
     ) -> Result<EncryptResponse, Error> {
-        let call = (self.guard.gate).data_call(c, Action::Encrypt, &r.tenant_id, &r.field);
-        let result = async {
-            call.authorize()?;
-            self.check_context(&r.field, &r.context)?;
-            self.guard.check_field("plaintext", r.plaintext.len())?;
-            let key = (
-                r.tenant_id.as_str(),
-                r.subject_id.as_str(),
-                r.field.as_str(),
-            );
-            let enc = match resolved.iter().find(|(k, _)| *k == key) {
-                Some((_, found)) => found.clone()?,
-                None => {
-                    let fresh = self.keyring.encryptor(key.0, subject(key.1), key.2).await;
-                    if resolved.len() < MAX_RESOLVED_PER_BATCH {
-                        resolved.push((key, fresh.clone()));
-                    }
-                    fresh?
+        memo.authorize(&self.guard.gate, c, Action::Encrypt, &r.tenant_id, &r.field)?;
+        self.check_context(&r.field, &r.context)?;
+        self.guard.check_field("plaintext", r.plaintext.len())?;
+        let key = (
+            r.tenant_id.as_str(),
+            r.subject_id.as_str(),
+            r.field.as_str(),
+        );
+        let enc = match memo.encryptors.iter().find(|(k, _)| *k == key) {
+            Some((_, found)) => found.clone()?,
+            None => {
+                let fresh = self.keyring.encryptor(key.0, subject(key.1), key.2).await;
+                if memo.encryptors.len() < MAX_RESOLVED_PER_BATCH {
+                    memo.encryptors.push((key, fresh.clone()));
                 }
-            };
-            seal_response(&enc, r)
-        }
-        .await;
-        self.note_unbound(c, r, &result);
-        call.counted(result)
+                fresh?
+            }
+        };
+        seal_response(&enc, r)
     }
 
     async fn rewrap_one(&self, c: &Caller, r: &RewrapRequest) -> Result<RewrapResponse, Error> {
@@ -233,18 +264,31 @@ impl pb::crypto_server::Crypto for CryptoService {
         let fut = async {
             let mut results = Vec::with_capacity(items.len());
             {
-                // Items of one batch usually share (tenant, subject, field): resolve
-                // each distinct key once (a few per batch), not once per item.
-                let mut resolved: Vec<(BatchKey<'_>, Result<Encryptor<'_>, Error>)> = Vec::new();
+                // Items of one batch usually share (tenant, subject, field): decide and
+                // resolve each distinct one once (a few per batch), not once per item.
+                let mut memo = BatchMemo::default();
                 for item in &items {
-                    results.push(EncryptResult::of(
-                        self.encrypt_batch_item(&c, item, &mut resolved).await,
-                    ));
+                    results.push(self.encrypt_batch_item(&c, item, &mut memo).await);
+                }
+            }
+            let gate = &self.guard.gate;
+            gate.data_done_batch(
+                &c,
+                Action::Encrypt,
+                items
+                    .iter()
+                    .zip(&results)
+                    .map(|(r, res)| (r.tenant_id.as_str(), r.field.as_str(), res)),
+            );
+            for (r, res) in items.iter().zip(&results) {
+                if r.context.is_empty() && res.is_ok() {
+                    gate.data_unbound(&c, Action::Encrypt, &r.tenant_id, &r.field);
                 }
             }
             for item in &mut items {
                 item.plaintext.zeroize();
             }
+            let results = results.into_iter().map(EncryptResult::of).collect();
             Ok::<_, Status>(EncryptBatchResponse { results })
         };
         self.guard.run(fut).await.map(Response::new)
@@ -322,6 +366,42 @@ impl pb::crypto_server::Crypto for CryptoService {
         self.guard.run(fut).await.map(Response::new)
     }
 
+    async fn encrypt_column(
+        &self,
+        req: Request<pb::EncryptColumnRequest>,
+    ) -> Result<Response<pb::EncryptColumnResponse>, Status> {
+        let c = self.guard.gate.caller(&req);
+        let fut = self.encrypt_column(&c, req.get_ref());
+        self.guard.run(fut).await.map(Response::new)
+    }
+
+    async fn decrypt_column(
+        &self,
+        req: Request<pb::DecryptColumnRequest>,
+    ) -> Result<Response<pb::DecryptColumnResponse>, Status> {
+        let c = self.guard.gate.caller(&req);
+        let fut = self.decrypt_column(&c, req.get_ref());
+        self.guard.run(fut).await.map(Response::new)
+    }
+
+    async fn rewrap_column(
+        &self,
+        req: Request<pb::RewrapColumnRequest>,
+    ) -> Result<Response<pb::RewrapColumnResponse>, Status> {
+        let c = self.guard.gate.caller(&req);
+        let fut = self.rewrap_column(&c, req.get_ref());
+        self.guard.run(fut).await.map(Response::new)
+    }
+
+    async fn blind_index_column(
+        &self,
+        req: Request<pb::BlindIndexColumnRequest>,
+    ) -> Result<Response<pb::BlindIndexColumnResponse>, Status> {
+        let c = self.guard.gate.caller(&req);
+        let fut = self.blind_index_column(&c, req.get_ref());
+        self.guard.run(fut).await.map(Response::new)
+    }
+
     async fn decrypt_batch(
         &self,
         req: Request<DecryptBatchRequest>,
@@ -329,13 +409,73 @@ impl pb::crypto_server::Crypto for CryptoService {
         let c = self.guard.gate.caller(&req);
         let items = req.into_inner().items;
         self.guard.check_batch(items.len())?;
-        let fut = async {
-            let mut results = Vec::with_capacity(items.len());
-            for item in &items {
-                results.push(DecryptResult::of(self.decrypt_one(&c, item).await));
-            }
-            Ok::<_, Status>(DecryptBatchResponse { results })
-        };
+        let fut = async { Ok::<_, Status>(self.decrypt_items(&c, &items).await) };
         self.guard.run(fut).await.map(Response::new)
+    }
+}
+
+impl CryptoService {
+    /// A DecryptBatch: each item authorized, rate-counted and checked as a single
+    /// Decrypt; the keys of each distinct (tenant, field) resolved once
+    /// ([`crate::keyring::ColumnKeys`], for the first [`MAX_RESOLVED_PER_BATCH`] of
+    /// them), the plaintexts decrypted into one self-wiping buffer that the replies
+    /// slice (wiped once tonic has encoded the reply).
+    async fn decrypt_items(&self, c: &Caller, items: &[DecryptRequest]) -> DecryptBatchResponse {
+        let room = items.iter().map(|r| r.ciphertext.len()).sum();
+        let mut out = crate::crypto::Plaintext::with_capacity(room);
+        let mut memo = BatchMemo::default();
+        let mut columns: Vec<((&str, &str), crate::keyring::ColumnKeys<'_, '_>)> = Vec::new();
+        let mut results = Vec::with_capacity(items.len());
+        for r in items {
+            let result = async {
+                memo.authorize(&self.guard.gate, c, Action::Decrypt, &r.tenant_id, &r.field)?;
+                self.check_context(&r.field, &r.context)?;
+                self.guard.gate.decrypt_quota(c, &r.tenant_id, 1).await?;
+                self.guard.check_field("ciphertext", r.ciphertext.len())?;
+                let key = (r.tenant_id.as_str(), r.field.as_str());
+                let at = match columns.iter().position(|(k, _)| *k == key) {
+                    Some(at) => at,
+                    None if columns.len() < MAX_RESOLVED_PER_BATCH => {
+                        columns.push((key, self.keyring.column(key.0, key.1)));
+                        columns.len() - 1
+                    }
+                    None => {
+                        let mut once = self.keyring.column(key.0, key.1);
+                        let subject = subject(&r.subject_id);
+                        return once
+                            .open_into(subject, &r.context, &r.ciphertext, &mut out)
+                            .await;
+                    }
+                };
+                let (_, keys) = columns
+                    .get_mut(at)
+                    .ok_or_else(|| Error::Internal("batch keys lost".into()))?;
+                keys.open_into(subject(&r.subject_id), &r.context, &r.ciphertext, &mut out)
+                    .await
+            }
+            .await;
+            results.push(result);
+        }
+        drop(columns);
+        self.guard.gate.data_done_batch(
+            c,
+            Action::Decrypt,
+            items
+                .iter()
+                .zip(&results)
+                .map(|(r, res)| (r.tenant_id.as_str(), r.field.as_str(), res)),
+        );
+        // No copy: each reply's value is a slice of the self-wiping buffer.
+        let buf = bytes::Bytes::from_owner(out);
+        let results = results
+            .into_iter()
+            .map(|r| {
+                DecryptResult::of(r.map(|(range, key_version)| DecryptResponse {
+                    plaintext: buf.slice(range),
+                    key_version,
+                }))
+            })
+            .collect();
+        DecryptBatchResponse { results }
     }
 }

@@ -106,9 +106,15 @@ use crate::audit::OUTCOME_UNBOUND;
 fn outcome<T>(r: &Result<T, Error>) -> &'static str {
     match r {
         Ok(_) => "ok",
-        Err(Error::PermissionDenied { .. }) => "denied",
-        Err(Error::RateLimited(_) | Error::IndexRateLimited(_)) => "rate_limited",
-        Err(_) => "failed",
+        Err(e) => error_outcome(e),
+    }
+}
+
+fn error_outcome(e: &Error) -> &'static str {
+    match e {
+        Error::PermissionDenied { .. } => "denied",
+        Error::RateLimited(_) | Error::IndexRateLimited(_) => "rate_limited",
+        _ => "failed",
     }
 }
 
@@ -406,6 +412,57 @@ impl Gate {
         }
         if let Some(r) = run {
             flush(r);
+        }
+    }
+
+    /// Counts a column's values in the audit window: `ok` successes, and each failure
+    /// by outcome (one update per outcome, not per value).
+    pub fn data_done_column(
+        &self,
+        c: &Caller,
+        action: Action,
+        tenant: &str,
+        field: &str,
+        ok: usize,
+        errors: &[&Error],
+    ) {
+        let Some(a) = &self.audit else { return };
+        let mut tally: Vec<(&'static str, u64)> = Vec::new();
+        if ok > 0 {
+            tally.push(("ok", u64::try_from(ok).unwrap_or(u64::MAX)));
+        }
+        for e in errors {
+            let o = error_outcome(e);
+            match tally.iter_mut().find(|(k, _)| *k == o) {
+                Some((_, n)) => *n += 1,
+                None => tally.push((o, 1)),
+            }
+        }
+        for (o, n) in tally {
+            a.data(
+                &c.identity,
+                c.ip.as_deref(),
+                tenant,
+                field,
+                action.as_str(),
+                o,
+                n,
+            );
+        }
+    }
+
+    /// [`Gate::data_unbound`] for `n` values of a column.
+    pub fn data_unbound_n(&self, c: &Caller, action: Action, tenant: &str, field: &str, n: usize) {
+        if let Some(a) = &self.audit {
+            a.data(
+                &c.identity,
+                c.ip.as_deref(),
+                tenant,
+                field,
+                action.as_str(),
+                OUTCOME_UNBOUND,
+                u64::try_from(n).unwrap_or(u64::MAX),
+            );
         }
     }
 

@@ -1,6 +1,6 @@
 //! gRPC handlers: translate requests into keyring calls and errors into statuses.
 //!
-//! One file per gRPC service (`crypto` with `index`, `keys`, `jobs`, `erasure`,
+//! One file per gRPC service (`crypto` with `index` and `column`, `keys`, `jobs`, `erasure`,
 //! `audit`); the shared edge around them: who is calling and the audit trail (`gate`),
 //! the admit-and-audit wrappers every handler runs through (`call`), the limits
 //! (`guard`), the single error mapping (`status`), and the wiring (`context`). The
@@ -9,6 +9,7 @@
 
 pub mod audit;
 mod call;
+mod column;
 mod context;
 mod crypto;
 pub mod erasure;

@@ -77,10 +77,10 @@ macro_rules! actions {
 }
 
 actions! {
-    Encrypt => "Crypto", "Encrypt", Field, "Encrypt a value (also each item of `EncryptBatch`).";
-    Decrypt => "Crypto", "Decrypt", Field, "Decrypt a value (also each item of `DecryptBatch`).";
-    Rewrap => "Crypto", "Rewrap", Field, "Re-encrypt a ciphertext under the active key (also each item of `RewrapBatch`).";
-    BlindIndex => "Crypto", "BlindIndex", Field, "Compute a blind index (also each item of `BlindIndexBatch`).";
+    Encrypt => "Crypto", "Encrypt", Field, "Encrypt a value (also each item of `EncryptBatch`, and `EncryptColumn`).";
+    Decrypt => "Crypto", "Decrypt", Field, "Decrypt a value (also each item of `DecryptBatch`, and `DecryptColumn`).";
+    Rewrap => "Crypto", "Rewrap", Field, "Re-encrypt a ciphertext under the active key (also each item of `RewrapBatch`, and `RewrapColumn`).";
+    BlindIndex => "Crypto", "BlindIndex", Field, "Compute a blind index (also each item of `BlindIndexBatch`, and `BlindIndexColumn`).";
     Pseudonymize => "Crypto", "Pseudonymize", Field, "Compute a pseudonym (also each item of `PseudonymizeBatch`); the resource's field is the purpose.";
     CreateTenant => "Keys", "CreateTenant", Tenant, "Create a tenant and its first key version.";
     GetTenant => "Keys", "GetTenant", Tenant, "Read a tenant's key versions and states.";
@@ -119,8 +119,8 @@ const PACKAGE: &str = "fieldkey.v1.";
 impl Action {
     /// The action guarding an RPC. `service` may carry the package
     /// (`"fieldkey.v1.Crypto"`) or not (`"Crypto"`). Batch methods map to their
-    /// single-item action (`EncryptBatch` → [`Action::Encrypt`]): the service authorizes
-    /// each item. `None` for an unknown RPC (which the caller must refuse).
+    /// single-item action (`EncryptBatch` and `EncryptColumn` → [`Action::Encrypt`]): the
+    /// service authorizes each item (each column once: one tenant and field). `None` for an unknown RPC (which the caller must refuse).
     pub fn from_rpc(service: &str, method: &str) -> Option<Action> {
         let service = service.strip_prefix(PACKAGE).unwrap_or(service);
         let single = match (service, method) {
@@ -129,6 +129,10 @@ impl Action {
             ("Crypto", "RewrapBatch") => "Rewrap",
             ("Crypto", "BlindIndexBatch") => "BlindIndex",
             ("Crypto", "PseudonymizeBatch") => "Pseudonymize",
+            ("Crypto", "EncryptColumn") => "Encrypt",
+            ("Crypto", "DecryptColumn") => "Decrypt",
+            ("Crypto", "RewrapColumn") => "Rewrap",
+            ("Crypto", "BlindIndexColumn") => "BlindIndex",
             _ => method,
         };
         Action::from_single(service, single)
@@ -142,7 +146,8 @@ impl Action {
         Action::from_rpc(service, method)
     }
 
-    /// Whether `method` of `service` is a batch RPC (authorized per item).
+    /// Whether `method` of `service` is a batch RPC (item batches are authorized per
+    /// item, columns once for all their values: one tenant and field).
     pub fn is_batch_rpc(method: &str) -> bool {
         matches!(
             method,
@@ -151,6 +156,10 @@ impl Action {
                 | "RewrapBatch"
                 | "BlindIndexBatch"
                 | "PseudonymizeBatch"
+                | "EncryptColumn"
+                | "DecryptColumn"
+                | "RewrapColumn"
+                | "BlindIndexColumn"
         )
     }
 
@@ -209,6 +218,15 @@ mod tests {
             Action::from_rpc("Crypto", "PseudonymizeBatch"),
             Some(Action::Pseudonymize)
         );
+        assert_eq!(
+            Action::from_rpc("Crypto", "DecryptColumn"),
+            Some(Action::Decrypt)
+        );
+        assert_eq!(
+            Action::from_rpc("Crypto", "BlindIndexColumn"),
+            Some(Action::BlindIndex)
+        );
+        assert!(Action::is_batch_rpc("EncryptColumn"));
         assert!(Action::is_batch_rpc("PseudonymizeBatch"));
         assert!(Action::is_batch_rpc("DecryptBatch"));
         assert!(!Action::is_batch_rpc("Decrypt"));
