@@ -167,3 +167,82 @@ fn help_is_available_everywhere_and_usage_errors_exit_2() {
         assert_eq!(o.status.code(), Some(2), "{args:?}");
     }
 }
+
+/// `fieldkey encrypt|decrypt --lines`: standard input as columns (here of 3 values, so
+/// 7 lines take three calls), one result per line in order; a bad line prints an empty
+/// line and its number and reason on standard error, exit status 1.
+#[test]
+fn lines_go_through_columns_in_order_and_a_bad_line_fails_alone() {
+    use std::io::Write as _;
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(dir.path());
+    stdout(&s.cli(&["tenant", "create", "acme"]));
+    let with_stdin = |args: &[&str], input: &str| -> Output {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .env("FIELDKEY_ADDR", &s.addr)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let values: Vec<String> = (0..7)
+        .map(|i| format!("row:{i}\tuser{i}@example.org"))
+        .collect();
+    let scope = [
+        "-t",
+        "acme",
+        "-s",
+        "u1",
+        "-f",
+        "email",
+        "--lines",
+        "--tab-context",
+    ];
+    let mut enc_args = vec!["encrypt"];
+    enc_args.extend(scope);
+    enc_args.extend(["--column-size", "3"]);
+    let cts = stdout(&with_stdin(&enc_args, &(values.join("\n") + "\n")));
+    let cts: Vec<&str> = cts.lines().collect();
+    assert_eq!(cts.len(), 7);
+    assert!(cts.iter().all(|c| c.starts_with("fk1:")));
+    // Back, with line 5 moved to another row (its context) and line 6 not a ciphertext.
+    let lines: Vec<String> = cts
+        .iter()
+        .enumerate()
+        .map(|(i, c)| match i {
+            4 => format!("row:0\t{c}"),
+            5 => "row:5\tgarbage".to_owned(),
+            _ => format!("row:{i}\t{c}"),
+        })
+        .collect();
+    let mut dec_args = vec!["decrypt"];
+    dec_args.extend(scope);
+    dec_args.extend(["--column-size", "3"]);
+    let out = with_stdin(&dec_args, &lines.join("\n"));
+    assert_eq!(out.status.code(), Some(1));
+    let printed = String::from_utf8(out.stdout).unwrap();
+    let printed: Vec<&str> = printed.lines().collect();
+    assert_eq!(printed.len(), 7);
+    for (i, p) in printed.iter().enumerate() {
+        if i == 4 || i == 5 {
+            assert_eq!(*p, "", "line {}", i + 1);
+        } else {
+            assert_eq!(*p, format!("user{i}@example.org"));
+        }
+    }
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("line 5: AUTHENTICATION_FAILED"), "{err}");
+    assert!(err.contains("line 6: MALFORMED_CIPHERTEXT"), "{err}");
+    assert!(err.contains("2 of 7 values failed"), "{err}");
+    assert!(!err.contains("user4@"), "no plaintext in errors: {err}");
+    let _ = s.terminate();
+}

@@ -35,7 +35,7 @@ pub(super) async fn connect(addr: &str) -> Result<Channel, CliError> {
     })
 }
 
-fn read_stdin() -> Result<Vec<u8>, CliError> {
+pub(super) fn read_stdin() -> Result<Vec<u8>, CliError> {
     let mut buf = Vec::new();
     std::io::stdin()
         .read_to_end(&mut buf)

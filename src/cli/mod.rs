@@ -8,6 +8,7 @@
 
 mod audit;
 mod client;
+mod column;
 mod epoch;
 mod erasure;
 mod jobs;
@@ -193,7 +194,28 @@ struct EncryptArgs {
     #[command(flatten)]
     scope: Scope,
     /// Value to encrypt; read from standard input when omitted.
+    #[arg(conflicts_with = "lines")]
     value: Option<String>,
+    #[command(flatten)]
+    column: ColumnArgs,
+}
+
+/// Many values at once: `--lines` reads standard input as a column.
+#[derive(Args, Debug, Clone)]
+struct ColumnArgs {
+    /// Read values from standard input, one per line, and send them as columns
+    /// (EncryptColumn / DecryptColumn, one tenant, subject and field); print one result
+    /// per line, in order. A value that fails prints an empty line, and its line number
+    /// and reason on standard error; the exit status is then 1.
+    #[arg(long)]
+    lines: bool,
+    /// With --lines: each line is `CONTEXT<TAB>VALUE`, the context (a row id) bound to
+    /// that value (else --context, for every value).
+    #[arg(long, requires = "lines")]
+    tab_context: bool,
+    /// With --lines: values per call.
+    #[arg(long, default_value_t = 1000, requires = "lines")]
+    column_size: usize,
 }
 
 #[derive(Args, Debug)]
@@ -203,7 +225,10 @@ struct DecryptArgs {
     #[command(flatten)]
     scope: Scope,
     /// Ciphertext (text form `fk1:...`); read from standard input when omitted.
+    #[arg(conflicts_with = "lines")]
     ciphertext: Option<String>,
+    #[command(flatten)]
+    column: ColumnArgs,
 }
 
 #[derive(Args, Debug)]
@@ -406,6 +431,8 @@ pub fn run(cli: Cli) -> ExitCode {
     let result = rt.block_on(async move {
         match cli.command {
             Command::Serve(args) => serve::run(args).await.map_err(client::CliError::Other),
+            Command::Encrypt(args) if args.column.lines => column::encrypt(args).await,
+            Command::Decrypt(args) if args.column.lines => column::decrypt(args).await,
             Command::Encrypt(args) => client::encrypt(args).await,
             Command::Decrypt(args) => client::decrypt(args).await,
             Command::BlindIndex(args) => client::blind_index(args).await,
