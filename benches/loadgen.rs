@@ -1,15 +1,18 @@
-//! Load generator: drives Encrypt, Decrypt, EncryptBatch and BlindIndexBatch against a
-//! `fieldkey serve` process at a given concurrency, and the same load against a bare
-//! tonic echo process (the transport floor), in one run; also raw HMAC-SHA256 in this
-//! process (the blind index's crypto floor). Prints ops/s and p50/p99/p999 latency.
+//! Load generator: drives Encrypt, Decrypt, EncryptBatch, DecryptBatch, the columnar
+//! EncryptColumn / DecryptColumn and BlindIndexBatch against a `fieldkey serve` process
+//! at a given concurrency, and the same load against a bare tonic echo process (the
+//! transport floor), in one run; also raw HMAC-SHA256 in this process (the blind
+//! index's crypto floor). Prints ops/s and p50/p99/p999 latency, latency at one call in
+//! flight (Encrypt against echo), and the sidecar's resident memory: idle, under the
+//! load, and per 100,000 cached subject keys (`--subjects N`, 100,000; 0 skips it).
 //!
 //! ```sh
 //! cargo bench --bench loadgen -- --concurrency 64 --connections 4 --seconds 10
 //! ```
 //! Options: `--concurrency N` calls in flight (64), `--connections N` HTTP/2 connections
 //! (4), `--seconds N` per scenario (10), `--size N` field bytes (32), `--batch N` fields
-//! per EncryptBatch / BlindIndexBatch (100), `--only blind` just the blind-index
-//! scenarios (with their floors).
+//! per batch or column (100), `--only blind` just the blind-index scenarios (with their
+//! floors), `--only batch` just the batch and column scenarios (with their floor).
 #![allow(
     missing_docs,
     clippy::unwrap_used,
@@ -30,13 +33,31 @@ use fieldkey::proto::echo_pb::echo_server::{Echo, EchoServer};
 use fieldkey::proto::pb::crypto_client::CryptoClient;
 use fieldkey::proto::pb::keys_client::KeysClient;
 use fieldkey::proto::pb::{
-    CreateTenantRequest, DecryptRequest, EncryptBatchRequest, EncryptRequest,
+    CreateTenantRequest, DecryptBatchRequest, DecryptColumnRequest, DecryptRequest,
+    EncryptBatchRequest, EncryptColumnRequest, EncryptRequest,
 };
+
+/// The resident set (VmRSS) and its peak (VmHWM) of process `pid`, MiB.
+fn rss_mib(pid: u32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (kib("VmRSS:") / 1024.0, kib("VmHWM:") / 1024.0)
+}
 use hdrhistogram::Histogram;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
+#[derive(Clone)]
 struct Opts {
+    subjects: usize,
+    only_batch: bool,
     concurrency: usize,
     connections: usize,
     seconds: u64,
@@ -59,22 +80,22 @@ fn opts() -> Opts {
             })
             .unwrap_or(default)
     };
+    let only = |what: &str| {
+        args.iter()
+            .position(|a| a == "--only")
+            .and_then(|i| args.get(i + 1))
+            .is_some_and(|v| v == what)
+    };
     Opts {
+        subjects: get("--subjects", 100_000),
+        only_batch: only("batch"),
         concurrency: get("--concurrency", 64),
         connections: get("--connections", 4),
         seconds: get("--seconds", 10) as u64,
         size: get("--size", 32),
         batch: get("--batch", 100),
-        only_blind: args
-            .iter()
-            .position(|a| a == "--only")
-            .and_then(|i| args.get(i + 1))
-            .is_some_and(|v| v == "blind"),
-        only_metrics: args
-            .iter()
-            .position(|a| a == "--only")
-            .and_then(|i| args.get(i + 1))
-            .is_some_and(|v| v == "metrics"),
+        only_blind: only("blind"),
+        only_metrics: only("metrics"),
     }
 }
 
@@ -288,6 +309,125 @@ async fn blind_scenarios(o: &Opts, fk_ch: &[Channel], echo_ch: &[Channel]) {
     );
 }
 
+/// EncryptBatch, EncryptColumn, DecryptBatch and DecryptColumn of `--batch` values:
+/// (EncryptBatch fields/s, EncryptColumn fields/s).
+async fn batch_scenarios(
+    o: &Opts,
+    fk_ch: &[Channel],
+    enc: &(impl Fn() -> EncryptRequest + Clone + Send + Sync + 'static),
+    ct: &[u8],
+) -> (f64, f64) {
+    let n = o.batch;
+    let e = enc.clone();
+    let s = drive(fk_ch, o, o.seconds, move |ch| {
+        let items = (0..n).map(|_| e()).collect();
+        async move {
+            let r = CryptoClient::new(ch)
+                .encrypt_batch(EncryptBatchRequest { items })
+                .await
+                .unwrap();
+            assert_eq!(r.into_inner().results.len(), n);
+        }
+    })
+    .await;
+    let batch = report(&format!("EncryptBatch, {n} x {} B", o.size), n as u64, &s) * n as f64;
+    let value = bytes::Bytes::from(vec![0x5au8; o.size]);
+    let row = bytes::Bytes::from_static(b"row:1");
+    let column = EncryptColumnRequest {
+        tenant_id: "bench".into(),
+        field: "email".into(),
+        contexts: vec![row.clone(); n],
+        plaintexts: vec![value; n],
+        ..Default::default()
+    };
+    let s = drive(fk_ch, o, o.seconds, move |ch| {
+        let r = column.clone();
+        async move {
+            let r = CryptoClient::new(ch)
+                .encrypt_column(r)
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(r.errors.is_empty() && r.ciphertexts.len() == n);
+        }
+    })
+    .await;
+    let col = report(&format!("EncryptColumn, {n} x {} B", o.size), n as u64, &s) * n as f64;
+    let item = DecryptRequest {
+        tenant_id: "bench".into(),
+        subject_id: String::new(),
+        field: "email".into(),
+        context: b"row:1".to_vec(),
+        ciphertext: ct.to_vec(),
+    };
+    let s = drive(fk_ch, o, o.seconds, move |ch| {
+        let items = vec![item.clone(); n];
+        async move {
+            let r = CryptoClient::new(ch)
+                .decrypt_batch(DecryptBatchRequest { items })
+                .await
+                .unwrap();
+            assert_eq!(r.into_inner().results.len(), n);
+        }
+    })
+    .await;
+    report(&format!("DecryptBatch, {n} x {} B", o.size), n as u64, &s);
+    let column = DecryptColumnRequest {
+        tenant_id: "bench".into(),
+        field: "email".into(),
+        contexts: vec![row; n],
+        ciphertexts: vec![bytes::Bytes::copy_from_slice(ct); n],
+        ..Default::default()
+    };
+    let s = drive(fk_ch, o, o.seconds, move |ch| {
+        let r = column.clone();
+        async move {
+            let r = CryptoClient::new(ch)
+                .decrypt_column(r)
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(r.errors.is_empty() && r.plaintexts.len() == n);
+        }
+    })
+    .await;
+    report(&format!("DecryptColumn, {n} x {} B", o.size), n as u64, &s);
+    (batch, col)
+}
+
+/// Resident memory per cached subject key: encrypts one value for each of `--subjects`
+/// new subjects (columns of 1,000 subjects), then compares the sidecar's VmRSS.
+async fn cached_subjects(o: &Opts, fk_ch: &[Channel], pid: u32) {
+    let (before, _) = rss_mib(pid);
+    let t = Instant::now();
+    let per_call = 1000;
+    let mut c = CryptoClient::new(fk_ch[0].clone());
+    let mut done = 0;
+    while done < o.subjects {
+        let k = per_call.min(o.subjects - done);
+        let r = c
+            .encrypt_column(EncryptColumnRequest {
+                tenant_id: "bench".into(),
+                field: "email".into(),
+                subject_ids: (done..done + k).map(|i| format!("subject-{i}")).collect(),
+                plaintexts: vec![bytes::Bytes::from_static(b"x"); k],
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.errors.is_empty(), "{:?}", r.errors.first());
+        done += k;
+    }
+    let (after, hwm) = rss_mib(pid);
+    println!(
+        "\n{} subject keys created and cached in {:.1} s: RSS {before:.1} -> {after:.1} MiB (peak {hwm:.1}): {:.1} MiB per 100,000",
+        o.subjects,
+        t.elapsed().as_secs_f64(),
+        (after - before) * 100_000.0 / o.subjects as f64
+    );
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--serve-echo") {
         serve_echo();
@@ -368,6 +508,7 @@ fn main() {
         },
         "fieldkey listening on tcp://",
     );
+    let fk_pid = fk.id();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -392,6 +533,7 @@ fn main() {
             }
         };
         let ct = CryptoClient::new(fk_ch[0].clone()).encrypt(enc()).await.unwrap().into_inner().ciphertext;
+        let (idle_rss, _) = rss_mib(fk_pid);
         let on_ch = channels(&fk_on_addr, o.connections).await;
         let mut create = tonic::Request::new(CreateTenantRequest { tenant_id: "bench".into(), kms_key_id: String::new() });
         create
@@ -411,6 +553,20 @@ fn main() {
 
         if o.only_blind {
             blind_scenarios(&o, &fk_ch, &echo_ch).await;
+            return;
+        }
+        if o.only_batch {
+            let big = vec![0x5au8; batch_payload];
+            let s = drive(&echo_ch, &o, o.seconds, move |ch| {
+                let p = big.clone();
+                async move {
+                    EchoClient::new(ch).echo(EchoMessage { payload: p }).await.unwrap();
+                }
+            })
+            .await;
+            let floor = report(&format!("echo floor, {batch_payload} B (batch size)"), o.batch as u64, &s) * o.batch as f64;
+            let fields = batch_scenarios(&o, &fk_ch, &enc, &ct).await;
+            println!("\nEncryptBatch / floor {:.2}; EncryptColumn / floor {:.2}", fields.0 / floor, fields.1 / floor);
             return;
         }
         if o.only_metrics {
@@ -509,13 +665,14 @@ fn main() {
         }
         let authz_ratio = on_total / off_total;
 
+        let ct1 = ct.clone();
         let s = drive(&fk_ch, &o, o.seconds, move |ch| {
             let r = DecryptRequest {
                 tenant_id: "bench".into(),
                 subject_id: String::new(),
                 field: "email".into(),
                 context: b"row:1".to_vec(),
-                ciphertext: ct.clone(),
+                ciphertext: ct1.clone(),
             };
             async move {
                 CryptoClient::new(ch).decrypt(r).await.unwrap();
@@ -534,23 +691,49 @@ fn main() {
         .await;
         report(&format!("echo floor, {batch_payload} B (batch size)"), o.batch as u64, &s);
 
-        let e = enc.clone();
-        let n = o.batch;
-        let s = drive(&fk_ch, &o, o.seconds, move |ch| {
-            let items = (0..n).map(|_| e()).collect();
+        let fields = batch_scenarios(&o, &fk_ch, &enc, &ct).await;
+
+        blind_scenarios(&o, &fk_ch, &echo_ch).await;
+
+        // Latency at one call in flight, one connection: Encrypt against the echo floor.
+        let one = Opts { concurrency: 1, ..o.clone() };
+        println!("\none call in flight, one connection:\n");
+        println!("| scenario                           |      ops/s |      items/s | p50 us  | p99 us  | p999 us |");
+        println!("| ---------------------------------- | ---------: | -----------: | ------: | ------: | ------: |");
+        let v = value.clone();
+        let echo1 = drive(&echo_ch[..1], &one, o.seconds, move |ch| {
+            let v = v.clone();
             async move {
-                let r = CryptoClient::new(ch).encrypt_batch(EncryptBatchRequest { items }).await.unwrap();
-                assert_eq!(r.into_inner().results.len(), n);
+                EchoClient::new(ch).echo(EchoMessage { payload: v }).await.unwrap();
             }
         })
         .await;
-        let fields = report(&format!("EncryptBatch, {} x {} B", o.batch, o.size), o.batch as u64, &s) * o.batch as f64;
-
-        blind_scenarios(&o, &fk_ch, &echo_ch).await;
+        report(&format!("echo floor, {} B, 1 in flight", o.size), 1, &echo1);
+        let e = enc.clone();
+        let enc1 = drive(&fk_ch[..1], &one, o.seconds, move |ch| {
+            let r = e();
+            async move {
+                CryptoClient::new(ch).encrypt(r).await.unwrap();
+            }
+        })
+        .await;
+        report(&format!("Encrypt, {} B, 1 in flight", o.size), 1, &enc1);
+        let q = |h: &Histogram<u64>, p: f64| h.value_at_quantile(p) as i64;
         println!(
-            "\nEncrypt / echo floor: {:.0}% (target >= 80%); EncryptBatch: {:.0} fields/s (target >= 1,000,000)",
+            "\nEncrypt - echo at 1 in flight: p50 {:+} us, p99 {:+} us (target within 10 us)",
+            q(&enc1.hist, 0.5) - q(&echo1.hist, 0.5),
+            q(&enc1.hist, 0.99) - q(&echo1.hist, 0.99)
+        );
+        let (rss, hwm) = rss_mib(fk_pid);
+        println!("\nsidecar memory: idle {idle_rss:.1} MiB; after the load {rss:.1} MiB (peak {hwm:.1} MiB)");
+        if o.subjects > 0 {
+            cached_subjects(&o, &fk_ch, fk_pid).await;
+        }
+        println!(
+            "\nEncrypt / echo floor: {:.0}%; EncryptBatch: {:.0} fields/s, EncryptColumn: {:.0} fields/s",
             100.0 * enc_ops / echo_ops,
-            fields
+            fields.0,
+            fields.1
         );
         println!(
             "Encrypt with authorization + audit / without: {:.1}% (target >= 90%)",
