@@ -273,19 +273,50 @@ pub(crate) fn seal_with_nonce(
 }
 
 /// [`seal`], appending the envelope to `out` (batches build all their envelopes into
-/// one buffer). On an error `out` is left as it was.
+/// one buffer), with the next of `nonces`. On an error `out` is left as it was (the
+/// nonce is used up all the same).
 ///
 /// # Errors
-/// As [`seal`].
+/// As [`seal`]; [`CryptoError::Rng`] when `nonces` is spent.
 pub fn seal_into(
     cipher: &FieldCipher,
     key_version: u32,
     aad: &Aad<'_>,
     plaintext: &[u8],
+    nonces: &mut Nonces,
     out: &mut Vec<u8>,
 ) -> Result<(), CryptoError> {
-    let nonce = fresh_nonce()?;
+    let nonce = nonces.0.next().ok_or(CryptoError::Rng)?;
     seal_into_with_nonce(cipher, key_version, aad, plaintext, &nonce, out)
+}
+
+/// Fresh random nonces for sealing many values, drawn in one go from the thread's
+/// CSPRNG with one fork check for all ([`fresh_nonce`] checks the process id per
+/// nonce: a system call each, about 6% of a column's time). Each is handed out once.
+pub struct Nonces(std::vec::IntoIter<[u8; NONCE_LEN]>);
+
+impl Nonces {
+    /// `n` fresh nonces.
+    ///
+    /// # Errors
+    /// [`CryptoError::Rng`] if the generator cannot be reseeded after a fork.
+    pub fn fresh(n: usize) -> Result<Self, CryptoError> {
+        let mut rng = rand::rng();
+        let pid = std::process::id();
+        if SEEDED_IN.get() != pid {
+            rng.reseed().map_err(|_| CryptoError::Rng)?;
+            SEEDED_IN.set(pid);
+        }
+        let mut all = vec![[0u8; NONCE_LEN]; n];
+        rng.fill_bytes(all.as_flattened_mut());
+        Ok(Self(all.into_iter()))
+    }
+}
+
+impl fmt::Debug for Nonces {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Nonces({} left)", self.0.len())
+    }
 }
 
 fn seal_into_with_nonce(

@@ -391,11 +391,17 @@ impl<'a> Encryptor<'a> {
         }
     }
 
-    /// [`Encryptor::seal`], appending the envelope to `out`.
+    /// [`Encryptor::seal`], appending the envelope to `out`, with the next of `nonces`.
     ///
     /// # Errors
     /// As [`Encryptor::seal`]; `out` is then as it was.
-    pub fn seal_into(&self, context: &[u8], plaintext: &[u8], out: &mut Vec<u8>) -> Result<()> {
+    pub fn seal_into(
+        &self,
+        nonces: &mut crypto::Nonces,
+        context: &[u8],
+        plaintext: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
         let aad = Aad {
             tenant: self.tenant,
             subject: self.subject,
@@ -407,6 +413,7 @@ impl<'a> Encryptor<'a> {
             self.version,
             &aad,
             plaintext,
+            nonces,
             out,
         )?)
     }

@@ -23,7 +23,7 @@ use super::gate::Caller;
 use super::status::{item_error, limit_status};
 use crate::crypto::{self, Plaintext, TEXT_PREFIX};
 use crate::error::Error;
-use crate::keyring::ColumnKeys;
+use crate::keyring::{ColumnKeys, Encryptor};
 use crate::policy::authz::Action;
 use crate::proto::pb::{
     BlindIndexColumnRequest, BlindIndexColumnResponse, CiphertextFormat, ColumnError,
@@ -176,15 +176,28 @@ impl CryptoService {
                     .map(|p| p.len() + crypto::OVERHEAD)
                     .sum();
                 out.reserve(room);
+                // One fork check for the column's nonces, not one per value.
+                let mut nonces = crypto::Nonces::fresh(n).map_err(Error::from);
+                // The last subject's encryptor: a run of values of one subject (all of
+                // them, when subject_id names it) needs no lookup.
+                let mut current: Option<(Option<&str>, Encryptor<'_>)> = None;
                 for (i, pt) in r.plaintexts.iter().enumerate() {
                     let start = out.len();
                     let context = contexts.of(i);
+                    let subject = subjects.of(i);
                     let sealed = async {
                         self.check_context(&r.field, context)?;
                         self.guard.check_field("plaintext", pt.len())?;
-                        let enc = keys.encryptor(subjects.of(i)).await?;
+                        let nonces = nonces.as_mut().map_err(|e| e.clone())?;
+                        let enc = match &current {
+                            Some((s, enc)) if *s == subject => enc,
+                            _ => {
+                                let enc = keys.encryptor(subject).await?.clone();
+                                &current.insert((subject, enc)).1
+                            }
+                        };
                         key_version = enc.key_version();
-                        enc.seal_into(context, pt, &mut out)
+                        enc.seal_into(nonces, context, pt, &mut out)
                     }
                     .await;
                     match sealed {
@@ -457,7 +470,12 @@ async fn rewrap_value<'a>(
     let enc = keys.encryptor(subject).await?;
     let to = enc.key_version();
     let mut sealed = Vec::with_capacity(plaintext.len() + crypto::OVERHEAD);
-    enc.seal_into(context, plaintext, &mut sealed)?;
+    enc.seal_into(
+        &mut crypto::Nonces::fresh(1)?,
+        context,
+        plaintext,
+        &mut sealed,
+    )?;
     let out = if ct.starts_with(TEXT_PREFIX.as_bytes()) {
         Bytes::from(crypto::to_text(&sealed))
     } else {

@@ -35,8 +35,9 @@ type Decision<'a> = ((&'a str, &'a str), Result<(), Error>);
 pub(super) const MAX_RESOLVED_PER_BATCH: usize = 16;
 
 /// What a batch decides and resolves once per distinct key of its items.
-#[derive(Default)]
 struct BatchMemo<'a> {
+    /// The batch's nonces (EncryptBatch), drawn at once.
+    nonces: Result<crate::crypto::Nonces, Error>,
     /// Authorization decisions per (tenant, field).
     decisions: Vec<Decision<'a>>,
     /// Encryption keys per (tenant, subject, field).
@@ -44,6 +45,15 @@ struct BatchMemo<'a> {
 }
 
 impl<'a> BatchMemo<'a> {
+    /// For a batch of `n` items (that encrypts with `nonces`).
+    fn new(n: usize, nonces: bool) -> Self {
+        Self {
+            nonces: crate::crypto::Nonces::fresh(if nonces { n } else { 0 }).map_err(Error::from),
+            decisions: Vec::new(),
+            encryptors: Vec::new(),
+        }
+    }
+
     /// [`super::gate::Gate::data`], decided once per distinct (tenant, field) of the batch
     /// (the first [`MAX_RESOLVED_PER_BATCH`] of them; beyond, per item).
     fn authorize(
@@ -70,8 +80,20 @@ fn subject(s: &str) -> Option<&str> {
 }
 
 /// Encrypts one request's value with a resolved key, in the requested form.
-fn seal_response(enc: &Encryptor<'_>, r: &EncryptRequest) -> Result<EncryptResponse, Error> {
-    let env = enc.seal(&r.context, &r.plaintext)?;
+/// With `nonces` (a batch's, drawn at once), else a fresh nonce of its own.
+fn seal_response(
+    enc: &Encryptor<'_>,
+    r: &EncryptRequest,
+    nonces: Option<&mut crate::crypto::Nonces>,
+) -> Result<EncryptResponse, Error> {
+    let env = match nonces {
+        Some(nonces) => {
+            let mut env = Vec::with_capacity(r.plaintext.len() + crate::crypto::OVERHEAD);
+            enc.seal_into(nonces, &r.context, &r.plaintext, &mut env)?;
+            env
+        }
+        None => enc.seal(&r.context, &r.plaintext)?,
+    };
     let ciphertext = if r.format == CiphertextFormat::Text as i32 {
         to_text(&env).into_bytes()
     } else {
@@ -140,7 +162,7 @@ impl CryptoService {
                 .keyring
                 .encryptor(&r.tenant_id, subject(&r.subject_id), &r.field)
                 .await?;
-            seal_response(&enc, &r)
+            seal_response(&enc, &r, None)
         }
         .await;
         r.plaintext.zeroize();
@@ -175,7 +197,8 @@ impl CryptoService {
                 fresh?
             }
         };
-        seal_response(&enc, r)
+        let nonces = memo.nonces.as_mut().map_err(|e| e.clone())?;
+        seal_response(&enc, r, Some(nonces))
     }
 
     async fn rewrap_one(&self, c: &Caller, r: &RewrapRequest) -> Result<RewrapResponse, Error> {
@@ -266,7 +289,7 @@ impl pb::crypto_server::Crypto for CryptoService {
             {
                 // Items of one batch usually share (tenant, subject, field): decide and
                 // resolve each distinct one once (a few per batch), not once per item.
-                let mut memo = BatchMemo::default();
+                let mut memo = BatchMemo::new(items.len(), true);
                 for item in &items {
                     results.push(self.encrypt_batch_item(&c, item, &mut memo).await);
                 }
@@ -423,7 +446,7 @@ impl CryptoService {
     async fn decrypt_items(&self, c: &Caller, items: &[DecryptRequest]) -> DecryptBatchResponse {
         let room = items.iter().map(|r| r.ciphertext.len()).sum();
         let mut out = crate::crypto::Plaintext::with_capacity(room);
-        let mut memo = BatchMemo::default();
+        let mut memo = BatchMemo::new(items.len(), false);
         let mut columns: Vec<((&str, &str), crate::keyring::ColumnKeys<'_, '_>)> = Vec::new();
         let mut results = Vec::with_capacity(items.len());
         for r in items {
