@@ -167,7 +167,17 @@ def _contexts(op: str, tenant: str, field: str, contexts: Contexts, n: int, requ
         raise ColumnMismatch(
             f"contexts has {len(seq)} entries for {n} values (give one per value)", reason="COLUMN_MISMATCH"
         )
-    out = [c if type(c) is bytes else context_bytes(c) for c in seq]
+    # the common types inline (a function call per value costs more than the conversion)
+    out = [
+        c
+        if type(c) is bytes
+        else c.encode()
+        if type(c) is str
+        else str(c).encode()
+        if type(c) is int
+        else context_bytes(c)
+        for c in seq
+    ]
     if not all(out):
         if require:
             for i, (c, raw) in enumerate(zip(out, seq)):
