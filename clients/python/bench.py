@@ -4,6 +4,10 @@ SDK for Python with a caching materials manager, both on one moto KMS, in one ru
 
     clients/python/bench.py --fieldkey-bin target/release/fieldkey [--seconds 3]
 
+Rows: single calls, item batches (EncryptBatch / DecryptBatch) and columns
+(EncryptColumn / DecryptColumn) of 100 and 1,000 values, the asyncio client, the SDK's
+two suites; then the batch and column figures as multiples of the SDK's unsigned suite.
+
 Needs the packages of requirements-test.txt (run-tests.sh's venv has them) and this
 package installed. Starts its own moto_server (from a venv with moto[server]==5.2.5
 under the fieldkey cache directory, made like scripts/test.sh makes it, unless
@@ -169,6 +173,19 @@ def bench_fieldkey(target: str, seconds: float, label: str) -> list[tuple[str, R
                 return len(c.decrypt_batch(ditems))
 
             rows.append((f"fieldkey {label}, batches of {size:,} (EncryptBatch / DecryptBatch)", measure(e, seconds), measure(d, seconds)))
+        for size in (100, 1000):
+            # the same values and row contexts as the batches, as one column each
+            values = [value] * size
+            contexts = [str(i) for i in range(size)]
+            ccts = [r.unwrap() for r in c.encrypt_column(tenant, "email", values, contexts=contexts)]
+
+            def ce() -> int:
+                return len(c.encrypt_column(tenant, "email", values, contexts=contexts))
+
+            def cd() -> int:
+                return len(c.decrypt_column(tenant, "email", ccts, contexts=contexts))
+
+            rows.append((f"fieldkey {label}, columns of {size:,} (EncryptColumn / DecryptColumn)", measure(ce, seconds), measure(cd, seconds)))
     return rows
 
 
@@ -300,6 +317,14 @@ def main() -> None:
         print("| --- | ---: | ---: |")
         for name, e, d in rows:
             print(f"| {name} | {e} | {d} |")
+        # fieldkey's batch and column figures over the SDK's fastest suite, same run
+        sdk = next(r for r in rows if "no signature" in r[0])
+        print(f"\nratios to the SDK's unsigned suite ({sdk[1].per_sec:,.0f} / {sdk[2].per_sec:,.0f} values/s):\n")
+        print("| what | encrypt | decrypt |")
+        print("| --- | ---: | ---: |")
+        for name, e, d in rows:
+            if name.startswith("fieldkey TCP, batches") or name.startswith("fieldkey TCP, columns"):
+                print(f"| {name} | {e.per_sec / sdk[1].per_sec:.1f}x | {d.per_sec / sdk[2].per_sec:.1f}x |")
     finally:
         for p in reversed(procs):
             p.send_signal(signal.SIGTERM)

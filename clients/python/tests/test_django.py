@@ -169,34 +169,35 @@ def test_bulk_read_of_1000_rows_uses_batch_calls(shop, fk: fieldkey.Client, call
     t0 = time.perf_counter()
     shop.Customer.objects.bulk_create(rows)
     t_write = time.perf_counter() - t0
-    # 2,000 values encrypted (after the INSERT returned the pks), 1,000 indexed: one call each
-    assert dict(calls) == {"EncryptBatch": 1, "BlindIndexBatch": 1}
+    # 2,000 values encrypted (after the INSERT returned the pks), 1,000 indexed: one
+    # columnar call per field (test_django_columns.py: the columnar path)
+    assert dict(calls) == {"EncryptColumn": 2, "BlindIndexColumn": 1}
     assert all(r.pk is not None for r in rows)
     calls.clear()
     t0 = time.perf_counter()
     got = list(shop.Customer.objects.filter(tenant=t).order_by("id"))
     t_read = time.perf_counter() - t0
-    assert dict(calls) == {"DecryptBatch": 1}  # one call for 2,000 values, none per row
+    assert dict(calls) == {"DecryptColumn": 2}  # one call per field for 2,000 values, none per row
     assert [c.email for c in got] == [f"user{i}@example.com" for i in range(1000)]
     assert [c.note for c in got] == [f"note {i}" for i in range(1000)]
-    assert dict(calls) == {"DecryptBatch": 1}
-    # iterator(): one call per chunk
+    assert dict(calls) == {"DecryptColumn": 2}
+    # iterator(): one call per field and chunk
     calls.clear()
     assert sum(1 for c in shop.Customer.objects.filter(tenant=t).iterator(chunk_size=400) if c.email) == 1000
-    assert dict(calls) == {"DecryptBatch": 3}
+    assert dict(calls) == {"DecryptColumn": 6}
     # the client's batch limit splits one evaluation into requests
     from django.test import override_settings
 
     with override_settings(FIELDKEY={"TARGET": sidecar.tcp, "INTERCEPTORS": [counter], "MAX_BATCH_ITEMS": 500}):
         calls.clear()
         assert len([c.email for c in shop.Customer.objects.filter(tenant=t)]) == 1000
-        assert dict(calls) == {"DecryptBatch": 4}
-    # bulk_update: one EncryptBatch, indexes follow
+        assert dict(calls) == {"DecryptColumn": 4}
+    # bulk_update: one EncryptColumn, indexes follow
     for c in got[:100]:
         c.email = c.email.upper()
     calls.clear()
     shop.Customer.objects.bulk_update(got[:100], ["email"])
-    assert dict(calls) == {"EncryptBatch": 1, "BlindIndexBatch": 1}
+    assert dict(calls) == {"EncryptColumn": 1, "BlindIndexColumn": 1}
     assert shop.Customer.objects.blind_filter(t, email="user5@example.com").get().email == "USER5@EXAMPLE.COM"
     print(f"\n1,000 rows: bulk_create {t_write * 1000:.0f} ms, read + decrypt {t_read * 1000:.0f} ms")
 

@@ -304,13 +304,16 @@ def context_bytes(ctx: Context) -> bytes:
     return _bytes("context", ctx)
 
 
-def check_context(op: str, tenant: str, field: str, ctx: Context, item: int | None = None) -> None:
+def check_context(
+    op: str, tenant: str, field: str, ctx: Context, item: int | None = None, unit: str = "batch item"
+) -> None:
     """Raise :class:`ContextRequired` for a missing (None or empty) context; the caller
-    checks every item before sending anything."""
+    checks every item before sending anything. ``unit`` names what ``item`` counts
+    (``"column value"`` for a columnar call)."""
     if ctx is UNBOUND:
         return
     if ctx is None or (isinstance(ctx, (str, bytes, bytearray, memoryview)) and len(ctx) == 0):
-        where = f"batch item {item}: " if item is not None else ""
+        where = f"{unit} {item}: " if item is not None else ""
         raise ContextRequired(
             f"{where}{op} of field {field!r} (tenant {tenant!r}) without a context: pass context= "
             "(the row's id) to bind the value to its row, or construct the client with "

@@ -19,6 +19,7 @@ __all__ = [
     "AuthenticationFailed",
     "BatchError",
     "BatchTooLarge",
+    "ColumnMismatch",
     "ConfigurationError",
     "ContextRequired",
     "DecodeError",
@@ -118,6 +119,12 @@ class ValueTooLarge(InvalidArgument):
 
 class BatchTooLarge(InvalidArgument):
     """BATCH_TOO_LARGE: more items than limits.max_batch_items (lower max_batch_items)."""
+
+
+class ColumnMismatch(InvalidArgument):
+    """COLUMN_MISMATCH: a columnar call's per-value lists (contexts, subjects) are neither
+    empty nor one per value, or both one subject and per-value subjects were given (whole
+    call refused; the client raises it before sending for lists it was given)."""
 
 
 class MalformedCiphertext(InvalidArgument):
@@ -299,6 +306,7 @@ REASONS: Final[dict[str, type[FieldkeyError]]] = {
     "INVALID_ARGUMENT": InvalidArgument,
     "VALUE_TOO_LARGE": ValueTooLarge,
     "BATCH_TOO_LARGE": BatchTooLarge,
+    "COLUMN_MISMATCH": ColumnMismatch,
     "DEADLINE_EXCEEDED": DeadlineExceeded,
     "TOO_MANY_REQUESTS": TooManyRequests,
     "MEMORY_BUDGET": MemoryBudgetExceeded,

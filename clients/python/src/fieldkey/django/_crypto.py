@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from .._core import UNBOUND, BlindIndexItem, DecryptItem, EncryptItem, Unbound
+from .._core import UNBOUND, Unbound
 from ..errors import FieldkeyError
+from . import _columns
 from .conf import get_client
 from .fields import Ciphertext, _EncryptedMixin, _Failed, _Pending, encrypted_fields, index_fields
 
@@ -100,8 +101,9 @@ def _wanted(field: Any, wanted: set[str] | None) -> bool:
 def seal_instances(
     instances: Sequence[Any], fields: Iterable[str] | None, *, placeholder_pk: bool, with_indexes: bool = True
 ) -> list[Any]:
-    """Encrypt what each instance will write, in one EncryptBatch (and one
-    BlindIndexBatch) for all of them; the results wait in ``_fieldkey_sealed`` for the
+    """Encrypt what each instance will write, one EncryptColumn per (tenant, field) of
+    many values and one EncryptBatch for the rest (blind indexes likewise, see
+    :mod:`._columns`); the results wait in ``_fieldkey_sealed`` for the
     fields' ``pre_save``. Unchanged values (same plaintext and scope as loaded) keep
     their stored ciphertext; untouched ones (never decrypted) are written back as they
     are. With ``placeholder_pk``, pk-bound values of instances without a primary key
@@ -173,9 +175,7 @@ def seal_instances(
     try:
         client = get_client()
         if enc_todo:
-            results = client.encrypt_batch(
-                [EncryptItem(s[0], f.fieldkey_name, v, s[1], s[2]) for (_, f, v, s) in enc_todo], text=True
-            )
+            results = _columns.encrypt(client, [(s[0], f.fieldkey_name, v, s[1], s[2]) for (_, f, v, s) in enc_todo])
             for (inst, f, v, s), r in zip(enc_todo, results):
                 if r.error is not None:
                     raise r.error
@@ -183,9 +183,7 @@ def seal_instances(
                 inst.__dict__["_fieldkey_sealed"][f.attname] = Ciphertext(ct)  # type: ignore[attr-defined]
                 inst.__dict__["_fieldkey_sealing"][f.attname] = (ct, v, s)  # type: ignore[attr-defined]
         if idx_todo:
-            iresults = client.blind_index_batch(
-                [BlindIndexItem(t, b.source_field.fieldkey_name, v) for (_, b, t, v) in idx_todo], text=True
-            )
+            iresults = _columns.blind_index(client, [(t, b.source_field.fieldkey_name, v) for (_, b, t, v) in idx_todo])
             for (inst, b, _, _), ir in zip(idx_todo, iresults):
                 if ir.error is not None:
                     raise ir.error
@@ -232,7 +230,8 @@ def _walk(instances: Iterable[Any]) -> Iterator[Any]:
 
 def decrypt_instances(instances: Iterable[Any]) -> int:
     """Decrypt every pending encrypted value of the instances (and of their
-    select_related instances) in one DecryptBatch (split into requests by the client's
+    select_related instances): one DecryptColumn per (tenant, field) of many values, one
+    DecryptBatch for the rest (see :mod:`._columns`; split into requests by the client's
     batch limits). A value that fails (shredded, suspended, altered, moved) stores its
     exception, raised when the attribute is read: the other rows load normally.
     Returns the number of values decrypted."""
@@ -250,9 +249,7 @@ def decrypt_instances(instances: Iterable[Any]) -> int:
             todo.append((inst, f, v.ciphertext, scope))
     if not todo:
         return 0
-    results = get_client().decrypt_batch(
-        [DecryptItem(s[0], f.fieldkey_name, ct, s[1], s[2]) for (_, f, ct, s) in todo], as_text=True
-    )
+    results = _columns.decrypt(get_client(), [(s[0], f.fieldkey_name, ct, s[1], s[2]) for (_, f, ct, s) in todo])
     for (inst, f, ct, s), r in zip(todo, results):
         if r.error is None:
             pt = r.unwrap()

@@ -26,7 +26,7 @@ from typing import Any
 
 from django.db import connections, transaction
 
-from .._core import BlindIndexItem, EncryptItem
+from . import _columns
 from ._crypto import row_context
 from .conf import get_client
 from .fields import BlindIndexField, Ciphertext, encrypted_fields
@@ -57,7 +57,8 @@ def encrypt_column(
     client: Any = None,
 ) -> BackfillReport:
     """Encrypt the plaintext values of one EncryptedTextField/EncryptedCharField column,
-    in primary-key order, ``batch_size`` rows per EncryptBatch (and per BlindIndexBatch
+    in primary-key order, ``batch_size`` rows at a time (one EncryptColumn per tenant
+    of many rows in the batch, one EncryptBatch for the others; blind indexes likewise
     when the model has a BlindIndexField on the column), each batch committed on its own.
 
     Resumable and safe to run beside the application: values already in the ``fk1:``
@@ -103,25 +104,17 @@ def encrypt_column(
                 todo.append((pk, str(tenant), str(subject) if subject not in (None, "") else None, str(value)))
         if not todo:
             continue
-        enc = fk.encrypt_batch(
+        enc = _columns.encrypt(
+            fk,
             [
-                EncryptItem(
-                    t,
-                    field.fieldkey_name,
-                    v,
-                    s if field.per_subject else None,
-                    row_context(model, field, pk),
-                )
+                (t, field.fieldkey_name, v, s if field.per_subject else None, row_context(model, field, pk))
                 for (pk, t, s, v) in todo
             ],
-            text=True,
         )
         cts = [r.unwrap() for r in enc]
         idx: list[Any] = [None] * len(todo)
         if index is not None:
-            res = fk.blind_index_batch(
-                [BlindIndexItem(t, field.fieldkey_name, v) for (_, t, _, v) in todo], text=True
-            )
+            res = _columns.blind_index(fk, [(t, field.fieldkey_name, v) for (_, t, _, v) in todo])
             idx = [r.unwrap().index for r in res]
         with transaction.atomic(using=using), conn.cursor() as cur:
             for (pk, _, _, v), ct, ix in zip(todo, cts, idx):

@@ -13,7 +13,14 @@
         "MAX_BATCH_ITEMS": 10000,            # the sidecar's limits.max_batch_items
         "MAX_BATCH_BYTES": 4194304,
         "INTERCEPTORS": [],                  # grpc client interceptors, or dotted paths to them
+        "COLUMN_MIN_VALUES": 32,             # see below
     }
+
+``COLUMN_MIN_VALUES``: the values of one (tenant, field) in a page, a save or a
+backfill batch go as one columnar call (DecryptColumn, EncryptColumn,
+BlindIndexColumn) when there are at least this many (default 32), else with the other
+small groups in one item batch (one round trip for them all); ``1``: always columns;
+``None``: item batches only.
 
 Every key is optional. The client is made on first use and remade when the setting
 changes (``override_settings`` in tests). It requires a context (``require_context``
@@ -36,7 +43,20 @@ from ..client import Client
 _lock = threading.Lock()
 _client: Client | None = None
 
-_KEYS = {"TARGET", "TLS", "TIMEOUT", "RETRY", "MAX_BATCH_ITEMS", "MAX_BATCH_BYTES", "INTERCEPTORS", "METADATA"}
+_KEYS = {
+    "TARGET",
+    "TLS",
+    "TIMEOUT",
+    "RETRY",
+    "MAX_BATCH_ITEMS",
+    "MAX_BATCH_BYTES",
+    "INTERCEPTORS",
+    "METADATA",
+    "COLUMN_MIN_VALUES",
+}
+
+#: The default of FIELDKEY["COLUMN_MIN_VALUES"].
+DEFAULT_COLUMN_MIN_VALUES = 32
 
 
 def _settings() -> dict[str, Any]:
@@ -81,6 +101,17 @@ def client_from_settings() -> Client:
         metadata=cfg.get("METADATA", ()),
         require_context=True,
     )
+
+
+def column_min_values() -> int | None:
+    """FIELDKEY["COLUMN_MIN_VALUES"]: the fewest values of one (tenant, field) sent as a
+    columnar call (None: never)."""
+    v = _settings().get("COLUMN_MIN_VALUES", DEFAULT_COLUMN_MIN_VALUES)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ImproperlyConfigured("settings.FIELDKEY['COLUMN_MIN_VALUES'] must be a positive int or None")
+    return v
 
 
 def get_client() -> Client:

@@ -10,8 +10,7 @@ from django.core.exceptions import FieldError, ImproperlyConfigured
 from django.db import models, router, transaction
 from django.db.models.query import ModelIterable
 
-from .._core import BlindIndexItem
-from . import _crypto
+from . import _columns, _crypto
 from .conf import get_client
 from .fields import BlindIndexField, encrypted_fields, index_fields
 
@@ -30,14 +29,14 @@ def blind_lookup(model: Any, tenant: str, **values: Any) -> dict[str, Any]:
     ``Customer.objects.filter(**blind_lookup(Customer, "acme", email="a@example.org"))``.
 
     ``<field>=value`` matches one value, ``<field>__in=[...]`` any of several (one
-    BlindIndexBatch). Each value is matched under every usable key version (lookup
+    BlindIndexBatch, or a BlindIndexColumn per field of many values). Each value is matched under every usable key version (lookup
     mode: 2 index values between a rotation and the old version's retirement). Adds
     ``<tenant field>=tenant`` when the model sets ``fieldkey_tenant_field``.
     """
     if not values:
         raise TypeError("blind_lookup needs a field=value (or field__in=[...]) argument")
     out: dict[str, Any] = {}
-    items: list[BlindIndexItem] = []
+    items: list[tuple[str, str, str | bytes]] = []
     targets: list[str] = []
     for key, value in values.items():
         source, _, op = key.partition("__")
@@ -49,9 +48,9 @@ def blind_lookup(model: Any, tenant: str, **values: Any) -> dict[str, Any]:
         for v in vals:
             if not isinstance(v, (str, bytes)):
                 raise TypeError(f"blind_lookup value for {key} must be str, not {type(v).__name__}")
-            items.append(BlindIndexItem(tenant, field_name, v))
+            items.append((tenant, field_name, v))
             targets.append(b.attname)
-    results = get_client().blind_index_batch(items, text=True, lookup=True)
+    results = _columns.blind_index(get_client(), items, lookup=True)
     for attname, r in zip(targets, results):
         out.setdefault(f"{attname}__in", []).extend(r.unwrap().lookup)
     for k in list(out):
@@ -64,8 +63,10 @@ def blind_lookup(model: Any, tenant: str, **values: Any) -> dict[str, Any]:
 
 
 class FieldkeyQuerySet(models.QuerySet):
-    """Decrypts the rows of an evaluation in one DecryptBatch (chunked by the client's
-    batch limits), encrypts bulk_create / bulk_update in one EncryptBatch."""
+    """Decrypts the rows of an evaluation with one DecryptColumn per (tenant, field) of
+    many values and one DecryptBatch for the rest (chunked by the client's batch
+    limits); encrypts bulk_create / bulk_update the same way (EncryptColumn,
+    EncryptBatch)."""
 
     _result_cache: list[Any] | None
 
