@@ -20,6 +20,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // self-wiping plaintext buffer: wiped once tonic has encoded the reply, with no
         // unwiped copy in between (review finding 5).
         .bytes(".fieldkey.v1.DecryptResponse.plaintext")
+        // Item batches: an item's values are slices of the request buffer (no copy or
+        // allocation per item), an EncryptBatch's ciphertexts slices of one buffer.
+        .bytes(".fieldkey.v1.EncryptRequest")
+        .bytes(".fieldkey.v1.DecryptRequest")
+        .bytes(".fieldkey.v1.EncryptResponse")
         // Columnar batches: values are slices of the request buffer, results slices of
         // one buffer per call (no allocation per value on either side).
         .bytes(".fieldkey.v1.EncryptColumnRequest")

@@ -357,8 +357,8 @@ async fn batch_scenarios(
         tenant_id: "bench".into(),
         subject_id: String::new(),
         field: "email".into(),
-        context: b"row:1".to_vec(),
-        ciphertext: ct.to_vec(),
+        context: b"row:1".to_vec().into(),
+        ciphertext: ct.to_vec().into(),
     };
     let s = drive(fk_ch, o, o.seconds, move |ch| {
         let items = vec![item.clone(); n];
@@ -527,8 +527,8 @@ fn main() {
                 tenant_id: "bench".into(),
                 subject_id: String::new(),
                 field: "email".into(),
-                context: b"row:1".to_vec(),
-                plaintext: value.clone(),
+                context: b"row:1".to_vec().into(),
+                plaintext: value.clone().into(),
                 format: 0,
             }
         };
@@ -671,7 +671,7 @@ fn main() {
                 tenant_id: "bench".into(),
                 subject_id: String::new(),
                 field: "email".into(),
-                context: b"row:1".to_vec(),
+                context: b"row:1".to_vec().into(),
                 ciphertext: ct1.clone(),
             };
             async move {

@@ -131,22 +131,24 @@ const SUBJECTS: usize = 1000;
 const LARGE: usize = 1_000_000;
 
 fn enc(subject: &str, plaintext: Vec<u8>) -> EncryptRequest {
+    let plaintext = plaintext.into();
     EncryptRequest {
         tenant_id: TENANT.into(),
         subject_id: subject.into(),
         field: "email".into(),
-        context: b"row:1".to_vec(),
+        context: b"row:1".to_vec().into(),
         plaintext,
         format: 0,
     }
 }
 
 fn dec(subject: &str, ciphertext: Vec<u8>) -> DecryptRequest {
+    let ciphertext = ciphertext.into();
     DecryptRequest {
         tenant_id: TENANT.into(),
         subject_id: subject.into(),
         field: "email".into(),
-        context: b"row:1".to_vec(),
+        context: b"row:1".to_vec().into(),
         ciphertext,
     }
 }
@@ -340,7 +342,7 @@ fn main() {
         let mut c = CryptoClient::new(chs[0].clone()).max_decoding_message_size(64 << 20);
         let ct = |r: EncryptRequest| {
             let mut c = c.clone();
-            async move { c.encrypt(r).await.unwrap().into_inner().ciphertext }
+            async move { c.encrypt(r).await.unwrap().into_inner().ciphertext.to_vec() }
         };
         let small = ct(enc("", b"someone@example.org".to_vec())).await;
         let mut by_subject = Vec::new();

@@ -125,13 +125,13 @@ async fn encrypt(ch: &Channel, who: &str, tenant: &str) -> Result<Vec<u8>, tonic
                 tenant_id: tenant.into(),
                 subject_id: "u1".into(),
                 field: "email".into(),
-                context: vec![],
-                plaintext: b"alice@example.org".to_vec(),
+                context: vec![].into(),
+                plaintext: b"alice@example.org".to_vec().into(),
                 format: 0,
             },
         ))
         .await
-        .map(|r| r.into_inner().ciphertext)
+        .map(|r| r.into_inner().ciphertext.to_vec())
 }
 
 async fn decrypt(ch: &Channel, who: &str, tenant: &str, ct: &[u8]) -> Result<(), tonic::Status> {
@@ -142,8 +142,8 @@ async fn decrypt(ch: &Channel, who: &str, tenant: &str, ct: &[u8]) -> Result<(),
                 tenant_id: tenant.into(),
                 subject_id: "u1".into(),
                 field: "email".into(),
-                context: vec![],
-                ciphertext: ct.to_vec(),
+                context: vec![].into(),
+                ciphertext: ct.to_vec().into(),
             },
         ))
         .await

@@ -107,8 +107,8 @@ fn request(subject: bool, ciphertext: Vec<u8>) -> pb::DecryptRequest {
             String::new()
         },
         field: FIELD.into(),
-        context: CONTEXT.to_vec(),
-        ciphertext,
+        context: CONTEXT.to_vec().into(),
+        ciphertext: ciphertext.into(),
     }
 }
 
@@ -124,8 +124,8 @@ async fn encrypt(ch: &Channel, subject: bool, text: bool) -> pb::EncryptResponse
                     String::new()
                 },
                 field: FIELD.into(),
-                context: CONTEXT.to_vec(),
-                plaintext: PLAINTEXT.to_vec(),
+                context: CONTEXT.to_vec().into(),
+                plaintext: PLAINTEXT.to_vec().into(),
                 format: if text {
                     pb::CiphertextFormat::Text as i32
                 } else {
@@ -172,7 +172,7 @@ async fn every_bit_flip_and_truncation_gets_its_exact_status_over_grpc() {
         // Binary form, one unary Decrypt per mutation: the code and the trailer.
         let enc = encrypt(&ch, subject, false).await;
         assert_eq!(enc.key_version, 3);
-        let original = enc.ciphertext;
+        let original = enc.ciphertext.to_vec();
         assert_eq!(original.len(), 49 + PLAINTEXT.len());
         let ok = crypto
             .decrypt(as_id(ids::APP, request(subject, original.clone())))

@@ -130,8 +130,8 @@ async fn columns_agree_with_single_calls_in_both_directions() -> Result<()> {
                     tenant_id: "acme".into(),
                     subject_id: subject(i),
                     field: "email".into(),
-                    context: row(i).to_vec(),
-                    ciphertext: ct.to_vec(),
+                    context: row(i).to_vec().into(),
+                    ciphertext: ct.to_vec().into(),
                 })
                 .await?
                 .into_inner();
@@ -146,13 +146,13 @@ async fn columns_agree_with_single_calls_in_both_directions() -> Result<()> {
                 tenant_id: "acme".into(),
                 subject_id: "user-9".into(),
                 field: "email".into(),
-                context: row(i).to_vec(),
-                plaintext: value(i).to_vec(),
+                context: row(i).to_vec().into(),
+                plaintext: value(i).to_vec().into(),
                 format: 0,
             })
             .await?
             .into_inner();
-        cts.push(Bytes::from(r.ciphertext));
+        cts.push(r.ciphertext);
     }
     let back = c
         .decrypt_column(DecryptColumnRequest {

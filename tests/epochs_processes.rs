@@ -85,8 +85,8 @@ fn item(tenant: &str, subject: &str, value: &[u8]) -> pb::EncryptRequest {
         tenant_id: tenant.into(),
         subject_id: subject.into(),
         field: "email".into(),
-        plaintext: value.to_vec(),
-        context: Vec::new(),
+        plaintext: value.to_vec().into(),
+        context: Vec::new().into(),
         format: pb::CiphertextFormat::Binary as i32,
     }
 }
@@ -102,8 +102,8 @@ async fn decrypt(
             tenant_id: tenant.into(),
             subject_id: subject.into(),
             field: "email".into(),
-            ciphertext: ct.to_vec(),
-            context: Vec::new(),
+            ciphertext: ct.to_vec().into(),
+            context: Vec::new().into(),
         })
         .await
         .map(|r| r.into_inner().plaintext.to_vec())
@@ -270,7 +270,7 @@ async fn a_roll_on_one_replica_while_the_other_serves_and_shreds() -> Result<()>
             .await?
             .into_inner();
         cts.extend(out.results.into_iter().map(|r| match r.result {
-            Some(pb::encrypt_result::Result::Ok(ok)) => ok.ciphertext,
+            Some(pb::encrypt_result::Result::Ok(ok)) => ok.ciphertext.to_vec(),
             other => panic!("{other:?}"),
         }));
     }

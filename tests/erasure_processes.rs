@@ -93,14 +93,15 @@ async fn encrypt(ch: &Channel, tenant: &str, subject: &str, value: &str) -> Vec<
             tenant_id: tenant.into(),
             subject_id: subject.into(),
             field: "email".into(),
-            context: b"row-1".to_vec(),
-            plaintext: value.as_bytes().to_vec(),
+            context: b"row-1".to_vec().into(),
+            plaintext: value.as_bytes().to_vec().into(),
             format: pb::CiphertextFormat::Binary as i32,
         })
         .await
         .unwrap()
         .into_inner()
         .ciphertext
+        .to_vec()
 }
 
 async fn decrypt(
@@ -114,8 +115,8 @@ async fn decrypt(
             tenant_id: tenant.into(),
             subject_id: subject.into(),
             field: "email".into(),
-            context: b"row-1".to_vec(),
-            ciphertext: ct.to_vec(),
+            context: b"row-1".to_vec().into(),
+            ciphertext: ct.to_vec().into(),
         })
         .await
         .map(|r| r.into_inner().plaintext.to_vec())

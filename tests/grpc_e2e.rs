@@ -53,8 +53,8 @@ fn enc(tenant: &str, subject: &str, field: &str, ctx: &[u8], pt: &[u8]) -> Encry
         tenant_id: tenant.into(),
         subject_id: subject.into(),
         field: field.into(),
-        context: ctx.to_vec(),
-        plaintext: pt.to_vec(),
+        context: ctx.to_vec().into(),
+        plaintext: pt.to_vec().into(),
         format: CiphertextFormat::Binary as i32,
     }
 }
@@ -64,8 +64,8 @@ fn dec(tenant: &str, subject: &str, field: &str, ctx: &[u8], ct: &[u8]) -> Decry
         tenant_id: tenant.into(),
         subject_id: subject.into(),
         field: field.into(),
-        context: ctx.to_vec(),
-        ciphertext: ct.to_vec(),
+        context: ctx.to_vec().into(),
+        ciphertext: ct.to_vec().into(),
     }
 }
 

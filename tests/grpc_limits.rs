@@ -42,8 +42,8 @@ fn enc(tenant: &str, subject: &str, field: &str, ctx: &[u8], pt: &[u8]) -> Encry
         tenant_id: tenant.into(),
         subject_id: subject.into(),
         field: field.into(),
-        context: ctx.to_vec(),
-        plaintext: pt.to_vec(),
+        context: ctx.to_vec().into(),
+        plaintext: pt.to_vec().into(),
         format: CiphertextFormat::Binary as i32,
     }
 }

@@ -158,8 +158,8 @@ async fn client_faults_are_invalid_argument_with_a_reason_and_never_count_as_ser
     let good = prost::Message::encode_to_vec(&EncryptRequest {
         tenant_id: "acme".into(),
         field: "email".into(),
-        context: b"row-1".to_vec(),
-        plaintext: b"a@example.org".to_vec(),
+        context: b"row-1".to_vec().into(),
+        plaintext: b"a@example.org".to_vec().into(),
         ..Default::default()
     });
     let ok = raw_call(
@@ -220,8 +220,8 @@ async fn a_burst_of_large_requests_stays_inside_the_memory_budget() -> Result<()
                 tenant_id: "acme".into(),
                 subject_id: String::new(),
                 field: "essay".into(),
-                context: format!("row-{i}").into_bytes(),
-                plaintext: vec![b'x'; 1_000_000],
+                context: format!("row-{i}").into_bytes().into(),
+                plaintext: vec![b'x'; 1_000_000].into(),
                 format: CiphertextFormat::Binary as i32,
             })
             .collect(),
@@ -283,8 +283,8 @@ async fn a_burst_of_large_requests_stays_inside_the_memory_budget() -> Result<()
         .encrypt(EncryptRequest {
             tenant_id: "acme".into(),
             field: "email".into(),
-            context: b"row-1".to_vec(),
-            plaintext: b"a@example.org".to_vec(),
+            context: b"row-1".to_vec().into(),
+            plaintext: b"a@example.org".to_vec().into(),
             format: CiphertextFormat::Binary as i32,
             ..Default::default()
         })

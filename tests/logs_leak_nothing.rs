@@ -79,8 +79,8 @@ fn enc(subject: &str, field: &str, context: &[u8], pt: &str) -> pb::EncryptReque
         tenant_id: TENANT.into(),
         subject_id: subject.into(),
         field: field.into(),
-        context: context.to_vec(),
-        plaintext: pt.as_bytes().to_vec(),
+        context: context.to_vec().into(),
+        plaintext: pt.as_bytes().to_vec().into(),
         format: pb::CiphertextFormat::Text as i32,
     }
 }
@@ -90,8 +90,8 @@ fn dec(subject: &str, field: &str, context: &[u8], ct: &[u8]) -> pb::DecryptRequ
         tenant_id: TENANT.into(),
         subject_id: subject.into(),
         field: field.into(),
-        context: context.to_vec(),
-        ciphertext: ct.to_vec(),
+        context: context.to_vec().into(),
+        ciphertext: ct.to_vec().into(),
     }
 }
 
@@ -203,7 +203,7 @@ async fn traffic(
     }
     // Client errors.
     let (s0, f0, ct0) = &made[0];
-    let mut bad = ct0.clone();
+    let mut bad = ct0.to_vec();
     let last = bad.len() - 2;
     bad[last] = if bad[last] == b'A' { b'B' } else { b'A' };
     refused(

@@ -78,8 +78,8 @@ async fn metrics_move_with_traffic_and_readiness_follows_the_key_store() -> Resu
             tenant_id: "acme".into(),
             subject_id: String::new(),
             field: "email".into(),
-            context: vec![],
-            plaintext: format!("v{i}").into_bytes(),
+            context: vec![].into(),
+            plaintext: format!("v{i}").into_bytes().into(),
             format: pb::CiphertextFormat::Binary as i32,
         })
         .await?;
@@ -89,8 +89,8 @@ async fn metrics_move_with_traffic_and_readiness_follows_the_key_store() -> Resu
             tenant_id: "nobody".into(),
             subject_id: String::new(),
             field: "email".into(),
-            context: vec![],
-            ciphertext: b"garbage".to_vec(),
+            context: vec![].into(),
+            ciphertext: b"garbage".to_vec().into(),
         })
         .await
         .unwrap_err();

@@ -146,12 +146,12 @@ async fn encrypt(ch: &Channel, tenant: &str) -> Result<Vec<u8>, tonic::Status> {
             tenant_id: tenant.into(),
             subject_id: "u1".into(),
             field: "email".into(),
-            context: vec![],
-            plaintext: b"alice@example.org".to_vec(),
+            context: vec![].into(),
+            plaintext: b"alice@example.org".to_vec().into(),
             format: 0,
         })
         .await
-        .map(|r| r.into_inner().ciphertext)
+        .map(|r| r.into_inner().ciphertext.to_vec())
 }
 
 /// Whether TLS error `expected` is somewhere in `e`'s chain of sources (as itself, or

@@ -32,8 +32,8 @@ fn enc(subject: &str) -> EncryptRequest {
         tenant_id: "acme".into(),
         subject_id: subject.into(),
         field: "email".into(),
-        context: b"row-1".to_vec(),
-        plaintext: b"a@example.org".to_vec(),
+        context: b"row-1".to_vec().into(),
+        plaintext: b"a@example.org".to_vec().into(),
         format: CiphertextFormat::Binary as i32,
     }
 }
@@ -43,8 +43,8 @@ fn dec(subject: &str, ciphertext: &[u8]) -> DecryptRequest {
         tenant_id: "acme".into(),
         subject_id: subject.into(),
         field: "email".into(),
-        context: b"row-1".to_vec(),
-        ciphertext: ciphertext.to_vec(),
+        context: b"row-1".to_vec().into(),
+        ciphertext: ciphertext.to_vec().into(),
     }
 }
 
@@ -113,7 +113,12 @@ async fn cached_calls_never_wait_on_a_key_store_that_stopped_answering() -> Resu
     let mut c = CryptoClient::new(ch.clone());
     let mut values = Vec::new();
     for subject in ["", "user-1"] {
-        let ct = c.encrypt(enc(subject)).await?.into_inner().ciphertext;
+        let ct = c
+            .encrypt(enc(subject))
+            .await?
+            .into_inner()
+            .ciphertext
+            .to_vec();
         c.decrypt(dec(subject, &ct)).await?;
         values.push((subject.to_owned(), ct));
     }

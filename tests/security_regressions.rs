@@ -420,8 +420,8 @@ async fn swap_into_victims_row(
         .encrypt(EncryptRequest {
             tenant_id: "acme".into(),
             field: "email".into(),
-            plaintext: b"mallory@evil.example".to_vec(),
-            context: mallory_row.to_vec(),
+            plaintext: b"mallory@evil.example".to_vec().into(),
+            context: mallory_row.to_vec().into(),
             ..Default::default()
         })
         .await
@@ -433,7 +433,7 @@ async fn swap_into_victims_row(
         tenant_id: "acme".into(),
         field: "email".into(),
         ciphertext: ct,
-        context: victim_row.to_vec(),
+        context: victim_row.to_vec().into(),
         ..Default::default()
     })
     .await
@@ -636,8 +636,8 @@ async fn a_verifying_rewrap_reports_a_value_moved_to_another_row() -> Result<()>
         .encrypt(EncryptRequest {
             tenant_id: "acme".into(),
             field: "email".into(),
-            plaintext: b"mallory@evil.example".to_vec(),
-            context: b"row-mallory".to_vec(),
+            plaintext: b"mallory@evil.example".to_vec().into(),
+            context: b"row-mallory".to_vec().into(),
             ..Default::default()
         })
         .await?
@@ -647,7 +647,7 @@ async fn a_verifying_rewrap_reports_a_value_moved_to_another_row() -> Result<()>
         tenant_id: "acme".into(),
         field: "email".into(),
         context: b"row-victim".to_vec(),
-        ciphertext: ct.clone(),
+        ciphertext: ct.clone().into(),
         verify,
         ..Default::default()
     };

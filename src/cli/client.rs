@@ -58,8 +58,8 @@ pub(super) async fn encrypt(args: EncryptArgs) -> Result<(), CliError> {
             tenant_id: args.scope.tenant.clone(),
             subject_id: subject(&args.scope),
             field: args.scope.field.clone(),
-            context: args.scope.context.clone().into_bytes(),
-            plaintext: value,
+            context: args.scope.context.clone().into_bytes().into(),
+            plaintext: value.into(),
             format: CiphertextFormat::Text as i32,
         })
         .await?
@@ -79,8 +79,8 @@ pub(super) async fn decrypt(args: DecryptArgs) -> Result<(), CliError> {
             tenant_id: args.scope.tenant.clone(),
             subject_id: subject(&args.scope),
             field: args.scope.field.clone(),
-            context: args.scope.context.clone().into_bytes(),
-            ciphertext: ct,
+            context: args.scope.context.clone().into_bytes().into(),
+            ciphertext: ct.into(),
         })
         .await?
         .into_inner();

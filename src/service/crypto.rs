@@ -1,13 +1,15 @@
 //! The `fieldkey.v1.Crypto` service: Encrypt, Decrypt, Rewrap and their batches (the
 //! blind-index and pseudonym handlers of the same service are in `index.rs`).
 //!
-//! Does NOT: choose keys or decide key use (the keyring does), or log plaintext; every
-//! plaintext it holds is zeroized once the reply is built.
+//! Does NOT: choose keys or decide key use (the keyring does), or log plaintext. A
+//! request's values are slices of the transport's receive buffer (`Bytes`: no copy is
+//! made, so there is none to wipe; the receive buffer itself is not wiped, THREAT_MODEL
+//! "Request buffers"); decrypted values live in self-wiping buffers until the reply is
+//! encoded.
 
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
-use zeroize::Zeroize as _;
 
 use super::gate::Caller;
 use super::guard::Guard;
@@ -80,29 +82,17 @@ fn subject(s: &str) -> Option<&str> {
 }
 
 /// Encrypts one request's value with a resolved key, in the requested form.
-/// With `nonces` (a batch's, drawn at once), else a fresh nonce of its own.
-fn seal_response(
-    enc: &Encryptor<'_>,
-    r: &EncryptRequest,
-    nonces: Option<&mut crate::crypto::Nonces>,
-) -> Result<EncryptResponse, Error> {
-    let env = match nonces {
-        Some(nonces) => {
-            let mut env = Vec::with_capacity(r.plaintext.len() + crate::crypto::OVERHEAD);
-            enc.seal_into(nonces, &r.context, &r.plaintext, &mut env)?;
-            env
-        }
-        None => enc.seal(&r.context, &r.plaintext)?,
-    };
-    let ciphertext = if r.format == CiphertextFormat::Text as i32 {
-        to_text(&env).into_bytes()
-    } else {
-        env
-    };
+fn seal_response(enc: &Encryptor<'_>, r: &EncryptRequest) -> Result<EncryptResponse, Error> {
+    let env = enc.seal(&r.context, &r.plaintext)?;
     Ok(EncryptResponse {
-        ciphertext,
+        ciphertext: in_form(&env, r.format).unwrap_or_else(|| env.into()),
         key_version: enc.key_version(),
     })
+}
+
+/// The text form of `env` when `format` asks for it (`None`: binary, as it is).
+fn in_form(env: &[u8], format: i32) -> Option<bytes::Bytes> {
+    (format == CiphertextFormat::Text as i32).then(|| to_text(env).into())
 }
 
 /// The `fieldkey.v1.Crypto` service.
@@ -148,11 +138,7 @@ impl CryptoService {
         }
     }
 
-    async fn encrypt_one(
-        &self,
-        c: &Caller,
-        mut r: EncryptRequest,
-    ) -> Result<EncryptResponse, Error> {
+    async fn encrypt_one(&self, c: &Caller, r: EncryptRequest) -> Result<EncryptResponse, Error> {
         let call = (self.guard.gate).data_call(c, Action::Encrypt, &r.tenant_id, &r.field);
         let result = async {
             call.authorize()?;
@@ -162,23 +148,24 @@ impl CryptoService {
                 .keyring
                 .encryptor(&r.tenant_id, subject(&r.subject_id), &r.field)
                 .await?;
-            seal_response(&enc, &r, None)
+            seal_response(&enc, &r)
         }
         .await;
-        r.plaintext.zeroize();
         self.note_unbound(c, &r, &result);
         call.counted(result)
     }
 
     /// One item of an EncryptBatch: authorized once per distinct (tenant, field) of
     /// the batch (the decision depends on nothing else), its key resolved once per
-    /// distinct (tenant, subject, field); counted by the caller, per run of items.
+    /// distinct (tenant, subject, field); counted by the caller, per run of items. The
+    /// envelope is appended to `out`; returns where it is and its key version.
     async fn encrypt_batch_item<'a>(
         &self,
         c: &Caller,
         r: &'a EncryptRequest,
         memo: &mut BatchMemo<'a>,
-    ) -> Result<EncryptResponse, Error> {
+        out: &mut Vec<u8>,
+    ) -> Result<(std::ops::Range<usize>, u32), Error> {
         memo.authorize(&self.guard.gate, c, Action::Encrypt, &r.tenant_id, &r.field)?;
         self.check_context(&r.field, &r.context)?;
         self.guard.check_field("plaintext", r.plaintext.len())?;
@@ -198,7 +185,9 @@ impl CryptoService {
             }
         };
         let nonces = memo.nonces.as_mut().map_err(|e| e.clone())?;
-        seal_response(&enc, r, Some(nonces))
+        let start = out.len();
+        enc.seal_into(nonces, &r.context, &r.plaintext, out)?;
+        Ok((start..out.len(), enc.key_version()))
     }
 
     async fn rewrap_one(&self, c: &Caller, r: &RewrapRequest) -> Result<RewrapResponse, Error> {
@@ -282,16 +271,22 @@ impl pb::crypto_server::Crypto for CryptoService {
         req: Request<EncryptBatchRequest>,
     ) -> Result<Response<EncryptBatchResponse>, Status> {
         let c = self.guard.gate.caller(&req);
-        let mut items = req.into_inner().items;
+        let items = req.into_inner().items;
         self.guard.check_batch(items.len())?;
         let fut = async {
             let mut results = Vec::with_capacity(items.len());
+            // Every envelope in one buffer, which the replies slice.
+            let room = items
+                .iter()
+                .map(|r| r.plaintext.len() + crate::crypto::OVERHEAD)
+                .sum();
+            let mut out = Vec::with_capacity(room);
             {
                 // Items of one batch usually share (tenant, subject, field): decide and
                 // resolve each distinct one once (a few per batch), not once per item.
                 let mut memo = BatchMemo::new(items.len(), true);
                 for item in &items {
-                    results.push(self.encrypt_batch_item(&c, item, &mut memo).await);
+                    results.push(self.encrypt_batch_item(&c, item, &mut memo, &mut out).await);
                 }
             }
             let gate = &self.guard.gate;
@@ -308,10 +303,20 @@ impl pb::crypto_server::Crypto for CryptoService {
                     gate.data_unbound(&c, Action::Encrypt, &r.tenant_id, &r.field);
                 }
             }
-            for item in &mut items {
-                item.plaintext.zeroize();
-            }
-            let results = results.into_iter().map(EncryptResult::of).collect();
+            let buf = bytes::Bytes::from(out);
+            let results = items
+                .iter()
+                .zip(results)
+                .map(|(r, res)| {
+                    EncryptResult::of(res.map(|(range, key_version)| {
+                        let env = buf.slice(range);
+                        EncryptResponse {
+                            ciphertext: in_form(&env, r.format).unwrap_or(env),
+                            key_version,
+                        }
+                    }))
+                })
+                .collect();
             Ok::<_, Status>(EncryptBatchResponse { results })
         };
         self.guard.run(fut).await.map(Response::new)
