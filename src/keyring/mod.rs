@@ -28,6 +28,7 @@ mod index;
 mod lifecycle;
 mod resolution;
 mod rotation;
+pub mod rows;
 pub use crate::model::{SubjectInfo, TenantInfo, VersionInfo};
 pub use epochs::{ActiveEpoch, swk_context};
 pub use index::{IndexProfiles, Indexed, Indexer};
