@@ -289,8 +289,13 @@ field = "name"
             .map(|i| {
                 let mut cfg = RunnerConfig::new(Duration::from_secs(30));
                 cfg.shard = Some(i);
-                let (r, _) =
-                    Runner::new(keyring.clone(), store.clone(), app.clone(), spec.clone(), cfg);
+                let (r, _) = Runner::new(
+                    keyring.clone(),
+                    store.clone(),
+                    app.clone(),
+                    spec.clone(),
+                    cfg,
+                );
                 Arc::new(r)
             })
             .collect();

@@ -15,8 +15,7 @@
 #![expect(
     clippy::unwrap_used,
     clippy::indexing_slicing,
-    clippy::zombie_processes,
-    reason = "test code fails by panicking; every child is killed or waited for"
+    reason = "test code fails by panicking"
 )]
 
 mod common;
@@ -190,7 +189,10 @@ async fn four_runners_under_writes_and_sigkills_move_every_row_exactly_once() ->
         assert!(Instant::now() < deadline, "the job did not finish in time");
         let job = f.store.get_job("users-sharded").await?;
         let (scanned, state) = job.as_ref().map_or((0, JobState::Pending), |j| {
-            (JobProgress::parse(&j.progress).unwrap().rows_scanned, j.state)
+            (
+                JobProgress::parse(&j.progress).unwrap().rows_scanned,
+                j.state,
+            )
         });
         for (i, slot) in slots.iter_mut().enumerate() {
             if let Some(c) = slot.child.as_mut()
@@ -201,7 +203,10 @@ async fn four_runners_under_writes_and_sigkills_move_every_row_exactly_once() ->
                 if !status.success() {
                     // Only a runner that lost a lease (a stall longer than the lease on
                     // a loaded machine) may stop on its own; a Job would start it again.
-                    assert!(stderr.contains("lost the lease"), "runner {i} failed: {stderr}");
+                    assert!(
+                        stderr.contains("lost the lease"),
+                        "runner {i} failed: {stderr}"
+                    );
                     eprintln!("runner {i} stopped on its own: {stderr}");
                     slot.restart_at = Some(Instant::now());
                 }
@@ -221,23 +226,25 @@ async fn four_runners_under_writes_and_sigkills_move_every_row_exactly_once() ->
         // after a back-off of 0.3 to 0.8 s.
         if Instant::now() >= next_kill && scanned < (ROWS as u64) * 3 / 4 {
             let shards = f.store.job_shards("users-sharded").await?;
-            let victim = if slots[DEAD_FOR_GOOD].pids.len() == 1
-                && slots[DEAD_FOR_GOOD].child.is_some()
-            {
-                shards
-                    .get(DEAD_FOR_GOOD)
-                    .is_some_and(|s| s.checkpoint.is_some())
-                    .then_some(DEAD_FOR_GOOD)
-            } else {
-                Some(rnd(3) as usize)
-            };
+            let victim =
+                if slots[DEAD_FOR_GOOD].pids.len() == 1 && slots[DEAD_FOR_GOOD].child.is_some() {
+                    shards
+                        .get(DEAD_FOR_GOOD)
+                        .is_some_and(|s| s.checkpoint.is_some())
+                        .then_some(DEAD_FOR_GOOD)
+                } else {
+                    Some(rnd(3) as usize)
+                };
             if let Some(v) = victim
                 && let Some(mut c) = slots[v].child.take()
             {
                 c.kill()?; // SIGKILL
                 c.wait()?;
                 kills += 1;
-                eprintln!("{:?}: killed runner {v} at {scanned} rows scanned", t0.elapsed());
+                eprintln!(
+                    "{:?}: killed runner {v} at {scanned} rows scanned",
+                    t0.elapsed()
+                );
                 if v != DEAD_FOR_GOOD {
                     slots[v].restart_at =
                         Some(Instant::now() + Duration::from_millis(300 + rnd(500)));
@@ -268,8 +275,10 @@ async fn four_runners_under_writes_and_sigkills_move_every_row_exactly_once() ->
         assert_eq!(w[0].hi, w[1].lo, "adjacent shards meet");
     }
     let bound = |b: &Option<String>| b.as_ref().map(|b| b.parse::<i64>().unwrap());
-    let ranges: Vec<(Option<i64>, Option<i64>)> =
-        shards.iter().map(|s| (bound(&s.lo), bound(&s.hi))).collect();
+    let ranges: Vec<(Option<i64>, Option<i64>)> = shards
+        .iter()
+        .map(|s| (bound(&s.lo), bound(&s.hi)))
+        .collect();
     for (lo, hi) in &ranges {
         if let (Some(lo), Some(hi)) = (lo, hi) {
             assert!(lo < hi, "non-empty, ordered: {ranges:?}");
@@ -321,7 +330,10 @@ async fn four_runners_under_writes_and_sigkills_move_every_row_exactly_once() ->
         .map(|(_, r)| slot_of(pid_of(r)))
         .collect();
     eprintln!("shard {DEAD_FOR_GOOD} was moved by the runners of slots {takers:?}");
-    assert!(takers.contains(&DEAD_FOR_GOOD) && takers.len() >= 2, "{takers:?}");
+    assert!(
+        takers.contains(&DEAD_FOR_GOOD) && takers.len() >= 2,
+        "{takers:?}"
+    );
 
     // The job's counters are its shards' summed; no larger than what was moved, short
     // of it by at most the batches cut off by kills (written, not yet checkpointed).
@@ -335,8 +347,15 @@ async fn four_runners_under_writes_and_sigkills_move_every_row_exactly_once() ->
     assert_eq!(total.rows_scanned, sum(|p| p.rows_scanned));
     assert_eq!(total.values_rewrapped, sum(|p| p.values_rewrapped));
     assert_eq!(total.conflicts, sum(|p| p.conflicts));
-    assert_eq!(u64::from(total.runs), parts.iter().map(|p| u64::from(p.runs)).sum::<u64>());
-    assert!(parts[DEAD_FOR_GOOD].runs >= 2, "taken over: {:?}", parts[DEAD_FOR_GOOD]);
+    assert_eq!(
+        u64::from(total.runs),
+        parts.iter().map(|p| u64::from(p.runs)).sum::<u64>()
+    );
+    assert!(
+        parts[DEAD_FOR_GOOD].runs >= 2,
+        "taken over: {:?}",
+        parts[DEAD_FOR_GOOD]
+    );
     assert!(total.rows_updated <= ROWS as u64);
     assert!(
         ROWS as u64 - total.rows_updated <= kills * 2 * BATCH,
@@ -346,7 +365,10 @@ async fn four_runners_under_writes_and_sigkills_move_every_row_exactly_once() ->
     assert!(total.rows_scanned >= ROWS as u64);
     assert_eq!((total.values_failed, total.values_shredded), (0, 0));
     assert!(total.leftovers.is_empty());
-    assert!(total.conflicts > 0, "the application wrote into batches in flight");
+    assert!(
+        total.conflicts > 0,
+        "the application wrote into batches in flight"
+    );
     eprintln!("{total:?}");
 
     // The census proves the job: v1 retires.

@@ -378,7 +378,9 @@ mod suite {
         assert!(s.create_job(new_job("j1")).await?.was_created());
         assert!(!s.create_job(new_job("j1")).await?.was_created());
         assert!(
-            s.claim_job_shard("j1", 0, "a", 1_000, 2_000).await?.is_none(),
+            s.claim_job_shard("j1", 0, "a", 1_000, 2_000)
+                .await?
+                .is_none(),
             "nothing to claim before the job is planned"
         );
         // planned once: a second planner (or a second plan) changes nothing
@@ -398,19 +400,29 @@ mod suite {
                 (1, Some("100"), None, JobState::Pending)
             ]
         );
-        let a = s.claim_job_shard("j1", 0, "a", 1_000, 2_000).await?.unwrap();
+        let a = s
+            .claim_job_shard("j1", 0, "a", 1_000, 2_000)
+            .await?
+            .unwrap();
         assert_eq!(
             (a.state, a.owner.as_deref()),
             (JobState::Running, Some("a"))
         );
         let job = s.get_job("j1").await?.unwrap();
-        assert_eq!((job.state, job.started_at), (JobState::Running, Some(1_000)));
+        assert_eq!(
+            (job.state, job.started_at),
+            (JobState::Running, Some(1_000))
+        );
         assert!(
-            s.claim_job_shard("j1", 0, "b", 1_500, 2_500).await?.is_none(),
+            s.claim_job_shard("j1", 0, "b", 1_500, 2_500)
+                .await?
+                .is_none(),
             "a's lease is still good"
         );
         assert!(
-            s.claim_job_shard("j1", 1, "b", 1_500, 2_500).await?.is_some(),
+            s.claim_job_shard("j1", 1, "b", 1_500, 2_500)
+                .await?
+                .is_some(),
             "the other shard is free"
         );
         assert!(
@@ -465,7 +477,10 @@ mod suite {
                 .await?
                 .is_some()
         );
-        let b = s.claim_job_shard("j1", 0, "b", 6_000, 7_000).await?.unwrap();
+        let b = s
+            .claim_job_shard("j1", 0, "b", 6_000, 7_000)
+            .await?
+            .unwrap();
         assert_eq!(b.checkpoint.as_deref(), Some("20"));
         assert_eq!(JobProgress::parse(&b.progress)?.rows_scanned, 10);
         assert_eq!(
@@ -516,7 +531,9 @@ mod suite {
         // a failed shard fails the job once the others are done; resuming reopens it
         s.create_job(new_job("j2")).await?;
         assert!(s.plan_job("j2", &[shard(None, None)], 1).await?);
-        s.claim_job_shard("j2", 0, "a", 1_000, 2_000).await?.unwrap();
+        s.claim_job_shard("j2", 0, "a", 1_000, 2_000)
+            .await?
+            .unwrap();
         let failed = JobUpdate {
             error: Some("no column mail".into()),
             ..upd(JobState::Failed, "5", 5)
@@ -530,11 +547,19 @@ mod suite {
         assert_eq!((j2.state, j2.error), (JobState::Pending, None));
         let sh = s.job_shards("j2").await?;
         assert_eq!(
-            (sh[0].state, sh[0].owner.as_deref(), sh[0].checkpoint.as_deref()),
+            (
+                sh[0].state,
+                sh[0].owner.as_deref(),
+                sh[0].checkpoint.as_deref()
+            ),
             (JobState::Pending, None, Some("5")),
             "reopened where it stopped"
         );
-        assert!(s.claim_job_shard("j2", 0, "b", 3_000, 4_000).await?.is_some());
+        assert!(
+            s.claim_job_shard("j2", 0, "b", 3_000, 4_000)
+                .await?
+                .is_some()
+        );
         assert!(
             !s.fail_unplanned_job("j2", "x", 5_000).await?,
             "a planned job fails through its shards"
@@ -697,7 +722,8 @@ async fn a_job_from_before_shards_resumes_from_its_checkpoint_once_the_old_lease
     // A store as the previous release left it: migrations 0001..=0004.
     let old_dir = dir.path().join("old");
     std::fs::create_dir(&old_dir)?;
-    let migrations = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/store/migrations/sqlite");
+    let migrations =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/store/migrations/sqlite");
     for f in [
         "0001_keys.sql",
         "0002_rotation_jobs.sql",
@@ -741,7 +767,11 @@ async fn a_job_from_before_shards_resumes_from_its_checkpoint_once_the_old_lease
     assert_eq!(JobProgress::parse(&shards[0].progress)?.rows_scanned, 42);
     let job = s.get_job("old").await?.unwrap();
     assert_eq!((job.owner, job.shards), (None, Some(1)));
-    assert!(s.claim_job_shard("old", 0, "new", 6_000, 9_000).await?.is_some());
+    assert!(
+        s.claim_job_shard("old", 0, "new", 6_000, 9_000)
+            .await?
+            .is_some()
+    );
     Ok(())
 }
 

@@ -93,7 +93,9 @@ pub fn totals(job: &JobRecord, shards: &[JobShardRecord], now: i64) -> JobTotals
             Ok(p) => {
                 add(&mut sum, &p);
                 if let Some(e) = p.last_error
-                    && last_error.as_ref().is_none_or(|(at, _)| s.updated_at >= *at)
+                    && last_error
+                        .as_ref()
+                        .is_none_or(|(at, _)| s.updated_at >= *at)
                 {
                     last_error = Some((s.updated_at, e));
                 }
@@ -117,10 +119,7 @@ pub fn totals(job: &JobRecord, shards: &[JobShardRecord], now: i64) -> JobTotals
         let live = |s: &JobShardRecord| {
             s.state == JobState::Running && s.lease_until.is_some_and(|l| l >= now)
         };
-        if job.control == JobControl::Pause
-            && any(JobState::Paused)
-            && !shards.iter().any(live)
-        {
+        if job.control == JobControl::Pause && any(JobState::Paused) && !shards.iter().any(live) {
             JobState::Paused
         } else if shards.iter().any(|s| s.started_at.is_some()) {
             JobState::Running
@@ -194,7 +193,6 @@ pub(crate) fn owners(shards: &[ShardView]) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-    #![expect(clippy::unwrap_used, clippy::indexing_slicing, reason = "test code")]
     use super::*;
 
     fn job(control: JobControl) -> JobRecord {
@@ -283,7 +281,10 @@ mod tests {
         ];
         let t = totals(&j, &shards, 50);
         assert_eq!(t.state, JobState::Running, "one shard still runs");
-        assert_eq!(t.checkpoint, None, "no single checkpoint for several shards");
+        assert_eq!(
+            t.checkpoint, None,
+            "no single checkpoint for several shards"
+        );
         let p = JobProgress::parse(&t.progress).unwrap();
         assert_eq!((p.rows_scanned, p.values_rewrapped, p.runs), (8, 7, 3));
         assert_eq!(p.revalidate_ms, 1000);
@@ -325,6 +326,10 @@ mod tests {
         assert_eq!(totals(&j, &both, 500).state, JobState::Paused);
         let one = [shard(0, JobState::Running, &p)];
         let t = totals(&job(JobControl::Run), &one, 50);
-        assert_eq!(t.checkpoint.as_deref(), Some("00"), "one shard: its checkpoint");
+        assert_eq!(
+            t.checkpoint.as_deref(),
+            Some("00"),
+            "one shard: its checkpoint"
+        );
     }
 }

@@ -326,7 +326,10 @@ mod tests {
     fn shards_default_to_one_and_are_left_out_of_the_stored_spec() {
         let one = JobSpec::from_toml(OK).unwrap();
         assert_eq!(one.shards, 1);
-        assert!(!one.to_json().contains("shards"), "specs stored before shards compare equal");
+        assert!(
+            !one.to_json().contains("shards"),
+            "specs stored before shards compare equal"
+        );
         let four = JobSpec::from_toml(&format!("shards = 4\n{OK}")).unwrap();
         assert_eq!(four.shards, 4);
         assert_eq!(JobSpec::from_json(&four.to_json()).unwrap(), four);

@@ -204,9 +204,7 @@ impl RowKeys<'_, '_> {
         let Some(subject) = self.subject else {
             let ventry = tentry.version(version.version);
             let tkey = k.version_key(tenant, &ventry, version).await?;
-            return Ok(ventry.field_cipher(field, || {
-                FieldCipher::for_tenant(tkey, tenant, field)
-            }));
+            return Ok(ventry.field_cipher(field, || FieldCipher::for_tenant(tkey, tenant, field)));
         };
         let resolved = self
             .subject_keys

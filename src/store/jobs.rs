@@ -140,9 +140,7 @@ fn job_from_row(row: &AnyRow) -> Result<JobRecord, StoreError> {
         updated_at: row.try_get("updated_at").map_err(classify)?,
         finished_at: row.try_get("finished_at").map_err(classify)?,
         shards: shards
-            .map(|n| {
-                u32::try_from(n).map_err(|_| StoreError::Corrupt(format!("job shards {n}")))
-            })
+            .map(|n| u32::try_from(n).map_err(|_| StoreError::Corrupt(format!("job shards {n}"))))
             .transpose()?,
     })
 }

@@ -11,9 +11,7 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::jobs::shards;
-use crate::model::{
-    JobControl, JobProgress, JobShardRecord, JobState, JobUpdate, now_ms,
-};
+use crate::model::{JobControl, JobProgress, JobShardRecord, JobState, JobUpdate, now_ms};
 
 use super::table::Sql;
 use super::{BatchError, Outcome, Runner, Task};
@@ -222,7 +220,6 @@ impl Runner {
 
 #[cfg(test)]
 mod tests {
-    #![expect(clippy::unwrap_used, reason = "test code")]
     use super::*;
 
     fn shard(n: u32, state: JobState) -> JobShardRecord {
@@ -250,7 +247,11 @@ mod tests {
     #[test]
     fn a_runner_works_its_own_shard_first_then_takes_over_round_the_ring() {
         let mut s: Vec<_> = (0..4).map(|i| shard(i, JobState::Running)).collect();
-        assert_eq!(order(&s, Some(2)), vec![2], "only its own while it is unfinished");
+        assert_eq!(
+            order(&s, Some(2)),
+            vec![2],
+            "only its own while it is unfinished"
+        );
         assert_eq!(order(&s, None), vec![0, 1, 2, 3]);
         s.get_mut(2).unwrap().state = JobState::Completed;
         assert_eq!(order(&s, Some(2)), vec![3, 0, 1, 2]);

@@ -134,7 +134,12 @@ impl Runner {
         };
         if progress.total_rows == 0 {
             match sql
-                .count(&self.db, self.spec.tenant.as_deref(), lo.as_deref(), hi.as_deref())
+                .count(
+                    &self.db,
+                    self.spec.tenant.as_deref(),
+                    lo.as_deref(),
+                    hi.as_deref(),
+                )
                 .await
             {
                 Ok(n) => progress.total_rows = n,
@@ -224,7 +229,14 @@ impl Runner {
                         // and counted, again.
                         let mut trial = progress.clone();
                         let r = self
-                            .step(sql, &update, rows, &mut inflight, &mut trial, limiter.as_ref())
+                            .step(
+                                sql,
+                                &update,
+                                rows,
+                                &mut inflight,
+                                &mut trial,
+                                limiter.as_ref(),
+                            )
                             .await;
                         if r.is_ok() {
                             progress = trial;
@@ -264,7 +276,13 @@ impl Runner {
                             tracing::warn!(error = %msg, retry_in_ms = backoff.as_millis() as u64, "batch failed; retrying from the checkpoint");
                             // Shown as the job's error until a batch succeeds again.
                             control = self
-                                .renew(id, JobState::Running, checkpoint.clone(), &progress, Some(msg))
+                                .renew(
+                                    id,
+                                    JobState::Running,
+                                    checkpoint.clone(),
+                                    &progress,
+                                    Some(msg),
+                                )
                                 .await?;
                             tokio::time::sleep(backoff).await;
                             backoff = (backoff * 2).min(self.max_wait());
@@ -373,7 +391,9 @@ impl Runner {
         progress.rows_scanned += rows.len() as u64;
         let last = rows.last().map(|r| r.pk.clone()).unwrap_or_default();
         let updates = self.prepare(rows, progress).await?;
-        let done = self.complete(sql, update, inflight.take(), progress).await?;
+        let done = self
+            .complete(sql, update, inflight.take(), progress)
+            .await?;
         let (db, q, kinds) = (self.db.clone(), update.to_owned(), sql.kinds.clone());
         *inflight = Some(InFlight {
             last,
