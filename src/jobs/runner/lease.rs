@@ -12,6 +12,7 @@ use std::time::Duration;
 use crate::error::{Error, Result};
 use crate::jobs::shards;
 use crate::model::{JobControl, JobProgress, JobShardRecord, JobState, JobUpdate, now_ms};
+use crate::store::JobStore;
 
 use super::table::Sql;
 use super::{BatchError, Outcome, Runner, Task};
@@ -180,9 +181,65 @@ impl Runner {
         (self.cfg.lease / 3).clamp(Duration::from_millis(100), Duration::from_secs(30))
     }
 
-    /// Records `shard`'s progress (and the job's totals) and renews its lease; returns
-    /// what operators want next.
+    /// Records `shard`'s progress (and the job's totals) and renews its lease, after
+    /// the record still in flight (`recording`) landed; returns what operators want
+    /// next.
     pub(super) async fn renew(
+        &self,
+        recording: &mut Recording,
+        shard: u32,
+        state: JobState,
+        checkpoint: Option<String>,
+        progress: &JobProgress,
+        error: Option<String>,
+    ) -> Result<JobControl> {
+        self.landed(recording).await?;
+        self.record(shard, state, checkpoint, progress, error).await
+    }
+
+    /// Starts recording `shard`'s progress in its own task, so that the key store's
+    /// transaction (the job's totals are rewritten with it) runs while the next batch
+    /// is processed instead of between batches; first waits for the record still in
+    /// flight, whose answer (what operators want) it returns. Records land in order,
+    /// one at a time, so a checkpoint never moves back; a lost lease or a pause is
+    /// seen one batch later than with [`Runner::renew`].
+    pub(super) async fn renew_later(
+        &self,
+        recording: &mut Recording,
+        shard: u32,
+        checkpoint: Option<String>,
+        progress: &JobProgress,
+    ) -> Result<Option<JobControl>> {
+        let control = self.landed(recording).await?;
+        let store = self.jobs.clone();
+        let (job, owner) = (self.spec.name.clone(), self.cfg.owner.clone());
+        let update = JobUpdate {
+            state: JobState::Running,
+            checkpoint,
+            progress: progress.to_json(),
+            error: None,
+            lease_until: self.lease_until(),
+        };
+        *recording = Some(Task::spawn(async move {
+            record(store.as_ref(), &job, shard, &owner, update).await
+        }));
+        Ok(control)
+    }
+
+    /// Waits for the record in flight, if any; returns its answer.
+    pub(super) async fn landed(&self, recording: &mut Recording) -> Result<Option<JobControl>> {
+        match recording.take() {
+            None => Ok(None),
+            Some(mut t) => match t.join("checkpoint").await {
+                Ok(r) => r.map(Some),
+                Err(BatchError::Fatal(msg) | BatchError::Transient(msg)) => {
+                    Err(Error::Internal(msg))
+                }
+            },
+        }
+    }
+
+    async fn record(
         &self,
         shard: u32,
         state: JobState,
@@ -190,31 +247,45 @@ impl Runner {
         progress: &JobProgress,
         error: Option<String>,
     ) -> Result<JobControl> {
-        let control = self
-            .store()
-            .update_job_shard(
-                &self.spec.name,
-                shard,
-                &self.cfg.owner,
-                JobUpdate {
-                    state,
-                    checkpoint,
-                    progress: progress.to_json(),
-                    error,
-                    lease_until: self.lease_until(),
-                },
-                &shards::totals,
-            )
-            .await?;
-        match control {
-            Some(c) => Ok(c),
-            None => Err(Error::JobConflict {
-                job: self.spec.name.clone(),
-                reason: format!(
-                    "this runner lost the lease of shard {shard} to another one; stopping"
-                ),
-            }),
-        }
+        let update = JobUpdate {
+            state,
+            checkpoint,
+            progress: progress.to_json(),
+            error,
+            lease_until: self.lease_until(),
+        };
+        record(
+            self.store(),
+            &self.spec.name,
+            shard,
+            &self.cfg.owner,
+            update,
+        )
+        .await
+    }
+}
+
+/// A shard's record in flight (see [`Runner::renew_later`]).
+pub(super) type Recording = Option<Task<Result<JobControl>>>;
+
+/// Records a shard's progress (and the job's totals) and renews its lease; returns
+/// what operators want next, or the lost lease as [`Error::JobConflict`].
+async fn record(
+    store: &dyn JobStore,
+    job: &str,
+    shard: u32,
+    owner: &str,
+    update: JobUpdate,
+) -> Result<JobControl> {
+    match store
+        .update_job_shard(job, shard, owner, update, &shards::totals)
+        .await?
+    {
+        Some(c) => Ok(c),
+        None => Err(Error::JobConflict {
+            job: job.to_owned(),
+            reason: format!("this runner lost the lease of shard {shard} to another one; stopping"),
+        }),
     }
 }
 

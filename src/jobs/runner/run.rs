@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
-use super::lease::Next;
+use super::lease::{Next, Recording};
 use super::rewrap::{RowTally, Update, settle, version_of};
 use super::table::{DbRow, Reader, Sql, fetch, write_rows};
 use super::{BatchError, BatchResult, Outcome, Runner, Task, create};
@@ -105,6 +105,8 @@ impl Runner {
         // Keep the lease alive while a batch takes long (a slow KMS or database):
         // renewed every third of its length until this shard's run returns.
         let _heartbeat = self.heartbeat(id);
+        // The shard's record in flight: see `renew_later`.
+        let mut recording: Recording = None;
         let mut progress = JobProgress::parse(&shard.progress)?;
         progress.runs += 1;
         let reval = u64::try_from(self.keyring.revalidate_after().as_millis()).unwrap_or(u64::MAX);
@@ -119,12 +121,21 @@ impl Runner {
             match Sql::build(&self.spec, &self.db).await {
                 Ok(s) => *sql = Some(s),
                 Err(BatchError::Fatal(msg)) => {
-                    return self.finish(id, JobState::Failed, progress, Some(msg)).await;
+                    return self
+                        .finish(&mut recording, id, JobState::Failed, progress, Some(msg))
+                        .await;
                 }
                 Err(BatchError::Transient(msg)) => {
                     tracing::warn!(error = %msg, "cannot inspect the table yet; retrying");
-                    self.renew(id, JobState::Running, None, &progress, Some(msg))
-                        .await?;
+                    self.renew(
+                        &mut recording,
+                        id,
+                        JobState::Running,
+                        None,
+                        &progress,
+                        Some(msg),
+                    )
+                    .await?;
                     tokio::time::sleep(self.cfg.poll).await;
                 }
             }
@@ -144,13 +155,15 @@ impl Runner {
             {
                 Ok(n) => progress.total_rows = n,
                 Err(BatchError::Fatal(msg)) => {
-                    return self.finish(id, JobState::Failed, progress, Some(msg)).await;
+                    return self
+                        .finish(&mut recording, id, JobState::Failed, progress, Some(msg))
+                        .await;
                 }
                 Err(BatchError::Transient(_)) => {}
             }
         }
         let mut control = self
-            .renew(id, JobState::Running, None, &progress, None)
+            .renew(&mut recording, id, JobState::Running, None, &progress, None)
             .await?;
         let limiter = self.limiter();
         let mut backoff = self.cfg.poll;
@@ -175,7 +188,9 @@ impl Runner {
                 {
                     Ok(done) => checkpoint = done.or(checkpoint),
                     Err(BatchError::Fatal(msg)) => {
-                        return self.finish(id, JobState::Failed, progress, Some(msg)).await;
+                        return self
+                            .finish(&mut recording, id, JobState::Failed, progress, Some(msg))
+                            .await;
                     }
                     Err(BatchError::Transient(msg)) => {
                         tracing::warn!(error = %msg, "write failed; the batch will be read again")
@@ -183,20 +198,31 @@ impl Runner {
                 }
                 cursor = start(&checkpoint);
                 control = self
-                    .renew(id, JobState::Running, checkpoint.clone(), &progress, None)
+                    .renew(
+                        &mut recording,
+                        id,
+                        JobState::Running,
+                        checkpoint.clone(),
+                        &progress,
+                        None,
+                    )
                     .await?;
                 continue;
             }
             match control {
                 JobControl::Cancel => {
-                    return self.finish(id, JobState::Cancelled, progress, None).await;
+                    return self
+                        .finish(&mut recording, id, JobState::Cancelled, progress, None)
+                        .await;
                 }
                 JobControl::Pause => {
                     if state != JobState::Paused {
                         tracing::info!(job = %self.spec.name, shard = id, "job paused");
                         state = JobState::Paused;
                     }
-                    control = self.renew(id, state, None, &progress, None).await?;
+                    control = self
+                        .renew(&mut recording, id, state, None, &progress, None)
+                        .await?;
                     tokio::time::sleep(self.cfg.poll).await;
                     continue;
                 }
@@ -218,7 +244,9 @@ impl Runner {
                         .await
                     {
                         Ok(_) => {
-                            return self.finish(id, JobState::Completed, progress, None).await;
+                            return self
+                                .finish(&mut recording, id, JobState::Completed, progress, None)
+                                .await;
                         }
                         Err(e) => Err(e),
                     },
@@ -252,9 +280,13 @@ impl Runner {
                     if done.is_some() {
                         checkpoint = done;
                     }
-                    control = self
-                        .renew(id, JobState::Running, checkpoint.clone(), &progress, None)
-                        .await?;
+                    // Recorded while the next batch is processed.
+                    if let Some(c) = self
+                        .renew_later(&mut recording, id, checkpoint.clone(), &progress)
+                        .await?
+                    {
+                        control = c;
+                    }
                 }
                 Err(e) => {
                     abort(&mut prefetch);
@@ -270,13 +302,16 @@ impl Runner {
                     match e {
                         BatchError::Fatal(msg) => {
                             tracing::error!(error = %msg, shard = id, "shard failed");
-                            return self.finish(id, JobState::Failed, progress, Some(msg)).await;
+                            return self
+                                .finish(&mut recording, id, JobState::Failed, progress, Some(msg))
+                                .await;
                         }
                         BatchError::Transient(msg) => {
                             tracing::warn!(error = %msg, retry_in_ms = backoff.as_millis() as u64, "batch failed; retrying from the checkpoint");
                             // Shown as the job's error until a batch succeeds again.
                             control = self
                                 .renew(
+                                    &mut recording,
                                     id,
                                     JobState::Running,
                                     checkpoint.clone(),
@@ -306,15 +341,18 @@ impl Runner {
         ))
     }
 
-    /// Ends this runner's work on `shard` in `state` (and releases its lease).
+    /// Ends this runner's work on `shard` in `state` (and releases its lease), after
+    /// the record in flight.
     async fn finish(
         &self,
+        recording: &mut Recording,
         shard: u32,
         state: JobState,
         progress: JobProgress,
         error: Option<String>,
     ) -> Result<()> {
-        self.renew(shard, state, None, &progress, error).await?;
+        self.renew(recording, shard, state, None, &progress, error)
+            .await?;
         self.progress_tx.send_replace(progress.clone());
         tracing::info!(job = %self.spec.name, shard, state = %state, rewrapped = progress.values_rewrapped, "shard finished");
         Ok(())
