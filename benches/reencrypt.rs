@@ -2,11 +2,15 @@
 //! UPDATE that rewrites the same two columns of the same rows, in the same run.
 //!
 //! ```sh
-//! cargo bench --bench reencrypt -- --rows 100000 --batch 1000
+//! cargo bench --bench reencrypt -- --rows 100000 --batch 1000 --shards 1,2
 //! ```
-//! Options: `--rows N` (100000), `--batch N` job batch size (1000). PostgreSQL from
-//! `FIELDKEY_BENCH_DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/test`);
-//! two throwaway databases are created and dropped.
+//! Options: `--rows N` (100000), `--batch N` job batch size (1000), `--shards LIST`
+//! (1): one job per entry, in order, each cut into that many shards and run by as many
+//! runners at once in this process (one per shard, as an Indexed Job's pods would); the
+//! tenants are rotated again before each job after the first, so every job moves every
+//! value once. PostgreSQL from `FIELDKEY_BENCH_DATABASE_URL` (default
+//! `postgres://postgres@127.0.0.1:5432/test`); two throwaway databases are created and
+//! dropped.
 #![allow(
     missing_docs,
     clippy::unwrap_used,
@@ -34,6 +38,18 @@ fn arg(name: &str, default: u64) -> u64 {
         .and_then(|i| args.get(i + 1))
         .map(|v| v.parse().unwrap())
         .unwrap_or(default)
+}
+
+/// `--shards 1,2`: the shard counts of the jobs to run, in order.
+fn shard_counts() -> Vec<u32> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == "--shards")
+        .and_then(|i| args.get(i + 1))
+        .map_or_else(
+            || vec![1],
+            |v| v.split(',').map(|n| n.trim().parse().unwrap()).collect(),
+        )
 }
 
 async fn create_db(base: &str, name: &str) -> String {
@@ -115,14 +131,70 @@ async fn populate(k: &Keyring, app: &PgPool, table: &str, rows: i64) {
         .unwrap();
 }
 
-/// User + system CPU seconds of this process so far (Linux).
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+/// User + system CPU seconds of a process so far, from its `/proc/<pid>/stat` text.
+fn stat_cpu_seconds(stat: &str) -> f64 {
     let after = stat.rsplit(')').next().unwrap_or("");
     let f: Vec<&str> = after.split_whitespace().collect();
     let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     // fields after the command name: state is 0, utime 11, stime 12 (clock ticks)
     (ticks(11) + ticks(12)) / 100.0
+}
+
+/// User + system CPU seconds of this process so far (Linux).
+fn cpu_seconds() -> f64 {
+    stat_cpu_seconds(&std::fs::read_to_string("/proc/self/stat").unwrap_or_default())
+}
+
+/// User + system CPU seconds of every `postgres` process of this machine so far (0
+/// where /proc does not show them: a database elsewhere). Backends that exit during a
+/// measurement take their share with them; the bench's pools stay open throughout.
+fn postgres_cpu_seconds() -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    dir.filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .filter(|s| s.contains("(postgres)"))
+        .map(|s| stat_cpu_seconds(&s))
+        .sum()
+}
+
+/// Wall time, this process's CPU and PostgreSQL's CPU over a stretch of the bench.
+struct Meter {
+    t: Instant,
+    cpu: f64,
+    pg: f64,
+}
+
+#[derive(Clone, Copy)]
+struct Measured {
+    wall: Duration,
+    cpu: f64,
+    pg: f64,
+}
+
+impl Meter {
+    fn start() -> Self {
+        Self {
+            t: Instant::now(),
+            cpu: cpu_seconds(),
+            pg: postgres_cpu_seconds(),
+        }
+    }
+
+    fn stop(self) -> Measured {
+        Measured {
+            wall: self.t.elapsed(),
+            cpu: cpu_seconds() - self.cpu,
+            pg: postgres_cpu_seconds() - self.pg,
+        }
+    }
 }
 
 #[tokio::main]
@@ -164,7 +236,8 @@ async fn main() {
         keyring.create_tenant(t, None).await.unwrap();
     }
     let app = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(4)
+        // four per runner, as `fieldkey jobs run` opens
+        .max_connections(4 * shard_counts().into_iter().max().unwrap_or(1))
         .connect(&app_dsn)
         .await
         .unwrap();
@@ -202,7 +275,7 @@ async fn main() {
     // Floor 3: batches of the job's size shipping new values of the same size (the
     // stored bytes, one byte changed), as the job's write does, without crypto or
     // compare-and-set: the database's share of the job.
-    let t = Instant::now();
+    let m = Meter::start();
     let mut lo = 0i64;
     while lo < rows {
         let batch_rows: Vec<(i64, Vec<u8>, String)> = sqlx::query_as(
@@ -235,19 +308,31 @@ async fn main() {
         .unwrap();
         lo = last;
     }
-    let plain_new_values = t.elapsed();
+    let floor = m.stop();
+    let plain_new_values = floor.wall;
 
-    // The job: read, rewrap 2 values per row (decrypt + encrypt), compare-and-set write,
-    // checkpoint in the key store, per batch.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    let spec = JobSpec::from_toml(&format!(
-        r#"name = "bench"
+    // The jobs: read, rewrap 2 values per row (decrypt + encrypt), compare-and-set
+    // write, checkpoint in the key store, per batch; with n shards, n runners at once.
+    let mut jobs = Vec::new();
+    for (k, shards) in shard_counts().into_iter().enumerate() {
+        if k > 0 {
+            // Every value on an old version again, and the table as fresh as the first
+            // job found it.
+            for t in TENANTS {
+                keyring.rotate_tenant(t).await.unwrap();
+            }
+            app.execute("VACUUM ANALYZE users").await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let spec = JobSpec::from_toml(&format!(
+            r#"name = "bench-{k}-{shards}"
 table = "users"
 primary_key = "id"
 tenant_column = "tenant_id"
 subject_column = "user_id"
 context_column = "id"
 batch_size = {batch}
+shards = {shards}
 [[columns]]
 name = "email"
 field = "email"
@@ -255,49 +340,84 @@ field = "email"
 name = "name"
 field = "name"
 "#
-    ))
-    .unwrap();
-    let (runner, _) = Runner::new(
-        keyring.clone(),
-        store.clone(),
-        app.clone(),
-        spec,
-        RunnerConfig::new(Duration::from_secs(30)),
-    );
-    let t = Instant::now();
-    let cpu0 = cpu_seconds();
-    let out = runner.run().await.unwrap();
-    let job = t.elapsed();
-    let job_cpu = cpu_seconds() - cpu0;
-    assert_eq!(out.state, JobState::Completed);
-    assert_eq!(out.progress.rows_updated as i64, rows);
+        ))
+        .unwrap();
+        let runners: Vec<Arc<Runner>> = (0..shards)
+            .map(|i| {
+                let mut cfg = RunnerConfig::new(Duration::from_secs(30));
+                cfg.shard = Some(i);
+                let (r, _) = Runner::new(
+                    keyring.clone(),
+                    store.clone(),
+                    app.clone(),
+                    spec.clone(),
+                    cfg,
+                );
+                Arc::new(r)
+            })
+            .collect();
+        let m = Meter::start();
+        let tasks: Vec<_> = runners
+            .iter()
+            .map(|r| {
+                let r = r.clone();
+                tokio::spawn(async move { r.run().await })
+            })
+            .collect();
+        let mut outs = Vec::new();
+        for task in tasks {
+            outs.push(task.await.unwrap());
+        }
+        let measured = m.stop();
+        for out in &outs {
+            let out = out.as_ref().unwrap();
+            assert_eq!(out.state, JobState::Completed);
+            assert_eq!(out.progress.rows_updated as i64, rows);
+        }
+        let values = outs[0].as_ref().unwrap().progress.values_rewrapped;
+        jobs.push((shards, measured, values));
+    }
 
     let rate = |d: Duration| rows as f64 / d.as_secs_f64();
     println!("re-encryption of {rows} rows x 2 encrypted columns (PostgreSQL, same run)");
-    println!("{:<44} {:>10} {:>12}", "scenario", "seconds", "rows/s");
-    for (name, d) in [
-        ("plain UPDATE, one statement (floor)", plain),
-        (&*format!("plain UPDATE, batches of {batch}"), plain_batched),
+    println!("{:<50} {:>10} {:>12}", "scenario", "seconds", "rows/s");
+    let mut lines: Vec<(String, Duration)> = vec![
+        ("plain UPDATE, one statement (floor)".into(), plain),
+        (format!("plain UPDATE, batches of {batch}"), plain_batched),
         (
-            &*format!("read + UPDATE new bytes, batches of {batch}"),
+            format!("read + UPDATE new bytes, batches of {batch}"),
             plain_new_values,
         ),
-        (&*format!("re-encryption job, batches of {batch}"), job),
-    ] {
-        println!("{name:<44} {:>10.2} {:>12.0}", d.as_secs_f64(), rate(d));
+    ];
+    for (shards, m, _) in &jobs {
+        lines.push((
+            format!("re-encryption job, {shards} shard(s), batches of {batch}"),
+            m.wall,
+        ));
+    }
+    for (name, d) in &lines {
+        println!("{name:<50} {:>10.2} {:>12.0}", d.as_secs_f64(), rate(*d));
     }
     println!(
-        "job / plain UPDATE (one statement): {:.2} (target >= 0.5); job / read+UPDATE new bytes: {:.2}; values rewrapped {}",
-        rate(job) / rate(plain),
-        rate(job) / rate(plain_new_values),
-        out.progress.values_rewrapped
+        "CPU seconds (this process / PostgreSQL) for read + UPDATE new bytes: {:.2} / {:.2} in {:.2} s wall",
+        floor.cpu,
+        floor.pg,
+        floor.wall.as_secs_f64()
     );
-    println!(
-        "job CPU in this process: {job_cpu:.2} s of {:.2} s wall (the rest is PostgreSQL and waiting)",
-        job.as_secs_f64()
-    );
+    for (shards, m, values) in &jobs {
+        println!(
+            "{shards} shard(s): job / plain UPDATE (one statement) {:.2}; job / read+UPDATE new bytes {:.2}; \
+             values rewrapped {values}; CPU seconds (this process / PostgreSQL) {:.2} / {:.2} in {:.2} s wall; \
+             {:.2} us of this process's CPU per value",
+            rate(m.wall) / rate(plain),
+            rate(m.wall) / rate(plain_new_values),
+            m.cpu,
+            m.pg,
+            m.wall.as_secs_f64(),
+            m.cpu * 1e6 / (*values).max(1) as f64,
+        );
+    }
     app.close().await;
-    drop(runner);
     drop_db(&base, "fk_bench_app").await;
     drop_db(&base, "fk_bench_keys").await;
 }

@@ -225,7 +225,16 @@ async fn completed_job_full(
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_millis() as i64;
-    store.claim_job(id, "t", now, now + 10_000).await?.unwrap();
+    let one = fieldkey::store::NewShard {
+        lo: None,
+        hi: None,
+        state: JobState::Pending,
+    };
+    assert!(store.plan_job(id, &[one], now).await?);
+    store
+        .claim_job_shard(id, 0, "t", now, now + 10_000)
+        .await?
+        .unwrap();
     let mut p = JobProgress {
         revalidate_ms: runner_revalidate_ms,
         ..JobProgress::default()
@@ -238,8 +247,9 @@ async fn completed_job_full(
     }
     assert!(
         store
-            .update_job(
+            .update_job_shard(
                 id,
+                0,
                 "t",
                 JobUpdate {
                     state: JobState::Completed,
@@ -248,6 +258,7 @@ async fn completed_job_full(
                     error: None,
                     lease_until: 0,
                 },
+                &fieldkey::jobs::totals,
             )
             .await?
             .is_some()

@@ -15,8 +15,8 @@ use anyhow::Result;
 use fieldkey::kms::WrappedKey;
 use fieldkey::store::prelude::*;
 use fieldkey::store::{
-    JobControl, JobProgress, JobState, JobUpdate, KeyState, KeyStore, NewJob, NewKeyVersion,
-    NewSubject, SqlStore, StoreError,
+    JobControl, JobProgress, JobRecord, JobShardRecord, JobState, JobTotals, JobUpdate, KeyState,
+    KeyStore, NewJob, NewKeyVersion, NewShard, NewSubject, SqlStore, StoreError,
 };
 
 fn wrapped(tag: u8) -> WrappedKey {
@@ -327,37 +327,114 @@ mod suite {
         Ok(())
     }
 
-    pub async fn job_leases_are_exclusive_and_progress_needs_the_lease(
-        s: Arc<dyn KeyStore>,
-    ) -> Result<()> {
-        let job = NewJob {
-            job_id: "j1".into(),
+    /// A stand-in for the jobs layer's totals: completed when every shard is, failed
+    /// when every shard is finished and one failed; the rows scanned summed.
+    fn totals(_: &JobRecord, shards: &[JobShardRecord], _: i64) -> JobTotals {
+        let finished = shards.iter().all(|s| s.state.is_finished());
+        let state = if finished && shards.iter().all(|s| s.state == JobState::Completed) {
+            JobState::Completed
+        } else if finished && shards.iter().any(|s| s.state == JobState::Failed) {
+            JobState::Failed
+        } else {
+            JobState::Running
+        };
+        let rows: u64 = shards
+            .iter()
+            .map(|s| JobProgress::parse(&s.progress).unwrap().rows_scanned)
+            .sum();
+        JobTotals {
+            state,
+            progress: JobProgress {
+                rows_scanned: rows,
+                ..JobProgress::default()
+            }
+            .to_json(),
+            checkpoint: shards.first().and_then(|s| s.checkpoint.clone()),
+            error: shards.iter().find_map(|s| s.error.clone()),
+        }
+    }
+
+    fn new_job(id: &str) -> NewJob {
+        NewJob {
+            job_id: id.into(),
             target: "public.users".into(),
             tenant_id: None,
             spec: "{}".into(),
             progress: JobProgress::default().to_json(),
-        };
-        assert!(s.create_job(job.clone()).await?.was_created());
-        assert!(!s.create_job(job).await?.was_created());
-        let a = s.claim_job("j1", "a", 1_000, 2_000).await?.unwrap();
+        }
+    }
+
+    fn shard(lo: Option<&str>, hi: Option<&str>) -> NewShard {
+        NewShard {
+            lo: lo.map(str::to_owned),
+            hi: hi.map(str::to_owned),
+            state: JobState::Pending,
+        }
+    }
+
+    pub async fn job_leases_are_exclusive_and_progress_needs_the_lease(
+        s: Arc<dyn KeyStore>,
+    ) -> Result<()> {
+        assert!(s.create_job(new_job("j1")).await?.was_created());
+        assert!(!s.create_job(new_job("j1")).await?.was_created());
+        assert!(
+            s.claim_job_shard("j1", 0, "a", 1_000, 2_000)
+                .await?
+                .is_none(),
+            "nothing to claim before the job is planned"
+        );
+        // planned once: a second planner (or a second plan) changes nothing
+        let plan = [shard(None, Some("100")), shard(Some("100"), None)];
+        assert!(s.plan_job("j1", &plan, 500).await?);
+        assert!(!s.plan_job("j1", &[shard(None, None)], 600).await?);
+        assert_eq!(s.get_job("j1").await?.unwrap().shards, Some(2));
+        let shards = s.job_shards("j1").await?;
+        let ranges: Vec<_> = shards
+            .iter()
+            .map(|x| (x.shard, x.lo.as_deref(), x.hi.as_deref(), x.state))
+            .collect();
+        assert_eq!(
+            ranges,
+            vec![
+                (0, None, Some("100"), JobState::Pending),
+                (1, Some("100"), None, JobState::Pending)
+            ]
+        );
+        let a = s
+            .claim_job_shard("j1", 0, "a", 1_000, 2_000)
+            .await?
+            .unwrap();
         assert_eq!(
             (a.state, a.owner.as_deref()),
             (JobState::Running, Some("a"))
         );
+        let job = s.get_job("j1").await?.unwrap();
+        assert_eq!(
+            (job.state, job.started_at),
+            (JobState::Running, Some(1_000))
+        );
         assert!(
-            s.claim_job("j1", "b", 1_500, 2_500).await?.is_none(),
+            s.claim_job_shard("j1", 0, "b", 1_500, 2_500)
+                .await?
+                .is_none(),
             "a's lease is still good"
         );
         assert!(
-            !s.renew_job_lease("j1", "b", 9_999).await?,
+            s.claim_job_shard("j1", 1, "b", 1_500, 2_500)
+                .await?
+                .is_some(),
+            "the other shard is free"
+        );
+        assert!(
+            !s.renew_job_shard_lease("j1", 0, "b", 9_999).await?,
             "only the holder renews"
         );
-        assert!(s.renew_job_lease("j1", "a", 2_000).await?);
-        let upd = |state, cp: &str| JobUpdate {
+        assert!(s.renew_job_shard_lease("j1", 0, "a", 2_000).await?);
+        let upd = |state, cp: &str, rows: u64| JobUpdate {
             state,
             checkpoint: Some(cp.into()),
             progress: JobProgress {
-                rows_scanned: 10,
+                rows_scanned: rows,
                 ..JobProgress::default()
             }
             .to_json(),
@@ -365,57 +442,140 @@ mod suite {
             lease_until: i64::MAX,
         };
         assert_eq!(
-            s.update_job("j1", "b", upd(JobState::Running, "x")).await?,
+            s.update_job_shard("j1", 0, "b", upd(JobState::Running, "x", 1), &totals)
+                .await?,
             None
         );
         assert_eq!(
-            s.update_job("j1", "a", upd(JobState::Running, "10"))
+            s.update_job_shard("j1", 0, "a", upd(JobState::Running, "10", 10), &totals)
                 .await?,
             Some(JobControl::Run),
             "the holder learns what operators want"
         );
+        assert_eq!(
+            s.update_job_shard("j1", 1, "b", upd(JobState::Running, "110", 5), &totals)
+                .await?,
+            Some(JobControl::Run)
+        );
+        // the job's totals are written with every shard update
+        let job = s.get_job("j1").await?.unwrap();
+        assert_eq!(JobProgress::parse(&job.progress)?.rows_scanned, 15);
+        assert_eq!(job.checkpoint.as_deref(), Some("10"));
         // a's renewed lease holds
-        assert!(s.claim_job("j1", "b", 3_000, 4_000).await?.is_none());
-        // once a's lease has run out, b takes over; a can no longer write
+        assert!(
+            s.claim_job_shard("j1", 0, "b", 3_000, 4_000)
+                .await?
+                .is_none()
+        );
+        // once a's lease has run out, b takes its shard over; a can no longer write
         let a_short = JobUpdate {
             lease_until: 5_000,
-            ..upd(JobState::Running, "20")
+            ..upd(JobState::Running, "20", 10)
         };
-        assert!(s.update_job("j1", "a", a_short).await?.is_some());
-        let b = s.claim_job("j1", "b", 6_000, 7_000).await?.unwrap();
+        assert!(
+            s.update_job_shard("j1", 0, "a", a_short, &totals)
+                .await?
+                .is_some()
+        );
+        let b = s
+            .claim_job_shard("j1", 0, "b", 6_000, 7_000)
+            .await?
+            .unwrap();
         assert_eq!(b.checkpoint.as_deref(), Some("20"));
         assert_eq!(JobProgress::parse(&b.progress)?.rows_scanned, 10);
         assert_eq!(
-            s.update_job("j1", "a", upd(JobState::Running, "30"))
+            s.update_job_shard("j1", 0, "a", upd(JobState::Running, "30", 10), &totals)
                 .await?,
             None
         );
         assert!(s.set_job_control("j1", JobControl::Pause).await?);
         assert_eq!(s.get_job("j1").await?.unwrap().control, JobControl::Pause);
         assert_eq!(
-            s.update_job("j1", "b", upd(JobState::Paused, "35")).await?,
+            s.update_job_shard("j1", 0, "b", upd(JobState::Paused, "35", 10), &totals)
+                .await?,
             Some(JobControl::Pause)
         );
         assert!(
-            s.update_job("j1", "b", upd(JobState::Completed, "40"))
+            s.update_job_shard("j1", 0, "b", upd(JobState::Completed, "40", 12), &totals)
+                .await?
+                .is_some()
+        );
+        let half = s.get_job("j1").await?.unwrap();
+        assert_eq!(half.state, JobState::Running, "one shard is still running");
+        assert!(half.finished_at.is_none());
+        assert!(
+            s.update_job_shard("j1", 1, "b", upd(JobState::Completed, "200", 7), &totals)
                 .await?
                 .is_some()
         );
         let done = s.get_job("j1").await?.unwrap();
         assert_eq!(done.state, JobState::Completed);
+        assert_eq!(JobProgress::parse(&done.progress)?.rows_scanned, 19);
         assert!(done.owner.is_none() && done.finished_at.is_some());
         assert!(
-            s.claim_job("j1", "c", 9_000, 10_000).await?.is_none(),
+            s.job_shards("j1")
+                .await?
+                .iter()
+                .all(|x| x.owner.is_none() && x.lease_until.is_none() && x.finished_at.is_some())
+        );
+        assert!(
+            s.claim_job_shard("j1", 1, "c", 9_000, 10_000)
+                .await?
+                .is_none(),
             "finished"
         );
         assert!(!s.set_job_control("j1", JobControl::Run).await?);
-        assert_eq!(
-            s.update_job("j1", "b", upd(JobState::Running, "50"))
-                .await?,
-            None
-        );
         assert_eq!(s.list_jobs().await?.len(), 1);
         assert!(s.get_job("nope").await?.is_none());
+
+        // a failed shard fails the job once the others are done; resuming reopens it
+        s.create_job(new_job("j2")).await?;
+        assert!(s.plan_job("j2", &[shard(None, None)], 1).await?);
+        s.claim_job_shard("j2", 0, "a", 1_000, 2_000)
+            .await?
+            .unwrap();
+        let failed = JobUpdate {
+            error: Some("no column mail".into()),
+            ..upd(JobState::Failed, "5", 5)
+        };
+        s.update_job_shard("j2", 0, "a", failed, &totals).await?;
+        let j2 = s.get_job("j2").await?.unwrap();
+        assert_eq!(j2.state, JobState::Failed);
+        assert_eq!(j2.error.as_deref(), Some("no column mail"));
+        assert!(s.set_job_control("j2", JobControl::Run).await?);
+        let j2 = s.get_job("j2").await?.unwrap();
+        assert_eq!((j2.state, j2.error), (JobState::Pending, None));
+        let sh = s.job_shards("j2").await?;
+        assert_eq!(
+            (
+                sh[0].state,
+                sh[0].owner.as_deref(),
+                sh[0].checkpoint.as_deref()
+            ),
+            (JobState::Pending, None, Some("5")),
+            "reopened where it stopped"
+        );
+        assert!(
+            s.claim_job_shard("j2", 0, "b", 3_000, 4_000)
+                .await?
+                .is_some()
+        );
+        assert!(
+            !s.fail_unplanned_job("j2", "x", 5_000).await?,
+            "a planned job fails through its shards"
+        );
+        // a job that cannot be planned fails as a whole
+        s.create_job(new_job("j3")).await?;
+        assert!(s.fail_unplanned_job("j3", "no column mail", 1).await?);
+        let j3 = s.get_job("j3").await?.unwrap();
+        assert_eq!(
+            (j3.state, j3.error.as_deref()),
+            (JobState::Failed, Some("no column mail"))
+        );
+        assert!(
+            !s.plan_job("j3", &[shard(None, None)], 2).await?,
+            "a finished job is not planned"
+        );
         Ok(())
     }
 
@@ -547,6 +707,71 @@ async fn sqlite_upgrade_from_schema_1_keeps_every_key() -> Result<()> {
         progress: "{}".into(),
     })
     .await?;
+    Ok(())
+}
+
+/// A job that a runner of the version before shards was working on (its lease and
+/// checkpoint in `fk_jobs`) gets its one shard, with that checkpoint and its counters,
+/// once that runner's lease has run out, and not before.
+#[tokio::test]
+async fn a_job_from_before_shards_resumes_from_its_checkpoint_once_the_old_lease_ran_out()
+-> Result<()> {
+    use sqlx::Executor as _;
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("keys.db");
+    // A store as the previous release left it: migrations 0001..=0004.
+    let old_dir = dir.path().join("old");
+    std::fs::create_dir(&old_dir)?;
+    let migrations =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/store/migrations/sqlite");
+    for f in [
+        "0001_keys.sql",
+        "0002_rotation_jobs.sql",
+        "0003_erasure_audit.sql",
+        "0004_epochs.sql",
+    ] {
+        std::fs::copy(migrations.join(f), old_dir.join(f))?;
+    }
+    {
+        let pool =
+            sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=rwc", path.display())).await?;
+        sqlx::migrate::Migrator::new(old_dir.as_path())
+            .await?
+            .run(&pool)
+            .await?;
+        pool.execute(
+            "INSERT INTO fk_jobs (job_id, target, tenant_id, spec, state, control, owner, \
+                 lease_until, checkpoint, progress, error, created_at, started_at, updated_at, \
+                 finished_at) \
+             VALUES ('old', 'E:public.users', NULL, '{}', 'running', 'run', 'old-runner', 5000, \
+                 '42', '{\"rows_scanned\":42,\"runs\":1}', NULL, 1, 2, 3, NULL)",
+        )
+        .await?;
+        pool.close().await;
+    }
+    let s = SqlStore::open_sqlite(&path).await?;
+    let one = [NewShard {
+        lo: None,
+        hi: None,
+        state: JobState::Pending,
+    }];
+    assert!(
+        !s.plan_job("old", &one, 4_000).await?,
+        "the old runner's lease is still good"
+    );
+    assert!(s.job_shards("old").await?.is_empty());
+    assert!(s.plan_job("old", &one, 6_000).await?);
+    let shards = s.job_shards("old").await?;
+    assert_eq!(shards.len(), 1);
+    assert_eq!(shards[0].checkpoint.as_deref(), Some("42"));
+    assert_eq!(JobProgress::parse(&shards[0].progress)?.rows_scanned, 42);
+    let job = s.get_job("old").await?.unwrap();
+    assert_eq!((job.owner, job.shards), (None, Some(1)));
+    assert!(
+        s.claim_job_shard("old", 0, "new", 6_000, 9_000)
+            .await?
+            .is_some()
+    );
     Ok(())
 }
 

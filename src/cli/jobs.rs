@@ -67,17 +67,36 @@ fn summary(p: &JobProgress) -> String {
     )
 }
 
+/// How `jobs run` runs: the lease, the display, the shards.
+struct RunArgs {
+    lease_seconds: u64,
+    no_progress: bool,
+    shards: Option<u32>,
+    shard: Option<u32>,
+}
+
 async fn run(
     keys: super::KeyArgs,
     spec_path: std::path::PathBuf,
-    lease_seconds: u64,
-    no_progress: bool,
+    args: RunArgs,
 ) -> Result<(), CliError> {
     let other = CliError::Other;
     let text = std::fs::read_to_string(&spec_path)
         .with_context(|| format!("cannot read job spec {}", spec_path.display()))
         .map_err(other)?;
-    let spec = JobSpec::from_toml(&text).map_err(|e| other(e.into()))?;
+    let mut spec = JobSpec::from_toml(&text).map_err(|e| other(e.into()))?;
+    if let Some(n) = args.shards {
+        spec.shards = n;
+        spec.validate().map_err(|e| other(e.into()))?;
+    }
+    if let Some(i) = args.shard
+        && i >= spec.shards
+    {
+        return Err(other(anyhow::anyhow!(
+            "shard {i} of a job of {} shards (shards are numbered from 0; give --shards)",
+            spec.shards
+        )));
+    }
     let db_url = std::env::var(&spec.database_url_env)
         .with_context(|| {
             format!(
@@ -104,12 +123,10 @@ async fn run(
         .await
         .context("cannot connect to the job's database")
         .map_err(other)?;
-    let (runner, mut rx) = parts.runner(
-        db,
-        spec,
-        RunnerConfig::new(Duration::from_secs(lease_seconds)),
-    );
-    let mut display = Display::new(!no_progress);
+    let mut cfg = RunnerConfig::new(Duration::from_secs(args.lease_seconds));
+    cfg.shard = args.shard;
+    let (runner, mut rx) = parts.runner(db, spec, cfg);
+    let mut display = Display::new(!args.no_progress);
     let shown = tokio::spawn(async move {
         while rx.changed().await.is_ok() {
             let p = rx.borrow_and_update().clone();
@@ -165,7 +182,10 @@ fn print_job(j: &pb::Job) {
         j.runs
     );
     if !j.owner.is_empty() {
-        println!("  runner {}", j.owner);
+        // A job of several shards: `shard i: runner; ...`, one line each.
+        for o in j.owner.split("; ") {
+            println!("  runner {o}");
+        }
     }
     if !j.error.is_empty() {
         println!("  error: {}", j.error);
@@ -209,7 +229,17 @@ pub(super) async fn jobs(cmd: JobsCommand) -> Result<(), CliError> {
             spec,
             lease_seconds,
             no_progress,
-        } => return run(keys, spec, lease_seconds, no_progress).await,
+            shards,
+            shard,
+        } => {
+            let args = RunArgs {
+                lease_seconds,
+                no_progress,
+                shards,
+                shard,
+            };
+            return run(keys, spec, args).await;
+        }
         JobsCommand::List { target } => {
             let list = JobsClient::new(connect(&target.addr).await?)
                 .list_jobs(pb::ListJobsRequest {})

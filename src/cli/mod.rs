@@ -329,7 +329,8 @@ enum TenantCommand {
 enum JobsCommand {
     /// Run (or resume) the re-encryption job a spec file describes, in this process,
     /// against the configured key store and KMS; shows a progress bar. Running the same
-    /// spec again resumes from the last checkpoint; a second runner stands by.
+    /// spec again resumes from the last checkpoints; with shards, several runners work
+    /// the table at once, otherwise a second runner stands by.
     Run {
         #[command(flatten)]
         keys: KeyArgs,
@@ -342,6 +343,16 @@ enum JobsCommand {
         /// No progress bar (progress is logged every few seconds instead).
         #[arg(long)]
         no_progress: bool,
+        /// Shards the job is cut into when it is created (1..=256; overrides the spec's
+        /// `shards`): disjoint primary-key ranges, one runner each at a time. Every
+        /// runner of a job must give the same number.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=256))]
+        shards: Option<u32>,
+        /// This runner's own shard (from 0), worked first; then it takes over shards
+        /// whose runner died. Defaults to $JOB_COMPLETION_INDEX (set by a Kubernetes
+        /// Indexed Job); without either, any shard.
+        #[arg(long, env = "JOB_COMPLETION_INDEX")]
+        shard: Option<u32>,
     },
     /// List jobs (on a sidecar sharing the key store).
     List {

@@ -2,16 +2,21 @@
 //! key version, so that old versions can be retired.
 //!
 //! Owns: job specs ([`JobSpec`]), the runner ([`Runner`]) and the operator view of a job
-//! ([`JobView`], through a [`JobBoard`]). The job record in the key store is the coordination point: the runner
-//! holding its lease advances it; any sidecar on the same store can show, pause or
-//! cancel it. Must not: see plaintext outside [`crate::keyring::Keyring::rewrap`], or
-//! write a row that changed since it was read.
+//! ([`JobView`], through a [`JobBoard`]). The job record in the key store is the
+//! coordination point: a job is split into shards (`shards.rs`: disjoint primary-key
+//! ranges), the runner holding a shard's lease advances that shard, and the job record
+//! holds the whole job, summed over its shards; any sidecar on the same store can show,
+//! pause or cancel it. Must not: see plaintext outside the keyring's rewrap calls
+//! ([`crate::keyring::Keyring::row_keys`]), or write a row that changed since it was
+//! read.
 
 mod runner;
+mod shards;
 mod spec;
 
 pub use runner::{Outcome, Runner, RunnerConfig, create};
-pub use spec::{ColumnSpec, JobSpec};
+pub use shards::{ShardView, totals};
+pub use spec::{ColumnSpec, JobSpec, MAX_SHARDS};
 
 use std::sync::Arc;
 
@@ -61,19 +66,54 @@ impl JobBoard {
     }
 }
 
-/// A job and its decoded counters.
+/// A job and its decoded counters (summed over its shards).
 #[derive(Debug, Clone)]
 pub struct JobView {
-    /// The stored record.
+    /// The stored record; while the job is unfinished, `owner` and `lease_until` show
+    /// who holds its shards (`shard i: runner; ...` for several shards).
     pub record: JobRecord,
     /// Its counters.
     pub progress: JobProgress,
+    /// Its shards, by number (empty before the job is planned, and for jobs that
+    /// finished before shards existed). Filled by [`get`]; [`list`] fills them for
+    /// unfinished jobs only.
+    pub shards: Vec<ShardView>,
 }
 
 impl JobView {
-    fn from_record(record: JobRecord) -> Result<Self> {
+    /// A job as stored, without its shards.
+    ///
+    /// # Errors
+    /// [`Error::Store`] if its counters do not decode.
+    pub fn from_record(record: JobRecord) -> Result<Self> {
         let progress = JobProgress::parse(&record.progress)?;
-        Ok(Self { record, progress })
+        Ok(Self {
+            record,
+            progress,
+            shards: Vec::new(),
+        })
+    }
+
+    async fn with_shards(mut self, store: &dyn JobStore) -> Result<Self> {
+        if self.record.shards.is_none() {
+            return Ok(self);
+        }
+        self.shards = store
+            .job_shards(&self.record.job_id)
+            .await?
+            .into_iter()
+            .map(ShardView::from_record)
+            .collect();
+        if !self.record.state.is_finished() {
+            self.record.owner = shards::owners(&self.shards);
+            self.record.lease_until = self
+                .shards
+                .iter()
+                .filter(|s| s.record.owner.is_some())
+                .filter_map(|s| s.record.lease_until)
+                .max();
+        }
+        Ok(self)
     }
 }
 
@@ -88,7 +128,7 @@ pub async fn get(store: &dyn JobStore, job_id: &str) -> Result<JobView> {
         .ok_or_else(|| Error::JobNotFound {
             job: job_id.to_owned(),
         })?;
-    JobView::from_record(rec)
+    JobView::from_record(rec)?.with_shards(store).await
 }
 
 /// All jobs, newest first.
@@ -96,12 +136,16 @@ pub async fn get(store: &dyn JobStore, job_id: &str) -> Result<JobView> {
 /// # Errors
 /// [`Error::Store`].
 pub async fn list(store: &dyn JobStore) -> Result<Vec<JobView>> {
-    store
-        .list_jobs()
-        .await?
-        .into_iter()
-        .map(JobView::from_record)
-        .collect()
+    let mut out = Vec::new();
+    for rec in store.list_jobs().await? {
+        let view = JobView::from_record(rec)?;
+        out.push(if view.record.state.is_finished() {
+            view
+        } else {
+            view.with_shards(store).await?
+        });
+    }
+    Ok(out)
 }
 
 /// Asks the runner of a job to run, pause or cancel (after its current batch).

@@ -15,6 +15,17 @@ fn default_batch() -> u32 {
     1000
 }
 
+fn default_shards() -> u32 {
+    1
+}
+
+fn is_one(n: &u32) -> bool {
+    *n == 1
+}
+
+/// Most shards a job may have.
+pub const MAX_SHARDS: u32 = 256;
+
 /// One encrypted column.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -70,6 +81,12 @@ pub struct JobSpec {
     /// value. Columns with a blind index are always decrypted.
     #[serde(default)]
     pub verify: bool,
+    /// Shards (1..=256): disjoint ranges of the primary key, fixed when the job is
+    /// planned, each with its own lease and checkpoint, so that as many runners work
+    /// the table at once (docs/ROTATION.md §4.1). Left out of the stored spec when 1, so
+    /// specs stored before shards existed compare equal.
+    #[serde(default = "default_shards", skip_serializing_if = "is_one")]
+    pub shards: u32,
 }
 
 /// Checks a SQL identifier: letters, digits and `_`, not starting with a digit, at
@@ -163,6 +180,11 @@ impl JobSpec {
             return Err(Error::InvalidArgument(
                 "batch_size must be 1..=10000".into(),
             ));
+        }
+        if !(1..=MAX_SHARDS).contains(&self.shards) {
+            return Err(Error::InvalidArgument(format!(
+                "shards must be 1..={MAX_SHARDS}"
+            )));
         }
         if self.columns.is_empty() || self.columns.len() > 16 {
             return Err(Error::InvalidArgument(
@@ -296,5 +318,21 @@ mod tests {
         assert!(JobSpec::from_toml(&OK.replace("tenant_column = \"tenant_id\"", "")).is_err());
         assert!(JobSpec::from_toml(&format!("batch_size = 0\n{OK}")).is_err());
         assert!(JobSpec::from_toml(&format!("surprise = 1\n{OK}")).is_err());
+        assert!(JobSpec::from_toml(&format!("shards = 0\n{OK}")).is_err());
+        assert!(JobSpec::from_toml(&format!("shards = 257\n{OK}")).is_err());
+    }
+
+    #[test]
+    fn shards_default_to_one_and_are_left_out_of_the_stored_spec() {
+        let one = JobSpec::from_toml(OK).unwrap();
+        assert_eq!(one.shards, 1);
+        assert!(
+            !one.to_json().contains("shards"),
+            "specs stored before shards compare equal"
+        );
+        let four = JobSpec::from_toml(&format!("shards = 4\n{OK}")).unwrap();
+        assert_eq!(four.shards, 4);
+        assert_eq!(JobSpec::from_json(&four.to_json()).unwrap(), four);
+        assert_ne!(four, one, "a runner with another shard count conflicts");
     }
 }

@@ -29,6 +29,7 @@ mod index;
 mod lifecycle;
 mod resolution;
 mod rotation;
+pub mod rows;
 pub use crate::model::{SubjectInfo, TenantInfo, VersionInfo};
 pub use column::ColumnKeys;
 pub use epochs::{ActiveEpoch, swk_context};

@@ -119,11 +119,13 @@ pub struct JobRecord {
     pub state: JobState,
     /// Operator's wish.
     pub control: JobControl,
-    /// Runner holding the lease.
+    /// Runner holding the lease: for jobs of this version, kept in their shards (see
+    /// [`JobShardRecord`]; `crate::jobs` shows them here); a runner of the version
+    /// before shards kept its lease here.
     pub owner: Option<String>,
-    /// Lease end, Unix ms.
+    /// Lease end, Unix ms (as `owner`).
     pub lease_until: Option<i64>,
-    /// Last primary key fully processed (text form).
+    /// Last primary key fully processed (text form), for a job of one shard.
     pub checkpoint: Option<String>,
     /// Counters (JSON).
     pub progress: String,
@@ -137,7 +139,81 @@ pub struct JobRecord {
     pub updated_at: i64,
     /// End time, Unix ms.
     pub finished_at: Option<i64>,
+    /// How many shards the job was planned with; `None` until a runner planned it.
+    pub shards: Option<u32>,
 }
+
+/// One shard of a job as stored: a disjoint range of the primary key with its own
+/// lease, checkpoint and counters. A job's shards are fixed once, when the first runner
+/// plans it; together they cover every key (from no lower bound to no upper bound).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobShardRecord {
+    /// Job id.
+    pub job_id: String,
+    /// Shard number, 0..shards.
+    pub shard: u32,
+    /// Exclusive lower bound (text form of a primary key); `None`: from the first key.
+    pub lo: Option<String>,
+    /// Inclusive upper bound (text form of a primary key); `None`: to the last key.
+    pub hi: Option<String>,
+    /// State of this shard.
+    pub state: JobState,
+    /// Runner holding the shard's lease.
+    pub owner: Option<String>,
+    /// Lease end, Unix ms.
+    pub lease_until: Option<i64>,
+    /// Last primary key of this shard fully processed (text form).
+    pub checkpoint: Option<String>,
+    /// Counters of this shard (JSON).
+    pub progress: String,
+    /// Why it failed, or the last transient failure while it lasts.
+    pub error: Option<String>,
+    /// First claim, Unix ms.
+    pub started_at: Option<i64>,
+    /// Last update, Unix ms.
+    pub updated_at: i64,
+    /// End time, Unix ms.
+    pub finished_at: Option<i64>,
+}
+
+impl JobShardRecord {
+    /// Whether `owner` could claim this shard at `now`: unfinished, and unowned, its
+    /// own, or its lease ran out.
+    pub fn claimable_by(&self, owner: &str, now: i64) -> bool {
+        !self.state.is_finished()
+            && (self.owner.as_deref().is_none_or(|o| o == owner)
+                || self.lease_until.is_none_or(|l| l < now))
+    }
+}
+
+/// A shard to plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewShard {
+    /// Exclusive lower bound; `None`: from the first key.
+    pub lo: Option<String>,
+    /// Inclusive upper bound; `None`: to the last key.
+    pub hi: Option<String>,
+    /// `Pending`, or `Completed` for a shard known to be empty when planned.
+    pub state: JobState,
+}
+
+/// The whole job as its shards make it, written to the job record with every shard
+/// update (computed by `crate::jobs`, inside the store's transaction).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobTotals {
+    /// The job's state.
+    pub state: JobState,
+    /// Counters summed over the shards (JSON).
+    pub progress: String,
+    /// The single shard's checkpoint for a job of one shard, else `None`.
+    pub checkpoint: Option<String>,
+    /// The shards' errors, if any.
+    pub error: Option<String>,
+}
+
+/// How the store computes a job's totals from its record and its shards (as they are
+/// after a shard update, read in the same transaction) at a time (Unix ms).
+pub type TotalsFn = dyn Fn(&JobRecord, &[JobShardRecord], i64) -> JobTotals + Send + Sync;
 
 /// A job to create.
 #[derive(Debug, Clone)]

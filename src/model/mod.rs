@@ -23,7 +23,10 @@ pub use epochs::{
 };
 pub use erasure::{ErasureRecord, ErasureState, NewErasure};
 pub use info::{SubjectInfo, TenantInfo, VersionInfo};
-pub use jobs::{JobControl, JobProgress, JobRecord, JobState, JobUpdate, NewJob};
+pub use jobs::{
+    JobControl, JobProgress, JobRecord, JobShardRecord, JobState, JobTotals, JobUpdate, NewJob,
+    NewShard, TotalsFn,
+};
 pub use json::canonical_json;
 pub use keys::{
     Created, KeyState, KeyVersionRecord, NewKeyVersion, NewSubject, SigningKeyRecord,

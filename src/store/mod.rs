@@ -31,9 +31,9 @@ mod subjects;
 use async_trait::async_trait;
 
 pub use crate::model::{
-    Created, ErasureRecord, ErasureState, JobControl, JobProgress, JobRecord, JobState, JobUpdate,
-    KeyState, KeyVersionRecord, NewErasure, NewJob, NewKeyVersion, NewSubject, SigningKeyRecord,
-    SubjectRecord, TenantRecord, now_ms,
+    Created, ErasureRecord, ErasureState, JobControl, JobProgress, JobRecord, JobShardRecord,
+    JobState, JobTotals, JobUpdate, KeyState, KeyVersionRecord, NewErasure, NewJob, NewKeyVersion,
+    NewShard, NewSubject, SigningKeyRecord, SubjectRecord, TenantRecord, TotalsFn, now_ms,
 };
 pub use audit::{AuditFn, AuditStore};
 pub use epochs::EpochStore;

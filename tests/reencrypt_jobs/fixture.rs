@@ -1,6 +1,10 @@
 //! The fixture of the re-encryption job tests: a key store and an application database
 //! on the real PostgreSQL, a populated `users` table, job specs, runner processes and
 //! an application writer running beside a job.
+#![allow(
+    dead_code,
+    reason = "shared by tests/reencrypt_jobs.rs and tests/reencrypt_shards.rs, each using part of it"
+)]
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -170,9 +174,12 @@ field = "name"
         cfg
     }
 
-    pub(crate) fn runner_process(&self, spec: &Path, lease_secs: u32) -> std::process::Child {
-        Command::new(BIN)
-            .args(["jobs", "run", "--no-progress", "--lease-seconds"])
+    /// `fieldkey jobs run` of `spec` with this fixture's key store, KMS and
+    /// application database; more arguments and variables can be added before it is
+    /// spawned.
+    pub(crate) fn runner_command(&self, spec: &Path, lease_secs: u32) -> Command {
+        let mut c = Command::new(BIN);
+        c.args(["jobs", "run", "--no-progress", "--lease-seconds"])
             .arg(lease_secs.to_string())
             .arg("--config")
             .arg(self.write_config())
@@ -180,10 +187,14 @@ field = "name"
             .env("FIELDKEY_LOCAL_KMS_PASSPHRASE", PASSPHRASE)
             .env("FK_TEST_APP_DB", &self.app_db.dsn)
             .env("RUST_LOG", "warn")
+            .env_remove("JOB_COMPLETION_INDEX")
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
+            .stderr(Stdio::piped());
+        c
+    }
+
+    pub(crate) fn runner_process(&self, spec: &Path, lease_secs: u32) -> std::process::Child {
+        self.runner_command(spec, lease_secs).spawn().unwrap()
     }
 
     pub(crate) async fn progress(&self, job: &str) -> (JobState, JobProgress, Option<String>) {

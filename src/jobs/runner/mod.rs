@@ -5,20 +5,23 @@
 //! - a row is written only if it is still the version that was read (its `xmin`,
 //!   compared in one `UPDATE ... FROM unnest(...)` per batch); a row the application
 //!   changed meanwhile is read again and retried, never overwritten;
-//! - only the lease holder advances a job; the lease is renewed at every checkpoint
-//!   and by a heartbeat every third of its length (so a slow batch keeps it), and a
-//!   runner that lost it stops at its next checkpoint;
-//! - the checkpoint (last primary key fully processed) names only batches whose write
-//!   and conflict retries completed, so a crash re-reads at most the batches after
-//!   it, whose values are then current and skipped.
+//! - a job is cut into shards (disjoint primary-key ranges, fixed once when the job is
+//!   planned); only a shard's lease holder advances it; the lease is renewed at every
+//!   checkpoint and by a heartbeat every third of its length (so a slow batch keeps
+//!   it), and a runner that lost it stops at its next checkpoint;
+//! - a shard's checkpoint (last primary key fully processed) names only batches whose
+//!   write and conflict retries completed, so a crash re-reads at most the batches
+//!   after it, whose values are then current and skipped;
+//! - the job completes only when every shard did (the job record's totals, which
+//!   retirement reads, are summed over all shards in the transaction of every update).
 //!
 //! Pipeline: batch N+1 is read (in its own task) and rewrapped while batch N's write
 //! runs (in its own task); a batch's rewrapping is split over two worker threads.
 //!
-//! The rooms: `table` (the job's SQL, reads and the guarded write), `rewrap` (per-row
-//! rewrapping and tallies), `lease` (claiming and renewing the job's lease) and `run`
-//! (the run loop and its progress). This file holds the runner, its settings and what
-//! they share.
+//! The rooms: `table` (the job's SQL, reads, shard bounds and the guarded write),
+//! `rewrap` (per-row rewrapping and tallies), `lease` (planning shards, claiming and
+//! renewing their leases) and `run` (the run loop and its progress). This file holds
+//! the runner, its settings and what they share.
 
 mod lease;
 mod rewrap;
@@ -47,6 +50,10 @@ pub struct RunnerConfig {
     /// How often to look again while paused, waiting for a lease, or after a
     /// transient failure (doubled up to 30 s while failures last).
     pub poll: Duration,
+    /// This runner's own shard (a Kubernetes Indexed Job's completion index): worked
+    /// first, waiting for its lease if another runner holds it; then the runner takes
+    /// over others. `None`: any shard, lowest first.
+    pub shard: Option<u32>,
 }
 
 impl RunnerConfig {
@@ -59,16 +66,17 @@ impl RunnerConfig {
             owner: format!("{host}/{}/{}", std::process::id(), hex::encode(r)),
             lease,
             poll: Duration::from_millis(500),
+            shard: None,
         }
     }
 }
 
-/// How a run ended.
+/// How a run ended: the whole job (every shard finished).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outcome {
-    /// Final (or, if another runner holds it, current) state.
+    /// The job's final state.
     pub state: JobState,
-    /// Counters.
+    /// The job's counters, summed over its shards.
     pub progress: JobProgress,
 }
 
@@ -141,13 +149,15 @@ pub struct Runner {
     /// Authenticate current values too (`verify` of the spec: a census).
     verify: bool,
     cfg: RunnerConfig,
+    /// The counters of the shard this runner works on, after every batch.
     progress_tx: watch::Sender<JobProgress>,
 }
 
 impl Runner {
     /// A runner for `spec` over the application database `db`, rewrapping through
-    /// `keyring`, its job record (lease, checkpoint, counters) kept in `jobs`. Progress
-    /// is published on the returned receiver after every batch.
+    /// `keyring`, its job record and shards (leases, checkpoints, counters) kept in
+    /// `jobs`. The progress of the shard it works on is published on the returned
+    /// receiver after every batch.
     pub fn new(
         keyring: Arc<Keyring>,
         jobs: Arc<dyn JobStore>,

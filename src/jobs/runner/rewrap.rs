@@ -1,12 +1,13 @@
 //! Rewrapping rows: each value moved to the tenant's active key version (by the
-//! keyring, which alone sees plaintext), its blind index recomputed, and the tallies
-//! that settle a row into the job's counters.
+//! keyring, which alone sees plaintext, with the row's keys resolved once:
+//! [`Keyring::row_keys`]), its blind index recomputed, and the tallies that settle a
+//! row into the job's counters.
 //!
 //! Owns: the per-row decision (rewrap, leave current, count as shredded or failed), the
 //! split of a batch over two worker tasks, and adding a row's tallies to the progress.
 //! Does not: read or write the table (`table` does) or renew the lease.
 
-use crate::crypto::{self, Aad, Envelope};
+use crate::crypto::{self, Envelope};
 use crate::error::Error;
 use crate::jobs::spec::ColumnSpec;
 use crate::keyring::Keyring;
@@ -113,6 +114,8 @@ async fn rewrap_row(
     let mut index_out: Vec<Option<Value>> = Vec::new();
     let mut changed = false;
     let mut index_values = row.values.iter().skip(columns.len());
+    // The row's tenant and subject keys, resolved once for all its values.
+    let keys = keyring.row_keys(&row.tenant, row.subject.as_deref()).await;
     for (col, v) in columns.iter().zip(&row.values) {
         let stored_index = if col.blind_index.is_some() {
             Some(index_values.next().and_then(Option::as_ref))
@@ -126,18 +129,16 @@ async fn rewrap_row(
             }
             continue;
         };
-        let aad = Aad {
-            tenant: &row.tenant,
-            subject: row.subject.as_deref(),
-            field: &col.field,
-            context: &row.context,
-        };
         let (rewrapped, index) = match stored_index {
             None => (
-                keyring.rewrap_checked(&aad, v.bytes(), verify).await,
+                keys.rewrap(&col.field, &row.context, v.bytes(), verify)
+                    .await,
                 IndexOutcome::Keep,
             ),
-            Some(_) => match keyring.rewrap_and_index(&aad, v.bytes()).await {
+            Some(_) => match keys
+                .rewrap_and_index(&col.field, &row.context, v.bytes())
+                .await
+            {
                 Ok((r, ix)) => (Ok(r), IndexOutcome::Set(ix)),
                 Err(e @ Error::KeyDestroyed { .. }) => (Err(e), IndexOutcome::Clear),
                 Err(e) => (Err(e), IndexOutcome::Keep),

@@ -1,9 +1,10 @@
-//! The run loop: the pipeline that reads batch N+1 while batch N is rewrapped and
-//! batch N-1 written, advances the checkpoint only past completed writes, retries
-//! transient failures with backoff, obeys pause and cancel, and publishes progress.
+//! The run loop: shard after shard (its own first, then those it takes over), the
+//! pipeline that reads batch N+1 while batch N is rewrapped and batch N-1 written,
+//! advances a shard's checkpoint only past completed writes, retries transient
+//! failures with backoff, obeys pause and cancel, and publishes progress.
 //!
-//! Owns: [`Runner::run`] and the steps of one batch. Does not: build SQL (`table`),
-//! rewrap values (`rewrap`) or claim and renew the lease (`lease`).
+//! Owns: [`Runner::run`], a shard's run and the steps of one batch. Does not: build
+//! SQL (`table`), rewrap values (`rewrap`) or plan, claim and renew shards (`lease`).
 
 use std::collections::HashSet;
 use std::num::NonZeroU32;
@@ -11,12 +12,12 @@ use std::time::Duration;
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
-use super::lease::Claim;
+use super::lease::{Next, Recording};
 use super::rewrap::{RowTally, Update, settle, version_of};
 use super::table::{DbRow, Reader, Sql, fetch, write_rows};
 use super::{BatchError, BatchResult, Outcome, Runner, Task, create};
 use crate::error::{Error, Result};
-use crate::model::{JobControl, JobProgress, JobState};
+use crate::model::{JobControl, JobProgress, JobShardRecord, JobState};
 
 /// Conflict rounds per batch before the remaining rows are reported as leftovers.
 const MAX_CONFLICT_ROUNDS: usize = 8;
@@ -34,14 +35,19 @@ fn abort<T>(h: &mut Option<T>) {
 }
 
 impl Runner {
-    /// Runs the job until it completes, is cancelled or fails; waits while it is
-    /// paused or another runner holds it (and takes over if that runner's lease runs
-    /// out). Creates the job on first use.
+    /// Runs the job until it completes, is cancelled or fails: plans its shards if no
+    /// runner did yet, works this runner's own shard ([`RunnerConfig::shard`]), then
+    /// takes over any shard whose lease ran out (a dead runner's) or nobody started,
+    /// and stands by while other runners hold the rest, until every shard is finished.
+    /// Waits while the job is paused. Creates the job on first use.
     ///
     /// # Errors
-    /// [`Error::InvalidArgument`] if the rate limit could outlast the lease;
-    /// [`Error::JobConflict`] for a spec that differs from the stored one or a lost
-    /// lease; [`Error::Store`] if the key store fails outside a batch.
+    /// [`Error::InvalidArgument`] if the rate limit could outlast the lease, or for a
+    /// preferred shard the job does not have; [`Error::JobConflict`] for a spec that
+    /// differs from the stored one or a lost lease; [`Error::Store`] if the key store
+    /// fails outside a batch.
+    ///
+    /// [`RunnerConfig::shard`]: super::RunnerConfig::shard
     pub async fn run(&self) -> Result<Outcome> {
         // The rate limit waits up to batch_size / rate per batch without renewing the
         // lease: refuse settings where that could let another runner take over.
@@ -58,52 +64,112 @@ impl Runner {
                 return Err(Error::InvalidArgument(msg));
             }
         }
+        if let Some(p) = self.cfg.shard
+            && p >= self.spec.shards
+        {
+            return Err(Error::InvalidArgument(format!(
+                "shard {p} of a job of {} shards (shards are numbered from 0)",
+                self.spec.shards
+            )));
+        }
         for c in self.spec.columns.iter().filter(|c| c.blind_index.is_some()) {
             // Checked before the job is even created: a runner without the field's
             // profile would compute index values nobody can match.
             self.keyring.index_profile(&c.field)?;
         }
         create(self.store(), &self.spec).await?;
-        let job = match self.claim().await? {
-            Claim::Held(job) => job,
-            Claim::Finished(outcome) => return Ok(outcome),
-        };
-        // Keep the lease alive while a batch takes long (a slow KMS or database):
-        // renewed every third of its length until this run returns.
-        let _heartbeat = self.heartbeat();
-        let mut progress = JobProgress::parse(&job.progress)?;
-        progress.runs += 1;
-        let reval = u64::try_from(self.keyring.revalidate_after().as_millis()).unwrap_or(u64::MAX);
-        progress.revalidate_ms = progress.revalidate_ms.max(reval);
-        let mut checkpoint = job.checkpoint.clone();
-        tracing::info!(job = %job.job_id, owner = %self.cfg.owner, checkpoint = ?checkpoint.is_some(), run = progress.runs, "job started");
-        let sql = loop {
-            match Sql::build(&self.spec, &self.db).await {
-                Ok(s) => break s,
-                Err(BatchError::Fatal(msg)) => {
-                    return self.finish(JobState::Failed, progress, Some(msg)).await;
+        let mut sql = None;
+        let mut standing_by = false;
+        loop {
+            match self.next_shard(&mut sql).await? {
+                Next::Finished(outcome) => return Ok(outcome),
+                Next::Shard(shard) => {
+                    standing_by = false;
+                    self.run_shard(&mut sql, shard).await?;
                 }
-                Err(BatchError::Transient(msg)) => {
-                    tracing::warn!(error = %msg, "cannot inspect the table yet; retrying");
-                    self.renew(JobState::Running, None, &progress, Some(msg))
-                        .await?;
+                Next::Wait => {
+                    if !standing_by {
+                        tracing::info!(job = %self.spec.name, owner = %self.cfg.owner, "every unfinished shard is held by another runner; standing by");
+                        standing_by = true;
+                    }
                     tokio::time::sleep(self.cfg.poll).await;
                 }
             }
+        }
+    }
+
+    /// Works one shard this runner holds until it completes, is cancelled or fails
+    /// (waiting while the job is paused).
+    async fn run_shard(&self, sql: &mut Option<Sql>, shard: JobShardRecord) -> Result<()> {
+        let id = shard.shard;
+        // Keep the lease alive while a batch takes long (a slow KMS or database):
+        // renewed every third of its length until this shard's run returns.
+        let _heartbeat = self.heartbeat(id);
+        // The shard's record in flight: see `renew_later`.
+        let mut recording: Recording = None;
+        let mut progress = JobProgress::parse(&shard.progress)?;
+        progress.runs += 1;
+        let reval = u64::try_from(self.keyring.revalidate_after().as_millis()).unwrap_or(u64::MAX);
+        progress.revalidate_ms = progress.revalidate_ms.max(reval);
+        let lo = shard.lo.clone();
+        let hi = shard.hi.clone();
+        // Where reading resumes: past the checkpoint, or past the shard's lower bound.
+        let start = |cp: &Option<String>| cp.clone().or_else(|| lo.clone());
+        let mut checkpoint = shard.checkpoint.clone();
+        tracing::info!(job = %self.spec.name, shard = id, owner = %self.cfg.owner, checkpoint = ?checkpoint.is_some(), run = progress.runs, "shard started");
+        while sql.is_none() {
+            match Sql::build(&self.spec, &self.db).await {
+                Ok(s) => *sql = Some(s),
+                Err(BatchError::Fatal(msg)) => {
+                    return self
+                        .finish(&mut recording, id, JobState::Failed, progress, Some(msg))
+                        .await;
+                }
+                Err(BatchError::Transient(msg)) => {
+                    tracing::warn!(error = %msg, "cannot inspect the table yet; retrying");
+                    self.renew(
+                        &mut recording,
+                        id,
+                        JobState::Running,
+                        None,
+                        &progress,
+                        Some(msg),
+                    )
+                    .await?;
+                    tokio::time::sleep(self.cfg.poll).await;
+                }
+            }
+        }
+        let Some(sql) = sql.as_ref() else {
+            return Err(Error::Internal("job SQL missing after it was built".into()));
         };
         if progress.total_rows == 0 {
-            match sql.count(&self.db, self.spec.tenant.as_deref()).await {
+            match sql
+                .count(
+                    &self.db,
+                    self.spec.tenant.as_deref(),
+                    lo.as_deref(),
+                    hi.as_deref(),
+                )
+                .await
+            {
                 Ok(n) => progress.total_rows = n,
                 Err(BatchError::Fatal(msg)) => {
-                    return self.finish(JobState::Failed, progress, Some(msg)).await;
+                    return self
+                        .finish(&mut recording, id, JobState::Failed, progress, Some(msg))
+                        .await;
                 }
                 Err(BatchError::Transient(_)) => {}
             }
         }
-        let mut control = self.renew(JobState::Running, None, &progress, None).await?;
+        let mut control = self
+            .renew(&mut recording, id, JobState::Running, None, &progress, None)
+            .await?;
         let limiter = self.limiter();
         let mut backoff = self.cfg.poll;
         let mut state = JobState::Running;
+        let update = sql.tagged_update(&self.spec.name, id, &self.cfg.owner);
+        let reader = || self.reader(sql, hi.clone());
         // The next batch is read while this one is rewrapped and written (its rows are
         // past this batch's, so the two never overlap; the compare-and-set covers rows
         // that change in between).
@@ -111,64 +177,94 @@ impl Runner {
         // This batch's write runs while the next batch is rewrapped; the checkpoint
         // only ever names a batch whose write (and conflict retries) completed.
         let mut inflight: Option<InFlight> = None;
-        let mut cursor = checkpoint.clone();
+        let mut cursor = start(&checkpoint);
         loop {
             if control != JobControl::Run && inflight.is_some() {
                 // Finish what is in flight before pausing or cancelling.
                 abort(&mut prefetch);
-                match self.complete(&sql, inflight.take(), &mut progress).await {
+                match self
+                    .complete(sql, &update, inflight.take(), &mut progress)
+                    .await
+                {
                     Ok(done) => checkpoint = done.or(checkpoint),
                     Err(BatchError::Fatal(msg)) => {
-                        return self.finish(JobState::Failed, progress, Some(msg)).await;
+                        return self
+                            .finish(&mut recording, id, JobState::Failed, progress, Some(msg))
+                            .await;
                     }
                     Err(BatchError::Transient(msg)) => {
                         tracing::warn!(error = %msg, "write failed; the batch will be read again")
                     }
                 }
-                cursor = checkpoint.clone();
+                cursor = start(&checkpoint);
                 control = self
-                    .renew(JobState::Running, checkpoint.clone(), &progress, None)
+                    .renew(
+                        &mut recording,
+                        id,
+                        JobState::Running,
+                        checkpoint.clone(),
+                        &progress,
+                        None,
+                    )
                     .await?;
                 continue;
             }
             match control {
                 JobControl::Cancel => {
-                    return self.finish(JobState::Cancelled, progress, None).await;
+                    return self
+                        .finish(&mut recording, id, JobState::Cancelled, progress, None)
+                        .await;
                 }
                 JobControl::Pause => {
                     if state != JobState::Paused {
-                        tracing::info!(job = %self.spec.name, "job paused");
+                        tracing::info!(job = %self.spec.name, shard = id, "job paused");
                         state = JobState::Paused;
                     }
-                    control = self.renew(state, None, &progress, None).await?;
+                    control = self
+                        .renew(&mut recording, id, state, None, &progress, None)
+                        .await?;
                     tokio::time::sleep(self.cfg.poll).await;
                     continue;
                 }
                 JobControl::Run => {
                     if state == JobState::Paused {
-                        tracing::info!(job = %self.spec.name, "job resumed");
+                        tracing::info!(job = %self.spec.name, shard = id, "job resumed");
                     }
                     state = JobState::Running;
                 }
             }
             let rows = match prefetch.take() {
                 Some(mut h) => h.join("reader").await.and_then(|rows| rows),
-                None => fetch(self.reader(&sql), cursor.clone()).await,
+                None => fetch(reader(), cursor.clone()).await,
             };
             let result = match rows {
                 Ok(rows) => match rows.last().map(|r| r.pk.clone()) {
-                    None => match self.complete(&sql, inflight.take(), &mut progress).await {
-                        Ok(_) => return self.finish(JobState::Completed, progress, None).await,
+                    None => match self
+                        .complete(sql, &update, inflight.take(), &mut progress)
+                        .await
+                    {
+                        Ok(_) => {
+                            return self
+                                .finish(&mut recording, id, JobState::Completed, progress, None)
+                                .await;
+                        }
                         Err(e) => Err(e),
                     },
                     Some(last) => {
-                        prefetch = Some(Task::spawn(fetch(self.reader(&sql), Some(last.clone()))));
+                        prefetch = Some(Task::spawn(fetch(reader(), Some(last.clone()))));
                         cursor = Some(last);
                         // A step that fails leaves no counts behind: its rows are read,
                         // and counted, again.
                         let mut trial = progress.clone();
                         let r = self
-                            .step(&sql, rows, &mut inflight, &mut trial, limiter.as_ref())
+                            .step(
+                                sql,
+                                &update,
+                                rows,
+                                &mut inflight,
+                                &mut trial,
+                                limiter.as_ref(),
+                            )
                             .await;
                         if r.is_ok() {
                             progress = trial;
@@ -184,30 +280,44 @@ impl Runner {
                     if done.is_some() {
                         checkpoint = done;
                     }
-                    control = self
-                        .renew(JobState::Running, checkpoint.clone(), &progress, None)
-                        .await?;
+                    // Recorded while the next batch is processed.
+                    if let Some(c) = self
+                        .renew_later(&mut recording, id, checkpoint.clone(), &progress)
+                        .await?
+                    {
+                        control = c;
+                    }
                 }
                 Err(e) => {
                     abort(&mut prefetch);
                     // Let the write in flight land (it is complete or it is not; either
                     // way its rows are read again if the checkpoint does not cover them).
-                    if let Ok(Some(done)) =
-                        self.complete(&sql, inflight.take(), &mut progress).await
+                    if let Ok(Some(done)) = self
+                        .complete(sql, &update, inflight.take(), &mut progress)
+                        .await
                     {
                         checkpoint = Some(done);
                     }
-                    cursor = checkpoint.clone();
+                    cursor = start(&checkpoint);
                     match e {
                         BatchError::Fatal(msg) => {
-                            tracing::error!(error = %msg, "job failed");
-                            return self.finish(JobState::Failed, progress, Some(msg)).await;
+                            tracing::error!(error = %msg, shard = id, "shard failed");
+                            return self
+                                .finish(&mut recording, id, JobState::Failed, progress, Some(msg))
+                                .await;
                         }
                         BatchError::Transient(msg) => {
                             tracing::warn!(error = %msg, retry_in_ms = backoff.as_millis() as u64, "batch failed; retrying from the checkpoint");
                             // Shown as the job's error until a batch succeeds again.
                             control = self
-                                .renew(JobState::Running, checkpoint.clone(), &progress, Some(msg))
+                                .renew(
+                                    &mut recording,
+                                    id,
+                                    JobState::Running,
+                                    checkpoint.clone(),
+                                    &progress,
+                                    Some(msg),
+                                )
                                 .await?;
                             tokio::time::sleep(backoff).await;
                             backoff = (backoff * 2).min(self.max_wait());
@@ -219,8 +329,8 @@ impl Runner {
         }
     }
 
-    fn reader(&self, sql: &Sql) -> Reader {
-        sql.reader(self.db.clone(), self.spec.tenant.clone())
+    fn reader(&self, sql: &Sql, hi: Option<String>) -> Reader {
+        sql.reader(self.db.clone(), self.spec.tenant.clone(), hi)
     }
 
     fn limiter(&self) -> Option<DefaultDirectRateLimiter> {
@@ -231,16 +341,21 @@ impl Runner {
         ))
     }
 
+    /// Ends this runner's work on `shard` in `state` (and releases its lease), after
+    /// the record in flight.
     async fn finish(
         &self,
+        recording: &mut Recording,
+        shard: u32,
         state: JobState,
         progress: JobProgress,
         error: Option<String>,
-    ) -> Result<Outcome> {
-        self.renew(state, None, &progress, error).await?;
+    ) -> Result<()> {
+        self.renew(recording, shard, state, None, &progress, error)
+            .await?;
         self.progress_tx.send_replace(progress.clone());
-        tracing::info!(job = %self.spec.name, state = %state, rewrapped = progress.values_rewrapped, "job finished");
-        Ok(Outcome { state, progress })
+        tracing::info!(job = %self.spec.name, shard, state = %state, rewrapped = progress.values_rewrapped, "shard finished");
+        Ok(())
     }
 
     /// Settles the rows a write changed; rows it did not change (the application wrote
@@ -249,6 +364,7 @@ impl Runner {
     async fn settle_writes(
         &self,
         sql: &Sql,
+        update: &str,
         mut updates: Vec<Update>,
         mut written: HashSet<String>,
         progress: &mut JobProgress,
@@ -287,7 +403,7 @@ impl Runner {
             if updates.is_empty() {
                 return Ok(());
             }
-            written = write_rows(&self.db, &sql.update, &sql.kinds, &updates).await?;
+            written = write_rows(&self.db, update, &sql.kinds, &updates).await?;
         }
         Ok(())
     }
@@ -298,6 +414,7 @@ impl Runner {
     async fn step(
         &self,
         sql: &Sql,
+        update: &str,
         rows: Vec<DbRow>,
         inflight: &mut Option<InFlight>,
         progress: &mut JobProgress,
@@ -312,8 +429,10 @@ impl Runner {
         progress.rows_scanned += rows.len() as u64;
         let last = rows.last().map(|r| r.pk.clone()).unwrap_or_default();
         let updates = self.prepare(rows, progress).await?;
-        let done = self.complete(sql, inflight.take(), progress).await?;
-        let (db, q, kinds) = (self.db.clone(), sql.update.clone(), sql.kinds.clone());
+        let done = self
+            .complete(sql, update, inflight.take(), progress)
+            .await?;
+        let (db, q, kinds) = (self.db.clone(), update.to_owned(), sql.kinds.clone());
         *inflight = Some(InFlight {
             last,
             task: Task::spawn(async move {
@@ -329,6 +448,7 @@ impl Runner {
     async fn complete(
         &self,
         sql: &Sql,
+        update: &str,
         inflight: Option<InFlight>,
         progress: &mut JobProgress,
     ) -> BatchResult<Option<String>> {
@@ -336,7 +456,8 @@ impl Runner {
             return Ok(None);
         };
         let (updates, written) = f.task.join("writer").await?;
-        self.settle_writes(sql, updates, written?, progress).await?;
+        self.settle_writes(sql, update, updates, written?, progress)
+            .await?;
         Ok(Some(std::mem::take(&mut f.last)))
     }
 }

@@ -1,6 +1,7 @@
 //! The application table: the SQL of one job (built once from its spec and the
-//! table's column types), reading a batch in primary-key order, reading rows again by
-//! key, counting the rows in scope, and the guarded batch write.
+//! table's column types), reading a batch of a shard in primary-key order, reading rows
+//! again by key, counting the rows in scope, where to cut the shards, and the guarded
+//! batch write.
 //!
 //! Owns: [`Sql`], the row as read ([`DbRow`], [`Value`]) and how a database error
 //! becomes a batch error. Does not: decrypt or rewrap anything (`rewrap` does), decide
@@ -79,12 +80,35 @@ pub(super) struct DbRow {
 
 /// The SQL of one job, built once from its spec and the table's column types.
 pub(super) struct Sql {
-    first: String,
-    after: String,
+    /// `SELECT ... FROM table`, without a condition.
+    select: String,
+    /// The quoted primary key and its type.
+    pk: String,
+    pk_type: String,
+    /// ` AND tenant = $2`, or nothing.
+    tenant_filter: String,
+    table: String,
+    tenant_column: Option<String>,
+    limit: u32,
     by_pk: String,
-    pub(super) update: String,
-    count: String,
+    update: String,
     pub(super) kinds: Vec<ColKind>,
+}
+
+/// Keeps of `s` what is safe inside an SQL comment naming a job, shard and runner:
+/// letters, digits and `._:-/`; anything else becomes `_` (no `*`, so a comment can
+/// neither end nor nest).
+fn comment_safe(s: &str) -> String {
+    s.chars()
+        .take(160)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._:-/".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 async fn column_type(
@@ -171,22 +195,7 @@ impl Sql {
              {context_expr} AS fk_context, {} FROM {table}",
             cols.join(", ")
         );
-        let limit = spec.batch_size;
-        // $1 is the checkpoint (unused by `first`, which still binds it so that the
-        // tenant filter is always $2).
-        let first = format!(
-            "{select} WHERE ($1::text IS NULL OR TRUE){tenant_filter} ORDER BY {pk} LIMIT {limit}"
-        );
-        let after = format!(
-            "{select} WHERE {pk} > $1::text::{pk_type}{tenant_filter} ORDER BY {pk} LIMIT {limit}"
-        );
         let by_pk = format!("{select} WHERE {pk} = ANY($1::text[]::{pk_type}[])");
-        let count = match (&spec.tenant_column, &spec.tenant) {
-            (Some(c), Some(_)) => {
-                format!("SELECT count(*) FROM {table} WHERE {}::text = $1", quote(c))
-            }
-            _ => format!("SELECT count(*) FROM {table} WHERE $1::text IS NULL OR TRUE"),
-        };
         // UPDATE ... FROM unnest(pks, row versions, new1, new2, ...): one statement per
         // batch. Each row is guarded by its version (`xmin`) as read: any change since
         // the read, committed or in flight, makes the guard fail (PostgreSQL re-checks
@@ -211,34 +220,128 @@ impl Sql {
             names.join(", "),
         );
         Ok(Self {
-            first,
-            after,
+            select,
+            pk,
+            pk_type,
+            tenant_filter,
+            table,
+            tenant_column: match (&spec.tenant_column, &spec.tenant) {
+                (Some(c), Some(_)) => Some(quote(c)),
+                _ => None,
+            },
+            limit: spec.batch_size,
             by_pk,
             update,
-            count,
             kinds,
         })
     }
 
-    /// What reading this job's batches from `db` needs (`tenant`: the spec's tenant).
-    pub(super) fn reader(&self, db: PgPool, tenant: Option<String>) -> Reader {
-        Reader {
-            db,
-            first: self.first.clone(),
-            after: self.after.clone(),
-            kinds: self.kinds.clone(),
-            tenant,
+    /// ` AND pk <= $3` when a shard has an upper bound (`$1` is the lower bound or
+    /// checkpoint, `$2` the tenant, `$3` the upper bound; each bound is a separate
+    /// statement rather than a `$n IS NULL OR` condition, so every plan can walk the
+    /// key's index from the lower bound).
+    fn upper(&self, hi: bool) -> String {
+        if hi {
+            format!(" AND {} <= $3::text::{}", self.pk, self.pk_type)
+        } else {
+            String::new()
         }
     }
 
-    /// The rows in scope of the job (of its tenant, if it names one).
-    pub(super) async fn count(&self, db: &PgPool, tenant: Option<&str>) -> BatchResult<u64> {
-        let n: i64 = sqlx::query_scalar(AssertSqlSafe(self.count.clone()))
+    /// What reading this job's batches from `db` needs (`tenant`: the spec's tenant;
+    /// `hi`: the shard's inclusive upper bound).
+    pub(super) fn reader(&self, db: PgPool, tenant: Option<String>, hi: Option<String>) -> Reader {
+        let (select, pk, pk_type, tf, limit) = (
+            &self.select,
+            &self.pk,
+            &self.pk_type,
+            &self.tenant_filter,
+            self.limit,
+        );
+        let upper = self.upper(hi.is_some());
+        // $1 is the checkpoint (unused by `first`, which still binds it so that the
+        // tenant filter is always $2 and the upper bound $3).
+        Reader {
+            db,
+            first: format!(
+                "{select} WHERE ($1::text IS NULL OR TRUE){tf}{upper} ORDER BY {pk} LIMIT {limit}"
+            ),
+            after: format!(
+                "{select} WHERE {pk} > $1::text::{pk_type}{tf}{upper} ORDER BY {pk} LIMIT {limit}"
+            ),
+            kinds: self.kinds.clone(),
+            tenant,
+            hi,
+        }
+    }
+
+    /// The guarded batch write of `shard`, named in an SQL comment (job, shard and
+    /// runner, as `pg_stat_activity` and triggers' `current_query()` show it).
+    pub(super) fn tagged_update(&self, job: &str, shard: u32, owner: &str) -> String {
+        format!(
+            "/* fieldkey job={} shard={shard} runner={} */ {}",
+            comment_safe(job),
+            comment_safe(owner),
+            self.update
+        )
+    }
+
+    /// The rows in scope of the job (of its tenant, if it names one) in the shard
+    /// `(lo, hi]` (an absent bound: none).
+    pub(super) async fn count(
+        &self,
+        db: &PgPool,
+        tenant: Option<&str>,
+        lo: Option<&str>,
+        hi: Option<&str>,
+    ) -> BatchResult<u64> {
+        let lower = if lo.is_some() {
+            format!("{} > $1::text::{}", self.pk, self.pk_type)
+        } else {
+            "($1::text IS NULL OR TRUE)".to_owned()
+        };
+        let q = format!(
+            "SELECT count(*) FROM {} WHERE {lower}{}{}",
+            self.table,
+            self.tenant_filter,
+            self.upper(hi.is_some())
+        );
+        let n: i64 = sqlx::query_scalar(AssertSqlSafe(q))
+            .bind(lo)
             .bind(tenant)
+            .bind(hi)
             .fetch_one(db)
             .await
             .map_err(db_error)?;
         Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// The keys in scope at the quantiles 1/n .. (n-1)/n (text forms, in key order):
+    /// where a job of `n` shards is cut. `None` when nothing is in scope. One pass
+    /// over the key column (PostgreSQL sorts it for the ordered-set aggregate), once
+    /// per job.
+    pub(super) async fn bounds(
+        &self,
+        db: &PgPool,
+        tenant: Option<&str>,
+        n: u32,
+    ) -> BatchResult<Option<Vec<String>>> {
+        let fractions: Vec<f64> = (1..n).map(|i| f64::from(i) / f64::from(n)).collect();
+        let filter = match &self.tenant_column {
+            Some(c) => format!(" WHERE {c}::text = $2"),
+            None => " WHERE ($2::text IS NULL OR TRUE)".to_owned(),
+        };
+        let q = format!(
+            "SELECT (percentile_disc($1::float8[]) WITHIN GROUP (ORDER BY {}))::text[] FROM {}{filter}",
+            self.pk, self.table
+        );
+        let b: Option<Vec<Option<String>>> = sqlx::query_scalar(AssertSqlSafe(q))
+            .bind(fractions)
+            .bind(tenant)
+            .fetch_one(db)
+            .await
+            .map_err(db_error)?;
+        Ok(b.and_then(|b| b.into_iter().collect()))
     }
 
     /// The rows with keys `pks`, read again, in the order of `pks` (rows deleted
@@ -322,9 +425,12 @@ pub(super) struct Reader {
     after: String,
     kinds: Vec<ColKind>,
     tenant: Option<String>,
+    /// The shard's inclusive upper bound.
+    hi: Option<String>,
 }
 
-/// The batch after `checkpoint` (the first batch without one).
+/// The batch after `checkpoint` (the first batch without one), up to the shard's
+/// upper bound.
 pub(super) async fn fetch(r: Reader, checkpoint: Option<String>) -> BatchResult<Vec<DbRow>> {
     let q = if checkpoint.is_some() {
         r.after
@@ -334,6 +440,7 @@ pub(super) async fn fetch(r: Reader, checkpoint: Option<String>) -> BatchResult<
     let rows = sqlx::query(AssertSqlSafe(q))
         .bind(checkpoint)
         .bind(r.tenant.as_deref())
+        .bind(r.hi.as_deref())
         .fetch_all(&r.db)
         .await
         .map_err(db_error)?;

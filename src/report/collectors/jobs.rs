@@ -20,7 +20,11 @@ pub(in crate::report) async fn read_jobs(
     let mut jobs = Vec::new();
     for record in store.list_jobs().await? {
         match JobProgress::parse(&record.progress) {
-            Ok(progress) => jobs.push(JobView { record, progress }),
+            Ok(progress) => jobs.push(JobView {
+                record,
+                progress,
+                shards: Vec::new(),
+            }),
             Err(e) => unreadable.push(format!("re-encryption job {}: {e}", record.job_id)),
         }
     }
