@@ -16,7 +16,7 @@ use fieldkey::kms::WrappedKey;
 use fieldkey::store::prelude::*;
 use fieldkey::store::{
     JobControl, JobProgress, JobRecord, JobShardRecord, JobState, JobTotals, JobUpdate, KeyState,
-    KeyStore, NewJob, NewKeyVersion, NewShard, NewSubject, SqlStore, StoreError,
+    KeyStore, NewJob, NewKeyVersion, NewShard, NewSubject, SHARDED_OWNER, SqlStore, StoreError,
 };
 
 fn wrapped(tag: u8) -> WrappedKey {
@@ -511,7 +511,7 @@ mod suite {
         let done = s.get_job("j1").await?.unwrap();
         assert_eq!(done.state, JobState::Completed);
         assert_eq!(JobProgress::parse(&done.progress)?.rows_scanned, 19);
-        assert!(done.owner.is_none() && done.finished_at.is_some());
+        assert!(done.owner.as_deref() == Some(SHARDED_OWNER) && done.finished_at.is_some());
         assert!(
             s.job_shards("j1")
                 .await?
@@ -766,7 +766,31 @@ async fn a_job_from_before_shards_resumes_from_its_checkpoint_once_the_old_lease
     assert_eq!(shards[0].checkpoint.as_deref(), Some("42"));
     assert_eq!(JobProgress::parse(&shards[0].progress)?.rows_scanned, 42);
     let job = s.get_job("old").await?.unwrap();
-    assert_eq!((job.owner, job.shards), (None, Some(1)));
+    assert_eq!(
+        (job.owner.as_deref(), job.lease_until, job.shards),
+        (Some(SHARDED_OWNER), Some(i64::MAX), Some(1))
+    );
+    // A runner of the version before shards (a rolling upgrade) tries to claim the job
+    // with its own statement (as that release had it): the planned job is not its to run.
+    {
+        let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display())).await?;
+        let claimed = sqlx::query(
+            "UPDATE fk_jobs SET owner = $2, lease_until = $4, updated_at = $3, \
+                 started_at = COALESCE(started_at, $3), \
+                 state = CASE WHEN state = 'pending' THEN 'running' ELSE state END \
+             WHERE job_id = $1 AND state IN ('pending', 'running', 'paused') \
+             AND (owner IS NULL OR owner = $2 OR lease_until IS NULL OR lease_until < $3)",
+        )
+        .bind("old")
+        .bind("old-runner-2")
+        .bind(7_000_i64)
+        .bind(9_000_i64)
+        .execute(&pool)
+        .await?
+        .rows_affected();
+        assert_eq!(claimed, 0, "an old runner claimed a sharded job");
+        pool.close().await;
+    }
     assert!(
         s.claim_job_shard("old", 0, "new", 6_000, 9_000)
             .await?

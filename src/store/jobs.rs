@@ -13,6 +13,9 @@ use crate::model::{
     Created, JobControl, JobRecord, JobShardRecord, JobUpdate, NewJob, NewShard, TotalsFn, now_ms,
 };
 
+/// The holder of a planned job's own lease, for ever: its shards have the leases now.
+pub const SHARDED_OWNER: &str = "fieldkey:sharded";
+
 /// Re-encryption jobs: the coordination record runners lease and report progress on.
 ///
 /// A job is split into shards (disjoint ranges of its table's primary key), planned
@@ -37,7 +40,9 @@ pub trait JobStore: Send + Sync + 'static {
 
     /// Splits an unfinished, unplanned job into `shards` (numbered in order), once:
     /// only if no shards were planned yet and no runner of the version before shards
-    /// holds the job's own lease (`owner`, `lease_until`: cleared here). Shard 0 takes
+    /// holds the job's own lease. The job's own lease is then given for good to
+    /// [`SHARDED_OWNER`], so that a runner of that version (during a rolling upgrade)
+    /// can never claim the job and run it whole beside the shards. Shard 0 takes
     /// over the job's checkpoint and counters (those of a job that version ran). Returns
     /// whether this call planned it.
     async fn plan_job(
@@ -284,13 +289,15 @@ impl JobStore for SqlStore {
         // concurrent planners agree: PostgreSQL re-checks it on the row the first one
         // committed.
         let n = sqlx::query(AssertSqlSafe(format!(
-            "UPDATE fk_jobs SET shards = $3, owner = NULL, lease_until = NULL, updated_at = $2 \
+            "UPDATE fk_jobs SET shards = $3, owner = $4, lease_until = $5, updated_at = $2 \
              WHERE job_id = $1 AND shards IS NULL AND state IN {UNFINISHED} \
              AND (owner IS NULL OR lease_until IS NULL OR lease_until < $2)"
         )))
         .bind(job_id)
         .bind(now)
         .bind(count)
+        .bind(SHARDED_OWNER)
+        .bind(i64::MAX)
         .execute(&mut *tx)
         .await
         .map_err(classify)?

@@ -38,7 +38,7 @@ pub use crate::model::{
 pub use audit::{AuditFn, AuditStore};
 pub use epochs::EpochStore;
 pub use erasures::{CompleteFn, ErasureStore};
-pub use jobs::JobStore;
+pub use jobs::{JobStore, SHARDED_OWNER};
 pub use keys::TenantKeyStore;
 pub use ledger::{ErasureLedger, LedgerEntry};
 pub use moves::{EpochMoveStore, VersionToRoll};

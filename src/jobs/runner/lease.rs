@@ -14,7 +14,7 @@ use crate::jobs::shards;
 use crate::model::{JobControl, JobProgress, JobShardRecord, JobState, JobUpdate, now_ms};
 use crate::store::JobStore;
 
-use super::table::Sql;
+use super::table::{self, Sql};
 use super::{BatchError, Outcome, Runner, Task};
 
 /// When a lease of length `lease` taken now ends, Unix ms.
@@ -106,18 +106,37 @@ impl Runner {
     /// Plans the job's shards: the table's keys in scope cut at the quantiles (a job of
     /// one shard needs none). A table that cannot be inspected fails the job (with the
     /// reason) before any shard exists; an unavailable database is tried again later.
+    /// One runner plans at a time: the others (every pod of an Indexed Job starts at
+    /// once) wait for its plan instead of each sorting the table's keys.
     async fn plan(&self, sql: &mut Option<Sql>) -> Result<()> {
         let n = self.spec.shards;
         let built = match sql.take() {
             Some(s) => Ok(s),
             None => Sql::build(&self.spec, &self.db).await,
         };
+        // Held until the plan is recorded (dropping it rolls its transaction back).
+        let mut lock = None;
         let bounds = match built {
+            Ok(s) if n <= 1 => {
+                *sql = Some(s);
+                Ok(Some(Vec::new()))
+            }
             Ok(s) => {
-                let b = if n <= 1 {
-                    Ok(Some(Vec::new()))
-                } else {
-                    s.bounds(&self.db, self.spec.tenant.as_deref(), n).await
+                let b = match table::planning_lock(&self.db, &self.spec.name).await {
+                    Ok(None) => {
+                        *sql = Some(s);
+                        return Ok(()); // another runner is planning the job
+                    }
+                    Ok(Some(mut tx)) => {
+                        if !self.store().job_shards(&self.spec.name).await?.is_empty() {
+                            *sql = Some(s);
+                            return Ok(()); // planned while this runner looked
+                        }
+                        let b = s.bounds(&mut tx, self.spec.tenant.as_deref(), n).await;
+                        lock = Some(tx);
+                        b
+                    }
+                    Err(e) => Err(e),
                 };
                 *sql = Some(s);
                 b
@@ -145,6 +164,7 @@ impl Runner {
                 tracing::warn!(error = %msg, "cannot plan the job yet; retrying");
             }
         }
+        drop(lock);
         Ok(())
     }
 

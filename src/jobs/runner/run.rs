@@ -49,16 +49,18 @@ impl Runner {
     ///
     /// [`RunnerConfig::shard`]: super::RunnerConfig::shard
     pub async fn run(&self) -> Result<Outcome> {
-        // The rate limit waits up to batch_size / rate per batch without renewing the
-        // lease: refuse settings where that could let another runner take over.
-        if self.spec.rate_limit_rows_per_sec > 0 {
+        // The rate limit waits up to batch_size / (this runner's share of the rate) per
+        // batch without renewing the lease: refuse settings where that could let
+        // another runner take over.
+        if self.rate_share() > 0 {
             let wait = Duration::from_secs_f64(
-                f64::from(self.spec.batch_size) / f64::from(self.spec.rate_limit_rows_per_sec),
+                f64::from(self.spec.batch_size) / f64::from(self.rate_share()),
             );
             if wait > self.max_wait() {
                 let msg = format!(
-                    "batch_size / rate_limit_rows_per_sec is {wait:.1?} per batch, longer than \
-                     a third of the lease ({:.1?}): lower batch_size or lengthen the lease",
+                    "batch_size / (rate_limit_rows_per_sec / shards) is {wait:.1?} per batch, \
+                     longer than a third of the lease ({:.1?}): lower batch_size or lengthen \
+                     the lease",
                     self.max_wait()
                 );
                 return Err(Error::InvalidArgument(msg));
@@ -333,8 +335,15 @@ impl Runner {
         sql.reader(self.db.clone(), self.spec.tenant.clone(), hi)
     }
 
+    /// This runner's rows per second (0: unlimited). The job's rate limit is the
+    /// whole job's: each of its `shards` runners gets its share (rounded up), so N
+    /// runners put on the database what one would.
+    fn rate_share(&self) -> u32 {
+        (self.spec.rate_limit_rows_per_sec).div_ceil(self.spec.shards.max(1))
+    }
+
     fn limiter(&self) -> Option<DefaultDirectRateLimiter> {
-        let rate = NonZeroU32::new(self.spec.rate_limit_rows_per_sec)?;
+        let rate = NonZeroU32::new(self.rate_share())?;
         let burst = NonZeroU32::new(self.spec.batch_size.max(rate.get())).unwrap_or(rate);
         Some(RateLimiter::direct(
             Quota::per_second(rate).allow_burst(burst),

@@ -9,7 +9,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use sqlx::postgres::{PgPool, PgRow};
+use sqlx::postgres::{PgConnection, PgPool, PgRow, Postgres};
 use sqlx::{AssertSqlSafe, Row};
 
 use super::rewrap::Update;
@@ -322,7 +322,7 @@ impl Sql {
     /// per job.
     pub(super) async fn bounds(
         &self,
-        db: &PgPool,
+        db: &mut PgConnection,
         tenant: Option<&str>,
         n: u32,
     ) -> BatchResult<Option<Vec<String>>> {
@@ -338,7 +338,7 @@ impl Sql {
         let b: Option<Vec<Option<String>>> = sqlx::query_scalar(AssertSqlSafe(q))
             .bind(fractions)
             .bind(tenant)
-            .fetch_one(db)
+            .fetch_one(&mut *db)
             .await
             .map_err(db_error)?;
         Ok(b.and_then(|b| b.into_iter().collect()))
@@ -365,6 +365,24 @@ impl Sql {
         // Rows deleted meanwhile are simply gone.
         Ok(pks.iter().filter_map(|pk| by_pk.remove(pk)).collect())
     }
+}
+
+/// The lock that lets one runner plan `job` at a time: a transaction on the
+/// application's database holding `pg_try_advisory_xact_lock` on the job's name (an
+/// advisory lock touches no table; it ends with the transaction, or the connection of
+/// a killed runner). `None`: another runner holds it.
+pub(super) async fn planning_lock(
+    db: &PgPool,
+    job: &str,
+) -> BatchResult<Option<sqlx::Transaction<'static, Postgres>>> {
+    let mut tx = db.begin().await.map_err(db_error)?;
+    let held: bool =
+        sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))")
+            .bind(format!("fieldkey job plan:{job}"))
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db_error)?;
+    Ok(held.then_some(tx))
 }
 
 /// The columns a job reads and writes: the encrypted ones, then their blind-index
