@@ -398,3 +398,57 @@ async fn four_runners_under_writes_and_sigkills_move_every_row_exactly_once() ->
     app.close().await;
     f.drop_dbs().await
 }
+
+/// Planning is one runner's: while another holds the job's planning lock (here the
+/// test, on the table's database), a runner plans nothing and waits; once the lock is
+/// free it plans the job and runs it. (Without the lock every pod of an Indexed Job
+/// sorts the key column at once.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_waits_while_another_plans_the_job() -> Result<()> {
+    use sqlx::Connection as _;
+    let f = Fixture::new().await?;
+    f.populate(300).await?;
+    for t in TENANTS {
+        f.keyring.rotate_tenant(t).await?;
+        common::past_version_change(f.store.as_ref(), t, 1, Duration::from_secs(1)).await;
+    }
+    let spec = f.dir_path.join("wait.toml");
+    std::fs::write(&spec, f.spec("users-wait", "batch_size = 50\nshards = 2"))?;
+    let mut planner = sqlx::PgConnection::connect(&f.app_db.dsn).await?;
+    sqlx::query("SELECT pg_advisory_lock(hashtextextended($1, 0))")
+        .bind("fieldkey job plan:users-wait")
+        .execute(&mut planner)
+        .await?;
+
+    let mut runner = f
+        .runner_command(&spec, 5)
+        .env("JOB_COMPLETION_INDEX", "0")
+        .spawn()?;
+    let until = Instant::now() + Duration::from_secs(3);
+    while f.store.get_job("users-wait").await?.is_none() {
+        assert!(Instant::now() < until, "the runner did not create the job");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(runner.try_wait()?.is_none(), "the runner stopped");
+    assert!(
+        f.store.job_shards("users-wait").await?.is_empty(),
+        "planned while another runner held the planning lock"
+    );
+
+    planner.close().await?; // ends the session, and its lock
+    let until = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = runner.try_wait()? {
+            break s;
+        }
+        assert!(Instant::now() < until, "the runner did not finish");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let out = runner.wait_with_output()?;
+    assert!(status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let shards = f.store.job_shards("users-wait").await?;
+    assert_eq!(shards.len(), 2);
+    assert!(shards.iter().all(|s| s.state == JobState::Completed));
+    f.drop_dbs().await
+}
