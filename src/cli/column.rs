@@ -9,6 +9,7 @@
 use std::io::Write as _;
 
 use bytes::Bytes;
+use tonic::transport::Channel;
 
 use super::client::{CliError, connect, read_stdin};
 use super::{ColumnArgs, DecryptArgs, EncryptArgs, Scope};
@@ -92,47 +93,77 @@ fn column_size(column: &ColumnArgs) -> Result<usize, CliError> {
     Ok(column.column_size)
 }
 
-pub(super) async fn encrypt(args: EncryptArgs) -> Result<(), CliError> {
-    let size = column_size(&args.column)?;
-    let lines = read_lines(&args.scope, &args.column)?;
-    let mut c = CryptoClient::new(connect(&args.target.addr).await?);
+/// Sends standard input's lines as columns of `--column-size` values: `call` makes one
+/// request of a chunk's contexts and values and returns the reply's results and errors;
+/// prints them, and fails if any value failed.
+async fn columns(
+    scope: &Scope,
+    column: &ColumnArgs,
+    addr: &str,
+    mut call: impl AsyncFnMut(
+        &mut CryptoClient<Channel>,
+        Vec<Bytes>,
+        Vec<Bytes>,
+    ) -> Result<(Vec<Bytes>, Vec<ColumnError>), CliError>,
+) -> Result<(), CliError> {
+    let size = column_size(column)?;
+    let lines = read_lines(scope, column)?;
+    let mut c = CryptoClient::new(connect(addr).await?);
     let mut failed = 0;
     for (n, chunk) in lines.chunks(size).enumerate() {
-        let out = c
-            .encrypt_column(EncryptColumnRequest {
-                tenant_id: args.scope.tenant.clone(),
-                field: args.scope.field.clone(),
-                subject_id: args.scope.subject.clone(),
-                subject_ids: Vec::new(),
-                contexts: chunk.iter().map(|(c, _)| c.clone()).collect(),
-                plaintexts: chunk.iter().map(|(_, v)| v.clone()).collect(),
-                format: CiphertextFormat::Text as i32,
-            })
-            .await?
-            .into_inner();
-        failed += print_column(&out.ciphertexts, &out.errors, n * size + 1)?;
+        let contexts = chunk.iter().map(|(c, _)| c.clone()).collect();
+        let values = chunk.iter().map(|(_, v)| v.clone()).collect();
+        let (results, errors) = call(&mut c, contexts, values).await?;
+        failed += print_column(&results, &errors, n * size + 1)?;
     }
     finish(failed, lines.len())
 }
 
+pub(super) async fn encrypt(args: EncryptArgs) -> Result<(), CliError> {
+    let scope = &args.scope;
+    columns(
+        scope,
+        &args.column,
+        &args.target.addr,
+        async |c, contexts, plaintexts| {
+            let out = c
+                .encrypt_column(EncryptColumnRequest {
+                    tenant_id: scope.tenant.clone(),
+                    field: scope.field.clone(),
+                    subject_id: scope.subject.clone(),
+                    subject_ids: Vec::new(),
+                    contexts,
+                    plaintexts,
+                    format: CiphertextFormat::Text as i32,
+                })
+                .await?
+                .into_inner();
+            Ok((out.ciphertexts, out.errors))
+        },
+    )
+    .await
+}
+
 pub(super) async fn decrypt(args: DecryptArgs) -> Result<(), CliError> {
-    let size = column_size(&args.column)?;
-    let lines = read_lines(&args.scope, &args.column)?;
-    let mut c = CryptoClient::new(connect(&args.target.addr).await?);
-    let mut failed = 0;
-    for (n, chunk) in lines.chunks(size).enumerate() {
-        let out = c
-            .decrypt_column(DecryptColumnRequest {
-                tenant_id: args.scope.tenant.clone(),
-                field: args.scope.field.clone(),
-                subject_id: args.scope.subject.clone(),
-                subject_ids: Vec::new(),
-                contexts: chunk.iter().map(|(c, _)| c.clone()).collect(),
-                ciphertexts: chunk.iter().map(|(_, v)| v.clone()).collect(),
-            })
-            .await?
-            .into_inner();
-        failed += print_column(&out.plaintexts, &out.errors, n * size + 1)?;
-    }
-    finish(failed, lines.len())
+    let scope = &args.scope;
+    columns(
+        scope,
+        &args.column,
+        &args.target.addr,
+        async |c, contexts, ciphertexts| {
+            let out = c
+                .decrypt_column(DecryptColumnRequest {
+                    tenant_id: scope.tenant.clone(),
+                    field: scope.field.clone(),
+                    subject_id: scope.subject.clone(),
+                    subject_ids: Vec::new(),
+                    contexts,
+                    ciphertexts,
+                })
+                .await?
+                .into_inner();
+            Ok((out.plaintexts, out.errors))
+        },
+    )
+    .await
 }
