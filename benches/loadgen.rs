@@ -131,12 +131,50 @@ fn serve_echo() {
     clippy::zombie_processes,
     reason = "the caller kills and reaps the child"
 )]
+/// The server processes this run started: their CPU time is read around every
+/// scenario (only the one under load uses any).
+static SERVERS: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+
+/// CPU seconds (user + system) used so far by process `pid` ("self": this one), from
+/// /proc (clock ticks of 1/100 s, Linux's USER_HZ).
+fn cpu_secs(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which ends at the last ')'): utime is the 12th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    f.iter().sum::<u64>() as f64 / 100.0
+}
+
+/// CPU seconds of (the servers, this client process).
+fn cpu_now() -> (f64, f64) {
+    let servers = SERVERS
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|p| cpu_secs(&p.to_string()))
+        .sum();
+    (servers, cpu_secs("self"))
+}
+
+#[expect(
+    clippy::zombie_processes,
+    reason = "the child is returned to the caller, which kills and waits for it (the lint \
+              loses track of it once its pid is read)"
+)]
 fn spawn(mut cmd: Command, prefix: &str) -> (Child, String) {
     let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
+    if let Ok(mut servers) = SERVERS.lock() {
+        servers.push(child.id());
+    }
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     loop {
         let line = lines.next().expect("server printed nothing").unwrap();
@@ -165,6 +203,9 @@ struct Stats {
     calls: u64,
     elapsed: Duration,
     hist: Histogram<u64>,
+    /// CPU seconds used during the scenario by the servers and by this client.
+    server_cpu: f64,
+    client_cpu: f64,
 }
 
 async fn drive<F, Fut>(chs: &[Channel], o: &Opts, secs: u64, call: F) -> Stats
@@ -173,6 +214,7 @@ where
     Fut: std::future::Future<Output = ()> + Send,
 {
     let call = Arc::new(call);
+    let cpu0 = cpu_now();
     let start = Instant::now();
     let end = start + Duration::from_secs(secs);
     let mut tasks = Vec::new();
@@ -193,24 +235,43 @@ where
     for t in tasks {
         hist.add(t.await.unwrap()).unwrap();
     }
+    let elapsed = start.elapsed();
+    let cpu1 = cpu_now();
     Stats {
         calls: hist.len(),
-        elapsed: start.elapsed(),
+        elapsed,
         hist,
+        server_cpu: cpu1.0 - cpu0.0,
+        client_cpu: cpu1.1 - cpu0.1,
     }
 }
 
+/// Prints a scenario's row: calls and items per second, latency quantiles, and the CPU
+/// microseconds per item spent by the server and by this client (the two share the
+/// machine's cores: where the client's share grows, the server's throughput is capped).
 fn report(name: &str, items_per_call: u64, s: &Stats) -> f64 {
     let ops = s.calls as f64 / s.elapsed.as_secs_f64();
+    let items = (s.calls * items_per_call).max(1) as f64;
     println!(
-        "| {name:<34} | {:>10.0} | {:>12.0} | {:>7} | {:>7} | {:>7} |",
+        "| {name:<34} | {:>10.0} | {:>12.0} | {:>7} | {:>7} | {:>7} | {:>7.2} | {:>7.2} |",
         ops,
         ops * items_per_call as f64,
         s.hist.value_at_quantile(0.5),
         s.hist.value_at_quantile(0.99),
-        s.hist.value_at_quantile(0.999)
+        s.hist.value_at_quantile(0.999),
+        s.server_cpu * 1e6 / items,
+        s.client_cpu * 1e6 / items,
     );
     ops
+}
+
+fn header() {
+    println!(
+        "| scenario                           |      ops/s |      items/s | p50 us  | p99 us  | p999 us | srv us/item | cli us/item |"
+    );
+    println!(
+        "| ---------------------------------- | ---------: | -----------: | ------: | ------: | ------: | ------: | ------: |"
+    );
 }
 
 /// Raw HMAC-SHA256 of `size`-byte values on one thread in this process (keyed state
@@ -251,13 +312,15 @@ async fn blind_scenarios(o: &Opts, fk_ch: &[Channel], echo_ch: &[Channel]) {
     });
     let hmac = raw_hmac_rate(o.size, 2.0);
     println!(
-        "| {:<34} | {:>10} | {:>12.0} | {:>7} | {:>7} | {:>7} |",
+        "| {:<34} | {:>10} | {:>12.0} | {:>7} | {:>7} | {:>7} | {:>7} | {:>7.2} |",
         format!("raw HMAC-SHA256, {} B, 1 thread", o.size),
         "-",
         hmac,
         "-",
         "-",
-        "-"
+        "-",
+        "-",
+        1e6 / hmac
     );
     let big = vec![0x5au8; payload];
     let s = drive(echo_ch, o, o.seconds, move |ch| {
@@ -548,8 +611,7 @@ fn main() {
             "\nconcurrency {} over {} connections, {} s per scenario, {} B fields, batches of {}\n",
             o.concurrency, o.connections, o.seconds, o.size, o.batch
         );
-        println!("| scenario                           |      ops/s |      items/s | p50 us  | p99 us  | p999 us |");
-        println!("| ---------------------------------- | ---------: | -----------: | ------: | ------: | ------: |");
+        header();
 
         if o.only_blind {
             blind_scenarios(&o, &fk_ch, &echo_ch).await;
@@ -698,8 +760,7 @@ fn main() {
         // Latency at one call in flight, one connection: Encrypt against the echo floor.
         let one = Opts { concurrency: 1, ..o.clone() };
         println!("\none call in flight, one connection:\n");
-        println!("| scenario                           |      ops/s |      items/s | p50 us  | p99 us  | p999 us |");
-        println!("| ---------------------------------- | ---------: | -----------: | ------: | ------: | ------: |");
+        header();
         let v = value.clone();
         let echo1 = drive(&echo_ch[..1], &one, o.seconds, move |ch| {
             let v = v.clone();
