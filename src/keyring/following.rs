@@ -125,7 +125,7 @@ impl Keyring {
 
     pub(super) async fn tenant_entry(&self, tenant: &str) -> Result<Arc<TenantEntry>> {
         self.cache
-            .tenant(tenant, async {
+            .tenant(tenant, || async {
                 self.load_tenant_record(tenant).await.map(TenantEntry::new)
             })
             .await

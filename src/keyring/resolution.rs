@@ -128,44 +128,46 @@ impl Keyring {
         ventry: &'a VersionEntry,
         version: &KeyVersionRecord,
     ) -> Result<&'a SecretKey> {
-        ventry
-            .key
-            .get_or_try_init(|| async {
-                let wrapped = version
-                    .wrapped
-                    .as_ref()
-                    .ok_or_else(|| Error::KeyDestroyed {
-                        tenant: tenant.to_owned(),
-                        scope: Scope::Tenant,
-                        version: Some(version.version),
-                    })?;
-                self.check_not_erased(tenant, None).await?;
-                let ctx = EncryptionContext::tenant_key(tenant, version.version);
-                match self.kms.unwrap(&version.kms_key_id, wrapped, &ctx).await {
-                    Ok(k) => Ok(k),
-                    Err(e) => {
-                        let e = Error::from(e);
-                        if !super::epochs::key_gone(&e) {
-                            return Err(e);
+        if let Some(k) = ventry.key.get() {
+            return Ok(k);
+        }
+        // The miss path (KMS unwrap) is boxed: see `KeyCache::subject`.
+        Box::pin(ventry.key.get_or_try_init(|| async {
+            let wrapped = version
+                .wrapped
+                .as_ref()
+                .ok_or_else(|| Error::KeyDestroyed {
+                    tenant: tenant.to_owned(),
+                    scope: Scope::Tenant,
+                    version: Some(version.version),
+                })?;
+            self.check_not_erased(tenant, None).await?;
+            let ctx = EncryptionContext::tenant_key(tenant, version.version);
+            match self.kms.unwrap(&version.kms_key_id, wrapped, &ctx).await {
+                Ok(k) => Ok(k),
+                Err(e) => {
+                    let e = Error::from(e);
+                    if !super::epochs::key_gone(&e) {
+                        return Err(e);
+                    }
+                    // The snapshot may predate an epoch roll that moved this
+                    // version to the next epoch's key: look at the store again.
+                    let fresh = self.load_tenant_record(tenant).await?;
+                    match fresh.version(version.version) {
+                        Some(v) if v.kms_key_id != version.kms_key_id => {
+                            let w = v.wrapped.as_ref().ok_or_else(|| Error::KeyDestroyed {
+                                tenant: tenant.to_owned(),
+                                scope: Scope::Tenant,
+                                version: Some(version.version),
+                            })?;
+                            Ok(self.kms.unwrap(&v.kms_key_id, w, &ctx).await?)
                         }
-                        // The snapshot may predate an epoch roll that moved this
-                        // version to the next epoch's key: look at the store again.
-                        let fresh = self.load_tenant_record(tenant).await?;
-                        match fresh.version(version.version) {
-                            Some(v) if v.kms_key_id != version.kms_key_id => {
-                                let w = v.wrapped.as_ref().ok_or_else(|| Error::KeyDestroyed {
-                                    tenant: tenant.to_owned(),
-                                    scope: Scope::Tenant,
-                                    version: Some(version.version),
-                                })?;
-                                Ok(self.kms.unwrap(&v.kms_key_id, w, &ctx).await?)
-                            }
-                            _ => Err(e),
-                        }
+                        _ => Err(e),
                     }
                 }
-            })
-            .await
+            }
+        }))
+        .await
     }
 
     pub(super) async fn subject_entry(
@@ -177,7 +179,7 @@ impl Keyring {
         create: bool,
     ) -> Result<Arc<SubjectEntry>> {
         self.cache
-            .subject(tenant, subject, async {
+            .subject(tenant, subject, || async {
                 let read = self.store.get_subject(tenant, subject);
                 if let Some(r) = super::following::read_through(&self.store_breaker, read).await? {
                     return Ok(SubjectEntry::new(r));
@@ -303,47 +305,50 @@ impl Keyring {
         tenant: &str,
         subject: &str,
     ) -> Result<&'e SecretKey> {
-        sentry
-            .key
-            .get_or_try_init(|| async {
-                let wrapped = srec.wrapped.as_ref().ok_or_else(|| Error::KeyDestroyed {
-                    tenant: tenant.to_owned(),
-                    scope: Scope::Subject,
-                    version: None,
-                })?;
-                self.check_not_erased(tenant, Some(subject)).await?;
-                match self
-                    .open_subject_key(tentry, &tsnap.record, tenant, srec, wrapped)
-                    .await
+        if let Some(k) = sentry.key.get() {
+            return Ok(k);
+        }
+        // The miss path (unwrap under the tenant key or the epoch's SWK) is boxed: see
+        // `KeyCache::subject`.
+        Box::pin(sentry.key.get_or_try_init(|| async {
+            let wrapped = srec.wrapped.as_ref().ok_or_else(|| Error::KeyDestroyed {
+                tenant: tenant.to_owned(),
+                scope: Scope::Subject,
+                version: None,
+            })?;
+            self.check_not_erased(tenant, Some(subject)).await?;
+            match self
+                .open_subject_key(tentry, &tsnap.record, tenant, srec, wrapped)
+                .await
+            {
+                Ok(k) => Ok(k),
+                // The record in hand may predate a roll that moved this key to a
+                // new SWK (and deleted the old one): read it again, once.
+                Err(e)
+                    if matches!(e, Error::Store(crate::store::StoreError::EpochRolled))
+                        || super::epochs::key_gone(&e) =>
                 {
-                    Ok(k) => Ok(k),
-                    // The record in hand may predate a roll that moved this key to a
-                    // new SWK (and deleted the old one): read it again, once.
-                    Err(e)
-                        if matches!(e, Error::Store(crate::store::StoreError::EpochRolled))
-                            || super::epochs::key_gone(&e) =>
-                    {
-                        let fresh =
-                            self.store
-                                .get_subject(tenant, subject)
-                                .await?
-                                .ok_or_else(|| Error::SubjectNotFound {
-                                    tenant: tenant.to_owned(),
-                                })?;
-                        subject_usable(tenant, &fresh)?;
-                        let w = fresh.wrapped.as_ref().ok_or_else(|| Error::KeyDestroyed {
-                            tenant: tenant.to_owned(),
-                            scope: Scope::Subject,
-                            version: None,
-                        })?;
-                        let trec = self.load_tenant_record(tenant).await?;
-                        self.open_subject_key(tentry, &trec, tenant, &fresh, w)
-                            .await
-                    }
-                    Err(e) => Err(e),
+                    let fresh =
+                        self.store
+                            .get_subject(tenant, subject)
+                            .await?
+                            .ok_or_else(|| Error::SubjectNotFound {
+                                tenant: tenant.to_owned(),
+                            })?;
+                    subject_usable(tenant, &fresh)?;
+                    let w = fresh.wrapped.as_ref().ok_or_else(|| Error::KeyDestroyed {
+                        tenant: tenant.to_owned(),
+                        scope: Scope::Subject,
+                        version: None,
+                    })?;
+                    let trec = self.load_tenant_record(tenant).await?;
+                    self.open_subject_key(tentry, &trec, tenant, &fresh, w)
+                        .await
                 }
-            })
-            .await
+                Err(e) => Err(e),
+            }
+        }))
+        .await
     }
 }
 

@@ -41,33 +41,36 @@ impl Guard {
 
     /// Runs a handler under the concurrency limit (refusing at once when full) and the
     /// deadline; its error becomes the call's status through the one mapping.
-    pub(super) async fn run<T, E: IntoStatus>(
+    ///
+    /// Not an `async fn`: one would keep `fut` twice in its state (as its argument
+    /// and inside the timeout), doubling the size of every call's future, which is
+    /// copied as it moves.
+    pub(super) fn run<T, E: IntoStatus>(
         &self,
         fut: impl Future<Output = Result<T, E>>,
-    ) -> Result<T, Status> {
-        let _permit = self.inflight.clone().try_acquire_owned().map_err(|_| {
-            status::limit_status(
-                Code::ResourceExhausted,
-                "TOO_MANY_REQUESTS",
-                format!(
-                    "{} calls already in flight; retry later",
-                    self.limits.max_concurrent_requests
-                ),
-            )
-        })?;
-        tokio::time::timeout(self.limits.request_timeout(), fut)
-            .await
-            .map_err(|_| {
+    ) -> impl Future<Output = Result<T, Status>> {
+        let permit = self.inflight.clone().try_acquire_owned();
+        let max_in_flight = self.limits.max_concurrent_requests;
+        let timeout_ms = self.limits.request_timeout_ms;
+        let call = tokio::time::timeout(self.limits.request_timeout(), fut);
+        async move {
+            let _permit = permit.map_err(|_| {
                 status::limit_status(
-                    Code::DeadlineExceeded,
-                    "DEADLINE_EXCEEDED",
-                    format!(
-                        "call exceeded the server deadline of {} ms",
-                        self.limits.request_timeout_ms
-                    ),
+                    Code::ResourceExhausted,
+                    "TOO_MANY_REQUESTS",
+                    format!("{max_in_flight} calls already in flight; retry later"),
                 )
-            })?
-            .map_err(IntoStatus::into_status)
+            })?;
+            call.await
+                .map_err(|_| {
+                    status::limit_status(
+                        Code::DeadlineExceeded,
+                        "DEADLINE_EXCEEDED",
+                        format!("call exceeded the server deadline of {timeout_ms} ms"),
+                    )
+                })?
+                .map_err(IntoStatus::into_status)
+        }
     }
 
     pub(super) fn check_batch(&self, n: usize) -> Result<(), Status> {
