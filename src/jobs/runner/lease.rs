@@ -348,6 +348,10 @@ mod tests {
         assert_eq!(order(&s, Some(2)), vec![3, 0, 1, 2]);
         assert_eq!(order(&s, Some(3)), vec![3], "its own is still unfinished");
         s.get_mut(3).unwrap().state = JobState::Completed;
-        assert_eq!(order(&s, Some(3)), vec![0, 1, 2, 3], "round the ring from 0");
+        assert_eq!(
+            order(&s, Some(3)),
+            vec![0, 1, 2, 3],
+            "round the ring from 0"
+        );
     }
 }
