@@ -236,15 +236,22 @@ std::thread_local! {
 /// Does NOT cover a VM snapshot restored twice: the pid is the same in both clones
 /// (docs/THREAT_MODEL.md, residual risks).
 fn fresh_nonce() -> Result<[u8; NONCE_LEN], CryptoError> {
+    let mut rng = process_rng()?;
+    let mut nonce = [0u8; NONCE_LEN];
+    rng.fill_bytes(&mut nonce);
+    Ok(nonce)
+}
+
+/// The thread's CSPRNG, reseeded from the OS first if this thread last seeded it in
+/// another process (a fork: see [`fresh_nonce`]).
+fn process_rng() -> Result<rand::rngs::ThreadRng, CryptoError> {
     let mut rng = rand::rng();
     let pid = std::process::id();
     if SEEDED_IN.get() != pid {
         rng.reseed().map_err(|_| CryptoError::Rng)?;
         SEEDED_IN.set(pid);
     }
-    let mut nonce = [0u8; NONCE_LEN];
-    rng.fill_bytes(&mut nonce);
-    Ok(nonce)
+    Ok(rng)
 }
 
 /// [`seal`] with a caller-chosen nonce. Crate-private: only test vectors may fix a nonce.
@@ -255,19 +262,9 @@ pub(crate) fn seal_with_nonce(
     plaintext: &[u8],
     nonce: &[u8; NONCE_LEN],
 ) -> Result<Vec<u8>, CryptoError> {
-    aad.validate()?;
-    if key_version == 0 {
-        return Err(CryptoError::InvalidArgument(
-            "key version must be >= 1".into(),
-        ));
-    }
-    if plaintext.len() > MAX_PLAINTEXT_LEN {
-        return Err(CryptoError::InvalidArgument(format!(
-            "plaintext is {} bytes; the limit is {MAX_PLAINTEXT_LEN}",
-            plaintext.len()
-        )));
-    }
-    let mut out = Vec::with_capacity(OVERHEAD + plaintext.len());
+    // The checks (scope, version, length) are seal_into_with_nonce's, before it
+    // writes anything.
+    let mut out = Vec::with_capacity(OVERHEAD.saturating_add(plaintext.len()));
     seal_into_with_nonce(cipher, key_version, aad, plaintext, nonce, &mut out)?;
     Ok(out)
 }
@@ -301,12 +298,7 @@ impl Nonces {
     /// # Errors
     /// [`CryptoError::Rng`] if the generator cannot be reseeded after a fork.
     pub fn fresh(n: usize) -> Result<Self, CryptoError> {
-        let mut rng = rand::rng();
-        let pid = std::process::id();
-        if SEEDED_IN.get() != pid {
-            rng.reseed().map_err(|_| CryptoError::Rng)?;
-            SEEDED_IN.set(pid);
-        }
+        let mut rng = process_rng()?;
         let mut all = vec![[0u8; NONCE_LEN]; n];
         rng.fill_bytes(all.as_flattened_mut());
         Ok(Self(all.into_iter()))
@@ -605,6 +597,16 @@ pub fn to_text(envelope: &[u8]) -> String {
     s.push_str(TEXT_PREFIX);
     URL_SAFE_NO_PAD.encode_string(envelope, &mut s);
     s
+}
+
+/// `sealed` (a binary envelope) in the form of `like`, an envelope it replaces: text
+/// when `like` is in the text form (`fk1:...`), else binary as it is.
+pub fn in_form_of(like: &[u8], sealed: Vec<u8>) -> Vec<u8> {
+    if like.starts_with(TEXT_PREFIX.as_bytes()) {
+        to_text(&sealed).into_bytes()
+    } else {
+        sealed
+    }
 }
 
 /// Accepts either form: text (`fk1:...`) is decoded, binary is borrowed as is.

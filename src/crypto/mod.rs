@@ -25,7 +25,8 @@ pub use blind::{
 };
 pub use envelope::{
     Aad, Envelope, FieldCipher, HEADER_LEN, MAX_PLAINTEXT_LEN, NONCE_LEN, Nonces, OVERHEAD,
-    Plaintext, Scope, TAG_LEN, TEXT_PREFIX, decode_any, open, open_into, seal, seal_into, to_text,
+    Plaintext, Scope, TAG_LEN, TEXT_PREFIX, decode_any, in_form_of, open, open_into, seal,
+    seal_into, to_text,
 };
 pub use error::CryptoError;
 pub use ids::{MAX_CONTEXT_LEN, MAX_ID_LEN, validate_id};

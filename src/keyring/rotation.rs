@@ -6,9 +6,7 @@
 
 use std::collections::BTreeSet;
 
-use crate::crypto::{
-    self, Aad, Envelope, TEXT_PREFIX, unwrap_subject_key, validate_id, wrap_subject_key,
-};
+use crate::crypto::{self, Aad, Envelope, unwrap_subject_key, validate_id, wrap_subject_key};
 use crate::error::{Error, Result};
 use crate::kms::EncryptionContext;
 use crate::model::{JobProgress, JobState, KeyState, KeyVersionRecord};
@@ -29,6 +27,15 @@ pub struct Rewrapped {
 }
 
 impl Rewrapped {
+    /// `envelope`, left as it is on `version` (already current).
+    pub(crate) fn unchanged(envelope: &[u8], version: u32) -> Self {
+        Self {
+            ciphertext: envelope.to_vec(),
+            from_version: version,
+            to_version: version,
+        }
+    }
+
     /// Whether a new ciphertext was made.
     pub fn changed(&self) -> bool {
         self.from_version != self.to_version
@@ -106,11 +113,7 @@ impl Keyring {
             if verify {
                 drop(self.decrypt_versioned(aad, envelope).await?);
             }
-            return Ok(Rewrapped {
-                ciphertext: envelope.to_vec(),
-                from_version: from,
-                to_version: from,
-            });
+            return Ok(Rewrapped::unchanged(envelope, from));
         }
         // Decrypt first: a ciphertext that does not belong here fails before anything
         // (such as a subject key) is created for it.
@@ -134,11 +137,7 @@ impl Keyring {
         let (plaintext, from) = self.decrypt_versioned(aad, envelope).await?;
         let index = indexer.compute(&plaintext, false).await?.index;
         let rewrapped = if from >= indexer.key_version() {
-            Rewrapped {
-                ciphertext: envelope.to_vec(),
-                from_version: from,
-                to_version: from,
-            }
+            Rewrapped::unchanged(envelope, from)
         } else {
             self.reseal(aad, envelope, from, &plaintext).await?
         };
@@ -157,13 +156,8 @@ impl Keyring {
         let enc = self.encryptor(aad.tenant, aad.subject, aad.field).await?;
         let to = enc.key_version();
         let sealed = enc.seal(aad.context, plaintext)?;
-        let ciphertext = if envelope.starts_with(TEXT_PREFIX.as_bytes()) {
-            crypto::to_text(&sealed).into_bytes()
-        } else {
-            sealed
-        };
         Ok(Rewrapped {
-            ciphertext,
+            ciphertext: crypto::in_form_of(envelope, sealed),
             from_version: from,
             to_version: to,
         })

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use tokio::sync::OnceCell;
 
 use crate::cache::{Snapshot, SubjectEntry, TenantEntry};
-use crate::crypto::{self, Aad, BlindIndex, Envelope, FieldCipher, Plaintext, TEXT_PREFIX};
+use crate::crypto::{self, Aad, BlindIndex, Envelope, FieldCipher, Plaintext};
 use crate::error::{Error, Result};
 use crate::model::{KeyVersionRecord, SubjectRecord, TenantRecord};
 
@@ -113,7 +113,7 @@ impl RowKeys<'_, '_> {
             if verify {
                 drop(self.open(&aad, &env, envelope).await?);
             }
-            return Ok(unchanged(envelope, from));
+            return Ok(Rewrapped::unchanged(envelope, from));
         }
         // Decrypt first: a ciphertext that does not belong here fails before anything
         // is encrypted for it.
@@ -142,7 +142,7 @@ impl RowKeys<'_, '_> {
         let plaintext = self.open(&aad, &env, envelope).await?;
         let index = indexer.compute(&plaintext, false).await?.index;
         let rewrapped = if from >= indexer.key_version() {
-            unchanged(envelope, from)
+            Rewrapped::unchanged(envelope, from)
         } else {
             let (_, snap) = self.tenant()?;
             let active = active_version(self.tenant, &snap.record)?;
@@ -183,13 +183,8 @@ impl RowKeys<'_, '_> {
     ) -> Result<Rewrapped> {
         let cipher = self.cipher(active, aad.field).await?;
         let sealed = crypto::seal(&cipher, active.version, aad, plaintext)?;
-        let ciphertext = if envelope.starts_with(TEXT_PREFIX.as_bytes()) {
-            crypto::to_text(&sealed).into_bytes()
-        } else {
-            sealed
-        };
         Ok(Rewrapped {
-            ciphertext,
+            ciphertext: crypto::in_form_of(envelope, sealed),
             from_version: from,
             to_version: active.version,
         })
@@ -229,14 +224,5 @@ impl RowKeys<'_, '_> {
         Ok(sentry.field_cipher(version.version, field, || {
             FieldCipher::for_subject(tkey, skey, tenant, subject, field)
         }))
-    }
-}
-
-/// `envelope` as it is, on version `from`.
-fn unchanged(envelope: &[u8], from: u32) -> Rewrapped {
-    Rewrapped {
-        ciphertext: envelope.to_vec(),
-        from_version: from,
-        to_version: from,
     }
 }

@@ -21,7 +21,7 @@ use tonic::{Code, Status};
 use super::crypto::CryptoService;
 use super::gate::Caller;
 use super::status::{item_error, limit_status};
-use crate::crypto::{self, Plaintext, TEXT_PREFIX};
+use crate::crypto::{self, Plaintext};
 use crate::error::Error;
 use crate::keyring::{ColumnKeys, Encryptor};
 use crate::policy::authz::Action;
@@ -476,10 +476,5 @@ async fn rewrap_value<'a>(
         plaintext,
         &mut sealed,
     )?;
-    let out = if ct.starts_with(TEXT_PREFIX.as_bytes()) {
-        Bytes::from(crypto::to_text(&sealed))
-    } else {
-        Bytes::from(sealed)
-    };
-    Ok((out, to, from))
+    Ok((Bytes::from(crypto::in_form_of(ct, sealed)), to, from))
 }
