@@ -385,18 +385,12 @@ impl Gate {
         action: Action,
         items: impl IntoIterator<Item = (&'a str, &'a str, &'a Result<T, Error>)>,
     ) {
-        let Some(a) = &self.audit else { return };
+        if self.audit.is_none() {
+            return;
+        }
         let mut run: Option<(&str, &str, &'static str, u64)> = None;
-        let flush = |r: (&str, &str, &'static str, u64)| {
-            a.data(
-                &c.identity,
-                c.ip.as_deref(),
-                r.0,
-                r.1,
-                action.as_str(),
-                r.2,
-                r.3,
-            );
+        let flush = |(tenant, field, o, n): (&str, &str, &'static str, u64)| {
+            self.count(c, action, tenant, field, o, n);
         };
         for (tenant, field, result) in items {
             let o = outcome(result);
@@ -426,7 +420,9 @@ impl Gate {
         ok: usize,
         errors: &[&Error],
     ) {
-        let Some(a) = &self.audit else { return };
+        if self.audit.is_none() {
+            return;
+        }
         let mut tally: Vec<(&'static str, u64)> = Vec::new();
         if ok > 0 {
             tally.push(("ok", u64::try_from(ok).unwrap_or(u64::MAX)));
@@ -439,37 +435,20 @@ impl Gate {
             }
         }
         for (o, n) in tally {
-            a.data(
-                &c.identity,
-                c.ip.as_deref(),
-                tenant,
-                field,
-                action.as_str(),
-                o,
-                n,
-            );
+            self.count(c, action, tenant, field, o, n);
         }
     }
 
     /// [`Gate::data_unbound`] for `n` values of a column.
     pub fn data_unbound_n(&self, c: &Caller, action: Action, tenant: &str, field: &str, n: usize) {
-        if let Some(a) = &self.audit {
-            a.data(
-                &c.identity,
-                c.ip.as_deref(),
-                tenant,
-                field,
-                action.as_str(),
-                OUTCOME_UNBOUND,
-                u64::try_from(n).unwrap_or(u64::MAX),
-            );
-        }
+        let n = u64::try_from(n).unwrap_or(u64::MAX);
+        self.count(c, action, tenant, field, OUTCOME_UNBOUND, n);
     }
 
     /// Counts, beside its `ok` outcome, a data operation that carried no row context
     /// (outcome `unbound` in the audit window; the compliance report lists the fields).
     pub fn data_unbound(&self, c: &Caller, action: Action, tenant: &str, field: &str) {
-        self.count(c, action, tenant, field, OUTCOME_UNBOUND);
+        self.count(c, action, tenant, field, OUTCOME_UNBOUND, 1);
     }
 
     /// Counts a finished data operation in the audit window, by outcome.
@@ -481,11 +460,19 @@ impl Gate {
         field: &str,
         result: &Result<T, Error>,
     ) {
-        self.count(c, action, tenant, field, outcome(result));
+        self.count(c, action, tenant, field, outcome(result), 1);
     }
 
-    /// One data operation of `c` counted in the audit window under `outcome`.
-    fn count(&self, c: &Caller, action: Action, tenant: &str, field: &str, outcome: &'static str) {
+    /// `n` data operations of `c` counted in the audit window under `outcome`.
+    fn count(
+        &self,
+        c: &Caller,
+        action: Action,
+        tenant: &str,
+        field: &str,
+        outcome: &'static str,
+        n: u64,
+    ) {
         if let Some(a) = &self.audit {
             a.data(
                 &c.identity,
@@ -494,7 +481,7 @@ impl Gate {
                 field,
                 action.as_str(),
                 outcome,
-                1,
+                n,
             );
         }
     }

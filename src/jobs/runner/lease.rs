@@ -172,6 +172,24 @@ impl Runner {
         lease_end(self.cfg.lease)
     }
 
+    /// A shard's record: its state, checkpoint, counters and error, with the lease
+    /// renewed from now.
+    fn update(
+        &self,
+        state: JobState,
+        checkpoint: Option<String>,
+        progress: &JobProgress,
+        error: Option<String>,
+    ) -> JobUpdate {
+        JobUpdate {
+            state,
+            checkpoint,
+            progress: progress.to_json(),
+            error,
+            lease_until: self.lease_until(),
+        }
+    }
+
     /// Renews the lease on `shard` every [`Runner::max_wait`] until the returned task
     /// is dropped (a lost or finished lease ends it; the run notices at its next
     /// checkpoint).
@@ -233,13 +251,7 @@ impl Runner {
         let control = self.landed(recording).await?;
         let store = self.jobs.clone();
         let (job, owner) = (self.spec.name.clone(), self.cfg.owner.clone());
-        let update = JobUpdate {
-            state: JobState::Running,
-            checkpoint,
-            progress: progress.to_json(),
-            error: None,
-            lease_until: self.lease_until(),
-        };
+        let update = self.update(JobState::Running, checkpoint, progress, None);
         *recording = Some(Task::spawn(async move {
             record(store.as_ref(), &job, shard, &owner, update).await
         }));
@@ -267,13 +279,7 @@ impl Runner {
         progress: &JobProgress,
         error: Option<String>,
     ) -> Result<JobControl> {
-        let update = JobUpdate {
-            state,
-            checkpoint,
-            progress: progress.to_json(),
-            error,
-            lease_until: self.lease_until(),
-        };
+        let update = self.update(state, checkpoint, progress, error);
         record(
             self.store(),
             &self.spec.name,
