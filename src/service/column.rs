@@ -9,9 +9,9 @@
 //! the whole call (authorization, rate, the tenant) is every value's error.
 //!
 //! Does NOT: wipe the request's plaintexts (they are slices of the transport's receive
-//! buffer, which no layer wipes; the item-per-message batches wiped their own copies
-//! of them, which the columnar form never makes). Decrypted values are in one
-//! self-wiping buffer, wiped once tonic has encoded the reply.
+//! buffer, which no layer wipes, as for the item batches: THREAT_MODEL "Request
+//! buffers"). Decrypted values are in one self-wiping buffer, wiped once tonic has
+//! encoded the reply.
 
 use std::ops::Range;
 
@@ -247,10 +247,8 @@ impl CryptoService {
         let opened = match self.open_column(c, Action::Decrypt, &r.tenant_id, &r.field) {
             Ok(keys) => {
                 let quota = u32::try_from(n).unwrap_or(u32::MAX);
-                match self.guard.gate.decrypt_quota(c, &r.tenant_id, quota).await {
-                    Ok(()) => Ok(keys),
-                    Err(e) => Err(e),
-                }
+                let taken = self.guard.gate.decrypt_quota(c, &r.tenant_id, quota).await;
+                taken.map(|()| keys)
             }
             Err(e) => Err(e),
         };
