@@ -4,7 +4,8 @@
 //! encrypts and decrypts with it all the same.
 //!
 //! For `Encrypt`, `Decrypt`, `GenerateDataKey`, `GenerateDataKeyWithoutPlaintext` and
-//! `ReEncrypt` (source and destination key) the proxy first asks moto (`DescribeKey`, which
+//! `ReEncrypt` (source and destination key), and for `ScheduleKeyDeletion` of a key already
+//! pending deletion (which AWS refuses and moto schedules again), the proxy first asks moto (`DescribeKey`, which
 //! takes a key id, key ARN, alias name or alias ARN) for the state of the key the request
 //! uses, and answers as AWS would when that state forbids the operation. A `Decrypt` (or
 //! `ReEncrypt`) without a key id uses the key its ciphertext names: a moto ciphertext
@@ -41,6 +42,12 @@ const GUARDED: &[(&str, &[KeyField])] = &[
             KeyField::NamedOrBlob("SourceKeyId"),
             KeyField::Named("DestinationKeyId"),
         ],
+    ),
+    // A disabled key may be scheduled for deletion; one already pending may not
+    // (AWS: KMSInvalidStateException; moto 5.2.5 schedules it again).
+    (
+        "TrentService.ScheduleKeyDeletion",
+        &[KeyField::Named("KeyId")],
     ),
 ];
 
@@ -195,8 +202,11 @@ async fn handle(
             let Some((arn, state)) = describe(&parts.headers, upstream, &key_ref).await? else {
                 continue; // moto does not know the key: let moto answer the request
             };
+            let scheduling = target == "TrentService.ScheduleKeyDeletion";
             let refusal = match state.as_str() {
-                "Disabled" => Some(("DisabledException", format!("{arn} is disabled."))),
+                "Disabled" if !scheduling => {
+                    Some(("DisabledException", format!("{arn} is disabled.")))
+                }
                 "PendingDeletion" => Some((
                     "KMSInvalidStateException",
                     format!("{arn} is pending deletion."),
