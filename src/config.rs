@@ -295,10 +295,46 @@ impl Default for StoreConfig {
     }
 }
 
+/// A KMS provider (`docs/OPERATIONS.md` §3).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum KmsProvider {
+    /// The local development KMS (a passphrase-protected key file). Not a KMS.
+    Local,
+    /// AWS KMS.
+    Aws,
+    /// OpenBao or HashiCorp Vault, Transit secrets engine.
+    Openbao,
+    /// A PKCS#11 token (an HSM).
+    Pkcs11,
+}
+
+impl KmsProvider {
+    /// The provider's name, as in the configuration and the metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Local => "local",
+            Self::Aws => "aws",
+            Self::Openbao => "openbao",
+            Self::Pkcs11 => "pkcs11",
+        }
+    }
+
+    /// The deletion windows, in days, the provider accepts (AWS: 7..=30).
+    pub fn deletion_window_days(self) -> std::ops::RangeInclusive<u32> {
+        match self {
+            Self::Aws => 7..=30,
+            Self::Local | Self::Openbao | Self::Pkcs11 => 0..=30,
+        }
+    }
+}
+
 /// Which KMS.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct KmsConfig {
+    /// The provider; unset: `aws` when `aws_key_id` is set, else `local`.
+    pub provider: Option<KmsProvider>,
     /// AWS KMS key id/ARN; when set, AWS KMS is used instead of the local KMS.
     pub aws_key_id: Option<String>,
     /// AWS region (else from the environment).
@@ -312,6 +348,42 @@ pub struct KmsConfig {
     /// (the default): tenants use the default key only. A caller could otherwise put a
     /// tenant on an unrelated key, whose deletion `ShredTenant` would then schedule.
     pub tenant_keys: Vec<String>,
+    /// A second KMS for disaster recovery (`[kms.dr]`): every key is also wrapped
+    /// under it, and a cache miss goes to it when this one is unavailable.
+    pub dr: Option<DrKmsConfig>,
+}
+
+impl KmsConfig {
+    /// The provider in effect.
+    pub fn provider(&self) -> KmsProvider {
+        self.provider.unwrap_or(if self.aws_key_id.is_some() {
+            KmsProvider::Aws
+        } else {
+            KmsProvider::Local
+        })
+    }
+}
+
+/// The disaster-recovery KMS (`[kms.dr]`, docs/OPERATIONS.md §3.5).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrKmsConfig {
+    /// Its provider: `aws` (another region or account), `openbao` or `pkcs11`.
+    pub provider: KmsProvider,
+    /// AWS: the secondary's default key (the counterpart of the primary's default).
+    #[serde(default)]
+    pub aws_key_id: Option<String>,
+    /// AWS: its region.
+    #[serde(default)]
+    pub aws_region: Option<String>,
+    /// AWS: endpoint override.
+    #[serde(default)]
+    pub aws_endpoint_url: Option<String>,
+    /// The secondary counterparts of tenants' own primary keys (primary key id as the
+    /// tenant names it -> secondary key id). A tenant key with none is wrapped under
+    /// the primary only, and the compliance report says so.
+    #[serde(default)]
+    pub key_map: std::collections::BTreeMap<String, String>,
 }
 
 /// Why the configuration is unusable.
@@ -397,17 +469,7 @@ impl Config {
                     .into(),
             ));
         }
-        let window_ok = if self.kms.aws_key_id.is_some() {
-            (7..=30).contains(&ep.kms_deletion_days)
-        } else {
-            ep.kms_deletion_days <= 30
-        };
-        if !window_ok {
-            return Err(ConfigError::Invalid(
-                "epochs.kms_deletion_days must be 7..=30 with AWS KMS (0..=30 with the local KMS)"
-                    .into(),
-            ));
-        }
+        self.validate_kms()?;
         let worst = ep.worst_case_days(e.max_grace_days);
         if worst > 30.0 {
             return Err(ConfigError::Invalid(format!(
@@ -415,7 +477,7 @@ impl Config {
                 e.max_grace_days, ep.length_days, ep.roll_time_days, ep.kms_deletion_days
             )));
         }
-        if self.kms.aws_key_id.is_none()
+        if self.kms.provider() == KmsProvider::Local
             && normalized(&self.local_keys_dir()).starts_with(normalized(&self.data_dir))
         {
             return Err(ConfigError::Invalid(
@@ -461,6 +523,54 @@ impl Config {
             std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
         });
         Ok(crate::keyring::IndexProfiles::new(fields, slow))
+    }
+
+    /// The `[kms]` section: each provider has its settings, and the epoch deletion
+    /// window fits every KMS that holds epoch keys.
+    fn validate_kms(&self) -> Result<(), ConfigError> {
+        let k = &self.kms;
+        let primary = k.provider();
+        if primary == KmsProvider::Aws && k.aws_key_id.is_none() {
+            return Err(ConfigError::Invalid(
+                "kms.provider is aws but kms.aws_key_id is not set".into(),
+            ));
+        }
+        let mut sides = vec![primary];
+        if let Some(dr) = &k.dr {
+            match dr.provider {
+                KmsProvider::Local => {
+                    return Err(ConfigError::Invalid(
+                        "kms.dr.provider must be aws, openbao or pkcs11: the local development KMS is no disaster-recovery KMS".into(),
+                    ));
+                }
+                KmsProvider::Aws if dr.aws_key_id.is_none() => {
+                    return Err(ConfigError::Invalid(
+                        "kms.dr.provider is aws but kms.dr.aws_key_id is not set".into(),
+                    ));
+                }
+                _ => {}
+            }
+            if primary == KmsProvider::Local {
+                return Err(ConfigError::Invalid(
+                    "kms.dr needs a real primary KMS (kms.provider aws, openbao or pkcs11)".into(),
+                ));
+            }
+            sides.push(dr.provider);
+        }
+        let days = self.epochs.kms_deletion_days;
+        if let Some(p) = sides
+            .iter()
+            .find(|p| !p.deletion_window_days().contains(&days))
+        {
+            let r = p.deletion_window_days();
+            return Err(ConfigError::Invalid(format!(
+                "epochs.kms_deletion_days must be {}..={} with the {} KMS (it is {days})",
+                r.start(),
+                r.end(),
+                p.name()
+            )));
+        }
+        Ok(())
     }
 
     /// SQLite path in effect.

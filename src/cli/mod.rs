@@ -12,6 +12,7 @@ mod column;
 mod epoch;
 mod erasure;
 mod jobs;
+mod kms;
 mod report;
 mod serve;
 

@@ -14,7 +14,6 @@ use crate::config::Config;
 use crate::erasure::ErasureConfig;
 use crate::keyring::{Keyring, KeyringConfig};
 use crate::kms::Kms;
-use crate::kms::aws::{AwsKms, AwsKmsConfig};
 use crate::kms::local::{KdfParams, LocalKms};
 use crate::policy::RotationPolicy;
 use crate::policy::authz::Authorizer;
@@ -93,7 +92,7 @@ pub(super) fn rotation_policy(cfg: &Config) -> anyhow::Result<RotationPolicy> {
 /// The local KMS passphrase: `FIELDKEY_LOCAL_KMS_PASSPHRASE`, else a random one kept in
 /// `<data_dir>/local-kms.passphrase` (mode 0600) so the embedded defaults work with no
 /// set-up. Both are for development only.
-fn local_passphrase(data_dir: &Path) -> anyhow::Result<SecretString> {
+pub(super) fn local_passphrase(data_dir: &Path) -> anyhow::Result<SecretString> {
     if let Ok(p) = std::env::var("FIELDKEY_LOCAL_KMS_PASSPHRASE") {
         return Ok(SecretString::from(p));
     }
@@ -138,32 +137,7 @@ pub(super) async fn build_keyring(
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
     let store = open_store(cfg).await?;
-    let kms: Arc<dyn Kms> = match &cfg.kms.aws_key_id {
-        Some(key_id) => {
-            let mut c = AwsKmsConfig::new(key_id.clone());
-            c.region.clone_from(&cfg.kms.aws_region);
-            c.endpoint_url.clone_from(&cfg.kms.aws_endpoint_url);
-            Arc::new(AwsKms::new(c).await?)
-        }
-        None => Arc::new(
-            LocalKms::open_or_create(
-                &cfg.local_key_file(),
-                &local_passphrase(&cfg.data_dir)?,
-                KdfParams::default(),
-            )?
-            // Epoch keys live beside the data directory, never in it: restoring a
-            // backup of the data directory must not bring a deleted epoch key back.
-            .with_keys_dir(&cfg.local_keys_dir())?,
-        ),
-    };
-    let kms: Arc<dyn Kms> = match metrics {
-        Some(m) => Arc::new(crate::metrics::MeteredKms::new(kms, m.clone())),
-        None => kms,
-    };
-    // A breaker per KMS key in front (outside the metering, so the metrics count the
-    // calls that reached the KMS): while the KMS is down, calls fail at once and one
-    // probe at a time finds out when it is back.
-    let kms: Arc<dyn Kms> = Arc::new(crate::kms::guarded::GuardedKms::new(kms));
+    let kms = super::kms::build_kms(cfg, metrics).await?;
     tracing::info!(
         store = store.backend(),
         kms = kms.provider(),

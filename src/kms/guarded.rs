@@ -49,10 +49,7 @@ impl std::fmt::Debug for GuardedKms {
 
 /// Whether a KMS error says the KMS is unavailable (rather than answering no).
 fn counts(e: &KmsError) -> bool {
-    matches!(
-        e,
-        KmsError::Unavailable(_) | KmsError::Timeout | KmsError::Throttled
-    )
+    e.is_unavailable()
 }
 
 impl GuardedKms {

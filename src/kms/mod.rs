@@ -7,6 +7,7 @@
 //! be unwrapped as another tenant's or another version's key.
 
 pub mod aws;
+pub mod dual;
 pub mod guarded;
 pub mod local;
 
@@ -121,6 +122,15 @@ pub enum KmsError {
     /// The KMS backend is misconfigured (file missing, wrong passphrase, bad settings).
     #[error("KMS misconfigured: {0}")]
     Misconfigured(String),
+}
+
+impl KmsError {
+    /// Whether the KMS could not answer (unreachable, timed out, throttled after the
+    /// retries), as opposed to answering no. Only these open a circuit breaker, are
+    /// retried by jobs, and send a cache miss to a disaster-recovery KMS.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, Self::Unavailable(_) | Self::Timeout | Self::Throttled)
+    }
 }
 
 /// What scheduling a KMS key's deletion did.

@@ -32,6 +32,64 @@ impl WrappedKey {
     }
 }
 
+/// Leading bytes of a key wrapped under two KMS keys, a disaster-recovery pair
+/// (`docs/FORMAT.md` §4.1): no provider's own wrapped form starts with them (AWS KMS
+/// blobs start with 0x01 0x02, the local and PKCS#11 forms with 0x01, OpenBao's with
+/// `vault:`).
+const DUAL_MAGIC: &[u8; 4] = b"FKD\x01";
+
+/// The parts of a key wrapped under two KMS keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DualWrap<'a> {
+    /// The primary KMS's wrapped form.
+    pub primary: &'a [u8],
+    /// The secondary KMS key that wrapped `secondary`.
+    pub secondary_key_id: &'a str,
+    /// The secondary KMS's wrapped form.
+    pub secondary: &'a [u8],
+}
+
+impl WrappedKey {
+    /// A key wrapped under two KMS keys: `magic(4) || u16 len || secondary key id ||
+    /// u32 len || primary || secondary`, all lengths big-endian. `None` if a part is
+    /// too long for its length field.
+    pub fn dual(primary: &[u8], secondary_key_id: &str, secondary: &[u8]) -> Option<Self> {
+        let id_len = u16::try_from(secondary_key_id.len()).ok()?;
+        let p_len = u32::try_from(primary.len()).ok()?;
+        let mut b =
+            Vec::with_capacity(10 + secondary_key_id.len() + primary.len() + secondary.len());
+        b.extend_from_slice(DUAL_MAGIC);
+        b.extend_from_slice(&id_len.to_be_bytes());
+        b.extend_from_slice(secondary_key_id.as_bytes());
+        b.extend_from_slice(&p_len.to_be_bytes());
+        b.extend_from_slice(primary);
+        b.extend_from_slice(secondary);
+        Some(Self(b))
+    }
+
+    /// The parts of a key wrapped under two KMS keys; `None` for a key wrapped under
+    /// one (or bytes that do not parse as two: those are handed to the primary KMS,
+    /// which refuses them).
+    pub fn split_dual(&self) -> Option<DualWrap<'_>> {
+        let rest = self.0.strip_prefix(DUAL_MAGIC.as_slice())?;
+        let (id_len, rest) = rest.split_first_chunk::<2>()?;
+        let (id, rest) = rest.split_at_checked(usize::from(u16::from_be_bytes(*id_len)))?;
+        let (p_len, rest) = rest.split_first_chunk::<4>()?;
+        let p_len = usize::try_from(u32::from_be_bytes(*p_len)).ok()?;
+        let (primary, secondary) = rest.split_at_checked(p_len)?;
+        Some(DualWrap {
+            primary,
+            secondary_key_id: std::str::from_utf8(id).ok()?,
+            secondary,
+        })
+    }
+
+    /// Whether a second KMS key (disaster recovery) also wraps this key.
+    pub fn has_second_wrapping(&self) -> bool {
+        self.split_dual().is_some()
+    }
+}
+
 impl fmt::Debug for WrappedKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "WrappedKey({})", self.fingerprint())

@@ -29,7 +29,7 @@ pub use jobs::{
 };
 pub use json::canonical_json;
 pub use keys::{
-    Created, KeyState, KeyVersionRecord, NewKeyVersion, NewSubject, SigningKeyRecord,
+    Created, DualWrap, KeyState, KeyVersionRecord, NewKeyVersion, NewSubject, SigningKeyRecord,
     SubjectRecord, TenantRecord, WrappedKey,
 };
 pub use time::{MAX_UNIX_MS, MIN_UNIX_MS, now_ms, rfc3339_ms};
