@@ -35,6 +35,8 @@ struct Env {
     admin_primary: AwsKms,
     admin_secondary: AwsKms,
     dual: Arc<DualKms>,
+    /// The primary alone, as before `[kms.dr]` was configured.
+    primary: Arc<dyn Kms>,
     /// A tenant's own key in each region, paired in the key map.
     tenant_keys: (String, String),
 }
@@ -79,7 +81,7 @@ impl Env {
             aws_in(&moto, SECONDARY_REGION, &s_default).await?,
         )));
         let dual = Arc::new(DualKms::new(
-            primary,
+            primary.clone(),
             secondary,
             HashMap::from([(tenant_keys.0.clone(), tenant_keys.1.clone())]),
         ));
@@ -89,6 +91,7 @@ impl Env {
             admin_primary,
             admin_secondary,
             dual,
+            primary,
             tenant_keys,
         })
     }
@@ -159,6 +162,68 @@ async fn a_cold_tenant_is_served_through_the_secondary_while_the_primary_is_down
         other => panic!("create_tenant with the primary down: {other:?}"),
     }
     env.proxy.pass();
+    env.rules.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_report_shows_which_tenants_have_a_second_wrapping() -> Result<()> {
+    use fieldkey::config::{Config, DrKmsConfig, KmsProvider};
+    use fieldkey::policy::RotationPolicy;
+    use fieldkey::report;
+    let env = Env::new().await?;
+    let dir = tempfile::tempdir()?;
+    let store = common::sqlite_store(&dir).await?;
+    // A tenant from before the DR KMS was configured: its key is wrapped once.
+    let before = Keyring::new(store.clone(), env.primary.clone(), KeyringConfig::default());
+    before.create_tenant("legacy", None).await?;
+    env.keyring(&store).create_tenant("acme", None).await?;
+    let mut cfg = Config::default();
+    cfg.kms.provider = Some(KmsProvider::Aws);
+    cfg.kms.aws_key_id = Some(env.primary.default_key_id().to_owned());
+    cfg.kms.dr = Some(DrKmsConfig {
+        provider: KmsProvider::Aws,
+        aws_key_id: Some("secondary".into()),
+        aws_region: Some(SECONDARY_REGION.into()),
+        aws_endpoint_url: None,
+        key_map: Default::default(),
+    });
+    let r = report::build(
+        &*store,
+        report::Configuration::from_config(&cfg, &RotationPolicy::default(), None),
+        &RotationPolicy::default(),
+        &report::Options::default(),
+    )
+    .await?;
+    let t = |id: &str| {
+        r.tenants
+            .iter()
+            .find(|t| t.tenant_id == id)
+            .context("tenant")
+    };
+    ensure!(t("acme")?.second_wrapping && t("acme")?.versions.iter().all(|v| v.second_wrapping));
+    ensure!(!t("legacy")?.second_wrapping);
+    let kms = r
+        .summary
+        .promises
+        .iter()
+        .find(|p| p.id.as_str() == "kms-protection")
+        .context("kms promise")?;
+    ensure!(
+        kms.findings
+            .iter()
+            .any(|f| f.contains("without a second wrapping")
+                && f.contains("legacy")
+                && !f.contains("acme")),
+        "{:?}",
+        kms.findings
+    );
+    ensure!(r.configuration.kms.dr_provider.as_deref() == Some("aws"));
+    let html = report::html::render(&r);
+    ensure!(
+        html.contains("data-second-wrapping=\"yes\"")
+            && html.contains("data-second-wrapping=\"no\"")
+    );
     env.rules.stop().await;
     Ok(())
 }

@@ -18,6 +18,8 @@ pub struct VersionInfo {
     pub created_at: i64,
     /// Last state change, Unix ms.
     pub updated_at: i64,
+    /// A disaster-recovery KMS key wraps it too (`kms::dual`).
+    pub second_wrapping: bool,
 }
 
 /// A tenant and its key versions.
@@ -52,6 +54,10 @@ impl From<&KeyVersionRecord> for VersionInfo {
             fingerprint: v.fingerprint,
             created_at: v.created_at,
             updated_at: v.updated_at,
+            second_wrapping: v
+                .wrapped
+                .as_ref()
+                .is_some_and(super::WrappedKey::has_second_wrapping),
         }
     }
 }

@@ -151,6 +151,7 @@ mod tests {
                 fingerprint: Fingerprint::from_bytes([0; 32]),
                 created_at: now - created_days_ago * DAY_MS,
                 updated_at: 0,
+                second_wrapping: false,
             }],
         }
     }

@@ -78,13 +78,10 @@ impl Configuration {
                 "sqlite".into()
             },
             kms: KmsFacts {
-                provider: if cfg.kms.aws_key_id.is_some() {
-                    "aws".into()
-                } else {
-                    "local".into()
-                },
+                provider: cfg.kms.provider().name().into(),
                 default_key_id: cfg.kms.aws_key_id.clone(),
                 region: cfg.kms.aws_region.clone(),
+                dr_provider: cfg.kms.dr.as_ref().map(|d| d.provider.name().into()),
             },
             rotation_policy: RotationFacts {
                 max_key_age_days: rotation.max_key_age_days,

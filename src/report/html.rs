@@ -518,11 +518,12 @@ fn tenants(h: &mut String, r: &Report) {
     for t in &r.tenants {
         let _ = write!(
             h,
-            "<h3 data-tenant=\"{0}\">{0} <span class=\"legend\">({1}, since {2}; KMS key <code>{3}</code>)</span></h3>",
+            "<h3 data-tenant=\"{0}\">{0} <span class=\"legend\">({1}, since {2}; KMS key <code>{3}</code>; second (DR) wrapping: <span data-second-wrapping=\"{4}\">{4}</span>)</span></h3>",
             esc(&t.tenant_id),
             esc(&t.state),
             esc(&t.created_at),
-            esc(&t.kms_key_id)
+            esc(&t.kms_key_id),
+            if t.second_wrapping { "yes" } else { "no" }
         );
         let _ = write!(
             h,
@@ -532,18 +533,19 @@ fn tenants(h: &mut String, r: &Report) {
         );
         table_head(
             h,
-            "Version|State|Created|Age (days)|Last change|Fingerprint of the wrapped key",
+            "Version|State|Created|Age (days)|Last change|Second (DR) wrapping|Fingerprint of the wrapped key",
         );
         for v in &t.versions {
             let _ = write!(
                 h,
                 "<tr><td class=\"num\">v{}</td><td>{}</td><td>{}</td><td class=\"num\">{:.1}</td>\
-                 <td>{}</td><td class=\"mono\">{}</td></tr>",
+                 <td>{}</td><td>{}</td><td class=\"mono\">{}</td></tr>",
                 v.version,
                 esc(&v.state),
                 esc(&v.created_at),
                 v.age_days,
                 esc(&v.updated_at),
+                if v.second_wrapping { "yes" } else { "no" },
                 esc(&v.fingerprint)
             );
         }

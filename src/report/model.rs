@@ -321,6 +321,9 @@ pub struct TenantSection {
     pub created_at: String,
     /// KMS key that wraps new versions.
     pub kms_key_id: String,
+    /// Every live key version is wrapped under a disaster-recovery KMS key too.
+    #[serde(default)]
+    pub second_wrapping: bool,
     /// Key versions, ascending.
     pub versions: Vec<VersionEntry>,
     /// Rotation against the policy.
@@ -348,6 +351,9 @@ pub struct VersionEntry {
     pub kms_key_id: String,
     /// SHA-256 of the wrapped (KMS-encrypted) key: names it, reveals nothing.
     pub fingerprint: String,
+    /// A disaster-recovery KMS key wraps it too (`[kms.dr]`).
+    #[serde(default)]
+    pub second_wrapping: bool,
 }
 
 /// A tenant's rotation.

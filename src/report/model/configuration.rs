@@ -29,12 +29,15 @@ pub struct Configuration {
 /// The KMS.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KmsFacts {
-    /// `aws` or `local` (development only).
+    /// `aws`, `openbao`, `pkcs11` or `local` (development only).
     pub provider: String,
     /// The default KMS key (tenants may bring their own).
     pub default_key_id: Option<String>,
     /// AWS region, if set.
     pub region: Option<String>,
+    /// The disaster-recovery KMS's provider (`[kms.dr]`), if one is configured.
+    #[serde(default)]
+    pub dr_provider: Option<String>,
 }
 
 /// The rotation policy.

@@ -64,9 +64,10 @@ pub(super) fn kms_protection(cfg: &Configuration, tenants: &[TenantSection]) -> 
         .collect();
     let mut findings = Vec::new();
     let mut v = Verdict::Met;
-    if cfg.kms.provider == "aws" {
+    if cfg.kms.provider != "local" {
         findings.push(format!(
-            "key material is wrapped by AWS KMS (default key {})",
+            "key material is wrapped by the {} KMS (default key {})",
+            cfg.kms.provider,
             cfg.kms.default_key_id.as_deref().unwrap_or("-")
         ));
     } else {
@@ -88,6 +89,22 @@ pub(super) fn kms_protection(cfg: &Configuration, tenants: &[TenantSection]) -> 
                 .collect::<Vec<_>>()
                 .join(", ")
         ));
+    }
+    if let Some(dr) = &cfg.kms.dr_provider {
+        let single: Vec<&str> = tenants
+            .iter()
+            .filter(|t| t.state != "erased" && !t.second_wrapping)
+            .map(|t| t.tenant_id.as_str())
+            .collect();
+        findings.push(if single.is_empty() {
+            format!("every live key version is also wrapped by the disaster-recovery KMS ({dr})")
+        } else {
+            format!(
+                "{} tenant(s) have live key versions without a second wrapping by the disaster-recovery KMS ({dr}); a KMS-key rewrap or the next epoch roll adds it: {}",
+                single.len(),
+                single.iter().take(10).copied().collect::<Vec<_>>().join(", ")
+            )
+        });
     }
     (v, findings)
 }

@@ -118,6 +118,12 @@ pub(in crate::report) fn tenant_section(
         state: state.into(),
         created_at: rfc3339_ms(t.created_at),
         kms_key_id: t.kms_key_id.clone(),
+        second_wrapping: t
+            .versions
+            .iter()
+            .filter(|v| !matches!(v.state, KeyState::Destroyed | KeyState::Retired))
+            .all(|v| v.second_wrapping)
+            && t.versions.iter().any(|v| v.second_wrapping),
         versions: t
             .versions
             .iter()
@@ -129,6 +135,7 @@ pub(in crate::report) fn tenant_section(
                 updated_at: rfc3339_ms(v.updated_at),
                 kms_key_id: v.kms_key_id.clone(),
                 fingerprint: v.fingerprint.to_string(),
+                second_wrapping: v.second_wrapping,
             })
             .collect(),
         rotation,
