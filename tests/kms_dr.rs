@@ -156,6 +156,11 @@ async fn a_cold_tenant_is_served_through_the_secondary_while_the_primary_is_down
         "served by the secondary: {}",
         env.dual.served_by_secondary()
     );
+    let metrics = fieldkey::metrics::Metrics::new();
+    metrics.attach(&cold);
+    let text = metrics.render_current().await;
+    let served = common::sample(&text, "fieldkey_kms_dr_unwraps_total");
+    ensure!(served >= Some(2.0), "metric: {served:?}");
     // New keys need the primary: creating a tenant fails as unavailable, not refused.
     match keyring.create_tenant("new", None).await {
         Err(Error::Kms(e)) if e.is_unavailable() => {}

@@ -148,6 +148,11 @@ impl Keyring {
         (self.kms.open_breakers(), self.store_breaker.is_open())
     }
 
+    /// Unwraps the disaster-recovery KMS served while the primary could not (metrics).
+    pub fn kms_dr_unwraps(&self) -> u64 {
+        self.kms.dr_unwraps()
+    }
+
     /// Number of cached tenants and subjects (approximate, for metrics).
     pub fn cache_sizes(&self) -> (u64, u64) {
         self.cache.sizes()

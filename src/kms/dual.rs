@@ -158,6 +158,10 @@ impl Kms for DualKms {
         self.primary.open_breakers() + self.secondary.open_breakers()
     }
 
+    fn dr_unwraps(&self) -> u64 {
+        self.served_by_secondary()
+    }
+
     async fn generate_data_key(
         &self,
         key_id: &str,

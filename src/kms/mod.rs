@@ -207,6 +207,12 @@ pub trait Kms: Send + Sync + 'static {
         0
     }
 
+    /// Unwraps served by a disaster-recovery KMS because the primary could not answer
+    /// ([`dual::DualKms`]; others: 0). For metrics.
+    fn dr_unwraps(&self) -> u64 {
+        0
+    }
+
     /// The KMS's own name for a key id (AWS: the key ARN behind an alias, id or ARN),
     /// to tell whether two ids name the same key. Default: the id itself.
     async fn canonical_key_id(&self, key_id: &str) -> Result<String, KmsError> {

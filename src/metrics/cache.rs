@@ -65,6 +65,13 @@ impl prometheus_client::collector::Collector for CacheCollector {
             ConstGauge::new(i64::try_from(n).unwrap_or(i64::MAX))
                 .encode(e.encode_family(&labels)?)?;
         }
+        let dr = ConstCounter::new(keyring.kms_dr_unwraps());
+        dr.encode(encoder.encode_descriptor(
+            "fieldkey_kms_dr_unwraps",
+            "Keys unwrapped by the disaster-recovery KMS ([kms.dr]) because the primary KMS could not answer.",
+            None,
+            dr.metric_type(),
+        )?)?;
         let (kms_open, store_open) = keyring.open_breakers();
         let mut e = encoder.encode_descriptor(
             "fieldkey_breaker_open",
