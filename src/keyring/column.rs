@@ -1,7 +1,9 @@
 //! Keys resolved once for a column of values: one tenant snapshot, one encryption
 //! key per subject, one decryption key per (subject, version), shared by every value
-//! of a columnar call (or any batch of one tenant and field). The per-value work left
-//! is the cipher itself.
+//! of a columnar call (or any batch of one tenant and field, or a single decrypt). The
+//! per-value work left is the cipher itself. Also the reseal step shared by
+//! `RewrapColumn` and read repair ([`ColumnKeys::reseal`], [`ColumnKeys::read_repair`]):
+//! the snapshot that decrypted a value says whether it is stale.
 //!
 //! Reflects key states at the time it was made: a suspension or shred that lands
 //! while a column is being processed takes effect for the next call (as for
