@@ -20,6 +20,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // self-wiping plaintext buffer: wiped once tonic has encoded the reply, with no
         // unwiped copy in between (review finding 5).
         .bytes(".fieldkey.v1.DecryptResponse.plaintext")
+        // Read repair's new envelope: the reseal's buffer, handed over without a copy.
+        .bytes(".fieldkey.v1.DecryptResponse.repaired_ciphertext")
         // Item batches: an item's values are slices of the request buffer (no copy or
         // allocation per item), an EncryptBatch's ciphertexts slices of one buffer.
         .bytes(".fieldkey.v1.EncryptRequest")

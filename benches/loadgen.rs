@@ -422,6 +422,7 @@ async fn batch_scenarios(
         field: "email".into(),
         context: b"row:1".to_vec().into(),
         ciphertext: ct.to_vec().into(),
+        repair: false,
     };
     let s = drive(fk_ch, o, o.seconds, move |ch| {
         let items = vec![item.clone(); n];
@@ -735,6 +736,7 @@ fn main() {
                 field: "email".into(),
                 context: b"row:1".to_vec().into(),
                 ciphertext: ct1.clone(),
+                repair: false,
             };
             async move {
                 CryptoClient::new(ch).decrypt(r).await.unwrap();

@@ -150,6 +150,7 @@ fn dec(subject: &str, ciphertext: Vec<u8>) -> DecryptRequest {
         field: "email".into(),
         context: b"row:1".to_vec().into(),
         ciphertext,
+        repair: false,
     }
 }
 

@@ -144,6 +144,7 @@ async fn decrypt(ch: &Channel, who: &str, tenant: &str, ct: &[u8]) -> Result<(),
                 field: "email".into(),
                 context: vec![].into(),
                 ciphertext: ct.to_vec().into(),
+                repair: false,
             },
         ))
         .await

@@ -109,6 +109,7 @@ fn request(subject: bool, ciphertext: Vec<u8>) -> pb::DecryptRequest {
         field: FIELD.into(),
         context: CONTEXT.to_vec().into(),
         ciphertext: ciphertext.into(),
+        repair: false,
     }
 }
 

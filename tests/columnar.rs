@@ -132,6 +132,7 @@ async fn columns_agree_with_single_calls_in_both_directions() -> Result<()> {
                     field: "email".into(),
                     context: row(i).to_vec().into(),
                     ciphertext: ct.to_vec().into(),
+                    repair: false,
                 })
                 .await?
                 .into_inner();
@@ -162,6 +163,7 @@ async fn columns_agree_with_single_calls_in_both_directions() -> Result<()> {
             subject_ids: vec![],
             contexts: (0..50).map(row).collect(),
             ciphertexts: cts,
+            repair: false,
         })
         .await?
         .into_inner();

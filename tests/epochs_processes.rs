@@ -104,6 +104,7 @@ async fn decrypt(
             field: "email".into(),
             ciphertext: ct.to_vec().into(),
             context: Vec::new().into(),
+            repair: false,
         })
         .await
         .map(|r| r.into_inner().plaintext.to_vec())

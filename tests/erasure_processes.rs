@@ -117,6 +117,7 @@ async fn decrypt(
             field: "email".into(),
             context: b"row-1".to_vec().into(),
             ciphertext: ct.to_vec().into(),
+            repair: false,
         })
         .await
         .map(|r| r.into_inner().plaintext.to_vec())

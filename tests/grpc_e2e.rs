@@ -66,6 +66,7 @@ fn dec(tenant: &str, subject: &str, field: &str, ctx: &[u8], ct: &[u8]) -> Decry
         field: field.into(),
         context: ctx.to_vec().into(),
         ciphertext: ct.to_vec().into(),
+        repair: false,
     }
 }
 

@@ -92,6 +92,7 @@ fn dec(subject: &str, field: &str, context: &[u8], ct: &[u8]) -> pb::DecryptRequ
         field: field.into(),
         context: context.to_vec().into(),
         ciphertext: ct.to_vec().into(),
+        repair: false,
     }
 }
 

@@ -91,6 +91,7 @@ async fn metrics_move_with_traffic_and_readiness_follows_the_key_store() -> Resu
             field: "email".into(),
             context: vec![].into(),
             ciphertext: b"garbage".to_vec().into(),
+            repair: false,
         })
         .await
         .unwrap_err();

@@ -45,6 +45,7 @@ fn dec(subject: &str, ciphertext: &[u8]) -> DecryptRequest {
         field: "email".into(),
         context: b"row-1".to_vec().into(),
         ciphertext: ciphertext.to_vec().into(),
+        repair: false,
     }
 }
 

@@ -21,6 +21,11 @@ pub use log::{AuditConfig, AuditLog, CHECKPOINT_PURPOSE};
 /// that carried no row context (an Encrypt whose value any row of the tenant accepts).
 pub const OUTCOME_UNBOUND: &str = "unbound";
 
+/// The outcome of a data record that counts, among the `ok` `Crypto::Rewrap` of its
+/// window, those made by read repair (a Decrypt that also returned the value
+/// re-encrypted under the active version: docs/ROTATION.md "Read repair").
+pub const OUTCOME_READ_REPAIR: &str = "read_repair";
+
 use std::net::IpAddr;
 
 /// Where and why a chain does not verify.

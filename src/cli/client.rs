@@ -81,6 +81,7 @@ pub(super) async fn decrypt(args: DecryptArgs) -> Result<(), CliError> {
             field: args.scope.field.clone(),
             context: args.scope.context.clone().into_bytes().into(),
             ciphertext: ct.into(),
+            repair: false,
         })
         .await?
         .into_inner();

@@ -159,6 +159,7 @@ pub(super) async fn decrypt(args: DecryptArgs) -> Result<(), CliError> {
                     subject_ids: Vec::new(),
                     contexts,
                     ciphertexts,
+                    repair: false,
                 })
                 .await?
                 .into_inner();

@@ -1,7 +1,9 @@
 //! Keys resolved once for a column of values: one tenant snapshot, one encryption
 //! key per subject, one decryption key per (subject, version), shared by every value
-//! of a columnar call (or any batch of one tenant and field). The per-value work left
-//! is the cipher itself.
+//! of a columnar call (or any batch of one tenant and field, or a single decrypt). The
+//! per-value work left is the cipher itself. Also the reseal step shared by
+//! `RewrapColumn` and read repair ([`ColumnKeys::reseal`], [`ColumnKeys::read_repair`]):
+//! the snapshot that decrypted a value says whether it is stale.
 //!
 //! Reflects key states at the time it was made: a suspension or shred that lands
 //! while a column is being processed takes effect for the next call (as for
@@ -9,14 +11,16 @@
 
 use std::ops::Range;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use crate::cache::{Snapshot, TenantEntry};
 use crate::crypto::{self, Aad, Envelope, FieldCipher, Plaintext};
 use crate::error::{Error, Result};
 use crate::model::TenantRecord;
 
+use super::repair::{ReadRepair, RepairCounts};
 use super::resolution::{active_version, usable_for_decrypt};
-use super::{Encryptor, Keyring};
+use super::{Encryptor, Keyring, Rewrapped};
 
 /// Per-call maps of subjects (ids chosen by callers): foldhash, seeded per map, is
 /// several times cheaper than SipHash per lookup; a map holds at most one entry per
@@ -45,6 +49,10 @@ pub struct ColumnKeys<'k, 'a> {
     /// The (subject, version) of the last value opened and its cipher: a run of values
     /// of one subject and version needs no lookup.
     last: Option<(VersionKey<'a>, Arc<FieldCipher>)>,
+    /// The active version of the snapshot, once read (read repair's stale check).
+    active: Option<u32>,
+    /// The tenant's read-repair counters, once a stale value was seen.
+    counts: Option<Arc<RepairCounts>>,
 }
 
 impl std::fmt::Debug for ColumnKeys<'_, '_> {
@@ -71,6 +79,8 @@ impl Keyring {
             encryptors: Map::default(),
             ciphers: Map::default(),
             last: None,
+            active: None,
+            counts: None,
         }
     }
 }
@@ -153,8 +163,90 @@ impl<'a> ColumnKeys<'_, 'a> {
     /// As [`Keyring::encryptor`] for the tenant: [`Error::TenantNotFound`],
     /// [`Error::KeySuspended`] / [`Error::KeyDestroyed`] when no version is active.
     pub async fn active_version(&mut self) -> Result<u32> {
+        if let Some(v) = self.active {
+            return Ok(v);
+        }
         let (_, tsnap) = self.tenant_keys().await?;
-        Ok(active_version(self.tenant, &tsnap.record)?.version)
+        let v = active_version(self.tenant, &tsnap.record)?.version;
+        self.active = Some(v);
+        Ok(v)
+    }
+
+    /// `plaintext`, which `envelope` (on version `from`) of `subject` with `context`
+    /// held, sealed again under the active version, in the envelope's form (binary or
+    /// `fk1:` text): the reseal step of a rewrap, shared by `RewrapColumn` and read
+    /// repair. The caller has decrypted `envelope` with these keys first (so nothing is
+    /// created for a value that does not belong) and found `from` older than the
+    /// active version.
+    ///
+    /// # Errors
+    /// As [`Keyring::encryptor`] (a suspended or shredded subject or tenant, the active
+    /// version's key unavailable).
+    pub async fn reseal(
+        &mut self,
+        subject: Option<&'a str>,
+        context: &[u8],
+        envelope: &[u8],
+        from: u32,
+        plaintext: &[u8],
+    ) -> Result<Rewrapped> {
+        let enc = self.encryptor(subject).await?;
+        let sealed = enc.seal(context, plaintext)?;
+        Ok(Rewrapped {
+            ciphertext: crypto::in_form_of(envelope, sealed),
+            from_version: from,
+            to_version: enc.key_version(),
+        })
+    }
+
+    /// Read repair of a value just decrypted with these keys ([`ColumnKeys::open_into`]):
+    /// `envelope` of `subject` with `context`, on `version`, whose plaintext is
+    /// `plaintext`. Stale when `version` is older than the active version of this
+    /// column's snapshot (no store round trip: the snapshot that decrypted it); with
+    /// `repair`, a stale value is sealed again under the active version
+    /// ([`ColumnKeys::reseal`], as a rewrap does), keeping its tenant, subject, field
+    /// and context binding and its form. Counted in [`Keyring::read_repair_stats`].
+    ///
+    /// The caller decides first whether the caller of the sidecar may have values
+    /// repaired (it is a write: `Crypto::Rewrap`).
+    pub async fn read_repair(
+        &mut self,
+        subject: Option<&'a str>,
+        context: &[u8],
+        envelope: &[u8],
+        version: u32,
+        plaintext: &[u8],
+        repair: bool,
+    ) -> ReadRepair {
+        // No active version: the tenant is suspended or shredded, and nothing decrypts
+        // (so this is not reached); nothing to move a value to either.
+        let Ok(active) = self.active_version().await else {
+            return ReadRepair::Current;
+        };
+        if version >= active {
+            return ReadRepair::Current;
+        }
+        let counts = self
+            .counts
+            .get_or_insert_with(|| self.keyring.repairs.of(self.tenant))
+            .clone();
+        counts.stale.fetch_add(1, Ordering::Relaxed);
+        if !repair {
+            return ReadRepair::Stale;
+        }
+        match self
+            .reseal(subject, context, envelope, version, plaintext)
+            .await
+        {
+            Ok(rw) => {
+                counts.repaired.fetch_add(1, Ordering::Relaxed);
+                ReadRepair::Repaired(rw)
+            }
+            Err(e) => {
+                counts.failed.fetch_add(1, Ordering::Relaxed);
+                ReadRepair::Failed(e)
+            }
+        }
     }
 
     /// Decrypts `envelope` (binary or `fk1:` text) of `subject` with `context`,

@@ -27,6 +27,7 @@ mod epochs;
 mod following;
 mod index;
 mod lifecycle;
+pub mod repair;
 mod resolution;
 mod rotation;
 pub mod rows;
@@ -34,6 +35,7 @@ pub use crate::model::{SubjectInfo, TenantInfo, VersionInfo};
 pub use column::ColumnKeys;
 pub use epochs::{ActiveEpoch, swk_context};
 pub use index::{IndexProfiles, Indexed, Indexer};
+pub use repair::{ReadRepair, ReadRepairStats};
 pub use resolution::Encryptor;
 use resolution::{active_version, subject_usable};
 pub use rotation::{KekRewrap, Rewrapped};
@@ -88,6 +90,8 @@ pub struct Keyring {
     store_breaker: Arc<crate::breaker::Breaker>,
     /// A sweep of every cached entry after a lost change feed is under way.
     sweeping: std::sync::atomic::AtomicBool,
+    /// Stale values read and repaired, per tenant (`repair.rs`, for metrics).
+    repairs: ReadRepairStats,
 }
 
 impl std::fmt::Debug for Keyring {
@@ -121,6 +125,7 @@ impl Keyring {
                 crate::breaker::BreakerConfig::default(),
             )),
             sweeping: std::sync::atomic::AtomicBool::new(false),
+            repairs: ReadRepairStats::default(),
         }
     }
 
@@ -141,6 +146,11 @@ impl Keyring {
     /// The hot-key cache's counters (hits, misses, loads), for metrics and tests.
     pub fn cache_stats(&self) -> &CacheStats {
         self.cache.stats()
+    }
+
+    /// Read repair's counters: stale values read and repaired per tenant (metrics).
+    pub fn read_repair_stats(&self) -> &ReadRepairStats {
+        &self.repairs
     }
 
     /// Circuit breakers open now: KMS keys, and whether the key store's is (metrics).

@@ -13,7 +13,8 @@
 //!
 //! The rooms: `histogram` (the lock-free latency histogram), `grpc` (the tower layer
 //! over the gRPC routes), `kms` (the KMS decorator), `cache` (the key-cache collector),
-//! `feed` (the key store's change-feed collector),
+//! `feed` (the key store's change-feed collector), `repair` (read repair's counters per
+//! tenant, from the keyring),
 //! `refresh` (gauges refreshed from the key store) and `endpoints` (the HTTP server and
 //! readiness). This file holds the registry and every family.
 
@@ -24,6 +25,7 @@ mod grpc;
 mod histogram;
 mod kms;
 mod refresh;
+mod repair;
 
 use std::sync::{Arc, Mutex};
 
@@ -45,6 +47,7 @@ use grpc::{Rpc, RpcCode, RpcSlot, all_slots};
 use histogram::{LatencyFamily, latency_family};
 use kms::{KmsOp, KmsOpOutcome};
 use refresh::{JobLabel, JobStateLabel, LastRefresh, StatusLabel, TenantLabel};
+use repair::RepairCollector;
 
 /// Every metric of one sidecar process.
 #[derive(Debug)]
@@ -216,6 +219,7 @@ impl Metrics {
             registry: {
                 r.register_collector(Box::new(FeedCollector(feed_source.clone())));
                 r.register_collector(Box::new(CacheCollector(cache_source.clone())));
+                r.register_collector(Box::new(RepairCollector(cache_source.clone())));
                 r
             },
             cache_source,

@@ -19,11 +19,11 @@ use bytes::Bytes;
 use tonic::{Code, Status};
 
 use super::crypto::CryptoService;
-use super::gate::Caller;
+use super::gate::{Caller, Repairs};
 use super::status::{item_error, limit_status};
 use crate::crypto::{self, Plaintext};
 use crate::error::Error;
-use crate::keyring::{ColumnKeys, Encryptor};
+use crate::keyring::{ColumnKeys, Encryptor, ReadRepair};
 use crate::policy::authz::Action;
 use crate::proto::pb::{
     BlindIndexColumnRequest, BlindIndexColumnResponse, CiphertextFormat, ColumnError,
@@ -241,14 +241,33 @@ impl CryptoService {
         let mut failed = Failures::default();
         let mut ranges = Vec::with_capacity(n);
         let mut versions = Vec::with_capacity(n);
+        let mut stale = Vec::with_capacity(n);
+        let mut repaired = Vec::with_capacity(if r.repair { n } else { 0 });
+        let mut repaired_key_version = 0;
+        let mut repairs = Repairs::default();
         // Plaintexts are shorter than their envelopes (text forms: shorter still).
         let room: usize = r.ciphertexts.iter().map(Bytes::len).sum();
         let mut out = Plaintext::with_capacity(room);
         let opened = match self.open_column(c, Action::Decrypt, &r.tenant_id, &r.field) {
             Ok(keys) => {
-                let quota = u32::try_from(n).unwrap_or(u32::MAX);
-                let taken = self.guard.gate.decrypt_quota(c, &r.tenant_id, quota).await;
-                taken.map(|()| keys)
+                // Read repair is a write: decided for the whole column before anything
+                // is decrypted or taken from the decrypt allowance.
+                let may_repair = if r.repair {
+                    self.authorize_repair(c, &r.tenant_id, &r.field)
+                } else {
+                    Ok(())
+                };
+                if may_repair.is_err() {
+                    repairs.denied = u64::try_from(n).unwrap_or(u64::MAX);
+                }
+                match may_repair {
+                    Ok(()) => {
+                        let quota = u32::try_from(n).unwrap_or(u32::MAX);
+                        let taken = self.guard.gate.decrypt_quota(c, &r.tenant_id, quota).await;
+                        taken.map(|()| keys)
+                    }
+                    Err(e) => Err(e),
+                }
             }
             Err(e) => Err(e),
         };
@@ -257,6 +276,10 @@ impl CryptoService {
                 failed = Failures::all(n, &e);
                 ranges.resize(n, 0..0);
                 versions.resize(n, 0);
+                stale.resize(n, false);
+                if r.repair {
+                    repaired.resize(n, Bytes::new());
+                }
             }
             Ok(mut keys) => {
                 for (i, ct) in r.ciphertexts.iter().enumerate() {
@@ -264,30 +287,49 @@ impl CryptoService {
                     let result = async {
                         self.check_context(&r.field, context)?;
                         self.guard.check_field("ciphertext", ct.len())?;
-                        keys.open_into(subjects.of(i), context, ct, &mut out).await
+                        open_value(&mut keys, subjects.of(i), context, ct, r.repair, &mut out).await
                     }
                     .await;
                     match result {
-                        Ok((range, v)) => {
-                            ranges.push(range);
-                            versions.push(v);
+                        Ok(v) => {
+                            ranges.push(v.range);
+                            versions.push(v.version);
+                            stale.push(v.repair.is_stale());
+                            repairs.note(&v.repair);
+                            if r.repair {
+                                repaired.push(match v.repair {
+                                    ReadRepair::Repaired(rw) => {
+                                        repaired_key_version = rw.to_version;
+                                        Bytes::from(rw.ciphertext)
+                                    }
+                                    _ => Bytes::new(),
+                                });
+                            }
                         }
                         Err(e) => {
                             failed.push(i, e);
                             ranges.push(0..0);
                             versions.push(0);
+                            stale.push(false);
+                            if r.repair {
+                                repaired.push(Bytes::new());
+                            }
                         }
                     }
                 }
             }
         }
         self.column_done(c, Action::Decrypt, (&r.tenant_id, &r.field), n, &failed);
+        (self.guard.gate).data_repairs(c, &r.tenant_id, &r.field, repairs);
         // No copy: the reply's values are slices of the self-wiping buffer.
         let plaintexts = pieces(Bytes::from_owner(out), &ranges);
         Ok(DecryptColumnResponse {
             plaintexts,
             key_versions: versions,
             errors: failed.into_wire(),
+            stale,
+            repaired_ciphertexts: repaired,
+            repaired_key_version,
         })
     }
 
@@ -434,6 +476,48 @@ impl CryptoService {
     }
 }
 
+/// A value decrypted into a call's plaintext buffer, and what read repair found.
+pub(super) struct Opened {
+    /// Where its plaintext is in the buffer.
+    pub(super) range: Range<usize>,
+    /// The tenant key version that had encrypted it.
+    pub(super) version: u32,
+    /// Whether it is stale, and with repair its new ciphertext (or why there is none).
+    pub(super) repair: ReadRepair,
+}
+
+/// Decrypts `ct` of `subject` with `context` with `keys`, appending the plaintext to
+/// `out`, and reports whether it is stale; with `repair` (which the caller has
+/// authorized as a `Crypto::Rewrap`), a stale value is sealed again under the active
+/// version ([`ColumnKeys::read_repair`]: the reseal of `RewrapColumn`). Every decrypting
+/// call (Decrypt, DecryptBatch, DecryptColumn) opens its values here.
+pub(super) async fn open_value<'a>(
+    keys: &mut ColumnKeys<'_, 'a>,
+    subject: Option<&'a str>,
+    context: &[u8],
+    ct: &[u8],
+    repair: bool,
+    out: &mut Plaintext,
+) -> Result<Opened, Error> {
+    let (range, version) = keys.open_into(subject, context, ct, out).await?;
+    let plaintext = out
+        .as_bytes()
+        .get(range.clone())
+        .ok_or_else(|| Error::Internal("decrypted plaintext range".into()))?;
+    let repair = keys
+        .read_repair(subject, context, ct, version, plaintext, repair)
+        .await;
+    if let ReadRepair::Failed(e) = &repair {
+        // The value is served on its old version; the metrics count the failure.
+        tracing::debug!(error = %e, "read repair failed");
+    }
+    Ok(Opened {
+        range,
+        version,
+        repair,
+    })
+}
+
 /// One value of a `RewrapColumn`, as [`crate::keyring::Keyring::rewrap_checked`]
 /// rewraps it: (its ciphertext now, version now, version before).
 async fn rewrap_value<'a>(
@@ -465,14 +549,6 @@ async fn rewrap_value<'a>(
         .as_bytes()
         .get(range)
         .ok_or_else(|| Error::Internal("rewrap plaintext range".into()))?;
-    let enc = keys.encryptor(subject).await?;
-    let to = enc.key_version();
-    let mut sealed = Vec::with_capacity(plaintext.len() + crypto::OVERHEAD);
-    enc.seal_into(
-        &mut crypto::Nonces::fresh(1)?,
-        context,
-        plaintext,
-        &mut sealed,
-    )?;
-    Ok((Bytes::from(crypto::in_form_of(ct, sealed)), to, from))
+    let rw = keys.reseal(subject, context, ct, from, plaintext).await?;
+    Ok((Bytes::from(rw.ciphertext), rw.to_version, from))
 }

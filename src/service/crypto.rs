@@ -11,13 +11,14 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::gate::Caller;
+use super::column::open_value;
+use super::gate::{Caller, Repairs};
 use super::guard::Guard;
 use super::status::ItemResult as _;
 use crate::config::RowBindingSettings;
 use crate::crypto::{Aad, to_text};
 use crate::error::Error;
-use crate::keyring::{Encryptor, Keyring, Rewrapped};
+use crate::keyring::{Encryptor, Keyring, ReadRepair, Rewrapped};
 use crate::policy::authz::Action;
 use crate::proto::pb::{
     self, CiphertextFormat, DecryptBatchRequest, DecryptBatchResponse, DecryptRequest,
@@ -29,8 +30,8 @@ use crate::proto::pb::{
 /// (tenant, subject, field) of a batch item.
 type BatchKey<'a> = (&'a str, &'a str, &'a str);
 
-/// An authorization decision for a (tenant, field).
-type Decision<'a> = ((&'a str, &'a str), Result<(), Error>);
+/// An authorization decision for an action on a (tenant, field).
+type Decision<'a> = ((Action, &'a str, &'a str), Result<(), Error>);
 
 /// Distinct (tenant, subject, field) keys remembered per batch; beyond, items resolve
 /// their key individually.
@@ -40,7 +41,7 @@ pub(super) const MAX_RESOLVED_PER_BATCH: usize = 16;
 struct BatchMemo<'a> {
     /// The batch's nonces (EncryptBatch), drawn at once.
     nonces: Result<crate::crypto::Nonces, Error>,
-    /// Authorization decisions per (tenant, field).
+    /// Authorization decisions per (action, tenant, field).
     decisions: Vec<Decision<'a>>,
     /// Encryption keys per (tenant, subject, field).
     encryptors: Vec<(BatchKey<'a>, Result<Encryptor<'a>, Error>)>,
@@ -56,8 +57,8 @@ impl<'a> BatchMemo<'a> {
         }
     }
 
-    /// [`super::gate::Gate::data`], decided once per distinct (tenant, field) of the batch
-    /// (the first [`MAX_RESOLVED_PER_BATCH`] of them; beyond, per item).
+    /// [`super::gate::Gate::data`], decided once per distinct (action, tenant, field) of
+    /// the batch (the first [`MAX_RESOLVED_PER_BATCH`] of them; beyond, per item).
     fn authorize(
         &mut self,
         gate: &super::gate::Gate,
@@ -66,12 +67,13 @@ impl<'a> BatchMemo<'a> {
         tenant: &'a str,
         field: &'a str,
     ) -> Result<(), Error> {
-        if let Some((_, d)) = self.decisions.iter().find(|(k, _)| *k == (tenant, field)) {
+        let key = (action, tenant, field);
+        if let Some((_, d)) = self.decisions.iter().find(|(k, _)| *k == key) {
             return d.clone();
         }
         let d = gate.data(c, action, tenant, field);
         if self.decisions.len() < MAX_RESOLVED_PER_BATCH {
-            self.decisions.push(((tenant, field), d.clone()));
+            self.decisions.push((key, d.clone()));
         }
         d
     }
@@ -217,28 +219,92 @@ impl CryptoService {
         call.counted(result)
     }
 
+    /// May `c` have values of `tenant`/`field` repaired on read? Producing a ciphertext
+    /// is a write: read repair needs `Crypto::Rewrap` (what the Rewrap RPC needs for
+    /// the same result) beside `Crypto::Decrypt`. A refusal names read repair.
+    ///
+    /// # Errors
+    /// [`Error::PermissionDenied`] (or `InvalidArgument` for an oversized id).
+    pub(super) fn authorize_repair(
+        &self,
+        c: &Caller,
+        tenant: &str,
+        field: &str,
+    ) -> Result<(), Error> {
+        (self.guard.gate)
+            .data(c, Action::Rewrap, tenant, field)
+            .map_err(repair_refused)
+    }
+
     async fn decrypt_one(&self, c: &Caller, r: &DecryptRequest) -> Result<DecryptResponse, Error> {
         let call = (self.guard.gate).data_call(c, Action::Decrypt, &r.tenant_id, &r.field);
+        let mut repairs = Repairs::default();
         let result = async {
             call.authorize()?;
+            if r.repair {
+                // Before anything is decrypted or taken from the allowance, whether or
+                // not the value turns out stale.
+                self.authorize_repair(c, &r.tenant_id, &r.field)
+                    .inspect_err(|_| repairs.denied = 1)?;
+            }
             self.check_context(&r.field, &r.context)?;
             self.guard.gate.decrypt_quota(c, &r.tenant_id, 1).await?;
             self.guard.check_field("ciphertext", r.ciphertext.len())?;
-            let aad = Aad {
-                tenant: &r.tenant_id,
-                subject: subject(&r.subject_id),
-                field: &r.field,
-                context: &r.context,
-            };
-            let (pt, key_version) = self.keyring.decrypt_versioned(&aad, &r.ciphertext).await?;
-            Ok(DecryptResponse {
+            // The keys of a one-value column: the snapshot that decrypts the value also
+            // says whether it is stale (no store round trip for that).
+            let mut keys = self.keyring.column(&r.tenant_id, &r.field);
+            let mut out = crate::crypto::Plaintext::with_capacity(r.ciphertext.len());
+            let subject = subject(&r.subject_id);
+            let v = open_value(
+                &mut keys,
+                subject,
+                &r.context,
+                &r.ciphertext,
+                r.repair,
+                &mut out,
+            )
+            .await?;
+            repairs.note(&v.repair);
+            Ok(decrypt_response(
                 // No copy: the reply owns the self-wiping buffer (see build.rs).
-                plaintext: bytes::Bytes::from_owner(pt),
-                key_version,
-            })
+                bytes::Bytes::from_owner(out).slice(v.range),
+                v.version,
+                v.repair,
+            ))
         }
         .await;
+        (self.guard.gate).data_repairs(c, &r.tenant_id, &r.field, repairs);
         call.counted(result)
+    }
+}
+
+/// A refusal of read repair, naming it (the policies' reason follows).
+fn repair_refused(e: Error) -> Error {
+    match e {
+        Error::PermissionDenied { reason } => Error::PermissionDenied {
+            reason: format!("read repair is a rewrap: {reason}"),
+        },
+        other => other,
+    }
+}
+
+/// The reply for a decrypted value: its plaintext, version, and what read repair found.
+fn decrypt_response(
+    plaintext: bytes::Bytes,
+    key_version: u32,
+    repair: ReadRepair,
+) -> DecryptResponse {
+    let stale = repair.is_stale();
+    let (repaired_ciphertext, repaired_key_version) = match repair {
+        ReadRepair::Repaired(rw) => (bytes::Bytes::from(rw.ciphertext), rw.to_version),
+        _ => (bytes::Bytes::new(), 0),
+    };
+    DecryptResponse {
+        plaintext,
+        key_version,
+        stale,
+        repaired_ciphertext,
+        repaired_key_version,
     }
 }
 
@@ -444,23 +510,33 @@ impl pb::crypto_server::Crypto for CryptoService {
 
 impl CryptoService {
     /// A DecryptBatch: each item authorized, rate-counted and checked as a single
-    /// Decrypt; the keys of each distinct (tenant, field) resolved once
-    /// ([`crate::keyring::ColumnKeys`], for the first [`MAX_RESOLVED_PER_BATCH`] of
-    /// them), the plaintexts decrypted into one self-wiping buffer that the replies
-    /// slice (wiped once tonic has encoded the reply).
+    /// Decrypt (with repair, also authorized as a Rewrap); the keys of each distinct
+    /// (tenant, field) resolved once ([`crate::keyring::ColumnKeys`], for the first
+    /// [`MAX_RESOLVED_PER_BATCH`] of them), the plaintexts decrypted into one
+    /// self-wiping buffer that the replies slice (wiped once tonic has encoded the
+    /// reply).
     async fn decrypt_items(&self, c: &Caller, items: &[DecryptRequest]) -> DecryptBatchResponse {
         let room = items.iter().map(|r| r.ciphertext.len()).sum();
         let mut out = crate::crypto::Plaintext::with_capacity(room);
         let mut memo = BatchMemo::new(items.len(), false);
         let mut columns: Vec<((&str, &str), crate::keyring::ColumnKeys<'_, '_>)> = Vec::new();
         let mut results = Vec::with_capacity(items.len());
+        // Read repairs, counted by runs of items of one (tenant, field).
+        let mut repairs: Option<((&str, &str), Repairs)> = None;
         for r in items {
+            let mut denied = false;
             let result = async {
                 memo.authorize(&self.guard.gate, c, Action::Decrypt, &r.tenant_id, &r.field)?;
+                if r.repair {
+                    memo.authorize(&self.guard.gate, c, Action::Rewrap, &r.tenant_id, &r.field)
+                        .map_err(repair_refused)
+                        .inspect_err(|_| denied = true)?;
+                }
                 self.check_context(&r.field, &r.context)?;
                 self.guard.gate.decrypt_quota(c, &r.tenant_id, 1).await?;
                 self.guard.check_field("ciphertext", r.ciphertext.len())?;
                 let key = (r.tenant_id.as_str(), r.field.as_str());
+                let subject = subject(&r.subject_id);
                 let at = match columns.iter().position(|(k, _)| *k == key) {
                     Some(at) => at,
                     None if columns.len() < MAX_RESOLVED_PER_BATCH => {
@@ -469,22 +545,36 @@ impl CryptoService {
                     }
                     None => {
                         let mut once = self.keyring.column(key.0, key.1);
-                        let subject = subject(&r.subject_id);
-                        return once
-                            .open_into(subject, &r.context, &r.ciphertext, &mut out)
-                            .await;
+                        let (ctx, ct) = (&r.context, &r.ciphertext);
+                        return open_value(&mut once, subject, ctx, ct, r.repair, &mut out).await;
                     }
                 };
                 let (_, keys) = columns
                     .get_mut(at)
                     .ok_or_else(|| Error::Internal("batch keys lost".into()))?;
-                keys.open_into(subject(&r.subject_id), &r.context, &r.ciphertext, &mut out)
-                    .await
+                open_value(keys, subject, &r.context, &r.ciphertext, r.repair, &mut out).await
             }
             .await;
+            let key = (r.tenant_id.as_str(), r.field.as_str());
+            let run = match &mut repairs {
+                Some((k, run)) if *k == key => run,
+                _ => {
+                    if let Some(((t, f), done)) = repairs.take() {
+                        (self.guard.gate).data_repairs(c, t, f, done);
+                    }
+                    &mut repairs.insert((key, Repairs::default())).1
+                }
+            };
+            run.denied += u64::from(denied);
+            if let Ok(v) = &result {
+                run.note(&v.repair);
+            }
             results.push(result);
         }
         drop(columns);
+        if let Some(((t, f), done)) = repairs {
+            (self.guard.gate).data_repairs(c, t, f, done);
+        }
         self.guard.gate.data_done_batch(
             c,
             Action::Decrypt,
@@ -498,10 +588,9 @@ impl CryptoService {
         let results = results
             .into_iter()
             .map(|r| {
-                DecryptResult::of(r.map(|(range, key_version)| DecryptResponse {
-                    plaintext: buf.slice(range),
-                    key_version,
-                }))
+                DecryptResult::of(
+                    r.map(|v| decrypt_response(buf.slice(v.range), v.version, v.repair)),
+                )
             })
             .collect();
         DecryptBatchResponse { results }

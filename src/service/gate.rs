@@ -101,7 +101,36 @@ impl std::fmt::Debug for Gate {
     }
 }
 
-use crate::audit::OUTCOME_UNBOUND;
+use crate::audit::{OUTCOME_READ_REPAIR, OUTCOME_UNBOUND};
+
+/// The read repairs of one (tenant, field) in a call (docs/ROTATION.md "Read repair"),
+/// for the audit window: each is the `Crypto::Rewrap` it amounts to.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Repairs {
+    /// Stale values returned re-encrypted under the active version.
+    pub repaired: u64,
+    /// Stale values whose repair failed (served on their old version).
+    pub failed: u64,
+    /// Values whose repair was refused (the caller may not rewrap the field): the
+    /// call, item or column was refused.
+    pub denied: u64,
+}
+
+impl Repairs {
+    /// Counts what read repair found for one value.
+    pub fn note(&mut self, r: &crate::keyring::ReadRepair) {
+        match r {
+            crate::keyring::ReadRepair::Repaired(_) => self.repaired += 1,
+            crate::keyring::ReadRepair::Failed(_) => self.failed += 1,
+            _ => {}
+        }
+    }
+
+    /// Whether there is nothing to count.
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
 
 fn outcome<T>(r: &Result<T, Error>) -> &'static str {
     match r {
@@ -449,6 +478,23 @@ impl Gate {
     /// (outcome `unbound` in the audit window; the compliance report lists the fields).
     pub fn data_unbound(&self, c: &Caller, action: Action, tenant: &str, field: &str) {
         self.count(c, action, tenant, field, OUTCOME_UNBOUND, 1);
+    }
+
+    /// Counts read repairs in the audit window as the `Crypto::Rewrap` they are (an
+    /// explicit Rewrap call is counted the same way): outcome `ok` for each value
+    /// repaired, and `read_repair` beside it (which of the `ok` were read repairs);
+    /// `failed` and `denied` as for any data operation.
+    pub fn data_repairs(&self, c: &Caller, tenant: &str, field: &str, r: Repairs) {
+        for (outcome, n) in [
+            ("ok", r.repaired),
+            (OUTCOME_READ_REPAIR, r.repaired),
+            ("failed", r.failed),
+            ("denied", r.denied),
+        ] {
+            if n > 0 {
+                self.count(c, Action::Rewrap, tenant, field, outcome, n);
+            }
+        }
     }
 
     /// Counts a finished data operation in the audit window, by outcome.

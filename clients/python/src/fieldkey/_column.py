@@ -16,6 +16,7 @@ from ._core import (
     UNBOUND,
     BlindIndex,
     Context,
+    Decrypted,
     Result,
     Rewrapped,
     Unbound,
@@ -24,6 +25,7 @@ from ._core import (
     _subject,
     check_context,
     context_bytes,
+    repaired_form,
 )
 from .errors import ColumnMismatch, ContextRequired, DecodeError, FieldkeyError, error_from_item
 from .v1 import fieldkey_pb2 as pb
@@ -214,8 +216,8 @@ def encrypt_request(col: Column, s: int, e: int, text: bool) -> Any:
     return pb.EncryptColumnRequest(plaintexts=col.slice(s, e), format=_TEXT if text else _BINARY, **col.fields(s, e))
 
 
-def decrypt_request(col: Column, s: int, e: int) -> Any:
-    return pb.DecryptColumnRequest(ciphertexts=col.slice(s, e), **col.fields(s, e))
+def decrypt_request(col: Column, s: int, e: int, repair: bool = False) -> Any:
+    return pb.DecryptColumnRequest(ciphertexts=col.slice(s, e), repair=repair, **col.fields(s, e))
 
 
 def rewrap_request(col: Column, s: int, e: int, verify: bool) -> Any:
@@ -284,13 +286,21 @@ def encrypt_results(resp: Any, n: int, text: bool, out: list[Result[Any]]) -> No
     _failed(errors, base, out)
 
 
-def decrypt_results(resp: Any, n: int, as_text: bool, out: list[Result[Any]]) -> None:
+def decrypt_results(
+    resp: Any, n: int, as_text: bool, out: list[Result[Any]], texts: Sequence[bool] | None = None
+) -> None:
+    """``texts`` (a call with repair): for each value of this request, whether its input
+    was ``str``; the values are then :class:`~fieldkey.Decrypted`."""
     pts = list(resp.plaintexts)
     versions = list(resp.key_versions)
     _check("plaintexts", len(pts), n)
     _check("key versions", len(versions), n)
     errors = _errors(resp, n)
     base = len(out)
+    if texts is not None:
+        _repaired_results(resp, pts, versions, as_text, texts, out)
+        _failed(errors, base, out)
+        return
     if not as_text:
         _ok_versions(pts, versions, out)
     else:
@@ -304,6 +314,28 @@ def decrypt_results(resp: Any, n: int, as_text: bool, out: list[Result[Any]]) ->
                 except UnicodeDecodeError:
                     out.append(Result(None, DecodeError("the decrypted value is not valid UTF-8 text"), k))
     _failed(errors, base, out)
+
+
+def _repaired_results(
+    resp: Any, pts: list[bytes], versions: list[int], as_text: bool, texts: Sequence[bool], out: list[Result[Any]]
+) -> None:
+    """The values of a DecryptColumn with repair, as :class:`~fieldkey.Decrypted`."""
+    n = len(texts)
+    stale = list(resp.stale)
+    fixed = list(resp.repaired_ciphertexts)
+    _check("stale flags", len(stale), n)
+    _check("repaired ciphertexts", len(fixed), n)
+    to = resp.repaired_key_version
+    for p, k, st, ct, text in zip(pts, versions, stale, fixed, texts):
+        value: Any = p
+        if as_text:
+            try:
+                value = p.decode("utf-8")
+            except UnicodeDecodeError:
+                out.append(Result(None, DecodeError("the decrypted value is not valid UTF-8 text"), k))
+                continue
+        repaired = repaired_form(ct, text)
+        out.append(Result(Decrypted(value, k, bool(st), repaired, to if repaired is not None else 0), None, k))
 
 
 def rewrap_results(resp: Any, texts: Sequence[bool], out: list[Result[Any]]) -> None:

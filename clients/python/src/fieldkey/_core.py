@@ -109,6 +109,34 @@ class Rewrapped:
 
 
 @dataclass(frozen=True, slots=True)
+class Decrypted(Generic[T]):
+    """A value decrypted with ``repair=True`` (read repair, docs/ROTATION.md).
+
+    ``value``: the plaintext (``bytes``, or ``str`` from the text forms).
+    ``key_version``: the tenant key version that had encrypted it.
+    ``stale``: it is under a version older than the tenant's active one (due for
+    re-encryption).
+    ``repaired``: when stale, the same value re-encrypted under the active version,
+    bound to the same tenant, subject, field and context, in the input's form (``fk1:``
+    ``str`` for a ``str`` input, else ``bytes``): store it in place of the value read,
+    but only where the stored value is still the one read (compare-and-set; the Django
+    integration writes it on the instance's next save). ``None`` when the value is
+    current, or when the sidecar could not repair it (the value is still returned and
+    ``stale`` stays True: a re-encryption job will move it).
+    ``repaired_key_version``: the version ``repaired`` is under (0: none).
+
+    Repair needs the ``Crypto::Rewrap`` permission besides ``Crypto::Decrypt`` on the
+    field: without it the sidecar refuses the call (``PermissionDenied``) whether or
+    not the value is stale."""
+
+    value: T
+    key_version: int
+    stale: bool
+    repaired: bytes | str | None = None
+    repaired_key_version: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class BlindIndexItem:
     """One value to index in a batch (blind indexes are tenant-scoped: no subject)."""
 
@@ -366,6 +394,7 @@ def decrypt_request(
     context: Context,
     require: bool,
     item: int | None = None,
+    repair: bool = False,
 ) -> Any:
     if require:
         check_context("Decrypt", tenant, field, context, item)
@@ -375,6 +404,7 @@ def decrypt_request(
         field=_id("field", field),
         context=context_bytes(context),
         ciphertext=_bytes("ciphertext", ciphertext),
+        repair=bool(repair),
     )
 
 
@@ -431,10 +461,10 @@ def encrypt_requests(items: Iterable[EncryptItem], text: bool, require: bool) ->
     ]
 
 
-def decrypt_requests(items: Iterable[DecryptItem], require: bool) -> list[Any]:
+def decrypt_requests(items: Iterable[DecryptItem], require: bool, repair: bool = False) -> list[Any]:
     """Every item's request (all checked before the caller sends any)."""
     return [
-        decrypt_request(it.tenant, it.field, it.ciphertext, it.subject, it.context, require, i)
+        decrypt_request(it.tenant, it.field, it.ciphertext, it.subject, it.context, require, i, repair)
         for i, it in enumerate(_item(items, DecryptItem))
     ]
 
@@ -505,9 +535,43 @@ def decode_text(plaintext: bytes) -> str:
         raise DecodeError("the decrypted value is not valid UTF-8 text (decrypt it as bytes)") from None
 
 
-def decrypt_results(resp: Any, as_text: bool, out: list[Result[Any]]) -> None:
+def repaired_form(ct: bytes, text: bool) -> bytes | str | None:
+    """A repaired ciphertext from the sidecar in the input's form (None: none)."""
+    if not ct:
+        return None
+    return ct.decode("ascii") if text else bytes(ct)
+
+
+def decrypted(resp: Any, value: Any, text_input: bool) -> Decrypted[Any]:
+    """A DecryptResponse of a call with repair, ``value`` its (converted) plaintext."""
+    return Decrypted(
+        value,
+        resp.key_version,
+        bool(resp.stale),
+        repaired_form(resp.repaired_ciphertext, text_input),
+        resp.repaired_key_version,
+    )
+
+
+def decrypt_results(
+    resp: Any, as_text: bool, out: list[Result[Any]], texts: Sequence[bool] | None = None
+) -> None:
+    """``texts`` (a call with repair): for each item of the whole call, whether its
+    input was ``str``; the values are then :class:`Decrypted`."""
     for r in resp.results:
-        if r.WhichOneof("result") == "ok":
+        if r.WhichOneof("result") == "ok" and texts is not None:
+            text = texts[len(out)]
+            pt = r.ok.plaintext
+            if as_text:
+                try:
+                    out.append(Result(decrypted(r.ok, pt.decode("utf-8"), text), None, r.ok.key_version))
+                except UnicodeDecodeError:
+                    out.append(
+                        Result(None, DecodeError("the decrypted value is not valid UTF-8 text"), r.ok.key_version)
+                    )
+            else:
+                out.append(Result(decrypted(r.ok, pt, text), None, r.ok.key_version))
+        elif r.WhichOneof("result") == "ok":
             pt = r.ok.plaintext
             if as_text:
                 try:

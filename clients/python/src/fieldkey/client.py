@@ -17,6 +17,7 @@ from ._core import (
     BlindIndex,
     BlindIndexItem,
     Context,
+    Decrypted,
     DecryptItem,
     EncryptItem,
     PseudonymizeItem,
@@ -221,6 +222,42 @@ class Client:
         req = c.encrypt_request(tenant, field, value, subject, context, True, self.require_context)
         return str(self._call(self.crypto.Encrypt, req, timeout).ciphertext.decode("ascii"))
 
+    @overload
+    def decrypt(
+        self,
+        tenant: str,
+        field: str,
+        ciphertext: str | bytes,
+        *,
+        subject: str | None = ...,
+        context: Context = ...,
+        repair: Literal[False] = ...,
+        timeout: float | None = ...,
+    ) -> bytes: ...
+    @overload
+    def decrypt(
+        self,
+        tenant: str,
+        field: str,
+        ciphertext: str | bytes,
+        *,
+        subject: str | None = ...,
+        context: Context = ...,
+        repair: Literal[True],
+        timeout: float | None = ...,
+    ) -> Decrypted[bytes]: ...
+    @overload
+    def decrypt(
+        self,
+        tenant: str,
+        field: str,
+        ciphertext: str | bytes,
+        *,
+        subject: str | None = ...,
+        context: Context = ...,
+        repair: bool,
+        timeout: float | None = ...,
+    ) -> bytes | Decrypted[bytes]: ...
     def decrypt(
         self,
         tenant: str,
@@ -229,13 +266,59 @@ class Client:
         *,
         subject: str | None = None,
         context: Context = None,
+        repair: bool = False,
         timeout: float | None = None,
-    ) -> bytes:
+    ) -> bytes | Decrypted[bytes]:
         """Decrypt an envelope (binary or ``fk1:`` text) to bytes. Tenant, subject, field
-        and context must be those it was encrypted with (else AuthenticationFailed)."""
-        req = c.decrypt_request(tenant, field, ciphertext, subject, context, self.require_context)
-        return bytes(self._call(self.crypto.Decrypt, req, timeout).plaintext)
+        and context must be those it was encrypted with (else AuthenticationFailed).
 
+        ``repair=True`` (read repair, docs/ROTATION.md): returns a :class:`Decrypted`
+        that says whether the value is stale (under a decrypt-only key version) and,
+        if so, carries it re-encrypted under the active version in ``repaired`` (in the
+        input's form) for you to store in place of the value read. Needs the
+        ``Crypto::Rewrap`` permission too (else PermissionDenied, for every call)."""
+        req = c.decrypt_request(tenant, field, ciphertext, subject, context, self.require_context, None, repair)
+        resp = self._call(self.crypto.Decrypt, req, timeout)
+        if not repair:
+            return bytes(resp.plaintext)
+        return c.decrypted(resp, bytes(resp.plaintext), isinstance(ciphertext, str))
+
+    @overload
+    def decrypt_text(
+        self,
+        tenant: str,
+        field: str,
+        ciphertext: str | bytes,
+        *,
+        subject: str | None = ...,
+        context: Context = ...,
+        repair: Literal[False] = ...,
+        timeout: float | None = ...,
+    ) -> str: ...
+    @overload
+    def decrypt_text(
+        self,
+        tenant: str,
+        field: str,
+        ciphertext: str | bytes,
+        *,
+        subject: str | None = ...,
+        context: Context = ...,
+        repair: Literal[True],
+        timeout: float | None = ...,
+    ) -> Decrypted[str]: ...
+    @overload
+    def decrypt_text(
+        self,
+        tenant: str,
+        field: str,
+        ciphertext: str | bytes,
+        *,
+        subject: str | None = ...,
+        context: Context = ...,
+        repair: bool,
+        timeout: float | None = ...,
+    ) -> str | Decrypted[str]: ...
     def decrypt_text(
         self,
         tenant: str,
@@ -244,12 +327,17 @@ class Client:
         *,
         subject: str | None = None,
         context: Context = None,
+        repair: bool = False,
         timeout: float | None = None,
-    ) -> str:
-        """Decrypt to ``str`` (UTF-8; DecodeError if it is not)."""
-        return c.decode_text(
-            self.decrypt(tenant, field, ciphertext, subject=subject, context=context, timeout=timeout)
-        )
+    ) -> str | Decrypted[str]:
+        """Decrypt to ``str`` (UTF-8; DecodeError if it is not); ``repair`` as for
+        :meth:`decrypt` (a :class:`Decrypted` whose ``value`` is the ``str``)."""
+        if not repair:
+            return c.decode_text(
+                self.decrypt(tenant, field, ciphertext, subject=subject, context=context, timeout=timeout)
+            )
+        d = self.decrypt(tenant, field, ciphertext, subject=subject, context=context, repair=True, timeout=timeout)
+        return Decrypted(c.decode_text(d.value), d.key_version, d.stale, d.repaired, d.repaired_key_version)
 
     @overload
     def encrypt_batch(
@@ -274,23 +362,70 @@ class Client:
 
     @overload
     def decrypt_batch(
-        self, items: Iterable[DecryptItem], *, as_text: Literal[False] = ..., timeout: float | None = ...
+        self,
+        items: Iterable[DecryptItem],
+        *,
+        as_text: Literal[False] = ...,
+        repair: Literal[False] = ...,
+        timeout: float | None = ...,
     ) -> list[Result[bytes]]: ...
     @overload
     def decrypt_batch(
-        self, items: Iterable[DecryptItem], *, as_text: Literal[True], timeout: float | None = ...
+        self,
+        items: Iterable[DecryptItem],
+        *,
+        as_text: Literal[True],
+        repair: Literal[False] = ...,
+        timeout: float | None = ...,
     ) -> list[Result[str]]: ...
+    @overload
     def decrypt_batch(
-        self, items: Iterable[DecryptItem], *, as_text: bool = False, timeout: float | None = None
+        self,
+        items: Iterable[DecryptItem],
+        *,
+        as_text: Literal[False] = ...,
+        repair: Literal[True],
+        timeout: float | None = ...,
+    ) -> list[Result[Decrypted[bytes]]]: ...
+    @overload
+    def decrypt_batch(
+        self,
+        items: Iterable[DecryptItem],
+        *,
+        as_text: Literal[True],
+        repair: Literal[True],
+        timeout: float | None = ...,
+    ) -> list[Result[Decrypted[str]]]: ...
+    @overload
+    def decrypt_batch(
+        self,
+        items: Iterable[DecryptItem],
+        *,
+        as_text: bool = ...,
+        repair: bool = ...,
+        timeout: float | None = ...,
+    ) -> list[Result[Any]]: ...
+    def decrypt_batch(
+        self,
+        items: Iterable[DecryptItem],
+        *,
+        as_text: bool = False,
+        repair: bool = False,
+        timeout: float | None = None,
     ) -> list[Result[Any]]:
         """Decrypt many envelopes. One :class:`Result` per item, in order: a wrong,
         altered or shredded item has its exception in ``error`` and the others their
-        plaintext. ``as_text=True`` decodes UTF-8 (a non-UTF-8 item gets DecodeError)."""
+        plaintext. ``as_text=True`` decodes UTF-8 (a non-UTF-8 item gets DecodeError).
+        ``repair=True``: read repair for every item, as :meth:`decrypt` (the values are
+        :class:`Decrypted`; each ``repaired`` in its item's input form)."""
+        todo = list(items)
+        reqs = c.decrypt_requests(todo, self.require_context, repair)
+        texts = [isinstance(it.ciphertext, str) for it in todo] if repair else None
         return self._batch(
             self.crypto.DecryptBatch,
             lambda ch: pb.DecryptBatchRequest(items=ch),
-            c.decrypt_requests(items, self.require_context),
-            lambda r, out: c.decrypt_results(r, as_text, out),
+            reqs,
+            lambda r, out: c.decrypt_results(r, as_text, out, texts),
             timeout,
         )
 
@@ -388,6 +523,7 @@ class Client:
         subjects: Subjects = ...,
         contexts: Contexts = ...,
         as_text: Literal[False] = ...,
+        repair: Literal[False] = ...,
         timeout: float | None = ...,
     ) -> list[Result[bytes]]: ...
     @overload
@@ -401,8 +537,51 @@ class Client:
         subjects: Subjects = ...,
         contexts: Contexts = ...,
         as_text: Literal[True],
+        repair: Literal[False] = ...,
         timeout: float | None = ...,
     ) -> list[Result[str]]: ...
+    @overload
+    def decrypt_column(
+        self,
+        tenant: str,
+        field: str,
+        ciphertexts: Sequence[str | bytes],
+        *,
+        subject: str | None = ...,
+        subjects: Subjects = ...,
+        contexts: Contexts = ...,
+        as_text: Literal[False] = ...,
+        repair: Literal[True],
+        timeout: float | None = ...,
+    ) -> list[Result[Decrypted[bytes]]]: ...
+    @overload
+    def decrypt_column(
+        self,
+        tenant: str,
+        field: str,
+        ciphertexts: Sequence[str | bytes],
+        *,
+        subject: str | None = ...,
+        subjects: Subjects = ...,
+        contexts: Contexts = ...,
+        as_text: Literal[True],
+        repair: Literal[True],
+        timeout: float | None = ...,
+    ) -> list[Result[Decrypted[str]]]: ...
+    @overload
+    def decrypt_column(
+        self,
+        tenant: str,
+        field: str,
+        ciphertexts: Sequence[str | bytes],
+        *,
+        subject: str | None = ...,
+        subjects: Subjects = ...,
+        contexts: Contexts = ...,
+        as_text: bool = ...,
+        repair: bool = ...,
+        timeout: float | None = ...,
+    ) -> list[Result[Any]]: ...
     def decrypt_column(
         self,
         tenant: str,
@@ -413,20 +592,23 @@ class Client:
         subjects: Subjects = None,
         contexts: Contexts = None,
         as_text: bool = False,
+        repair: bool = False,
         timeout: float | None = None,
     ) -> list[Result[Any]]:
         """Decrypt a column of envelopes (binary or ``fk1:`` text) of one tenant and
         field (DecryptColumn); scope as :meth:`encrypt_column`. One :class:`Result` per
         value, in order, as :meth:`decrypt_batch` returns. The sidecar authorizes the
-        column once and counts all its values against the decrypt rate at once."""
-        col = cc.prepare(
-            "Decrypt", tenant, field, ciphertexts, subject, subjects, contexts, self.require_context, "ciphertext"
-        )
+        column once and counts all its values against the decrypt rate at once.
+        ``repair=True``: read repair for every value, as :meth:`decrypt` (the values are
+        :class:`Decrypted`); the column is refused whole without ``Crypto::Rewrap``."""
+        cts = cc.sequence("ciphertexts", ciphertexts)
+        col = cc.prepare("Decrypt", tenant, field, cts, subject, subjects, contexts, self.require_context, "ciphertext")
+        texts = [isinstance(x, str) for x in cts] if repair else None
         return self._column(
             self.crypto.DecryptColumn,
             col,
-            lambda s, e: cc.decrypt_request(col, s, e),
-            lambda r, s, e, out: cc.decrypt_results(r, e - s, as_text, out),
+            lambda s, e: cc.decrypt_request(col, s, e, repair),
+            lambda r, s, e, out: cc.decrypt_results(r, e - s, as_text, out, None if texts is None else texts[s:e]),
             timeout,
         )
 

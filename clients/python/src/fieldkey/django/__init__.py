@@ -21,7 +21,7 @@ and read docs/CLIENTS.md.
 
 from __future__ import annotations
 
-from ._crypto import MissingScope, decrypt_instances
+from ._crypto import MissingScope, decrypt_instances, save_repairs
 from .backfill import encrypt_column
 from .conf import get_client, reset_client
 from .fields import BlindIndexField, Ciphertext, EncryptedCharField, EncryptedTextField, PlaintextRefused
@@ -42,4 +42,5 @@ __all__ = [
     "encrypt_column",
     "get_client",
     "reset_client",
+    "save_repairs",
 ]

@@ -85,8 +85,9 @@ def encrypt(client: Any, values: Sequence[Value]) -> list[Result[str]]:
     )
 
 
-def decrypt(client: Any, values: Sequence[Value]) -> list[Result[str]]:
-    """Plaintexts (``str``) of the envelopes in ``values`` (DecryptColumn per large group)."""
+def decrypt(client: Any, values: Sequence[Value], *, repair: bool = False) -> list[Result[Any]]:
+    """Plaintexts (``str``) of the envelopes in ``values`` (DecryptColumn per large
+    group); with ``repair``, :class:`~fieldkey.Decrypted` of ``str`` (read repair)."""
     return _grouped(
         client,
         [(v[0], v[1]) for v in values],
@@ -97,8 +98,9 @@ def decrypt(client: Any, values: Sequence[Value]) -> list[Result[str]]:
             subjects=[values[i][3] for i in idx],
             contexts=[values[i][4] for i in idx],
             as_text=True,
+            repair=repair,
         ),
-        lambda idx: client.decrypt_batch([DecryptItem(*values[i]) for i in idx], as_text=True),
+        lambda idx: client.decrypt_batch([DecryptItem(*values[i]) for i in idx], as_text=True, repair=repair),
     )
 
 

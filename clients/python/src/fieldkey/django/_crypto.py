@@ -8,10 +8,10 @@ from typing import Any
 from .._core import UNBOUND, Unbound
 from ..errors import FieldkeyError
 from . import _columns
-from .conf import get_client
+from .conf import get_client, read_repair
 from .fields import Ciphertext, _EncryptedMixin, _Failed, _Pending, encrypted_fields, index_fields
 
-__all__ = ["MissingScope", "decrypt_instances", "scope_of", "seal_instances"]
+__all__ = ["MissingScope", "decrypt_instances", "save_repairs", "scope_of", "seal_instances"]
 
 _MISSING = object()
 #: (tenant, subject or None, context): the pk's text, or UNBOUND for a bind_pk=False field.
@@ -94,6 +94,16 @@ def _loaded(instance: Any) -> dict[str, tuple[str, str, Scope]]:
     return d
 
 
+def _repaired(instance: Any) -> dict[str, tuple[str, str]]:
+    """Read repair's findings (``READ_REPAIR``): for a field loaded stale, (the
+    ciphertext loaded, the same value re-encrypted under the active version)."""
+    d: dict[str, tuple[str, str]] | None = instance.__dict__.get("_fieldkey_repaired")
+    if d is None:
+        d = {}
+        instance.__dict__["_fieldkey_repaired"] = d
+    return d
+
+
 def _wanted(field: Any, wanted: set[str] | None) -> bool:
     return wanted is None or field.name in wanted or field.attname in wanted
 
@@ -105,8 +115,9 @@ def seal_instances(
     many values and one EncryptBatch for the rest (blind indexes likewise, see
     :mod:`._columns`); the results wait in ``_fieldkey_sealed`` for the
     fields' ``pre_save``. Unchanged values (same plaintext and scope as loaded) keep
-    their stored ciphertext; untouched ones (never decrypted) are written back as they
-    are. With ``placeholder_pk``, pk-bound values of instances without a primary key
+    their stored ciphertext, or, when it was loaded stale with read repair, are written
+    as the repaired ciphertext the load returned (no sidecar call); untouched ones
+    (never decrypted) are written back as they are. With ``placeholder_pk``, pk-bound values of instances without a primary key
     are sealed as ``""`` and those instances returned: seal them again once the INSERT
     gave them a key. Raises the first failed item's exception (nothing is written)."""
     wanted = None if fields is None else set(fields)
@@ -152,7 +163,14 @@ def seal_instances(
             scope = scope_of(inst, f)
             prev = _loaded(inst).get(name)
             if prev is not None and prev[1] == v and prev[2] == scope:
-                sealed[name] = Ciphertext(prev[0])
+                fixed = _repaired(inst).get(name)
+                if fixed is not None and fixed[0] == prev[0]:
+                    # Read repair: the value as loaded, re-encrypted under the active
+                    # version at load time (same tenant, subject, field and pk).
+                    sealed[name] = Ciphertext(fixed[1])
+                    data["_fieldkey_sealing"][name] = (fixed[1], v, scope)
+                else:
+                    sealed[name] = Ciphertext(prev[0])
                 continue
             enc_todo.append((inst, f, v, scope))
             changed.add(name)
@@ -232,7 +250,8 @@ def decrypt_instances(instances: Iterable[Any]) -> int:
     """Decrypt every pending encrypted value of the instances (and of their
     select_related instances): one DecryptColumn per (tenant, field) of many values, one
     DecryptBatch for the rest (see :mod:`._columns`; split into requests by the client's
-    batch limits). A value that fails (shredded, suspended, altered, moved) stores its
+    batch limits); with ``FIELDKEY["READ_REPAIR"]``, a stale value's repaired
+    ciphertext is kept for the next save. A value that fails (shredded, suspended, altered, moved) stores its
     exception, raised when the attribute is read: the other rows load normally.
     Returns the number of values decrypted."""
     todo: list[tuple[Any, _EncryptedMixin, str, Scope]] = []
@@ -249,12 +268,57 @@ def decrypt_instances(instances: Iterable[Any]) -> int:
             todo.append((inst, f, v.ciphertext, scope))
     if not todo:
         return 0
-    results = _columns.decrypt(get_client(), [(s[0], f.fieldkey_name, ct, s[1], s[2]) for (_, f, ct, s) in todo])
+    repair = read_repair()
+    values = [(s[0], f.fieldkey_name, ct, s[1], s[2]) for (_, f, ct, s) in todo]
+    results = _columns.decrypt(get_client(), values, repair=repair)
     for (inst, f, ct, s), r in zip(todo, results):
+        name = f.attname  # type: ignore[attr-defined]
         if r.error is None:
             pt = r.unwrap()
-            inst.__dict__[f.attname] = pt  # type: ignore[attr-defined]
-            _loaded(inst)[f.attname] = (ct, pt, s)  # type: ignore[attr-defined]
+            if repair:
+                if pt.repaired is not None:
+                    _repaired(inst)[name] = (ct, pt.repaired)
+                pt = pt.value
+            inst.__dict__[name] = pt
+            _loaded(inst)[name] = (ct, pt, s)
         else:
-            inst.__dict__[f.attname] = _Failed(ct, r.error)  # type: ignore[attr-defined]
+            inst.__dict__[name] = _Failed(ct, r.error)
     return len(todo)
+
+
+def save_repairs(instances: Iterable[Any], *, using: str | None = None) -> int:
+    """Write back the repaired ciphertexts that loading with ``FIELDKEY["READ_REPAIR"]``
+    obtained, for instances that will not be saved (a page that is only read): one
+    ``UPDATE`` per stale value, which changes the column only where it still holds the
+    ciphertext that was loaded (compare-and-set: a row written by anyone since is left
+    as it is, and its value stays for a re-encryption job). No sidecar call. Returns the
+    number of values written; each written value counts as loaded (a later ``save()``
+    keeps it)."""
+    from django.db import connections, router
+
+    written = 0
+    for inst in instances:
+        fixed = inst.__dict__.get("_fieldkey_repaired") or {}
+        if not fixed:
+            continue
+        model = type(inst)
+        loaded = _loaded(inst)
+        db = using or router.db_for_write(model, instance=inst)
+        conn = connections[db]
+        q = conn.ops.quote_name
+        for f in encrypted_fields(model):
+            name = f.attname  # type: ignore[attr-defined]
+            pair = fixed.get(name)
+            prev = loaded.get(name)
+            if pair is None or prev is None or prev[0] != pair[0]:
+                continue
+            sql = "UPDATE {} SET {} = %s WHERE {} = %s AND {} = %s".format(  # noqa: S608 - quoted names
+                q(model._meta.db_table), q(f.column), q(model._meta.pk.column), q(f.column)  # type: ignore[attr-defined]
+            )
+            with conn.cursor() as cur:
+                cur.execute(sql, [pair[1], model._meta.pk.get_db_prep_value(inst.pk, conn), pair[0]])
+                n = cur.rowcount
+            if n == 1:
+                loaded[name] = (pair[1], prev[1], prev[2])
+                written += 1
+    return written

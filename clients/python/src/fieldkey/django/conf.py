@@ -14,6 +14,7 @@
         "MAX_BATCH_BYTES": 4194304,
         "INTERCEPTORS": [],                  # grpc client interceptors, or dotted paths to them
         "COLUMN_MIN_VALUES": 32,             # see below
+        "READ_REPAIR": False,                # see below
     }
 
 ``COLUMN_MIN_VALUES``: the values of one (tenant, field) in a page, a save or a
@@ -21,6 +22,14 @@ backfill batch go as one columnar call (DecryptColumn, EncryptColumn,
 BlindIndexColumn) when there are at least this many (default 32), else with the other
 small groups in one item batch (one round trip for them all); ``1``: always columns;
 ``None``: item batches only.
+
+``READ_REPAIR`` (default False): decrypt loaded rows with read repair
+(docs/ROTATION.md): a value under a decrypt-only key version comes back re-encrypted
+under the active version too, and the instance's next ``save()`` (or ``bulk_update``
+of the field) writes that ciphertext if the value was not changed, with no sidecar call
+at save time. The sidecar's policies must allow the application ``Crypto::Rewrap`` on
+the fields as well as ``Crypto::Decrypt`` (else every load fails with
+PermissionDenied); off by default for that reason.
 
 Every key is optional. The client is made on first use and remade when the setting
 changes (``override_settings`` in tests). It requires a context (``require_context``
@@ -53,6 +62,7 @@ _KEYS = {
     "INTERCEPTORS",
     "METADATA",
     "COLUMN_MIN_VALUES",
+    "READ_REPAIR",
 }
 
 #: The default of FIELDKEY["COLUMN_MIN_VALUES"].
@@ -111,6 +121,14 @@ def column_min_values() -> int | None:
         return None
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise ImproperlyConfigured("settings.FIELDKEY['COLUMN_MIN_VALUES'] must be a positive int or None")
+    return v
+
+
+def read_repair() -> bool:
+    """FIELDKEY["READ_REPAIR"]: decrypt loaded rows with read repair."""
+    v = _settings().get("READ_REPAIR", False)
+    if not isinstance(v, bool):
+        raise ImproperlyConfigured("settings.FIELDKEY['READ_REPAIR'] must be True or False")
     return v
 
 
