@@ -1,8 +1,9 @@
 //! Key Management Service backends: wrap and unwrap 256-bit keys.
 //!
-//! Owns: the [`Kms`] trait and its two implementations, [`local::LocalKms`] (a root key
-//! in a passphrase-protected file, for development) and [`aws::AwsKms`] (AWS KMS through
-//! aws-sdk-kms). Must not: store anything, cache anything (the keyring's cache does), or
+//! Owns: the [`Kms`] trait and its implementations, [`local::LocalKms`] (a root key in a
+//! passphrase-protected file, for development), [`aws::AwsKms`] (AWS KMS through
+//! aws-sdk-kms) and [`pkcs11::Pkcs11Kms`] (AES keys on a PKCS#11 token, an HSM, through
+//! cryptoki). Must not: store anything, cache anything (the keyring's cache does), or
 //! log key material. Every call binds an [`EncryptionContext`] so a wrapped key cannot
 //! be unwrapped as another tenant's or another version's key.
 
@@ -10,6 +11,7 @@ pub mod aws;
 pub mod dual;
 pub mod guarded;
 pub mod local;
+pub mod pkcs11;
 
 use std::collections::BTreeMap;
 

@@ -1,7 +1,7 @@
 //! Shared test fixtures: real SQLite files, real PostgreSQL databases, the local KMS,
-//! moto_server, the sidecar itself ([`sidecar`]) and a TCP proxy that cuts or black-holes
-//! the path to a real server ([`proxy`]). Nothing here mocks a component that can run
-//! for real.
+//! moto_server, a SoftHSM2 token per test ([`softhsm`]), the sidecar itself
+//! ([`sidecar`]) and a TCP proxy that cuts or black-holes the path to a real server
+//! ([`proxy`]). Nothing here mocks a component that can run for real.
 #![allow(
     dead_code,
     reason = "each test crate compiles all of common and uses only some of it, so an unused item in one crate is not dead"
@@ -19,6 +19,7 @@ pub mod kms_rules;
 pub mod pki;
 pub mod proxy;
 pub mod sidecar;
+pub mod softhsm;
 
 use std::path::PathBuf;
 use std::sync::Arc;
