@@ -183,6 +183,12 @@ fi
 [ -n "$SOFTHSM_MODULE" ] || { log "FAIL: libsofthsm2.so not found after installing softhsm2"; exit 1; }
 export FIELDKEY_TEST_PKCS11_MODULE="$SOFTHSM_MODULE"
 export FIELDKEY_TEST_SOFTHSM2_UTIL="$(command -v softhsm2-util)"
+# SoftHSM2 reads SOFTHSM2_CONF once per process: a private token directory for this run
+# (the tests make and delete their own tokens in it; removed with $WORK).
+mkdir -p "$WORK/softhsm/tokens"
+printf 'directories.tokendir = %s\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n' \
+    "$WORK/softhsm/tokens" >"$WORK/softhsm/softhsm2.conf"
+export SOFTHSM2_CONF="$WORK/softhsm/softhsm2.conf"
 log "SoftHSM2: $FIELDKEY_TEST_PKCS11_MODULE ($(softhsm2-util --version))"
 
 # ---------------------------------------------------------------- tests

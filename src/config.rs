@@ -348,6 +348,8 @@ pub struct KmsConfig {
     /// (the default): tenants use the default key only. A caller could otherwise put a
     /// tenant on an unrelated key, whose deletion `ShredTenant` would then schedule.
     pub tenant_keys: Vec<String>,
+    /// PKCS#11 (`[kms.pkcs11]`): the module, token, default key and PIN source.
+    pub pkcs11: Option<crate::kms::pkcs11::Pkcs11Settings>,
     /// A second KMS for disaster recovery (`[kms.dr]`): every key is also wrapped
     /// under it, and a cache miss goes to it when this one is unavailable.
     pub dr: Option<DrKmsConfig>,
@@ -379,11 +381,28 @@ pub struct DrKmsConfig {
     /// AWS: endpoint override.
     #[serde(default)]
     pub aws_endpoint_url: Option<String>,
+    /// PKCS#11: the secondary token (`[kms.dr.pkcs11]`).
+    #[serde(default)]
+    pub pkcs11: Option<crate::kms::pkcs11::Pkcs11Settings>,
     /// The secondary counterparts of tenants' own primary keys (primary key id as the
     /// tenant names it -> secondary key id). A tenant key with none is wrapped under
     /// the primary only, and the compliance report says so.
     #[serde(default)]
     pub key_map: std::collections::BTreeMap<String, String>,
+}
+
+impl DrKmsConfig {
+    /// A disaster-recovery KMS of `provider` with nothing else set.
+    pub fn new(provider: KmsProvider) -> Self {
+        Self {
+            provider,
+            aws_key_id: None,
+            aws_region: None,
+            aws_endpoint_url: None,
+            pkcs11: None,
+            key_map: std::collections::BTreeMap::new(),
+        }
+    }
 }
 
 /// Why the configuration is unusable.
@@ -535,6 +554,17 @@ impl Config {
                 "kms.provider is aws but kms.aws_key_id is not set".into(),
             ));
         }
+        if primary == KmsProvider::Pkcs11 && k.pkcs11.is_none() {
+            return Err(ConfigError::Invalid(
+                "kms.provider is pkcs11 but [kms.pkcs11] is not set".into(),
+            ));
+        }
+        if k.pkcs11.is_some() && primary != KmsProvider::Pkcs11 {
+            return Err(ConfigError::Invalid(format!(
+                "[kms.pkcs11] is set but kms.provider is {}",
+                primary.name()
+            )));
+        }
         let mut sides = vec![primary];
         if let Some(dr) = &k.dr {
             match dr.provider {
@@ -546,6 +576,11 @@ impl Config {
                 KmsProvider::Aws if dr.aws_key_id.is_none() => {
                     return Err(ConfigError::Invalid(
                         "kms.dr.provider is aws but kms.dr.aws_key_id is not set".into(),
+                    ));
+                }
+                KmsProvider::Pkcs11 if dr.pkcs11.is_none() => {
+                    return Err(ConfigError::Invalid(
+                        "kms.dr.provider is pkcs11 but [kms.dr.pkcs11] is not set".into(),
                     ));
                 }
                 _ => {}

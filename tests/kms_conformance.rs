@@ -112,6 +112,20 @@ async fn aws() -> Result<Provider> {
     })
 }
 
+async fn pkcs11() -> Result<Provider> {
+    use common::softhsm::{KeySpec, SoftHsm};
+    let hsm = tokio::task::spawn_blocking(SoftHsm::init).await?;
+    let other_key = "fieldkey-conformance-other".to_owned();
+    hsm.create_key(&other_key, KeySpec::default());
+    let kms = hsm.kms().await;
+    Ok(Provider {
+        kms: Arc::new(kms),
+        min_window_days: 0,
+        other_key,
+        _keep: Box::new(hsm),
+    })
+}
+
 // ------------------------------------------------------------------------ the suite
 
 /// A data key opens under its own key and context, and an existing key wraps and
@@ -496,3 +510,4 @@ macro_rules! conformance {
 
 conformance!(local);
 conformance!(aws);
+conformance!(pkcs11);

@@ -187,11 +187,9 @@ async fn the_report_shows_which_tenants_have_a_second_wrapping() -> Result<()> {
     cfg.kms.provider = Some(KmsProvider::Aws);
     cfg.kms.aws_key_id = Some(env.primary.default_key_id().to_owned());
     cfg.kms.dr = Some(DrKmsConfig {
-        provider: KmsProvider::Aws,
         aws_key_id: Some("secondary".into()),
         aws_region: Some(SECONDARY_REGION.into()),
-        aws_endpoint_url: None,
-        key_map: Default::default(),
+        ..DrKmsConfig::new(KmsProvider::Aws)
     });
     let r = report::build(
         &*store,

@@ -13,6 +13,7 @@ use crate::config::{Config, DrKmsConfig, KmsProvider};
 use crate::kms::Kms;
 use crate::kms::aws::{AwsKms, AwsKmsConfig};
 use crate::kms::local::{KdfParams, LocalKms};
+use crate::kms::pkcs11::Pkcs11Kms;
 
 /// The KMS the sidecar uses: the primary (and its DR pair), metered and guarded.
 pub(super) async fn build_kms(
@@ -38,7 +39,14 @@ pub(super) async fn build_kms(
             // backup of the data directory must not bring a deleted epoch key back.
             .with_keys_dir(&cfg.local_keys_dir())?,
         ),
-        p @ (KmsProvider::Openbao | KmsProvider::Pkcs11) => {
+        KmsProvider::Pkcs11 => {
+            let s = k
+                .pkcs11
+                .as_ref()
+                .context("kms.provider is pkcs11 but [kms.pkcs11] is not set")?;
+            Arc::new(Pkcs11Kms::open(s).await?)
+        }
+        p @ KmsProvider::Openbao => {
             anyhow::bail!("kms.provider {} is not configured", p.name())
         }
     };
@@ -68,6 +76,13 @@ async fn secondary(dr: &DrKmsConfig) -> anyhow::Result<Arc<dyn Kms>> {
                 .clone()
                 .context("kms.dr.provider is aws but kms.dr.aws_key_id is not set")?;
             aws(key, dr.aws_region.clone(), dr.aws_endpoint_url.clone()).await
+        }
+        KmsProvider::Pkcs11 => {
+            let s = dr
+                .pkcs11
+                .as_ref()
+                .context("kms.dr.provider is pkcs11 but [kms.dr.pkcs11] is not set")?;
+            Ok(Arc::new(Pkcs11Kms::open(s).await?))
         }
         p => anyhow::bail!("kms.dr.provider {} is not configured", p.name()),
     }
