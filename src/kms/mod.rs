@@ -1,14 +1,16 @@
 //! Key Management Service backends: wrap and unwrap 256-bit keys.
 //!
-//! Owns: the [`Kms`] trait and its two implementations, [`local::LocalKms`] (a root key
-//! in a passphrase-protected file, for development) and [`aws::AwsKms`] (AWS KMS through
-//! aws-sdk-kms). Must not: store anything, cache anything (the keyring's cache does), or
+//! Owns: the [`Kms`] trait and its implementations, [`local::LocalKms`] (a root key
+//! in a passphrase-protected file, for development), [`aws::AwsKms`] (AWS KMS through
+//! aws-sdk-kms) and [`openbao::OpenBaoKms`] (the Transit engine of OpenBao or HashiCorp
+//! Vault, over its HTTP API). Must not: store anything, cache anything (the keyring's cache does), or
 //! log key material. Every call binds an [`EncryptionContext`] so a wrapped key cannot
 //! be unwrapped as another tenant's or another version's key.
 
 pub mod aws;
 pub mod guarded;
 pub mod local;
+pub mod openbao;
 
 use std::collections::BTreeMap;
 
