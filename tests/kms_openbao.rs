@@ -600,7 +600,9 @@ async fn deletion_refuses_at_once_is_idempotent_cancellable_and_final() {
 #[tokio::test]
 async fn keys_past_their_window_are_deleted_by_whoever_looks_first() {
     let bao = BaoServer::start().await;
-    let kms = connect(&bao.approle("sidecar", SIDECAR_POLICY, None).await.unwrap()).await;
+    // Under the least-privilege policy throughout: its KV rights must cover the sweep.
+    let sidecar = bao.approle("sidecar", SIDECAR_POLICY, None).await.unwrap();
+    let kms = connect(&sidecar).await;
     let c = ctx("t1", 1);
     let mut keys = Vec::new();
     for _ in 0..4 {
@@ -630,7 +632,7 @@ async fn keys_past_their_window_are_deleted_by_whoever_looks_first() {
     ));
     // A provider that connects sweeps the rest.
     assert!(bao.key(&keys[3].0).await.unwrap().is_some());
-    let _fresh = connect(&bao.settings()).await;
+    let _fresh = connect(&sidecar).await;
     assert!(bao.key(&keys[3].0).await.unwrap().is_none());
     for (id, _) in &keys {
         assert!(record(&bao, id).await.is_null(), "record of {id} left");
@@ -648,7 +650,7 @@ async fn keys_past_their_window_are_deleted_by_whoever_looks_first() {
     )
     .await
     .unwrap();
-    let _fresh = connect(&bao.settings()).await;
+    let _fresh = connect(&sidecar).await;
     assert!(bao.key(&live).await.unwrap().is_some());
     assert!(record(&bao, &live).await.is_null());
     assert_eq!(kms.key_status(&live).await.unwrap(), KeyStatus::Enabled);
@@ -947,4 +949,84 @@ async fn kubernetes_login_with_the_service_account_token() {
         OpenBaoKms::connect(&bad).await,
         Err(KmsError::Misconfigured(_))
     ));
+}
+
+/// A `MakeWriter` that appends every log line to a shared buffer.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+#[tokio::test]
+async fn the_logs_show_no_token_secret_id_or_key() {
+    let logs = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(logs.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let bao = BaoServer::start().await;
+    let s = bao
+        .approle("sidecar", SIDECAR_POLICY, Some("2s"))
+        .await
+        .unwrap();
+    let OpenBaoAuth::AppRole { secret_id_file, .. } = &s.auth else {
+        panic!()
+    };
+    let secret_id = std::fs::read_to_string(secret_id_file).unwrap();
+    let kms = connect(&s).await;
+    let c = ctx("t1", 1);
+    let dk = kms.generate_data_key(DEFAULT_KEY, &c).await.unwrap();
+    kms.unwrap(DEFAULT_KEY, &dk.wrapped, &c).await.unwrap();
+    // Refusals, a revoked token with its re-login, an expired token, a wrong token.
+    let _ = kms.unwrap(DEFAULT_KEY, &dk.wrapped, &ctx("t2", 1)).await;
+    let _ = kms.unwrap("missing", &dk.wrapped, &c).await;
+    bao.api_ok("PUT", "sys/leases/revoke-prefix/auth/approle/login", None)
+        .await
+        .unwrap();
+    kms.unwrap(DEFAULT_KEY, &dk.wrapped, &c).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    kms.unwrap(DEFAULT_KEY, &dk.wrapped, &c).await.unwrap();
+    let id = kms.create_epoch_key(1, "s1").await.unwrap();
+    kms.schedule_key_deletion(&id, 0).await.unwrap();
+    let mut root = bao.settings();
+    root.auth = OpenBaoAuth::Token {
+        token_file: Some(bao.write_file("wrong", &format!("{}x", bao.root_token))),
+    };
+    let _ = connect(&root).await.check().await;
+    drop(kms);
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        text.contains("OpenBao"),
+        "nothing was logged: the test would prove nothing"
+    );
+    let key = dk.secret.expose();
+    let b64 = base64::engine::general_purpose::STANDARD;
+    for (what, secret) in [
+        ("root token", bao.root_token.clone()),
+        ("secret id", secret_id.trim().to_owned()),
+        ("key (base64)", b64.encode(key)),
+        ("key (hex)", hex::encode(key)),
+        (
+            "key (Debug)",
+            format!("{:?}", &key[..8]).trim_end_matches(']').to_owned(),
+        ),
+    ] {
+        assert!(!text.contains(&secret), "the logs show the {what}");
+    }
 }

@@ -386,6 +386,35 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_example_parses() {
+        let s = parse(
+            r#"
+address = "https://openbao.vault.svc:8200"
+key = "fieldkey-default"
+mount = "transit"
+namespace = "team-a"
+ca_file = "/etc/fieldkey/openbao-ca.pem"
+operation_timeout_ms = 5000
+attempt_timeout_ms = 2000
+connect_timeout_ms = 1000
+max_attempts = 4
+initial_backoff_ms = 50
+deletion_records_mount = "secret"
+deletion_records_path = "fieldkey/transit-deletions"
+deletion_sweep_interval_s = 600
+
+[auth]
+method = "kubernetes"
+role = "fieldkey"
+"#,
+        )
+        .unwrap();
+        let c = s.validate().unwrap();
+        assert_eq!(c.namespace.as_deref(), Some("team-a"));
+        assert_eq!(c.sweep_interval, Some(Duration::from_secs(600)));
+    }
+
+    #[test]
     fn plain_http_only_for_loopback() {
         for ok in [
             "http://127.0.0.1:8200",
