@@ -4,31 +4,16 @@
 //! authentication (token file, AppRole, Kubernetes, expiry and revocation), policies,
 //! namespaces, the deletion lifecycle and its sweep, and the failures (sealed, killed,
 //! black-holed, throttled, untrusted TLS).
-#![expect(
-    clippy::unwrap_used,
-    clippy::indexing_slicing,
-    reason = "test code fails by panicking"
-)]
+#![expect(clippy::unwrap_used, reason = "test code fails by panicking")]
 
 mod common;
 
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use common::openbao::{BaoServer, DEFAULT_KEY, MOUNT};
+use common::openbao::{BaoServer, DEFAULT_KEY, MOUNT, sidecar_policy};
 use fieldkey::kms::openbao::{OpenBaoAuth, OpenBaoKms, OpenBaoSettings};
 use fieldkey::kms::{EncryptionContext, KeyDeletion, KeyStatus, Kms, KmsError, WrappedKey};
-
-/// The least-privilege policy of `docs/OPERATIONS.md` for a store tagged `s1`, the
-/// default mount and the default deletion-record location.
-const SIDECAR_POLICY: &str = r#"
-path "transit/keys/*" { capabilities = ["read"] }
-path "transit/encrypt/*" { capabilities = ["update"] }
-path "transit/decrypt/*" { capabilities = ["update"] }
-path "transit/keys/fieldkey-s1-epoch-*" { capabilities = ["create", "read", "update", "delete"] }
-path "secret/data/fieldkey/transit-deletions/transit/*" { capabilities = ["create", "read", "update"] }
-path "secret/metadata/fieldkey/transit-deletions/transit/*" { capabilities = ["list", "delete"] }
-"#;
 
 fn ctx(tenant: &str, version: u32) -> EncryptionContext {
     EncryptionContext::tenant_key(tenant, version)
@@ -36,36 +21,6 @@ fn ctx(tenant: &str, version: u32) -> EncryptionContext {
 
 async fn connect(s: &OpenBaoSettings) -> OpenBaoKms {
     OpenBaoKms::connect(s).await.unwrap()
-}
-
-/// The KV v2 record of `key`'s deletion, as the server has it (null if none).
-async fn record(bao: &BaoServer, key: &str) -> serde_json::Value {
-    let (status, json) = bao
-        .api(
-            "GET",
-            &format!("secret/data/fieldkey/transit-deletions/{MOUNT}/{key}"),
-            None,
-        )
-        .await
-        .unwrap();
-    if status == 404 {
-        return serde_json::Value::Null;
-    }
-    json["data"]["data"].clone()
-}
-
-/// Moves `key`'s deletion date into the past, through the server's API.
-async fn backdate(bao: &BaoServer, key: &str) {
-    let mut r = record(bao, key).await;
-    assert!(!r.is_null(), "no deletion record for {key}");
-    r["deletion_date_unix_ms"] = 1.into();
-    bao.api_ok(
-        "POST",
-        &format!("secret/data/fieldkey/transit-deletions/{MOUNT}/{key}"),
-        Some(serde_json::json!({ "data": r })),
-    )
-    .await
-    .unwrap();
 }
 
 #[tokio::test]
@@ -329,7 +284,7 @@ path "{MOUNT}/decrypt/{DEFAULT_KEY}" {{ capabilities = ["update"] }}
 async fn an_expired_login_token_is_replaced_and_calls_keep_working() {
     let bao = BaoServer::start().await;
     let s = bao
-        .approle("short", SIDECAR_POLICY, Some("2s"))
+        .approle("short", &sidecar_policy("s1"), Some("2s"))
         .await
         .unwrap();
     let kms = connect(&s).await;
@@ -354,7 +309,7 @@ async fn an_expired_login_token_is_replaced_and_calls_keep_working() {
 async fn a_revoked_login_token_is_replaced_after_the_server_refuses_it() {
     let bao = BaoServer::start().await;
     let s = bao
-        .approle("long", SIDECAR_POLICY, Some("1h"))
+        .approle("long", &sidecar_policy("s1"), Some("1h"))
         .await
         .unwrap();
     let kms = connect(&s).await;
@@ -430,7 +385,10 @@ async fn a_wrong_token_is_access_denied_and_no_debug_shows_a_token() {
     assert!(!shown.contains(&bao.root_token), "{shown}");
     assert!(!shown.contains("not-a-token"), "{shown}");
     // Nor does an AppRole's secret id (it is only ever in its file).
-    let ar = bao.approle("dbg", SIDECAR_POLICY, None).await.unwrap();
+    let ar = bao
+        .approle("dbg", &sidecar_policy("s1"), None)
+        .await
+        .unwrap();
     let OpenBaoAuth::AppRole { secret_id_file, .. } = &ar.auth else {
         panic!()
     };
@@ -497,7 +455,12 @@ async fn the_namespace_header_is_sent() {
 #[tokio::test]
 async fn deletion_refuses_at_once_is_idempotent_cancellable_and_final() {
     let bao = BaoServer::start().await;
-    let kms = connect(&bao.approle("sidecar", SIDECAR_POLICY, None).await.unwrap()).await;
+    let kms = connect(
+        &bao.approle("sidecar", &sidecar_policy("s1"), None)
+            .await
+            .unwrap(),
+    )
+    .await;
     let id = kms.create_epoch_key(1, "s1").await.unwrap();
     assert!(id.starts_with("fieldkey-s1-epoch-1-"), "{id}");
     let cfg = bao.key(&id).await.unwrap().unwrap();
@@ -561,7 +524,7 @@ async fn deletion_refuses_at_once_is_idempotent_cancellable_and_final() {
             .ct_eq(&dk.secret)
     );
     assert_eq!(kms.key_status(&id).await.unwrap(), KeyStatus::Enabled);
-    assert!(record(&bao, &id).await.is_null());
+    assert!(bao.deletion_record(&id).await.unwrap().is_null());
     kms.cancel_key_deletion(&id).await.unwrap();
 
     // Window 0: deleted now.
@@ -574,7 +537,7 @@ async fn deletion_refuses_at_once_is_idempotent_cancellable_and_final() {
     ));
     assert_eq!(kms.key_status(&id).await.unwrap(), KeyStatus::Deleted);
     assert!(bao.key(&id).await.unwrap().is_none());
-    assert!(record(&bao, &id).await.is_null());
+    assert!(bao.deletion_record(&id).await.unwrap().is_null());
     assert!(matches!(
         kms.unwrap(&id, &dk.wrapped, &c).await,
         Err(KmsError::KeyNotFound { .. })
@@ -601,7 +564,10 @@ async fn deletion_refuses_at_once_is_idempotent_cancellable_and_final() {
 async fn keys_past_their_window_are_deleted_by_whoever_looks_first() {
     let bao = BaoServer::start().await;
     // Under the least-privilege policy throughout: its KV rights must cover the sweep.
-    let sidecar = bao.approle("sidecar", SIDECAR_POLICY, None).await.unwrap();
+    let sidecar = bao
+        .approle("sidecar", &sidecar_policy("s1"), None)
+        .await
+        .unwrap();
     let kms = connect(&sidecar).await;
     let c = ctx("t1", 1);
     let mut keys = Vec::new();
@@ -609,7 +575,7 @@ async fn keys_past_their_window_are_deleted_by_whoever_looks_first() {
         let id = kms.create_epoch_key(2, "s1").await.unwrap();
         let wrapped = kms.generate_data_key(&id, &c).await.unwrap().wrapped;
         kms.schedule_key_deletion(&id, 7).await.unwrap();
-        backdate(&bao, &id).await;
+        bao.backdate_deletion(&id).await.unwrap();
         keys.push((id, wrapped));
     }
     // A use of the key.
@@ -635,14 +601,17 @@ async fn keys_past_their_window_are_deleted_by_whoever_looks_first() {
     let _fresh = connect(&sidecar).await;
     assert!(bao.key(&keys[3].0).await.unwrap().is_none());
     for (id, _) in &keys {
-        assert!(record(&bao, id).await.is_null(), "record of {id} left");
+        assert!(
+            bao.deletion_record(id).await.unwrap().is_null(),
+            "record of {id} left"
+        );
     }
 
     // A record never destroys a key in use: one restored by hand outside fieldkey
     // loses its record at the sweep, and lives.
     let live = kms.create_epoch_key(3, "s1").await.unwrap();
     kms.schedule_key_deletion(&live, 7).await.unwrap();
-    backdate(&bao, &live).await;
+    bao.backdate_deletion(&live).await.unwrap();
     bao.api_ok(
         "POST",
         &format!("{MOUNT}/keys/{live}/soft-delete-restore"),
@@ -652,7 +621,7 @@ async fn keys_past_their_window_are_deleted_by_whoever_looks_first() {
     .unwrap();
     let _fresh = connect(&sidecar).await;
     assert!(bao.key(&live).await.unwrap().is_some());
-    assert!(record(&bao, &live).await.is_null());
+    assert!(bao.deletion_record(&live).await.unwrap().is_null());
     assert_eq!(kms.key_status(&live).await.unwrap(), KeyStatus::Enabled);
 
     // A key soft-deleted by hand has no date; scheduling gives it one.
@@ -908,7 +877,7 @@ async fn kubernetes_login_with_the_service_account_token() {
     bao.api_ok(
         "PUT",
         "sys/policies/acl/sidecar",
-        Some(serde_json::json!({ "policy": SIDECAR_POLICY })),
+        Some(serde_json::json!({ "policy": &sidecar_policy("s1") })),
     )
     .await
     .unwrap();
@@ -982,7 +951,7 @@ async fn the_logs_show_no_token_secret_id_or_key() {
     let _guard = tracing::subscriber::set_default(subscriber);
     let bao = BaoServer::start().await;
     let s = bao
-        .approle("sidecar", SIDECAR_POLICY, Some("2s"))
+        .approle("sidecar", &sidecar_policy("s1"), Some("2s"))
         .await
         .unwrap();
     let OpenBaoAuth::AppRole { secret_id_file, .. } = &s.auth else {

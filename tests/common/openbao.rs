@@ -24,6 +24,21 @@ pub const MOUNT: &str = "transit";
 /// The default key every server gets (derived aes256-gcm96).
 pub const DEFAULT_KEY: &str = "fieldkey-default";
 
+/// The least-privilege policy of the sidecar (the text in `docs/OPERATIONS.md`) for
+/// a store tagged `store_tag`, the default mount and the default deletion records.
+pub fn sidecar_policy(store_tag: &str) -> String {
+    format!(
+        r#"
+path "{MOUNT}/keys/*" {{ capabilities = ["read"] }}
+path "{MOUNT}/encrypt/*" {{ capabilities = ["update"] }}
+path "{MOUNT}/decrypt/*" {{ capabilities = ["update"] }}
+path "{MOUNT}/keys/fieldkey-{store_tag}-epoch-*" {{ capabilities = ["create", "read", "update", "delete"] }}
+path "secret/data/fieldkey/transit-deletions/{MOUNT}/*" {{ capabilities = ["create", "read", "update"] }}
+path "secret/metadata/fieldkey/transit-deletions/{MOUNT}/*" {{ capabilities = ["list", "delete"] }}
+"#
+    )
+}
+
 /// A running `bao server -dev`.
 pub struct BaoServer {
     /// `http://127.0.0.1:<port>` (`https://` with [`BaoServer::start_tls`]).
@@ -359,6 +374,40 @@ impl BaoServer {
             mount: "approle".into(),
         };
         Ok(s)
+    }
+
+    /// The provider's deletion record of `key` (default mount and record location),
+    /// JSON null if there is none.
+    pub async fn deletion_record(&self, key: &str) -> Result<serde_json::Value> {
+        let (status, json) = self
+            .api(
+                "GET",
+                &format!("secret/data/fieldkey/transit-deletions/{MOUNT}/{key}"),
+                None,
+            )
+            .await?;
+        Ok(match status {
+            404 => serde_json::Value::Null,
+            200 => json["data"]["data"].clone(),
+            other => bail!("record read: HTTP {other}: {json}"),
+        })
+    }
+
+    /// Moves the deletion date of `key` (scheduled by the provider) into the past, as
+    /// if its window were over, through the server's API.
+    pub async fn backdate_deletion(&self, key: &str) -> Result<()> {
+        let mut r = self.deletion_record(key).await?;
+        if r.is_null() {
+            bail!("no deletion record for {key}");
+        }
+        r["deletion_date_unix_ms"] = 1.into();
+        self.api_ok(
+            "POST",
+            &format!("secret/data/fieldkey/transit-deletions/{MOUNT}/{key}"),
+            Some(serde_json::json!({ "data": r })),
+        )
+        .await
+        .map(|_| ())
     }
 
     /// Writes `contents` to a file in the server's temporary directory.
