@@ -2,8 +2,11 @@
 //!
 //! Owns: the [`Kms`] trait and its implementations, [`local::LocalKms`] (a root key in a
 //! passphrase-protected file, for development), [`aws::AwsKms`] (AWS KMS through
-//! aws-sdk-kms) and [`pkcs11::Pkcs11Kms`] (AES keys on a PKCS#11 token, an HSM, through
-//! cryptoki). Must not: store anything, cache anything (the keyring's cache does), or
+//! aws-sdk-kms), [`openbao::OpenBaoKms`] (the Transit engine of OpenBao or HashiCorp
+//! Vault, over its HTTP API), [`pkcs11::Pkcs11Kms`] (AES keys on a PKCS#11 token, an
+//! HSM, through cryptoki), and the decorators over any of them: [`guarded::GuardedKms`]
+//! (circuit breakers) and [`dual::DualKms`] (a disaster-recovery pair). Must not: store
+//! anything, cache anything (the keyring's cache does), or
 //! log key material. Every call binds an [`EncryptionContext`] so a wrapped key cannot
 //! be unwrapped as another tenant's or another version's key.
 
@@ -11,6 +14,7 @@ pub mod aws;
 pub mod dual;
 pub mod guarded;
 pub mod local;
+pub mod openbao;
 pub mod pkcs11;
 
 use std::collections::BTreeMap;

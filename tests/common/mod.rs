@@ -16,6 +16,7 @@
 
 pub mod grpc;
 pub mod kms_rules;
+pub mod openbao;
 pub mod pki;
 pub mod proxy;
 pub mod sidecar;
