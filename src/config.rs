@@ -348,6 +348,8 @@ pub struct KmsConfig {
     /// (the default): tenants use the default key only. A caller could otherwise put a
     /// tenant on an unrelated key, whose deletion `ShredTenant` would then schedule.
     pub tenant_keys: Vec<String>,
+    /// OpenBao / Vault Transit (`[kms.openbao]`): address, key, auth, TLS.
+    pub openbao: Option<crate::kms::openbao::OpenBaoSettings>,
     /// PKCS#11 (`[kms.pkcs11]`): the module, token, default key and PIN source.
     pub pkcs11: Option<crate::kms::pkcs11::Pkcs11Settings>,
     /// A second KMS for disaster recovery (`[kms.dr]`): every key is also wrapped
@@ -381,6 +383,9 @@ pub struct DrKmsConfig {
     /// AWS: endpoint override.
     #[serde(default)]
     pub aws_endpoint_url: Option<String>,
+    /// OpenBao: the secondary server (`[kms.dr.openbao]`).
+    #[serde(default)]
+    pub openbao: Option<crate::kms::openbao::OpenBaoSettings>,
     /// PKCS#11: the secondary token (`[kms.dr.pkcs11]`).
     #[serde(default)]
     pub pkcs11: Option<crate::kms::pkcs11::Pkcs11Settings>,
@@ -399,6 +404,7 @@ impl DrKmsConfig {
             aws_key_id: None,
             aws_region: None,
             aws_endpoint_url: None,
+            openbao: None,
             pkcs11: None,
             key_map: std::collections::BTreeMap::new(),
         }
@@ -554,16 +560,23 @@ impl Config {
                 "kms.provider is aws but kms.aws_key_id is not set".into(),
             ));
         }
-        if primary == KmsProvider::Pkcs11 && k.pkcs11.is_none() {
-            return Err(ConfigError::Invalid(
-                "kms.provider is pkcs11 but [kms.pkcs11] is not set".into(),
-            ));
-        }
-        if k.pkcs11.is_some() && primary != KmsProvider::Pkcs11 {
-            return Err(ConfigError::Invalid(format!(
-                "[kms.pkcs11] is set but kms.provider is {}",
-                primary.name()
-            )));
+        for (p, set) in [
+            (KmsProvider::Openbao, k.openbao.is_some()),
+            (KmsProvider::Pkcs11, k.pkcs11.is_some()),
+        ] {
+            if primary == p && !set {
+                return Err(ConfigError::Invalid(format!(
+                    "kms.provider is {0} but [kms.{0}] is not set",
+                    p.name()
+                )));
+            }
+            if set && primary != p {
+                return Err(ConfigError::Invalid(format!(
+                    "[kms.{}] is set but kms.provider is {}",
+                    p.name(),
+                    primary.name()
+                )));
+            }
         }
         let mut sides = vec![primary];
         if let Some(dr) = &k.dr {
@@ -581,6 +594,11 @@ impl Config {
                 KmsProvider::Pkcs11 if dr.pkcs11.is_none() => {
                     return Err(ConfigError::Invalid(
                         "kms.dr.provider is pkcs11 but [kms.dr.pkcs11] is not set".into(),
+                    ));
+                }
+                KmsProvider::Openbao if dr.openbao.is_none() => {
+                    return Err(ConfigError::Invalid(
+                        "kms.dr.provider is openbao but [kms.dr.openbao] is not set".into(),
                     ));
                 }
                 _ => {}

@@ -112,6 +112,20 @@ async fn aws() -> Result<Provider> {
     })
 }
 
+async fn openbao() -> Result<Provider> {
+    use common::openbao::BaoServer;
+    let bao = BaoServer::start().await;
+    let other_key = "fieldkey-conformance-other".to_owned();
+    bao.create_key(&other_key, true, "aes256-gcm96").await?;
+    let kms = bao.kms().await;
+    Ok(Provider {
+        kms: Arc::new(kms),
+        min_window_days: 0,
+        other_key,
+        _keep: Box::new(bao),
+    })
+}
+
 async fn pkcs11() -> Result<Provider> {
     use common::softhsm::{KeySpec, SoftHsm};
     let hsm = tokio::task::spawn_blocking(SoftHsm::init).await?;
@@ -510,4 +524,5 @@ macro_rules! conformance {
 
 conformance!(local);
 conformance!(aws);
+conformance!(openbao);
 conformance!(pkcs11);

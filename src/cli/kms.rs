@@ -13,6 +13,7 @@ use crate::config::{Config, DrKmsConfig, KmsProvider};
 use crate::kms::Kms;
 use crate::kms::aws::{AwsKms, AwsKmsConfig};
 use crate::kms::local::{KdfParams, LocalKms};
+use crate::kms::openbao::OpenBaoKms;
 use crate::kms::pkcs11::Pkcs11Kms;
 
 /// The KMS the sidecar uses: the primary (and its DR pair), metered and guarded.
@@ -46,8 +47,12 @@ pub(super) async fn build_kms(
                 .context("kms.provider is pkcs11 but [kms.pkcs11] is not set")?;
             Arc::new(Pkcs11Kms::open(s).await?)
         }
-        p @ KmsProvider::Openbao => {
-            anyhow::bail!("kms.provider {} is not configured", p.name())
+        KmsProvider::Openbao => {
+            let s = k
+                .openbao
+                .as_ref()
+                .context("kms.provider is openbao but [kms.openbao] is not set")?;
+            Arc::new(OpenBaoKms::connect(s).await?)
         }
     };
     let primary = guarded(primary, metrics);
@@ -84,7 +89,14 @@ async fn secondary(dr: &DrKmsConfig) -> anyhow::Result<Arc<dyn Kms>> {
                 .context("kms.dr.provider is pkcs11 but [kms.dr.pkcs11] is not set")?;
             Ok(Arc::new(Pkcs11Kms::open(s).await?))
         }
-        p => anyhow::bail!("kms.dr.provider {} is not configured", p.name()),
+        KmsProvider::Openbao => {
+            let s = dr
+                .openbao
+                .as_ref()
+                .context("kms.dr.provider is openbao but [kms.dr.openbao] is not set")?;
+            Ok(Arc::new(OpenBaoKms::connect(s).await?))
+        }
+        KmsProvider::Local => anyhow::bail!("kms.dr.provider local is not a disaster-recovery KMS"),
     }
 }
 
