@@ -14,8 +14,8 @@
 //! on a tenant KMS key of its own, rotated, rolled into a new key epoch (whose key the
 //! provider makes), and shredded, with the receipt naming the provider's keys.
 #![expect(
-    clippy::unwrap_used,
     clippy::panic,
+    clippy::indexing_slicing,
     reason = "test code fails by panicking"
 )]
 

@@ -342,3 +342,161 @@ async fn epochs_and_shredding_reach_both_kms() -> Result<()> {
     env.rules.stop().await;
     Ok(())
 }
+
+/// Review findings on the pair (issue 22): a caller naming a pair id, or the primary
+/// half of an epoch pair as a tenant's own key, must not reach keys it does not own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_cannot_name_a_pair_or_shred_an_epoch_key() -> Result<()> {
+    let env = Env::new().await?;
+    let dir = tempfile::tempdir()?;
+    let store = common::sqlite_store(&dir).await?;
+    let kms: Arc<dyn Kms> = env.dual.clone();
+    // The allowlist of the documented example: every key of the account and region.
+    let keyring = Arc::new(Keyring::new(
+        store.clone(),
+        kms.clone(),
+        KeyringConfig {
+            tenant_kms_keys: Some(vec!["arn:aws:kms:eu-west-1:123456789012:key/*".into()]),
+            ..KeyringConfig::default()
+        },
+    ));
+    let parts = Parts::new(keyring.clone(), store.clone(), kms.clone());
+    let epochs = parts.epochs(EpochSettings {
+        kms_deletion_days: 7,
+        store_tag: format!("dr{}", hex::encode(common::rand_bytes::<4>())),
+        ..EpochSettings::default()
+    });
+    let erasures = parts.erasures(ErasureConfig {
+        executor: "dr-test".into(),
+        ..ErasureConfig::default()
+    });
+    epochs.roll(true, &|_| {}).await?;
+    let e1 = epochs
+        .status()
+        .await?
+        .epochs
+        .iter()
+        .find(|e| e.record.epoch == 1)
+        .and_then(|e| e.record.kms_key_id.clone())
+        .context("epoch 1 key")?;
+    let (p1, s1) = split_pair(&e1).context("a pair")?;
+    // A pair id, even one the allowlist's prefix matches: refused.
+    let crafted = format!(
+        "arn:aws:kms:eu-west-1:123456789012:key/{}|dr={s1}",
+        env.tenant_keys.0
+    );
+    for bad in [e1.as_str(), crafted.as_str()] {
+        let r = keyring.create_tenant("evil", Some(bad)).await;
+        ensure!(
+            matches!(r, Err(Error::KmsKeyNotAllowed { .. })),
+            "pair id {bad}: {r:?}"
+        );
+    }
+    // The epoch's primary half as a tenant's own key: allowed by the prefix, but its
+    // erasure keeps the key (shared with everything the epoch wraps).
+    keyring.create_tenant("evil", Some(p1)).await?;
+    let dpo = Actor {
+        id: "spiffe://example.org/dpo".into(),
+        ip: None,
+    };
+    let done = erasures.request(&dpo, "evil", None, Duration::ZERO).await?;
+    let done = erasures.get(&done.erasure_id).await?;
+    let receipt: serde_json::Value =
+        serde_json::from_str(done.receipt.as_deref().context("no receipt")?)?;
+    ensure!(
+        receipt
+            .pointer("/receipt/kms_key_deletion/status")
+            .and_then(|v| v.as_str())
+            == Some("kept-shared"),
+        "{receipt}"
+    );
+    ensure!(state(&env.admin_primary, p1).await? == "Enabled");
+    ensure!(state(&env.admin_secondary, s1).await? == "Enabled");
+    env.rules.stop().await;
+    Ok(())
+}
+
+/// A tenant on its own key from before `[kms.dr]` gets its second wrapping by a rewrap
+/// onto the same key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rewrap_onto_the_same_key_adds_the_second_wrapping() -> Result<()> {
+    let env = Env::new().await?;
+    let dir = tempfile::tempdir()?;
+    let store = common::sqlite_store(&dir).await?;
+    let before = Keyring::new(
+        store.clone(),
+        env.primary.clone(),
+        KeyringConfig {
+            tenant_kms_keys: Some(vec![env.tenant_keys.0.clone()]),
+            ..KeyringConfig::default()
+        },
+    );
+    before
+        .create_tenant("byok", Some(&env.tenant_keys.0))
+        .await?;
+    let aad = common::aad("byok", Some("alice"), "email", b"row-1");
+    let ct = before.encrypt(&aad, b"alice@byok").await?;
+    let second = |s: fieldkey::model::TenantRecord| {
+        s.versions
+            .iter()
+            .all(|v| v.wrapped.as_ref().is_some_and(|w| w.has_second_wrapping()))
+    };
+    ensure!(!second(store.get_tenant("byok").await?.context("tenant")?));
+    let after = env.keyring(&store);
+    let out = after.rewrap_kms_key("byok", &env.tenant_keys.0).await?;
+    ensure!(out.rewrapped == 1, "{out:?}");
+    ensure!(second(store.get_tenant("byok").await?.context("tenant")?));
+    // And it is what serves the tenant while the primary is down.
+    env.proxy.cut();
+    let cold = env.keyring(&store);
+    ensure!(&*cold.decrypt(&aad, &ct).await? == b"alice@byok");
+    ensure!(env.dual.served_by_secondary() >= 1);
+    env.proxy.pass();
+    env.rules.stop().await;
+    Ok(())
+}
+
+/// A writer of the key store replaces a version's second wrapping with one under
+/// another secondary key (one the sidecar's secondary identity may use, holding a key
+/// the attacker chose). With the primary down, the failover must not use it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_only_uses_the_keys_own_secondary_counterpart() -> Result<()> {
+    use fieldkey::kms::{EncryptionContext, WrappedKey};
+    let env = Env::new().await?;
+    let dir = tempfile::tempdir()?;
+    let store = common::sqlite_store(&dir).await?;
+    let keyring = env.keyring(&store);
+    keyring.create_tenant("acme", None).await?;
+    let rec = store.get_tenant("acme").await?.context("tenant")?;
+    let v = rec.versions.first().context("v1")?;
+    let stored = v.wrapped.clone().context("wrapped")?;
+    let parts = stored.split_dual().context("a pair")?;
+    // The attacker's key, wrapped under another secondary key with the right context.
+    let attacker_secondary =
+        aws_in(&common::moto_url(), SECONDARY_REGION, &env.tenant_keys.1).await?;
+    let chosen = fieldkey::crypto::SecretKey::generate()?;
+    let ctx = EncryptionContext::tenant_key("acme", v.version);
+    let theirs = attacker_secondary
+        .wrap(&env.tenant_keys.1, &chosen, &ctx)
+        .await?;
+    let forged =
+        WrappedKey::dual(parts.primary, &env.tenant_keys.1, theirs.as_bytes()).context("frame")?;
+    ensure!(
+        store
+            .rewrap_key_version("acme", v.version, &v.kms_key_id, &v.kms_key_id, &forged)
+            .await?
+    );
+    env.proxy.cut();
+    let cold = env.keyring(&store);
+    let r = cold
+        .encrypt(&common::aad("acme", None, "email", b""), b"x")
+        .await;
+    ensure!(
+        matches!(&r, Err(Error::Kms(e)) if e.is_unavailable()),
+        "with the primary down, a forged second wrapping was used: {r:?}"
+    );
+    ensure!(env.dual.served_by_secondary() == 0);
+    env.proxy.pass();
+    env.rules.stop().await;
+    Ok(())
+}

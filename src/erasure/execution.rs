@@ -166,9 +166,22 @@ impl Erasures {
         let mine = match kms.canonical_key_id(key).await {
             Ok(c) => c,
             // Gone from the KMS (an earlier erasure's deletion ran; this one is being
-            // re-applied after a restore): nothing left to delete.
+            // re-applied after a restore): nothing left to delete, unless a
+            // disaster-recovery KMS still has its counterpart, which the deletion
+            // reaches (`kms::dual`).
             Err(KmsError::KeyNotFound { .. }) => {
-                return Ok(Some(deletion(receipt::KMS_ALREADY_DELETED, key)));
+                return Ok(Some(
+                    match kms
+                        .schedule_key_deletion(key, self.cfg.kms_key_deletion_days)
+                        .await
+                    {
+                        Ok(out) => scheduled(out, key),
+                        Err(KmsError::KeyNotFound { .. }) => {
+                            deletion(receipt::KMS_ALREADY_DELETED, key)
+                        }
+                        Err(e) => return Err(e.into()),
+                    },
+                ));
             }
             Err(e) => return Err(e.into()),
         };
@@ -183,6 +196,13 @@ impl Erasures {
         let mut shared = false;
         let mut canon: HashMap<String, String> = HashMap::new();
         for other in store.live_kms_key_ids().await? {
+            // A disaster-recovery pair (an epoch key) is compared by its primary half:
+            // a tenant key that is one of them is shared with everything the epoch
+            // wraps.
+            let other = match crate::kms::dual::split_pair(&other) {
+                Some((primary, _)) => primary.to_owned(),
+                None => other,
+            };
             if other == key || other == mine {
                 shared = true;
                 break;
@@ -228,25 +248,7 @@ impl Erasures {
             kms_key_id = key,
             "tenant KMS key deletion scheduled"
         );
-        Ok(Some(match out {
-            KeyDeletion::Scheduled {
-                pending_window_days,
-                deletion_date_unix_ms,
-            } => KmsKeyDeletion {
-                kms_key_id: mine.clone(),
-                status: receipt::KMS_SCHEDULED.into(),
-                pending_window_days: Some(pending_window_days),
-                deletion_date_unix_ms,
-            },
-            KeyDeletion::AlreadyPending {
-                deletion_date_unix_ms,
-            } => KmsKeyDeletion {
-                kms_key_id: mine.clone(),
-                status: receipt::KMS_ALREADY_SCHEDULED.into(),
-                pending_window_days: None,
-                deletion_date_unix_ms,
-            },
-        }))
+        Ok(Some(scheduled(out, &mine)))
     }
 
     /// The receipt without its audit position (filled in the closing transaction).
@@ -349,5 +351,28 @@ impl Erasures {
             }
         };
         Ok((destroyed, subject_keys_destroyed, subject_keys_digest))
+    }
+}
+
+/// The receipt's account of a scheduled deletion of `kms_key_id`.
+fn scheduled(out: KeyDeletion, kms_key_id: &str) -> KmsKeyDeletion {
+    match out {
+        KeyDeletion::Scheduled {
+            pending_window_days,
+            deletion_date_unix_ms,
+        } => KmsKeyDeletion {
+            kms_key_id: kms_key_id.to_owned(),
+            status: receipt::KMS_SCHEDULED.into(),
+            pending_window_days: Some(pending_window_days),
+            deletion_date_unix_ms,
+        },
+        KeyDeletion::AlreadyPending {
+            deletion_date_unix_ms,
+        } => KmsKeyDeletion {
+            kms_key_id: kms_key_id.to_owned(),
+            status: receipt::KMS_ALREADY_SCHEDULED.into(),
+            pending_window_days: None,
+            deletion_date_unix_ms,
+        },
     }
 }

@@ -21,6 +21,15 @@ impl Keyring {
     /// # Errors
     /// [`Error::KmsKeyNotAllowed`].
     pub(super) fn check_tenant_kms_key(&self, key: &str) -> Result<()> {
+        // A disaster-recovery pair id names two keys; only fieldkey makes those (epoch
+        // keys). A caller naming one could have a tenant wrapped under, and its erasure
+        // delete, any secondary key (and a primary key spelled so that the sharing
+        // check misses it).
+        if crate::kms::dual::split_pair(key).is_some() || key.contains("|dr=") {
+            return Err(Error::KmsKeyNotAllowed {
+                key: key.to_owned(),
+            });
+        }
         let Some(allowed) = &self.cfg.tenant_kms_keys else {
             return Ok(());
         };

@@ -212,7 +212,11 @@ impl Keyring {
                 out.without_material += 1;
                 continue;
             };
-            if v.kms_key_id == new_kms_key_id {
+            // Same key: done, unless a disaster-recovery KMS now wraps under it too and
+            // this version was wrapped before it was configured.
+            if v.kms_key_id == new_kms_key_id
+                && (wrapped.has_second_wrapping() || !self.kms.wraps_twice(new_kms_key_id))
+            {
                 out.already += 1;
                 continue;
             }

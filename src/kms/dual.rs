@@ -162,6 +162,10 @@ impl Kms for DualKms {
         self.served_by_secondary()
     }
 
+    fn wraps_twice(&self, key_id: &str) -> bool {
+        self.keys(key_id).1.is_some()
+    }
+
     async fn generate_data_key(
         &self,
         key_id: &str,
@@ -193,12 +197,23 @@ impl Kms for DualKms {
         wrapped: &WrappedKey,
         ctx: &EncryptionContext,
     ) -> Result<SecretKey, KmsError> {
-        let (pk, _) = self.keys(key_id);
+        let (pk, expected) = self.keys(key_id);
         let Some(parts) = wrapped.split_dual() else {
             return self.primary.unwrap(pk, wrapped, ctx).await;
         };
         let first = WrappedKey::new(parts.primary.to_vec());
         match self.primary.unwrap(pk, &first, ctx).await {
+            // Only to the secondary key this primary key pairs with: the key id in the
+            // stored bytes is not trusted to choose one (a writer of the key store could
+            // otherwise point failovers at any key the secondary identity may use).
+            Err(e) if e.is_unavailable() && expected != Some(parts.secondary_key_id) => {
+                tracing::warn!(
+                    kms_key_id = pk,
+                    stored_secondary = parts.secondary_key_id,
+                    "primary KMS unavailable; the stored second wrapping names another secondary key than this key's counterpart: not used"
+                );
+                Err(e)
+            }
             Err(e) if e.is_unavailable() => {
                 let second = WrappedKey::new(parts.secondary.to_vec());
                 match self
@@ -256,21 +271,32 @@ impl Kms for DualKms {
         pending_window_days: u32,
     ) -> Result<KeyDeletion, KmsError> {
         let (pk, sk) = self.keys(key_id);
-        let first = self
+        // A primary key already deleted (an earlier attempt's window ended before the
+        // secondary could be scheduled) must not stop the secondary's deletion.
+        let first = match self
             .primary
             .schedule_key_deletion(pk, pending_window_days)
-            .await?;
-        if let Some(sk) = sk {
-            match self
+            .await
+        {
+            Ok(d) => Some(d),
+            Err(KmsError::KeyNotFound { .. }) if sk.is_some() => None,
+            Err(e) => return Err(e),
+        };
+        let second = match sk {
+            Some(sk) => match self
                 .secondary
                 .schedule_key_deletion(sk, pending_window_days)
                 .await
             {
-                Ok(_) | Err(KmsError::KeyNotFound { .. }) => {}
+                Ok(d) => Some(d),
+                Err(KmsError::KeyNotFound { .. }) => None,
                 Err(e) => return Err(e),
-            }
-        }
-        Ok(first)
+            },
+            None => None,
+        };
+        first.or(second).ok_or_else(|| KmsError::KeyNotFound {
+            key_id: key_id.to_owned(),
+        })
     }
 
     /// A key on each side, named as a pair. If the secondary cannot make one, the

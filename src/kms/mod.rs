@@ -213,6 +213,14 @@ pub trait Kms: Send + Sync + 'static {
         0
     }
 
+    /// Whether a wrap under `key_id` is made under a second (disaster-recovery) KMS key
+    /// too ([`dual::DualKms`]; others: false): a stored key without its second wrapping
+    /// then needs a rewrap even under the same key id.
+    fn wraps_twice(&self, key_id: &str) -> bool {
+        let _ = key_id;
+        false
+    }
+
     /// Unwraps served by a disaster-recovery KMS because the primary could not answer
     /// ([`dual::DualKms`]; others: 0). For metrics.
     fn dr_unwraps(&self) -> u64 {
