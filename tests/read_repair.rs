@@ -403,7 +403,8 @@ async fn a_column_repairs_its_stale_values_at_their_positions() -> Result<()> {
 /// batch the item is refused even right after an item of the same tenant and field was
 /// allowed to decrypt (the batch's decision memo is per action); a column is refused
 /// whole. Without repair the same identity decrypts and sees `stale`. The audit counts
-/// the refusals and the application's repairs as Crypto::Rewrap.
+/// the refusals and the application's repairs as Crypto::Rewrap, and no Decrypt
+/// denial for a call refused only for its repair (its Decrypt was allowed).
 #[tokio::test]
 async fn a_caller_that_may_not_rewrap_gets_no_repair() -> Result<()> {
     let f = Fixture::start().await?;
@@ -488,6 +489,9 @@ async fn a_caller_that_may_not_rewrap_gets_no_repair() -> Result<()> {
     );
     assert_eq!(f.audit_count(READER, "Crypto::Rewrap", "ok").await, 0);
     assert_eq!(f.audit_count(READER, "Crypto::Decrypt", "ok").await, 2);
+    // The decrypts were allowed: a call refused only for its repair is no Decrypt
+    // denial (review finding: the audit said so, per item and per column value).
+    assert_eq!(f.audit_count(READER, "Crypto::Decrypt", "denied").await, 0);
     assert_eq!(f.audit_count(ids::APP, "Crypto::Rewrap", "ok").await, 1);
     assert_eq!(
         f.audit_count(ids::APP, "Crypto::Rewrap", "read_repair")

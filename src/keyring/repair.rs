@@ -46,8 +46,10 @@ impl ReadRepair {
 /// store with very many tenants from making the metrics endpoint unbounded too.
 pub const MAX_TENANTS: usize = 1000;
 
-/// The tenant label of the counters beyond [`MAX_TENANTS`].
-pub const OTHER_TENANTS: &str = "(other)";
+/// The tenant label of the counters beyond [`MAX_TENANTS`]. It has a space, so it is
+/// never a tenant id (visible ASCII only, [`crate::crypto::validate_id`]): no real
+/// tenant's counts can be confused with it (`(other)` could; review finding).
+pub const OTHER_TENANTS: &str = "other tenants";
 
 /// One tenant's read-repair counters.
 #[derive(Debug, Default)]
@@ -138,5 +140,13 @@ mod tests {
         assert_eq!(samples.len(), MAX_TENANTS + 1);
         assert!(samples.contains(&("t0".to_owned(), 2, 0, 0)));
         assert_eq!(samples.last(), Some(&(OTHER_TENANTS.to_owned(), 5, 0, 0)));
+    }
+
+    /// A tenant named like the overflow label would share its series: the label must
+    /// be no valid tenant id.
+    #[test]
+    fn the_overflow_label_is_no_tenant_id() {
+        assert!(crate::crypto::validate_id("tenant_id", OTHER_TENANTS).is_err());
+        assert!(crate::crypto::validate_id("tenant_id", "(other)").is_ok());
     }
 }

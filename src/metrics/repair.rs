@@ -6,7 +6,8 @@
 //! `keyring::repair`) or hold the keyring alive. The tenant label is bounded there:
 //! only tenants whose values decrypted are counted (a caller cannot invent label
 //! values), at most `keyring::repair::MAX_TENANTS` of them apart, the rest together
-//! under `(other)`.
+//! under `keyring::repair::OTHER_TENANTS` (`tenant="other tenants"`: a space, so never
+//! a tenant id).
 
 use std::sync::Weak;
 

@@ -319,7 +319,11 @@ impl CryptoService {
                 }
             }
         }
-        self.column_done(c, Action::Decrypt, (&r.tenant_id, &r.field), n, &failed);
+        // A column refused only for its repair had its Decrypt allowed: its values are
+        // counted once, as the Rewrap denied, not also as Decrypt denials.
+        if repairs.denied == 0 {
+            self.column_done(c, Action::Decrypt, (&r.tenant_id, &r.field), n, &failed);
+        }
         (self.guard.gate).data_repairs(c, &r.tenant_id, &r.field, repairs);
         // No copy: the reply's values are slices of the self-wiping buffer.
         let plaintexts = pieces(Bytes::from_owner(out), &ranges);

@@ -273,7 +273,13 @@ impl CryptoService {
             ))
         }
         .await;
+        let only_repair_refused = repairs.denied > 0;
         (self.guard.gate).data_repairs(c, &r.tenant_id, &r.field, repairs);
+        if only_repair_refused {
+            // Refused only for its repair: its Decrypt was allowed, so it is no Decrypt
+            // denial; the audit counts the refusal once, as the Rewrap denied.
+            return result;
+        }
         call.counted(result)
     }
 }
@@ -521,6 +527,8 @@ impl CryptoService {
         let mut memo = BatchMemo::new(items.len(), false);
         let mut columns: Vec<((&str, &str), crate::keyring::ColumnKeys<'_, '_>)> = Vec::new();
         let mut results = Vec::with_capacity(items.len());
+        // Per item: refused only for its repair (not counted as a Decrypt, see below).
+        let mut only_repair_refused = Vec::with_capacity(items.len());
         // Read repairs, counted by runs of items of one (tenant, field).
         let mut repairs: Option<((&str, &str), Repairs)> = None;
         for r in items {
@@ -570,18 +578,23 @@ impl CryptoService {
                 run.note(&v.repair);
             }
             results.push(result);
+            only_repair_refused.push(denied);
         }
         drop(columns);
         if let Some(((t, f), done)) = repairs {
             (self.guard.gate).data_repairs(c, t, f, done);
         }
+        // An item refused only for its repair had its Decrypt allowed: it is counted
+        // once, as the Rewrap denied (above), not also as a Decrypt denial.
         self.guard.gate.data_done_batch(
             c,
             Action::Decrypt,
             items
                 .iter()
                 .zip(&results)
-                .map(|(r, res)| (r.tenant_id.as_str(), r.field.as_str(), res)),
+                .zip(&only_repair_refused)
+                .filter(|(_, refused)| !**refused)
+                .map(|((r, res), _)| (r.tenant_id.as_str(), r.field.as_str(), res)),
         );
         // No copy: each reply's value is a slice of the self-wiping buffer.
         let buf = bytes::Bytes::from_owner(out);

@@ -93,3 +93,22 @@ async def test_async_client_repairs_too(sidecar: Sidecar, fk: fieldkey.Client) -
         col = await c.decrypt_column(t, "email", [ct, d.repaired], subject="u", contexts=[1, 1], as_text=True, repair=True)
         assert [r.unwrap().stale for r in col] == [True, False]
         assert col[1].unwrap().repaired is None
+
+
+def test_a_repaired_ciphertext_that_is_not_text_is_a_client_error() -> None:
+    """A malformed answer (a repaired text-form ciphertext that is not ASCII) is the
+    client's error for a bad sidecar answer, not a stray UnicodeDecodeError; in binary
+    form the bytes are returned as they are."""
+    from fieldkey._core import decrypt_results, decrypted
+    from fieldkey.v1 import fieldkey_pb2 as pb
+
+    ok = pb.DecryptResponse(
+        plaintext=b"v", key_version=1, stale=True, repaired_ciphertext=b"fk1:\xff", repaired_key_version=2
+    )
+    with pytest.raises(fieldkey.FieldkeyError, match="not ASCII") as e:
+        decrypted(ok, "v", True)
+    assert not isinstance(e.value, UnicodeDecodeError)
+    assert decrypted(ok, b"v", False).repaired == b"fk1:\xff"
+    batch = pb.DecryptBatchResponse(results=[pb.DecryptResult(ok=ok)])
+    with pytest.raises(fieldkey.FieldkeyError, match="not ASCII"):
+        decrypt_results(batch, True, [], texts=[True])

@@ -536,10 +536,17 @@ def decode_text(plaintext: bytes) -> str:
 
 
 def repaired_form(ct: bytes, text: bool) -> bytes | str | None:
-    """A repaired ciphertext from the sidecar in the input's form (None: none)."""
+    """A repaired ciphertext from the sidecar in the input's form (None: none). A text
+    form that is not ASCII is a malformed answer: :class:`FieldkeyError`, as for the
+    client's other checks of what the sidecar answered."""
     if not ct:
         return None
-    return ct.decode("ascii") if text else bytes(ct)
+    if not text:
+        return bytes(ct)
+    try:
+        return ct.decode("ascii")
+    except UnicodeDecodeError:
+        raise FieldkeyError("the sidecar answered a repaired ciphertext in text form that is not ASCII") from None
 
 
 def decrypted(resp: Any, value: Any, text_input: bool) -> Decrypted[Any]:

@@ -94,10 +94,12 @@ def _loaded(instance: Any) -> dict[str, tuple[str, str, Scope]]:
     return d
 
 
-def _repaired(instance: Any) -> dict[str, tuple[str, str]]:
+def _repaired(instance: Any) -> dict[str, tuple[str, str, Any]]:
     """Read repair's findings (``READ_REPAIR``): for a field loaded stale, (the
-    ciphertext loaded, the same value re-encrypted under the active version)."""
-    d: dict[str, tuple[str, str]] | None = instance.__dict__.get("_fieldkey_repaired")
+    ciphertext loaded, the same value re-encrypted under the active version, the
+    instance's primary key at load: the row it was read from, for a field whose scope
+    does not bind the pk)."""
+    d: dict[str, tuple[str, str, Any]] | None = instance.__dict__.get("_fieldkey_repaired")
     if d is None:
         d = {}
         instance.__dict__["_fieldkey_repaired"] = d
@@ -277,7 +279,7 @@ def decrypt_instances(instances: Iterable[Any]) -> int:
             pt = r.unwrap()
             if repair:
                 if pt.repaired is not None:
-                    _repaired(inst)[name] = (ct, pt.repaired)
+                    _repaired(inst)[name] = (ct, pt.repaired, inst.pk)
                 pt = pt.value
             inst.__dict__[name] = pt
             _loaded(inst)[name] = (ct, pt, s)
@@ -289,14 +291,21 @@ def decrypt_instances(instances: Iterable[Any]) -> int:
 def save_repairs(instances: Iterable[Any], *, using: str | None = None) -> int:
     """Write back the repaired ciphertexts that loading with ``FIELDKEY["READ_REPAIR"]``
     obtained, for instances that will not be saved (a page that is only read): one
-    ``UPDATE`` per stale value, which changes the column only where it still holds the
-    ciphertext that was loaded (compare-and-set: a row written by anyone since is left
-    as it is, and its value stays for a re-encryption job). No sidecar call. Returns the
-    number of values written; each written value counts as loaded (a later ``save()``
-    keeps it)."""
-    from django.db import connections, router
+    ``UPDATE`` per stale value, in the table of the model that declares its field (under
+    multi-table inheritance, a parent's fields are in the parent's table), which changes
+    the column only where it still holds the ciphertext that was loaded (compare-and-set:
+    a row written by anyone since is left as it is, and its value stays for a
+    re-encryption job). A value is skipped when its instance's scope has changed in
+    memory since the load (tenant, subject, or primary key: the repaired value is bound
+    to those it was loaded with). All of a database's UPDATEs are one transaction
+    (``transaction.atomic``): an error rolls them all back and is raised, and the
+    instances keep their repairs for a later call (not atomic across databases). No
+    sidecar call. Returns the number of values written; each written value counts as
+    loaded (a later ``save()`` keeps it)."""
+    from django.db import connections, router, transaction
 
-    written = 0
+    # Per database, in order: (instance, attname, SQL, parameters).
+    planned: dict[str, list[tuple[Any, str, str, list[Any]]]] = {}
     for inst in instances:
         fixed = inst.__dict__.get("_fieldkey_repaired") or {}
         if not fixed:
@@ -310,15 +319,34 @@ def save_repairs(instances: Iterable[Any], *, using: str | None = None) -> int:
             name = f.attname  # type: ignore[attr-defined]
             pair = fixed.get(name)
             prev = loaded.get(name)
-            if pair is None or prev is None or prev[0] != pair[0]:
+            if pair is None or prev is None or prev[0] != pair[0] or inst.pk != pair[2]:
                 continue
+            try:
+                scope = scope_of(inst, f)
+            except MissingScope:
+                continue
+            if scope != prev[2]:
+                continue
+            # The model whose table holds the column: a parent's under multi-table
+            # inheritance (its pk has the same value as the child's).
+            owner = f.model._meta.concrete_model._meta  # type: ignore[attr-defined]
             sql = "UPDATE {} SET {} = %s WHERE {} = %s AND {} = %s".format(  # noqa: S608 - quoted names
-                q(model._meta.db_table), q(f.column), q(model._meta.pk.column), q(f.column)  # type: ignore[attr-defined]
+                q(owner.db_table), q(f.column), q(owner.pk.column), q(f.column)  # type: ignore[attr-defined]
             )
-            with conn.cursor() as cur:
-                cur.execute(sql, [pair[1], model._meta.pk.get_db_prep_value(inst.pk, conn), pair[0]])
-                n = cur.rowcount
-            if n == 1:
-                loaded[name] = (pair[1], prev[1], prev[2])
-                written += 1
+            params = [pair[1], owner.pk.get_db_prep_value(inst.pk, conn), pair[0]]
+            planned.setdefault(db, []).append((inst, name, sql, params))
+    written = 0
+    for db, updates in planned.items():
+        done: list[tuple[Any, str]] = []
+        with transaction.atomic(using=db), connections[db].cursor() as cur:
+            for inst, name, sql, params in updates:
+                cur.execute(sql, params)
+                if cur.rowcount == 1:
+                    done.append((inst, name))
+        # Committed (or released into the caller's transaction): now they are loaded.
+        for inst, name in done:
+            loaded = _loaded(inst)
+            prev = loaded[name]
+            loaded[name] = (inst.__dict__["_fieldkey_repaired"][name][1], prev[1], prev[2])
+            written += 1
     return written

@@ -35,3 +35,10 @@ class Ticket(FieldkeyModel):
 
     def fieldkey_scope(self):
         return (self.org, None)
+
+
+class VipCustomer(Customer):
+    """Multi-table inheritance: the inherited encrypted fields live in the parent's table
+    (shop_customer, keyed by id), this one in the child's (keyed by customer_ptr_id)."""
+
+    perk = EncryptedTextField(null=True, blank=True, per_subject=False)
