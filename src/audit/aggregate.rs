@@ -33,12 +33,14 @@ struct Slot {
 }
 
 /// Distinct counters per window at most; beyond, operations are counted under tenant
-/// and field `(other)` (a caller sending endless distinct tenant or field names cannot
+/// and field [`OTHER`] (a caller sending endless distinct tenant or field names cannot
 /// grow memory without bound; the overflow record says how many were folded).
 pub const MAX_KEYS: usize = 50_000;
 
-/// Tenant and field of the overflow counter.
-pub const OTHER: &str = "(other)";
+/// Tenant and field of the overflow counter. It holds a space, so no tenant id or field
+/// name (1..=255 bytes of visible ASCII) can be it: a tenant named like the overflow
+/// label would otherwise have its counts merged with everyone's overflow.
+pub const OTHER: &str = "(other names)";
 
 /// Counters of data operations for the current window.
 #[derive(Default)]
@@ -146,6 +148,13 @@ impl Aggregator {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_overflow_label_is_no_tenant_id_or_field_name() {
+        // Ids and field names are visible ASCII only (crypto::validate_id).
+        assert!(OTHER.bytes().any(|b| !b.is_ascii_graphic()));
+    }
+
     use super::*;
 
     #[test]
